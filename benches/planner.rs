@@ -1,0 +1,44 @@
+//! A full plan (no previous plan) for N ∈ {1k, 10k, 20k} × k ∈ {4, 8, 16}, and a replan after one join.
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mesh_operator::planner::{self, Assignment, Member};
+
+fn members(n: usize) -> Vec<Member> {
+    (0..n)
+        .map(|i| Member {
+            node_id: format!("{:064x}", (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            domain: None,
+        })
+        .collect()
+}
+
+fn full_plan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("plan");
+    for n in [1_000, 10_000, 20_000] {
+        let m = members(n);
+        for k in [4u32, 8, 16] {
+            group.throughput(Throughput::Elements((n * k as usize) as u64));
+            group.bench_with_input(BenchmarkId::new(format!("k{k}"), n), &m, |b, m| {
+                b.iter(|| planner::plan(m, k, "bench", &Assignment::new()).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+fn replan_after_join(c: &mut Criterion) {
+    let m = members(10_000);
+    let previous = planner::plan(&m, 8, "bench", &Assignment::new())
+        .unwrap()
+        .assignment();
+    let mut joined = m.clone();
+    joined.push(Member {
+        node_id: "f".repeat(64),
+        domain: None,
+    });
+    c.bench_function("replan_join/k8/10000", |b| {
+        b.iter(|| planner::plan(&joined, 8, "bench", &previous).unwrap())
+    });
+}
+
+criterion_group!(benches, full_plan, replan_after_join);
+criterion_main!(benches);

@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# A real, local Kubernetes control plane (etcd + kube-apiserver) on loopback, built from pinned Go modules.
+#
+#   hack/control-plane.sh build    build kube-apiserver, kubectl, etcd and helm into the version-keyed cache
+#   hack/control-plane.sh start    start etcd and kube-apiserver; print the KUBECONFIG export line
+#   hack/control-plane.sh ensure   start unless one is already running and ready (used by the test harness)
+#   hack/control-plane.sh stop     stop exactly what start started and remove its data
+#   hack/control-plane.sh status   say what runs where
+#   hack/control-plane.sh bin      print the directory holding the built binaries
+#
+# Environment: MESH_CP_DIR (state directory, default ./_output/control-plane), MESH_CACHE_DIR (binary cache,
+# default ~/.cache/mesh-operator), APISERVER_PORT and ETCD_PORT (default: free ports picked at start),
+# MESH_CP_READY_TIMEOUT (seconds, default 60).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS="$ROOT/hack/tools"
+STATE=${MESH_CP_DIR:-$ROOT/_output/control-plane}
+READY_TIMEOUT=${MESH_CP_READY_TIMEOUT:-60}
+
+die() { echo "control-plane: error: $*" >&2; exit 1; }
+note() { echo "control-plane: $*" >&2; }
+
+k8s_version() { awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$TOOLS/kubernetes/go.mod"; }
+
+# The cache key covers every pin (go.mod and go.sum of each tool module) and the Go toolchain.
+cache_dir() {
+  command -v go >/dev/null || die "no 'go' on PATH: install Go 1.26 or newer (the Kubernetes pins need it)"
+  local key
+  key=$( { cat "$TOOLS"/*/go.mod "$TOOLS"/*/go.sum; go version; echo "$BUILD_REV"; } | sha256sum | cut -c1-12)
+  echo "${MESH_CACHE_DIR:-$HOME/.cache/mesh-operator}/$(k8s_version)-$key"
+}
+
+# Bump when the way binaries are built changes, so caches built the old way are not reused.
+BUILD_REV=2
+
+build_one() { # module-dir output-name package cache-dir [ldflags]
+  local dir=$1 out=$2 pkg=$3 bin=$4 ldflags=${5:-}
+  [ -x "$bin/$out" ] && return 0
+  note "building $out from $pkg (pinned in hack/tools/$dir/go.mod)"
+  local log; log=$(mktemp)
+  if ! (cd "$TOOLS/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/.$out.tmp" "$pkg") >"$log" 2>&1; then
+    if grep -qE 'dial tcp|no such host|proxy|reading .*: (404|410)|unknown revision|verifying module' "$log"; then
+      sed 's/^/  /' "$log" | tail -20 >&2
+      die "could not download the Go modules for $out: is the Go module proxy reachable (GOPROXY=$(go env GOPROXY))?"
+    fi
+    sed 's/^/  /' "$log" | tail -40 >&2
+    die "building $out failed (full log: $log)"
+  fi
+  rm -f "$log"
+  mv "$bin/.$out.tmp" "$bin/$out"
+}
+
+cmd_build() {
+  local bin; bin=$(cache_dir)
+  mkdir -p "$bin"
+  # One lock per cache directory: parallel test binaries must not build the same thing twice.
+  exec 8>"$bin/.lock"
+  flock 8
+  # Stamp the release into the binaries (as the Kubernetes release build does), so version skew checks work.
+  local v; v=$(k8s_version)
+  local minor=${v#v1.}; minor=${minor%%.*}
+  local stamp="-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1"
+  stamp+=" -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  stamp+=" -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1"
+  stamp+=" -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  build_one kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$bin" "$stamp"
+  build_one kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$bin" "$stamp"
+  build_one etcd etcd go.etcd.io/etcd/server/v3 "$bin"
+  build_one helm helm helm.sh/helm/v3/cmd/helm "$bin"
+  flock -u 8
+  echo "$bin"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+port_in_use() {
+  python3 - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(0)
+sys.exit(1)
+PY
+}
+
+# Prints the PID in $1 if that process is alive and runs the binary we started; a stale file is removed.
+live_pid() {
+  local file=$1 name=$2 pid
+  [ -f "$file" ] || return 1
+  pid=$(cat "$file")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$name"; then
+    echo "$pid"
+    return 0
+  fi
+  note "removing stale PID file $file (process ${pid:-?} is gone)"
+  rm -f "$file"
+  return 1
+}
+
+gen_certs() {
+  local d=$STATE/pki
+  mkdir -p "$d"
+  (
+    cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=mesh-operator-local-ca" 2>/dev/null
+    cat >serving.ext <<EOF
+subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+extendedKeyUsage=serverAuth
+EOF
+    openssl req -newkey rsa:2048 -nodes -keyout serving.key -out serving.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out serving.crt -days 30 -extfile serving.ext 2>/dev/null
+    echo "extendedKeyUsage=clientAuth" >client.ext
+    openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin" 2>/dev/null
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 -extfile client.ext 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+write_kubeconfig() {
+  local port=$1 d=$STATE/pki
+  cat >"$STATE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $(base64 -w0 "$d/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 "$d/admin.crt")
+    client-key-data: $(base64 -w0 "$d/admin.key")
+contexts:
+- name: local
+  context: {cluster: local, user: admin, namespace: default}
+current-context: local
+EOF
+}
+
+is_ready() {
+  local port; port=$(cat "$STATE/apiserver.port" 2>/dev/null) || return 1
+  curl -sf --max-time 2 --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" \
+    "https://127.0.0.1:$port/readyz" >/dev/null 2>&1
+}
+
+cmd_start() {
+  if live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null || live_pid "$STATE/etcd.pid" etcd >/dev/null; then
+    die "a control plane from $STATE is already running; run '$0 stop' first (or '$0 status')"
+  fi
+  local bin; bin=$(cmd_build)
+  local started=$SECONDS
+  rm -rf "$STATE"
+  mkdir -p "$STATE"
+  local etcd_port=${ETCD_PORT:-$(free_port)} peer_port api_port=${APISERVER_PORT:-$(free_port)}
+  peer_port=$(free_port)
+  for p in "$etcd_port" "$api_port"; do
+    port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (set ETCD_PORT / APISERVER_PORT to another)"
+  done
+  gen_certs
+
+  "$bin/etcd" --name local --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn \
+    >"$STATE/etcd.log" 2>&1 &
+  echo $! >"$STATE/etcd.pid"
+
+  local pki=$STATE/pki
+  "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$pki/serving.crt" --tls-private-key-file "$pki/serving.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC \
+    >"$STATE/apiserver.log" 2>&1 &
+  echo $! >"$STATE/apiserver.pid"
+  echo "$api_port" >"$STATE/apiserver.port"
+  echo "$etcd_port" >"$STATE/etcd.port"
+  write_kubeconfig "$api_port"
+
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until is_ready; do
+    if ! live_pid "$STATE/etcd.pid" etcd >/dev/null; then
+      tail -20 "$STATE/etcd.log" >&2
+      cmd_stop >/dev/null 2>&1 || true
+      die "etcd exited during start-up (its log is above)"
+    fi
+    if ! live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null; then
+      tail -30 "$STATE/apiserver.log" >&2
+      cmd_stop >/dev/null 2>&1 || true
+      die "kube-apiserver exited during start-up (its log is above)"
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      tail -30 "$STATE/apiserver.log" >&2
+      cmd_stop >/dev/null 2>&1 || true
+      die "kube-apiserver was not ready (/readyz) within ${READY_TIMEOUT}s (the tail of its log is above)"
+    fi
+    sleep 0.2
+  done
+  note "ready on https://127.0.0.1:$api_port in $((SECONDS - started))s (etcd on 127.0.0.1:$etcd_port)"
+  echo "export KUBECONFIG=$STATE/kubeconfig"
+}
+
+cmd_ensure() {
+  mkdir -p "$(dirname "$STATE")"
+  exec 9>"$STATE.lock"
+  flock 9
+  if live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null && is_ready; then
+    echo "export KUBECONFIG=$STATE/kubeconfig"
+  else
+    cmd_stop >/dev/null 2>&1 || true
+    cmd_start
+  fi
+}
+
+stop_pid() {
+  local file=$1 name=$2 pid
+  pid=$(live_pid "$file" "$name") || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$file"
+  note "stopped $name (pid $pid)"
+}
+
+cmd_stop() {
+  stop_pid "$STATE/apiserver.pid" kube-apiserver
+  stop_pid "$STATE/etcd.pid" etcd
+  rm -rf "$STATE"
+}
+
+cmd_status() {
+  local any=0 pid
+  if pid=$(live_pid "$STATE/etcd.pid" etcd 2>/dev/null); then
+    echo "etcd            pid $pid  http://127.0.0.1:$(cat "$STATE/etcd.port")"; any=1
+  fi
+  if pid=$(live_pid "$STATE/apiserver.pid" kube-apiserver 2>/dev/null); then
+    local ready=not-ready; is_ready && ready=ready
+    echo "kube-apiserver  pid $pid  https://127.0.0.1:$(cat "$STATE/apiserver.port")  ($ready)"; any=1
+    echo "export KUBECONFIG=$STATE/kubeconfig"
+  fi
+  [ "$any" = 1 ] || { echo "no control plane running from $STATE"; return 1; }
+}
+
+case "${1:-}" in
+  build) cmd_build ;;
+  start) cmd_start ;;
+  ensure) cmd_ensure ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  bin) cache_dir ;;
+  *) echo "usage: $0 build|start|ensure|stop|status|bin" >&2; exit 2 ;;
+esac

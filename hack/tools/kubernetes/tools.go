@@ -1,0 +1,9 @@
+//go:build tools
+
+// Package tools records the commands built from this module.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)

@@ -1,0 +1,238 @@
+//! The MeshPolicy custom resource (`agentmesh.dev/v1alpha1`, DESIGN §3.1). The CRD in `crds/` is generated
+//! from these types; what the schema cannot say is written as CEL rules next to the field it concerns, so a
+//! bad spec is rejected at admission with a message that names the field.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration;
+
+pub const GROUP: &str = "agentmesh.dev";
+/// Annotation keys of the peer assignment on each agent Pod (DESIGN §3.2).
+pub const PEERS_ANNOTATION: &str = "agentmesh.dev/peers";
+pub const LINKS_ANNOTATION: &str = "agentmesh.dev/links";
+pub const POLICY_ANNOTATION: &str = "agentmesh.dev/policy";
+pub const DEFAULT_NODE_ID_ANNOTATION: &str = "agentmesh.dev/node-id";
+/// The cap's upper bound: beyond it an agent's sync fan-out stops being "a few supplementary links".
+pub const MAX_PEERS_LIMIT: u32 = 64;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "agentmesh.dev",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    plural = "meshpolicies",
+    shortname = "mp",
+    category = "agentmesh",
+    namespaced,
+    status = "MeshPolicyStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Cap","type":"integer","jsonPath":".spec.maxPeers"}"#,
+    printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.selected"}"#,
+    printcolumn = r#"{"name":"Eligible","type":"integer","jsonPath":".status.eligible"}"#,
+    printcolumn = r#"{"name":"Links","type":"integer","jsonPath":".status.links"}"#,
+    printcolumn = r#"{"name":"Max-Deg","type":"integer","jsonPath":".status.maxDegree"}"#,
+    printcolumn = r#"{"name":"Components","type":"integer","jsonPath":".status.components"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.heartbeatTimeout) > duration(self.rendezvous.pollInterval)",
+     "message": "spec.heartbeatTimeout must exceed spec.rendezvous.pollInterval, or every agent ages out between two polls",
+     "fieldPath": ".heartbeatTimeout", "reason": "FieldValueInvalid"},
+]))]
+pub struct MeshPolicySpec {
+    /// Chooses the agent Pods in this namespace. Must not be empty: an empty selector would claim every Pod.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+         "message": "spec.selector must have matchLabels or matchExpressions; an empty selector would select every Pod in the namespace"},
+    ]))]
+    pub selector: LabelSelector,
+    /// The cap: supplementary links per agent, dialed plus accepted. 0 disables the mesh.
+    #[serde(default = "default_max_peers")]
+    #[schemars(range(min = 0, max = 64))]
+    pub max_peers: u32,
+    pub rendezvous: Rendezvous,
+    /// Presence older than this is not alive (Go duration).
+    #[serde(default = "default_heartbeat_timeout")]
+    #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
+    pub heartbeat_timeout: String,
+    #[serde(default)]
+    pub identity: Identity,
+    /// A label such as `topology.kubernetes.io/zone`; when set, links are spread across its values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 316), regex(pattern = LABEL_KEY_PATTERN))]
+    pub topology_key: Option<String>,
+    /// `Enforce` patches Pods; `Observe` plans and reports in status but patches nothing.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.timeout) <= duration(self.pollInterval)",
+     "message": "spec.rendezvous.timeout must not exceed spec.rendezvous.pollInterval", "fieldPath": ".timeout"},
+    {"rule": "duration(self.pollInterval) >= duration('1s')",
+     "message": "spec.rendezvous.pollInterval must be at least 1s", "fieldPath": ".pollInterval"},
+    {"rule": "duration(self.timeout) >= duration('100ms')",
+     "message": "spec.rendezvous.timeout must be at least 100ms", "fieldPath": ".timeout"},
+    {"rule": "!has(self.caBundle) || self.url.startsWith('https://')",
+     "message": "spec.rendezvous.caBundle is only used with an https:// url", "fieldPath": ".caBundle"},
+]))]
+pub struct Rendezvous {
+    /// Base URL of the rendezvous service, `http://` or `https://`.
+    #[schemars(length(min = 8, max = 2048), extend("x-kubernetes-validations" = [
+        {"rule": "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''",
+         "message": "spec.rendezvous.url must be an absolute http:// or https:// URL with a host"},
+    ]))]
+    pub url: String,
+    #[serde(default = "default_presence_path")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^\s?#]*$"))]
+    pub presence_path: String,
+    #[serde(default = "default_poll_interval")]
+    #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
+    pub poll_interval: String,
+    #[serde(default = "default_timeout")]
+    #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
+    pub timeout: String,
+    /// Bearer token for the presence request, read from a Secret in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token_secret_ref: Option<SecretKeyRef>,
+    /// PEM bundle of the CAs that sign the rendezvous' certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536), extend("x-kubernetes-validations" = [
+        {"rule": "self.contains('-----BEGIN CERTIFICATE-----')",
+         "message": "spec.rendezvous.caBundle must hold PEM certificates"},
+    ]))]
+    pub ca_bundle: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// The Pod annotation that carries the agent's node id (its presence `node_id`).
+    #[serde(default = "default_node_id_annotation")]
+    #[schemars(length(min = 1, max = 316), regex(pattern = LABEL_KEY_PATTERN))]
+    pub node_id_annotation: String,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            node_id_annotation: default_node_id_annotation(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Observe,
+}
+
+/// A qualified name with an optional DNS-subdomain prefix, as Kubernetes label and annotation keys are.
+const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+fn default_max_peers() -> u32 {
+    4
+}
+fn default_heartbeat_timeout() -> String {
+    "600s".into()
+}
+fn default_presence_path() -> String {
+    "/presence".into()
+}
+fn default_poll_interval() -> String {
+    "10s".into()
+}
+fn default_timeout() -> String {
+    "5s".into()
+}
+fn default_node_id_annotation() -> String {
+    DEFAULT_NODE_ID_ANNOTATION.into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `RendezvousReachable`, `Degraded`, `Conflict`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Pods the selector chooses.
+    #[serde(default)]
+    pub selected: u32,
+    /// Selected Pods that are Ready and match fresh, alive presence.
+    #[serde(default)]
+    pub eligible: u32,
+    /// Eligible agents holding a published assignment.
+    #[serde(default)]
+    pub assigned: u32,
+    /// Links in the planned graph.
+    #[serde(default)]
+    pub links: u32,
+    #[serde(default)]
+    pub max_degree: u32,
+    #[serde(default)]
+    pub min_degree: u32,
+    /// Connected components of the planned graph.
+    #[serde(default)]
+    pub components: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_plan_time: Option<Time>,
+}
+
+/// The CRD as YAML, exactly as checked in under `crds/meshpolicy.yaml`.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml::to_string(&MeshPolicy::crd()).expect("a CRD always serializes");
+    format!("# Generated by `mesh-operator crd` from src/api.rs. Do not edit.\n{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_in_crd_matches_the_types() {
+        let checked_in = include_str!("../crds/meshpolicy.yaml");
+        assert!(
+            checked_in == crd_yaml(),
+            "crds/meshpolicy.yaml drifted from src/api.rs: run `cargo run -- crd > crds/meshpolicy.yaml`"
+        );
+    }
+
+    #[test]
+    fn minimal_spec_takes_the_documented_defaults() {
+        let spec: MeshPolicySpec = serde_yaml::from_str(
+            "selector: {matchLabels: {app: agent}}\nrendezvous: {url: 'http://rv:8080'}\n",
+        )
+        .unwrap();
+        assert_eq!(spec.max_peers, 4);
+        assert_eq!(spec.heartbeat_timeout, "600s");
+        assert_eq!(spec.rendezvous.presence_path, "/presence");
+        assert_eq!(spec.rendezvous.poll_interval, "10s");
+        assert_eq!(spec.rendezvous.timeout, "5s");
+        assert_eq!(spec.identity.node_id_annotation, DEFAULT_NODE_ID_ANNOTATION);
+        assert_eq!(spec.mode, Mode::Enforce);
+        assert_eq!(spec.topology_key, None);
+    }
+}

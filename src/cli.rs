@@ -1,0 +1,396 @@
+//! The `mesh-operator` command line. `main.rs` only calls [`main`]; each subcommand is a thin shell over
+//! the library.
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::planner::{self, Assignment, Member, analysis};
+use crate::{api, duration, presence, simulate};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-operator",
+    version,
+    about = "Plans the supplementary sync mesh of CI build agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the MeshPolicy CustomResourceDefinition as YAML.
+    Crd,
+    /// Plan a mesh offline from a member list or a presence body.
+    Plan(PlanArgs),
+    /// Compare the planner with the seed agents' scheme on a synthetic fleet.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// JSON file: `[{"nodeId": "…", "domain": "…"}]`, or a presence body (a nodes array or an object with
+    /// `nodes`); `-` reads standard input.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The cap: links per agent, dialed plus accepted.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=api::MAX_PEERS_LIMIT as i64))]
+    pub max_peers: u32,
+    /// The plan's seed (the controller uses the MeshPolicy's UID).
+    #[arg(long, default_value = "mesh-operator")]
+    pub seed: String,
+    /// For presence input: heartbeats older than this are not alive.
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SimulateArgs {
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub agents: u64,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=api::MAX_PEERS_LIMIT as i64))]
+    pub max_peers: u32,
+    /// Failure domains the agents are spread over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub zones: u64,
+    /// Fraction of agents failing together with the rendezvous.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    pub fail: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
+}
+
+/// An error the user can fix; printed as `error: …` with exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("--input {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--input {path}: malformed JSON: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("--input {path}: {source}")]
+    Presence {
+        path: String,
+        source: presence::ParseError,
+    },
+    #[error("--input {path}: expected a JSON array of members or a presence body")]
+    Shape { path: String },
+    #[error("--input {path}: {source}")]
+    Plan {
+        path: String,
+        source: planner::PlanError,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => {
+            print!("{}", api::crd_yaml());
+            Ok(())
+        }
+        Command::Plan(args) => plan(&args),
+        Command::Simulate(args) => simulate(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_input(path: &std::path::Path) -> Result<Vec<u8>, InputError> {
+    let shown = path.display().to_string();
+    if shown == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|source| {
+            InputError::Read {
+                path: shown,
+                source,
+            }
+        })?;
+        return Ok(buf);
+    }
+    std::fs::read(path).map_err(|source| InputError::Read {
+        path: shown,
+        source,
+    })
+}
+
+/// Members from either input shape. A presence body keeps the nodes that are live by the seed's rules.
+pub fn members_from(
+    path: &str,
+    body: &[u8],
+    heartbeat_timeout: Duration,
+) -> Result<Vec<Member>, InputError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|source| InputError::Json {
+            path: path.into(),
+            source,
+        })?;
+    let is_member_list = value
+        .as_array()
+        .is_some_and(|a| a.iter().all(|m| m.get("nodeId").is_some()));
+    if is_member_list {
+        return serde_json::from_value(value).map_err(|source| InputError::Json {
+            path: path.into(),
+            source,
+        });
+    }
+    if !(value.is_object() || value.is_array()) {
+        return Err(InputError::Shape { path: path.into() });
+    }
+    let snap = presence::parse(body).map_err(|source| InputError::Presence {
+        path: path.into(),
+        source,
+    })?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    Ok(snap
+        .nodes
+        .iter()
+        .filter(|n| snap.is_live(n, heartbeat_timeout, now_ms as f64))
+        .map(|n| Member {
+            node_id: n.node_id.clone(),
+            domain: None,
+        })
+        .collect())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PlannedAgent<'a> {
+    node_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
+    links: usize,
+    dials: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PlanMetrics {
+    agents: usize,
+    max_peers: u32,
+    links: usize,
+    max_degree: usize,
+    min_degree: usize,
+    components: usize,
+    diameter: u32,
+}
+
+fn plan(args: &PlanArgs) -> Result<(), InputError> {
+    let path = args.input.display().to_string();
+    let body = read_input(&args.input)?;
+    let members = members_from(&path, &body, args.heartbeat_timeout)?;
+    let plan = planner::plan(&members, args.max_peers, &args.seed, &Assignment::new()).map_err(
+        |source| InputError::Plan {
+            path: path.clone(),
+            source,
+        },
+    )?;
+    let adj = analysis::adjacency(&plan.dial_lists());
+    let degrees = analysis::links(&adj);
+    let metrics = PlanMetrics {
+        agents: members.len(),
+        max_peers: args.max_peers,
+        links: plan.graph().edge_count(),
+        max_degree: degrees.iter().copied().max().unwrap_or(0),
+        min_degree: degrees.iter().copied().min().unwrap_or(0),
+        components: analysis::component_sizes(&adj, &vec![false; members.len()]).len(),
+        diameter: analysis::diameter(&adj, 5_000, 16).0,
+    };
+    let mut agents: Vec<PlannedAgent> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| PlannedAgent {
+            node_id: &m.node_id,
+            domain: m.domain.as_deref(),
+            links: plan.links(i),
+            dials: plan.dial_ids(i),
+        })
+        .collect();
+    agents.sort_by(|a, b| a.node_id.cmp(b.node_id));
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            let doc = serde_json::json!({"agents": agents, "metrics": metrics});
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&doc).expect("serializable")
+            );
+        }
+        Format::Text => {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<12} {:>5}  DIALS",
+                "NODE-ID", "DOMAIN", "LINKS"
+            );
+            for a in &agents {
+                let short: Vec<&str> = a.dials.iter().map(|d| abbreviate(d)).collect();
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<12} {:>5}  {}",
+                    abbreviate(a.node_id),
+                    a.domain.unwrap_or("-"),
+                    a.links,
+                    short.join(",")
+                );
+            }
+            let m = &metrics;
+            let _ = writeln!(
+                out,
+                "\nagents {}  cap {}  links {}  degree {}..{}  components {}  diameter {}",
+                m.agents,
+                m.max_peers,
+                m.links,
+                m.min_degree,
+                m.max_degree,
+                m.components,
+                m.diameter
+            );
+        }
+    }
+    Ok(())
+}
+
+fn abbreviate(id: &str) -> &str {
+    id.get(..id.len().min(16)).unwrap_or(id)
+}
+
+fn simulate(args: &SimulateArgs) -> Result<(), InputError> {
+    let scenario = simulate::Scenario {
+        agents: args.agents as usize,
+        max_peers: args.max_peers,
+        zones: args.zones as usize,
+        fail: args.fail,
+        seed: args.seed,
+    };
+    let reports = simulate::run(&scenario).map_err(|source| InputError::Plan {
+        path: "-".into(),
+        source,
+    })?;
+    let mut out = std::io::stdout().lock();
+    if args.format == Format::Json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&reports).expect("serializable")
+        );
+        return Ok(());
+    }
+    let pct = |f: f64| format!("{:.2}%", 100.0 * f);
+    let row = |f: &dyn Fn(&simulate::SchemeReport) -> String| [f(&reports[0]), f(&reports[1])];
+    let rows = [
+        (
+            "max links per agent".to_string(),
+            row(&|r| r.max_links.to_string()),
+        ),
+        (
+            "min links per agent".into(),
+            row(&|r| r.min_links.to_string()),
+        ),
+        (
+            "connected components".into(),
+            row(&|r| r.components.to_string()),
+        ),
+        (
+            "diameter".into(),
+            row(&|r| {
+                format!(
+                    "{}{}",
+                    r.diameter,
+                    if r.diameter_exact {
+                        ""
+                    } else {
+                        " (>=, sampled)"
+                    }
+                )
+            }),
+        ),
+        (
+            format!(
+                "in one piece after rendezvous + {} random fail",
+                pct(args.fail)
+            ),
+            row(&|r| pct(r.connected_after_random_failure)),
+        ),
+        (
+            format!(
+                "in one piece after rendezvous + {} best-connected fail",
+                pct(args.fail)
+            ),
+            row(&|r| pct(r.connected_after_targeted_failure)),
+        ),
+        (
+            "in one piece after the worst zone is lost".into(),
+            row(&|r| r.connected_after_zone_loss.map_or("n/a".into(), pct)),
+        ),
+        (
+            "links changed by one join".into(),
+            row(&|r| r.links_changed_on_join.to_string()),
+        ),
+        (
+            "links changed by the best-connected leaving".into(),
+            row(&|r| r.links_changed_on_leave.to_string()),
+        ),
+        (
+            "dial lists changed by one join".into(),
+            row(&|r| r.dial_lists_changed_on_join.to_string()),
+        ),
+        (
+            "dial lists changed by that leave".into(),
+            row(&|r| r.dial_lists_changed_on_leave.to_string()),
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "{} agents, cap {}, {} zone(s), seed {}\n",
+        args.agents, args.max_peers, args.zones, args.seed
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>16} {:>16}",
+        "", reports[0].scheme, reports[1].scheme
+    );
+    for (label, [a, b]) in rows {
+        let _ = writeln!(out, "{label:<58} {a:>16} {b:>16}");
+    }
+    Ok(())
+}

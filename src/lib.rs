@@ -1,0 +1,11 @@
+//! mesh-operator plans one bounded-degree, well-connected, low-churn mesh of supplementary CRDT sync links
+//! for a fleet of build agents and hands each agent Pod its peers.
+//!
+//! Data flow: [`api`] (what users write) and [`presence`] (what the rendezvous says) feed the pure
+//! [`planner`]; [`simulate`] measures it against the seed agents' own scheme; [`cli`] is the command line.
+pub mod api;
+pub mod cli;
+pub mod duration;
+pub mod planner;
+pub mod presence;
+pub mod simulate;

@@ -1,0 +1,142 @@
+//! The pure mesh planner (DESIGN §4) and the seed's scheme it replaces. No I/O, no Kubernetes types.
+//!
+//! * [`plan`]: H-graph rings on a keyed hash (see [`rings`]), the graph every agent gets its peers from.
+//! * [`baseline`]: the seed agents' own choice, "dial the first k alive peers in list order", kept so every
+//!   comparison can be printed side by side.
+//! * [`analysis`]: degree, components, diameter, failure and churn measurements over either.
+use std::collections::{BTreeMap, HashMap};
+
+pub mod analysis;
+pub mod baseline;
+mod graph;
+mod rings;
+
+pub use graph::Graph;
+
+/// One agent as the planner sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub node_id: String,
+    /// Its failure domain (the `topologyKey` label's value); `None` when unknown or not spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// Node id → the node ids it dials, sorted. The published form of a plan, and what a replanning takes as
+/// the previous plan so that surviving edges keep their dialer.
+pub type Assignment = BTreeMap<String, Vec<String>>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("maxPeers {0} is out of range 0..={max}", max = crate::api::MAX_PEERS_LIMIT)]
+    CapOutOfRange(u32),
+    #[error("node id {0:?} appears more than once")]
+    DuplicateNodeId(String),
+    #[error("node id at position {0} is empty")]
+    EmptyNodeId(usize),
+}
+
+/// A planned mesh: the members in input order and the oriented graph over their indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    members: Vec<Member>,
+    graph: Graph,
+}
+
+impl Plan {
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Total links (dialed plus accepted) of member `i`.
+    pub fn links(&self, i: usize) -> usize {
+        self.graph.degree(i as u32)
+    }
+
+    /// Node ids member `i` dials, sorted.
+    pub fn dial_ids(&self, i: usize) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .graph
+            .dialed(i as u32)
+            .map(|v| self.members[v as usize].node_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn assignment(&self) -> Assignment {
+        (0..self.members.len())
+            .map(|i| {
+                (
+                    self.members[i].node_id.clone(),
+                    self.dial_ids(i).into_iter().map(str::to_owned).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Dial lists by member index, the common form [`analysis`] measures.
+    pub fn dial_lists(&self) -> Vec<Vec<u32>> {
+        (0..self.members.len() as u32)
+            .map(|u| self.graph.dialed(u).collect())
+            .collect()
+    }
+}
+
+/// Plans the mesh for `members` with at most `cap` links each, keyed by `seed` (the policy's UID, so two
+/// policies get unrelated graphs and every replica the same one). Edges present in `previous` keep their
+/// dialer, and the odd-k matching keeps its pairs, so a replan after a join or leave changes O(k) links.
+///
+/// Invariants (each a property test): every degree ≤ cap; N ≤ cap+1 gives the complete graph; otherwise
+/// every degree is cap, except one agent at cap−1 when N·cap is odd; cap ≥ 2 is connected; each agent dials
+/// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
+/// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
+pub fn plan(
+    members: &[Member],
+    cap: u32,
+    seed: &str,
+    previous: &Assignment,
+) -> Result<Plan, PlanError> {
+    if cap > crate::api::MAX_PEERS_LIMIT {
+        return Err(PlanError::CapOutOfRange(cap));
+    }
+    let mut seen = HashMap::with_capacity(members.len());
+    for (i, m) in members.iter().enumerate() {
+        if m.node_id.is_empty() {
+            return Err(PlanError::EmptyNodeId(i));
+        }
+        if seen.insert(m.node_id.as_str(), i as u32).is_some() {
+            return Err(PlanError::DuplicateNodeId(m.node_id.clone()));
+        }
+    }
+    let edges: Vec<(u32, u32)> = previous
+        .iter()
+        .filter_map(|(a, peers)| seen.get(a.as_str()).map(|&a| (a, peers)))
+        .flat_map(|(a, peers)| {
+            peers
+                .iter()
+                .filter_map(|b| seen.get(b.as_str()))
+                .map(move |&b| (a, b))
+        })
+        .filter(|(a, b)| a != b)
+        .collect();
+    let known = members
+        .iter()
+        .map(|m| previous.contains_key(&m.node_id))
+        .collect();
+    let graph = rings::build(
+        members,
+        cap as usize,
+        seed,
+        &rings::Previous { edges, known },
+    );
+    Ok(Plan {
+        members: members.to_vec(),
+        graph,
+    })
+}

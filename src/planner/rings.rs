@@ -1,0 +1,501 @@
+//! The construction behind [`super::plan`]: an H-graph (Law & Siu 2003) made exact and domain-aware.
+//!
+//! 1. **Orders.** Member `i` gets `h(i) = xxh3(node id, seed)`; ring `c` orders members by `mix(h(i), c)`.
+//!    Ring 0, the *backbone*, orders by (domain, key), so each domain is one contiguous arc. Being keyed
+//!    hashes, the orders are consistent-hash rings: a join or leave splices one position per ring.
+//! 2. **Shape.** N ≤ k+1: the complete graph. N < [`DENSE_LIMIT`]·k: the circulant C_N(1..⌊k/2⌋) on the
+//!    backbone order (random rings would collide too often to repair). Otherwise ⌊k/2⌋ Hamiltonian cycles,
+//!    ring `c` linking each member to its successor. Odd k adds a matching that keeps the previous plan's
+//!    pairs and pairs the rest along the auxiliary order; with N odd, one member stays at k−1.
+//! 3. **Repair.** An edge two rings share (or a matching pair already linked) leaves both ends one short.
+//!    A *switch* restores them: remove an edge x–y found near u in the auxiliary order, add u–x and v–y.
+//!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
+//! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
+//!    cross-domain edge x–y (x, y outside u's domain): u–x and v–y are both cross-domain, and no member
+//!    loses its last cross-domain link, so one pass fixes everyone fixable.
+//! 5. **Orientation.** Ring edges are dialed forward, then edges of the previous plan take back their old
+//!    dialer, then reversing short directed paths balances every member to ⌊deg/2⌋ or ⌈deg/2⌉ dials.
+//!
+//! Backbone edges are never switched away: the backbone is a Hamiltonian cycle, so the plan is connected
+//! for k ≥ 2, and since each domain is one arc of it, losing a whole domain leaves a path through the rest.
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::{Graph, Member};
+
+/// Below `DENSE_LIMIT × k` members the circulant replaces random rings.
+pub const DENSE_LIMIT: usize = 4;
+
+const NO_MATE: u32 = u32::MAX;
+
+/// Ring index of the auxiliary order used by the odd-k matching and by repair searches.
+const AUX: u64 = 0xA0A0;
+
+/// The previous plan in member indices: its links (dialer, peer) and which members it knew.
+pub struct Previous {
+    pub edges: Vec<(u32, u32)>,
+    pub known: Vec<bool>,
+}
+
+pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> Graph {
+    let n = members.len();
+    let g = Graph::new(n, k);
+    if k == 0 || n < 2 {
+        return g;
+    }
+    let ctx = Ctx::new(members, seed);
+    let backbone = ctx.order(0, true);
+    let pos0 = positions(&backbone);
+    let aux = ctx.order(AUX, false);
+    let pos_aux = positions(&aux);
+    let mut b = Builder {
+        g,
+        n,
+        k,
+        pos0,
+        aux,
+        pos_aux,
+        dom: ctx.dom.clone(),
+        domains: ctx.domains,
+        deficits: Vec::new(),
+        rings: Vec::new(),
+        mate: Vec::new(),
+    };
+
+    if n <= k + 1 {
+        b.complete(&backbone);
+    } else if n < DENSE_LIMIT * k {
+        b.circulant(&backbone);
+    } else {
+        if k >= 2 {
+            b.ring(&backbone);
+        }
+        for c in 1..k / 2 {
+            let order = ctx.order(c as u64, false);
+            b.ring(&order);
+        }
+        b.repair_deficits();
+        if k % 2 == 1 {
+            b.matching(previous);
+            b.repair_deficits();
+        }
+    }
+    if b.domains > 1 {
+        b.spread_domains(&backbone);
+    }
+    for &(u, v) in &previous.edges {
+        if b.g.has_edge(u, v) {
+            b.g.set_dialer(u, v);
+        }
+    }
+    b.balance(&backbone);
+    b.g
+}
+
+/// Per-member hashes and domain ranks: everything the orders are computed from.
+struct Ctx<'a> {
+    members: &'a [Member],
+    hash: Vec<u64>,
+    dom: Vec<u32>,
+    domains: u32,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(members: &'a [Member], seed: &str) -> Self {
+        let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
+        let hash = members
+            .iter()
+            .map(|m| xxh3_64_with_seed(m.node_id.as_bytes(), seed))
+            .collect();
+        let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain.as_deref()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let dom = members
+            .iter()
+            .map(|m| names.binary_search(&m.domain.as_deref()).unwrap() as u32)
+            .collect();
+        Self {
+            members,
+            hash,
+            dom,
+            domains: names.len() as u32,
+        }
+    }
+
+    /// Members sorted by ring `c`'s key (within domain arcs when `by_domain`); ties, which need a 64-bit
+    /// collision, fall back to the node id so the order never depends on input order.
+    fn order(&self, c: u64, by_domain: bool) -> Vec<u32> {
+        let mut keyed: Vec<(u32, u64, u32)> = (0..self.hash.len())
+            .map(|i| {
+                (
+                    if by_domain { self.dom[i] } else { 0 },
+                    mix(self.hash[i], c),
+                    i as u32,
+                )
+            })
+            .collect();
+        keyed.sort_unstable_by(|a, b| {
+            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| {
+                self.members[a.2 as usize]
+                    .node_id
+                    .cmp(&self.members[b.2 as usize].node_id)
+            })
+        });
+        keyed.into_iter().map(|(_, _, i)| i).collect()
+    }
+}
+
+fn positions(order: &[u32]) -> Vec<u32> {
+    let mut pos = vec![0u32; order.len()];
+    for (p, &u) in order.iter().enumerate() {
+        pos[u as usize] = p as u32;
+    }
+    pos
+}
+
+/// A keyed 64-bit finalizer (SplitMix64) giving each ring an independent order from one stored hash.
+fn mix(h: u64, c: u64) -> u64 {
+    let mut z = h ^ c.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+struct Builder {
+    g: Graph,
+    n: usize,
+    k: usize,
+    pos0: Vec<u32>,
+    aux: Vec<u32>,
+    pos_aux: Vec<u32>,
+    dom: Vec<u32>,
+    domains: u32,
+    /// Pairs left one link short each by a collapsed duplicate.
+    deficits: Vec<(u32, u32)>,
+    /// The odd-k matching partner of each member (`NO_MATE` for the spare); empty before the matching.
+    mate: Vec<u32>,
+    /// Each ring's order and every member's position in it.
+    rings: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+impl Builder {
+    fn complete(&mut self, order: &[u32]) {
+        let n = order.len();
+        // Round-robin tournament: each member dials the next ⌊(n−1)/2⌋; for even n the opposite pair is
+        // dialed by its first half.
+        for i in 0..n {
+            for j in 1..=(n - 1) / 2 {
+                self.g.add_edge(order[i], order[(i + j) % n], true);
+            }
+            if n.is_multiple_of(2) && i < n / 2 {
+                self.g.add_edge(order[i], order[i + n / 2], true);
+            }
+        }
+    }
+
+    fn circulant(&mut self, order: &[u32]) {
+        let n = order.len();
+        for j in 1..=self.k / 2 {
+            for i in 0..n {
+                self.g.add_edge(order[i], order[(i + j) % n], true);
+            }
+        }
+        if self.k % 2 == 1 {
+            // Chords across the circle: distance ⌊n/2⌋ exceeds every circulant jump because n > k.
+            // For odd n the last member stays unpaired.
+            let half = n / 2;
+            for i in 0..half {
+                self.g.add_edge(order[i], order[i + half], true);
+            }
+        }
+    }
+
+    fn ring(&mut self, order: &[u32]) {
+        let n = order.len();
+        self.rings.push((order.to_vec(), positions(order)));
+        for i in 0..n {
+            let (u, v) = (order[i], order[(i + 1) % n]);
+            if self.g.has_edge(u, v) {
+                self.deficits.push((u, v));
+            } else {
+                self.g.add_edge(u, v, true);
+            }
+        }
+    }
+
+    /// One more link for every member but (n odd) one: first the previous plan's pairs that are still
+    /// free, then the rest paired along the auxiliary order.
+    /// One more link for every member but (n odd) one: first the previous plan's pairs that are still
+    /// free, then the rest paired along the auxiliary order, preferring a partner from another domain
+    /// among the next few.
+    fn matching(&mut self, previous: &Previous) {
+        let n = self.n;
+        // A previous link whose ends now sit two apart on a ring, around a member that just joined, was
+        // that ring's link: it is not a matching pair to keep.
+        let split_by_join = |a: u32, b: u32| {
+            self.rings.iter().any(|(order, pos)| {
+                let (pa, pb) = (pos[a as usize] as usize, pos[b as usize] as usize);
+                let mid = if (pa + 2) % n == pb {
+                    order[(pa + 1) % n]
+                } else if (pb + 2) % n == pa {
+                    order[(pb + 1) % n]
+                } else {
+                    return false;
+                };
+                !previous.known[mid as usize]
+            })
+        };
+        let mut kept: Vec<(u32, u32)> = previous
+            .edges
+            .iter()
+            .filter(|&&(a, b)| !split_by_join(a, b))
+            .map(|&(a, b)| (a.min(b), a.max(b)))
+            .collect();
+        kept.sort_unstable_by_key(|&(a, b)| (self.pos_aux[a as usize], self.pos_aux[b as usize]));
+        kept.dedup();
+        self.mate = vec![NO_MATE; n];
+        for (a, b) in kept {
+            if self.mate[a as usize] == NO_MATE
+                && self.mate[b as usize] == NO_MATE
+                && !self.g.has_edge(a, b)
+            {
+                (self.mate[a as usize], self.mate[b as usize]) = (b, a);
+                self.g
+                    .add_edge(a, b, self.pos_aux[a as usize] < self.pos_aux[b as usize]);
+            }
+        }
+        let mut open: Vec<u32> = self
+            .aux
+            .iter()
+            .copied()
+            .filter(|&u| self.mate[u as usize] == NO_MATE)
+            .collect();
+        if open.len() % 2 == 1 {
+            // The one member left at k−1 links: one that already has a cross-domain link, so the domain
+            // rule holds for it without a link to spare.
+            let spare = open
+                .iter()
+                .position(|&u| self.has_cross_link(u))
+                .unwrap_or(open.len() - 1);
+            open.remove(spare);
+        }
+        const WINDOW: usize = 8;
+        let mut paired = vec![false; open.len()];
+        for i in 0..open.len() {
+            if paired[i] {
+                continue;
+            }
+            let u = open[i];
+            let mut candidates = (i + 1..open.len()).filter(|&j| !paired[j]);
+            let first = candidates
+                .clone()
+                .next()
+                .expect("an even number of open members");
+            let j = candidates
+                .by_ref()
+                .take(WINDOW)
+                .find(|&j| {
+                    self.dom[open[j] as usize] != self.dom[u as usize]
+                        && !self.g.has_edge(u, open[j])
+                })
+                .unwrap_or(first);
+            paired[i] = true;
+            paired[j] = true;
+            let v = open[j];
+            if self.g.has_edge(u, v) {
+                self.deficits.push((u, v));
+            } else {
+                (self.mate[u as usize], self.mate[v as usize]) = (v, u);
+                self.g.add_edge(u, v, true);
+            }
+        }
+    }
+
+    /// Whether `w` has a cross-domain link (or needs none) after trading its link to `lost` for one to `gained`.
+    fn cross_after(&self, w: u32, lost: u32, gained: u32) -> bool {
+        let dw = self.dom[w as usize];
+        self.domains < 2
+            || self.dom[gained as usize] != dw
+            || self
+                .g
+                .neighbors(w)
+                .iter()
+                .any(|&z| z != lost && self.dom[z as usize] != dw)
+    }
+
+    fn has_cross_link(&self, u: u32) -> bool {
+        self.domains < 2
+            || self
+                .g
+                .neighbors(u)
+                .iter()
+                .any(|&v| self.dom[v as usize] != self.dom[u as usize])
+    }
+
+    fn is_backbone(&self, u: u32, v: u32) -> bool {
+        if self.k < 2 {
+            return false;
+        }
+        let (a, b) = (
+            self.pos0[u as usize] as usize,
+            self.pos0[v as usize] as usize,
+        );
+        (a + 1) % self.n == b || (b + 1) % self.n == a
+    }
+
+    /// Members in auxiliary order starting just after `u`: the local neighbourhood every search walks, so a
+    /// join or leave moves the result of only the searches that pass it.
+    fn walk_from(&self, u: u32) -> impl Iterator<Item = u32> + '_ {
+        let start = self.pos_aux[u as usize] as usize + 1;
+        (0..self.n).map(move |i| self.aux[(start + i) % self.n])
+    }
+
+    /// Which links a switch may take away. Backbone links never go (they carry connectivity and zone-loss
+    /// tolerance). Once the odd-k matching exists only matching links go, so every member keeps exactly
+    /// one matching partner and the next replan can recognise and keep the pairs.
+    fn removable(&self, x: u32, y: u32) -> bool {
+        if self.mate.is_empty() {
+            !self.is_backbone(x, y)
+        } else {
+            self.mate[x as usize] == y
+        }
+    }
+
+    /// Replaces links u–v (when `drop_uv`) and x–y with u–x and v–y: no degree changes.
+    fn switch(&mut self, (u, v): (u32, u32), (x, y): (u32, u32), drop_uv: bool) {
+        if drop_uv {
+            self.g.remove_edge(u, v);
+        }
+        self.g.remove_edge(x, y);
+        self.g.add_edge(u, x, true);
+        self.g.add_edge(y, v, true);
+        if !self.mate.is_empty() {
+            (self.mate[u as usize], self.mate[x as usize]) = (x, u);
+            (self.mate[v as usize], self.mate[y as usize]) = (y, v);
+        }
+    }
+
+    fn repair_deficits(&mut self) {
+        for (u, v) in std::mem::take(&mut self.deficits) {
+            let found = self.walk_from(u).find_map(|x| {
+                if x == u || x == v || self.g.has_edge(u, x) {
+                    return None;
+                }
+                self.g
+                    .neighbors(x)
+                    .iter()
+                    .copied()
+                    .find(|&y| y != u && y != v && !self.g.has_edge(v, y) && self.removable(x, y))
+                    .map(|y| (x, y))
+            });
+            if let Some(xy) = found {
+                self.switch((u, v), xy, false);
+            }
+        }
+    }
+
+    fn spread_domains(&mut self, backbone: &[u32]) {
+        for &u in backbone {
+            let du = self.dom[u as usize];
+            if self.g.degree(u) == 0 || self.has_cross_link(u) {
+                continue;
+            }
+            let Some(v) = self
+                .g
+                .neighbors(u)
+                .iter()
+                .copied()
+                .find(|&v| self.removable(u, v))
+            else {
+                continue;
+            };
+            let found = self.walk_from(u).find_map(|x| {
+                if self.dom[x as usize] == du || self.g.has_edge(u, x) {
+                    return None;
+                }
+                self.g
+                    .neighbors(x)
+                    .iter()
+                    .copied()
+                    .find(|&y| {
+                        y != v
+                            && !self.g.has_edge(v, y)
+                            && self.removable(x, y)
+                            && self.cross_after(v, u, y)
+                            && self.cross_after(y, x, v)
+                    })
+                    .map(|y| (x, y))
+            });
+            if let Some(xy) = found {
+                self.switch((u, v), xy, true);
+            }
+        }
+    }
+
+    /// Reverses directed paths from over-dialing to under-dialing members until each dials ⌊d/2⌋ or ⌈d/2⌉.
+    /// A path reversal changes the dial count of its two ends only.
+    fn balance(&mut self, backbone: &[u32]) {
+        let mut seen = vec![u32::MAX; self.n];
+        let mut parent = vec![0u32; self.n];
+        let mut epoch = 0u32;
+        for s in backbone.iter().copied() {
+            while self.g.out_degree(s) > self.g.degree(s).div_ceil(2) {
+                epoch += 1;
+                let Some(t) = self.search(s, true, epoch, &mut seen, &mut parent) else {
+                    break;
+                };
+                self.reverse_path(s, t, true, &parent);
+            }
+            while self.g.out_degree(s) < self.g.degree(s) / 2 {
+                epoch += 1;
+                let Some(t) = self.search(s, false, epoch, &mut seen, &mut parent) else {
+                    break;
+                };
+                self.reverse_path(s, t, false, &parent);
+            }
+        }
+    }
+
+    /// Breadth-first from `s` along dialed edges (`forward`) to a member that can dial one more, or along
+    /// accepted edges to one that can dial one fewer.
+    fn search(
+        &self,
+        s: u32,
+        forward: bool,
+        epoch: u32,
+        seen: &mut [u32],
+        parent: &mut [u32],
+    ) -> Option<u32> {
+        let mut queue = std::collections::VecDeque::from([s]);
+        seen[s as usize] = epoch;
+        while let Some(u) = queue.pop_front() {
+            for &v in self.g.neighbors(u) {
+                let along = self.g.dialer_is(u, v) == Some(forward);
+                if !along || seen[v as usize] == epoch {
+                    continue;
+                }
+                seen[v as usize] = epoch;
+                parent[v as usize] = u;
+                let (out, deg) = (self.g.out_degree(v), self.g.degree(v));
+                if (forward && out < deg.div_ceil(2)) || (!forward && out > deg / 2) {
+                    return Some(v);
+                }
+                queue.push_back(v);
+            }
+        }
+        None
+    }
+
+    fn reverse_path(&mut self, s: u32, t: u32, forward: bool, parent: &[u32]) {
+        let mut v = t;
+        while v != s {
+            let u = parent[v as usize];
+            // Forward paths run s → … → t along dials; flip each so the later member dials.
+            if forward {
+                self.g.set_dialer(v, u);
+            } else {
+                self.g.set_dialer(u, v);
+            }
+            v = u;
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Presence as the rendezvous reports it (DESIGN §3.3): parsing either body shape, and the liveness rules
+//! the seed agents use (alive, an address, a heartbeat younger than the timeout, judged on the
+//! rendezvous' clock when it sends one).
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Node {
+    pub node_id: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub alive: bool,
+    /// Seconds since the epoch.
+    #[serde(default)]
+    pub last_seen: Option<f64>,
+    /// Milliseconds since the epoch; preferred over `last_seen`.
+    #[serde(default)]
+    pub last_seen_ms: Option<f64>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl Node {
+    /// The heartbeat in milliseconds: `last_seen_ms`, else `last_seen` × 1000.
+    pub fn heartbeat_ms(&self) -> Option<f64> {
+        self.last_seen_ms
+            .or(self.last_seen.map(|s| s * 1000.0))
+            .filter(|t| t.is_finite())
+    }
+}
+
+/// A parsed presence body.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// The rendezvous' own node, never a mesh peer.
+    pub server_node_id: Option<String>,
+    /// The rendezvous' clock when it answered.
+    pub now_ms: Option<f64>,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("presence body is empty")]
+    Empty,
+    #[error(
+        "presence body must be a JSON array of nodes or an object with \"nodes\", found {found:?} at line {line} column {column}"
+    )]
+    Shape {
+        found: char,
+        line: usize,
+        column: usize,
+    },
+    #[error("malformed presence JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    server_node_id: Option<String>,
+    #[serde(default)]
+    now_ms: Option<f64>,
+    nodes: Vec<Node>,
+}
+
+/// Parses either body shape. Errors carry serde's line and column and the offending field.
+pub fn parse(body: &[u8]) -> Result<Snapshot, ParseError> {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .ok_or(ParseError::Empty)?;
+    match body[start] {
+        b'[' => Ok(Snapshot {
+            nodes: serde_json::from_slice(body)?,
+            ..Snapshot::default()
+        }),
+        b'{' => {
+            let e: Envelope = serde_json::from_slice(body)?;
+            Ok(Snapshot {
+                server_node_id: e.server_node_id,
+                now_ms: e.now_ms,
+                nodes: e.nodes,
+            })
+        }
+        other => {
+            let before = &body[..start];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = start
+                - before
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            Err(ParseError::Shape {
+                found: other as char,
+                line,
+                column,
+            })
+        }
+    }
+}
+
+impl Snapshot {
+    /// Whether `node` counts as present: alive, with an address, not the rendezvous, and a heartbeat
+    /// younger than `timeout` on the rendezvous' clock (`now_ms`, else `fallback_now_ms`).
+    pub fn is_live(&self, node: &Node, timeout: Duration, fallback_now_ms: f64) -> bool {
+        let now = self
+            .now_ms
+            .filter(|t| t.is_finite())
+            .unwrap_or(fallback_now_ms);
+        node.alive
+            && !node.address.is_empty()
+            && self.server_node_id.as_deref() != Some(node.node_id.as_str())
+            && node
+                .heartbeat_ms()
+                .is_some_and(|seen| now - seen < timeout.as_millis() as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = r#"{"node_id":"ab","address":"ws://0.0.0.0:3001/crdt-sync","alive":true,"last_seen":1763999990.0,"last_seen_ms":1763999990123.0,"hostname":"agent-7"}"#;
+
+    #[test]
+    fn parses_both_shapes() {
+        let bare = parse(format!("[{NODE}]").as_bytes()).unwrap();
+        assert_eq!(bare.nodes.len(), 1);
+        assert_eq!(bare.now_ms, None);
+        let wrapped = parse(
+            format!(r#" {{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(wrapped.server_node_id.as_deref(), Some("9f"));
+        assert_eq!(wrapped.nodes[0].hostname.as_deref(), Some("agent-7"));
+        assert_eq!(wrapped.nodes[0].heartbeat_ms(), Some(1763999990123.0));
+    }
+
+    #[test]
+    fn malformed_bodies_say_where() {
+        let err = parse(b"[{\"node_id\": \"ab\",\n  \"alive\": \"yes\"}]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && err.contains("boolean"), "{err}");
+        let err = parse(b"\n  <html>").unwrap_err().to_string();
+        assert!(
+            err.contains("'<'") && err.contains("line 2 column 3"),
+            "{err}"
+        );
+        assert!(matches!(parse(b"  "), Err(ParseError::Empty)));
+        assert!(parse(b"{\"nodes\": [").is_err());
+    }
+
+    #[test]
+    fn liveness_follows_the_seed_rules_on_the_rendezvous_clock() {
+        let snap = parse(
+            format!(r#"{{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#).as_bytes(),
+        )
+        .unwrap();
+        let node = &snap.nodes[0];
+        let ten_min = Duration::from_secs(600);
+        // The controller's own clock is far ahead; the rendezvous' clock decides.
+        assert!(snap.is_live(node, ten_min, 9e15));
+        assert!(
+            !snap.is_live(node, Duration::from_secs(5), 0.0),
+            "10 s old heartbeat, 5 s timeout"
+        );
+        let mut dead = node.clone();
+        dead.alive = false;
+        assert!(!snap.is_live(&dead, ten_min, 0.0));
+        let mut no_addr = node.clone();
+        no_addr.address.clear();
+        assert!(!snap.is_live(&no_addr, ten_min, 0.0));
+        let mut server = node.clone();
+        server.node_id = "9f".into();
+        assert!(
+            !snap.is_live(&server, ten_min, 0.0),
+            "the rendezvous is never a peer"
+        );
+        let mut seconds_only = node.clone();
+        seconds_only.last_seen_ms = None;
+        assert_eq!(seconds_only.heartbeat_ms(), Some(1763999990000.0));
+    }
+}

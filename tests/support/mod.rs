@@ -1,0 +1,187 @@
+//! End-to-end test support: one real control plane per test run (started by `hack/control-plane.sh ensure`
+//! unless `KUBECONFIG` names one), a fresh namespace per test, and agent Pods whose status the tests set
+//! themselves, as there is no kubelet. Every wait has a timeout and says what it waited for.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The kubeconfig of the control plane under test, starting one on first use.
+pub fn kubeconfig() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
+            return PathBuf::from(path);
+        }
+        let out = std::process::Command::new(format!("{REPO}/hack/control-plane.sh"))
+            .arg("ensure")
+            .output()
+            .expect("running hack/control-plane.sh ensure");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "hack/control-plane.sh ensure failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+            .expect("an export line");
+        PathBuf::from(line.trim())
+    })
+}
+
+/// Directory of the binaries built by `hack/control-plane.sh` (kubectl, helm, …).
+pub fn tool_bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::process::Command::new(format!("{REPO}/hack/control-plane.sh"))
+            .arg("bin")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hack/control-plane.sh bin: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+pub async fn config() -> Config {
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("reading the kubeconfig");
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("a kubeconfig kube can use");
+    // No request may hang a test: a stuck call fails with a timeout error instead.
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(60));
+    config
+}
+
+pub async fn client() -> Client {
+    Client::try_from(config().await).expect("a client")
+}
+
+/// Polls `check` every 100 ms until it yields a value, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A namespace of its own for one test, with the `default` ServiceAccount that admission requires for
+/// Pods (no controller-manager runs to create it).
+pub async fn namespace(client: &Client, hint: &str) -> String {
+    let suffix: u32 = rand::random::<u32>() % 1_000_000;
+    let name = format!("e2e-{hint}-{suffix:06}");
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("creating the namespace");
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("creating the default ServiceAccount");
+    name
+}
+
+/// Creates an agent Pod (never scheduled: there is no kubelet) with the given labels and annotations.
+pub async fn create_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    labels: serde_json::Value,
+    annotations: serde_json::Value,
+) -> Pod {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "agent", "image": "agent:dev"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("creating a Pod")
+}
+
+/// Sets what a kubelet would: phase Running, the Ready condition and the Pod IP, through the status
+/// subresource.
+pub async fn set_pod_status(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("patching the Pod status")
+}
+
+/// Runs one of the built tools (kubectl, helm) against the control plane under test.
+pub fn tool(name: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tool_bin_dir().join(name))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
+}
+
+/// Installs (server-side applies) the checked-in CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let yaml = std::fs::read_to_string(format!("{REPO}/crds/meshpolicy.yaml")).unwrap();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap();
+    api.patch(
+        &name,
+        &PatchParams::apply("mesh-operator-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("applying the CRD");
+    wait_for(
+        "the MeshPolicy CRD to be Established",
+        Duration::from_secs(30),
+        || async {
+            let crd = api.get(&name).await.ok()?;
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        },
+    )
+    .await;
+}
