@@ -4,10 +4,7 @@ use mesh_operator::planner::{self, Assignment, Member};
 
 fn members(n: usize) -> Vec<Member> {
     (0..n)
-        .map(|i| Member {
-            node_id: format!("{:064x}", (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            domain: None,
-        })
+        .map(|i| Member { node_id: format!("{:064x}", (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15)), domain: None })
         .collect()
 }
 
@@ -27,17 +24,10 @@ fn full_plan(c: &mut Criterion) {
 
 fn replan_after_join(c: &mut Criterion) {
     let m = members(10_000);
-    let previous = planner::plan(&m, 8, "bench", &Assignment::new())
-        .unwrap()
-        .assignment();
+    let previous = planner::plan(&m, 8, "bench", &Assignment::new()).unwrap().assignment();
     let mut joined = m.clone();
-    joined.push(Member {
-        node_id: "f".repeat(64),
-        domain: None,
-    });
-    c.bench_function("replan_join/k8/10000", |b| {
-        b.iter(|| planner::plan(&joined, 8, "bench", &previous).unwrap())
-    });
+    joined.push(Member { node_id: "f".repeat(64), domain: None });
+    c.bench_function("replan_join/k8/10000", |b| b.iter(|| planner::plan(&joined, 8, "bench", &previous).unwrap()));
 }
 
 criterion_group!(benches, full_plan, replan_after_join);

@@ -132,9 +132,7 @@ pub struct Identity {
 
 impl Default for Identity {
     fn default() -> Self {
-        Self {
-            node_id_annotation: default_node_id_annotation(),
-        }
+        Self { node_id_annotation: default_node_id_annotation() }
     }
 }
 
@@ -222,10 +220,9 @@ mod tests {
 
     #[test]
     fn minimal_spec_takes_the_documented_defaults() {
-        let spec: MeshPolicySpec = serde_yaml::from_str(
-            "selector: {matchLabels: {app: agent}}\nrendezvous: {url: 'http://rv:8080'}\n",
-        )
-        .unwrap();
+        let spec: MeshPolicySpec =
+            serde_yaml::from_str("selector: {matchLabels: {app: agent}}\nrendezvous: {url: 'http://rv:8080'}\n")
+                .unwrap();
         assert_eq!(spec.max_peers, 4);
         assert_eq!(spec.heartbeat_timeout, "600s");
         assert_eq!(spec.rendezvous.presence_path, "/presence");

@@ -12,11 +12,7 @@ use crate::planner::{self, Assignment, Member, analysis};
 use crate::{api, duration, presence, simulate};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "mesh-operator",
-    version,
-    about = "Plans the supplementary sync mesh of CI build agents"
-)]
+#[command(name = "mesh-operator", version, about = "Plans the supplementary sync mesh of CI build agents")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -90,27 +86,15 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("--input {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("--input {path}: malformed JSON: {source}")]
-    Json {
-        path: String,
-        source: serde_json::Error,
-    },
+    Json { path: String, source: serde_json::Error },
     #[error("--input {path}: {source}")]
-    Presence {
-        path: String,
-        source: presence::ParseError,
-    },
+    Presence { path: String, source: presence::ParseError },
     #[error("--input {path}: expected a JSON array of members or a presence body")]
     Shape { path: String },
     #[error("--input {path}: {source}")]
-    Plan {
-        path: String,
-        source: planner::PlanError,
-    },
+    Plan { path: String, source: planner::PlanError },
 }
 
 pub fn main() -> ExitCode {
@@ -136,59 +120,31 @@ fn read_input(path: &std::path::Path) -> Result<Vec<u8>, InputError> {
     let shown = path.display().to_string();
     if shown == "-" {
         let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|source| {
-            InputError::Read {
-                path: shown,
-                source,
-            }
-        })?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .map_err(|source| InputError::Read { path: shown, source })?;
         return Ok(buf);
     }
-    std::fs::read(path).map_err(|source| InputError::Read {
-        path: shown,
-        source,
-    })
+    std::fs::read(path).map_err(|source| InputError::Read { path: shown, source })
 }
 
 /// Members from either input shape. A presence body keeps the nodes that are live by the seed's rules.
-pub fn members_from(
-    path: &str,
-    body: &[u8],
-    heartbeat_timeout: Duration,
-) -> Result<Vec<Member>, InputError> {
+pub fn members_from(path: &str, body: &[u8], heartbeat_timeout: Duration) -> Result<Vec<Member>, InputError> {
     let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|source| InputError::Json {
-            path: path.into(),
-            source,
-        })?;
-    let is_member_list = value
-        .as_array()
-        .is_some_and(|a| a.iter().all(|m| m.get("nodeId").is_some()));
+        serde_json::from_slice(body).map_err(|source| InputError::Json { path: path.into(), source })?;
+    let is_member_list = value.as_array().is_some_and(|a| a.iter().all(|m| m.get("nodeId").is_some()));
     if is_member_list {
-        return serde_json::from_value(value).map_err(|source| InputError::Json {
-            path: path.into(),
-            source,
-        });
+        return serde_json::from_value(value).map_err(|source| InputError::Json { path: path.into(), source });
     }
     if !(value.is_object() || value.is_array()) {
         return Err(InputError::Shape { path: path.into() });
     }
-    let snap = presence::parse(body).map_err(|source| InputError::Presence {
-        path: path.into(),
-        source,
-    })?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
+    let snap = presence::parse(body).map_err(|source| InputError::Presence { path: path.into(), source })?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     Ok(snap
         .nodes
         .iter()
         .filter(|n| snap.is_live(n, heartbeat_timeout, now_ms as f64))
-        .map(|n| Member {
-            node_id: n.node_id.clone(),
-            domain: None,
-        })
+        .map(|n| Member { node_id: n.node_id.clone(), domain: None })
         .collect())
 }
 
@@ -218,12 +174,8 @@ fn plan(args: &PlanArgs) -> Result<(), InputError> {
     let path = args.input.display().to_string();
     let body = read_input(&args.input)?;
     let members = members_from(&path, &body, args.heartbeat_timeout)?;
-    let plan = planner::plan(&members, args.max_peers, &args.seed, &Assignment::new()).map_err(
-        |source| InputError::Plan {
-            path: path.clone(),
-            source,
-        },
-    )?;
+    let plan = planner::plan(&members, args.max_peers, &args.seed, &Assignment::new())
+        .map_err(|source| InputError::Plan { path: path.clone(), source })?;
     let adj = analysis::adjacency(&plan.dial_lists());
     let degrees = analysis::links(&adj);
     let metrics = PlanMetrics {
@@ -250,18 +202,10 @@ fn plan(args: &PlanArgs) -> Result<(), InputError> {
     match args.format {
         Format::Json => {
             let doc = serde_json::json!({"agents": agents, "metrics": metrics});
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&doc).expect("serializable")
-            );
+            let _ = writeln!(out, "{}", serde_json::to_string_pretty(&doc).expect("serializable"));
         }
         Format::Text => {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<12} {:>5}  DIALS",
-                "NODE-ID", "DOMAIN", "LINKS"
-            );
+            let _ = writeln!(out, "{:<20} {:<12} {:>5}  DIALS", "NODE-ID", "DOMAIN", "LINKS");
             for a in &agents {
                 let short: Vec<&str> = a.dials.iter().map(|d| abbreviate(d)).collect();
                 let _ = writeln!(
@@ -277,13 +221,7 @@ fn plan(args: &PlanArgs) -> Result<(), InputError> {
             let _ = writeln!(
                 out,
                 "\nagents {}  cap {}  links {}  degree {}..{}  components {}  diameter {}",
-                m.agents,
-                m.max_peers,
-                m.links,
-                m.min_degree,
-                m.max_degree,
-                m.components,
-                m.diameter
+                m.agents, m.max_peers, m.links, m.min_degree, m.max_degree, m.components, m.diameter
             );
         }
     }
@@ -302,93 +240,42 @@ fn simulate(args: &SimulateArgs) -> Result<(), InputError> {
         fail: args.fail,
         seed: args.seed,
     };
-    let reports = simulate::run(&scenario).map_err(|source| InputError::Plan {
-        path: "-".into(),
-        source,
-    })?;
+    let reports = simulate::run(&scenario).map_err(|source| InputError::Plan { path: "-".into(), source })?;
     let mut out = std::io::stdout().lock();
     if args.format == Format::Json {
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&reports).expect("serializable")
-        );
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&reports).expect("serializable"));
         return Ok(());
     }
     let pct = |f: f64| format!("{:.2}%", 100.0 * f);
     let row = |f: &dyn Fn(&simulate::SchemeReport) -> String| [f(&reports[0]), f(&reports[1])];
     let rows = [
-        (
-            "max links per agent".to_string(),
-            row(&|r| r.max_links.to_string()),
-        ),
-        (
-            "min links per agent".into(),
-            row(&|r| r.min_links.to_string()),
-        ),
-        (
-            "connected components".into(),
-            row(&|r| r.components.to_string()),
-        ),
+        ("max links per agent".to_string(), row(&|r| r.max_links.to_string())),
+        ("min links per agent".into(), row(&|r| r.min_links.to_string())),
+        ("connected components".into(), row(&|r| r.components.to_string())),
         (
             "diameter".into(),
-            row(&|r| {
-                format!(
-                    "{}{}",
-                    r.diameter,
-                    if r.diameter_exact {
-                        ""
-                    } else {
-                        " (>=, sampled)"
-                    }
-                )
-            }),
+            row(&|r| format!("{}{}", r.diameter, if r.diameter_exact { "" } else { " (>=, sampled)" })),
         ),
         (
-            format!(
-                "in one piece after rendezvous + {} random fail",
-                pct(args.fail)
-            ),
+            format!("in one piece after rendezvous + {} random fail", pct(args.fail)),
             row(&|r| pct(r.connected_after_random_failure)),
         ),
         (
-            format!(
-                "in one piece after rendezvous + {} best-connected fail",
-                pct(args.fail)
-            ),
+            format!("in one piece after rendezvous + {} best-connected fail", pct(args.fail)),
             row(&|r| pct(r.connected_after_targeted_failure)),
         ),
         (
             "in one piece after the worst zone is lost".into(),
             row(&|r| r.connected_after_zone_loss.map_or("n/a".into(), pct)),
         ),
-        (
-            "links changed by one join".into(),
-            row(&|r| r.links_changed_on_join.to_string()),
-        ),
-        (
-            "links changed by the best-connected leaving".into(),
-            row(&|r| r.links_changed_on_leave.to_string()),
-        ),
-        (
-            "dial lists changed by one join".into(),
-            row(&|r| r.dial_lists_changed_on_join.to_string()),
-        ),
-        (
-            "dial lists changed by that leave".into(),
-            row(&|r| r.dial_lists_changed_on_leave.to_string()),
-        ),
+        ("links changed by one join".into(), row(&|r| r.links_changed_on_join.to_string())),
+        ("links changed by the best-connected leaving".into(), row(&|r| r.links_changed_on_leave.to_string())),
+        ("dial lists changed by one join".into(), row(&|r| r.dial_lists_changed_on_join.to_string())),
+        ("dial lists changed by that leave".into(), row(&|r| r.dial_lists_changed_on_leave.to_string())),
     ];
-    let _ = writeln!(
-        out,
-        "{} agents, cap {}, {} zone(s), seed {}\n",
-        args.agents, args.max_peers, args.zones, args.seed
-    );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>16} {:>16}",
-        "", reports[0].scheme, reports[1].scheme
-    );
+    let _ =
+        writeln!(out, "{} agents, cap {}, {} zone(s), seed {}\n", args.agents, args.max_peers, args.zones, args.seed);
+    let _ = writeln!(out, "{:<58} {:>16} {:>16}", "", reports[0].scheme, reports[1].scheme);
     for (label, [a, b]) in rows {
         let _ = writeln!(out, "{label:<58} {a:>16} {b:>16}");
     }

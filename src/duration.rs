@@ -13,22 +13,16 @@ pub struct ParseDurationError {
 
 /// Parses a non-negative Go duration. Rejects what Go rejects, and values beyond `u64` nanoseconds.
 pub fn parse(value: &str) -> Result<Duration, ParseDurationError> {
-    let err = || ParseDurationError {
-        value: value.to_owned(),
-    };
+    let err = || ParseDurationError { value: value.to_owned() };
     if value.is_empty() {
         return Err(err());
     }
     let mut rest = value;
     let mut total: u128 = 0;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
         let (num, tail) = rest.split_at(num_len);
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let nanos_per_unit: u128 = match unit {
             "ns" => 1,
@@ -76,23 +70,8 @@ mod tests {
 
     #[test]
     fn rejects_what_go_rejects() {
-        for bad in [
-            "",
-            "10",
-            "s",
-            "10x",
-            "-1s",
-            "1.s",
-            ".5s",
-            "1..5s",
-            "10 s",
-            "99999999999999999999h",
-        ] {
-            assert_eq!(
-                parse(bad),
-                Err(ParseDurationError { value: bad.into() }),
-                "{bad}"
-            );
+        for bad in ["", "10", "s", "10x", "-1s", "1.s", ".5s", "1..5s", "10 s", "99999999999999999999h"] {
+            assert_eq!(parse(bad), Err(ParseDurationError { value: bad.into() }), "{bad}");
         }
     }
 }

@@ -26,9 +26,7 @@ pub struct Node {
 impl Node {
     /// The heartbeat in milliseconds: `last_seen_ms`, else `last_seen` × 1000.
     pub fn heartbeat_ms(&self) -> Option<f64> {
-        self.last_seen_ms
-            .or(self.last_seen.map(|s| s * 1000.0))
-            .filter(|t| t.is_finite())
+        self.last_seen_ms.or(self.last_seen.map(|s| s * 1000.0)).filter(|t| t.is_finite())
     }
 }
 
@@ -49,11 +47,7 @@ pub enum ParseError {
     #[error(
         "presence body must be a JSON array of nodes or an object with \"nodes\", found {found:?} at line {line} column {column}"
     )]
-    Shape {
-        found: char,
-        line: usize,
-        column: usize,
-    },
+    Shape { found: char, line: usize, column: usize },
     #[error("malformed presence JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -70,37 +64,18 @@ struct Envelope {
 
 /// Parses either body shape. Errors carry serde's line and column and the offending field.
 pub fn parse(body: &[u8]) -> Result<Snapshot, ParseError> {
-    let start = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .ok_or(ParseError::Empty)?;
+    let start = body.iter().position(|b| !b.is_ascii_whitespace()).ok_or(ParseError::Empty)?;
     match body[start] {
-        b'[' => Ok(Snapshot {
-            nodes: serde_json::from_slice(body)?,
-            ..Snapshot::default()
-        }),
+        b'[' => Ok(Snapshot { nodes: serde_json::from_slice(body)?, ..Snapshot::default() }),
         b'{' => {
             let e: Envelope = serde_json::from_slice(body)?;
-            Ok(Snapshot {
-                server_node_id: e.server_node_id,
-                now_ms: e.now_ms,
-                nodes: e.nodes,
-            })
+            Ok(Snapshot { server_node_id: e.server_node_id, now_ms: e.now_ms, nodes: e.nodes })
         }
         other => {
             let before = &body[..start];
             let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-            let column = start
-                - before
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            Err(ParseError::Shape {
-                found: other as char,
-                line,
-                column,
-            })
+            let column = start - before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+            Err(ParseError::Shape { found: other as char, line, column })
         }
     }
 }
@@ -109,16 +84,11 @@ impl Snapshot {
     /// Whether `node` counts as present: alive, with an address, not the rendezvous, and a heartbeat
     /// younger than `timeout` on the rendezvous' clock (`now_ms`, else `fallback_now_ms`).
     pub fn is_live(&self, node: &Node, timeout: Duration, fallback_now_ms: f64) -> bool {
-        let now = self
-            .now_ms
-            .filter(|t| t.is_finite())
-            .unwrap_or(fallback_now_ms);
+        let now = self.now_ms.filter(|t| t.is_finite()).unwrap_or(fallback_now_ms);
         node.alive
             && !node.address.is_empty()
             && self.server_node_id.as_deref() != Some(node.node_id.as_str())
-            && node
-                .heartbeat_ms()
-                .is_some_and(|seen| now - seen < timeout.as_millis() as f64)
+            && node.heartbeat_ms().is_some_and(|seen| now - seen < timeout.as_millis() as f64)
     }
 }
 
@@ -133,11 +103,8 @@ mod tests {
         let bare = parse(format!("[{NODE}]").as_bytes()).unwrap();
         assert_eq!(bare.nodes.len(), 1);
         assert_eq!(bare.now_ms, None);
-        let wrapped = parse(
-            format!(r#" {{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#)
-                .as_bytes(),
-        )
-        .unwrap();
+        let wrapped =
+            parse(format!(r#" {{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#).as_bytes()).unwrap();
         assert_eq!(wrapped.server_node_id.as_deref(), Some("9f"));
         assert_eq!(wrapped.nodes[0].hostname.as_deref(), Some("agent-7"));
         assert_eq!(wrapped.nodes[0].heartbeat_ms(), Some(1763999990123.0));
@@ -145,33 +112,23 @@ mod tests {
 
     #[test]
     fn malformed_bodies_say_where() {
-        let err = parse(b"[{\"node_id\": \"ab\",\n  \"alive\": \"yes\"}]")
-            .unwrap_err()
-            .to_string();
+        let err = parse(b"[{\"node_id\": \"ab\",\n  \"alive\": \"yes\"}]").unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("boolean"), "{err}");
         let err = parse(b"\n  <html>").unwrap_err().to_string();
-        assert!(
-            err.contains("'<'") && err.contains("line 2 column 3"),
-            "{err}"
-        );
+        assert!(err.contains("'<'") && err.contains("line 2 column 3"), "{err}");
         assert!(matches!(parse(b"  "), Err(ParseError::Empty)));
         assert!(parse(b"{\"nodes\": [").is_err());
     }
 
     #[test]
     fn liveness_follows_the_seed_rules_on_the_rendezvous_clock() {
-        let snap = parse(
-            format!(r#"{{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#).as_bytes(),
-        )
-        .unwrap();
+        let snap =
+            parse(format!(r#"{{"serverNodeId":"9f","nowMs":1764000000000,"nodes":[{NODE}]}}"#).as_bytes()).unwrap();
         let node = &snap.nodes[0];
         let ten_min = Duration::from_secs(600);
         // The controller's own clock is far ahead; the rendezvous' clock decides.
         assert!(snap.is_live(node, ten_min, 9e15));
-        assert!(
-            !snap.is_live(node, Duration::from_secs(5), 0.0),
-            "10 s old heartbeat, 5 s timeout"
-        );
+        assert!(!snap.is_live(node, Duration::from_secs(5), 0.0), "10 s old heartbeat, 5 s timeout");
         let mut dead = node.clone();
         dead.alive = false;
         assert!(!snap.is_live(&dead, ten_min, 0.0));
@@ -180,10 +137,7 @@ mod tests {
         assert!(!snap.is_live(&no_addr, ten_min, 0.0));
         let mut server = node.clone();
         server.node_id = "9f".into();
-        assert!(
-            !snap.is_live(&server, ten_min, 0.0),
-            "the rendezvous is never a peer"
-        );
+        assert!(!snap.is_live(&server, ten_min, 0.0), "the rendezvous is never a peer");
         let mut seconds_only = node.clone();
         seconds_only.last_seen_ms = None;
         assert_eq!(seconds_only.heartbeat_ms(), Some(1763999990000.0));

@@ -53,18 +53,12 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
     order.shuffle(&mut rng);
     let random_failed: Vec<bool> = {
         let mut failed = vec![false; s.agents];
-        for &i in order
-            .iter()
-            .take((s.fail * s.agents as f64).round() as usize)
-        {
+        for &i in order.iter().take((s.fail * s.agents as f64).round() as usize) {
             failed[i] = true;
         }
         failed
     };
-    let joiner = Member {
-        node_id: random_id(&mut rng),
-        domain: members.first().and_then(|m| m.domain.clone()),
-    };
+    let joiner = Member { node_id: random_id(&mut rng), domain: members.first().and_then(|m| m.domain.clone()) };
     let seed = format!("simulate-{}", s.seed);
 
     let planned = |m: &[Member], prev: &Assignment| planner::plan(m, s.max_peers, &seed, prev);
@@ -76,11 +70,7 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
     let plan = planned(&members, &Assignment::new())?;
     let reports = [
         ("planner", plan.dial_lists(), plan.assignment()),
-        (
-            "seed-baseline",
-            planner::baseline::plan(members.len(), s.max_peers as usize),
-            baseline(&members),
-        ),
+        ("seed-baseline", planner::baseline::plan(members.len(), s.max_peers as usize), baseline(&members)),
     ];
     let mut out = Vec::new();
     for (scheme, dials, before) in reports {
@@ -90,20 +80,14 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
         let mut by_links: Vec<usize> = (0..s.agents).collect();
         by_links.sort_by_key(|&i| std::cmp::Reverse(links[i]));
         let mut targeted = vec![false; s.agents];
-        for &i in by_links
-            .iter()
-            .take(random_failed.iter().filter(|f| **f).count())
-        {
+        for &i in by_links.iter().take(random_failed.iter().filter(|f| **f).count()) {
             targeted[i] = true;
         }
         let zone_loss = (s.zones > 1).then(|| {
             (0..s.zones)
                 .map(|z| {
                     let zone = format!("zone-{z}");
-                    let lost: Vec<bool> = members
-                        .iter()
-                        .map(|m| m.domain.as_deref() == Some(zone.as_str()))
-                        .collect();
+                    let lost: Vec<bool> = members.iter().map(|m| m.domain.as_deref() == Some(zone.as_str())).collect();
                     analysis::largest_component_share(&adj, &lost)
                 })
                 .fold(1.0, f64::min)
@@ -117,10 +101,7 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
             left.remove(hub);
         }
         let (after_join, after_leave) = match scheme {
-            "planner" => (
-                planned(&joined, &before)?.assignment(),
-                planned(&left, &before)?.assignment(),
-            ),
+            "planner" => (planned(&joined, &before)?.assignment(), planned(&left, &before)?.assignment()),
             _ => (baseline(&joined), baseline(&left)),
         };
         let join = analysis::churn(&before, &after_join);
@@ -145,9 +126,7 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
 }
 
 fn random_id(rng: &mut ChaCha8Rng) -> String {
-    (0..32)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
+    (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
 }
 
 fn to_assignment(members: &[Member], dials: &[Vec<u32>]) -> Assignment {
@@ -155,10 +134,7 @@ fn to_assignment(members: &[Member], dials: &[Vec<u32>]) -> Assignment {
         .iter()
         .zip(dials)
         .map(|(m, d)| {
-            let mut ids: Vec<String> = d
-                .iter()
-                .map(|&v| members[v as usize].node_id.clone())
-                .collect();
+            let mut ids: Vec<String> = d.iter().map(|&v| members[v as usize].node_id.clone()).collect();
             ids.sort();
             (m.node_id.clone(), ids)
         })
@@ -171,14 +147,7 @@ mod tests {
 
     #[test]
     fn planner_beats_the_seed_on_every_defect() {
-        let reports = run(&Scenario {
-            agents: 400,
-            max_peers: 4,
-            zones: 3,
-            fail: 0.1,
-            seed: 3,
-        })
-        .unwrap();
+        let reports = run(&Scenario { agents: 400, max_peers: 4, zones: 3, fail: 0.1, seed: 3 }).unwrap();
         let (p, b) = (&reports[0], &reports[1]);
         assert_eq!((p.scheme, b.scheme), ("planner", "seed-baseline"));
         assert_eq!((p.max_links, p.min_links, p.components), (4, 4, 1));
@@ -195,13 +164,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_report() {
-        let s = Scenario {
-            agents: 100,
-            max_peers: 5,
-            zones: 2,
-            fail: 0.3,
-            seed: 9,
-        };
+        let s = Scenario { agents: 100, max_peers: 5, zones: 2, fail: 0.3, seed: 9 };
         assert_eq!(run(&s).unwrap(), run(&s).unwrap());
     }
 }

@@ -20,11 +20,7 @@ fn valid_spec() -> Value {
 fn with(mut base: Value, path: &[&str], value: Value) -> Value {
     let mut cur = &mut base;
     for key in &path[..path.len() - 1] {
-        cur = cur
-            .as_object_mut()
-            .unwrap()
-            .entry(key.to_string())
-            .or_insert(json!({}));
+        cur = cur.as_object_mut().unwrap().entry(key.to_string()).or_insert(json!({}));
     }
     let last = path[path.len() - 1];
     if value.is_null() {
@@ -35,16 +31,8 @@ fn with(mut base: Value, path: &[&str], value: Value) -> Value {
     base
 }
 
-async fn create(
-    client: &kube::Client,
-    ns: &str,
-    body: Value,
-) -> Result<DynamicObject, kube::Error> {
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "agentmesh.dev",
-        "v1alpha1",
-        "MeshPolicy",
-    ));
+async fn create(client: &kube::Client, ns: &str, body: Value) -> Result<DynamicObject, kube::Error> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("agentmesh.dev", "v1alpha1", "MeshPolicy"));
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let obj: DynamicObject = serde_json::from_value(body).unwrap();
     api.create(&PostParams::default(), &obj).await
@@ -55,13 +43,8 @@ async fn defaults_apply_and_typed_round_trip() {
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "crd-defaults").await;
-    create(&client, &ns, policy(valid_spec()))
-        .await
-        .expect("a minimal policy is accepted");
-    let mp = Api::<MeshPolicy>::namespaced(client, &ns)
-        .get("p")
-        .await
-        .unwrap();
+    create(&client, &ns, policy(valid_spec())).await.expect("a minimal policy is accepted");
+    let mp = Api::<MeshPolicy>::namespaced(client, &ns).get("p").await.unwrap();
     assert_eq!(mp.spec.max_peers, 4);
     assert_eq!(mp.spec.rendezvous.poll_interval, "10s");
     assert_eq!(mp.spec.rendezvous.presence_path, "/presence");
@@ -76,114 +59,36 @@ async fn invalid_policies_are_rejected_naming_the_field() {
     let ns = namespace(&client, "crd-invalid").await;
     let base = valid_spec();
     let cases: Vec<(&str, Value)> = vec![
-        (
-            "spec.maxPeers",
-            with(base.clone(), &["maxPeers"], json!(65)),
-        ),
-        (
-            "spec.maxPeers",
-            with(base.clone(), &["maxPeers"], json!(-1)),
-        ),
-        (
-            "spec.rendezvous.url",
-            with(
-                base.clone(),
-                &["rendezvous", "url"],
-                json!("ftp://rv.example/x"),
-            ),
-        ),
-        (
-            "spec.rendezvous.url",
-            with(
-                base.clone(),
-                &["rendezvous", "url"],
-                json!("rendezvous:8080"),
-            ),
-        ),
-        (
-            "spec.rendezvous",
-            with(base.clone(), &["rendezvous"], Value::Null),
-        ),
-        (
-            "spec.selector",
-            with(base.clone(), &["selector"], Value::Null),
-        ),
-        (
-            "spec.selector",
-            with(base.clone(), &["selector"], json!({})),
-        ),
-        (
-            "spec.heartbeatTimeout",
-            with(base.clone(), &["heartbeatTimeout"], json!("5s")),
-        ),
-        (
-            "spec.heartbeatTimeout",
-            with(base.clone(), &["heartbeatTimeout"], json!("ten minutes")),
-        ),
-        (
-            "spec.rendezvous.pollInterval",
-            with(
-                base.clone(),
-                &["rendezvous", "pollInterval"],
-                json!("10 seconds"),
-            ),
-        ),
-        (
-            "spec.rendezvous.pollInterval",
-            with(
-                base.clone(),
-                &["rendezvous", "pollInterval"],
-                json!("500ms"),
-            ),
-        ),
-        (
-            "spec.rendezvous.timeout",
-            with(base.clone(), &["rendezvous", "timeout"], json!("20s")),
-        ),
-        (
-            "spec.mode",
-            with(base.clone(), &["mode"], json!("Enforcing")),
-        ),
-        (
-            "spec.topologyKey",
-            with(base.clone(), &["topologyKey"], json!("not a label key!")),
-        ),
-        (
-            "spec.rendezvous.presencePath",
-            with(
-                base.clone(),
-                &["rendezvous", "presencePath"],
-                json!("presence"),
-            ),
-        ),
+        ("spec.maxPeers", with(base.clone(), &["maxPeers"], json!(65))),
+        ("spec.maxPeers", with(base.clone(), &["maxPeers"], json!(-1))),
+        ("spec.rendezvous.url", with(base.clone(), &["rendezvous", "url"], json!("ftp://rv.example/x"))),
+        ("spec.rendezvous.url", with(base.clone(), &["rendezvous", "url"], json!("rendezvous:8080"))),
+        ("spec.rendezvous", with(base.clone(), &["rendezvous"], Value::Null)),
+        ("spec.selector", with(base.clone(), &["selector"], Value::Null)),
+        ("spec.selector", with(base.clone(), &["selector"], json!({}))),
+        ("spec.heartbeatTimeout", with(base.clone(), &["heartbeatTimeout"], json!("5s"))),
+        ("spec.heartbeatTimeout", with(base.clone(), &["heartbeatTimeout"], json!("ten minutes"))),
+        ("spec.rendezvous.pollInterval", with(base.clone(), &["rendezvous", "pollInterval"], json!("10 seconds"))),
+        ("spec.rendezvous.pollInterval", with(base.clone(), &["rendezvous", "pollInterval"], json!("500ms"))),
+        ("spec.rendezvous.timeout", with(base.clone(), &["rendezvous", "timeout"], json!("20s"))),
+        ("spec.mode", with(base.clone(), &["mode"], json!("Enforcing"))),
+        ("spec.topologyKey", with(base.clone(), &["topologyKey"], json!("not a label key!"))),
+        ("spec.rendezvous.presencePath", with(base.clone(), &["rendezvous", "presencePath"], json!("presence"))),
         (
             "spec.rendezvous.caBundle",
-            with(
-                base.clone(),
-                &["rendezvous", "caBundle"],
-                json!("-----BEGIN CERTIFICATE-----\nMIIB\n"),
-            ),
+            with(base.clone(), &["rendezvous", "caBundle"], json!("-----BEGIN CERTIFICATE-----\nMIIB\n")),
         ),
         (
             "spec.rendezvous.joinTokenSecretRef.name",
-            with(
-                base.clone(),
-                &["rendezvous", "joinTokenSecretRef"],
-                json!({"name": "Bad_Name", "key": "token"}),
-            ),
+            with(base.clone(), &["rendezvous", "joinTokenSecretRef"], json!({"name": "Bad_Name", "key": "token"})),
         ),
-        (
-            "spec.identity.nodeIdAnnotation",
-            with(base.clone(), &["identity", "nodeIdAnnotation"], json!("")),
-        ),
+        ("spec.identity.nodeIdAnnotation", with(base.clone(), &["identity", "nodeIdAnnotation"], json!(""))),
     ];
     assert!(cases.len() >= 12);
     let mut failures = Vec::new();
     for (field, spec) in cases {
         match create(&client, &ns, policy(spec.clone())).await {
-            Ok(_) => failures.push(format!(
-                "accepted, expected a rejection naming {field}: {spec}"
-            )),
+            Ok(_) => failures.push(format!("accepted, expected a rejection naming {field}: {spec}")),
             Err(kube::Error::Api(status)) => {
                 if status.code != 422 || !status.message.contains(field) {
                     failures.push(format!("{field}: got {} {:?}", status.code, status.message));
@@ -204,43 +109,19 @@ async fn every_example_is_accepted_and_kubectl_shows_the_columns() {
     for entry in std::fs::read_dir(format!("{REPO}/examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let body: Value =
-                serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            create(&client, &ns, body)
-                .await
-                .unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
+            let body: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            create(&client, &ns, body).await.unwrap_or_else(|e| panic!("{} rejected: {e}", path.display()));
             count += 1;
         }
     }
     assert!(count >= 3, "found {count} example policies");
     let out = tool("kubectl", &["get", "mp", "-n", &ns]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "CAP",
-            "AGENTS",
-            "ELIGIBLE",
-            "LINKS",
-            "MAX-DEG",
-            "COMPONENTS",
-            "READY",
-            "AGE"
-        ]
-    );
+    assert_eq!(header, ["NAME", "CAP", "AGENTS", "ELIGIBLE", "LINKS", "MAX-DEG", "COMPONENTS", "READY", "AGE"]);
     assert!(stdout.contains("build-agents-zonal"), "{stdout}");
     // The category and short name resolve too.
     let out = tool("kubectl", &["get", "agentmesh", "-n", &ns, "-o", "name"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        count,
-        "{out:?}"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), count, "{out:?}");
 }

@@ -7,10 +7,7 @@ use proptest::prelude::*;
 fn members(n: usize, zones: usize, salt: u64) -> Vec<Member> {
     (0..n)
         .map(|i| Member {
-            node_id: format!(
-                "{:016x}{i:04x}",
-                salt.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64)
-            ),
+            node_id: format!("{:016x}{i:04x}", salt.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64)),
             domain: (zones > 0).then(|| format!("zone-{}", i % zones)),
         })
         .collect()
@@ -54,21 +51,15 @@ fn disjoint_paths(adj: &[Vec<u32>], s: usize, t: usize, want: usize) -> usize {
     let n = adj.len();
     let mut cap = std::collections::HashMap::<(usize, usize), i32>::new();
     let mut nbr = vec![Vec::new(); 2 * n];
-    let mut add =
-        |a: usize, b: usize, c: i32, cap: &mut std::collections::HashMap<(usize, usize), i32>| {
-            *cap.entry((a, b)).or_default() += c;
-            cap.entry((b, a)).or_default();
-            nbr[a].push(b);
-            nbr[b].push(a);
-        };
-    for v in 0..n {
-        add(
-            2 * v,
-            2 * v + 1,
-            if v == s || v == t { want as i32 } else { 1 },
-            &mut cap,
-        );
-        for &w in &adj[v] {
+    let mut add = |a: usize, b: usize, c: i32, cap: &mut std::collections::HashMap<(usize, usize), i32>| {
+        *cap.entry((a, b)).or_default() += c;
+        cap.entry((b, a)).or_default();
+        nbr[a].push(b);
+        nbr[b].push(a);
+    };
+    for (v, nbrs) in adj.iter().enumerate() {
+        add(2 * v, 2 * v + 1, if v == s || v == t { want as i32 } else { 1 }, &mut cap);
+        for &w in nbrs {
             add(2 * v + 1, 2 * w as usize, 1, &mut cap);
         }
     }
@@ -105,42 +96,26 @@ fn check_structure(p: &Plan, k: usize) -> Result<(), TestCaseError> {
     let n = p.members().len();
     let degrees: Vec<usize> = (0..n).map(|i| p.links(i)).collect();
     // cap
-    prop_assert!(
-        degrees.iter().all(|&d| d <= k),
-        "cap {k} exceeded: {degrees:?}"
-    );
+    prop_assert!(degrees.iter().all(|&d| d <= k), "cap {k} exceeded: {degrees:?}");
     if k == 0 || n < 2 {
         prop_assert!(degrees.iter().all(|&d| d == 0));
         return Ok(());
     }
     if n <= k + 1 {
-        prop_assert!(
-            degrees.iter().all(|&d| d == n - 1),
-            "not complete: {degrees:?}"
-        );
+        prop_assert!(degrees.iter().all(|&d| d == n - 1), "not complete: {degrees:?}");
     } else {
         let short = degrees.iter().filter(|&&d| d != k).count();
         let allowed = (n * k) % 2;
-        prop_assert!(
-            short <= allowed,
-            "{short} agents below degree {k} (allowed {allowed}): {degrees:?}"
-        );
+        prop_assert!(short <= allowed, "{short} agents below degree {k} (allowed {allowed}): {degrees:?}");
         prop_assert!(degrees.iter().all(|&d| d + 1 >= k));
     }
     // orientation
     for (i, &d) in degrees.iter().enumerate() {
         let out = p.graph().out_degree(i as u32);
-        prop_assert!(
-            out == d / 2 || out == d.div_ceil(2),
-            "agent {i} dials {out} of {d}"
-        );
+        prop_assert!(out == d / 2 || out == d.div_ceil(2), "agent {i} dials {out} of {d}");
     }
     // every link published on exactly one end, no self links
-    let links: BTreeSet<(u32, u32)> = p
-        .graph()
-        .edges()
-        .map(|(a, b)| (a.min(b), a.max(b)))
-        .collect();
+    let links: BTreeSet<(u32, u32)> = p.graph().edges().map(|(a, b)| (a.min(b), a.max(b))).collect();
     prop_assert_eq!(links.len(), p.graph().edge_count());
     prop_assert!(links.iter().all(|(a, b)| a != b));
     let adj = adjacency(p);
@@ -230,34 +205,20 @@ fn k_vertex_connected_for_nearly_all_seeds() {
                 total += 1;
                 let p = plan(&members(n, 0, s), k, &format!("seed-{s}"));
                 // With N·k odd one agent has k−1 links, which bounds the connectivity.
-                let want = if (n * k as usize) % 2 == 1 {
-                    k as usize - 1
-                } else {
-                    k as usize
-                };
+                let want = if (n * k as usize) % 2 == 1 { k as usize - 1 } else { k as usize };
                 if !is_k_vertex_connected(&adjacency(&p), want) {
                     failures.push((n, k, s));
                 }
             }
         }
     }
-    assert!(
-        failures.len() * 20 <= total,
-        "{} of {total} plans not k-vertex-connected: {failures:?}",
-        failures.len()
-    );
+    assert!(failures.len() * 20 <= total, "{} of {total} plans not k-vertex-connected: {failures:?}", failures.len());
 }
 
 #[test]
 fn vertex_connectivity_check_detects_a_cut_vertex() {
     // Two triangles sharing vertex 0: connected, but not 2-connected.
-    let adj = vec![
-        vec![1, 2, 3, 4],
-        vec![0, 2],
-        vec![0, 1],
-        vec![0, 4],
-        vec![0, 3],
-    ];
+    let adj = vec![vec![1, 2, 3, 4], vec![0, 2], vec![0, 1], vec![0, 4], vec![0, 3]];
     assert!(is_k_vertex_connected(&adj, 1));
     assert!(!is_k_vertex_connected(&adj, 2));
 }
@@ -266,21 +227,10 @@ fn vertex_connectivity_check_detects_a_cut_vertex() {
 fn small_fleets_and_edge_cases() {
     assert_eq!(plan(&members(0, 0, 1), 4, "s").graph().edge_count(), 0);
     assert_eq!(plan(&members(1, 0, 1), 4, "s").links(0), 0);
-    assert_eq!(
-        plan(&members(30, 0, 1), 0, "s").graph().edge_count(),
-        0,
-        "k = 0 plans nothing"
-    );
-    assert_eq!(
-        plan(&members(5, 0, 1), 4, "s").graph().edge_count(),
-        10,
-        "N = k+1 is complete"
-    );
+    assert_eq!(plan(&members(30, 0, 1), 0, "s").graph().edge_count(), 0, "k = 0 plans nothing");
+    assert_eq!(plan(&members(5, 0, 1), 4, "s").graph().edge_count(), 10, "N = k+1 is complete");
     let dup = vec![members(1, 0, 1)[0].clone(); 2];
-    assert!(matches!(
-        planner::plan(&dup, 2, "s", &Assignment::new()),
-        Err(planner::PlanError::DuplicateNodeId(_))
-    ));
+    assert!(matches!(planner::plan(&dup, 2, "s", &Assignment::new()), Err(planner::PlanError::DuplicateNodeId(_))));
     assert!(matches!(
         planner::plan(&members(3, 0, 1), 65, "s", &Assignment::new()),
         Err(planner::PlanError::CapOutOfRange(65))
@@ -297,9 +247,7 @@ fn resilience_at_five_thousand_agents() {
         let mut removed = vec![false; n];
         let mut count = 0;
         while (count as f64) < fraction * n as f64 {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let i = (rng >> 33) as usize % n;
             if !removed[i] {
                 removed[i] = true;
@@ -312,15 +260,9 @@ fn resilience_at_five_thousand_agents() {
     assert!(ten >= 0.999, "10% random failure: {ten}");
     // No 4-regular graph beats 1 − 0.3⁴ (a survivor whose 4 neighbours all failed is alone); the
     // requirement is to stay within 0.3 points of that limit, averaged over failure draws.
-    let thirty = (0..8)
-        .map(|_| analysis::largest_component_share(&adj, &random_removed(0.30)))
-        .sum::<f64>()
-        / 8.0;
+    let thirty = (0..8).map(|_| analysis::largest_component_share(&adj, &random_removed(0.30))).sum::<f64>() / 8.0;
     let limit = 1.0 - 0.3f64.powi(4);
-    assert!(
-        thirty >= limit - 0.003,
-        "30% random failure: {thirty} (limit {limit})"
-    );
+    assert!(thirty >= limit - 0.003, "30% random failure: {thirty} (limit {limit})");
     // Best-connected first: all degrees are equal, so take the first 10% in member order.
     let targeted: Vec<bool> = (0..n).map(|i| i < n / 10).collect();
     let share = analysis::largest_component_share(&adj, &targeted);

@@ -88,13 +88,8 @@ pub fn diameter(adj: &[Vec<u32>], exact_limit: usize, samples: usize) -> (u32, b
     // Start inside the largest component so the sweeps measure it, not a stray fragment.
     let start = largest_component_member(adj);
     let exact = n <= exact_limit;
-    let sources: Vec<usize> = if exact {
-        (0..n).collect()
-    } else {
-        (0..samples)
-            .map(|i| (start + i * n / samples.max(1)) % n)
-            .collect()
-    };
+    let sources: Vec<usize> =
+        if exact { (0..n).collect() } else { (0..samples).map(|i| (start + i * n / samples.max(1)) % n).collect() };
     let mut best = 0;
     for s in sources {
         let (e, far) = eccentricity(adj, s, &mut dist);
@@ -144,25 +139,13 @@ pub fn churn(before: &Assignment, after: &Assignment) -> Churn {
     let link_set = |a: &Assignment| -> BTreeSet<(String, String)> {
         a.iter()
             .flat_map(|(u, vs)| {
-                vs.iter().map(move |v| {
-                    if u < v {
-                        (u.clone(), v.clone())
-                    } else {
-                        (v.clone(), u.clone())
-                    }
-                })
+                vs.iter().map(move |v| if u < v { (u.clone(), v.clone()) } else { (v.clone(), u.clone()) })
             })
             .collect()
     };
     let (b, a) = (link_set(before), link_set(after));
-    let dial_lists_changed = before
-        .iter()
-        .filter(|(id, dials)| after.get(*id).is_some_and(|d| d != *dials))
-        .count();
-    Churn {
-        links_changed: b.symmetric_difference(&a).count(),
-        dial_lists_changed,
-    }
+    let dial_lists_changed = before.iter().filter(|(id, dials)| after.get(*id).is_some_and(|d| d != *dials)).count();
+    Churn { links_changed: b.symmetric_difference(&a).count(), dial_lists_changed }
 }
 
 #[cfg(test)]
@@ -189,23 +172,11 @@ mod tests {
         let mut after = before.clone();
         after.insert("b".into(), vec!["d".into()]);
         after.insert("d".into(), vec![]);
-        assert_eq!(
-            churn(&before, &after),
-            Churn {
-                links_changed: 2,
-                dial_lists_changed: 1
-            }
-        );
+        assert_eq!(churn(&before, &after), Churn { links_changed: 2, dial_lists_changed: 1 });
         // A flipped dialer is no link change, but two dial lists change.
         let mut flipped = before.clone();
         flipped.insert("a".into(), vec![]);
         flipped.insert("b".into(), vec!["a".into(), "c".into()]);
-        assert_eq!(
-            churn(&before, &flipped),
-            Churn {
-                links_changed: 0,
-                dial_lists_changed: 2
-            }
-        );
+        assert_eq!(churn(&before, &flipped), Churn { links_changed: 0, dial_lists_changed: 2 });
     }
 }

@@ -11,16 +11,8 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(n: usize, cap: usize) -> Self {
-        assert!(
-            cap <= u8::MAX as usize,
-            "degree cap {cap} does not fit the slot counter"
-        );
-        Self {
-            cap,
-            nbr: vec![0; n * cap],
-            dials: vec![false; n * cap],
-            deg: vec![0; n],
-        }
+        assert!(cap <= u8::MAX as usize, "degree cap {cap} does not fit the slot counter");
+        Self { cap, nbr: vec![0; n * cap], dials: vec![false; n * cap], deg: vec![0; n] }
     }
 
     pub fn len(&self) -> usize {
@@ -43,11 +35,7 @@ impl Graph {
     /// The peers `u` dials.
     pub fn dialed(&self, u: u32) -> impl Iterator<Item = u32> + '_ {
         let base = u as usize * self.cap;
-        self.neighbors(u)
-            .iter()
-            .zip(&self.dials[base..])
-            .filter(|(_, d)| **d)
-            .map(|(v, _)| *v)
+        self.neighbors(u).iter().zip(&self.dials[base..]).filter(|(_, d)| **d).map(|(v, _)| *v)
     }
 
     pub fn out_degree(&self, u: u32) -> usize {
@@ -55,11 +43,7 @@ impl Graph {
     }
 
     pub fn has_edge(&self, u: u32, v: u32) -> bool {
-        let (a, b) = if self.degree(u) <= self.degree(v) {
-            (u, v)
-        } else {
-            (v, u)
-        };
+        let (a, b) = if self.degree(u) <= self.degree(v) { (u, v) } else { (v, u) };
         self.neighbors(a).contains(&b)
     }
 
@@ -71,10 +55,7 @@ impl Graph {
     /// Adds the edge `u`–`v`, dialed by `u` when `u_dials`. The caller guarantees it is new and both ends
     /// have room: the cap is a structural invariant, so a violation is a planner bug worth a panic in tests.
     pub fn add_edge(&mut self, u: u32, v: u32, u_dials: bool) {
-        debug_assert!(
-            u != v && !self.has_edge(u, v),
-            "edge {u}-{v} is a loop or already present"
-        );
+        debug_assert!(u != v && !self.has_edge(u, v), "edge {u}-{v} is a loop or already present");
         self.push(u, v, u_dials);
         self.push(v, u, !u_dials);
     }
@@ -102,19 +83,12 @@ impl Graph {
     }
 
     fn slot(&self, u: u32, v: u32) -> Option<usize> {
-        self.neighbors(u)
-            .iter()
-            .position(|w| *w == v)
-            .map(|i| u as usize * self.cap + i)
+        self.neighbors(u).iter().position(|w| *w == v).map(|i| u as usize * self.cap + i)
     }
 
     fn push(&mut self, u: u32, v: u32, dials: bool) {
         let d = self.degree(u);
-        assert!(
-            d < self.cap,
-            "agent {u} would exceed the cap of {} links",
-            self.cap
-        );
+        assert!(d < self.cap, "agent {u} would exceed the cap of {} links", self.cap);
         let s = u as usize * self.cap + d;
         self.nbr[s] = v;
         self.dials[s] = dials;

@@ -60,31 +60,21 @@ impl Plan {
 
     /// Node ids member `i` dials, sorted.
     pub fn dial_ids(&self, i: usize) -> Vec<&str> {
-        let mut ids: Vec<&str> = self
-            .graph
-            .dialed(i as u32)
-            .map(|v| self.members[v as usize].node_id.as_str())
-            .collect();
+        let mut ids: Vec<&str> =
+            self.graph.dialed(i as u32).map(|v| self.members[v as usize].node_id.as_str()).collect();
         ids.sort_unstable();
         ids
     }
 
     pub fn assignment(&self) -> Assignment {
         (0..self.members.len())
-            .map(|i| {
-                (
-                    self.members[i].node_id.clone(),
-                    self.dial_ids(i).into_iter().map(str::to_owned).collect(),
-                )
-            })
+            .map(|i| (self.members[i].node_id.clone(), self.dial_ids(i).into_iter().map(str::to_owned).collect()))
             .collect()
     }
 
     /// Dial lists by member index, the common form [`analysis`] measures.
     pub fn dial_lists(&self) -> Vec<Vec<u32>> {
-        (0..self.members.len() as u32)
-            .map(|u| self.graph.dialed(u).collect())
-            .collect()
+        (0..self.members.len() as u32).map(|u| self.graph.dialed(u).collect()).collect()
     }
 }
 
@@ -96,12 +86,7 @@ impl Plan {
 /// every degree is cap, except one agent at cap−1 when N·cap is odd; cap ≥ 2 is connected; each agent dials
 /// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
 /// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
-pub fn plan(
-    members: &[Member],
-    cap: u32,
-    seed: &str,
-    previous: &Assignment,
-) -> Result<Plan, PlanError> {
+pub fn plan(members: &[Member], cap: u32, seed: &str, previous: &Assignment) -> Result<Plan, PlanError> {
     if cap > crate::api::MAX_PEERS_LIMIT {
         return Err(PlanError::CapOutOfRange(cap));
     }
@@ -117,26 +102,10 @@ pub fn plan(
     let edges: Vec<(u32, u32)> = previous
         .iter()
         .filter_map(|(a, peers)| seen.get(a.as_str()).map(|&a| (a, peers)))
-        .flat_map(|(a, peers)| {
-            peers
-                .iter()
-                .filter_map(|b| seen.get(b.as_str()))
-                .map(move |&b| (a, b))
-        })
+        .flat_map(|(a, peers)| peers.iter().filter_map(|b| seen.get(b.as_str())).map(move |&b| (a, b)))
         .filter(|(a, b)| a != b)
         .collect();
-    let known = members
-        .iter()
-        .map(|m| previous.contains_key(&m.node_id))
-        .collect();
-    let graph = rings::build(
-        members,
-        cap as usize,
-        seed,
-        &rings::Previous { edges, known },
-    );
-    Ok(Plan {
-        members: members.to_vec(),
-        graph,
-    })
+    let known = members.iter().map(|m| previous.contains_key(&m.node_id)).collect();
+    let graph = rings::build(members, cap as usize, seed, &rings::Previous { edges, known });
+    Ok(Plan { members: members.to_vec(), graph })
 }

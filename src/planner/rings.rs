@@ -102,43 +102,24 @@ struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     fn new(members: &'a [Member], seed: &str) -> Self {
         let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
-        let hash = members
-            .iter()
-            .map(|m| xxh3_64_with_seed(m.node_id.as_bytes(), seed))
-            .collect();
+        let hash = members.iter().map(|m| xxh3_64_with_seed(m.node_id.as_bytes(), seed)).collect();
         let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain.as_deref()).collect();
         names.sort_unstable();
         names.dedup();
-        let dom = members
-            .iter()
-            .map(|m| names.binary_search(&m.domain.as_deref()).unwrap() as u32)
-            .collect();
-        Self {
-            members,
-            hash,
-            dom,
-            domains: names.len() as u32,
-        }
+        let dom = members.iter().map(|m| names.binary_search(&m.domain.as_deref()).unwrap() as u32).collect();
+        Self { members, hash, dom, domains: names.len() as u32 }
     }
 
     /// Members sorted by ring `c`'s key (within domain arcs when `by_domain`); ties, which need a 64-bit
     /// collision, fall back to the node id so the order never depends on input order.
     fn order(&self, c: u64, by_domain: bool) -> Vec<u32> {
         let mut keyed: Vec<(u32, u64, u32)> = (0..self.hash.len())
-            .map(|i| {
-                (
-                    if by_domain { self.dom[i] } else { 0 },
-                    mix(self.hash[i], c),
-                    i as u32,
-                )
-            })
+            .map(|i| (if by_domain { self.dom[i] } else { 0 }, mix(self.hash[i], c), i as u32))
             .collect();
         keyed.sort_unstable_by(|a, b| {
-            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| {
-                self.members[a.2 as usize]
-                    .node_id
-                    .cmp(&self.members[b.2 as usize].node_id)
-            })
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| self.members[a.2 as usize].node_id.cmp(&self.members[b.2 as usize].node_id))
         });
         keyed.into_iter().map(|(_, _, i)| i).collect()
     }
@@ -244,38 +225,22 @@ impl Builder {
                 !previous.known[mid as usize]
             })
         };
-        let mut kept: Vec<(u32, u32)> = previous
-            .edges
-            .iter()
-            .filter(|&&(a, b)| !split_by_join(a, b))
-            .map(|&(a, b)| (a.min(b), a.max(b)))
-            .collect();
+        let mut kept: Vec<(u32, u32)> =
+            previous.edges.iter().filter(|&&(a, b)| !split_by_join(a, b)).map(|&(a, b)| (a.min(b), a.max(b))).collect();
         kept.sort_unstable_by_key(|&(a, b)| (self.pos_aux[a as usize], self.pos_aux[b as usize]));
         kept.dedup();
         self.mate = vec![NO_MATE; n];
         for (a, b) in kept {
-            if self.mate[a as usize] == NO_MATE
-                && self.mate[b as usize] == NO_MATE
-                && !self.g.has_edge(a, b)
-            {
+            if self.mate[a as usize] == NO_MATE && self.mate[b as usize] == NO_MATE && !self.g.has_edge(a, b) {
                 (self.mate[a as usize], self.mate[b as usize]) = (b, a);
-                self.g
-                    .add_edge(a, b, self.pos_aux[a as usize] < self.pos_aux[b as usize]);
+                self.g.add_edge(a, b, self.pos_aux[a as usize] < self.pos_aux[b as usize]);
             }
         }
-        let mut open: Vec<u32> = self
-            .aux
-            .iter()
-            .copied()
-            .filter(|&u| self.mate[u as usize] == NO_MATE)
-            .collect();
+        let mut open: Vec<u32> = self.aux.iter().copied().filter(|&u| self.mate[u as usize] == NO_MATE).collect();
         if open.len() % 2 == 1 {
             // The one member left at k−1 links: one that already has a cross-domain link, so the domain
             // rule holds for it without a link to spare.
-            let spare = open
-                .iter()
-                .position(|&u| self.has_cross_link(u))
-                .unwrap_or(open.len() - 1);
+            let spare = open.iter().position(|&u| self.has_cross_link(u)).unwrap_or(open.len() - 1);
             open.remove(spare);
         }
         const WINDOW: usize = 8;
@@ -286,17 +251,11 @@ impl Builder {
             }
             let u = open[i];
             let mut candidates = (i + 1..open.len()).filter(|&j| !paired[j]);
-            let first = candidates
-                .clone()
-                .next()
-                .expect("an even number of open members");
+            let first = candidates.clone().next().expect("an even number of open members");
             let j = candidates
                 .by_ref()
                 .take(WINDOW)
-                .find(|&j| {
-                    self.dom[open[j] as usize] != self.dom[u as usize]
-                        && !self.g.has_edge(u, open[j])
-                })
+                .find(|&j| self.dom[open[j] as usize] != self.dom[u as usize] && !self.g.has_edge(u, open[j]))
                 .unwrap_or(first);
             paired[i] = true;
             paired[j] = true;
@@ -315,30 +274,18 @@ impl Builder {
         let dw = self.dom[w as usize];
         self.domains < 2
             || self.dom[gained as usize] != dw
-            || self
-                .g
-                .neighbors(w)
-                .iter()
-                .any(|&z| z != lost && self.dom[z as usize] != dw)
+            || self.g.neighbors(w).iter().any(|&z| z != lost && self.dom[z as usize] != dw)
     }
 
     fn has_cross_link(&self, u: u32) -> bool {
-        self.domains < 2
-            || self
-                .g
-                .neighbors(u)
-                .iter()
-                .any(|&v| self.dom[v as usize] != self.dom[u as usize])
+        self.domains < 2 || self.g.neighbors(u).iter().any(|&v| self.dom[v as usize] != self.dom[u as usize])
     }
 
     fn is_backbone(&self, u: u32, v: u32) -> bool {
         if self.k < 2 {
             return false;
         }
-        let (a, b) = (
-            self.pos0[u as usize] as usize,
-            self.pos0[v as usize] as usize,
-        );
+        let (a, b) = (self.pos0[u as usize] as usize, self.pos0[v as usize] as usize);
         (a + 1) % self.n == b || (b + 1) % self.n == a
     }
 
@@ -353,11 +300,7 @@ impl Builder {
     /// tolerance). Once the odd-k matching exists only matching links go, so every member keeps exactly
     /// one matching partner and the next replan can recognise and keep the pairs.
     fn removable(&self, x: u32, y: u32) -> bool {
-        if self.mate.is_empty() {
-            !self.is_backbone(x, y)
-        } else {
-            self.mate[x as usize] == y
-        }
+        if self.mate.is_empty() { !self.is_backbone(x, y) } else { self.mate[x as usize] == y }
     }
 
     /// Replaces links u–v (when `drop_uv`) and x–y with u–x and v–y: no degree changes.
@@ -399,13 +342,7 @@ impl Builder {
             if self.g.degree(u) == 0 || self.has_cross_link(u) {
                 continue;
             }
-            let Some(v) = self
-                .g
-                .neighbors(u)
-                .iter()
-                .copied()
-                .find(|&v| self.removable(u, v))
-            else {
+            let Some(v) = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v)) else {
                 continue;
             };
             let found = self.walk_from(u).find_map(|x| {
@@ -457,14 +394,7 @@ impl Builder {
 
     /// Breadth-first from `s` along dialed edges (`forward`) to a member that can dial one more, or along
     /// accepted edges to one that can dial one fewer.
-    fn search(
-        &self,
-        s: u32,
-        forward: bool,
-        epoch: u32,
-        seen: &mut [u32],
-        parent: &mut [u32],
-    ) -> Option<u32> {
+    fn search(&self, s: u32, forward: bool, epoch: u32, seen: &mut [u32], parent: &mut [u32]) -> Option<u32> {
         let mut queue = std::collections::VecDeque::from([s]);
         seen[s as usize] = epoch;
         while let Some(u) = queue.pop_front() {

@@ -33,10 +33,7 @@ pub fn kubeconfig() -> &'static Path {
             "hack/control-plane.sh ensure failed:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("export KUBECONFIG="))
-            .expect("an export line");
+        let line = stdout.lines().find_map(|l| l.strip_prefix("export KUBECONFIG=")).expect("an export line");
         PathBuf::from(line.trim())
     })
 }
@@ -45,15 +42,8 @@ pub fn kubeconfig() -> &'static Path {
 pub fn tool_bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = std::process::Command::new(format!("{REPO}/hack/control-plane.sh"))
-            .arg("bin")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "hack/control-plane.sh bin: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = std::process::Command::new(format!("{REPO}/hack/control-plane.sh")).arg("bin").output().unwrap();
+        assert!(out.status.success(), "hack/control-plane.sh bin: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
     .clone()
@@ -61,9 +51,8 @@ pub fn tool_bin_dir() -> PathBuf {
 
 pub async fn config() -> Config {
     let kc = Kubeconfig::read_from(kubeconfig()).expect("reading the kubeconfig");
-    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("a kubeconfig kube can use");
+    let mut config =
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("a kubeconfig kube can use");
     // No request may hang a test: a stuck call fails with a timeout error instead.
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(60));
@@ -85,10 +74,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -99,12 +85,8 @@ pub async fn namespace(client: &Client, hint: &str) -> String {
     let suffix: u32 = rand::random::<u32>() % 1_000_000;
     let name = format!("e2e-{hint}-{suffix:06}");
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("creating the namespace");
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating the namespace");
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
     Api::<ServiceAccount>::namespaced(client.clone(), &name)
         .create(&PostParams::default(), &sa)
         .await
@@ -125,10 +107,7 @@ pub async fn create_pod(
         "spec": {"containers": [{"name": "agent", "image": "agent:dev"}]}
     }))
     .unwrap();
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("creating a Pod")
+    Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await.expect("creating a Pod")
 }
 
 /// Sets what a kubelet would: phase Running, the Ready condition and the Pod IP, through the status
@@ -163,25 +142,13 @@ pub async fn install_crd(client: &Client) {
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = crd.metadata.name.clone().unwrap();
-    api.patch(
-        &name,
-        &PatchParams::apply("mesh-operator-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("applying the CRD");
-    wait_for(
-        "the MeshPolicy CRD to be Established",
-        Duration::from_secs(30),
-        || async {
-            let crd = api.get(&name).await.ok()?;
-            let established = crd
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
-        },
-    )
+    api.patch(&name, &PatchParams::apply("mesh-operator-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("applying the CRD");
+    wait_for("the MeshPolicy CRD to be Established", Duration::from_secs(30), || async {
+        let crd = api.get(&name).await.ok()?;
+        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
     .await;
 }
