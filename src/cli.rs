@@ -26,6 +26,36 @@ pub enum Command {
     Plan(PlanArgs),
     /// Compare the planner with the seed agents' scheme on a synthetic fleet.
     Simulate(SimulateArgs),
+    /// Run the controller.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Elect a leader on a Lease; only the leader writes. `--leader-elect=false` for a single replica.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "mesh-operator")]
+    pub lease_name: String,
+    /// This replica's name in the Lease (defaults to the Pod name, else host and PID).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Largest presence body read, in bytes; larger bodies count as an outage.
+    #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1024..=(1 << 32)))]
+    pub max_presence_bytes: u64,
+    /// Pod patches in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub apply_concurrency: u64,
+    /// Watch only this namespace (for namespace-scoped RBAC).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    #[arg(long, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,12 +136,45 @@ pub fn main() -> ExitCode {
         }
         Command::Plan(args) => plan(&args),
         Command::Simulate(args) => simulate(&args),
+        Command::Run(args) => return run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    crate::telemetry::init_logging(args.log_format);
+    crate::presence::install_crypto_provider();
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "mesh-operator".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let settings = crate::controller::Settings {
+        metrics_addr: args.metrics_addr,
+        leader_elect: args.leader_elect,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        max_presence_bytes: args.max_presence_bytes as usize,
+        apply_concurrency: args.apply_concurrency as usize,
+        namespace: args.namespace,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default().await?;
+        crate::controller::run(client, settings, Default::default(), Default::default()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "controller failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

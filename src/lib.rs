@@ -2,10 +2,13 @@
 //! for a fleet of build agents and hands each agent Pod its peers.
 //!
 //! Data flow: [`api`] (what users write) and [`presence`] (what the rendezvous says) feed the pure
-//! [`planner`]; [`simulate`] measures it against the seed agents' own scheme; [`cli`] is the command line.
+//! [`planner`]; [`controller`] applies its plan to Pods; [`simulate`] measures it against the seed agents' own scheme; [`cli`] is the command line.
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod duration;
 pub mod planner;
 pub mod presence;
+pub mod rendezvous_sim;
 pub mod simulate;
+pub mod telemetry;

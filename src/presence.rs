@@ -1,6 +1,7 @@
 //! Presence as the rendezvous reports it (DESIGN §3.3): parsing either body shape, and the liveness rules
 //! the seed agents use (alive, an address, a heartbeat younger than the timeout, judged on the
 //! rendezvous' clock when it sends one).
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -142,4 +143,138 @@ mod tests {
         seconds_only.last_seen_ms = None;
         assert_eq!(seconds_only.heartbeat_ms(), Some(1763999990000.0));
     }
+}
+
+/// Why presence could not be read. Each variant is a condition reason and a metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("connection refused or failed: {0}")]
+    Connect(String),
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("body larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    Malformed(#[from] ParseError),
+    #[error("join token unavailable: {0}")]
+    Token(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl FetchError {
+    /// A CamelCase reason for conditions and a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "ConnectionFailed",
+            Self::Timeout(_) => "Timeout",
+            Self::Status(401 | 403) => "Unauthorized",
+            Self::Status(_) => "HTTPStatus",
+            Self::TooLarge { .. } => "BodyTooLarge",
+            Self::Malformed(_) => "MalformedBody",
+            Self::Token(_) => "JoinTokenUnavailable",
+            Self::Other(_) => "RequestFailed",
+        }
+    }
+}
+
+/// One presence request.
+pub struct Request<'a> {
+    pub url: &'a str,
+    pub token: Option<&'a str>,
+    pub ca_bundle: Option<&'a str>,
+    pub timeout: Duration,
+    /// The ETag of the last good answer, for a conditional GET.
+    pub etag: Option<&'a str>,
+}
+
+pub enum Fetched {
+    New { snapshot: Snapshot, etag: Option<String>, bytes: usize },
+    NotModified,
+}
+
+/// The rendezvous client: one HTTP client per CA bundle, and a body-size cap enforced while reading.
+pub struct Fetcher {
+    max_bytes: usize,
+    clients: std::sync::Mutex<HashMap<Option<String>, reqwest::Client>>,
+}
+
+impl Fetcher {
+    pub fn new(max_bytes: usize) -> Self {
+        install_crypto_provider();
+        Self { max_bytes, clients: Default::default() }
+    }
+
+    fn client(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, FetchError> {
+        let mut clients = self.clients.lock().expect("client cache lock");
+        if let Some(c) = clients.get(&ca_bundle.map(str::to_owned)) {
+            return Ok(c.clone());
+        }
+        // A fresh connection per poll: an outage shows as refused at once, not as a stale pooled socket.
+        let mut builder =
+            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).pool_max_idle_per_host(0);
+        if let Some(pem) = ca_bundle {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| FetchError::Other(format!("caBundle is not valid PEM: {e}")))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder.build().map_err(|e| FetchError::Other(e.to_string()))?;
+        clients.insert(ca_bundle.map(str::to_owned), client.clone());
+        Ok(client)
+    }
+
+    pub async fn fetch(&self, req: &Request<'_>) -> Result<Fetched, FetchError> {
+        let client = self.client(req.ca_bundle)?;
+        tokio::time::timeout(req.timeout, self.fetch_inner(&client, req))
+            .await
+            .unwrap_or(Err(FetchError::Timeout(req.timeout)))
+    }
+
+    async fn fetch_inner(&self, client: &reqwest::Client, req: &Request<'_>) -> Result<Fetched, FetchError> {
+        let mut r = client.get(req.url).header(reqwest::header::ACCEPT, "application/json");
+        if let Some(token) = req.token {
+            r = r.bearer_auth(token);
+        }
+        if let Some(etag) = req.etag {
+            r = r.header(reqwest::header::IF_NONE_MATCH, etag);
+        }
+        let mut resp = r.send().await.map_err(|e| {
+            if e.is_connect() { FetchError::Connect(root_cause(&e)) } else { FetchError::Other(root_cause(&e)) }
+        })?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_MODIFIED && req.etag.is_some() {
+            return Ok(Fetched::NotModified);
+        }
+        if !status.is_success() {
+            return Err(FetchError::Status(status.as_u16()));
+        }
+        if resp.content_length().is_some_and(|len| len > self.max_bytes as u64) {
+            return Err(FetchError::TooLarge { limit: self.max_bytes });
+        }
+        let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Other(root_cause(&e)))? {
+            if body.len() + chunk.len() > self.max_bytes {
+                return Err(FetchError::TooLarge { limit: self.max_bytes });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let snapshot = parse(&body)?;
+        Ok(Fetched::New { snapshot, etag, bytes: body.len() })
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// rustls needs one process-wide crypto provider; kube and the presence client share ring's.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

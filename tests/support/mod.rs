@@ -152,3 +152,121 @@ pub async fn install_crd(client: &Client) {
     })
     .await;
 }
+
+/// The rendezvous simulator, in process, on a loopback port of its own.
+pub struct Rendezvous {
+    pub addr: std::net::SocketAddr,
+    pub state: mesh_operator::rendezvous_sim::Shared,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Rendezvous {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = mesh_operator::rendezvous_sim::new_state("rendezvous-node");
+        let task = tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, state.clone()));
+        Self { addr, state, task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening: requests are refused until [`Rendezvous::resume`].
+    pub async fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    pub async fn resume(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebinding the rendezvous port");
+        self.task = Some(tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, self.state.clone())));
+    }
+
+    pub fn add(&self, node_id: &str) {
+        let agent = mesh_operator::rendezvous_sim::SimAgent {
+            node_id: node_id.into(),
+            address: "ws://0.0.0.0:3001/crdt-sync".into(),
+            hostname: None,
+            alive: true,
+            frozen_at_ms: None,
+        };
+        self.state.lock().unwrap().agents.insert(node_id.into(), agent);
+    }
+
+    pub fn set_fail(&self, mode: mesh_operator::rendezvous_sim::FailMode) {
+        self.state.lock().unwrap().fail = mode;
+    }
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The controller, in process, watching one namespace.
+pub struct Operator {
+    pub metrics: std::sync::Arc<mesh_operator::telemetry::Metrics>,
+    pub health: std::sync::Arc<mesh_operator::telemetry::Health>,
+    pub metrics_addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Operator {
+    pub async fn start(ns: &str, identity: &str, leader_elect: bool) -> Self {
+        let metrics_addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let settings = mesh_operator::controller::Settings {
+            metrics_addr,
+            leader_elect,
+            lease_namespace: ns.into(),
+            lease_name: "mesh-operator".into(),
+            identity: identity.into(),
+            max_presence_bytes: 32 << 20,
+            apply_concurrency: 16,
+            namespace: Some(ns.into()),
+        };
+        let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
+        let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());
+        let client = client().await;
+        let task = tokio::spawn(mesh_operator::controller::run(client, settings, metrics.clone(), health.clone()));
+        Self { metrics, health, metrics_addr, task }
+    }
+
+    pub fn pod_patches(&self) -> u64 {
+        self.metrics.pod_patches.get()
+    }
+
+    /// Ends the controller abruptly, as a crash would: the Lease is not released.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Creates `n` Ready agent Pods `agent-0…` (label app=agent, node-id annotation, IP 127.0.x.y) and their
+/// presence; returns their node ids. `zone(i)` labels Pod i with a zone when given.
+pub async fn fleet(client: &Client, ns: &str, rv: &Rendezvous, n: usize, zone: impl Fn(usize) -> Option<String>) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
+        let mut labels = json!({"app": "agent"});
+        if let Some(z) = zone(i) {
+            labels["zone"] = json!(z);
+        }
+        let name = format!("agent-{i}");
+        create_pod(client, ns, &name, labels, json!({"agentmesh.dev/node-id": id})).await;
+        set_pod_status(client, ns, &name, &format!("127.0.{}.{}", 1 + i / 250, 1 + i % 250), true).await;
+        rv.add(&id);
+        ids.push(id);
+    }
+    ids
+}

@@ -1,0 +1,324 @@
+//! Membership (DESIGN §3.3): which selected Pods are eligible agents, matched to which presence entry, and
+//! at which URL their peers dial them. Pure: Pods and a snapshot in, a verdict per Pod out.
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+
+use crate::presence::{Node, Snapshot};
+
+/// One entry of the `agentmesh.dev/peers` annotation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    pub node_id: String,
+    pub url: String,
+}
+
+/// An eligible agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agent {
+    pub pod: String,
+    pub node_id: String,
+    /// Where peers dial this agent: the advertised URL with an unspecified host replaced by the Pod IP.
+    pub url: String,
+    pub domain: Option<String>,
+}
+
+/// Why a selected Pod is not an agent in the plan. `kubectl mesh explain` and the status show these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    Terminating,
+    NotReady,
+    NoPodIp,
+    NoPresence,
+    NotAlive,
+    StaleHeartbeat,
+    NoAddress,
+    IsRendezvous,
+    BadAddress(String),
+    DuplicateNodeId { node_id: String, pods: Vec<String> },
+}
+
+impl std::fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Terminating => write!(f, "Pod is terminating"),
+            Self::NotReady => write!(f, "Pod is not Ready"),
+            Self::NoPodIp => write!(f, "Pod has no IP"),
+            Self::NoPresence => write!(f, "no presence entry matches the Pod (node-id annotation, hostname or IP)"),
+            Self::NotAlive => write!(f, "presence says the agent is not alive"),
+            Self::StaleHeartbeat => write!(f, "presence heartbeat is older than heartbeatTimeout"),
+            Self::NoAddress => write!(f, "presence entry has no address"),
+            Self::IsRendezvous => write!(f, "the entry is the rendezvous itself"),
+            Self::BadAddress(a) => write!(f, "address {a:?} is not a ws:// or wss:// URL"),
+            Self::DuplicateNodeId { node_id, pods } => {
+                write!(f, "node id {node_id} is claimed by Pods {}", pods.join(", "))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Membership {
+    /// Eligible agents, sorted by Pod name.
+    pub agents: Vec<Agent>,
+    /// Every selected Pod that is not an agent, with the reason.
+    pub excluded: BTreeMap<String, Exclusion>,
+}
+
+pub struct Rules<'a> {
+    pub node_id_annotation: &'a str,
+    pub topology_key: Option<&'a str>,
+    pub heartbeat_timeout: Duration,
+    /// The snapshot's clock when it carries none of its own (the controller's clock at fetch time).
+    pub fallback_now_ms: f64,
+}
+
+/// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`
+/// label of a Node by name.
+pub fn decide(
+    pods: &[&Pod],
+    snapshot: &Snapshot,
+    rules: &Rules,
+    node_domain: &dyn Fn(&str) -> Option<String>,
+) -> Membership {
+    let by_id: HashMap<&str, &Node> = snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect();
+    let by_host: HashMap<&str, &Node> =
+        snapshot.nodes.iter().filter_map(|n| n.hostname.as_deref().map(|h| (h, n))).collect();
+    let by_ip: HashMap<String, &Node> =
+        snapshot.nodes.iter().filter_map(|n| address_host(&n.address).map(|h| (h, n))).collect();
+
+    let mut out = Membership::default();
+    let mut candidates: Vec<Agent> = Vec::new();
+    for pod in pods {
+        let name = pod.name_any();
+        match candidate(pod, &by_id, &by_host, &by_ip, snapshot, rules, node_domain) {
+            Ok(agent) => candidates.push(agent),
+            Err(why) => {
+                out.excluded.insert(name, why);
+            }
+        }
+    }
+    // Two Pods claiming one node id: neither can be trusted to be the one presence describes.
+    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for a in &candidates {
+        claims.entry(a.node_id.as_str()).or_default().push(a.pod.as_str());
+    }
+    let duplicates: BTreeMap<String, Vec<String>> = claims
+        .into_iter()
+        .filter(|(_, pods)| pods.len() > 1)
+        .map(|(id, pods)| (id.to_owned(), pods.into_iter().map(str::to_owned).collect()))
+        .collect();
+    for a in candidates {
+        match duplicates.get(&a.node_id) {
+            Some(pods) => {
+                let mut pods = pods.clone();
+                pods.sort();
+                out.excluded.insert(a.pod.clone(), Exclusion::DuplicateNodeId { node_id: a.node_id.clone(), pods });
+            }
+            None => out.agents.push(a),
+        }
+    }
+    out.agents.sort_by(|a, b| a.pod.cmp(&b.pod));
+    out
+}
+
+fn candidate(
+    pod: &Pod,
+    by_id: &HashMap<&str, &Node>,
+    by_host: &HashMap<&str, &Node>,
+    by_ip: &HashMap<String, &Node>,
+    snapshot: &Snapshot,
+    rules: &Rules,
+    node_domain: &dyn Fn(&str) -> Option<String>,
+) -> Result<Agent, Exclusion> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(Exclusion::Terminating);
+    }
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if !ready {
+        return Err(Exclusion::NotReady);
+    }
+    let ip = status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty()).ok_or(Exclusion::NoPodIp)?;
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let annotated = pod.annotations().get(rules.node_id_annotation).map(String::as_str);
+    let node = annotated
+        .and_then(|id| by_id.get(id))
+        .or_else(|| if annotated.is_none() { by_host.get(name) } else { None })
+        .or_else(|| if annotated.is_none() { by_ip.get(ip) } else { None })
+        .ok_or(Exclusion::NoPresence)?;
+    if snapshot.server_node_id.as_deref() == Some(node.node_id.as_str()) {
+        return Err(Exclusion::IsRendezvous);
+    }
+    if !node.alive {
+        return Err(Exclusion::NotAlive);
+    }
+    if node.address.is_empty() {
+        return Err(Exclusion::NoAddress);
+    }
+    if !snapshot.is_live(node, rules.heartbeat_timeout, rules.fallback_now_ms) {
+        return Err(Exclusion::StaleHeartbeat);
+    }
+    let url = dial_url(&node.address, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
+    let domain = rules.topology_key.and_then(|key| {
+        pod.labels()
+            .get(key)
+            .cloned()
+            .or_else(|| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(node_domain))
+    });
+    Ok(Agent { pod: name.to_owned(), node_id: node.node_id.clone(), url, domain })
+}
+
+/// The advertised URL with an unspecified host (`0.0.0.0`, `::`, `localhost`, empty) replaced by the Pod IP;
+/// `None` unless it is a ws:// or wss:// URL.
+pub fn dial_url(address: &str, pod_ip: &str) -> Option<String> {
+    let mut url = url::Url::parse(address).ok()?;
+    if !matches!(url.scheme(), "ws" | "wss") {
+        return None;
+    }
+    let unspecified = match url.host() {
+        None => true,
+        Some(url::Host::Domain(d)) => d.is_empty() || d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => ip.is_unspecified(),
+    };
+    if unspecified {
+        let ip: std::net::IpAddr = pod_ip.parse().ok()?;
+        url.set_ip_host(ip).ok()?;
+    }
+    Some(url.to_string())
+}
+
+fn address_host(address: &str) -> Option<String> {
+    let url = url::Url::parse(address).ok()?;
+    match url.host()? {
+        url::Host::Ipv4(ip) => Some(ip.to_string()),
+        url::Host::Ipv6(ip) => Some(ip.to_string()),
+        url::Host::Domain(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, ip: &str, ready: bool, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations, "labels": {"zone": "z1"}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+        }))
+        .unwrap()
+    }
+
+    fn node(id: &str, address: &str, hostname: Option<&str>, age_ms: f64) -> Node {
+        Node {
+            node_id: id.into(),
+            address: address.into(),
+            alive: true,
+            last_seen: None,
+            last_seen_ms: Some(1_000_000.0 - age_ms),
+            hostname: hostname.map(Into::into),
+        }
+    }
+
+    fn rules() -> Rules<'static> {
+        Rules {
+            node_id_annotation: "agentmesh.dev/node-id",
+            topology_key: Some("zone"),
+            heartbeat_timeout: Duration::from_secs(60),
+            fallback_now_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn matches_by_annotation_then_hostname_then_ip() {
+        let snap = Snapshot {
+            server_node_id: Some("rv".into()),
+            now_ms: Some(1_000_000.0),
+            nodes: vec![
+                node("aa", "ws://0.0.0.0:3001/crdt-sync", None, 0.0),
+                node("bb", "ws://0.0.0.0:3001/crdt-sync", Some("agent-b"), 0.0),
+                node("cc", "ws://127.0.0.3:3001/crdt-sync", None, 0.0),
+                node("rv", "ws://127.0.0.9:3001/crdt-sync", Some("agent-rv"), 0.0),
+            ],
+        };
+        let pods = [
+            pod("agent-a", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "aa"})),
+            pod("agent-b", "127.0.0.2", true, json!({})),
+            pod("agent-c", "127.0.0.3", true, json!({})),
+            pod("agent-rv", "127.0.0.9", true, json!({})),
+            pod("agent-x", "127.0.0.4", false, json!({})),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let got: Vec<(&str, &str, &str)> =
+            m.agents.iter().map(|a| (a.pod.as_str(), a.node_id.as_str(), a.url.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("agent-a", "aa", "ws://127.0.0.1:3001/crdt-sync"),
+                ("agent-b", "bb", "ws://127.0.0.2:3001/crdt-sync"),
+                ("agent-c", "cc", "ws://127.0.0.3:3001/crdt-sync"),
+            ]
+        );
+        assert_eq!(m.agents[0].domain.as_deref(), Some("z1"));
+        assert_eq!(m.excluded["agent-rv"], Exclusion::IsRendezvous);
+        assert_eq!(m.excluded["agent-x"], Exclusion::NotReady);
+    }
+
+    #[test]
+    fn duplicate_claims_exclude_both_and_name_them() {
+        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![node("aa", "ws://0.0.0.0:1/", None, 0.0)], ..Default::default() };
+        let pods = [
+            pod("p1", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "aa"})),
+            pod("p2", "127.0.0.2", true, json!({"agentmesh.dev/node-id": "aa"})),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let m = decide(&refs, &snap, &rules(), &|_| None);
+        assert!(m.agents.is_empty());
+        let want = Exclusion::DuplicateNodeId { node_id: "aa".into(), pods: vec!["p1".into(), "p2".into()] };
+        assert_eq!(m.excluded["p1"], want);
+        assert_eq!(m.excluded["p2"], want);
+    }
+
+    #[test]
+    fn stale_dead_and_bad_addresses_are_excluded() {
+        let mut dead = node("dd", "ws://0.0.0.0:1/", None, 0.0);
+        dead.alive = false;
+        let snap = Snapshot {
+            now_ms: Some(1_000_000.0),
+            nodes: vec![node("ss", "ws://0.0.0.0:1/", None, 61_000.0), dead, node("hh", "http://0.0.0.0:1/", None, 0.0)],
+            ..Default::default()
+        };
+        let pods = [
+            pod("stale", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "ss"})),
+            pod("dead", "127.0.0.2", true, json!({"agentmesh.dev/node-id": "dd"})),
+            pod("http", "127.0.0.3", true, json!({"agentmesh.dev/node-id": "hh"})),
+            pod("unknown", "127.0.0.4", true, json!({"agentmesh.dev/node-id": "zz"})),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let m = decide(&refs, &snap, &rules(), &|_| None);
+        assert!(m.agents.is_empty());
+        assert_eq!(m.excluded["stale"], Exclusion::StaleHeartbeat);
+        assert_eq!(m.excluded["dead"], Exclusion::NotAlive);
+        assert!(matches!(m.excluded["http"], Exclusion::BadAddress(_)));
+        assert_eq!(m.excluded["unknown"], Exclusion::NoPresence);
+    }
+
+    #[test]
+    fn dial_url_rewrites_only_unspecified_hosts() {
+        assert_eq!(dial_url("ws://0.0.0.0:3001/crdt-sync", "10.0.3.7").unwrap(), "ws://10.0.3.7:3001/crdt-sync");
+        assert_eq!(dial_url("wss://[::]:3001/x", "127.0.0.5").unwrap(), "wss://127.0.0.5:3001/x");
+        assert_eq!(dial_url("ws://localhost:3001/x", "::1").unwrap(), "ws://[::1]:3001/x");
+        assert_eq!(dial_url("ws://agent-7.ci:3001/x", "10.0.0.1").unwrap(), "ws://agent-7.ci:3001/x");
+        assert_eq!(dial_url("http://0.0.0.0:3001/x", "10.0.0.1"), None);
+        assert_eq!(dial_url("not a url", "10.0.0.1"), None);
+    }
+}

@@ -1,0 +1,212 @@
+//! The controller behind `mesh-operator run`: watches MeshPolicies, the agent Pods they select and Nodes
+//! (metadata only), and reconciles each policy in phases (see [`reconcile`]). Only the Lease holder writes.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, ResourceExt, core::PartialObjectMeta};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::api::{MeshPolicy, POLICY_ANNOTATION};
+use crate::presence::Fetcher;
+use crate::telemetry::{Health, Metrics};
+
+pub mod apply;
+pub mod leader;
+pub mod membership;
+pub mod reconcile;
+pub mod status;
+
+pub const FIELD_MANAGER: &str = "mesh-operator";
+pub const FINALIZER: &str = "agentmesh.dev/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("patching {failed} of {total} Pods failed; first: {first}")]
+    Apply { failed: usize, total: usize, first: String },
+}
+
+impl Error {
+    /// A stable label for the reconcile error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Finalizer(_) => "finalizer",
+            Self::Apply { .. } => "apply",
+        }
+    }
+}
+
+/// What one reconcile knows of a policy's presence between polls.
+#[derive(Default)]
+pub struct PresenceState {
+    /// The last good snapshot, with its clock advanced by local time on 304s.
+    pub snapshot: Option<crate::presence::Snapshot>,
+    /// Local wall clock (ms) when `snapshot` was last confirmed.
+    pub confirmed_ms: f64,
+    pub etag: Option<String>,
+    pub last_attempt: Option<tokio::time::Instant>,
+    /// The last failure's reason and message while the rendezvous is unreachable.
+    pub failure: Option<(String, String)>,
+}
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub pods: Store<Pod>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub policies: Store<MeshPolicy>,
+    pub fetcher: Fetcher,
+    pub presence: Mutex<HashMap<String, PresenceState>>,
+    pub leader: Arc<AtomicBool>,
+    pub apply_concurrency: usize,
+}
+
+pub struct Settings {
+    pub metrics_addr: SocketAddr,
+    pub leader_elect: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub max_presence_bytes: usize,
+    pub apply_concurrency: usize,
+    /// Watch one namespace only (Role-only RBAC); all namespaces when `None`.
+    pub namespace: Option<String>,
+}
+
+/// Drops what the controller never reads from a cached Pod, so a large fleet costs little memory.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.owner_references = None;
+    pod.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    if let Some(spec) = pod.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::PodSpec { node_name: spec.node_name.take(), ..Default::default() };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        let ready = status.conditions.take().map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            conditions: ready,
+            pod_ip: status.pod_ip.take(),
+            phase: status.phase.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// Policies a Pod event concerns: those whose selector matches it, and the one named on it (so a Pod that
+/// stopped matching is cleaned up).
+fn policies_for_pod(pod: &Pod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    let ns = pod.namespace().unwrap_or_default();
+    let named = pod.annotations().get(POLICY_ANNOTATION);
+    policies
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|p| named == Some(&p.name_any()) || reconcile::selects(p, pod))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until SIGTERM/SIGINT; releases the Lease on the way out.
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<()> {
+    let leader = Arc::new(AtomicBool::new(!settings.leader_elect));
+    metrics.leader.set(i64::from(!settings.leader_elect));
+    let server = tokio::spawn(crate::telemetry::serve(settings.metrics_addr, metrics.clone(), health.clone()));
+
+    let (policy_api, pod_api, node_api): (Api<MeshPolicy>, Api<Pod>, Api<PartialObjectMeta<Node>>) = match &settings.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone())),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (pods, pod_writer) = reflector::store();
+    let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(trim_pod)
+        .reflect(pod_writer)
+        .touched_objects();
+    let (nodes, node_writer) = reflector::store();
+    let node_stream = watcher(node_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(node_writer)
+        .for_each(|_| async {});
+
+    let (lease_rx, lease_task) = if settings.leader_elect {
+        let (rx, task) = leader::elect(client.clone(), &settings, leader.clone(), metrics.clone()).await?;
+        (Some(rx), Some(task))
+    } else {
+        (None, None)
+    };
+
+    let controller = Controller::new(policy_api, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8));
+    let policies = controller.store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        recorder: Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) }),
+        pods: pods.clone(),
+        nodes: nodes.clone(),
+        policies: policies.clone(),
+        fetcher: Fetcher::new(settings.max_presence_bytes),
+        presence: Mutex::default(),
+        leader: leader.clone(),
+        apply_concurrency: settings.apply_concurrency,
+    });
+
+    // Becoming leader re-runs every policy at once, so a standby takes over without waiting for a resync.
+    let became_leader = futures::stream::unfold(lease_rx, |rx| async move {
+        let mut rx = rx?;
+        loop {
+            rx.changed().await.ok()?;
+            if *rx.borrow() {
+                return Some(((), Some(rx)));
+            }
+        }
+    });
+
+    let ready = {
+        let (pods, nodes, policies, health) = (pods.clone(), nodes.clone(), policies.clone(), health.clone());
+        async move {
+            let _ = pods.wait_until_ready().await;
+            let _ = nodes.wait_until_ready().await;
+            let _ = policies.wait_until_ready().await;
+            health.synced.store(true, Ordering::Relaxed);
+            info!("watches synced; ready");
+        }
+    };
+    tokio::spawn(ready);
+    tokio::spawn(node_stream);
+
+    let mapper_store = policies.clone();
+    controller
+        .watches_stream(pod_stream, move |pod| policies_for_pod(&pod, &mapper_store))
+        .reconcile_all_on(became_leader)
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+
+    info!("shutting down");
+    if let Some(task) = lease_task {
+        leader::release(task).await;
+    }
+    server.abort();
+    Ok(())
+}

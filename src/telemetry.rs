@@ -1,0 +1,140 @@
+//! Logs (tracing, text or JSON), Prometheus metrics, and the `/metrics`, `/healthz`, `/readyz` endpoints.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub namespace: String,
+    pub policy: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Family<KindLabel, Counter>,
+    pub presence_fetches: Family<ResultLabel, Counter>,
+    pub presence_duration: Histogram,
+    pub presence_bytes: Counter,
+    pub presence_errors: Family<KindLabel, Counter>,
+    pub pod_patches: Counter,
+    pub agents: Family<PolicyLabel, Gauge>,
+    pub eligible: Family<PolicyLabel, Gauge>,
+    pub links: Family<PolicyLabel, Gauge>,
+    pub max_links: Family<PolicyLabel, Gauge>,
+    pub leader: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("mesh_operator");
+        let m = Self {
+            reconciles: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            reconcile_errors: Family::default(),
+            presence_fetches: Family::default(),
+            presence_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            presence_bytes: Counter::default(),
+            presence_errors: Family::default(),
+            pod_patches: Counter::default(),
+            agents: Family::default(),
+            eligible: Family::default(),
+            links: Family::default(),
+            max_links: Family::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
+        registry.register("reconcile_duration_seconds", "Reconcile duration", m.reconcile_duration.clone());
+        registry.register("reconcile_errors", "Reconcile errors by kind", m.reconcile_errors.clone());
+        registry.register("presence_fetches", "Presence fetches by result", m.presence_fetches.clone());
+        registry.register("presence_fetch_duration_seconds", "Presence fetch duration", m.presence_duration.clone());
+        registry.register("presence_bytes", "Presence body bytes read", m.presence_bytes.clone());
+        registry.register("presence_errors", "Presence fetch errors by reason", m.presence_errors.clone());
+        registry.register("pod_patches", "Pod annotation patches sent", m.pod_patches.clone());
+        registry.register("policy_agents", "Pods a policy selects", m.agents.clone());
+        registry.register("policy_eligible", "Eligible agents of a policy", m.eligible.clone());
+        registry.register("policy_links", "Links in a policy's plan", m.links.clone());
+        registry.register("policy_max_links", "Largest link count of any agent in a policy's plan", m.max_links.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// What `/readyz` reports: true once every watch has listed its objects.
+#[derive(Default)]
+pub struct Health {
+    pub synced: AtomicBool,
+}
+
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(|State(s): State<Arc<HttpState>>| async move { s.metrics.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<Arc<HttpState>>| async move {
+                if s.health.synced.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "watches not synced")
+                }
+            }),
+        )
+        .with_state(Arc::new(HttpState { metrics, health }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}

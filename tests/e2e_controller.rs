@@ -1,0 +1,430 @@
+//! The controller running for real against the real control plane and the rendezvous simulator.
+//! Each test has its own namespace, rendezvous and controller (watching only that namespace).
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mesh_operator::api::MeshPolicy;
+use mesh_operator::controller::apply::{self, Assignment};
+use mesh_operator::rendezvous_sim::FailMode;
+use serde_json::{Value, json};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn spec(rv: &Rendezvous, extra: Value) -> Value {
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": "agent"}},
+        "maxPeers": 4,
+        "heartbeatTimeout": "5s",
+        "rendezvous": {"url": rv.url(), "pollInterval": "1s", "timeout": "1s"},
+    });
+    merge(&mut spec, extra);
+    spec
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+async fn create_policy(client: &Client, ns: &str, name: &str, spec: Value) {
+    let mp: MeshPolicy = serde_json::from_value(json!({
+        "apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": name}, "spec": spec}))
+    .unwrap();
+    Api::<MeshPolicy>::namespaced(client.clone(), ns).create(&PostParams::default(), &mp).await.unwrap();
+}
+
+async fn policy(client: &Client, ns: &str, name: &str) -> MeshPolicy {
+    Api::<MeshPolicy>::namespaced(client.clone(), ns).get(name).await.unwrap()
+}
+
+fn condition(p: &MeshPolicy, type_: &str) -> Option<(String, String, String)> {
+    let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn assignments(client: &Client, ns: &str) -> BTreeMap<String, Option<Assignment>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
+    pods.items.iter().map(|p| (p.name_any(), apply::current(p))).collect()
+}
+
+/// Checks the published mesh: every link on exactly one end, each `links` annotation equal to the Pod's
+/// degree and within `cap`, and connected. Returns each node's degree.
+fn check_mesh(a: &BTreeMap<String, Option<Assignment>>, ids: &HashMap<String, String>, cap: usize) -> BTreeMap<String, usize> {
+    let mut degree: BTreeMap<String, usize> = BTreeMap::new();
+    let mut edges = BTreeSet::new();
+    for (pod, asg) in a {
+        let Some(asg) = asg else { continue };
+        let me = &ids[pod];
+        degree.entry(me.clone()).or_default();
+        for p in &asg.peers {
+            let e = if me < &p.node_id { (me.clone(), p.node_id.clone()) } else { (p.node_id.clone(), me.clone()) };
+            assert!(edges.insert(e), "link {me}–{} published on both ends", p.node_id);
+            *degree.entry(me.clone()).or_default() += 1;
+            *degree.entry(p.node_id.clone()).or_default() += 1;
+            assert!(p.url.starts_with("ws://127.0."), "dial URL not rewritten to the Pod IP: {}", p.url);
+        }
+    }
+    for (pod, asg) in a {
+        if let Some(asg) = asg {
+            assert_eq!(asg.links, degree[&ids[pod]], "links annotation of {pod}");
+            assert!(asg.links <= cap, "{pod} has {} links, cap {cap}", asg.links);
+        }
+    }
+    // connectivity over the published links
+    let mut adj: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (a, b) in &edges {
+        adj.entry(a).or_default().push(b);
+        adj.entry(b).or_default().push(a);
+    }
+    if let Some(start) = degree.keys().next() {
+        let mut seen = BTreeSet::from([start.as_str()]);
+        let mut stack = vec![start.as_str()];
+        while let Some(u) = stack.pop() {
+            for v in adj.get(u).into_iter().flatten() {
+                if seen.insert(v) {
+                    stack.push(v);
+                }
+            }
+        }
+        assert_eq!(seen.len(), degree.len(), "published mesh is not connected");
+    }
+    degree
+}
+
+fn pod_ids(ids: &[String]) -> HashMap<String, String> {
+    ids.iter().enumerate().map(|(i, id)| (format!("agent-{i}"), id.clone())).collect()
+}
+
+async fn wait_assigned(client: &Client, ns: &str, pods: usize) -> BTreeMap<String, Option<Assignment>> {
+    wait_for(&format!("{pods} Pods to carry an assignment"), WAIT, || async {
+        let a = assignments(client, ns).await;
+        (a.values().filter(|v| v.is_some()).count() == pods).then_some(a)
+    })
+    .await
+}
+
+async fn wait_condition(client: &Client, ns: &str, name: &str, type_: &str, status: &str, reason: &str) -> MeshPolicy {
+    wait_for(&format!("{type_}={status} ({reason}) on MeshPolicy {name}"), WAIT, || async {
+        let p = policy(client, ns, name).await;
+        let c = condition(&p, type_)?;
+        (c.0 == status && c.1 == reason).then_some(p)
+    })
+    .await
+}
+
+async fn setup(hint: &str) -> (Client, String, Rendezvous) {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, hint).await;
+    (client, ns, Rendezvous::start().await)
+}
+
+#[tokio::test]
+async fn fleet_assignment_churn_readiness_and_presence() {
+    let (client, ns, rv) = setup("fleet").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 50, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+
+    // (a) every agent assigned, within the cap, connected, status right
+    let a = wait_assigned(&client, &ns, 50).await;
+    let degrees = check_mesh(&a, &pod_ids(&ids), 4);
+    assert!(degrees.values().all(|d| *d == 4), "{degrees:?}");
+    let p = wait_condition(&client, &ns, "mesh", "Ready", "True", "Applied").await;
+    let st = p.status.clone().unwrap();
+    assert_eq!((st.selected, st.eligible, st.assigned, st.links, st.max_degree, st.components), (50, 50, 50, 100, 4, 1));
+    assert_eq!(st.observed_generation, p.metadata.generation);
+    assert_eq!(condition(&p, "RendezvousReachable").unwrap().0, "True");
+    let finalizers = p.metadata.finalizers.unwrap_or_default();
+    assert_eq!(finalizers, vec!["agentmesh.dev/cleanup".to_string()]);
+
+    // (k) a resync with nothing changed issues zero patches
+    let before = op.pod_patches();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(op.pod_patches(), before, "resyncs with nothing changed patched Pods");
+    let rv_before = policy(&client, &ns, "mesh").await.metadata.resource_version;
+    assert_eq!(policy(&client, &ns, "mesh").await.metadata.resource_version, rv_before, "status rewritten at rest");
+
+    // (b) one agent Pod deleted: only O(k) Pods patched
+    let before = op.pod_patches();
+    Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-17", &DeleteParams::default()).await.unwrap();
+    let a = wait_for("agent-17 to leave the mesh", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        let gone = !a.contains_key("agent-17");
+        let nobody_dials_it = a.values().flatten().all(|x| x.peers.iter().all(|p| p.node_id != ids[17]));
+        (gone && nobody_dials_it && a.values().filter(|v| v.is_some()).count() == 49).then_some(a)
+    })
+    .await;
+    check_mesh(&a, &pod_ids(&ids), 4);
+    let patched = op.pod_patches() - before;
+    assert!((1..=4 + 1).contains(&patched), "one leave patched {patched} Pods (k = 4)");
+
+    // (c) a Pod not Ready is excluded, and its assignment removed
+    set_pod_status(&client, &ns, "agent-3", "127.0.1.4", false).await;
+    wait_for("agent-3 (not Ready) to lose its assignment", WAIT, || async {
+        assignments(&client, &ns).await.get("agent-3").cloned().flatten().is_none().then_some(())
+    })
+    .await;
+
+    // (d) dead and stale presence are excluded
+    rv.state.lock().unwrap().agents.get_mut(&ids[5]).unwrap().alive = false;
+    rv.state.lock().unwrap().agents.get_mut(&ids[6]).unwrap().frozen_at_ms = Some(0.0);
+    let a = wait_for("agents 5 (dead) and 6 (stale) to lose their assignments", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        (a["agent-5"].is_none() && a["agent-6"].is_none()).then_some(a)
+    })
+    .await;
+    let degrees = check_mesh(&a, &pod_ids(&ids), 4);
+    assert_eq!(degrees.len(), 46);
+    let p = wait_for("status to count 46 eligible", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        (p.status.as_ref()?.eligible == 46).then_some(p)
+    })
+    .await;
+    assert_eq!(p.status.unwrap().selected, 49);
+
+    // (m) maxPeers 4 → 2: every agent ≤ 2
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns)
+        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"maxPeers": 2}})))
+        .await
+        .unwrap();
+    let a = wait_for("every agent to hold at most 2 links", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        let live = a.values().flatten().count();
+        (live == 46 && a.values().flatten().all(|x| x.links <= 2)).then_some(a)
+    })
+    .await;
+    check_mesh(&a, &pod_ids(&ids), 2);
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn rendezvous_outages_never_dismantle_the_mesh() {
+    let (client, ns, mut rv) = setup("outage").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 12, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let before = wait_assigned(&client, &ns, 12).await;
+    check_mesh(&before, &pod_ids(&ids), 4);
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+
+    // (e) down (connection refused) for longer than the heartbeat timeout: nothing changes
+    rv.stop().await;
+    let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "ConnectionFailed").await;
+    assert_eq!(condition(&p, "Degraded").unwrap().1, "StalePresence");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(assignments(&client, &ns).await, before, "the outage changed assignments");
+    // Pod changes still count: a deleted agent leaves the mesh during the outage.
+    Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-0", &DeleteParams::default()).await.unwrap();
+    wait_for("agent-0 to leave during the outage", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        a.values().flatten().all(|x| x.peers.iter().all(|p| p.node_id != ids[0])).then_some(())
+    })
+    .await;
+    rv.state.lock().unwrap().agents.remove(&ids[0]);
+    rv.resume().await;
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let steady = wait_assigned(&client, &ns, 11).await;
+
+    // (f) 500, hang, garbage and an oversized body each behave like an outage, with their reason
+    for (mode, reason) in [
+        (FailMode::Status500, "HTTPStatus"),
+        (FailMode::Hang, "Timeout"),
+        (FailMode::Garbage, "MalformedBody"),
+        (FailMode::Oversized, "BodyTooLarge"),
+    ] {
+        rv.set_fail(mode);
+        let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", reason).await;
+        let (_, _, message) = condition(&p, "RendezvousReachable").unwrap();
+        if reason == "MalformedBody" {
+            assert!(message.contains("line 1 column"), "{message}");
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(assignments(&client, &ns).await, steady, "{mode:?} changed assignments");
+        rv.set_fail(FailMode::None);
+        wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    }
+    let events = tool("kubectl", &["get", "events", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
+    let reasons = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(reasons.contains("RendezvousUnreachable") && reasons.contains("PlanChanged"), "{reasons}");
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn join_token_from_a_secret() {
+    let (client, ns, rv) = setup("token").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 5, |_| None).await;
+    rv.state.lock().unwrap().token = Some("s3cret-join-token".into());
+    let extra = json!({"rendezvous": {"joinTokenSecretRef": {"name": "rv-token", "key": "token"}}});
+    create_policy(&client, &ns, "mesh", spec(&rv, extra)).await;
+
+    // (g) fails clearly without the Secret…
+    let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "JoinTokenUnavailable").await;
+    assert!(condition(&p, "RendezvousReachable").unwrap().2.contains("rv-token"));
+    // …and with a wrong token…
+    let secret = |token: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": "rv-token"}, "stringData": {"token": token}})).unwrap()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &secret("wrong")).await.unwrap();
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "Unauthorized").await;
+    // …and works once the Secret holds the right one (picked up without a restart).
+    secrets.replace("rv-token", &PostParams::default(), &secret("s3cret-join-token")).await.unwrap();
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let a = wait_assigned(&client, &ns, 5).await;
+    // The token appears nowhere the operator writes.
+    let p = serde_json::to_string(&policy(&client, &ns, "mesh").await).unwrap();
+    let events = String::from_utf8_lossy(&tool("kubectl", &["get", "events", "-n", &ns, "-o", "json"]).stdout).to_string();
+    for place in [p, events, format!("{a:?}")] {
+        assert!(!place.contains("s3cret-join-token"), "token leaked: {place}");
+    }
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn conflicts_observe_mode_and_deletion() {
+    let (client, ns, rv) = setup("conflict").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 6, |_| None).await;
+    create_policy(&client, &ns, "first", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 6).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // creation timestamps have 1 s resolution
+
+    // (h) a newer policy selecting the same Pods reports Conflict naming them and patches nothing
+    create_policy(&client, &ns, "second", spec(&rv, json!({"maxPeers": 2}))).await;
+    let p = wait_condition(&client, &ns, "second", "Conflict", "True", "SelectedByOlderPolicy").await;
+    assert!(condition(&p, "Conflict").unwrap().2.contains("agent-3"));
+    let a = assignments(&client, &ns).await;
+    assert!(a.values().flatten().all(|x| x.policy == "first" && x.links == 4), "{a:?}");
+
+    // (j) Observe: planned and reported, no Pod patched
+    let before = op.pod_patches();
+    create_policy(&client, &ns, "watcher", spec(&rv, json!({"mode": "Observe", "selector": {"matchLabels": {"role": "observed"}}}))).await;
+    for i in 0..3 {
+        let name = format!("observed-{i}");
+        let id = format!("{:064x}", 0xabc0 + i);
+        create_pod(&client, &ns, &name, json!({"role": "observed"}), json!({"agentmesh.dev/node-id": id})).await;
+        set_pod_status(&client, &ns, &name, &format!("127.0.9.{}", i + 1), true).await;
+        rv.add(&id);
+    }
+    wait_condition(&client, &ns, "watcher", "Ready", "True", "Observed").await;
+    let p = wait_for("Observe status to count 3 eligible", WAIT, || async {
+        let p = policy(&client, &ns, "watcher").await;
+        (p.status.as_ref()?.eligible == 3).then_some(p)
+    })
+    .await;
+    assert_eq!(p.status.unwrap().links, 3);
+    assert_eq!(op.pod_patches(), before, "Observe mode patched Pods");
+    assert!(assignments(&client, &ns).await.iter().filter(|(k, _)| k.starts_with("observed")).all(|(_, v)| v.is_none()));
+
+    // (i) deleting the owner removes its annotations and its finalizer; the other policy takes over
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns).delete("first", &DeleteParams::default()).await.unwrap();
+    wait_for("MeshPolicy first to be gone (finalizer removed)", WAIT, || async {
+        Api::<MeshPolicy>::namespaced(client.clone(), &ns).get_opt("first").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    wait_for("the agents to carry the second policy's assignment", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        let agents: Vec<&Assignment> = a.iter().filter(|(k, _)| k.starts_with("agent")).filter_map(|(_, v)| v.as_ref()).collect();
+        (agents.len() == 6 && agents.iter().all(|x| x.policy == "second" && x.links <= 2)).then_some(())
+    })
+    .await;
+    wait_condition(&client, &ns, "second", "Conflict", "False", "NoConflict").await;
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns).delete("second", &DeleteParams::default()).await.unwrap();
+    wait_for("every assignment removed", WAIT, || async {
+        assignments(&client, &ns).await.values().all(Option::is_none).then_some(())
+    })
+    .await;
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn zones_spread_links() {
+    let (client, ns, rv) = setup("zones").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 30, |i| Some(format!("zone-{}", i % 3))).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({"topologyKey": "zone"}))).await;
+    let a = wait_assigned(&client, &ns, 30).await;
+    check_mesh(&a, &pod_ids(&ids), 4);
+    // (n) no agent's links all inside its own zone
+    let zone_of: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i % 3)).collect();
+    let mut cross: HashMap<&str, bool> = HashMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        for p in &a[&format!("agent-{i}")].as_ref().unwrap().peers {
+            if zone_of[p.node_id.as_str()] != i % 3 {
+                cross.insert(id, true);
+                cross.insert(zone_of.get_key_value(p.node_id.as_str()).unwrap().0, true);
+            }
+        }
+    }
+    let lonely: Vec<&String> = ids.iter().filter(|id| !cross.contains_key(id.as_str())).collect();
+    assert!(lonely.is_empty(), "agents with all links inside their zone: {lonely:?}");
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let (client, ns, rv) = setup("leader").await;
+    let a = Operator::start(&ns, "op-a", true).await;
+    wait_for("op-a to lead", WAIT, || async { (a.metrics.leader.get() == 1).then_some(()) }).await;
+    let b = Operator::start(&ns, "op-b", true).await;
+    let ids = fleet(&client, &ns, &rv, 8, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 8).await;
+    // (l) one writer
+    assert_eq!(b.metrics.leader.get(), 0);
+    assert_eq!(b.pod_patches(), 0, "the standby patched Pods");
+    assert!(a.pod_patches() > 0);
+    // kill the leader without releasing the Lease: the standby takes over within 15 s
+    a.kill().await;
+    let killed = std::time::Instant::now();
+    wait_for("op-b to take over", Duration::from_secs(20), || async { (b.metrics.leader.get() == 1).then_some(()) }).await;
+    let took = killed.elapsed();
+    Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-2", &DeleteParams::default()).await.unwrap();
+    wait_for("op-b to replan after agent-2 left", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        a.values().flatten().all(|x| x.peers.iter().all(|p| p.node_id != ids[2])).then_some(())
+    })
+    .await;
+    assert!(b.pod_patches() > 0, "the new leader did not write");
+    assert!(took <= Duration::from_secs(15), "takeover took {took:?}");
+    b.kill().await;
+}
+
+#[tokio::test]
+async fn health_endpoints_and_metrics() {
+    let (client, ns, rv) = setup("health").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 3).await;
+    let base = format!("http://{}", op.metrics_addr);
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let body = get("/metrics").await.unwrap().text().await.unwrap();
+    for metric in [
+        "mesh_operator_reconciles_total",
+        "mesh_operator_presence_fetches_total",
+        "mesh_operator_pod_patches_total",
+        "mesh_operator_policy_eligible{namespace=",
+        "mesh_operator_leader 1",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");
+    }
+    op.kill().await;
+}
