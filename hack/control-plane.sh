@@ -8,6 +8,9 @@
 #   hack/control-plane.sh status   say what runs where
 #   hack/control-plane.sh bin      print the directory holding the built binaries
 #
+# The daemons get no inherited descriptors (</dev/null, logs, lock fds closed): a caller reading our output,
+# or waiting on our lock, must not wait for etcd or kube-apiserver to exit.
+#
 # Environment: MESH_CP_DIR (state directory, default ./_output/control-plane), MESH_CACHE_DIR (binary cache,
 # default ~/.cache/mesh-operator), APISERVER_PORT and ETCD_PORT (default: free ports picked at start),
 # MESH_CP_READY_TIMEOUT (seconds, default 60).
@@ -169,7 +172,7 @@ cmd_start() {
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn \
-    >"$STATE/etcd.log" 2>&1 &
+    </dev/null >"$STATE/etcd.log" 2>&1 8>&- 9>&- &
   echo $! >"$STATE/etcd.pid"
 
   local pki=$STATE/pki
@@ -182,7 +185,8 @@ cmd_start() {
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --authorization-mode RBAC \
-    >"$STATE/apiserver.log" 2>&1 &
+    --endpoint-reconciler-type none \
+    </dev/null >"$STATE/apiserver.log" 2>&1 8>&- 9>&- &
   echo $! >"$STATE/apiserver.pid"
   echo "$api_port" >"$STATE/apiserver.port"
   echo "$etcd_port" >"$STATE/etcd.port"

@@ -16,9 +16,20 @@ use crate::telemetry::Metrics;
 pub const LEASE_SECONDS: u64 = 10;
 pub const GRACE_SECONDS: u64 = 2;
 
+/// The election's tasks. Dropping it (a crash, or an aborted controller) stops them without releasing the
+/// Lease, so a standby takes over only once it expires; [`release`] gives it up at once.
 pub struct LeaseTask {
     mirror: JoinHandle<()>,
-    manager: JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    manager: Option<JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>>,
+}
+
+impl Drop for LeaseTask {
+    fn drop(&mut self) {
+        self.mirror.abort();
+        if let Some(m) = &self.manager {
+            m.abort();
+        }
+    }
 }
 
 /// Starts competing for the Lease. `leader` and the `leader` metric follow the outcome; the returned
@@ -52,14 +63,14 @@ pub async fn elect(
             }
         }
     });
-    Ok((rx, LeaseTask { mirror, manager }))
+    Ok((rx, LeaseTask { mirror, manager: Some(manager) }))
 }
 
 /// Gives the Lease up: once every receiver is gone the manager releases it and ends.
-pub async fn release(task: LeaseTask) {
+pub async fn release(mut task: LeaseTask) {
     task.mirror.abort();
-    let _ = task.mirror.await;
-    match tokio::time::timeout(Duration::from_secs(5), task.manager).await {
+    let Some(manager) = task.manager.take() else { return };
+    match tokio::time::timeout(Duration::from_secs(5), manager).await {
         Ok(Ok(Ok(_))) => info!("leader Lease released"),
         other => tracing::warn!(?other, "could not release the leader Lease cleanly"),
     }

@@ -123,9 +123,16 @@ fn policies_for_pod(pod: &Pod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<Me
 
 /// Runs the controller until SIGTERM/SIGINT; releases the Lease on the way out.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<()> {
+    let (metrics_for_server, health_for_server) = (metrics.clone(), health.clone());
     let leader = Arc::new(AtomicBool::new(!settings.leader_elect));
     metrics.leader.set(i64::from(!settings.leader_elect));
-    let server = tokio::spawn(crate::telemetry::serve(settings.metrics_addr, metrics.clone(), health.clone()));
+    // Every helper task lives in this set, so they all end with `run`, however it ends.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        if let Err(e) = crate::telemetry::serve(settings.metrics_addr, metrics_for_server, health_for_server).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
 
     let (policy_api, pod_api, node_api): (Api<MeshPolicy>, Api<Pod>, Api<PartialObjectMeta<Node>>) = match &settings.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone())),
@@ -187,8 +194,8 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
             info!("watches synced; ready");
         }
     };
-    tokio::spawn(ready);
-    tokio::spawn(node_stream);
+    tasks.spawn(ready);
+    tasks.spawn(node_stream);
 
     let mapper_store = policies.clone();
     controller
@@ -207,6 +214,5 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     if let Some(task) = lease_task {
         leader::release(task).await;
     }
-    server.abort();
     Ok(())
 }

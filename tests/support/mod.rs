@@ -60,6 +60,10 @@ pub async fn config() -> Config {
 }
 
 pub async fn client() -> Client {
+    // RUST_LOG=mesh_operator=debug shows the in-process controller's logs.
+    if std::env::var_os("RUST_LOG").is_some() {
+        mesh_operator::telemetry::init_logging(mesh_operator::telemetry::LogFormat::Text);
+    }
     Client::try_from(config().await).expect("a client")
 }
 
