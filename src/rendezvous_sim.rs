@@ -111,7 +111,10 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
-        FailMode::Garbage => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"nodes\": [{\"node_id\": tru").into_response(),
+        FailMode::Garbage => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"nodes\": [{\"node_id\": tru")
+                .into_response()
+        }
         FailMode::Oversized => {
             // 64 MiB of a valid-looking array, streamed: a client without a cap would buffer it all.
             let chunk = bytes_of(b' ', 1 << 20);

@@ -94,7 +94,11 @@ impl Default for Metrics {
         registry.register("policy_agents", "Pods a policy selects", m.agents.clone());
         registry.register("policy_eligible", "Eligible agents of a policy", m.eligible.clone());
         registry.register("policy_links", "Links in a policy's plan", m.links.clone());
-        registry.register("policy_max_links", "Largest link count of any agent in a policy's plan", m.max_links.clone());
+        registry.register(
+            "policy_max_links",
+            "Largest link count of any agent in a policy's plan",
+            m.max_links.clone(),
+        );
         registry.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
         Self { registry, ..m }
     }

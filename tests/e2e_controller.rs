@@ -61,7 +61,11 @@ async fn assignments(client: &Client, ns: &str) -> BTreeMap<String, Option<Assig
 
 /// Checks the published mesh: every link on exactly one end, each `links` annotation equal to the Pod's
 /// degree and within `cap`, and connected. Returns each node's degree.
-fn check_mesh(a: &BTreeMap<String, Option<Assignment>>, ids: &HashMap<String, String>, cap: usize) -> BTreeMap<String, usize> {
+fn check_mesh(
+    a: &BTreeMap<String, Option<Assignment>>,
+    ids: &HashMap<String, String>,
+    cap: usize,
+) -> BTreeMap<String, usize> {
     let mut degree: BTreeMap<String, usize> = BTreeMap::new();
     let mut edges = BTreeSet::new();
     for (pod, asg) in a {
@@ -144,7 +148,10 @@ async fn fleet_assignment_churn_readiness_and_presence() {
     assert!(degrees.values().all(|d| *d == 4), "{degrees:?}");
     let p = wait_condition(&client, &ns, "mesh", "Ready", "True", "Applied").await;
     let st = p.status.clone().unwrap();
-    assert_eq!((st.selected, st.eligible, st.assigned, st.links, st.max_degree, st.components), (50, 50, 50, 100, 4, 1));
+    assert_eq!(
+        (st.selected, st.eligible, st.assigned, st.links, st.max_degree, st.components),
+        (50, 50, 50, 100, 4, 1)
+    );
     assert_eq!(st.observed_generation, p.metadata.generation);
     assert_eq!(condition(&p, "RendezvousReachable").unwrap().0, "True");
     let finalizers = p.metadata.finalizers.unwrap_or_default();
@@ -287,7 +294,8 @@ async fn join_token_from_a_secret() {
     let a = wait_assigned(&client, &ns, 5).await;
     // The token appears nowhere the operator writes.
     let p = serde_json::to_string(&policy(&client, &ns, "mesh").await).unwrap();
-    let events = String::from_utf8_lossy(&tool("kubectl", &["get", "events", "-n", &ns, "-o", "json"]).stdout).to_string();
+    let events =
+        String::from_utf8_lossy(&tool("kubectl", &["get", "events", "-n", &ns, "-o", "json"]).stdout).to_string();
     for place in [p, events, format!("{a:?}")] {
         assert!(!place.contains("s3cret-join-token"), "token leaked: {place}");
     }
@@ -312,7 +320,9 @@ async fn conflicts_observe_mode_and_deletion() {
 
     // (j) Observe: planned and reported, no Pod patched
     let before = op.pod_patches();
-    create_policy(&client, &ns, "watcher", spec(&rv, json!({"mode": "Observe", "selector": {"matchLabels": {"role": "observed"}}}))).await;
+    let mut observe = spec(&rv, json!({"mode": "Observe"}));
+    observe["selector"] = json!({"matchLabels": {"role": "observed"}});
+    create_policy(&client, &ns, "watcher", observe).await;
     for i in 0..3 {
         let name = format!("observed-{i}");
         let id = format!("{:064x}", 0xabc0 + i);
@@ -328,7 +338,9 @@ async fn conflicts_observe_mode_and_deletion() {
     .await;
     assert_eq!(p.status.unwrap().links, 3);
     assert_eq!(op.pod_patches(), before, "Observe mode patched Pods");
-    assert!(assignments(&client, &ns).await.iter().filter(|(k, _)| k.starts_with("observed")).all(|(_, v)| v.is_none()));
+    assert!(
+        assignments(&client, &ns).await.iter().filter(|(k, _)| k.starts_with("observed")).all(|(_, v)| v.is_none())
+    );
 
     // (i) deleting the owner removes its annotations and its finalizer; the other policy takes over
     Api::<MeshPolicy>::namespaced(client.clone(), &ns).delete("first", &DeleteParams::default()).await.unwrap();
@@ -338,7 +350,8 @@ async fn conflicts_observe_mode_and_deletion() {
     .await;
     wait_for("the agents to carry the second policy's assignment", WAIT, || async {
         let a = assignments(&client, &ns).await;
-        let agents: Vec<&Assignment> = a.iter().filter(|(k, _)| k.starts_with("agent")).filter_map(|(_, v)| v.as_ref()).collect();
+        let agents: Vec<&Assignment> =
+            a.iter().filter(|(k, _)| k.starts_with("agent")).filter_map(|(_, v)| v.as_ref()).collect();
         (agents.len() == 6 && agents.iter().all(|x| x.policy == "second" && x.links <= 2)).then_some(())
     })
     .await;
@@ -391,7 +404,8 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     // kill the leader without releasing the Lease: the standby takes over within 15 s
     a.kill().await;
     let killed = std::time::Instant::now();
-    wait_for("op-b to take over", Duration::from_secs(20), || async { (b.metrics.leader.get() == 1).then_some(()) }).await;
+    wait_for("op-b to take over", Duration::from_secs(20), || async { (b.metrics.leader.get() == 1).then_some(()) })
+        .await;
     let took = killed.elapsed();
     Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-2", &DeleteParams::default()).await.unwrap();
     wait_for("op-b to replan after agent-2 left", WAIT, || async {

@@ -275,7 +275,11 @@ mod tests {
 
     #[test]
     fn duplicate_claims_exclude_both_and_name_them() {
-        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![node("aa", "ws://0.0.0.0:1/", None, 0.0)], ..Default::default() };
+        let snap = Snapshot {
+            now_ms: Some(1_000_000.0),
+            nodes: vec![node("aa", "ws://0.0.0.0:1/", None, 0.0)],
+            ..Default::default()
+        };
         let pods = [
             pod("p1", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "aa"})),
             pod("p2", "127.0.0.2", true, json!({"agentmesh.dev/node-id": "aa"})),
@@ -294,7 +298,11 @@ mod tests {
         dead.alive = false;
         let snap = Snapshot {
             now_ms: Some(1_000_000.0),
-            nodes: vec![node("ss", "ws://0.0.0.0:1/", None, 61_000.0), dead, node("hh", "http://0.0.0.0:1/", None, 0.0)],
+            nodes: vec![
+                node("ss", "ws://0.0.0.0:1/", None, 61_000.0),
+                dead,
+                node("hh", "http://0.0.0.0:1/", None, 0.0),
+            ],
             ..Default::default()
         };
         let pods = [

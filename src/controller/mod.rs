@@ -134,10 +134,13 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         }
     });
 
-    let (policy_api, pod_api, node_api): (Api<MeshPolicy>, Api<Pod>, Api<PartialObjectMeta<Node>>) = match &settings.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone())),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (policy_api, pod_api, node_api): (Api<MeshPolicy>, Api<Pod>, Api<PartialObjectMeta<Node>>) =
+        match &settings.namespace {
+            Some(ns) => {
+                (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone()))
+            }
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        };
     let (pods, pod_writer) = reflector::store();
     let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
         .default_backoff()
@@ -163,7 +166,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics: metrics.clone(),
-        recorder: Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) },
+        ),
         pods: pods.clone(),
         nodes: nodes.clone(),
         policies: policies.clone(),

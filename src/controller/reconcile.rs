@@ -120,8 +120,12 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
 
     // gather: the Pods this policy selects and owns, and the ones another (older) policy owns
     let all_pods = ctx.pods.state();
-    let others: Vec<Arc<MeshPolicy>> =
-        ctx.policies.state().into_iter().filter(|p| p.namespace() == policy.namespace() && p.uid() != policy.uid()).collect();
+    let others: Vec<Arc<MeshPolicy>> = ctx
+        .policies
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == policy.namespace() && p.uid() != policy.uid())
+        .collect();
     let mut selected: Vec<&Pod> = Vec::new();
     let mut conflicted: Vec<String> = Vec::new();
     for pod in all_pods.iter().filter(|p| selects(policy, p)) {
@@ -152,8 +156,11 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     let members = snap.as_ref().map(|s| membership::decide(&selected, s, &rules, &node_domain));
 
     // plan: seeded by the policy's UID, stable against what the Pods carry now
-    let now_assigned: BTreeMap<String, Option<Assignment>> =
-        all_pods.iter().filter(|p| p.namespace().as_deref() == Some(ns.as_str())).map(|p| (p.name_any(), apply::current(p))).collect();
+    let now_assigned: BTreeMap<String, Option<Assignment>> = all_pods
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+        .map(|p| (p.name_any(), apply::current(p)))
+        .collect();
     let planned = members.as_ref().map(|m| plan(policy, m, &now_assigned, &uid));
 
     // diff + apply: only with a snapshot (an outage before the first poll must not strip anything)
@@ -197,28 +204,42 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         new.min_degree = plan.min_degree;
         new.components = plan.components;
         new.plan_hash = Some(plan.hash.clone());
-        new.last_plan_time = if prev.plan_hash.as_ref() == Some(&plan.hash) { prev.last_plan_time.clone() } else { Some(Time(Timestamp::now())) };
+        new.last_plan_time = if prev.plan_hash.as_ref() == Some(&plan.hash) {
+            prev.last_plan_time.clone()
+        } else {
+            Some(Time(Timestamp::now()))
+        };
         ctx.metrics.eligible.get_or_create(&label).set(m.agents.len() as i64);
         ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
         ctx.metrics.max_links.get_or_create(&label).set(plan.max_degree as i64);
         if prev.plan_hash.as_ref() != Some(&plan.hash) {
             let note = format!(
                 "{} agents, {} links, degree {}..{}, {} Pods patched{}",
-                m.agents.len(), plan.links, plan.min_degree, plan.max_degree, patched,
+                m.agents.len(),
+                plan.links,
+                plan.min_degree,
+                plan.max_degree,
+                patched,
                 if policy.spec.mode == Mode::Observe { " (Observe: none patched)" } else { "" }
             );
             publish(ctx, policy, EventType::Normal, "PlanChanged", &note).await;
         }
     } else {
         // Never reached the rendezvous: keep reporting the last plan's numbers.
-        new = MeshPolicyStatus { selected: selected.len() as u32, conditions: vec![], observed_generation: None, ..prev.clone() };
+        new = MeshPolicyStatus {
+            selected: selected.len() as u32,
+            conditions: vec![],
+            observed_generation: None,
+            ..prev.clone()
+        };
     }
     let verdicts = verdicts(policy, &members, planned.as_ref(), &failure, &conflicted);
-    let was_reachable = prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
-    if let Some((reason, message)) = &failure {
-        if was_reachable != Some(false) {
-            publish(ctx, policy, EventType::Warning, "RendezvousUnreachable", &format!("{reason}: {message}")).await;
-        }
+    let was_reachable =
+        prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
+    if let Some((reason, message)) = &failure
+        && was_reachable != Some(false)
+    {
+        publish(ctx, policy, EventType::Warning, "RendezvousUnreachable", &format!("{reason}: {message}")).await;
     }
     let had_conflict = prev.conditions.iter().any(|c| c.type_ == status::CONFLICT && c.status == "True");
     if !conflicted.is_empty() && !had_conflict {
@@ -269,7 +290,8 @@ fn plan(policy: &MeshPolicy, m: &Membership, now: &BTreeMap<String, Option<Assig
     let degrees = analysis::links(&adj);
     let mut hashed: Vec<(&String, &Vec<Peer>)> = assignments.iter().map(|(k, v)| (k, &v.peers)).collect();
     hashed.sort();
-    let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(serde_json::to_string(&hashed).unwrap_or_default().as_bytes()));
+    let hash =
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(serde_json::to_string(&hashed).unwrap_or_default().as_bytes()));
     PlanOutcome {
         links: plan.graph().edge_count() as u32,
         max_degree: degrees.iter().copied().max().unwrap_or(0) as u32,
@@ -318,20 +340,35 @@ fn verdicts(
     v.push(if conflicted.is_empty() {
         Verdict::new(status::CONFLICT, false, "NoConflict", "")
     } else {
-        Verdict::new(status::CONFLICT, true, "SelectedByOlderPolicy", format!("Pods owned by an older MeshPolicy: {}", conflicted.join(", ")))
+        Verdict::new(
+            status::CONFLICT,
+            true,
+            "SelectedByOlderPolicy",
+            format!("Pods owned by an older MeshPolicy: {}", conflicted.join(", ")),
+        )
     });
     v.push(match (members, policy.spec.mode) {
         (None, _) => Verdict::new(status::READY, false, "NoPresence", "waiting for the first presence read"),
-        (Some(_), Mode::Observe) => Verdict::new(status::READY, true, "Observed", "planned; Observe mode patches no Pod"),
-        (Some(_), Mode::Enforce) => Verdict::new(status::READY, true, "Applied", "every eligible agent carries its assignment"),
+        (Some(_), Mode::Observe) => {
+            Verdict::new(status::READY, true, "Observed", "planned; Observe mode patches no Pod")
+        }
+        (Some(_), Mode::Enforce) => {
+            Verdict::new(status::READY, true, "Applied", "every eligible agent carries its assignment")
+        }
     });
     v
 }
 
-async fn write_status(ctx: &Context, policy: &MeshPolicy, mut new: MeshPolicyStatus, verdicts: &[Verdict]) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    mut new: MeshPolicyStatus,
+    verdicts: &[Verdict],
+) -> Result<(), Error> {
     let prev = policy.status.clone().unwrap_or_default();
     new.observed_generation = policy.metadata.generation;
-    new.conditions = status::conditions(verdicts, &prev.conditions, policy.metadata.generation, &Time(Timestamp::now()));
+    new.conditions =
+        status::conditions(verdicts, &prev.conditions, policy.metadata.generation, &Time(Timestamp::now()));
     if new == prev {
         return Ok(());
     }
@@ -342,7 +379,8 @@ async fn write_status(ctx: &Context, policy: &MeshPolicy, mut new: MeshPolicySta
 }
 
 async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &str, note: &str) {
-    let event = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
+    let event =
+        Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
         warn!(error = %e, reason, "could not publish an Event");
     }
@@ -371,7 +409,9 @@ async fn presence(
     });
     let due = match since {
         None => true,
-        Some(s) => s + Duration::from_millis(50) >= settings.poll_interval || (unmatched_ready && s >= Duration::from_secs(1)),
+        Some(s) => {
+            s + Duration::from_millis(50) >= settings.poll_interval || (unmatched_ready && s >= Duration::from_secs(1))
+        }
     };
     if due {
         state.last_attempt = Some(tokio::time::Instant::now());
@@ -388,7 +428,10 @@ async fn presence(
                 state.failure = None;
             }
             Ok(Fetched::NotModified) => {
-                ctx.metrics.presence_fetches.get_or_create(&telemetry::ResultLabel { result: "not_modified".into() }).inc();
+                ctx.metrics
+                    .presence_fetches
+                    .get_or_create(&telemetry::ResultLabel { result: "not_modified".into() })
+                    .inc();
                 // Unchanged body, later time: the heartbeats age by the time that passed.
                 let now = now_ms();
                 if let Some(snap) = state.snapshot.as_mut() {
@@ -408,7 +451,12 @@ async fn presence(
     (state.snapshot.clone(), state.confirmed_ms, state.failure.clone())
 }
 
-async fn fetch(ctx: &Context, policy: &MeshPolicy, settings: &Settings, etag: Option<&str>) -> Result<Fetched, FetchError> {
+async fn fetch(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    settings: &Settings,
+    etag: Option<&str>,
+) -> Result<Fetched, FetchError> {
     let token = match &policy.spec.rendezvous.join_token_secret_ref {
         None => None,
         Some(r) => {
@@ -417,10 +465,16 @@ async fn fetch(ctx: &Context, policy: &MeshPolicy, settings: &Settings, etag: Op
                 kube::Error::Api(s) if s.code == 404 => FetchError::Token(format!("Secret {:?} not found", r.name)),
                 other => FetchError::Token(format!("reading Secret {:?}: {other}", r.name)),
             })?;
-            let bytes = secret.data.and_then(|mut d| d.remove(&r.key)).ok_or_else(|| {
-                FetchError::Token(format!("Secret {:?} has no key {:?}", r.name, r.key))
-            })?;
-            Some(String::from_utf8(bytes.0).map_err(|_| FetchError::Token(format!("Secret {:?} key {:?} is not UTF-8", r.name, r.key)))?.trim().to_owned())
+            let bytes = secret
+                .data
+                .and_then(|mut d| d.remove(&r.key))
+                .ok_or_else(|| FetchError::Token(format!("Secret {:?} has no key {:?}", r.name, r.key)))?;
+            Some(
+                String::from_utf8(bytes.0)
+                    .map_err(|_| FetchError::Token(format!("Secret {:?} key {:?} is not UTF-8", r.name, r.key)))?
+                    .trim()
+                    .to_owned(),
+            )
         }
     };
     let req = Request {

@@ -258,7 +258,13 @@ impl Operator {
 
 /// Creates `n` Ready agent Pods `agent-0…` (label app=agent, node-id annotation, IP 127.0.x.y) and their
 /// presence; returns their node ids. `zone(i)` labels Pod i with a zone when given.
-pub async fn fleet(client: &Client, ns: &str, rv: &Rendezvous, n: usize, zone: impl Fn(usize) -> Option<String>) -> Vec<String> {
+pub async fn fleet(
+    client: &Client,
+    ns: &str,
+    rv: &Rendezvous,
+    n: usize,
+    zone: impl Fn(usize) -> Option<String>,
+) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let id = format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
