@@ -197,6 +197,16 @@ pub struct MeshPolicyStatus {
     pub plan_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_plan_time: Option<Time>,
+    /// Selected Pods left out of the plan and why (at most 100, by Pod name), for `kubectl mesh explain`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub excluded: Vec<ExcludedPod>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ExcludedPod {
+    pub pod: String,
+    pub reason: String,
 }
 
 /// The CRD as YAML, exactly as checked in under `crds/meshpolicy.yaml`.

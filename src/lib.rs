@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod duration;
+pub mod inspect;
 pub mod planner;
 pub mod presence;
 pub mod rendezvous_sim;

@@ -152,7 +152,7 @@ mod tests {
         assert_eq!((p.scheme, b.scheme), ("planner", "seed-baseline"));
         assert_eq!((p.max_links, p.min_links, p.components), (4, 4, 1));
         // Hot spots: the head of the list accepts a link from everyone.
-        assert_eq!(b.max_links, 399 + 3);
+        assert_eq!(b.max_links, 399 + 4, "accepted from all 399 others, plus its own 4 dials");
         // Fragility: losing the best-connected 10% isolates every baseline survivor.
         assert!(p.connected_after_targeted_failure > 0.99, "{p:?}");
         assert!(b.connected_after_targeted_failure < 0.01, "{b:?}");

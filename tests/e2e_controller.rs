@@ -442,3 +442,50 @@ async fn health_endpoints_and_metrics() {
     }
     op.kill().await;
 }
+
+/// Runs `kubectl mesh …` the way a user does: kubectl finds the plugin binary on PATH.
+fn kubectl_mesh(args: &[&str]) -> String {
+    let plugin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-mesh")).parent().unwrap().to_owned();
+    let path = format!("{}:{}", plugin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new(tool_bin_dir().join("kubectl"))
+        .arg("mesh")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl mesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn kubectl_mesh_plugin_status_explain_graph() {
+    let (client, ns, rv) = setup("plugin").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 6, |i| Some(format!("zone-{}", i % 2))).await;
+    set_pod_status(&client, &ns, "agent-5", "127.0.1.6", false).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({"topologyKey": "zone"}))).await;
+    wait_assigned(&client, &ns, 5).await;
+    wait_for("agent-5 listed as excluded", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        p.status?.excluded.iter().any(|e| e.pod == "agent-5").then_some(())
+    })
+    .await;
+
+    let status = kubectl_mesh(&["status", "mesh", "-n", &ns]);
+    assert_eq!(status.lines().count(), 7, "{status}");
+    assert!(
+        status.lines().any(|l| l.starts_with("agent-0") && l.contains("zone-0") && l.contains("eligible")),
+        "{status}"
+    );
+    assert!(status.lines().any(|l| l.starts_with("agent-5") && l.contains("not Ready")), "{status}");
+    let explain = kubectl_mesh(&["explain", "agent-5", "-n", &ns]);
+    assert!(explain.contains("left out of the mesh: Pod is not Ready"), "{explain}");
+    let explain = kubectl_mesh(&["explain", "agent-1", "-n", &ns]);
+    assert!(explain.contains("links"), "{explain}");
+    let dot = kubectl_mesh(&["graph", "mesh", "-n", &ns, "--format", "dot"]);
+    assert!(dot.starts_with("digraph") && dot.matches(" -> ").count() == 10, "5 agents × 4 links / 2: {dot}");
+    let mermaid = kubectl_mesh(&["graph", "mesh", "-n", &ns, "--format", "mermaid"]);
+    assert_eq!(mermaid.matches("-->").count(), 10, "{mermaid}");
+    op.kill().await;
+}

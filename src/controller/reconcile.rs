@@ -204,6 +204,12 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         new.min_degree = plan.min_degree;
         new.components = plan.components;
         new.plan_hash = Some(plan.hash.clone());
+        new.excluded = m
+            .excluded
+            .iter()
+            .take(100)
+            .map(|(pod, why)| crate::api::ExcludedPod { pod: pod.clone(), reason: why.to_string() })
+            .collect();
         new.last_plan_time = if prev.plan_hash.as_ref() == Some(&plan.hash) {
             prev.last_plan_time.clone()
         } else {

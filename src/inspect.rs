@@ -1,0 +1,230 @@
+//! What `kubectl mesh` shows, computed from a MeshPolicy and the Pods of its namespace (no API calls here).
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::api::MeshPolicy;
+use crate::controller::apply::{self, Assignment};
+use crate::controller::reconcile::selects;
+
+/// One row of `kubectl mesh status`.
+#[derive(Debug, PartialEq)]
+pub struct AgentRow {
+    pub pod: String,
+    pub node_id: String,
+    pub zone: String,
+    pub dials: Vec<String>,
+    pub links: usize,
+    pub eligibility: String,
+}
+
+fn node_id(policy: &MeshPolicy, pod: &Pod) -> String {
+    pod.annotations().get(&policy.spec.identity.node_id_annotation).cloned().unwrap_or_else(|| "-".into())
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+/// Rows for every Pod the policy selects, by Pod name.
+pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
+    let excluded: BTreeMap<&str, &str> =
+        policy.status.iter().flat_map(|s| s.excluded.iter()).map(|e| (e.pod.as_str(), e.reason.as_str())).collect();
+    let names: BTreeMap<String, String> =
+        pods.iter().map(|p| (node_id(policy, p), p.name_any())).filter(|(id, _)| id != "-").collect();
+    let mut rows: Vec<AgentRow> = pods
+        .iter()
+        .filter(|p| selects(policy, p))
+        .map(|p| {
+            let name = p.name_any();
+            let own = apply::current(p).filter(|a| a.policy == policy.name_any());
+            let zone = policy.spec.topology_key.as_ref().and_then(|k| p.labels().get(k).cloned());
+            let eligibility = match (&own, excluded.get(name.as_str())) {
+                (_, Some(why)) => why.to_string(),
+                (Some(_), None) => "eligible".into(),
+                (None, None) => "not assigned".into(),
+            };
+            AgentRow {
+                node_id: short(&node_id(policy, p)),
+                zone: zone.unwrap_or_else(|| "-".into()),
+                dials: own
+                    .as_ref()
+                    .map(|a| {
+                        a.peers
+                            .iter()
+                            .map(|x| names.get(&x.node_id).cloned().unwrap_or_else(|| short(&x.node_id)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                links: own.as_ref().map_or(0, |a| a.links),
+                eligibility,
+                pod: name,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.pod.cmp(&b.pod));
+    rows
+}
+
+pub fn status_table(policy: &MeshPolicy, pods: &[Pod]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<24} {:<13} {:<12} {:>5}  {:<40} ELIGIBILITY", "POD", "NODE-ID", "ZONE", "LINKS", "DIALS");
+    for r in status_rows(policy, pods) {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<13} {:<12} {:>5}  {:<40} {}",
+            r.pod,
+            r.node_id,
+            r.zone,
+            r.links,
+            r.dials.join(","),
+            r.eligibility
+        );
+    }
+    out
+}
+
+/// Why `pod` has, or lacks, peers.
+pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
+    let name = pod.name_any();
+    let selecting: Vec<&MeshPolicy> = policies.iter().filter(|p| selects(p, pod)).collect();
+    let Some(policy) =
+        selecting.iter().min_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.name_any()))
+    else {
+        return format!("{name}: not selected by any MeshPolicy in its namespace, so it gets no peers");
+    };
+    let mut out = String::new();
+    if selecting.len() > 1 {
+        let others: Vec<String> = selecting.iter().map(|p| p.name_any()).filter(|n| *n != policy.name_any()).collect();
+        let _ = writeln!(
+            out,
+            "conflict: also selected by {}; the older policy {} owns it",
+            others.join(", "),
+            policy.name_any()
+        );
+    }
+    let status = policy.status.clone().unwrap_or_default();
+    let cond = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
+    if let Some(c) = cond("RendezvousReachable").filter(|c| c.status == "False") {
+        let _ = writeln!(
+            out,
+            "rendezvous: unreachable ({}: {}); planning from the last presence read",
+            c.reason, c.message
+        );
+    }
+    match (
+        apply::current(pod).filter(|a| a.policy == policy.name_any()),
+        status.excluded.iter().find(|e| e.pod == name),
+    ) {
+        (_, Some(e)) => {
+            let _ = writeln!(out, "{name}: selected by {}, but left out of the mesh: {}", policy.name_any(), e.reason);
+        }
+        (Some(Assignment { peers, links, .. }), None) => {
+            let _ =
+                writeln!(out, "{name}: in the mesh of {} with {links} links; dials {}", policy.name_any(), peers.len());
+            for p in peers {
+                let _ = writeln!(out, "  → {} {}", short(&p.node_id), p.url);
+            }
+        }
+        (None, None) => {
+            let _ = writeln!(
+                out,
+                "{name}: selected by {} but not assigned yet (mode {:?})",
+                policy.name_any(),
+                policy.spec.mode
+            );
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+/// The published mesh as Graphviz or Mermaid: one edge per link, from dialer to peer, labelled by Pod.
+pub fn graph(policy: &MeshPolicy, pods: &[Pod], format: GraphFormat) -> String {
+    let mine: Vec<(&Pod, Assignment)> = pods
+        .iter()
+        .filter_map(|p| apply::current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a)))
+        .collect();
+    let by_id: BTreeMap<String, String> = mine.iter().map(|(p, _)| (node_id(policy, p), p.name_any())).collect();
+    let label = |id: &str| by_id.get(id).cloned().unwrap_or_else(|| short(id));
+    let mut out = String::new();
+    match format {
+        GraphFormat::Dot => {
+            let _ = writeln!(out, "digraph \"{}\" {{", policy.name_any());
+            for (p, a) in &mine {
+                let _ = writeln!(out, "  \"{}\";", p.name_any());
+                for peer in &a.peers {
+                    let _ = writeln!(out, "  \"{}\" -> \"{}\";", p.name_any(), label(&peer.node_id));
+                }
+            }
+            out.push_str("}\n");
+        }
+        GraphFormat::Mermaid => {
+            out.push_str("graph LR\n");
+            for (p, a) in &mine {
+                for peer in &a.peers {
+                    let _ = writeln!(
+                        out,
+                        "  {}[{}] --> {}[{}]",
+                        mermaid_id(&p.name_any()),
+                        p.name_any(),
+                        mermaid_id(&label(&peer.node_id)),
+                        label(&peer.node_id)
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+fn mermaid_id(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy() -> MeshPolicy {
+        serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
+            "metadata": {"name": "mesh", "namespace": "ci"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "rendezvous": {"url": "http://rv"}, "topologyKey": "zone"},
+            "status": {"excluded": [{"pod": "b", "reason": "Pod is not Ready"}]}}))
+        .unwrap()
+    }
+
+    fn pod(name: &str, id: &str, peers: &[&str]) -> Pod {
+        let peers: Vec<_> = peers.iter().map(|p| json!({"nodeId": p, "url": format!("ws://{p}")})).collect();
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "namespace": "ci", "labels": {"app": "agent", "zone": "z1"},
+            "annotations": {"agentmesh.dev/node-id": id, "agentmesh.dev/peers": serde_json::to_string(&peers).unwrap(),
+                            "agentmesh.dev/links": peers.len().to_string(), "agentmesh.dev/policy": "mesh"}}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn status_explain_and_graph() {
+        let pods = vec![pod("a", "aa", &["cc"]), pod("b", "bb", &[]), pod("c", "cc", &[])];
+        let rows = status_rows(&policy(), &pods);
+        assert_eq!(rows[0].dials, vec!["c".to_string()]);
+        assert_eq!(rows[0].eligibility, "eligible");
+        assert_eq!(rows[1].eligibility, "Pod is not Ready");
+        assert!(explain(&pods[1], &[policy()]).contains("left out of the mesh: Pod is not Ready"));
+        assert!(explain(&pods[0], &[policy()]).contains("1 links"));
+        let mut other = pods[0].clone();
+        other.metadata.labels = None;
+        assert!(explain(&other, &[policy()]).contains("not selected"));
+        assert_eq!(graph(&policy(), &pods, GraphFormat::Dot).matches("->").count(), 1);
+        assert!(graph(&policy(), &pods, GraphFormat::Mermaid).contains("a[a] --> c[c]"));
+    }
+}
