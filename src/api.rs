@@ -229,6 +229,15 @@ mod tests {
     }
 
     #[test]
+    fn helm_chart_carries_the_same_crd() {
+        assert!(
+            include_str!("../deploy/helm/mesh-operator/crds/meshpolicy.yaml")
+                == include_str!("../crds/meshpolicy.yaml"),
+            "deploy/helm/mesh-operator/crds/meshpolicy.yaml differs from crds/meshpolicy.yaml: run `make crd`"
+        );
+    }
+
+    #[test]
     fn minimal_spec_takes_the_documented_defaults() {
         let spec: MeshPolicySpec =
             serde_yaml::from_str("selector: {matchLabels: {app: agent}}\nrendezvous: {url: 'http://rv:8080'}\n")

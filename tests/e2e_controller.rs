@@ -489,3 +489,42 @@ async fn kubectl_mesh_plugin_status_explain_graph() {
     assert_eq!(mermaid.matches("-->").count(), 10, "{mermaid}");
     op.kill().await;
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "sigterm").await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
+        .args([
+            "run",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--identity",
+            "op-term",
+        ])
+        .env("KUBECONFIG", kubeconfig())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        leases.get_opt("mesh-operator").await.unwrap().and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty())
+    };
+    wait_for("the binary to take the Lease", WAIT, || async { holder().await.filter(|h| h == "op-term") }).await;
+    let pid = child.id().unwrap() as i32;
+    assert_eq!(send_sigterm(pid), 0, "sending SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exit within 20 s").unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(holder().await, None, "the Lease was not released");
+}
+
+/// SIGTERM via the kill(1) command, to keep the tests free of unsafe code.
+fn send_sigterm(pid: i32) -> i32 {
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code().unwrap_or(-1)
+}

@@ -224,6 +224,11 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(ns: &str, identity: &str, leader_elect: bool) -> Self {
+        Self::start_as(client().await, ns, identity, leader_elect).await
+    }
+
+    /// Runs the controller with `client`'s credentials (for example a ServiceAccount token).
+    pub async fn start_as(client: Client, ns: &str, identity: &str, leader_elect: bool) -> Self {
         let metrics_addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
@@ -240,7 +245,6 @@ impl Operator {
         };
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());
-        let client = client().await;
         let task = tokio::spawn(mesh_operator::controller::run(client, settings, metrics.clone(), health.clone()));
         Self { metrics, health, metrics_addr, task }
     }
