@@ -42,7 +42,7 @@ kubectl wait --for condition=Established crd/meshpolicies.agentmesh.dev --timeou
 kubectl create namespace "$NS" >/dev/null
 kubectl create serviceaccount default -n "$NS" >/dev/null
 for i in $(seq 0 $((AGENTS - 1))); do
-  id=$(printf '%064x' $(((i + 1) * 2654435761)))
+  id=$(printf "agent-%d" "$i" | sha256sum | cut -c1-64)
   zone=zone-$((i % 3))
   cat <<EOF
 ---

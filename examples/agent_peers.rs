@@ -1,0 +1,48 @@
+//! How an agent turns its peer assignment into dial targets.
+//!
+//! The agent Pod mounts its annotations through a downward-API volume (see docs/agent-integration.md);
+//! the kubelet rewrites `/etc/podinfo/annotations` when they change. Each line is `key="value"` with the
+//! value quoted Go-style, which for this JSON content is also a valid JSON string.
+//!
+//!     cargo run --example agent_peers -- /etc/podinfo/annotations
+use std::collections::BTreeMap;
+
+#[derive(Debug, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Peer {
+    node_id: String,
+    url: String,
+}
+
+/// Parses a downward-API annotations file into key → value.
+fn parse_annotations(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (key, quoted) = line.split_once('=')?;
+            Some((key.to_owned(), serde_json::from_str::<String>(quoted).ok()?))
+        })
+        .collect()
+}
+
+/// The peers this agent must dial: exactly these, replacing the seed's "first k alive peers" choice.
+/// No assignment (not eligible yet, or the mesh disabled) means: dial nobody, accept whoever dials.
+fn dial_targets(annotations: &BTreeMap<String, String>) -> Result<Vec<Peer>, serde_json::Error> {
+    match annotations.get("agentmesh.dev/peers") {
+        Some(json) => serde_json::from_str(json),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn main() {
+    let path = std::env::args().nth(1).unwrap_or_else(|| "/etc/podinfo/annotations".into());
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let annotations = parse_annotations(&text);
+    match dial_targets(&annotations) {
+        Ok(peers) => {
+            for p in peers {
+                println!("dial {} at {}", p.node_id, p.url);
+            }
+        }
+        Err(e) => eprintln!("agentmesh.dev/peers is malformed ({e}); keeping the current links"),
+    }
+}
