@@ -6,7 +6,7 @@ CP := hack/control-plane.sh
 
 test: lint control-plane
 	@set -euo pipefail; eval "$$($(CP) ensure)"; trap '$(CP) stop' EXIT; \
-	  cargo test --locked -- --test-threads=4; \
+	  cargo test --locked --no-fail-fast -- --test-threads=4; \
 	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory image-binary
 

@@ -112,10 +112,12 @@ impl Metrics {
     }
 }
 
-/// What `/readyz` reports: true once every watch has listed its objects.
+/// What `/readyz` reports: true once every watch has listed its objects; and where the endpoints listen.
 #[derive(Default)]
 pub struct Health {
     pub synced: AtomicBool,
+    /// The bound address (useful when asked for port 0).
+    pub addr: std::sync::OnceLock<SocketAddr>,
 }
 
 struct HttpState {
@@ -125,6 +127,7 @@ struct HttpState {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+    let app_health = health.clone();
     let app = Router::new()
         .route("/metrics", get(|State(s): State<Arc<HttpState>>| async move { s.metrics.encode() }))
         .route("/healthz", get(|| async { "ok" }))
@@ -140,5 +143,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>)
         )
         .with_state(Arc::new(HttpState { metrics, health }));
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    let _ = app_health.addr.set(bound);
     axum::serve(listener, app).await
 }

@@ -425,11 +425,15 @@ async fn health_endpoints_and_metrics() {
     fleet(&client, &ns, &rv, 3, |_| None).await;
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     wait_assigned(&client, &ns, 3).await;
-    let base = format!("http://{}", op.metrics_addr);
+    let base = format!("http://{}", op.metrics_addr().await);
     let http = reqwest::Client::new();
     let get = |path: &str| http.get(format!("{base}{path}")).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
-    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    wait_for("/readyz to report the watches synced", WAIT, || async {
+        (get("/readyz").await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    assert!(op.health.synced.load(std::sync::atomic::Ordering::Relaxed));
     let body = get("/metrics").await.unwrap().text().await.unwrap();
     for metric in [
         "mesh_operator_reconciles_total",

@@ -194,7 +194,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         let (pods, nodes, policies, health) = (pods.clone(), nodes.clone(), policies.clone(), health.clone());
         async move {
             let _ = pods.wait_until_ready().await;
+            tracing::debug!("pod cache synced");
             let _ = nodes.wait_until_ready().await;
+            tracing::debug!("node cache synced");
             let _ = policies.wait_until_ready().await;
             health.synced.store(true, Ordering::Relaxed);
             info!("watches synced; ready");

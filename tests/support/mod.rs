@@ -218,7 +218,6 @@ impl Drop for Rendezvous {
 pub struct Operator {
     pub metrics: std::sync::Arc<mesh_operator::telemetry::Metrics>,
     pub health: std::sync::Arc<mesh_operator::telemetry::Health>,
-    pub metrics_addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -229,10 +228,7 @@ impl Operator {
 
     /// Runs the controller with `client`'s credentials (for example a ServiceAccount token).
     pub async fn start_as(client: Client, ns: &str, identity: &str, leader_elect: bool) -> Self {
-        let metrics_addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let metrics_addr = "127.0.0.1:0".parse().unwrap();
         let settings = mesh_operator::controller::Settings {
             metrics_addr,
             leader_elect,
@@ -246,7 +242,13 @@ impl Operator {
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());
         let task = tokio::spawn(mesh_operator::controller::run(client, settings, metrics.clone(), health.clone()));
-        Self { metrics, health, metrics_addr, task }
+        Self { metrics, health, task }
+    }
+
+    /// Where /metrics, /healthz and /readyz listen, once bound.
+    pub async fn metrics_addr(&self) -> std::net::SocketAddr {
+        wait_for("the metrics server to listen", Duration::from_secs(10), || async { self.health.addr.get().copied() })
+            .await
     }
 
     pub fn pod_patches(&self) -> u64 {
