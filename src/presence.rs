@@ -218,6 +218,9 @@ impl Fetcher {
         if let Some(pem) = ca_bundle {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| FetchError::Other(format!("caBundle is not valid PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(FetchError::Other("caBundle holds no PEM certificate".into()));
+            }
             builder = builder.tls_certs_only(certs);
         }
         let client = builder.build().map_err(|e| FetchError::Other(e.to_string()))?;

@@ -160,9 +160,22 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         (None, None)
     };
 
-    let controller = Controller::new(policy_api, watcher::Config::default().any_semantic())
+    // The policy cache reports its initial sync through a channel of its own: the controller already waits
+    // on this store's readiness, and kube-runtime's readiness future wakes only one waiter, so a second
+    // `wait_until_ready` here could sleep forever.
+    let (policies, policy_writer) = reflector::store();
+    let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
+    let policy_stream = watcher(policy_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(policy_writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                let _ = policies_synced_tx.send(true);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8));
-    let policies = controller.store();
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics: metrics.clone(),
@@ -191,15 +204,16 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     });
 
     let ready = {
-        let (pods, nodes, policies, health) = (pods.clone(), nodes.clone(), policies.clone(), health.clone());
+        let (pods, nodes, health) = (pods.clone(), nodes.clone(), health.clone());
+        let namespace_for_log = settings.namespace.clone();
         async move {
             let _ = pods.wait_until_ready().await;
-            tracing::debug!("pod cache synced");
+            tracing::debug!(namespace = ?namespace_for_log, "pod cache synced");
             let _ = nodes.wait_until_ready().await;
-            tracing::debug!("node cache synced");
-            let _ = policies.wait_until_ready().await;
+            tracing::debug!(namespace = ?namespace_for_log, "node cache synced");
+            let _ = policies_synced.wait_for(|synced| *synced).await;
             health.synced.store(true, Ordering::Relaxed);
-            info!("watches synced; ready");
+            info!(namespace = ?namespace_for_log, "watches synced; ready");
         }
     };
     tasks.spawn(ready);
