@@ -25,7 +25,9 @@ const BODY: &str = r#"{"serverNodeId":"rv","nowMs":1000,"nodes":[{"node_id":"aa"
 
 #[tokio::test]
 async fn conditional_get_and_bearer_token() {
-    let seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>> = Arc::default();
+    // (Authorization, If-None-Match) of each request.
+    type Seen = Vec<(Option<String>, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let log = seen.clone();
     let app = Router::new().route(
         "/presence",
