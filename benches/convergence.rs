@@ -115,9 +115,11 @@ async fn main() {
     create_pod(&client, &ns, "joiner", json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
     set_pod_status(&client, &ns, "joiner", "127.250.0.1", true).await;
     rv.add(&id);
+    let joined_at = Instant::now();
     while !assigned.lock().unwrap().contains_key("joiner") {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!("one join into the settled fleet: annotation after {:?}", joined_at.elapsed());
     tokio::time::sleep(Duration::from_secs(3)).await;
     let join = patches().await - before;
     let before = patches().await;
