@@ -268,3 +268,15 @@ fn resilience_at_five_thousand_agents() {
     let share = analysis::largest_component_share(&adj, &targeted);
     assert!(share >= 0.999, "10% targeted failure: {share}");
 }
+
+#[test]
+fn diameter_grows_like_log_n() {
+    // O(log N / log(k−1)): a random k-regular graph's diameter is about log_{k−1} N plus a small constant.
+    for (n, k) in [(1_000usize, 4u32), (2_000, 4), (2_000, 8)] {
+        let p = plan(&members(n, 0, 11), k, "diameter");
+        let (d, exact) = analysis::diameter(&adjacency(&p), 5_000, 0);
+        assert!(exact);
+        let bound = 2.0 * (n as f64).ln() / ((k - 1) as f64).ln() + 2.0;
+        assert!((d as f64) <= bound, "N = {n}, k = {k}: diameter {d} > {bound:.1}");
+    }
+}
