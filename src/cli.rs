@@ -202,11 +202,10 @@ pub fn members_from(path: &str, body: &[u8], heartbeat_timeout: Duration) -> Res
         return Err(InputError::Shape { path: path.into() });
     }
     let snap = presence::parse(body).map_err(|source| InputError::Presence { path: path.into(), source })?;
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     Ok(snap
         .nodes
         .iter()
-        .filter(|n| snap.is_live(n, heartbeat_timeout, now_ms as f64))
+        .filter(|n| snap.is_live(n, heartbeat_timeout, presence::unix_ms()))
         .map(|n| Member { node_id: n.node_id.clone(), domain: None })
         .collect())
 }

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The local wall clock in milliseconds since the epoch, the unit presence uses.
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
+}
+
 /// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Node {

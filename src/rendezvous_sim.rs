@@ -20,6 +20,8 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::presence::unix_ms as now_ms;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FailMode {
@@ -63,10 +65,6 @@ pub type Shared = Arc<Mutex<SimState>>;
 
 pub fn new_state(server_node_id: &str) -> Shared {
     Arc::new(Mutex::new(SimState { server_node_id: server_node_id.into(), ..Default::default() }))
-}
-
-fn now_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
 pub fn router(state: Shared) -> Router {

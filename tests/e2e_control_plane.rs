@@ -81,9 +81,7 @@ async fn service_account_tokens_authenticate_and_rbac_authorizes() {
     assert!(out.status.success(), "TokenRequest failed: {}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap();
 
-    let mut config = config().await;
-    config.auth_info = kube::config::AuthInfo { token: Some(token.trim().to_string().into()), ..Default::default() };
-    let sa_client = kube::Client::try_from(config).unwrap();
+    let sa_client = client_with_token(&token).await;
     let err = Api::<Pod>::namespaced(sa_client, &ns).list(&Default::default()).await.unwrap_err();
     // Authenticated as the ServiceAccount (not 401) and denied by RBAC (403), naming the identity.
     match err {

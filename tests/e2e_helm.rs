@@ -157,9 +157,7 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
 
     // The controller, authenticated as that ServiceAccount, runs a basic scenario.
     let token = ok(tool("kubectl", &["create", "token", sa, "-n", &ns, "--duration", "1h"]), "kubectl create token");
-    let mut config = config().await;
-    config.auth_info = kube::config::AuthInfo { token: Some(token.trim().to_string().into()), ..Default::default() };
-    let sa_client = kube::Client::try_from(config).unwrap();
+    let sa_client = client_with_token(&token).await;
     let rv = Rendezvous::start().await;
     rv.state.lock().unwrap().token = Some("join".into());
     let secret: k8s_openapi::api::core::v1::Secret =

@@ -24,7 +24,7 @@ use super::status::{self, Verdict};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, PresenceState};
 use crate::api::{MeshPolicy, MeshPolicyStatus, Mode, POLICY_ANNOTATION};
 use crate::planner::{self, analysis};
-use crate::presence::{FetchError, Fetched, Request, Snapshot};
+use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms as now_ms};
 use crate::{duration, telemetry};
 
 pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -91,10 +91,6 @@ pub fn validate(policy: &MeshPolicy) -> Result<Settings, String> {
     Selector::try_from(spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
     let presence_url = format!("{}{}", spec.rendezvous.url.trim_end_matches('/'), spec.rendezvous.presence_path);
     Ok(Settings { poll_interval, timeout, heartbeat_timeout, presence_url })
-}
-
-fn now_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
 /// The older policy owns a Pod two policies select: creation time, then name, decide.

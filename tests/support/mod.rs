@@ -59,6 +59,13 @@ pub async fn config() -> Config {
     config
 }
 
+/// A client that authenticates with a bearer `token` (a ServiceAccount's) instead of the admin certificate.
+pub async fn client_with_token(token: &str) -> Client {
+    let mut config = config().await;
+    config.auth_info = kube::config::AuthInfo { token: Some(token.trim().to_string().into()), ..Default::default() };
+    Client::try_from(config).expect("a client")
+}
+
 pub async fn client() -> Client {
     // RUST_LOG=mesh_operator=debug shows the in-process controller's logs.
     if std::env::var_os("RUST_LOG").is_some() {
