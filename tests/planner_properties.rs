@@ -155,7 +155,9 @@ proptest! {
     }
 
     #[test]
-    fn domain_spread_and_zone_loss(n in 30usize..600, k in 4u32..=10, zones in 2usize..6, salt: u64) {
+    fn domain_spread_and_zone_loss(n in 30usize..600, k in 3u32..=10, zones in 2usize..6, salt: u64) {
+        // k = 3 with exactly two domains is best effort (see README, Known limitations).
+        prop_assume!(k >= 4 || zones >= 3);
         let m = members(n, zones, salt);
         let p = plan(&m, k, "uid");
         let adj = adjacency(&p);
