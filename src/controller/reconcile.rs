@@ -140,7 +140,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     // membership
     let node_domain = |node: &str| -> Option<String> {
         let key = policy.spec.topology_key.as_deref()?;
-        let meta = ctx.nodes.state().into_iter().find(|n| n.name_any() == node)?;
+        let meta = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(node))?;
         meta.labels().get(key).cloned()
     };
     let rules = membership::Rules {
