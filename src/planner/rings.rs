@@ -80,7 +80,7 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
         }
     }
     if b.domains > 1 {
-        b.spread_domains(&backbone);
+        b.spread_domains(&backbone, previous);
     }
     for &(u, v) in &previous.edges {
         if b.g.has_edge(u, v) {
@@ -204,10 +204,9 @@ impl Builder {
     }
 
     /// One more link for every member but (n odd) one: first the previous plan's pairs that are still
-    /// free, then the rest paired along the auxiliary order.
-    /// One more link for every member but (n odd) one: first the previous plan's pairs that are still
-    /// free, then the rest paired along the auxiliary order, preferring a partner from another domain
-    /// among the next few.
+    /// free; then members with no cross-domain link yet, each paired across domains (the domain rule for
+    /// odd k hinges on this link: with k = 3 and two domains the backbone leaves every arc-interior member
+    /// needing it); then the rest along the auxiliary order, preferring a partner from another domain.
     fn matching(&mut self, previous: &Previous) {
         let n = self.n;
         // A previous link whose ends now sit two apart on a ring, around a member that just joined, was
@@ -232,16 +231,28 @@ impl Builder {
         self.mate = vec![NO_MATE; n];
         for (a, b) in kept {
             if self.mate[a as usize] == NO_MATE && self.mate[b as usize] == NO_MATE && !self.g.has_edge(a, b) {
-                (self.mate[a as usize], self.mate[b as usize]) = (b, a);
-                self.g.add_edge(a, b, self.pos_aux[a as usize] < self.pos_aux[b as usize]);
+                self.pair(a, b);
             }
         }
         let mut open: Vec<u32> = self.aux.iter().copied().filter(|&u| self.mate[u as usize] == NO_MATE).collect();
         if open.len() % 2 == 1 {
             // The one member left at k−1 links: one that already has a cross-domain link, so the domain
-            // rule holds for it without a link to spare.
-            let spare = open.iter().position(|&u| self.has_cross_link(u)).unwrap_or(open.len() - 1);
+            // rule holds for it without a link to spare; failing that, one from the largest domain, whose
+            // members are the likeliest to run out of partners across.
+            let spare = open.iter().position(|&u| self.has_cross_link(u)).unwrap_or_else(|| {
+                let mut count = std::collections::HashMap::<u32, usize>::new();
+                open.iter().for_each(|&u| *count.entry(self.dom[u as usize]).or_default() += 1);
+                let largest =
+                    (0..self.domains).max_by_key(|d| (count.get(d).copied().unwrap_or(0), std::cmp::Reverse(*d)));
+                open.iter()
+                    .rposition(|&u| Some(self.dom[u as usize]) == largest)
+                    .expect("a member of the largest domain")
+            });
             open.remove(spare);
+        }
+        if self.domains > 1 {
+            self.pair_needy_across_domains(&open);
+            open.retain(|&u| self.mate[u as usize] == NO_MATE);
         }
         const WINDOW: usize = 8;
         let mut paired = vec![false; open.len()];
@@ -263,10 +274,53 @@ impl Builder {
             if self.g.has_edge(u, v) {
                 self.deficits.push((u, v));
             } else {
-                (self.mate[u as usize], self.mate[v as usize]) = (v, u);
-                self.g.add_edge(u, v, true);
+                self.pair(u, v);
             }
         }
+    }
+
+    /// Pairs the `open` members that have no cross-domain link with partners from other domains: needy
+    /// with needy while two domains still have some (always the two with most left, so no domain is
+    /// stranded when none holds a majority), then the remaining needy with open members of other domains
+    /// that need nothing. A needy member is adjacent to no other domain, so none of these pairs is a
+    /// duplicate link.
+    fn pair_needy_across_domains(&mut self, open: &[u32]) {
+        let mut needy: std::collections::BTreeMap<u32, std::collections::VecDeque<u32>> = Default::default();
+        for &u in open.iter().filter(|&&u| !self.has_cross_link(u)) {
+            needy.entry(self.dom[u as usize]).or_default().push_back(u);
+        }
+        let mut heap: std::collections::BinaryHeap<(usize, std::cmp::Reverse<u32>)> =
+            needy.iter().map(|(&d, q)| (q.len(), std::cmp::Reverse(d))).collect();
+        while heap.len() >= 2 {
+            let (_, std::cmp::Reverse(a)) = heap.pop().expect("two domains");
+            let (_, std::cmp::Reverse(b)) = heap.pop().expect("two domains");
+            let (u, v) = (needy.get_mut(&a).and_then(|q| q.pop_front()), needy.get_mut(&b).and_then(|q| q.pop_front()));
+            self.pair(u.expect("non-empty bucket"), v.expect("non-empty bucket"));
+            for d in [a, b] {
+                let left = needy[&d].len();
+                if left > 0 {
+                    heap.push((left, std::cmp::Reverse(d)));
+                }
+            }
+        }
+        let Some((_, std::cmp::Reverse(d))) = heap.pop() else {
+            return;
+        };
+        let helpers = open
+            .iter()
+            .copied()
+            .filter(|&v| self.mate[v as usize] == NO_MATE && self.dom[v as usize] != d)
+            .collect::<Vec<_>>();
+        let stranded = needy.remove(&d).unwrap_or_default();
+        for (u, v) in stranded.into_iter().zip(helpers) {
+            self.pair(u, v);
+        }
+    }
+
+    /// Links `u` and `v` as matching partners, dialed by the one earlier in the auxiliary order.
+    fn pair(&mut self, u: u32, v: u32) {
+        (self.mate[u as usize], self.mate[v as usize]) = (v, u);
+        self.g.add_edge(u, v, self.pos_aux[u as usize] < self.pos_aux[v as usize]);
     }
 
     /// Whether `w` has a cross-domain link (or needs none) after trading its link to `lost` for one to `gained`.
@@ -336,35 +390,50 @@ impl Builder {
         }
     }
 
-    fn spread_domains(&mut self, backbone: &[u32]) {
+    /// Gives every member whose links all stay in its domain one cross-domain link, by a switch
+    /// u–v, x–y → u–x, v–y. A replan first tries the previous plan's switch for `u`, so that one changed
+    /// choice does not cascade along the walk into choices that were fine.
+    fn spread_domains(&mut self, backbone: &[u32], previous: &Previous) {
+        let mut before: Vec<Vec<u32>> = vec![Vec::new(); self.n];
+        for &(a, b) in &previous.edges {
+            before[a as usize].push(b);
+            before[b as usize].push(a);
+        }
         for &u in backbone {
-            let du = self.dom[u as usize];
-            if self.g.degree(u) == 0 || self.has_cross_link(u) {
-                continue;
+            self.spread_one(u, &before);
+        }
+    }
+
+    fn spread_one(&mut self, u: u32, before: &[Vec<u32>]) {
+        let du = self.dom[u as usize];
+        if self.g.degree(u) == 0 || self.has_cross_link(u) {
+            return;
+        }
+        let was_linked = |a: u32, b: u32| before[a as usize].contains(&b);
+        // Of the links u may give up, the one the previous plan did not have: the one it traded away.
+        let Some(v) =
+            self.g.neighbors(u).iter().copied().filter(|&v| self.removable(u, v)).min_by_key(|&v| was_linked(u, v))
+        else {
+            return;
+        };
+        let choose = |x: u32, remembered: bool| -> Option<(u32, u32)> {
+            if self.dom[x as usize] == du || x == u || self.g.has_edge(u, x) {
+                return None;
             }
-            let Some(v) = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v)) else {
-                continue;
-            };
-            let found = self.walk_from(u).find_map(|x| {
-                if self.dom[x as usize] == du || self.g.has_edge(u, x) {
-                    return None;
-                }
-                self.g
-                    .neighbors(x)
-                    .iter()
-                    .copied()
-                    .find(|&y| {
-                        y != v
-                            && !self.g.has_edge(v, y)
-                            && self.removable(x, y)
-                            && self.cross_after(v, u, y)
-                            && self.cross_after(y, x, v)
-                    })
-                    .map(|y| (x, y))
-            });
-            if let Some(xy) = found {
-                self.switch((u, v), xy, true);
-            }
+            let y = self.g.neighbors(x).iter().copied().find(|&y| {
+                (!remembered || was_linked(v, y))
+                    && y != v
+                    && !self.g.has_edge(v, y)
+                    && self.removable(x, y)
+                    && self.cross_after(v, u, y)
+                    && self.cross_after(y, x, v)
+            })?;
+            Some((x, y))
+        };
+        let found = (before[u as usize].iter().find_map(|&x| choose(x, true)))
+            .or_else(|| self.walk_from(u).find_map(|x| choose(x, false)));
+        if let Some(xy) = found {
+            self.switch((u, v), xy, true);
         }
     }
 
