@@ -3,7 +3,8 @@
 //!
 //! Admin API (JSON): `POST /admin/agents` `{nodeId, address, hostname?}` adds or replaces an agent;
 //! `DELETE /admin/agents/{id}` removes it; `POST /admin/agents/{id}/kill` marks it not alive;
-//! `POST /admin/agents/{id}/stop-heartbeat` freezes its heartbeat; `POST /admin/token` `{token}` requires a
+//! `POST /admin/agents/{id}/stop-heartbeat` freezes its heartbeat; `POST /admin/agents/{id}/zone` `{zone}`
+//! sets the zone it reports (null: none); `POST /admin/token` `{token}` requires a
 //! bearer token (null: none); `POST /admin/fail` `{mode}` with mode `none`, `status500`, `hang`, `garbage` or
 //! `oversized`; `GET /admin/state` shows it all.
 use std::collections::BTreeMap;
@@ -17,8 +18,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio_rustls::TlsAcceptor;
 
 use crate::presence::unix_ms as now_ms;
 
@@ -40,6 +45,10 @@ pub struct SimAgent {
     pub address: String,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The zone the agent reports, as a rendezvous that carries one would. mesh-operator itself takes an
+    /// agent's domain from its Pod or Node label (DESIGN §3.1); tests and the demo label Pods from this.
+    #[serde(default)]
+    pub zone: Option<String>,
     #[serde(default = "yes")]
     pub alive: bool,
     /// Frozen heartbeat (ms); `None` while heartbeating.
@@ -75,6 +84,7 @@ pub fn router(state: Shared) -> Router {
         .route("/admin/agents/{id}", axum::routing::delete(remove_agent))
         .route("/admin/agents/{id}/kill", post(kill_agent))
         .route("/admin/agents/{id}/stop-heartbeat", post(stop_heartbeat))
+        .route("/admin/agents/{id}/zone", post(set_zone))
         .route("/admin/token", post(set_token))
         .route("/admin/fail", post(set_fail))
         .with_state(state)
@@ -97,7 +107,7 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             .map(|a| {
                 let seen = a.frozen_at_ms.unwrap_or(now);
                 json!({"node_id": a.node_id, "address": a.address, "alive": a.alive,
-                       "last_seen": seen / 1000.0, "last_seen_ms": seen, "hostname": a.hostname})
+                       "last_seen": seen / 1000.0, "last_seen_ms": seen, "hostname": a.hostname, "zone": a.zone})
             })
             .collect();
         (st.fail, json!({"serverNodeId": st.server_node_id, "nowMs": now, "nodes": nodes}))
@@ -154,6 +164,15 @@ async fn stop_heartbeat(State(s): State<Shared>, Path(id): Path<String>) -> Stat
 }
 
 #[derive(Deserialize)]
+struct ZoneBody {
+    zone: Option<String>,
+}
+
+async fn set_zone(State(s): State<Shared>, Path(id): Path<String>, Json(b): Json<ZoneBody>) -> StatusCode {
+    with_agent(&s, &id, |a| a.zone = b.zone)
+}
+
+#[derive(Deserialize)]
 struct TokenBody {
     token: Option<String>,
 }
@@ -173,7 +192,55 @@ async fn set_fail(State(s): State<Shared>, Json(b): Json<FailBody>) -> StatusCod
     StatusCode::NO_CONTENT
 }
 
-/// Serves the simulator on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: Shared) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+/// Serves the simulator on `listener` until the task is dropped; over TLS when `tls` is given.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Shared,
+    tls: Option<Arc<ServerConfig>>,
+) -> std::io::Result<()> {
+    match tls {
+        None => axum::serve(listener, router(state)).await,
+        Some(config) => axum::serve(TlsListener { tcp: listener, tls: TlsAcceptor::from(config) }, router(state)).await,
+    }
+}
+
+/// A rustls server configuration from a PEM certificate chain and a PEM private key.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
+    crate::presence::install_crypto_provider();
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("TLS certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("TLS certificate: no PEM certificate found".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("TLS key: {e}"))?;
+    let config =
+        ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and completes the TLS handshake; a failed handshake drops that connection only.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
+            match tokio::time::timeout(Duration::from_secs(5), self.tls.accept(tcp)).await {
+                Ok(Ok(stream)) => return (stream, addr),
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }

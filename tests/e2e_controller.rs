@@ -227,12 +227,23 @@ async fn rendezvous_outages_never_dismantle_the_mesh() {
     check_mesh(&before, &pod_ids(&ids), 4);
     wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
 
-    // (e) down (connection refused) for longer than the heartbeat timeout: nothing changes
+    // (e) down (connection refused) for a minute, twelve heartbeat timeouts: nothing changes
     rv.stop().await;
+    let down = std::time::Instant::now();
     let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "ConnectionFailed").await;
     assert_eq!(condition(&p, "Degraded").unwrap().1, "StalePresence");
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    assert_eq!(assignments(&client, &ns).await, before, "the outage changed assignments");
+    while down.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            assignments(&client, &ns).await,
+            before,
+            "the outage changed assignments after {:?}",
+            down.elapsed()
+        );
+    }
+    let p = policy(&client, &ns, "mesh").await;
+    assert_eq!(condition(&p, "RendezvousReachable").unwrap().0, "False");
+    assert_eq!(p.status.as_ref().unwrap().eligible, 12, "the outage aged out agents");
     // Pod changes still count: a deleted agent leaves the mesh during the outage.
     Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-0", &DeleteParams::default()).await.unwrap();
     wait_for("agent-0 to leave during the outage", WAIT, || async {
@@ -299,6 +310,31 @@ async fn join_token_from_a_secret() {
     for place in [p, events, format!("{a:?}")] {
         assert!(!place.contains("s3cret-join-token"), "token leaked: {place}");
     }
+    op.kill().await;
+}
+
+#[tokio::test]
+async fn https_rendezvous_with_a_ca_bundle() {
+    let (client, ns, _) = setup("https").await;
+    let (ca, cert, key) = test_ca();
+    let tls = mesh_operator::rendezvous_sim::tls_config(cert.as_bytes(), key.as_bytes()).unwrap();
+    let rv = Rendezvous::start_with(Some(tls)).await;
+    assert!(rv.url().starts_with("https://"));
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 6, |_| None).await;
+    // Without the CA the certificate is not trusted…
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "ConnectionFailed").await;
+    assert!(condition(&p, "RendezvousReachable").unwrap().2.to_lowercase().contains("certificate"), "{p:?}");
+    assert!(assignments(&client, &ns).await.values().all(Option::is_none), "assigned without presence");
+    // …with it in caBundle, presence is read over https.
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns)
+        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"rendezvous": {"caBundle": ca}}})))
+        .await
+        .unwrap();
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let a = wait_assigned(&client, &ns, 6).await;
+    check_mesh(&a, &pod_ids(&ids), 4);
     op.kill().await;
 }
 

@@ -168,20 +168,26 @@ pub async fn install_crd(client: &Client) {
 pub struct Rendezvous {
     pub addr: std::net::SocketAddr,
     pub state: mesh_operator::rendezvous_sim::Shared,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Rendezvous {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Serves https with `tls` (see [`test_ca`]).
+    pub async fn start_with(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = mesh_operator::rendezvous_sim::new_state("rendezvous-node");
-        let task = tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, state.clone()));
-        Self { addr, state, task: Some(task) }
+        let task = tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, state.clone(), tls.clone()));
+        Self { addr, state, tls, task: Some(task) }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.addr)
     }
 
     /// Stops listening: requests are refused until [`Rendezvous::resume`].
@@ -194,7 +200,8 @@ impl Rendezvous {
 
     pub async fn resume(&mut self) {
         let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebinding the rendezvous port");
-        self.task = Some(tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, self.state.clone())));
+        let serve = mesh_operator::rendezvous_sim::serve(listener, self.state.clone(), self.tls.clone());
+        self.task = Some(tokio::spawn(serve));
     }
 
     pub fn add(&self, node_id: &str) {
@@ -202,6 +209,7 @@ impl Rendezvous {
             node_id: node_id.into(),
             address: "ws://0.0.0.0:3001/crdt-sync".into(),
             hostname: None,
+            zone: None,
             alive: true,
             frozen_at_ms: None,
         };
@@ -292,4 +300,21 @@ pub async fn fleet(
         ids.push(id);
     }
     ids
+}
+
+/// A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost:
+/// (the CA's PEM, the server's certificate PEM, the server's key PEM).
+pub fn test_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    (ca_pem, server.pem(), server_key.serialize_pem())
 }

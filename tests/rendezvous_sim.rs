@@ -1,0 +1,99 @@
+//! The rendezvous simulator's admin API, driven over HTTP as the demo drives it, and its https mode read
+//! by the presence client with and without the right `caBundle`.
+mod support;
+
+use std::time::Duration;
+
+use mesh_operator::presence::{Fetched, Fetcher, Request, Snapshot};
+use mesh_operator::rendezvous_sim::{new_state, serve, tls_config};
+use serde_json::{Value, json};
+
+async fn start(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tokio::spawn(serve(listener, new_state("rv"), tls));
+    format!("{scheme}://{addr}")
+}
+
+fn request<'a>(url: &'a str, ca_bundle: Option<&'a str>) -> Request<'a> {
+    Request { url, token: None, ca_bundle, timeout: Duration::from_secs(3), etag: None }
+}
+
+async fn snapshot(fetcher: &Fetcher, url: &str, token: Option<&str>) -> Snapshot {
+    let req = Request { token, ..request(url, None) };
+    match fetcher.fetch(&req).await {
+        Ok(Fetched::New { snapshot, .. }) => snapshot,
+        Ok(Fetched::NotModified) => panic!("no ETag was sent"),
+        Err(e) => panic!("presence from {url}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn admin_api_changes_what_presence_reports() {
+    let base = start(None).await;
+    mesh_operator::presence::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}")).header("content-type", "application/json").body(body.to_string()).send()
+    };
+    for id in ["a1", "a2", "a3"] {
+        let agent = json!({"nodeId": id, "address": "ws://0.0.0.0:3001/crdt-sync", "hostname": format!("pod-{id}")});
+        assert_eq!(post("/admin/agents", agent).await.unwrap().status(), 204);
+    }
+    assert_eq!(post("/admin/agents/a1/zone", json!({"zone": "zone-b"})).await.unwrap().status(), 204);
+    assert_eq!(post("/admin/agents/a2/kill", json!({})).await.unwrap().status(), 204);
+    assert_eq!(post("/admin/agents/a3/stop-heartbeat", json!({})).await.unwrap().status(), 204);
+    assert_eq!(post("/admin/agents/nobody/kill", json!({})).await.unwrap().status(), 404);
+
+    let fetcher = Fetcher::new(1 << 20);
+    let presence = format!("{base}/presence");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let snap = snapshot(&fetcher, &presence, None).await;
+    assert_eq!(snap.server_node_id.as_deref(), Some("rv"));
+    let by_id = |id: &str| snap.nodes.iter().find(|n| n.node_id == id).unwrap().clone();
+    let (a1, a2, a3) = (by_id("a1"), by_id("a2"), by_id("a3"));
+    assert!(a1.alive && !a2.alive && a3.alive);
+    assert_eq!(a1.hostname.as_deref(), Some("pod-a1"));
+    let now = snap.now_ms.unwrap();
+    assert!(now - a1.heartbeat_ms().unwrap() < 100.0, "a1 heartbeats");
+    assert!(now - a3.heartbeat_ms().unwrap() >= 1000.0, "a3's heartbeat stopped");
+    let raw: Value = serde_json::from_str(&http.get(&presence).send().await.unwrap().text().await.unwrap()).unwrap();
+    let zone = raw["nodes"].as_array().unwrap().iter().find(|n| n["node_id"] == "a1").unwrap()["zone"].clone();
+    assert_eq!(zone, "zone-b");
+
+    // A required token, then failures on purpose.
+    post("/admin/token", json!({"token": "t0k"})).await.unwrap();
+    assert_eq!(fetcher.fetch(&request(&presence, None)).await.err().unwrap().reason(), "Unauthorized");
+    assert_eq!(snapshot(&fetcher, &presence, Some("t0k")).await.nodes.len(), 3);
+    post("/admin/token", json!({"token": null})).await.unwrap();
+    for (mode, reason) in [("status500", "HTTPStatus"), ("garbage", "MalformedBody"), ("oversized", "BodyTooLarge")] {
+        assert_eq!(post("/admin/fail", json!({"mode": mode})).await.unwrap().status(), 204);
+        assert_eq!(fetcher.fetch(&request(&presence, None)).await.err().unwrap().reason(), reason, "{mode}");
+    }
+    post("/admin/fail", json!({"mode": "hang"})).await.unwrap();
+    let hang = Request { timeout: Duration::from_millis(300), ..request(&presence, None) };
+    assert_eq!(fetcher.fetch(&hang).await.err().unwrap().reason(), "Timeout");
+    post("/admin/fail", json!({"mode": "none"})).await.unwrap();
+    assert_eq!(http.delete(format!("{base}/admin/agents/a2")).send().await.unwrap().status(), 204);
+    assert_eq!(snapshot(&fetcher, &presence, None).await.nodes.len(), 2);
+}
+
+#[tokio::test]
+async fn https_presence_needs_the_right_ca_bundle() {
+    let (ca, cert, key) = support::test_ca();
+    let base = start(Some(tls_config(cert.as_bytes(), key.as_bytes()).unwrap())).await;
+    let presence = format!("{base}/presence");
+    let fetcher = Fetcher::new(1 << 20);
+    assert!(matches!(fetcher.fetch(&request(&presence, Some(&ca))).await, Ok(Fetched::New { .. })));
+
+    let (other_ca, _, _) = support::test_ca();
+    let wrong = fetcher.fetch(&request(&presence, Some(&other_ca))).await.err().expect("an untrusted certificate");
+    assert_eq!(wrong.reason(), "ConnectionFailed", "{wrong}");
+    assert!(wrong.to_string().to_lowercase().contains("certificate"), "{wrong}");
+    let no_bundle = fetcher.fetch(&request(&presence, None)).await.err().expect("no trust for a private CA");
+    assert!(no_bundle.to_string().to_lowercase().contains("certificate"), "{no_bundle}");
+    // A server certificate is not a key, and a key is not a certificate.
+    assert!(tls_config(key.as_bytes(), key.as_bytes()).unwrap_err().contains("certificate"));
+    assert!(tls_config(cert.as_bytes(), cert.as_bytes()).unwrap_err().contains("key"));
+}
