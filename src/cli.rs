@@ -51,9 +51,10 @@ pub struct RunArgs {
     /// Pod patches in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub apply_concurrency: u64,
-    /// Watch only this namespace (for namespace-scoped RBAC).
-    #[arg(long)]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (for namespace-scoped RBAC): repeat the flag or separate with commas.
+    /// All namespaces when not given.
+    #[arg(long = "namespace", value_delimiter = ',', value_parser = parse_namespace)]
+    pub namespaces: Vec<String>,
     #[arg(long, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
 }
@@ -103,6 +104,15 @@ pub enum Format {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let dns_label = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if dns_label { Ok(s.to_owned()) } else { Err(format!("{s:?} is not a namespace name (an RFC 1123 label)")) }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -162,7 +172,7 @@ fn run(args: RunArgs) -> ExitCode {
         identity,
         max_presence_bytes: args.max_presence_bytes as usize,
         apply_concurrency: args.apply_concurrency as usize,
-        namespace: args.namespace,
+        namespaces: args.namespaces,
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {

@@ -46,8 +46,21 @@ fn chart_lints_and_renders() {
     let docs = render("mo", "ops", &[]);
     assert_eq!(
         kinds(&docs),
-        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
+        ]
     );
+    let vap = docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicy").unwrap();
+    let who = vap["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
+    assert!(who.contains("system:serviceaccount:ops:mo'"), "{who}");
     let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(deploy["spec"]["replicas"], 2);
@@ -71,9 +84,11 @@ fn chart_lints_and_renders() {
             "podDisruptionBudget.enabled=true",
             "joinTokenSecrets[0].namespace=ci",
             "joinTokenSecrets[0].name=tok",
+            "admissionPolicy.enabled=false",
         ],
     );
     let k = kinds(&docs);
+    assert!(!k.iter().any(|k| k.starts_with("ValidatingAdmissionPolicy")), "{k:?}");
     for want in ["ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"] {
         assert!(k.contains(&want.to_string()), "{want} missing: {k:?}");
     }
@@ -189,4 +204,115 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         0
     );
     op.kill().await;
+}
+
+/// `watchNamespaces` with two namespaces: Roles in exactly those, the controller (with the chart's
+/// ServiceAccount) serving both, and the admission policy holding its Pod and MeshPolicy writes to the
+/// fields it owns, which RBAC alone cannot.
+#[tokio::test]
+async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narrows_writes() {
+    let admin = client().await;
+    install_crd(&admin).await;
+    let (ops, ci_a, ci_b) =
+        (namespace(&admin, "ops").await, namespace(&admin, "ci-a").await, namespace(&admin, "ci-b").await);
+    let release = format!("mo-{}", &ops[ops.len() - 6..]);
+    let namespaces = format!("watchNamespaces={{{ci_a},{ci_b}}}");
+    let args = ["template", &release, CHART, "--namespace", &ops, "--kube-version", "1.36.3", "--set", &namespaces];
+    let rendered = ok(tool("helm", &args), "helm template");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect();
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let flags = &deploy["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(flags.as_sequence().unwrap().iter().any(|a| a.as_str() == Some(&format!("--namespace={ci_a},{ci_b}"))));
+    // As `helm install -n ops` does: namespaced objects without a namespace go to the release's.
+    let cluster_scoped =
+        ["ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
+    let placed: Vec<String> = docs
+        .into_iter()
+        .map(|mut d| {
+            let kind = d["kind"].as_str().unwrap().to_owned();
+            if !cluster_scoped.contains(&kind.as_str()) && d["metadata"].get("namespace").is_none() {
+                d["metadata"]["namespace"] = ops.clone().into();
+            }
+            serde_yaml::to_string(&d).unwrap()
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("{release}.yaml"));
+    std::fs::write(&file, placed.join("---\n")).unwrap();
+    ok(tool("kubectl", &["apply", "-f", file.to_str().unwrap()]), "kubectl apply");
+
+    for (args, allowed) in [
+        (vec!["patch", "pods", "-n", ci_a.as_str()], true),
+        (vec!["watch", "meshpolicies.agentmesh.dev", "-n", ci_b.as_str()], true),
+        (vec!["watch", "pods", "-n", ops.as_str()], false),
+        (vec!["watch", "pods", "-n", "default"], false),
+        (vec!["list", "pods", "--all-namespaces"], false),
+        (vec!["update", "leases.coordination.k8s.io", "-n", ops.as_str()], true),
+        (vec!["watch", "nodes"], true),
+    ] {
+        assert_eq!(can_i(&ops, &release, &args), allowed, "can-i {args:?}");
+    }
+
+    let token = ok(tool("kubectl", &["create", "token", &release, "-n", &ops, "--duration", "1h"]), "create token");
+    let sa_client = client_with_token(&token).await;
+    let rv = Rendezvous::start().await;
+    let op = Operator::start_watching(sa_client.clone(), &ops, &[&ci_a, &ci_b], "chart-sa", true).await;
+    for ns in [&ci_a, &ci_b] {
+        fleet(&admin, ns, &rv, 5, |_| None).await;
+        let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1",
+            "kind": "MeshPolicy", "metadata": {"name": "mesh"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "maxPeers": 2,
+                     "rendezvous": {"url": rv.url(), "pollInterval": "1s", "timeout": "1s"}}}))
+        .unwrap();
+        Api::<MeshPolicy>::namespaced(admin.clone(), ns).create(&PostParams::default(), &mp).await.unwrap();
+    }
+    for ns in [&ci_a, &ci_b] {
+        let policies: Api<MeshPolicy> = Api::namespaced(admin.clone(), ns);
+        wait_for(&format!("the controller to assign the 5 agents in {ns}"), Duration::from_secs(60), || async {
+            let st = policies.get("mesh").await.ok()?.status?;
+            (st.assigned == 5 && st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")).then_some(())
+        })
+        .await;
+    }
+    op.kill().await;
+
+    // The admission policy: as the operator's ServiceAccount, only its own annotations and finalizers move.
+    use kube::api::{Patch, PatchParams};
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(sa_client.clone(), &ci_a);
+    let merge = |body: serde_json::Value| Patch::Merge(body);
+    let denied = |r: Result<k8s_openapi::api::core::v1::Pod, kube::Error>, what: &str| match r {
+        Err(kube::Error::Api(s)) => {
+            assert!(s.message.contains("mesh-operator may"), "{what}: denied, but not by the admission policy: {s:?}")
+        }
+        other => panic!("{what} was allowed: {other:?}"),
+    };
+    let pp = PatchParams::default();
+    denied(pods.patch("agent-0", &pp, &merge(json!({"metadata": {"labels": {"app": "other"}}}))).await, "a label");
+    denied(
+        pods.patch("agent-0", &pp, &merge(json!({"metadata": {"annotations": {"agentmesh.dev/node-id": "ff"}}}))).await,
+        "the node-id annotation",
+    );
+    denied(
+        pods.patch("agent-0", &pp, &merge(json!({"metadata": {"finalizers": ["x.dev/hold"]}}))).await,
+        "a finalizer",
+    );
+    denied(pods.patch("agent-0", &pp, &merge(json!({"spec": {"activeDeadlineSeconds": 60}}))).await, "the spec");
+    pods.patch("agent-0", &pp, &merge(json!({"metadata": {"annotations": {"agentmesh.dev/links": "2"}}})))
+        .await
+        .expect("its own annotation");
+    let policies: Api<MeshPolicy> = Api::namespaced(sa_client, &ci_a);
+    let spec_change = policies.patch("mesh", &pp, &merge(json!({"spec": {"maxPeers": 8}}))).await;
+    assert!(
+        matches!(&spec_change, Err(kube::Error::Api(s)) if s.message.contains("may not change the spec")),
+        "{spec_change:?}"
+    );
+    let finalizers = json!({"metadata": {"finalizers": ["agentmesh.dev/cleanup", "agentmesh.dev/test"]}});
+    policies.patch("mesh", &pp, &merge(finalizers)).await.expect("finalizers are the operator's to change");
+    // The same requests from anyone else are not this policy's business.
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), &ci_a)
+        .patch("agent-0", &pp, &merge(json!({"metadata": {"labels": {"team": "x"}}})))
+        .await
+        .expect("the admin is not held by the operator's policy");
 }

@@ -70,8 +70,9 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub policies: Store<MeshPolicy>,
-    pub fetcher: Fetcher,
-    pub presence: Mutex<HashMap<String, PresenceState>>,
+    pub fetcher: Arc<Fetcher>,
+    /// Per policy UID: its own lock, so a slow rendezvous holds up only the policies that use it.
+    pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
     pub leader: Arc<AtomicBool>,
     pub apply_concurrency: usize,
 }
@@ -84,8 +85,8 @@ pub struct Settings {
     pub identity: String,
     pub max_presence_bytes: usize,
     pub apply_concurrency: usize,
-    /// Watch one namespace only (Role-only RBAC); all namespaces when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (Role-only RBAC); all namespaces when empty.
+    pub namespaces: Vec<String>,
 }
 
 /// Drops what the controller never reads from a cached Pod, so a large fleet costs little memory.
@@ -121,7 +122,9 @@ fn policies_for_pod(pod: &Pod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<Me
         .collect()
 }
 
-/// Runs the controller until SIGTERM/SIGINT; releases the Lease on the way out.
+/// Runs the controller until SIGTERM/SIGINT; releases the Lease on the way out. With namespaces given,
+/// one controller per namespace (each with its own watches, as namespace-scoped RBAC requires) shares the
+/// client, metrics, Node cache, presence client and Lease; without, one controller watches all.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<()> {
     let (metrics_for_server, health_for_server) = (metrics.clone(), health.clone());
     let leader = Arc::new(AtomicBool::new(!settings.leader_elect));
@@ -134,24 +137,13 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         }
     });
 
-    let (policy_api, pod_api, node_api): (Api<MeshPolicy>, Api<Pod>, Api<PartialObjectMeta<Node>>) =
-        match &settings.namespace {
-            Some(ns) => {
-                (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::all(client.clone()))
-            }
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
-        };
-    let (pods, pod_writer) = reflector::store();
-    let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(trim_pod)
-        .reflect(pod_writer)
-        .touched_objects();
     let (nodes, node_writer) = reflector::store();
+    let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
     let node_stream = watcher(node_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(node_writer)
         .for_each(|_| async {});
+    tasks.spawn(node_stream);
 
     let (lease_rx, lease_task) = if settings.leader_elect {
         let (rx, task) = leader::elect(client.clone(), &settings, leader.clone(), metrics.clone()).await?;
@@ -159,6 +151,78 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     } else {
         (None, None)
     };
+
+    let shared = Shared {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) },
+        ),
+        nodes: nodes.clone(),
+        fetcher: Arc::new(Fetcher::new(settings.max_presence_bytes)),
+        leader: leader.clone(),
+        apply_concurrency: settings.apply_concurrency,
+    };
+    let scopes: Vec<Option<String>> = match settings.namespaces.as_slice() {
+        [] => vec![None],
+        many => many.iter().cloned().map(Some).collect(),
+    };
+    let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel(scopes.len());
+    let controllers: Vec<_> =
+        scopes.iter().map(|scope| controller(&shared, scope.clone(), lease_rx.clone(), synced_tx.clone())).collect();
+    drop(synced_tx);
+    let ready = {
+        let (nodes, health, scopes) = (nodes.clone(), health.clone(), scopes.len());
+        async move {
+            for _ in 0..scopes {
+                synced_rx.recv().await;
+            }
+            let _ = nodes.wait_until_ready().await;
+            health.synced.store(true, Ordering::Relaxed);
+            info!(namespaces = scopes, "watches synced; ready");
+        }
+    };
+    tasks.spawn(ready);
+    futures::future::join_all(controllers).await;
+
+    info!("shutting down");
+    if let Some(task) = lease_task {
+        leader::release(task).await;
+    }
+    Ok(())
+}
+
+/// What every namespace's controller shares.
+struct Shared {
+    client: Client,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    nodes: Store<PartialObjectMeta<Node>>,
+    fetcher: Arc<Fetcher>,
+    leader: Arc<AtomicBool>,
+    apply_concurrency: usize,
+}
+
+/// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It reports on `synced`
+/// once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
+async fn controller(
+    shared: &Shared,
+    scope: Option<String>,
+    lease_rx: Option<tokio::sync::watch::Receiver<bool>>,
+    synced: tokio::sync::mpsc::Sender<()>,
+) {
+    let client = shared.client.clone();
+    let (policy_api, pod_api): (Api<MeshPolicy>, Api<Pod>) = match &scope {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (pods, pod_writer) = reflector::store();
+    let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(trim_pod)
+        .reflect(pod_writer)
+        .touched_objects();
 
     // The policy cache reports its initial sync through a channel of its own: the controller already waits
     // on this store's readiness, and kube-runtime's readiness future wakes only one waiter, so a second
@@ -177,19 +241,16 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8));
     let ctx = Arc::new(Context {
-        client: client.clone(),
-        metrics: metrics.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) },
-        ),
+        client,
+        metrics: shared.metrics.clone(),
+        recorder: shared.recorder.clone(),
         pods: pods.clone(),
-        nodes: nodes.clone(),
+        nodes: shared.nodes.clone(),
         policies: policies.clone(),
-        fetcher: Fetcher::new(settings.max_presence_bytes),
-        presence: Mutex::default(),
-        leader: leader.clone(),
-        apply_concurrency: settings.apply_concurrency,
+        fetcher: shared.fetcher.clone(),
+        presence: Default::default(),
+        leader: shared.leader.clone(),
+        apply_concurrency: shared.apply_concurrency,
     });
 
     // Becoming leader re-runs every policy at once, so a standby takes over without waiting for a resync.
@@ -202,25 +263,14 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
             }
         }
     });
-
-    let ready = {
-        let (pods, nodes, health) = (pods.clone(), nodes.clone(), health.clone());
-        let namespace_for_log = settings.namespace.clone();
-        async move {
-            let _ = pods.wait_until_ready().await;
-            tracing::debug!(namespace = ?namespace_for_log, "pod cache synced");
-            let _ = nodes.wait_until_ready().await;
-            tracing::debug!(namespace = ?namespace_for_log, "node cache synced");
-            let _ = policies_synced.wait_for(|synced| *synced).await;
-            health.synced.store(true, Ordering::Relaxed);
-            info!(namespace = ?namespace_for_log, "watches synced; ready");
-        }
+    let ready = async move {
+        let _ = pods.wait_until_ready().await;
+        let _ = policies_synced.wait_for(|synced| *synced).await;
+        tracing::debug!(namespace = ?scope, "pod and policy caches synced");
+        let _ = synced.send(()).await;
     };
-    tasks.spawn(ready);
-    tasks.spawn(node_stream);
-
     let mapper_store = policies.clone();
-    controller
+    let run = controller
         .watches_stream(pod_stream, move |pod| policies_for_pod(&pod, &mapper_store))
         .reconcile_all_on(became_leader)
         .shutdown_on_signal()
@@ -229,12 +279,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");
             }
-        })
-        .await;
-
-    info!("shutting down");
-    if let Some(task) = lease_task {
-        leader::release(task).await;
+        });
+    // The readiness probe is not part of the controller's life: it ends when the controller does.
+    tokio::select! {
+        () = run => {}
+        () = async { ready.await; std::future::pending::<()>().await } => {}
     }
-    Ok(())
 }

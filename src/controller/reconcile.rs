@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::apply::{self, Assignment};
 use super::membership::{self, Exclusion, Membership, Peer};
 use super::status::{self, Verdict};
-use super::{Context, Error, FIELD_MANAGER, FINALIZER, PresenceState};
+use super::{Context, Error, FIELD_MANAGER, FINALIZER};
 use crate::api::{MeshPolicy, MeshPolicyStatus, Mode, POLICY_ANNOTATION};
 use crate::planner::{self, analysis};
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms as now_ms};
@@ -397,8 +397,9 @@ async fn presence(
     settings: &Settings,
     selected: &[&Pod],
 ) -> (Option<Snapshot>, f64, Option<(String, String)>) {
-    let mut states = ctx.presence.lock().await;
-    let state = states.entry(uid.to_owned()).or_insert_with(PresenceState::default);
+    let state = ctx.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone();
+    let mut guard = state.lock().await;
+    let state = &mut *guard;
     let since = state.last_attempt.map(|t| t.elapsed());
     let unmatched_ready = state.snapshot.as_ref().is_some_and(|snap| {
         let rules = membership::Rules {
@@ -506,7 +507,7 @@ async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let n = apply::apply(&pods, &changes, ctx.apply_concurrency).await?;
     ctx.metrics.pod_patches.inc_by(n as u64);
-    ctx.presence.lock().await.remove(&policy.uid().unwrap_or_default());
+    ctx.presence.lock().expect("presence map lock").remove(&policy.uid().unwrap_or_default());
     info!(policy = name, pods = n, "policy deleted; assignments removed");
     Ok(Action::await_change())
 }

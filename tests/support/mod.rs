@@ -243,16 +243,27 @@ impl Operator {
 
     /// Runs the controller with `client`'s credentials (for example a ServiceAccount token).
     pub async fn start_as(client: Client, ns: &str, identity: &str, leader_elect: bool) -> Self {
+        Self::start_watching(client, ns, &[ns], identity, leader_elect).await
+    }
+
+    /// Runs the controller over `namespaces`, its Lease in `lease_ns`.
+    pub async fn start_watching(
+        client: Client,
+        lease_ns: &str,
+        namespaces: &[&str],
+        identity: &str,
+        leader_elect: bool,
+    ) -> Self {
         let metrics_addr = "127.0.0.1:0".parse().unwrap();
         let settings = mesh_operator::controller::Settings {
             metrics_addr,
             leader_elect,
-            lease_namespace: ns.into(),
+            lease_namespace: lease_ns.into(),
             lease_name: "mesh-operator".into(),
             identity: identity.into(),
             max_presence_bytes: 32 << 20,
             apply_concurrency: 16,
-            namespace: Some(ns.into()),
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
         };
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());
