@@ -93,6 +93,14 @@ async fn main() {
     while assigned.lock().unwrap().len() < agents && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    println!(
+        "burst settled after {:.1} s: {} reconciles ({:.2} s reconciling), {} presence fetches, {} Pod patches",
+        started.elapsed().as_secs_f64(),
+        scrape(port, "mesh_operator_reconciles_total{result=\"ok\"}").await,
+        scrape(port, "mesh_operator_reconcile_duration_seconds_sum").await,
+        scrape(port, "mesh_operator_presence_fetches_total{result=\"ok\"}").await,
+        scrape(port, "mesh_operator_pod_patches_total").await,
+    );
     let done = assigned.lock().unwrap().clone();
     let mut latencies: Vec<Duration> =
         ready.iter().filter_map(|(name, t)| done.get(name).map(|a| a.saturating_duration_since(*t))).collect();

@@ -56,7 +56,7 @@ spec:
   containers: [{name: agent, image: "agent:dev"}]
 EOF
   curl -sf -X POST "$RV/admin/agents" -H 'content-type: application/json' \
-    -d "{\"nodeId\":\"$id\",\"address\":\"ws://0.0.0.0:3001/crdt-sync\",\"hostname\":\"agent-$i\"}"
+    -d "{\"nodeId\":\"$id\",\"address\":\"ws://0.0.0.0:3001/crdt-sync\",\"hostname\":\"agent-$i\",\"zone\":\"$zone\"}"
 done >"$WORK/pods.yaml"
 kubectl apply -n "$NS" -f "$WORK/pods.yaml" >/dev/null
 # There is no kubelet: set what it would (Running, Ready, a Pod IP) through the status subresource.

@@ -568,3 +568,33 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
 fn send_sigterm(pid: i32) -> i32 {
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code().unwrap_or(-1)
 }
+
+/// A write carries the UID of the Pod the plan saw: a Pod deleted since is not re-created by server-side
+/// apply, and one recreated under the same name does not get its predecessor's peers.
+#[tokio::test]
+async fn writes_reach_only_the_pod_the_plan_saw() {
+    let client = client().await;
+    let ns = namespace(&client, "uid").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let old = create_pod(&client, &ns, "agent-0", json!({"app": "agent"}), json!({})).await;
+    let stale_uid = old.metadata.uid.clone();
+    pods.delete("agent-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    wait_for("agent-0 to be gone", WAIT, || async { pods.get_opt("agent-0").await.unwrap().is_none().then_some(()) })
+        .await;
+    let to = Assignment {
+        peers: vec![mesh_operator::controller::membership::Peer {
+            node_id: "ab".into(),
+            url: "ws://127.0.0.9:1/".into(),
+        }],
+        links: 1,
+        policy: "mesh".into(),
+    };
+    let change = apply::Change { pod: "agent-0".into(), uid: stale_uid, to: Some(to), removes: false };
+    assert_eq!(apply::apply(&pods, std::slice::from_ref(&change), 4).await.unwrap(), 1);
+    assert!(pods.get_opt("agent-0").await.unwrap().is_none(), "server-side apply re-created a deleted Pod");
+
+    create_pod(&client, &ns, "agent-0", json!({"app": "agent"}), json!({})).await;
+    apply::apply(&pods, &[change], 4).await.unwrap();
+    let fresh = pods.get("agent-0").await.unwrap();
+    assert_eq!(apply::current(&fresh), None, "the recreated Pod got its predecessor's assignment");
+}

@@ -1,6 +1,6 @@
 //! Diff and apply: the peer assignment each Pod should carry, compared with what it carries, and
 //! server-side apply of exactly the Pods that differ, link removals before link additions.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -44,13 +44,21 @@ pub fn current(pod: &Pod) -> Option<Assignment> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub pod: String,
+    /// The Pod's UID as the plan saw it: the write applies to that Pod only, never to one deleted since
+    /// (server-side apply would otherwise try to create it) or recreated under the same name.
+    pub uid: Option<String>,
     pub to: Option<Assignment>,
     /// Whether it drops a link the Pod carries now: such writes go first.
     pub removes: bool,
 }
 
-/// The writes that take each Pod from `now` to `want`: nothing for a Pod that already matches.
-pub fn diff(now: &BTreeMap<String, Option<Assignment>>, want: &BTreeMap<String, Option<Assignment>>) -> Vec<Change> {
+/// The writes that take each Pod from `now` to `want`: nothing for a Pod that already matches. `uids`
+/// names the Pods' UIDs.
+pub fn diff(
+    now: &BTreeMap<String, Option<Assignment>>,
+    want: &BTreeMap<String, Option<Assignment>>,
+    uids: &HashMap<String, String>,
+) -> Vec<Change> {
     let mut changes: Vec<Change> = want
         .iter()
         .filter(|(pod, to)| now.get(*pod).cloned().flatten() != **to)
@@ -58,7 +66,8 @@ pub fn diff(now: &BTreeMap<String, Option<Assignment>>, want: &BTreeMap<String, 
             let before: BTreeSet<&str> =
                 now.get(pod).into_iter().flatten().flat_map(|a| a.peers.iter().map(|p| p.node_id.as_str())).collect();
             let after: BTreeSet<&str> = to.iter().flat_map(|a| a.peers.iter().map(|p| p.node_id.as_str())).collect();
-            Change { pod: pod.clone(), to: to.clone(), removes: !before.is_subset(&after) || to.is_none() }
+            let removes = !before.is_subset(&after) || to.is_none();
+            Change { pod: pod.clone(), uid: uids.get(pod).cloned(), to: to.clone(), removes }
         })
         .collect();
     changes.sort_by_key(|c| (!c.removes, c.pod.clone()));
@@ -91,12 +100,18 @@ pub async fn apply(api: &Api<Pod>, changes: &[Change], concurrency: usize) -> Re
 async fn patch(api: &Api<Pod>, change: &Change) -> Result<(), kube::Error> {
     let annotations = change.to.as_ref().map(Assignment::annotations).unwrap_or_default();
     let body = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": change.pod, "annotations": annotations}});
+        "metadata": {"name": change.pod, "uid": change.uid, "annotations": annotations}});
     match api.patch(&change.pod, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
-        // A Pod deleted meanwhile needs no annotations.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        // The Pod the plan saw is gone (404, or 409 from the UID precondition: field conflicts cannot happen
+        // under force) or was replaced (422 on the immutable UID): it needs no annotations, and the
+        // watch event of its successor brings a fresh plan.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || uid_mismatch(&s) => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+fn uid_mismatch(s: &kube::core::Status) -> bool {
+    s.code == 422 && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "metadata.uid"))
 }
 
 #[cfg(test)]
@@ -127,7 +142,7 @@ mod tests {
             ("leaves".to_string(), None),
             ("new".to_string(), a(&["z"])),
         ]);
-        let changes = diff(&now, &want);
+        let changes = diff(&now, &want, &HashMap::new());
         let order: Vec<(&str, bool)> = changes.iter().map(|c| (c.pod.as_str(), c.removes)).collect();
         assert_eq!(order, vec![("leaves", true), ("shrinks", true), ("grows", false), ("new", false)]);
     }
@@ -136,6 +151,6 @@ mod tests {
     fn a_pod_without_ours_needs_no_removal() {
         let now = BTreeMap::from([("p".to_string(), None)]);
         let want = BTreeMap::from([("p".to_string(), None)]);
-        assert!(diff(&now, &want).is_empty());
+        assert!(diff(&now, &want, &HashMap::new()).is_empty());
     }
 }

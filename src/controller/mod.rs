@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -238,8 +237,11 @@ async fn controller(
             }
         })
         .applied_objects();
+    // No debounce: under a steady stream of Pod events a debounce postpones the reconcile until the stream
+    // stops. Batching comes from the scheduler instead: events that arrive while a policy reconciles merge
+    // into one pending run, so each run takes in everything that changed during the previous one.
     let controller = Controller::for_stream(policy_stream, policies.clone())
-        .with_config(controller::Config::default().debounce(Duration::from_millis(200)).concurrency(8));
+        .with_config(controller::Config::default().concurrency(8));
     let ctx = Arc::new(Context {
         client,
         metrics: shared.metrics.clone(),

@@ -173,7 +173,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
                 want.insert(pod_name, None);
             }
         }
-        let changes = apply::diff(&now_assigned, &want);
+        let changes = apply::diff(&now_assigned, &want, &uids(&all_pods, &ns));
         if policy.spec.mode == Mode::Enforce && !changes.is_empty() {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
             let result = apply::apply(&pods, &changes, ctx.apply_concurrency).await;
@@ -388,6 +388,10 @@ async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &
     }
 }
 
+/// How soon presence is read again while a Ready Pod has none: a new agent registers with the rendezvous
+/// about when it turns Ready, and waits for this at most.
+const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Reads presence when due and returns (the snapshot to plan from, its confirmation time, the failure if the
 /// rendezvous could not be read). On failure the last good snapshot stays, judged on its own clock.
 async fn presence(
@@ -413,7 +417,7 @@ async fn presence(
     let due = match since {
         None => true,
         Some(s) => {
-            s + Duration::from_millis(50) >= settings.poll_interval || (unmatched_ready && s >= Duration::from_secs(1))
+            s + Duration::from_millis(50) >= settings.poll_interval || (unmatched_ready && s >= PROMPT_FETCH_INTERVAL)
         }
     };
     if due {
@@ -490,6 +494,13 @@ async fn fetch(
     ctx.fetcher.fetch(&req).await
 }
 
+fn uids(pods: &[Arc<Pod>], ns: &str) -> HashMap<String, String> {
+    pods.iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .filter_map(|p| Some((p.name_any(), p.uid()?)))
+        .collect()
+}
+
 /// Finalizer cleanup: remove this policy's annotations from every Pod that carries them.
 async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let ns = policy.namespace().unwrap_or_default();
@@ -503,7 +514,7 @@ async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
         .map(|p| (p.name_any(), apply::current(p)))
         .collect();
     let want = now.keys().map(|k| (k.clone(), None)).collect();
-    let changes = apply::diff(&now, &want);
+    let changes = apply::diff(&now, &want, &uids(&ctx.pods.state(), &ns));
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let n = apply::apply(&pods, &changes, ctx.apply_concurrency).await?;
     ctx.metrics.pod_patches.inc_by(n as u64);
