@@ -27,6 +27,62 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Creates agent Pods `agent-{i}` for `range`, Ready and present, at most `in_flight` at a time and, when
+/// `pace` is given, starting one per `pace`. Returns when each became Ready with presence visible.
+async fn add_agents(
+    client: &kube::Client,
+    ns: &str,
+    rv: &Rendezvous,
+    range: std::ops::Range<usize>,
+    in_flight: usize,
+    pace: Option<Duration>,
+) -> HashMap<String, Instant> {
+    let mut ticks = pace.map(tokio::time::interval);
+    let mut out = HashMap::new();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in range {
+        if let Some(t) = ticks.as_mut() {
+            t.tick().await;
+        }
+        while pending.len() >= in_flight {
+            out.extend(pending.next().await);
+        }
+        pending.push(async move {
+            let (name, id) = (format!("agent-{i}"), format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15));
+            create_pod(client, ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
+            let ip = format!("127.{}.{}.{}", 1 + i / 62500, (i / 250) % 250, 1 + i % 250);
+            set_pod_status(client, ns, &name, &ip, true).await;
+            rv.add(&id);
+            (name, Instant::now())
+        });
+    }
+    while let Some(done) = pending.next().await {
+        out.insert(done.0, done.1);
+    }
+    out
+}
+
+/// Waits (up to 2 min) until every agent in `ready` is annotated, then prints the latency percentiles.
+async fn report(assigned: &Mutex<HashMap<String, Instant>>, ready: &HashMap<String, Instant>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ready.keys().any(|n| !assigned.lock().unwrap().contains_key(n)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = assigned.lock().unwrap().clone();
+    let mut latencies: Vec<Duration> =
+        ready.iter().filter_map(|(name, t)| done.get(name).map(|a| a.saturating_duration_since(*t))).collect();
+    latencies.sort();
+    println!("assigned {}/{}", latencies.len(), ready.len());
+    if !latencies.is_empty() {
+        println!(
+            "ready+presence → annotation: p50 {:?}, p99 {:?}, max {:?}",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            latencies.last().unwrap()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let agents: usize = std::env::var("AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
@@ -65,34 +121,11 @@ async fn main() {
         })
     };
 
-    println!("creating {agents} agent Pods …");
+    println!("burst: creating {agents} agent Pods at once (32 in flight) …");
     let started = Instant::now();
-    let ready: HashMap<String, Instant> = futures::stream::iter(0..agents)
-        .map(|i| {
-            let (client, ns, rv) = (client.clone(), ns.clone(), &rv);
-            async move {
-                let (name, id) = (format!("agent-{i}"), format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15));
-                create_pod(&client, &ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
-                set_pod_status(
-                    &client,
-                    &ns,
-                    &name,
-                    &format!("127.{}.{}.{}", 1 + i / 62500, (i / 250) % 250, 1 + i % 250),
-                    true,
-                )
-                .await;
-                rv.add(&id);
-                (name, Instant::now())
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    let ready = add_agents(&client, &ns, &rv, 0..agents, 32, None).await;
     println!("created in {:.1} s", started.elapsed().as_secs_f64());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while assigned.lock().unwrap().len() < agents && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    report(&assigned, &ready).await;
     println!(
         "burst settled after {:.1} s: {} reconciles ({:.2} s reconciling), {} presence fetches, {} Pod patches",
         started.elapsed().as_secs_f64(),
@@ -101,21 +134,12 @@ async fn main() {
         scrape(port, "mesh_operator_presence_fetches_total{result=\"ok\"}").await,
         scrape(port, "mesh_operator_pod_patches_total").await,
     );
-    let done = assigned.lock().unwrap().clone();
-    let mut latencies: Vec<Duration> =
-        ready.iter().filter_map(|(name, t)| done.get(name).map(|a| a.saturating_duration_since(*t))).collect();
-    latencies.sort();
-    println!("assigned {}/{agents}", latencies.len());
-    if !latencies.is_empty() {
-        println!(
-            "ready+presence → annotation: p50 {:?}, p99 {:?}, max {:?}",
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-            latencies.last().unwrap()
-        );
-    }
 
-    // Settle, then one join and one leave, counting Pod patches from the operator's own metric.
+    // A fleet scaling up, not all at once: agents arrive at a steady rate into the settled mesh.
+    let paced = agents / 5;
+    println!("paced: {paced} more agents, one every 50 ms …");
+    let ready = add_agents(&client, &ns, &rv, agents..agents + paced, 4, Some(Duration::from_millis(50))).await;
+    report(&assigned, &ready).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     let patches = || scrape(port, "mesh_operator_pod_patches_total");
     let before = patches().await;

@@ -59,6 +59,27 @@ pub struct PresenceState {
     pub last_attempt: Option<tokio::time::Instant>,
     /// The last failure's reason and message while the rendezvous is unreachable.
     pub failure: Option<(String, String)>,
+    /// Ready Pods without a presence entry, and when each was first seen so.
+    pub waiting: HashMap<String, std::time::Instant>,
+}
+
+impl PresenceState {
+    /// How long a Ready Pod without presence is worth prompt re-reads; after that it is an agent that did
+    /// not register, and the normal poll interval serves it.
+    pub const PROMPT_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Records which Ready Pods lack presence now; whether any began waiting within [`Self::PROMPT_WINDOW`].
+    pub fn awaiting_presence(
+        &mut self,
+        unmatched: &std::collections::HashSet<String>,
+        now: std::time::Instant,
+    ) -> bool {
+        self.waiting.retain(|pod, _| unmatched.contains(pod));
+        for pod in unmatched {
+            self.waiting.entry(pod.clone()).or_insert(now);
+        }
+        self.waiting.values().any(|&since| now.saturating_duration_since(since) < Self::PROMPT_WINDOW)
+    }
 }
 
 /// Everything a reconcile needs, shared by all of them.
@@ -170,7 +191,8 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel(scopes.len());
     let controllers: Vec<_> =
         scopes.iter().map(|scope| controller(&shared, scope.clone(), lease_rx.clone(), synced_tx.clone())).collect();
-    drop(synced_tx);
+    // The Lease is released once every receiver is gone: the controllers hold the only ones left.
+    drop((synced_tx, lease_rx));
     let ready = {
         let (nodes, health, scopes) = (nodes.clone(), health.clone(), scopes.len());
         async move {
@@ -286,5 +308,25 @@ async fn controller(
     tokio::select! {
         () = run => {}
         () = async { ready.await; std::future::pending::<()>().await } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_reads_only_for_pods_that_began_waiting_recently() {
+        let set = |pods: &[&str]| pods.iter().map(|p| p.to_string()).collect::<std::collections::HashSet<_>>();
+        let t0 = std::time::Instant::now();
+        let mut state = PresenceState::default();
+        assert!(!state.awaiting_presence(&set(&[]), t0));
+        assert!(state.awaiting_presence(&set(&["a"]), t0));
+        let later = t0 + PresenceState::PROMPT_WINDOW;
+        assert!(!state.awaiting_presence(&set(&["a"]), later), "a never registered: the poll interval serves it");
+        assert!(state.awaiting_presence(&set(&["a", "b"]), later), "b just turned Ready");
+        assert!(!state.awaiting_presence(&set(&["a"]), later), "b found its entry");
+        assert!(state.awaiting_presence(&set(&["b"]), later), "b waits again: a fresh window");
+        assert_eq!(state.waiting.len(), 1);
     }
 }

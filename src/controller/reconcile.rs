@@ -1,7 +1,7 @@
 //! One reconcile of one MeshPolicy, in phases: gather → validate → membership → plan → diff → apply →
 //! status. Validate, membership, plan and diff are pure; gather and apply talk to the API and the
 //! rendezvous.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::apply::{self, Assignment};
 use super::membership::{self, Exclusion, Membership, Peer};
 use super::status::{self, Verdict};
-use super::{Context, Error, FIELD_MANAGER, FINALIZER};
+use super::{Context, Error, FIELD_MANAGER, FINALIZER, PresenceState};
 use crate::api::{MeshPolicy, MeshPolicyStatus, Mode, POLICY_ANNOTATION};
 use crate::planner::{self, analysis};
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms as now_ms};
@@ -134,8 +134,8 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     conflicted.sort();
 
     // presence: poll when due, or at once when a Ready Pod has no presence yet
-    let snapshot = presence(ctx, policy, &uid, &settings, &selected).await;
-    let (snap, confirmed_ms, failure) = snapshot;
+    let Read { snapshot: snap, confirmed_ms, failure, prompt } =
+        presence(ctx, policy, &uid, &settings, &selected).await;
 
     // membership
     let node_domain = |node: &str| -> Option<String> {
@@ -249,7 +249,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         publish(ctx, policy, EventType::Warning, "Conflict", &note).await;
     }
     write_status(ctx, policy, new, &verdicts).await?;
-    Ok(Action::requeue(settings.poll_interval))
+    Ok(Action::requeue(if prompt { PROMPT_FETCH_INTERVAL } else { settings.poll_interval }))
 }
 
 /// A plan in the form the controller publishes.
@@ -389,36 +389,21 @@ async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &
 }
 
 /// How soon presence is read again while a Ready Pod has none: a new agent registers with the rendezvous
-/// about when it turns Ready, and waits for this at most.
+/// about when it turns Ready, and waits for this at most. See [`PresenceState::awaiting_presence`].
 const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Reads presence when due and returns (the snapshot to plan from, its confirmation time, the failure if the
-/// rendezvous could not be read). On failure the last good snapshot stays, judged on its own clock.
-async fn presence(
-    ctx: &Context,
-    policy: &MeshPolicy,
-    uid: &str,
-    settings: &Settings,
-    selected: &[&Pod],
-) -> (Option<Snapshot>, f64, Option<(String, String)>) {
+/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. On
+/// failure the last good snapshot stays, judged on its own clock.
+async fn presence(ctx: &Context, policy: &MeshPolicy, uid: &str, settings: &Settings, selected: &[&Pod]) -> Read {
     let state = ctx.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone();
     let mut guard = state.lock().await;
     let state = &mut *guard;
     let since = state.last_attempt.map(|t| t.elapsed());
-    let unmatched_ready = state.snapshot.as_ref().is_some_and(|snap| {
-        let rules = membership::Rules {
-            node_id_annotation: &policy.spec.identity.node_id_annotation,
-            topology_key: None,
-            heartbeat_timeout: settings.heartbeat_timeout,
-            fallback_now_ms: state.confirmed_ms,
-        };
-        membership::decide(selected, snap, &rules, &|_| None).excluded.values().any(|e| *e == Exclusion::NoPresence)
-    });
+    let prompt =
+        state.awaiting_presence(&unmatched_ready(policy, settings, selected, state), std::time::Instant::now());
     let due = match since {
         None => true,
-        Some(s) => {
-            s + Duration::from_millis(50) >= settings.poll_interval || (unmatched_ready && s >= PROMPT_FETCH_INTERVAL)
-        }
+        Some(s) => s + Duration::from_millis(50) >= settings.poll_interval || (prompt && s >= PROMPT_FETCH_INTERVAL),
     };
     if due {
         state.last_attempt = Some(tokio::time::Instant::now());
@@ -455,7 +440,44 @@ async fn presence(
             }
         }
     }
-    (state.snapshot.clone(), state.confirmed_ms, state.failure.clone())
+    let prompt = if due {
+        state.awaiting_presence(&unmatched_ready(policy, settings, selected, state), std::time::Instant::now())
+    } else {
+        prompt
+    };
+    Read { snapshot: state.snapshot.clone(), confirmed_ms: state.confirmed_ms, failure: state.failure.clone(), prompt }
+}
+
+/// Ready Pods (with an IP) that no presence entry of the current snapshot matches.
+fn unmatched_ready(
+    policy: &MeshPolicy,
+    settings: &Settings,
+    selected: &[&Pod],
+    state: &PresenceState,
+) -> HashSet<String> {
+    let Some(snap) = &state.snapshot else {
+        return HashSet::new();
+    };
+    let rules = membership::Rules {
+        node_id_annotation: &policy.spec.identity.node_id_annotation,
+        topology_key: None,
+        heartbeat_timeout: settings.heartbeat_timeout,
+        fallback_now_ms: state.confirmed_ms,
+    };
+    let m = membership::decide(selected, snap, &rules, &|_| None);
+    m.excluded.into_iter().filter(|(_, e)| *e == Exclusion::NoPresence).map(|(pod, _)| pod).collect()
+}
+
+/// What a reconcile learns of presence.
+struct Read {
+    /// The snapshot to plan from: the last good one.
+    snapshot: Option<Snapshot>,
+    /// Local wall clock (ms) when it was last confirmed.
+    confirmed_ms: f64,
+    /// Why the rendezvous could not be read, while it cannot.
+    failure: Option<(String, String)>,
+    /// A Ready Pod still waits for its presence entry: read again soon, not at the next poll.
+    prompt: bool,
 }
 
 async fn fetch(

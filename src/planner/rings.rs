@@ -80,7 +80,7 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
         }
     }
     if b.domains > 1 {
-        b.spread_domains(&backbone, previous);
+        b.spread_domains(&backbone);
     }
     for &(u, v) in &previous.edges {
         if b.g.has_edge(u, v) {
@@ -391,49 +391,33 @@ impl Builder {
     }
 
     /// Gives every member whose links all stay in its domain one cross-domain link, by a switch
-    /// u–v, x–y → u–x, v–y. A replan first tries the previous plan's switch for `u`, so that one changed
-    /// choice does not cascade along the walk into choices that were fine.
-    fn spread_domains(&mut self, backbone: &[u32], previous: &Previous) {
-        let mut before: Vec<Vec<u32>> = vec![Vec::new(); self.n];
-        for &(a, b) in &previous.edges {
-            before[a as usize].push(b);
-            before[b as usize].push(a);
-        }
+    /// u–v, x–y → u–x, v–y with x–y found near u in the auxiliary order. It reads nothing of the previous
+    /// plan: replanning a plan must reproduce it exactly, or every poll would rewire the mesh.
+    fn spread_domains(&mut self, backbone: &[u32]) {
         for &u in backbone {
-            self.spread_one(u, &before);
-        }
-    }
-
-    fn spread_one(&mut self, u: u32, before: &[Vec<u32>]) {
-        let du = self.dom[u as usize];
-        if self.g.degree(u) == 0 || self.has_cross_link(u) {
-            return;
-        }
-        let was_linked = |a: u32, b: u32| before[a as usize].contains(&b);
-        // Of the links u may give up, the one the previous plan did not have: the one it traded away.
-        let Some(v) =
-            self.g.neighbors(u).iter().copied().filter(|&v| self.removable(u, v)).min_by_key(|&v| was_linked(u, v))
-        else {
-            return;
-        };
-        let choose = |x: u32, remembered: bool| -> Option<(u32, u32)> {
-            if self.dom[x as usize] == du || x == u || self.g.has_edge(u, x) {
-                return None;
+            let du = self.dom[u as usize];
+            if self.g.degree(u) == 0 || self.has_cross_link(u) {
+                continue;
             }
-            let y = self.g.neighbors(x).iter().copied().find(|&y| {
-                (!remembered || was_linked(v, y))
-                    && y != v
-                    && !self.g.has_edge(v, y)
-                    && self.removable(x, y)
-                    && self.cross_after(v, u, y)
-                    && self.cross_after(y, x, v)
-            })?;
-            Some((x, y))
-        };
-        let found = (before[u as usize].iter().find_map(|&x| choose(x, true)))
-            .or_else(|| self.walk_from(u).find_map(|x| choose(x, false)));
-        if let Some(xy) = found {
-            self.switch((u, v), xy, true);
+            let Some(v) = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v)) else {
+                continue;
+            };
+            let found = self.walk_from(u).find_map(|x| {
+                if self.dom[x as usize] == du || self.g.has_edge(u, x) {
+                    return None;
+                }
+                let y = self.g.neighbors(x).iter().copied().find(|&y| {
+                    y != v
+                        && !self.g.has_edge(v, y)
+                        && self.removable(x, y)
+                        && self.cross_after(v, u, y)
+                        && self.cross_after(y, x, v)
+                })?;
+                Some((x, y))
+            });
+            if let Some(xy) = found {
+                self.switch((u, v), xy, true);
+            }
         }
     }
 
