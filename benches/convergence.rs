@@ -2,7 +2,8 @@
 //! binary as a separate process. Reports the time from an agent being Ready with presence visible to its
 //! annotation being written (p50, p99), Pod patches per join and per leave, and the operator's peak RSS.
 //!
-//!     cargo bench --bench convergence            (AGENTS=… to change the fleet size)
+//!     cargo bench --bench convergence            (AGENTS=… to change the fleet size,
+//!                                                 OPERATOR_ARGS="--apply-concurrency 64" to pass flags)
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -93,6 +94,7 @@ async fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
         .args(["run", "--leader-elect=false", "--namespace", &ns, "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(std::env::var("OPERATOR_ARGS").iter().flat_map(|a| a.split_whitespace()))
         .env("KUBECONFIG", kubeconfig())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
