@@ -283,7 +283,9 @@ async fn rendezvous_outages_never_dismantle_the_mesh() {
 #[tokio::test]
 async fn join_token_from_a_secret() {
     let (client, ns, rv) = setup("token").await;
-    let op = Operator::start(&ns, "op-a", false).await;
+    // The binary, logging at debug level to a file, so the test can read every line it wrote.
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let mut op = operator_binary(&ns, "op-token", &log, "debug");
     fleet(&client, &ns, &rv, 5, |_| None).await;
     rv.state.lock().unwrap().token = Some("s3cret-join-token".into());
     let extra = json!({"rendezvous": {"joinTokenSecretRef": {"name": "rv-token", "key": "token"}}});
@@ -307,10 +309,13 @@ async fn join_token_from_a_secret() {
     let p = serde_json::to_string(&policy(&client, &ns, "mesh").await).unwrap();
     let events =
         String::from_utf8_lossy(&tool("kubectl", &["get", "events", "-n", &ns, "-o", "json"]).stdout).to_string();
-    for place in [p, events, format!("{a:?}")] {
-        assert!(!place.contains("s3cret-join-token"), "token leaked: {place}");
+    op.kill().await.unwrap();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("presence"), "the operator logged nothing about presence: {logs}");
+    let encoded = "czNjcmV0LWpvaW4tdG9rZW4"; // base64 of the token, as a Secret's data holds it
+    for place in [p, events, format!("{a:?}"), logs] {
+        assert!(!place.contains("s3cret-join-token") && !place.contains(encoded), "token leaked: {place}");
     }
-    op.kill().await;
 }
 
 #[tokio::test]
@@ -536,22 +541,8 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "sigterm").await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
-        .args([
-            "run",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--namespace",
-            &ns,
-            "--lease-namespace",
-            &ns,
-            "--identity",
-            "op-term",
-        ])
-        .env("KUBECONFIG", kubeconfig())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let mut child = operator_binary(&ns, "op-term", &log, "info");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = || async {
         leases.get_opt("mesh-operator").await.unwrap().and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty())
@@ -562,6 +553,21 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exit within 20 s").unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(holder().await, None, "the Lease was not released");
+}
+
+/// The `mesh-operator` binary watching `ns` (its Lease there too), stdout and stderr into `log`.
+fn operator_binary(ns: &str, identity: &str, log: &std::path::Path, level: &str) -> tokio::process::Child {
+    let out = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
+        .args(["run", "--metrics-addr", "127.0.0.1:0", "--namespace", ns, "--lease-namespace", ns])
+        .args(["--identity", identity])
+        .env("KUBECONFIG", kubeconfig())
+        .env("RUST_LOG", level)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 /// SIGTERM via the kill(1) command, to keep the tests free of unsafe code.
