@@ -6,13 +6,15 @@
 //! 2. **Shape.** N ≤ k+1: the complete graph. N < [`DENSE_LIMIT`]·k: the circulant C_N(1..⌊k/2⌋) on the
 //!    backbone order (random rings would collide too often to repair). Otherwise ⌊k/2⌋ Hamiltonian cycles,
 //!    ring `c` linking each member to its successor. Odd k adds a matching that keeps the previous plan's
-//!    pairs and pairs the rest along the auxiliary order; with N odd, one member stays at k−1.
+//!    pairs, pairs members still without a cross-domain link across domains (largest domains first), and
+//!    the rest along the auxiliary order; with N odd, one member stays at k−1.
 //! 3. **Repair.** An edge two rings share (or a matching pair already linked) leaves both ends one short.
 //!    A *switch* restores them: remove an edge x–y found near u in the auxiliary order, add u–x and v–y.
 //!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
 //! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
-//!    cross-domain edge x–y (x, y outside u's domain): u–x and v–y are both cross-domain, and no member
-//!    loses its last cross-domain link, so one pass fixes everyone fixable.
+//!    cross-domain edge x–y (x outside u's domain): u–x is cross-domain, and no member loses its last
+//!    cross-domain link, so one pass fixes everyone fixable. Like every step, it reads nothing of the
+//!    previous plan but its matching pairs and dialers: replanning a plan reproduces it.
 //! 5. **Orientation.** Ring edges are dialed forward, then edges of the previous plan take back their old
 //!    dialer, then reversing short directed paths balances every member to ⌊deg/2⌋ or ⌈deg/2⌉ dials.
 //!
