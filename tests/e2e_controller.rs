@@ -604,3 +604,30 @@ async fn writes_reach_only_the_pod_the_plan_saw() {
     let fresh = pods.get("agent-0").await.unwrap();
     assert_eq!(apply::current(&fresh), None, "the recreated Pod got its predecessor's assignment");
 }
+
+/// Hostile input from the rendezvous and from Pods (a 100 kB address, many Pods claiming one node id) is
+/// reported, bounded, and does not stop the status from being written.
+#[tokio::test]
+async fn hostile_presence_and_pods_are_reported_within_bounds() {
+    let (client, ns, rv) = setup("hostile").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 6, |_| None).await;
+    rv.state.lock().unwrap().agents.get_mut(&ids[0]).unwrap().address = format!("http://{}", "x".repeat(100_000));
+    for i in 0..40 {
+        let name = format!("impostor-{i}");
+        create_pod(&client, &ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": ids[1]})).await;
+        set_pod_status(&client, &ns, &name, &format!("127.0.9.{}", i + 1), true).await;
+    }
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let p = wait_condition(&client, &ns, "mesh", "Degraded", "True", "DuplicateNodeId").await;
+    let st = p.status.clone().unwrap();
+    assert_eq!((st.selected, st.eligible), (46, 4), "agent-0 (bad address) and the 41 claimants of one id are out");
+    let bad = st.excluded.iter().find(|e| e.pod == "agent-0").expect("agent-0 listed");
+    assert!(bad.reason.starts_with("address \"http://xxx") && bad.reason.len() <= 260, "{}", bad.reason.len());
+    let (_, _, message) = condition(&p, "Degraded").unwrap();
+    assert!(message.len() <= 1030 && message.contains("impostor-"), "{}", message.len());
+    assert!(serde_json::to_string(&st).unwrap().len() < 64 * 1024, "status grew with the input");
+    let a = wait_assigned(&client, &ns, 4).await;
+    assert!(a.keys().filter(|k| k.starts_with("impostor")).all(|k| a[k].is_none()));
+    op.kill().await;
+}

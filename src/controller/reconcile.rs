@@ -204,7 +204,10 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
             .excluded
             .iter()
             .take(100)
-            .map(|(pod, why)| crate::api::ExcludedPod { pod: pod.clone(), reason: why.to_string() })
+            .map(|(pod, why)| crate::api::ExcludedPod {
+                pod: pod.clone(),
+                reason: status::truncate(&why.to_string(), 256),
+            })
             .collect();
         new.last_plan_time = if prev.plan_hash.as_ref() == Some(&plan.hash) {
             prev.last_plan_time.clone()
@@ -381,8 +384,9 @@ async fn write_status(
 }
 
 async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &str, note: &str) {
-    let event =
-        Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
+    // events.k8s.io caps a note at 1 kB.
+    let note = status::truncate(note, 1000);
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
         warn!(error = %e, reason, "could not publish an Event");
     }
