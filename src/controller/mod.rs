@@ -184,10 +184,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         leader: leader.clone(),
         apply_concurrency: settings.apply_concurrency,
     };
-    let scopes: Vec<Option<String>> = match settings.namespaces.as_slice() {
-        [] => vec![None],
-        many => many.iter().cloned().map(Some).collect(),
-    };
+    let scopes = scopes(&settings.namespaces);
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel(scopes.len());
     let controllers: Vec<_> =
         scopes.iter().map(|scope| controller(&shared, scope.clone(), lease_rx.clone(), synced_tx.clone())).collect();
@@ -212,6 +209,15 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         leader::release(task).await;
     }
     Ok(())
+}
+
+/// The controllers to run: one per namespace, each once (a namespace named twice must not get two writers),
+/// or one over all namespaces.
+fn scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    let mut unique: Vec<Option<String>> = namespaces.iter().cloned().map(Some).collect();
+    unique.sort();
+    unique.dedup();
+    if unique.is_empty() { vec![None] } else { unique }
 }
 
 /// What every namespace's controller shares.
@@ -328,5 +334,12 @@ mod tests {
         assert!(!state.awaiting_presence(&set(&["a"]), later), "b found its entry");
         assert!(state.awaiting_presence(&set(&["b"]), later), "b waits again: a fresh window");
         assert_eq!(state.waiting.len(), 1);
+    }
+
+    #[test]
+    fn one_controller_per_namespace_or_one_for_all() {
+        let ns = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(scopes(&[]), vec![None]);
+        assert_eq!(scopes(&ns(&["b", "a", "b"])), vec![Some("a".to_string()), Some("b".to_string())]);
     }
 }
