@@ -134,8 +134,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     conflicted.sort();
 
     // presence: poll when due, or at once when a Ready Pod has no presence yet
-    let Read { snapshot: snap, confirmed_ms, failure, prompt } =
-        presence(ctx, policy, &uid, &settings, &selected).await;
+    let Read { snapshot: snap, confirmed_ms, failure } = presence(ctx, policy, &uid, &settings, &selected).await;
 
     // membership
     let node_domain = |node: &str| -> Option<String> {
@@ -150,6 +149,10 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         fallback_now_ms: confirmed_ms,
     };
     let members = snap.as_ref().map(|s| membership::decide(&selected, s, &rules, &node_domain));
+    let prompt = match &members {
+        Some(m) => presence_state(ctx, &uid).lock().await.awaiting_presence(&no_presence(m), std::time::Instant::now()),
+        None => false,
+    };
 
     // plan: seeded by the policy's UID, stable against what the Pods carry now
     let now_assigned: BTreeMap<String, Option<Assignment>> = all_pods
@@ -252,6 +255,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         publish(ctx, policy, EventType::Warning, "Conflict", &note).await;
     }
     write_status(ctx, policy, new, &verdicts).await?;
+    // A Ready Pod still waiting for its presence entry: read again soon, not at the next poll.
     Ok(Action::requeue(if prompt { PROMPT_FETCH_INTERVAL } else { settings.poll_interval }))
 }
 
@@ -399,12 +403,21 @@ const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. On
 /// failure the last good snapshot stays, judged on its own clock.
 async fn presence(ctx: &Context, policy: &MeshPolicy, uid: &str, settings: &Settings, selected: &[&Pod]) -> Read {
-    let state = ctx.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone();
+    let state = presence_state(ctx, uid);
     let mut guard = state.lock().await;
     let state = &mut *guard;
     let since = state.last_attempt.map(|t| t.elapsed());
-    let prompt =
-        state.awaiting_presence(&unmatched_ready(policy, settings, selected, state), std::time::Instant::now());
+    // Judged on the snapshot held so far: a Pod that turned Ready since the last read is read for at once.
+    let unmatched = state.snapshot.as_ref().map(|snap| {
+        let rules = membership::Rules {
+            node_id_annotation: &policy.spec.identity.node_id_annotation,
+            topology_key: None,
+            heartbeat_timeout: settings.heartbeat_timeout,
+            fallback_now_ms: state.confirmed_ms,
+        };
+        no_presence(&membership::decide(selected, snap, &rules, &|_| None))
+    });
+    let prompt = unmatched.is_some_and(|u| state.awaiting_presence(&u, std::time::Instant::now()));
     let due = match since {
         None => true,
         Some(s) => s + Duration::from_millis(50) >= settings.poll_interval || (prompt && s >= PROMPT_FETCH_INTERVAL),
@@ -444,32 +457,17 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, uid: &str, settings: &Sett
             }
         }
     }
-    let prompt = if due {
-        state.awaiting_presence(&unmatched_ready(policy, settings, selected, state), std::time::Instant::now())
-    } else {
-        prompt
-    };
-    Read { snapshot: state.snapshot.clone(), confirmed_ms: state.confirmed_ms, failure: state.failure.clone(), prompt }
+    Read { snapshot: state.snapshot.clone(), confirmed_ms: state.confirmed_ms, failure: state.failure.clone() }
 }
 
-/// Ready Pods (with an IP) that no presence entry of the current snapshot matches.
-fn unmatched_ready(
-    policy: &MeshPolicy,
-    settings: &Settings,
-    selected: &[&Pod],
-    state: &PresenceState,
-) -> HashSet<String> {
-    let Some(snap) = &state.snapshot else {
-        return HashSet::new();
-    };
-    let rules = membership::Rules {
-        node_id_annotation: &policy.spec.identity.node_id_annotation,
-        topology_key: None,
-        heartbeat_timeout: settings.heartbeat_timeout,
-        fallback_now_ms: state.confirmed_ms,
-    };
-    let m = membership::decide(selected, snap, &rules, &|_| None);
-    m.excluded.into_iter().filter(|(_, e)| *e == Exclusion::NoPresence).map(|(pod, _)| pod).collect()
+/// The presence state of the policy with UID `uid`, created on first use.
+fn presence_state(ctx: &Context, uid: &str) -> Arc<tokio::sync::Mutex<PresenceState>> {
+    ctx.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone()
+}
+
+/// Ready Pods (with an IP) that no presence entry matches.
+fn no_presence(m: &Membership) -> HashSet<String> {
+    m.excluded.iter().filter(|(_, e)| **e == Exclusion::NoPresence).map(|(pod, _)| pod.clone()).collect()
 }
 
 /// What a reconcile learns of presence.
@@ -480,8 +478,6 @@ struct Read {
     confirmed_ms: f64,
     /// Why the rendezvous could not be read, while it cannot.
     failure: Option<(String, String)>,
-    /// A Ready Pod still waits for its presence entry: read again soon, not at the next poll.
-    prompt: bool,
 }
 
 async fn fetch(

@@ -45,9 +45,9 @@ pub fn conditions(verdicts: &[Verdict], previous: &[Condition], generation: Opti
         .collect()
 }
 
-/// Condition messages are bounded (the apiserver caps them at 32 KiB); long lists of Pods are cut.
 /// `s` cut to at most `max` bytes (on a character boundary) plus an ellipsis: presence and Pods are not
-/// ours, and what they say must not grow the status or an Event past what the API server accepts.
+/// ours, and what they say (long lists of Pods, huge addresses) must not grow a condition, the status or an
+/// Event past what the API server accepts.
 pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
