@@ -176,7 +176,11 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
-        let client = kube::Client::try_default().await?;
+        let mut config = kube::Config::infer().await?;
+        // No request may hang forever (a hung Lease renewal is fenced, but a hung write would stall a policy):
+        // watches survive this, as the watcher resumes from its last resourceVersion.
+        config.read_timeout = Some(std::time::Duration::from_secs(60));
+        let client = kube::Client::try_from(config)?;
         crate::controller::run(client, settings, Default::default(), Default::default()).await
     });
     match result {

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::api::MeshPolicy;
-use crate::controller::apply::{self, Assignment};
+use crate::assignment::Assignment;
 use crate::controller::reconcile::selects;
 
 /// One row of `kubectl mesh status`.
@@ -18,6 +18,10 @@ pub struct AgentRow {
     pub dials: Vec<String>,
     pub links: usize,
     pub eligibility: String,
+}
+
+fn current(pod: &Pod) -> Option<Assignment> {
+    Assignment::from_annotations(pod.annotations())
 }
 
 fn node_id(policy: &MeshPolicy, pod: &Pod) -> String {
@@ -39,7 +43,7 @@ pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
         .filter(|p| selects(policy, p))
         .map(|p| {
             let name = p.name_any();
-            let own = apply::current(p).filter(|a| a.policy == policy.name_any());
+            let own = current(p).filter(|a| a.policy == policy.name_any());
             let zone = policy.spec.topology_key.as_ref().and_then(|k| p.labels().get(k).cloned());
             let eligibility = match (&own, excluded.get(name.as_str())) {
                 (_, Some(why)) => why.to_string(),
@@ -58,7 +62,7 @@ pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
                             .collect()
                     })
                     .unwrap_or_default(),
-                links: own.as_ref().map_or(0, |a| a.links),
+                links: own.as_ref().map_or(0, Assignment::links),
                 eligibility,
                 pod: name,
             }
@@ -115,13 +119,14 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
         );
     }
     match (
-        apply::current(pod).filter(|a| a.policy == policy.name_any()),
+        current(pod).filter(|a| a.policy == policy.name_any()),
         status.excluded.iter().find(|e| e.pod == name),
     ) {
         (_, Some(e)) => {
             let _ = writeln!(out, "{name}: selected by {}, but left out of the mesh: {}", policy.name_any(), e.reason);
         }
-        (Some(Assignment { peers, links, .. }), None) => {
+        (Some(a), None) => {
+            let (links, peers) = (a.links(), &a.peers);
             let _ =
                 writeln!(out, "{name}: in the mesh of {} with {links} links; dials {}", policy.name_any(), peers.len());
             for p in peers {
@@ -150,7 +155,7 @@ pub enum GraphFormat {
 pub fn graph(policy: &MeshPolicy, pods: &[Pod], format: GraphFormat) -> String {
     let mine: Vec<(&Pod, Assignment)> = pods
         .iter()
-        .filter_map(|p| apply::current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a)))
+        .filter_map(|p| current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a)))
         .collect();
     let by_id: BTreeMap<String, String> = mine.iter().map(|(p, _)| (node_id(policy, p), p.name_any())).collect();
     let label = |id: &str| by_id.get(id).cloned().unwrap_or_else(|| short(id));

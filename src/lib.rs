@@ -4,6 +4,7 @@
 //! Data flow: [`api`] (what users write) and [`presence`] (what the rendezvous says) feed the pure
 //! [`planner`]; [`controller`] applies its plan to Pods; [`simulate`] measures it against the seed agents' own scheme; [`cli`] is the command line.
 pub mod api;
+pub mod assignment;
 pub mod cli;
 pub mod controller;
 pub mod duration;

@@ -233,6 +233,11 @@ impl Fetcher {
         Ok(client)
     }
 
+    /// Drops the client of a CA bundle no policy uses any more.
+    pub fn forget(&self, ca_bundle: &str) {
+        self.clients.lock().expect("client cache lock").remove(&Some(ca_bundle.to_owned()));
+    }
+
     pub async fn fetch(&self, req: &Request<'_>) -> Result<Fetched, FetchError> {
         let client = self.client(req.ca_bundle)?;
         tokio::time::timeout(req.timeout, self.fetch_inner(&client, req))

@@ -68,6 +68,8 @@ pub struct SimState {
     pub token: Option<String>,
     pub fail: FailMode,
     pub requests: u64,
+    /// Presence requests that carried an `Authorization` header.
+    pub bearer_requests: u64,
 }
 
 pub type Shared = Arc<Mutex<SimState>>;
@@ -94,6 +96,9 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
     let (fail, body) = {
         let mut st = s.lock().unwrap();
         st.requests += 1;
+        if headers.contains_key(header::AUTHORIZATION) {
+            st.bearer_requests += 1;
+        }
         if let Some(token) = &st.token {
             let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             if sent != Some(format!("Bearer {token}").as_str()) {

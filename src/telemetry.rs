@@ -105,6 +105,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops a deleted policy's series, so label sets do not pile up with policies that come and go.
+    pub fn forget_policy(&self, label: &PolicyLabel) {
+        for family in [&self.agents, &self.eligible, &self.links, &self.max_links] {
+            family.remove(label);
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");

@@ -1,10 +1,20 @@
-//! Leader election on a `coordination.k8s.io` Lease (kube-lease-manager). A 10 s lease with a 2 s grace
-//! lets a standby take over within about 12 s of the leader's death; a clean shutdown releases it at once.
+//! Leader election on a `coordination.k8s.io` Lease. kube-lease-manager acquires and renews it; whether
+//! this replica may *write* is decided here, from the Lease itself: only while the Lease names us and its
+//! last renewal is younger than [`FENCE`]. kube-lease-manager keeps reporting leadership while it backs off
+//! from failed renewals (or hangs in one), so its own flag cannot fence writes: a replica cut off from the
+//! API would go on writing after a standby took over. The fence expires on our clock, renewals or not,
+//! [`LEASE_SECONDS`] − [`FENCE`] before a standby may take the Lease.
+//!
+//! One source, one order: the fence is updated before the term moves, and the term moving is what
+//! re-runs every policy, so a new leader never reconciles while it still reads itself as a standby.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kube::Client;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -13,34 +23,103 @@ use tracing::info;
 use super::Settings;
 use crate::telemetry::Metrics;
 
+/// The Lease duration: a standby takes over at most this long (plus up to a second) after the last renewal.
 pub const LEASE_SECONDS: u64 = 10;
-pub const GRACE_SECONDS: u64 = 2;
+/// kube-lease-manager renews this long before the Lease would expire.
+pub const GRACE_SECONDS: u64 = 4;
+/// How long after a renewal the leader may still start a write wave.
+pub const FENCE: Duration = Duration::from_secs(8);
+
+/// Whether this replica may write now, and the leadership term (bumped each time it becomes leader).
+pub struct Leadership {
+    elected: bool,
+    state: watch::Sender<Term>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Term {
+    pub number: u64,
+    /// Until when writes may start; `None` while not leading.
+    pub until: Option<Instant>,
+}
+
+impl Leadership {
+    /// Without election (a single replica), always leading, in term 1.
+    pub fn new(elected: bool) -> Self {
+        Self { elected, state: watch::channel(Term { number: u64::from(!elected), until: None }).0 }
+    }
+
+    pub fn may_write(&self) -> bool {
+        !self.elected || self.state.borrow().until.is_some_and(|u| Instant::now() < u)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.state.borrow().number
+    }
+
+    /// Fires each time this replica becomes leader.
+    pub fn subscribe(&self) -> watch::Receiver<Term> {
+        self.state.subscribe()
+    }
+
+    /// Takes in what the Lease says now (at local time `now`).
+    fn observe(&self, lease: Option<&Lease>, identity: &str, now: Instant, metrics: &Metrics) {
+        let until = lease.and_then(|l| fence_until(l, identity));
+        let leading = until.is_some_and(|u| now < u);
+        self.state.send_if_modified(|t| {
+            let was = t.until.is_some_and(|u| now < u);
+            t.until = until.filter(|_| leading);
+            if leading && !was {
+                t.number += 1;
+                info!(identity, term = t.number, "became leader");
+            } else if was && !leading {
+                info!(identity, "no longer leader: stopped writing");
+            }
+            metrics.leader.set(i64::from(leading));
+            leading != was
+        });
+    }
+}
+
+/// When the fence of the Lease's holder ends, if the holder is `identity`: renewal + [`FENCE`], taken
+/// on our clock (kube-lease-manager writes `renewTime` from it).
+fn fence_until(lease: &Lease, identity: &str) -> Option<Instant> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = spec.renew_time.as_ref()?.0;
+    let age = Timestamp::now().duration_since(renewed);
+    let left = FENCE.as_secs_f64() - age.as_secs_f64();
+    (left > 0.0).then(|| Instant::now() + Duration::from_secs_f64(left))
+}
 
 /// The election's tasks. Dropping it (a crash, or an aborted controller) stops them without releasing the
 /// Lease, so a standby takes over only once it expires; [`release`] gives it up at once.
 pub struct LeaseTask {
-    mirror: JoinHandle<()>,
+    follow: JoinHandle<()>,
     manager: Option<JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>>,
+    /// kube-lease-manager releases the Lease once every receiver of its channel is gone.
+    manager_rx: Option<watch::Receiver<bool>>,
 }
 
 impl Drop for LeaseTask {
     fn drop(&mut self) {
-        self.mirror.abort();
+        self.follow.abort();
         if let Some(m) = &self.manager {
             m.abort();
         }
     }
 }
 
-/// Starts competing for the Lease. `leader` and the `leader` metric follow the outcome; the returned
-/// receiver lets the controller react to becoming leader.
+/// Starts competing for the Lease and following it into `leadership`.
 pub async fn elect(
     client: Client,
     settings: &Settings,
-    leader: Arc<AtomicBool>,
+    leadership: Arc<Leadership>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<(watch::Receiver<bool>, LeaseTask)> {
-    let manager = LeaseManagerBuilder::new(client, &settings.lease_name)
+) -> anyhow::Result<LeaseTask> {
+    let manager = LeaseManagerBuilder::new(client.clone(), &settings.lease_name)
         .with_namespace(&settings.lease_namespace)
         .with_identity(&settings.identity)
         .with_duration(LEASE_SECONDS)
@@ -48,30 +127,83 @@ pub async fn elect(
         .with_field_manager(super::FIELD_MANAGER)
         .build()
         .await?;
-    let (rx, manager) = manager.watch().await;
-    let mut mirror_rx = rx.clone();
+    let (manager_rx, manager) = manager.watch().await;
+    let api: Api<Lease> = Api::namespaced(client, &settings.lease_namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.lease_name));
     let identity = settings.identity.clone();
-    let mirror = tokio::spawn(async move {
+    let follow = tokio::spawn(async move {
+        let mut leases = watcher(api, config).default_backoff().boxed();
+        let mut current: Option<Lease> = None;
         loop {
-            let is_leader = *mirror_rx.borrow_and_update();
-            leader.store(is_leader, Ordering::SeqCst);
-            metrics.leader.set(i64::from(is_leader));
-            info!(identity, is_leader, "leadership changed");
-            if mirror_rx.changed().await.is_err() {
-                leader.store(false, Ordering::SeqCst);
-                return;
+            let fence = leadership.state.borrow().until;
+            let expired = async {
+                match fence {
+                    Some(u) => tokio::time::sleep_until(u.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = leases.next() => match event {
+                    Some(Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l))) => current = Some(l),
+                    Some(Ok(watcher::Event::Delete(_))) => current = None,
+                    Some(_) => {}
+                    None => return,
+                },
+                () = expired => {}
             }
+            leadership.observe(current.as_ref(), &identity, Instant::now(), &metrics);
         }
     });
-    Ok((rx, LeaseTask { mirror, manager: Some(manager) }))
+    Ok(LeaseTask { follow, manager: Some(manager), manager_rx: Some(manager_rx) })
 }
 
-/// Gives the Lease up: once every receiver is gone the manager releases it and ends.
+/// Gives the Lease up: dropping the last receiver makes kube-lease-manager release it and end.
 pub async fn release(mut task: LeaseTask) {
-    task.mirror.abort();
+    task.follow.abort();
+    task.manager_rx.take();
     let Some(manager) = task.manager.take() else { return };
-    match tokio::time::timeout(Duration::from_secs(5), manager).await {
+    match tokio::time::timeout(Duration::from_secs(3), manager).await {
         Ok(Ok(Ok(_))) => info!("leader Lease released"),
         other => tracing::warn!(?other, "could not release the leader Lease cleanly"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed_secs_ago: f64) -> Lease {
+        let renewed = Timestamp::now() - jiff_span(renewed_secs_ago);
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "l"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": LEASE_SECONDS,
+                     "renewTime": renewed.to_string()}
+        }))
+        .unwrap()
+    }
+
+    fn jiff_span(secs: f64) -> k8s_openapi::jiff::SignedDuration {
+        k8s_openapi::jiff::SignedDuration::from_secs_f64(secs)
+    }
+
+    #[test]
+    fn writes_stop_a_fence_after_the_last_renewal_whatever_else_happens() {
+        let metrics = Metrics::default();
+        let l = Leadership::new(true);
+        let now = Instant::now();
+        assert!(!l.may_write());
+        l.observe(Some(&lease("me", 1.0)), "me", now, &metrics);
+        assert!(l.may_write());
+        assert_eq!(l.term(), 1);
+        // No renewal seen since (the API is unreachable): the fence runs out on its own.
+        l.observe(Some(&lease("me", 1.0)), "me", now + FENCE, &metrics);
+        assert!(!l.may_write(), "a leader that cannot renew stops writing");
+        l.observe(Some(&lease("me", 0.0)), "me", Instant::now(), &metrics);
+        assert_eq!(l.term(), 2, "leading again is a new term");
+        l.observe(Some(&lease("other", 0.0)), "me", Instant::now(), &metrics);
+        assert!(!l.may_write());
+        l.observe(Some(&lease("me", FENCE.as_secs_f64() + 0.5)), "me", Instant::now(), &metrics);
+        assert!(!l.may_write(), "a Lease renewed longer ago than the fence gives no right to write");
+        assert!(Leadership::new(false).may_write());
     }
 }

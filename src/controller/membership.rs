@@ -5,17 +5,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use serde::{Deserialize, Serialize};
 
 use crate::presence::{Node, Snapshot};
 
-/// One entry of the `agentmesh.dev/peers` annotation.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Peer {
-    pub node_id: String,
-    pub url: String,
-}
+/// Longest node id accepted: an Ed25519 key in hex is 64 bytes. Together with [`MAX_ADDRESS_BYTES`] this
+/// keeps an agent's annotations (at most 64 peers) well under the API server's 256 KiB limit.
+pub const MAX_NODE_ID_BYTES: usize = 256;
+/// Longest advertised address accepted.
+pub const MAX_ADDRESS_BYTES: usize = 2048;
 
 /// An eligible agent.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,7 +36,12 @@ pub enum Exclusion {
     NoAddress,
     IsRendezvous,
     BadAddress(String),
+    AddressTooLong(usize),
+    /// An empty node id, or one longer than [`MAX_NODE_ID_BYTES`] (its length).
+    BadNodeId(usize),
     DuplicateNodeId { node_id: String, pods: Vec<String> },
+    /// Carries, or is linked from, another policy's assignment: it joins once that policy let it go.
+    OtherPolicy(String),
 }
 
 impl std::fmt::Display for Exclusion {
@@ -54,6 +56,13 @@ impl std::fmt::Display for Exclusion {
             Self::NoAddress => write!(f, "presence entry has no address"),
             Self::IsRendezvous => write!(f, "the entry is the rendezvous itself"),
             Self::BadAddress(a) => write!(f, "address {a:?} is not a ws:// or wss:// URL"),
+            Self::AddressTooLong(n) => write!(f, "address of {n} bytes is longer than {MAX_ADDRESS_BYTES}"),
+            Self::BadNodeId(0) => write!(f, "presence entry has an empty node_id"),
+            Self::BadNodeId(n) => write!(f, "node_id of {n} bytes is longer than {MAX_NODE_ID_BYTES}"),
+            Self::OtherPolicy(p) => write!(
+                f,
+                "carries or is linked from MeshPolicy {p:?}'s assignment; joins once {p:?} has released it"
+            ),
             Self::DuplicateNodeId { node_id, pods } => {
                 write!(f, "node id {node_id} is claimed by Pods {}", pods.join(", "))
             }
@@ -75,6 +84,24 @@ pub struct Rules<'a> {
     pub heartbeat_timeout: Duration,
     /// The snapshot's clock when it carries none of its own (the controller's clock at fetch time).
     pub fallback_now_ms: f64,
+}
+
+/// Moves out of `m` every agent whose Pod carries another policy's assignment (`foreign_pods`: Pod → that
+/// policy) or whose node id another policy's Pods dial or accept (`foreign_ids`: node id → that policy):
+/// two policies never share an agent, so neither can fill it past the cap while the other still links it.
+pub fn exclude_foreign(
+    m: &mut Membership,
+    foreign_pods: &HashMap<String, String>,
+    foreign_ids: &HashMap<String, String>,
+) {
+    let (kept, moved): (Vec<Agent>, Vec<Agent>) = std::mem::take(&mut m.agents)
+        .into_iter()
+        .partition(|a| !foreign_pods.contains_key(&a.pod) && !foreign_ids.contains_key(&a.node_id));
+    m.agents = kept;
+    for a in moved {
+        let policy = foreign_pods.get(&a.pod).or_else(|| foreign_ids.get(&a.node_id)).cloned().unwrap_or_default();
+        m.excluded.insert(a.pod, Exclusion::OtherPolicy(policy));
+    }
 }
 
 /// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`
@@ -156,6 +183,9 @@ fn candidate(
     if snapshot.server_node_id.as_deref() == Some(node.node_id.as_str()) {
         return Err(Exclusion::IsRendezvous);
     }
+    if node.node_id.is_empty() || node.node_id.len() > MAX_NODE_ID_BYTES {
+        return Err(Exclusion::BadNodeId(node.node_id.len()));
+    }
     if !node.alive {
         return Err(Exclusion::NotAlive);
     }
@@ -164,6 +194,9 @@ fn candidate(
     }
     if !snapshot.is_live(node, rules.heartbeat_timeout, rules.fallback_now_ms) {
         return Err(Exclusion::StaleHeartbeat);
+    }
+    if node.address.len() > MAX_ADDRESS_BYTES {
+        return Err(Exclusion::AddressTooLong(node.address.len()));
     }
     let url = dial_url(&node.address, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
     let domain = rules.topology_key.and_then(|key| {
@@ -318,6 +351,42 @@ mod tests {
         assert_eq!(m.excluded["dead"], Exclusion::NotAlive);
         assert!(matches!(m.excluded["http"], Exclusion::BadAddress(_)));
         assert_eq!(m.excluded["unknown"], Exclusion::NoPresence);
+    }
+
+    #[test]
+    fn hostile_ids_and_addresses_are_excluded_not_planned() {
+        let snap = Snapshot {
+            now_ms: Some(1_000_000.0),
+            nodes: vec![
+                node("", "ws://0.0.0.0:1/", Some("empty"), 0.0),
+                node(&"x".repeat(300), "ws://0.0.0.0:1/", Some("long-id"), 0.0),
+                node("ok", &format!("ws://0.0.0.0:1/{}", "a".repeat(300_000)), Some("long-address"), 0.0),
+            ],
+            ..Default::default()
+        };
+        let pods = [
+            pod("empty", "127.0.0.1", true, json!({})),
+            pod("long-id", "127.0.0.2", true, json!({})),
+            pod("long-address", "127.0.0.3", true, json!({})),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let m = decide(&refs, &snap, &rules(), &|_| None);
+        assert!(m.agents.is_empty());
+        assert_eq!(m.excluded["empty"], Exclusion::BadNodeId(0));
+        assert_eq!(m.excluded["long-id"], Exclusion::BadNodeId(300));
+        assert!(m.excluded["long-address"].to_string().contains("300015 bytes"), "{}", m.excluded["long-address"]);
+    }
+
+    #[test]
+    fn agents_of_another_policy_are_moved_out() {
+        let agent = |pod: &str, id: &str| Agent { pod: pod.into(), node_id: id.into(), url: String::new(), domain: None };
+        let mut m = Membership { agents: vec![agent("a", "1"), agent("b", "2"), agent("c", "3")], ..Default::default() };
+        let pods = HashMap::from([("a".to_string(), "other".to_string())]);
+        let ids = HashMap::from([("2".to_string(), "third".to_string())]);
+        exclude_foreign(&mut m, &pods, &ids);
+        assert_eq!(m.agents, vec![agent("c", "3")]);
+        assert_eq!(m.excluded["a"], Exclusion::OtherPolicy("other".into()));
+        assert_eq!(m.excluded["b"], Exclusion::OtherPolicy("third".into()));
     }
 
     #[test]

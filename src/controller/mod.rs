@@ -19,10 +19,16 @@ use crate::presence::Fetcher;
 use crate::telemetry::{Health, Metrics};
 
 pub mod apply;
+pub mod decide;
 pub mod leader;
 pub mod membership;
+pub mod plan;
+pub mod poll;
 pub mod reconcile;
 pub mod status;
+
+use leader::Leadership;
+use poll::PresenceState;
 
 pub const FIELD_MANAGER: &str = "mesh-operator";
 pub const FINALIZER: &str = "agentmesh.dev/cleanup";
@@ -33,8 +39,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("patching {failed} of {total} Pods failed; first: {first}")]
-    Apply { failed: usize, total: usize, first: String },
+    #[error("cleanup: {0}")]
+    Cleanup(String),
 }
 
 impl Error {
@@ -43,42 +49,8 @@ impl Error {
         match self {
             Self::Kube(_) => "kube",
             Self::Finalizer(_) => "finalizer",
-            Self::Apply { .. } => "apply",
+            Self::Cleanup(_) => "cleanup",
         }
-    }
-}
-
-/// What one reconcile knows of a policy's presence between polls.
-#[derive(Default)]
-pub struct PresenceState {
-    /// The last good snapshot, with its clock advanced by local time on 304s.
-    pub snapshot: Option<crate::presence::Snapshot>,
-    /// Local wall clock (ms) when `snapshot` was last confirmed.
-    pub confirmed_ms: f64,
-    pub etag: Option<String>,
-    pub last_attempt: Option<tokio::time::Instant>,
-    /// The last failure's reason and message while the rendezvous is unreachable.
-    pub failure: Option<(String, String)>,
-    /// Ready Pods without a presence entry, and when each was first seen so.
-    pub waiting: HashMap<String, std::time::Instant>,
-}
-
-impl PresenceState {
-    /// How long a Ready Pod without presence is worth prompt re-reads; after that it is an agent that did
-    /// not register, and the normal poll interval serves it.
-    pub const PROMPT_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
-
-    /// Records which Ready Pods lack presence now; whether any began waiting within [`Self::PROMPT_WINDOW`].
-    pub fn awaiting_presence(
-        &mut self,
-        unmatched: &std::collections::HashSet<String>,
-        now: std::time::Instant,
-    ) -> bool {
-        self.waiting.retain(|pod, _| unmatched.contains(pod));
-        for pod in unmatched {
-            self.waiting.entry(pod.clone()).or_insert(now);
-        }
-        self.waiting.values().any(|&since| now.saturating_duration_since(since) < Self::PROMPT_WINDOW)
     }
 }
 
@@ -93,8 +65,36 @@ pub struct Context {
     pub fetcher: Arc<Fetcher>,
     /// Per policy UID: its own lock, so a slow rendezvous holds up only the policies that use it.
     pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
-    pub leader: Arc<AtomicBool>,
+    pub leadership: Arc<Leadership>,
+    pub expectations: apply::Expectations,
+    /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
+    pub caches_synced: AtomicBool,
+    pub nodes_synced: Arc<AtomicBool>,
     pub apply_concurrency: usize,
+}
+
+impl Context {
+    pub fn synced(&self) -> bool {
+        self.caches_synced.load(Ordering::SeqCst) && self.nodes_synced.load(Ordering::SeqCst)
+    }
+
+    /// The presence state of the policy with UID `uid`, created on first use.
+    pub fn presence_state(&self, uid: &str) -> Arc<Mutex<PresenceState>> {
+        self.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone()
+    }
+
+    /// Drops what the controller keeps about a deleted policy.
+    pub fn forget(&self, policy: &MeshPolicy) {
+        self.presence.lock().expect("presence map lock").remove(&policy.uid().unwrap_or_default());
+        let label = crate::telemetry::PolicyLabel {
+            namespace: policy.namespace().unwrap_or_default(),
+            policy: policy.name_any(),
+        };
+        self.metrics.forget_policy(&label);
+        if let Some(ca) = &policy.spec.rendezvous.ca_bundle {
+            self.fetcher.forget(ca);
+        }
+    }
 }
 
 pub struct Settings {
@@ -142,12 +142,16 @@ fn policies_for_pod(pod: &Pod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<Me
         .collect()
 }
 
+/// How long the controllers get to finish their reconciles after SIGTERM/SIGINT before they are dropped:
+/// a hung request must not keep the Lease held until it expires.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the controller until SIGTERM/SIGINT; releases the Lease on the way out. With namespaces given,
 /// one controller per namespace (each with its own watches, as namespace-scoped RBAC requires) shares the
 /// client, metrics, Node cache, presence client and Lease; without, one controller watches all.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<()> {
     let (metrics_for_server, health_for_server) = (metrics.clone(), health.clone());
-    let leader = Arc::new(AtomicBool::new(!settings.leader_elect));
+    let leadership = Arc::new(Leadership::new(settings.leader_elect));
     metrics.leader.set(i64::from(!settings.leader_elect));
     // Every helper task lives in this set, so they all end with `run`, however it ends.
     let mut tasks = tokio::task::JoinSet::new();
@@ -164,14 +168,17 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         .reflect(node_writer)
         .for_each(|_| async {});
     tasks.spawn(node_stream);
+    let nodes_synced = Arc::new(AtomicBool::new(false));
+    let (store, flag) = (nodes.clone(), nodes_synced.clone());
+    tasks.spawn(async move {
+        let _ = store.wait_until_ready().await;
+        flag.store(true, Ordering::SeqCst);
+    });
 
-    let (lease_rx, lease_task) = if settings.leader_elect {
-        let (rx, task) = leader::elect(client.clone(), &settings, leader.clone(), metrics.clone()).await?;
-        (Some(rx), Some(task))
-    } else {
-        (None, None)
+    let lease_task = match settings.leader_elect {
+        true => Some(leader::elect(client.clone(), &settings, leadership.clone(), metrics.clone()).await?),
+        false => None,
     };
-
     let shared = Shared {
         client: client.clone(),
         metrics: metrics.clone(),
@@ -179,36 +186,51 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
             client.clone(),
             Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) },
         ),
-        nodes: nodes.clone(),
+        nodes,
+        nodes_synced,
         fetcher: Arc::new(Fetcher::new(settings.max_presence_bytes)),
-        leader: leader.clone(),
+        leadership,
         apply_concurrency: settings.apply_concurrency,
     };
     let scopes = scopes(&settings.namespaces);
-    let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel(scopes.len());
-    let controllers: Vec<_> =
-        scopes.iter().map(|scope| controller(&shared, scope.clone(), lease_rx.clone(), synced_tx.clone())).collect();
-    // The Lease is released once every receiver is gone: the controllers hold the only ones left.
-    drop((synced_tx, lease_rx));
+    let mut contexts = Vec::new();
+    let mut controllers = Vec::new();
+    for scope in scopes {
+        let ((pods, pod_writer), (policies, policy_writer)) = (reflector::store(), reflector::store());
+        let ctx = shared.context(pods, policies);
+        controllers.push(controller(ctx.clone(), scope, pod_writer, policy_writer));
+        contexts.push(ctx);
+    }
     let ready = {
-        let (nodes, health, scopes) = (nodes.clone(), health.clone(), scopes.len());
+        let (contexts, health) = (contexts.clone(), health.clone());
         async move {
-            for _ in 0..scopes {
-                synced_rx.recv().await;
+            while !contexts.iter().all(|c| c.synced()) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            let _ = nodes.wait_until_ready().await;
             health.synced.store(true, Ordering::Relaxed);
-            info!(namespaces = scopes, "watches synced; ready");
+            info!(namespaces = contexts.len(), "watches synced; ready");
         }
     };
     tasks.spawn(ready);
-    futures::future::join_all(controllers).await;
-
+    tokio::select! {
+        _ = futures::future::join_all(controllers) => {}
+        () = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running after the shutdown grace; dropping them");
+        }
+    }
     info!("shutting down");
     if let Some(task) = lease_task {
         leader::release(task).await;
     }
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// The controllers to run: one per namespace, each once (a namespace named twice must not get two writers),
@@ -226,25 +248,47 @@ struct Shared {
     metrics: Arc<Metrics>,
     recorder: Recorder,
     nodes: Store<PartialObjectMeta<Node>>,
+    nodes_synced: Arc<AtomicBool>,
     fetcher: Arc<Fetcher>,
-    leader: Arc<AtomicBool>,
+    leadership: Arc<Leadership>,
     apply_concurrency: usize,
 }
 
-/// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It reports on `synced`
-/// once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
+impl Shared {
+    /// The context of one controller, over its own Pod and policy caches.
+    fn context(&self, pods: Store<Pod>, policies: Store<MeshPolicy>) -> Arc<Context> {
+        Arc::new(Context {
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+            recorder: self.recorder.clone(),
+            pods,
+            nodes: self.nodes.clone(),
+            policies,
+            fetcher: self.fetcher.clone(),
+            presence: Default::default(),
+            leadership: self.leadership.clone(),
+            expectations: Default::default(),
+            caches_synced: AtomicBool::new(false),
+            nodes_synced: self.nodes_synced.clone(),
+            apply_concurrency: self.apply_concurrency,
+        })
+    }
+}
+
+/// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It sets
+/// `caches_synced` once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
 async fn controller(
-    shared: &Shared,
+    ctx: Arc<Context>,
     scope: Option<String>,
-    lease_rx: Option<tokio::sync::watch::Receiver<bool>>,
-    synced: tokio::sync::mpsc::Sender<()>,
+    pod_writer: reflector::store::Writer<Pod>,
+    policy_writer: reflector::store::Writer<MeshPolicy>,
 ) {
-    let client = shared.client.clone();
+    let client = ctx.client.clone();
     let (policy_api, pod_api): (Api<MeshPolicy>, Api<Pod>) = match &scope {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let (pods, pod_writer) = reflector::store();
+    let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
     let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(trim_pod)
@@ -254,7 +298,6 @@ async fn controller(
     // The policy cache reports its initial sync through a channel of its own: the controller already waits
     // on this store's readiness, and kube-runtime's readiness future wakes only one waiter, so a second
     // `wait_until_ready` here could sleep forever.
-    let (policies, policy_writer) = reflector::store();
     let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
     let policy_stream = watcher(policy_api, watcher::Config::default())
         .default_backoff()
@@ -270,34 +313,24 @@ async fn controller(
     // into one pending run, so each run takes in everything that changed during the previous one.
     let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().concurrency(8));
-    let ctx = Arc::new(Context {
-        client,
-        metrics: shared.metrics.clone(),
-        recorder: shared.recorder.clone(),
-        pods: pods.clone(),
-        nodes: shared.nodes.clone(),
-        policies: policies.clone(),
-        fetcher: shared.fetcher.clone(),
-        presence: Default::default(),
-        leader: shared.leader.clone(),
-        apply_concurrency: shared.apply_concurrency,
-    });
-
-    // Becoming leader re-runs every policy at once, so a standby takes over without waiting for a resync.
-    let became_leader = futures::stream::unfold(lease_rx, |rx| async move {
-        let mut rx = rx?;
+    // Becoming leader (a new term) re-runs every policy at once; the fence is already up when it fires.
+    let became_leader = futures::stream::unfold(ctx.leadership.subscribe(), |mut rx| async move {
+        let mut seen = rx.borrow_and_update().number;
         loop {
             rx.changed().await.ok()?;
-            if *rx.borrow() {
-                return Some(((), Some(rx)));
+            let term = rx.borrow_and_update().number;
+            if term != seen {
+                return Some(((), rx));
             }
+            seen = term;
         }
     });
+    let ready_ctx = ctx.clone();
     let ready = async move {
         let _ = pods.wait_until_ready().await;
         let _ = policies_synced.wait_for(|synced| *synced).await;
         tracing::debug!(namespace = ?scope, "pod and policy caches synced");
-        let _ = synced.send(()).await;
+        ready_ctx.caches_synced.store(true, Ordering::SeqCst);
     };
     let mapper_store = policies.clone();
     let run = controller
@@ -320,21 +353,6 @@ async fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prompt_reads_only_for_pods_that_began_waiting_recently() {
-        let set = |pods: &[&str]| pods.iter().map(|p| p.to_string()).collect::<std::collections::HashSet<_>>();
-        let t0 = std::time::Instant::now();
-        let mut state = PresenceState::default();
-        assert!(!state.awaiting_presence(&set(&[]), t0));
-        assert!(state.awaiting_presence(&set(&["a"]), t0));
-        let later = t0 + PresenceState::PROMPT_WINDOW;
-        assert!(!state.awaiting_presence(&set(&["a"]), later), "a never registered: the poll interval serves it");
-        assert!(state.awaiting_presence(&set(&["a", "b"]), later), "b just turned Ready");
-        assert!(!state.awaiting_presence(&set(&["a"]), later), "b found its entry");
-        assert!(state.awaiting_presence(&set(&["b"]), later), "b waits again: a fresh window");
-        assert_eq!(state.waiting.len(), 1);
-    }
 
     #[test]
     fn one_controller_per_namespace_or_one_for_all() {

@@ -1,9 +1,8 @@
-//! One reconcile of one MeshPolicy, in phases: gather → validate → membership → plan → diff → apply →
-//! status. Validate, membership, plan and diff are pure; gather and apply talk to the API and the
-//! rendezvous.
-use std::collections::{BTreeMap, HashMap, HashSet};
+//! One reconcile of one MeshPolicy: validate → gather → presence → membership → plan → decide → apply →
+//! status. Validate, membership, plan and decide are pure (each in its own module); gather reads the
+//! caches; presence and apply talk to the rendezvous and the API.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -18,19 +17,30 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::apply::{self, Assignment};
-use super::membership::{self, Exclusion, Membership, Peer};
-use super::status::{self, Verdict};
-use super::{Context, Error, FIELD_MANAGER, FINALIZER, PresenceState};
-use crate::api::{MeshPolicy, MeshPolicyStatus, Mode, POLICY_ANNOTATION};
-use crate::planner::{self, analysis};
-use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms as now_ms};
+use super::apply::{self, Outcome};
+use super::decide::{self, PodState};
+use super::membership::{self, Exclusion, Membership};
+use super::plan::{self, PlanOutcome, Targets};
+use super::poll::{Attempt, PROMPT_FETCH_INTERVAL, Read};
+use super::status::{self, Findings};
+use super::{Context, Error, FIELD_MANAGER, FINALIZER};
+use crate::api::{MeshPolicy, MeshPolicyStatus, Mode};
+use crate::assignment::{self, Assignment};
+use crate::presence::{FetchError, Fetched, Request, Snapshot};
 use crate::{duration, telemetry};
 
+/// How soon a reconcile that found the caches behind (not synced yet, or older than our own writes) runs
+/// again.
+const CACHE_WAIT: Duration = Duration::from_millis(200);
+
 pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if !ctx.leader.load(Ordering::SeqCst) {
+    if !ctx.leadership.may_write() {
         // Standbys keep their caches warm and write nothing; becoming leader re-runs every policy.
         return Ok(Action::await_change());
+    }
+    // An empty cache must not look like an empty fleet (nor a deleted policy like one without Pods).
+    if !ctx.synced() {
+        return Ok(Action::requeue(CACHE_WAIT));
     }
     let started = std::time::Instant::now();
     let ns = policy.namespace().unwrap_or_default();
@@ -98,45 +108,168 @@ fn owner_key(p: &MeshPolicy) -> (Option<Timestamp>, String) {
     (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.name_any())
 }
 
-async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
-    let ns = policy.namespace().unwrap_or_default();
+/// What the caches say about one policy's namespace.
+struct Observed {
+    /// Pods the policy selects and owns (no older policy selects them).
+    selected: Vec<Arc<Pod>>,
+    /// Pods it selects that an older policy owns.
+    conflicted: Vec<String>,
+    /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
+    pods: BTreeMap<String, PodState>,
+    /// What each Pod carries as this policy's.
+    carried: BTreeMap<String, Assignment>,
+    /// Pods carrying another policy's assignment, and the node ids those link: Pod/id → that policy.
+    foreign_pods: HashMap<String, String>,
+    foreign_ids: HashMap<String, String>,
+    /// IPs of the namespace's Pods that are not terminating.
+    live_ips: HashSet<String>,
+}
+
+/// Gather: reads the Pod and policy caches.
+fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
     let name = policy.name_any();
-    let uid = policy.uid().unwrap_or_default();
-
-    // validate
-    let settings = match validate(policy) {
-        Ok(s) => s,
-        Err(message) => {
-            publish(ctx, policy, EventType::Warning, "InvalidPolicy", &message).await;
-            let verdicts = [Verdict::new(status::READY, false, "InvalidPolicy", message)];
-            write_status(ctx, policy, MeshPolicyStatus::default(), &verdicts).await?;
-            return Ok(Action::await_change());
-        }
+    let ns = policy.namespace();
+    let all_pods: Vec<Arc<Pod>> = ctx.pods.state().into_iter().filter(|p| p.namespace() == ns).collect();
+    let others: Vec<Arc<MeshPolicy>> =
+        ctx.policies.state().into_iter().filter(|p| p.namespace() == ns && p.uid() != policy.uid()).collect();
+    let mut o = Observed {
+        selected: vec![],
+        conflicted: vec![],
+        pods: BTreeMap::new(),
+        carried: BTreeMap::new(),
+        foreign_pods: HashMap::new(),
+        foreign_ids: HashMap::new(),
+        live_ips: HashSet::new(),
     };
-
-    // gather: the Pods this policy selects and owns, and the ones another (older) policy owns
-    let all_pods = ctx.pods.state();
-    let others: Vec<Arc<MeshPolicy>> = ctx
-        .policies
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace() == policy.namespace() && p.uid() != policy.uid())
-        .collect();
-    let mut selected: Vec<&Pod> = Vec::new();
-    let mut conflicted: Vec<String> = Vec::new();
-    for pod in all_pods.iter().filter(|p| selects(policy, p)) {
-        let older = others.iter().find(|o| owner_key(o) < owner_key(policy) && selects(o, pod));
-        match older {
-            Some(_) => conflicted.push(pod.name_any()),
-            None => selected.push(pod),
+    for pod in all_pods {
+        let pod_name = pod.name_any();
+        let selected = selects(policy, &pod);
+        if selected {
+            match others.iter().any(|o| owner_key(o) < owner_key(policy) && selects(o, &pod)) {
+                true => o.conflicted.push(pod_name.clone()),
+                false => o.selected.push(pod.clone()),
+            }
+        }
+        if pod.metadata.deletion_timestamp.is_none() {
+            o.live_ips.extend(pod.status.as_ref().and_then(|s| s.pod_ip.clone()));
+        }
+        let state = pod_state(&pod, &policy.spec.identity.node_id_annotation);
+        match state.keys.get(assignment::POLICY) {
+            Some(owner) if *owner != name => {
+                let theirs = Assignment::from_annotations(&state.keys).unwrap_or_default();
+                o.foreign_ids.extend(theirs.linked_ids().into_iter().map(|id| (id.to_owned(), owner.clone())));
+                o.foreign_pods.insert(pod_name, owner.clone());
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(a) = state.carried(&name, selected) {
+            o.carried.insert(pod_name.clone(), a);
+        }
+        if selected || !state.keys.is_empty() {
+            o.pods.insert(pod_name, state);
         }
     }
-    conflicted.sort();
+    o.conflicted.sort();
+    o
+}
 
-    // presence: poll when due, or at once when a Ready Pod has no presence yet
-    let Read { snapshot: snap, confirmed_ms, failure } = presence(ctx, policy, &uid, &settings, &selected).await;
+fn pod_state(pod: &Pod, node_id_annotation: &str) -> PodState {
+    let annotations = pod.annotations();
+    PodState {
+        uid: pod.uid(),
+        resource_version: pod.resource_version(),
+        node_id: annotations.get(node_id_annotation).cloned(),
+        keys: assignment::KEYS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), annotations.get(*k)?.clone())))
+            .collect(),
+    }
+}
 
-    // membership
+async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
+    let settings = match validate(policy) {
+        Ok(s) => s,
+        Err(message) => return invalid(ctx, policy, message).await,
+    };
+    let ns = policy.namespace().unwrap_or_default();
+    if !caught_up(ctx, &ns) {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
+    let mut observed = gather(ctx, policy);
+    let read = presence(ctx, policy, &settings, &observed).await;
+    let mut findings = Findings {
+        mode: policy.spec.mode,
+        has_presence: read.snapshot.is_some(),
+        unreachable: read.failure.clone(),
+        suspect: read.suspect.clone(),
+        conflicted: observed.conflicted.clone(),
+        ..Default::default()
+    };
+    let members = read.snapshot.as_ref().map(|s| members(ctx, policy, &settings, &observed, s, read.confirmed_ms));
+    for agent in members.iter().flat_map(|m| &m.agents) {
+        if let Some(state) = observed.pods.get_mut(&agent.pod) {
+            state.node_id = Some(agent.node_id.clone());
+        }
+    }
+    let targets = match &members {
+        Some(m) => match plan::plan(m, policy.spec.max_peers, &policy.uid().unwrap_or_default(), &policy.name_any(), &observed.carried) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                findings.plan_error = Some(e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+    let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
+    let wanted = targets.as_ref().map(|p| p.targets.clone()).unwrap_or_else(|| adopted(&observed, members.is_some()));
+    let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
+    let outcome = match policy.spec.mode {
+        Mode::Enforce => write(ctx, &ns, &waves).await,
+        Mode::Observe => Outcome::default(),
+    };
+    findings.write_failures = outcome.failed.clone();
+    findings.held = outcome.held.len();
+    if let Some(m) = &members {
+        findings.duplicate_ids = duplicate_ids(m);
+        findings.disconnected = targets.as_ref().is_some_and(|p| p.components > 1 && policy.spec.max_peers >= 2);
+    }
+    report(ctx, policy, &observed, members.as_ref(), targets.as_ref(), &wanted, &findings, &outcome).await?;
+    let again = if !outcome.failed.is_empty() || outcome.lost_leadership {
+        Duration::from_secs(2)
+    } else if prompt {
+        PROMPT_FETCH_INTERVAL
+    } else {
+        settings.poll_interval
+    };
+    Ok(Action::requeue(again))
+}
+
+/// With no presence (or no plan), what the Pods already carry stays, minus what is gone; with presence but
+/// no plan (the planner refused), nothing changes.
+fn adopted(o: &Observed, has_presence: bool) -> Targets {
+    if has_presence {
+        return Targets::new();
+    }
+    let staying: HashSet<String> = o
+        .selected
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect();
+    plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips)
+}
+
+/// Membership: the eligible agents, without those another policy still holds.
+fn members(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    settings: &Settings,
+    o: &Observed,
+    snap: &Snapshot,
+    confirmed_ms: f64,
+) -> Membership {
     let node_domain = |node: &str| -> Option<String> {
         let key = policy.spec.topology_key.as_deref()?;
         let meta = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(node))?;
@@ -148,56 +281,72 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         heartbeat_timeout: settings.heartbeat_timeout,
         fallback_now_ms: confirmed_ms,
     };
-    let members = snap.as_ref().map(|s| membership::decide(&selected, s, &rules, &node_domain));
-    let prompt = match &members {
-        Some(m) => presence_state(ctx, &uid).lock().await.awaiting_presence(&no_presence(m), std::time::Instant::now()),
-        None => false,
-    };
+    let selected: Vec<&Pod> = o.selected.iter().map(|p| p.as_ref()).collect();
+    let mut m = membership::decide(&selected, snap, &rules, &node_domain);
+    membership::exclude_foreign(&mut m, &o.foreign_pods, &o.foreign_ids);
+    m
+}
 
-    // plan: seeded by the policy's UID, stable against what the Pods carry now
-    let now_assigned: BTreeMap<String, Option<Assignment>> = all_pods
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .map(|p| (p.name_any(), apply::current(p)))
+fn duplicate_ids(m: &Membership) -> Vec<String> {
+    let set: BTreeSet<String> = m
+        .excluded
+        .values()
+        .filter(|e| matches!(e, Exclusion::DuplicateNodeId { .. }))
+        .map(|e| status::truncate(&e.to_string(), 256))
         .collect();
-    let planned = members.as_ref().map(|m| plan(policy, m, &now_assigned, &uid));
+    set.into_iter().collect()
+}
 
-    // diff + apply: only with a snapshot (an outage before the first poll must not strip anything)
-    let mut patched = 0;
-    let mut want: BTreeMap<String, Option<Assignment>> = BTreeMap::new();
-    if let (Some(m), Some(plan)) = (&members, &planned) {
-        let agents: HashMap<&str, &membership::Agent> = m.agents.iter().map(|a| (a.pod.as_str(), a)).collect();
-        for pod in all_pods.iter().filter(|p| p.namespace().as_deref() == Some(ns.as_str())) {
-            let pod_name = pod.name_any();
-            let ours = now_assigned.get(&pod_name).cloned().flatten().is_some_and(|a| a.policy == name);
-            if let Some(agent) = agents.get(pod_name.as_str()) {
-                want.insert(pod_name, plan.assignments.get(&agent.node_id).cloned());
-            } else if ours {
-                want.insert(pod_name, None);
-            }
-        }
-        let changes = apply::diff(&now_assigned, &want, &uids(&all_pods, &ns));
-        if policy.spec.mode == Mode::Enforce && !changes.is_empty() {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let result = apply::apply(&pods, &changes, ctx.apply_concurrency).await;
-            let done = match &result {
-                Ok(n) => *n,
-                Err(_) => 0,
-            };
-            ctx.metrics.pod_patches.inc_by(done as u64);
-            patched = done;
-            result?;
-        }
+/// Whether the cache shows every write this process made in `ns`.
+fn caught_up(ctx: &Context, ns: &str) -> bool {
+    ctx.expectations.caught_up(ns, &|pod| {
+        let cached = ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(pod).within(ns))?;
+        Some((cached.uid(), cached.resource_version()))
+    })
+}
+
+/// Apply, with leadership re-checked before each wave.
+async fn write(ctx: &Context, ns: &str, waves: &decide::Waves) -> Outcome {
+    if waves.is_empty() {
+        return Outcome::default();
     }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let may_write = || ctx.leadership.may_write();
+    apply::apply(&pods, waves, ctx.apply_concurrency, &may_write, &ctx.expectations, &ctx.metrics.pod_patches).await
+}
 
-    // status
-    let label = telemetry::PolicyLabel { namespace: ns.clone(), policy: name.clone() };
-    ctx.metrics.agents.get_or_create(&label).set(selected.len() as i64);
-    let mut new = MeshPolicyStatus { selected: selected.len() as u32, ..Default::default() };
+async fn invalid(ctx: &Context, policy: &MeshPolicy, message: String) -> Result<Action, Error> {
+    publish(ctx, policy, EventType::Warning, "InvalidPolicy", &message).await;
+    let verdicts = [status::Verdict::new(status::READY, false, "InvalidPolicy", message)];
+    write_status(ctx, policy, MeshPolicyStatus::default(), &verdicts).await?;
+    Ok(Action::await_change())
+}
+
+/// Status: counts, the plan's shape, conditions; Events on what changed.
+#[allow(clippy::too_many_arguments)]
+async fn report(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    o: &Observed,
+    members: Option<&Membership>,
+    plan: Option<&PlanOutcome>,
+    wanted: &Targets,
+    findings: &Findings,
+    outcome: &Outcome,
+) -> Result<(), Error> {
+    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    ctx.metrics.agents.get_or_create(&label).set(o.selected.len() as i64);
     let prev = policy.status.clone().unwrap_or_default();
-    if let (Some(m), Some(plan)) = (&members, &planned) {
+    let mut new = MeshPolicyStatus { selected: o.selected.len() as u32, ..prev.clone() };
+    new.assigned = wanted
+        .iter()
+        .filter(|(pod, t)| {
+            let carried = || t.as_ref().is_some_and(|a| o.pods.get(*pod).is_some_and(|s| a.is_carried_by(&s.keys)));
+            t.is_some() && (carried() || outcome.reached(pod))
+        })
+        .count() as u32;
+    if let (Some(m), Some(plan)) = (members, plan) {
         new.eligible = m.agents.len() as u32;
-        new.assigned = m.agents.iter().filter(|a| plan.assignments.contains_key(&a.node_id)).count() as u32;
         new.links = plan.links;
         new.max_degree = plan.max_degree;
         new.min_degree = plan.min_degree;
@@ -207,178 +356,65 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
             .excluded
             .iter()
             .take(100)
-            .map(|(pod, why)| crate::api::ExcludedPod {
-                pod: pod.clone(),
-                reason: status::truncate(&why.to_string(), 256),
-            })
+            .map(|(pod, why)| crate::api::ExcludedPod { pod: pod.clone(), reason: status::truncate(&why.to_string(), 256) })
             .collect();
-        new.last_plan_time = if prev.plan_hash.as_ref() == Some(&plan.hash) {
-            prev.last_plan_time.clone()
-        } else {
-            Some(Time(Timestamp::now()))
-        };
-        ctx.metrics.eligible.get_or_create(&label).set(m.agents.len() as i64);
-        ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
-        ctx.metrics.max_links.get_or_create(&label).set(plan.max_degree as i64);
         if prev.plan_hash.as_ref() != Some(&plan.hash) {
+            new.last_plan_time = Some(Time(Timestamp::now()));
             let note = format!(
                 "{} agents, {} links, degree {}..{}, {} Pods patched{}",
                 m.agents.len(),
                 plan.links,
                 plan.min_degree,
                 plan.max_degree,
-                patched,
+                outcome.patched,
                 if policy.spec.mode == Mode::Observe { " (Observe: none patched)" } else { "" }
             );
             publish(ctx, policy, EventType::Normal, "PlanChanged", &note).await;
         }
-    } else {
-        // Never reached the rendezvous: keep reporting the last plan's numbers.
-        new = MeshPolicyStatus {
-            selected: selected.len() as u32,
-            conditions: vec![],
-            observed_generation: None,
-            ..prev.clone()
-        };
+        ctx.metrics.eligible.get_or_create(&label).set(m.agents.len() as i64);
+        ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
+        ctx.metrics.max_links.get_or_create(&label).set(plan.max_degree as i64);
     }
-    let verdicts = verdicts(policy, &members, planned.as_ref(), &failure, &conflicted);
-    let was_reachable =
-        prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
-    if let Some((reason, message)) = &failure
+    warn_on_transitions(ctx, policy, &prev, findings).await;
+    write_status(ctx, policy, new, &findings.verdicts()).await
+}
+
+/// Warning Events when a problem starts (not on every reconcile while it lasts).
+async fn warn_on_transitions(ctx: &Context, policy: &MeshPolicy, prev: &MeshPolicyStatus, f: &Findings) {
+    let had = |type_: &str, reason: &str| prev.conditions.iter().any(|c| c.type_ == type_ && c.reason == reason);
+    let was_reachable = prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
+    if let Some((reason, message)) = &f.unreachable
         && was_reachable != Some(false)
     {
         publish(ctx, policy, EventType::Warning, "RendezvousUnreachable", &format!("{reason}: {message}")).await;
     }
-    let had_conflict = prev.conditions.iter().any(|c| c.type_ == status::CONFLICT && c.status == "True");
-    if !conflicted.is_empty() && !had_conflict {
-        let note = format!("Pods selected by an older MeshPolicy: {}", conflicted.join(", "));
+    if let Some(why) = &f.suspect
+        && !had(status::DEGRADED, "SuspectPresence")
+    {
+        publish(ctx, policy, EventType::Warning, "SuspectPresence", why).await;
+    }
+    if let Some(note) = f.write_failure_note()
+        && !had(status::READY, "PatchFailed")
+    {
+        publish(ctx, policy, EventType::Warning, "PatchFailed", &note).await;
+    }
+    if !f.conflicted.is_empty() && !had(status::CONFLICT, "SelectedByOlderPolicy") {
+        let note = format!("Pods selected by an older MeshPolicy: {}", f.conflicted.join(", "));
         publish(ctx, policy, EventType::Warning, "Conflict", &note).await;
     }
-    write_status(ctx, policy, new, &verdicts).await?;
-    // A Ready Pod still waiting for its presence entry: read again soon, not at the next poll.
-    Ok(Action::requeue(if prompt { PROMPT_FETCH_INTERVAL } else { settings.poll_interval }))
-}
-
-/// A plan in the form the controller publishes.
-pub struct PlanOutcome {
-    /// Node id → the assignment its Pod should carry.
-    pub assignments: HashMap<String, Assignment>,
-    pub links: u32,
-    pub max_degree: u32,
-    pub min_degree: u32,
-    pub components: u32,
-    pub hash: String,
-}
-
-fn plan(policy: &MeshPolicy, m: &Membership, now: &BTreeMap<String, Option<Assignment>>, uid: &str) -> PlanOutcome {
-    let name = policy.name_any();
-    let members: Vec<planner::Member> =
-        m.agents.iter().map(|a| planner::Member { node_id: a.node_id.clone(), domain: a.domain.clone() }).collect();
-    let previous: planner::Assignment = m
-        .agents
-        .iter()
-        .filter_map(|a| {
-            let cur = now.get(&a.pod)?.as_ref().filter(|c| c.policy == name)?;
-            Some((a.node_id.clone(), cur.peers.iter().map(|p| p.node_id.clone()).collect()))
-        })
-        .collect();
-    // Membership rules out duplicates and empty ids, and the CRD bounds the cap: planning cannot fail.
-    let plan = planner::plan(&members, policy.spec.max_peers, uid, &previous).expect("membership yields valid input");
-    let url: HashMap<&str, &str> = m.agents.iter().map(|a| (a.node_id.as_str(), a.url.as_str())).collect();
-    let assignments: HashMap<String, Assignment> = (0..members.len())
-        .map(|i| {
-            let peers = plan
-                .dial_ids(i)
-                .into_iter()
-                .map(|id| Peer { node_id: id.to_owned(), url: url[id].to_owned() })
-                .collect();
-            (members[i].node_id.clone(), Assignment { peers, links: plan.links(i), policy: name.clone() })
-        })
-        .collect();
-    let adj = analysis::adjacency(&plan.dial_lists());
-    let degrees = analysis::links(&adj);
-    let mut hashed: Vec<(&String, &Vec<Peer>)> = assignments.iter().map(|(k, v)| (k, &v.peers)).collect();
-    hashed.sort();
-    let hash =
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(serde_json::to_string(&hashed).unwrap_or_default().as_bytes()));
-    PlanOutcome {
-        links: plan.graph().edge_count() as u32,
-        max_degree: degrees.iter().copied().max().unwrap_or(0) as u32,
-        min_degree: degrees.iter().copied().min().unwrap_or(0) as u32,
-        components: analysis::component_sizes(&adj, &vec![false; members.len()]).len() as u32,
-        assignments,
-        hash,
-    }
-}
-
-/// The four conditions, from what the phases found.
-fn verdicts(
-    policy: &MeshPolicy,
-    members: &Option<Membership>,
-    plan: Option<&PlanOutcome>,
-    failure: &Option<(String, String)>,
-    conflicted: &[String],
-) -> Vec<Verdict> {
-    let mut v = Vec::new();
-    v.push(match failure {
-        Some((reason, message)) => Verdict::new(status::RENDEZVOUS_REACHABLE, false, reason.clone(), message.clone()),
-        None => Verdict::new(status::RENDEZVOUS_REACHABLE, true, "PresenceRead", "presence read from the rendezvous"),
-    });
-    let duplicates: Vec<String> = members
-        .iter()
-        .flat_map(|m| m.excluded.values())
-        .filter_map(|e| match e {
-            Exclusion::DuplicateNodeId { .. } => Some(e.to_string()),
-            _ => None,
-        })
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let degraded = if members.is_none() {
-        Verdict::new(status::DEGRADED, true, "NoPresence", "no presence has been read yet; no Pod is changed")
-    } else if failure.is_some() {
-        Verdict::new(status::DEGRADED, true, "StalePresence", "planning from the last presence read before the outage")
-    } else if !duplicates.is_empty() {
-        Verdict::new(status::DEGRADED, true, "DuplicateNodeId", duplicates.join("; "))
-    } else if plan.is_some_and(|p| p.components > 1 && policy.spec.max_peers >= 2) {
-        Verdict::new(status::DEGRADED, true, "Disconnected", "the planned mesh has more than one component")
-    } else {
-        Verdict::new(status::DEGRADED, false, "AsPlanned", "")
-    };
-    v.push(degraded);
-    v.push(if conflicted.is_empty() {
-        Verdict::new(status::CONFLICT, false, "NoConflict", "")
-    } else {
-        Verdict::new(
-            status::CONFLICT,
-            true,
-            "SelectedByOlderPolicy",
-            format!("Pods owned by an older MeshPolicy: {}", conflicted.join(", ")),
-        )
-    });
-    v.push(match (members, policy.spec.mode) {
-        (None, _) => Verdict::new(status::READY, false, "NoPresence", "waiting for the first presence read"),
-        (Some(_), Mode::Observe) => {
-            Verdict::new(status::READY, true, "Observed", "planned; Observe mode patches no Pod")
-        }
-        (Some(_), Mode::Enforce) => {
-            Verdict::new(status::READY, true, "Applied", "every eligible agent carries its assignment")
-        }
-    });
-    v
 }
 
 async fn write_status(
     ctx: &Context,
     policy: &MeshPolicy,
     mut new: MeshPolicyStatus,
-    verdicts: &[Verdict],
+    verdicts: &[status::Verdict],
 ) -> Result<(), Error> {
     let prev = policy.status.clone().unwrap_or_default();
     new.observed_generation = policy.metadata.generation;
     new.conditions =
         status::conditions(verdicts, &prev.conditions, policy.metadata.generation, &Time(Timestamp::now()));
-    if new == prev {
+    if new == prev || !ctx.leadership.may_write() {
         return Ok(());
     }
     let api: Api<MeshPolicy> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
@@ -396,88 +432,53 @@ async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &
     }
 }
 
-/// How soon presence is read again while a Ready Pod has none: a new agent registers with the rendezvous
-/// about when it turns Ready, and waits for this at most. See [`PresenceState::awaiting_presence`].
-const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Whether a Ready Pod without presence began waiting recently (worth a prompt re-read).
+fn awaiting_presence(ctx: &Context, policy: &MeshPolicy, m: &Membership) -> bool {
+    let unmatched: HashSet<String> =
+        m.excluded.iter().filter(|(_, e)| **e == Exclusion::NoPresence).map(|(pod, _)| pod.clone()).collect();
+    match ctx.presence_state(&policy.uid().unwrap_or_default()).try_lock() {
+        Ok(mut state) => state.awaiting(&unmatched, std::time::Instant::now()),
+        Err(_) => false,
+    }
+}
 
-/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. On
-/// failure the last good snapshot stays, judged on its own clock.
-async fn presence(ctx: &Context, policy: &MeshPolicy, uid: &str, settings: &Settings, selected: &[&Pod]) -> Read {
-    let state = presence_state(ctx, uid);
-    let mut guard = state.lock().await;
-    let state = &mut *guard;
-    let since = state.last_attempt.map(|t| t.elapsed());
-    // Judged on the snapshot held so far: a Pod that turned Ready since the last read is read for at once.
-    let unmatched = state.snapshot.as_ref().map(|snap| {
-        let rules = membership::Rules {
-            node_id_annotation: &policy.spec.identity.node_id_annotation,
-            topology_key: None,
-            heartbeat_timeout: settings.heartbeat_timeout,
-            fallback_now_ms: state.confirmed_ms,
-        };
-        no_presence(&membership::decide(selected, snap, &rules, &|_| None))
-    });
-    let prompt = unmatched.is_some_and(|u| state.awaiting_presence(&u, std::time::Instant::now()));
-    let due = match since {
-        None => true,
-        Some(s) => s + Duration::from_millis(50) >= settings.poll_interval || (prompt && s >= PROMPT_FETCH_INTERVAL),
+/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. See
+/// [`super::poll`] for what is kept and trusted.
+async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings, o: &Observed) -> Read {
+    let state = ctx.presence_state(&policy.uid().unwrap_or_default());
+    let mut state = state.lock().await;
+    state.enter_term(ctx.leadership.term());
+    let eligible = |snap: &Snapshot, clock: f64| -> BTreeSet<String> {
+        members(ctx, policy, settings, o, snap, clock).agents.into_iter().map(|a| a.pod).collect()
     };
-    if due {
-        state.last_attempt = Some(tokio::time::Instant::now());
+    let now = std::time::Instant::now();
+    if state.due(settings.poll_interval, state.prompt(now), now) {
+        state.last_attempt = Some(std::time::Instant::now());
         let started = std::time::Instant::now();
         let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
         ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Fetched::New { snapshot, etag, bytes }) => {
-                ctx.metrics.presence_bytes.inc_by(bytes as u64);
-                ctx.metrics.presence_fetches.get_or_create(&telemetry::ResultLabel { result: "ok".into() }).inc();
-                state.snapshot = Some(snapshot);
-                state.confirmed_ms = now_ms();
-                state.etag = etag;
-                state.failure = None;
-            }
-            Ok(Fetched::NotModified) => {
-                ctx.metrics
-                    .presence_fetches
-                    .get_or_create(&telemetry::ResultLabel { result: "not_modified".into() })
-                    .inc();
-                // Unchanged body, later time: the heartbeats age by the time that passed.
-                let now = now_ms();
-                if let Some(snap) = state.snapshot.as_mut() {
-                    snap.now_ms = snap.now_ms.map(|t| t + (now - state.confirmed_ms));
-                }
-                state.confirmed_ms = now;
-                state.failure = None;
-            }
-            Err(e) => {
-                ctx.metrics.presence_fetches.get_or_create(&telemetry::ResultLabel { result: "error".into() }).inc();
-                ctx.metrics.presence_errors.get_or_create(&telemetry::KindLabel { kind: e.reason().into() }).inc();
-                info!(policy = policy.name_any(), reason = e.reason(), error = %e, "presence unavailable; keeping the last snapshot");
-                state.failure = Some((e.reason().to_owned(), e.to_string()));
-            }
+        count_fetch(ctx, policy, &result);
+        state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible);
+    }
+    state.read()
+}
+
+fn count_fetch(ctx: &Context, policy: &MeshPolicy, result: &Result<Fetched, FetchError>) {
+    let label = |r: &str| telemetry::ResultLabel { result: r.into() };
+    match result {
+        Ok(Fetched::New { bytes, .. }) => {
+            ctx.metrics.presence_bytes.inc_by(*bytes as u64);
+            ctx.metrics.presence_fetches.get_or_create(&label("ok")).inc();
+        }
+        Ok(Fetched::NotModified) => {
+            ctx.metrics.presence_fetches.get_or_create(&label("not_modified")).inc();
+        }
+        Err(e) => {
+            ctx.metrics.presence_fetches.get_or_create(&label("error")).inc();
+            ctx.metrics.presence_errors.get_or_create(&telemetry::KindLabel { kind: e.reason().into() }).inc();
+            info!(policy = policy.name_any(), reason = e.reason(), error = %e, "presence unavailable; keeping the last snapshot");
         }
     }
-    Read { snapshot: state.snapshot.clone(), confirmed_ms: state.confirmed_ms, failure: state.failure.clone() }
-}
-
-/// The presence state of the policy with UID `uid`, created on first use.
-fn presence_state(ctx: &Context, uid: &str) -> Arc<tokio::sync::Mutex<PresenceState>> {
-    ctx.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone()
-}
-
-/// Ready Pods (with an IP) that no presence entry matches.
-fn no_presence(m: &Membership) -> HashSet<String> {
-    m.excluded.iter().filter(|(_, e)| **e == Exclusion::NoPresence).map(|(pod, _)| pod.clone()).collect()
-}
-
-/// What a reconcile learns of presence.
-struct Read {
-    /// The snapshot to plan from: the last good one.
-    snapshot: Option<Snapshot>,
-    /// Local wall clock (ms) when it was last confirmed.
-    confirmed_ms: f64,
-    /// Why the rendezvous could not be read, while it cannot.
-    failure: Option<(String, String)>,
 }
 
 async fn fetch(
@@ -488,23 +489,7 @@ async fn fetch(
 ) -> Result<Fetched, FetchError> {
     let token = match &policy.spec.rendezvous.join_token_secret_ref {
         None => None,
-        Some(r) => {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
-            let secret = secrets.get(&r.name).await.map_err(|e| match e {
-                kube::Error::Api(s) if s.code == 404 => FetchError::Token(format!("Secret {:?} not found", r.name)),
-                other => FetchError::Token(format!("reading Secret {:?}: {other}", r.name)),
-            })?;
-            let bytes = secret
-                .data
-                .and_then(|mut d| d.remove(&r.key))
-                .ok_or_else(|| FetchError::Token(format!("Secret {:?} has no key {:?}", r.name, r.key)))?;
-            Some(
-                String::from_utf8(bytes.0)
-                    .map_err(|_| FetchError::Token(format!("Secret {:?} key {:?} is not UTF-8", r.name, r.key)))?
-                    .trim()
-                    .to_owned(),
-            )
-        }
+        Some(r) => Some(join_token(ctx, policy, &r.name, &r.key).await?),
     };
     let req = Request {
         url: &settings.presence_url,
@@ -516,31 +501,55 @@ async fn fetch(
     ctx.fetcher.fetch(&req).await
 }
 
-fn uids(pods: &[Arc<Pod>], ns: &str) -> HashMap<String, String> {
-    pods.iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns))
-        .filter_map(|p| Some((p.name_any(), p.uid()?)))
-        .collect()
+/// The Secret annotation that lists the rendezvous URLs its token may be sent to (comma or space
+/// separated): whoever may edit a MeshPolicy must not be able to send a Secret they cannot read anywhere.
+pub const ALLOWED_URLS_ANNOTATION: &str = "agentmesh.dev/rendezvous-urls";
+
+/// The join token, if the Secret exists, holds the key, and allows the policy's rendezvous URL.
+async fn join_token(ctx: &Context, policy: &MeshPolicy, name: &str, key: &str) -> Result<String, FetchError> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
+    let secret = secrets.get(name).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 404 => FetchError::Token(format!("Secret {name:?} not found")),
+        other => FetchError::Token(format!("reading Secret {name:?}: {other}")),
+    })?;
+    let url = policy.spec.rendezvous.url.trim_end_matches('/');
+    let allowed = secret.annotations().get(ALLOWED_URLS_ANNOTATION).is_some_and(|list| {
+        list.split([',', ' ', '\n']).map(|u| u.trim().trim_end_matches('/')).any(|u| !u.is_empty() && u == url)
+    });
+    if !allowed {
+        return Err(FetchError::Token(format!(
+            "Secret {name:?} does not allow its token to be sent to {url:?}: list that URL in its annotation {ALLOWED_URLS_ANNOTATION}"
+        )));
+    }
+    let bytes = secret
+        .data
+        .and_then(|mut d| d.remove(key))
+        .ok_or_else(|| FetchError::Token(format!("Secret {name:?} has no key {key:?}")))?;
+    String::from_utf8(bytes.0)
+        .map(|t| t.trim().to_owned())
+        .map_err(|_| FetchError::Token(format!("Secret {name:?} key {key:?} is not UTF-8")))
 }
 
-/// Finalizer cleanup: remove this policy's annotations from every Pod that carries them.
+/// Finalizer cleanup: remove this policy's annotations from every Pod that carries them, then forget the
+/// policy (its presence state and metric labels).
 async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let ns = policy.namespace().unwrap_or_default();
-    let name = policy.name_any();
-    let now: BTreeMap<String, Option<Assignment>> = ctx
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| p.annotations().get(POLICY_ANNOTATION) == Some(&name))
-        .map(|p| (p.name_any(), apply::current(p)))
-        .collect();
-    let want = now.keys().map(|k| (k.clone(), None)).collect();
-    let changes = apply::diff(&now, &want, &uids(&ctx.pods.state(), &ns));
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let n = apply::apply(&pods, &changes, ctx.apply_concurrency).await?;
-    ctx.metrics.pod_patches.inc_by(n as u64);
-    ctx.presence.lock().expect("presence map lock").remove(&policy.uid().unwrap_or_default());
-    info!(policy = name, pods = n, "policy deleted; assignments removed");
+    if !caught_up(ctx, &ns) {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
+    let observed = gather(ctx, policy);
+    let targets: Targets = observed.carried.keys().map(|pod| (pod.clone(), None)).collect();
+    let waves = decide::waves(&observed.pods, &targets, &policy.name_any());
+    let outcome = write(ctx, &ns, &waves).await;
+    // Any error keeps the finalizer: the policy goes only once its Pods carry nothing of it.
+    if let Some(note) = (Findings { write_failures: outcome.failed.clone(), ..Default::default() }).write_failure_note() {
+        publish(ctx, policy, EventType::Warning, "CleanupFailed", &note).await;
+        return Err(Error::Cleanup(note));
+    }
+    if outcome.lost_leadership {
+        return Err(Error::Cleanup("leadership lost before the assignments were removed".into()));
+    }
+    ctx.forget(policy);
+    info!(policy = policy.name_any(), pods = outcome.patched, "policy deleted; assignments removed");
     Ok(Action::await_change())
 }

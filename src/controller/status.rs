@@ -1,6 +1,10 @@
 //! MeshPolicy status and conditions, built purely from what a reconcile found. Kubernetes conventions:
 //! one condition per type, `lastTransitionTime` moves only when `status` changes, `observedGeneration` set.
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::Mode;
 
 pub const READY: &str = "Ready";
 pub const RENDEZVOUS_REACHABLE: &str = "RendezvousReachable";
@@ -19,6 +23,86 @@ pub struct Verdict {
 impl Verdict {
     pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Self { type_, status, reason: reason.into(), message: message.into() }
+    }
+}
+
+/// What a reconcile found, as the conditions need it.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub mode: Mode,
+    /// Whether any presence has been read (in this leadership term).
+    pub has_presence: bool,
+    /// Why the rendezvous cannot be read, while it cannot.
+    pub unreachable: Option<(String, String)>,
+    /// Why the latest read is held as suspect, while it is.
+    pub suspect: Option<String>,
+    pub duplicate_ids: Vec<String>,
+    pub disconnected: bool,
+    pub conflicted: Vec<String>,
+    pub plan_error: Option<String>,
+    /// Pods whose write failed (with the API's answer), and how many grow writes were held back for them.
+    pub write_failures: BTreeMap<String, String>,
+    pub held: usize,
+}
+
+impl Findings {
+    /// One line naming the failed writes, for a condition and an Event.
+    pub fn write_failure_note(&self) -> Option<String> {
+        let (pod, error) = self.write_failures.iter().next()?;
+        Some(format!(
+            "{} Pod writes failed ({} more held back until they succeed); first: Pod {pod}: {error}",
+            self.write_failures.len(),
+            self.held
+        ))
+    }
+
+    /// The four conditions.
+    pub fn verdicts(&self) -> Vec<Verdict> {
+        let reachable = match &self.unreachable {
+            Some((reason, message)) => Verdict::new(RENDEZVOUS_REACHABLE, false, reason.clone(), message.clone()),
+            None => Verdict::new(RENDEZVOUS_REACHABLE, true, "PresenceRead", "presence read from the rendezvous"),
+        };
+        let conflict = if self.conflicted.is_empty() {
+            Verdict::new(CONFLICT, false, "NoConflict", "")
+        } else {
+            let message = format!("Pods owned by an older MeshPolicy: {}", self.conflicted.join(", "));
+            Verdict::new(CONFLICT, true, "SelectedByOlderPolicy", message)
+        };
+        vec![reachable, self.degraded(), conflict, self.ready()]
+    }
+
+    fn degraded(&self) -> Verdict {
+        let yes = |reason: &str, message: String| Verdict::new(DEGRADED, true, reason, message);
+        if !self.has_presence {
+            yes("NoPresence", "no presence read yet: Pods keep what they carry, Pods that are gone are released".into())
+        } else if let Some(note) = self.write_failure_note() {
+            yes("PatchFailed", note)
+        } else if self.unreachable.is_some() {
+            yes("StalePresence", "planning from the last presence read before the outage".into())
+        } else if let Some(why) = &self.suspect {
+            yes("SuspectPresence", why.clone())
+        } else if !self.duplicate_ids.is_empty() {
+            yes("DuplicateNodeId", self.duplicate_ids.join("; "))
+        } else if self.disconnected {
+            yes("Disconnected", "the planned mesh has more than one component".into())
+        } else {
+            Verdict::new(DEGRADED, false, "AsPlanned", "")
+        }
+    }
+
+    fn ready(&self) -> Verdict {
+        let no = |reason: &str, message: String| Verdict::new(READY, false, reason, message);
+        if let Some(e) = &self.plan_error {
+            no("PlanFailed", e.clone())
+        } else if !self.has_presence {
+            no("NoPresence", "waiting for the first presence read".into())
+        } else if let Some(note) = self.write_failure_note() {
+            no("PatchFailed", note)
+        } else if self.mode == Mode::Observe {
+            Verdict::new(READY, true, "Observed", "planned; Observe mode patches no Pod")
+        } else {
+            Verdict::new(READY, true, "Applied", "every eligible agent carries its assignment")
+        }
     }
 }
 
@@ -77,6 +161,29 @@ mod tests {
         assert_eq!(same[0].observed_generation, Some(2));
         let flipped = conditions(&[Verdict::new(READY, false, "Invalid", "x")], &same, Some(2), &at(300));
         assert_eq!(flipped[0].last_transition_time, at(300));
+    }
+
+    #[test]
+    fn verdicts_say_what_blocks_and_never_claim_ready_over_failed_writes() {
+        let reason = |f: &Findings, t: &str| {
+            let v = f.verdicts().into_iter().find(|v| v.type_ == t).unwrap();
+            (v.status, v.reason)
+        };
+        let mut f = Findings { has_presence: true, ..Default::default() };
+        assert_eq!(reason(&f, READY), (true, "Applied".into()));
+        assert_eq!(reason(&f, DEGRADED), (false, "AsPlanned".into()));
+        f.write_failures.insert("agent-3".into(), "annotations too long".into());
+        f.held = 2;
+        assert_eq!(reason(&f, READY), (false, "PatchFailed".into()));
+        assert!(f.write_failure_note().unwrap().contains("agent-3: annotations too long"));
+        let f = Findings { has_presence: true, suspect: Some("3 of 4".into()), ..Default::default() };
+        assert_eq!(reason(&f, DEGRADED), (true, "SuspectPresence".into()));
+        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (true, "PresenceRead".into()));
+        let f = Findings { mode: Mode::Observe, has_presence: true, ..Default::default() };
+        assert_eq!(reason(&f, READY), (true, "Observed".into()));
+        let f = Findings { unreachable: Some(("Timeout".into(), "x".into())), ..Default::default() };
+        assert_eq!(reason(&f, READY), (false, "NoPresence".into()));
+        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (false, "Timeout".into()));
     }
 
     #[test]

@@ -14,6 +14,10 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+pub mod history;
+#[allow(unused_imports)]
+pub use history::History;
+
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The kubeconfig of the control plane under test, starting one on first use.

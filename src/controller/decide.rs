@@ -1,0 +1,263 @@
+//! Decide: the Pod writes that take a policy's agents from what they carry to what the plan gives them,
+//! ordered so that the cap holds at every agent after every prefix of the writes, whichever of them fail
+//! (DESIGN §3.4 rule 1). Pure: Pod states and targets in, waves of writes out.
+//!
+//! The construction. Let `now(v)` be what Pod `v` carries and `want(v)` what the plan gives it, each an
+//! assignment within the cap. The **shrink** wave writes `now(v) ∩ want(v)` to every Pod that loses a
+//! peer or an accept (or the removal, to a Pod that stops being an agent). While it runs, every Pod carries
+//! `now` or a subset of it, so every agent's links are a subset of its links under `now`. The **grow**
+//! wave then writes `want(v)` to every Pod that gains something. If every shrink write succeeded, every
+//! published link is a link of `want`, so the cap holds throughout. A failed shrink write leaves its Pod
+//! on `now`: that Pod, and every peer it should have dropped, is *tainted*, and no grow write touches a
+//! tainted agent (neither its own, nor one that adds it as a peer or accept). An untainted agent's links
+//! are then links of `want`, and a tainted one's are links of `now`: the cap holds either way.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use crate::assignment::{self, Assignment};
+
+/// One Pod as the decision sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodState {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    /// Its agent's node id, when known.
+    pub node_id: Option<String>,
+    /// The `agentmesh.dev/*` annotations it carries (only those).
+    pub keys: BTreeMap<String, String>,
+}
+
+impl PodState {
+    /// The assignment it carries if it is `policy`'s: named so, or (when `stray_is_ours`) naming no policy
+    /// at all while carrying some of the keys, as a Pod created with them does.
+    pub fn carried(&self, policy: &str, stray_is_ours: bool) -> Option<Assignment> {
+        match self.keys.get(assignment::POLICY) {
+            Some(p) if p == policy => Assignment::from_annotations(&self.keys),
+            None if stray_is_ours && !self.keys.is_empty() => {
+                let mut keys = self.keys.clone();
+                keys.insert(assignment::POLICY.into(), policy.into());
+                Assignment::from_annotations(&keys)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One write: the assignment a Pod gets, or `None` to remove every `agentmesh.dev/*` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub pod: String,
+    /// The Pod's UID as the decision saw it: the write reaches that Pod only.
+    pub uid: Option<String>,
+    pub to: Option<Assignment>,
+    /// The Pod's agent, and the node ids this write drops (shrink) or adds (grow).
+    pub node_id: Option<String>,
+    pub touches: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Waves {
+    pub shrink: Vec<Write>,
+    pub grow: Vec<Write>,
+}
+
+impl Waves {
+    pub fn is_empty(&self) -> bool {
+        self.shrink.is_empty() && self.grow.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shrink.len() + self.grow.len()
+    }
+
+    /// The grow writes that remain safe when the shrink writes to `failed` Pods did not happen, and the
+    /// Pods whose grow write is held back.
+    pub fn grow_after(&self, failed: &HashSet<String>) -> (Vec<&Write>, Vec<&str>) {
+        let mut tainted: HashSet<&str> = HashSet::new();
+        for w in self.shrink.iter().filter(|w| failed.contains(&w.pod)) {
+            tainted.extend(w.node_id.as_deref());
+            tainted.extend(w.touches.iter().map(String::as_str));
+        }
+        let (mut safe, mut held) = (Vec::new(), Vec::new());
+        for w in &self.grow {
+            let blocked = failed.contains(&w.pod)
+                || w.node_id.as_deref().is_some_and(|id| tainted.contains(id))
+                || w.touches.iter().any(|id| tainted.contains(id.as_str()));
+            if blocked { held.push(w.pod.as_str()) } else { safe.push(w) }
+        }
+        (safe, held)
+    }
+}
+
+/// The waves that take every Pod in `targets` from what it carries (as `policy`'s, see
+/// [`PodState::carried`]) to its target; Pods already there get no write.
+pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Option<Assignment>>, policy: &str) -> Waves {
+    let mut waves = Waves::default();
+    for (name, target) in targets {
+        let Some(pod) = pods.get(name) else { continue };
+        // Another policy's Pod is never ours to write: it leaves that policy first (see membership).
+        if pod.keys.get(assignment::POLICY).is_some_and(|p| p != policy) {
+            continue;
+        }
+        let write = |to: Option<Assignment>, touches: BTreeSet<String>| Write {
+            pod: name.clone(),
+            uid: pod.uid.clone(),
+            to,
+            node_id: pod.node_id.clone(),
+            touches,
+        };
+        let now = pod.carried(policy, true);
+        match target {
+            None if now.is_none() => {}
+            None => waves.shrink.push(write(None, ids(now.as_ref()))),
+            Some(want) if want.is_carried_by(&pod.keys) => {}
+            Some(want) => {
+                let kept = now.as_ref().map(|n| n.intersect(want)).unwrap_or_else(|| {
+                    Assignment { policy: policy.into(), ..Default::default() }
+                });
+                let dropped: BTreeSet<String> = ids(now.as_ref()).difference(&ids(Some(&kept))).cloned().collect();
+                // Stray keys without a policy must go before the agent may gain anything.
+                let shrink = !dropped.is_empty() || (now.is_some() && !pod.keys.contains_key(assignment::POLICY));
+                if shrink {
+                    waves.shrink.push(write(Some(kept.clone()), dropped));
+                }
+                // The Pod does not carry `want` (checked above): it gets it, unless the shrink already wrote it.
+                if !(shrink && kept == *want) {
+                    let gained = ids(Some(want)).difference(&ids(Some(&kept))).cloned().collect();
+                    waves.grow.push(write(Some(want.clone()), gained));
+                }
+            }
+        }
+    }
+    waves
+}
+
+fn ids(a: Option<&Assignment>) -> BTreeSet<String> {
+    a.map(|a| a.linked_ids().into_iter().map(str::to_owned).collect()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assignment::{Peer, first_violation};
+    use proptest::prelude::*;
+
+    /// A random oriented graph over `members` with every degree ≤ `cap`, as each member's assignment.
+    fn graph(members: &[u8], candidates: &[(u8, u8, bool)], cap: usize) -> BTreeMap<String, Assignment> {
+        let mut deg: BTreeMap<u8, usize> = BTreeMap::new();
+        let mut edges: BTreeSet<(u8, u8)> = BTreeSet::new();
+        for &(a, b, flip) in candidates {
+            let (a, b) = (members[a as usize % members.len()], members[b as usize % members.len()]);
+            let (a, b) = if flip { (b, a) } else { (a, b) };
+            let free = |v| deg.get(&v).copied().unwrap_or(0) < cap;
+            if a != b && free(a) && free(b) && !edges.contains(&(a, b)) && !edges.contains(&(b, a)) {
+                edges.insert((a, b));
+                *deg.entry(a).or_default() += 1;
+                *deg.entry(b).or_default() += 1;
+            }
+        }
+        members
+            .iter()
+            .map(|&v| {
+                let peers = edges.iter().filter(|e| e.0 == v).map(|e| peer(e.1)).collect();
+                let accepts = edges.iter().filter(|e| e.1 == v).map(|e| id(e.0));
+                (id(v), Assignment::new(peers, accepts, "p".into()))
+            })
+            .collect()
+    }
+
+    fn id(v: u8) -> String {
+        format!("n{v:02}")
+    }
+
+    fn peer(v: u8) -> Peer {
+        Peer { node_id: id(v), url: format!("ws://{}/", id(v)) }
+    }
+
+    fn state(a: Option<&Assignment>, v: u8) -> PodState {
+        let keys = a.map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
+        PodState { node_id: Some(id(v)), keys: keys.unwrap_or_default(), ..Default::default() }
+    }
+
+    /// What the Pods publish: each agent's assignment, read back from its annotations.
+    fn published(pods: &BTreeMap<String, PodState>) -> BTreeMap<String, Assignment> {
+        pods.iter().filter_map(|(name, p)| Some((name.clone(), p.carried("p", false)?))).collect()
+    }
+
+    fn write(pods: &mut BTreeMap<String, PodState>, w: &Write) {
+        let pod = pods.get_mut(&w.pod).unwrap();
+        pod.keys = w.to.as_ref().map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()).unwrap_or_default();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Rule 1 in the API: at every prefix of the writes, in any order, whichever of them fail, no agent
+        /// is over the cap, no link is dialed from both ends; and with no failure the Pods end on the plan.
+        #[test]
+        fn waves_keep_the_cap_at_every_prefix_whatever_fails(
+            n in 2u8..24, cap in 1usize..5,
+            before_edges in prop::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 0..80),
+            after_edges in prop::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 0..80),
+            in_before in prop::collection::vec(any::<bool>(), 24),
+            in_after in prop::collection::vec(prop::bool::weighted(0.8), 24),
+            fails in prop::collection::vec(prop::bool::weighted(0.15), 48),
+            order in prop::collection::vec(any::<u32>(), 48),
+        ) {
+            let before_members: Vec<u8> = (0..n).filter(|&v| in_before[v as usize]).collect();
+            let after_members: Vec<u8> = (0..n).filter(|&v| in_after[v as usize]).collect();
+            let before = if before_members.is_empty() { BTreeMap::new() } else { graph(&before_members, &before_edges, cap) };
+            let after = if after_members.is_empty() { BTreeMap::new() } else { graph(&after_members, &after_edges, cap) };
+            let mut pods: BTreeMap<String, PodState> = (0..n).map(|v| (id(v), state(before.get(&id(v)), v))).collect();
+            let targets: BTreeMap<String, Option<Assignment>> = (0..n).map(|v| (id(v), after.get(&id(v)).cloned())).collect();
+            let waves = waves(&pods, &targets, "p");
+            prop_assert_eq!(first_violation(&published(&pods), cap), None);
+
+            let shuffled = |ws: Vec<&Write>, salt: usize| -> Vec<Write> {
+                let mut ws: Vec<(u32, Write)> = ws.into_iter().enumerate().map(|(i, w)| (order[(i + salt) % order.len()], w.clone())).collect();
+                ws.sort_by_key(|(k, w)| (*k, w.pod.clone()));
+                ws.into_iter().map(|(_, w)| w).collect()
+            };
+            let mut failed = HashSet::new();
+            for (i, w) in shuffled(waves.shrink.iter().collect(), 0).into_iter().enumerate() {
+                if fails[i % fails.len()] { failed.insert(w.pod.clone()); continue; }
+                write(&mut pods, &w);
+                prop_assert_eq!(first_violation(&published(&pods), cap), None, "after shrinking {}", w.pod);
+            }
+            let (safe, held) = waves.grow_after(&failed);
+            let mut any_failed = !failed.is_empty() || !held.is_empty();
+            for (i, w) in shuffled(safe, 7).into_iter().enumerate() {
+                if fails[(i + 17) % fails.len()] { any_failed = true; continue; }
+                write(&mut pods, &w);
+                prop_assert_eq!(first_violation(&published(&pods), cap), None, "after growing {}", w.pod);
+            }
+            if !any_failed {
+                prop_assert_eq!(published(&pods), after);
+                prop_assert!(super::waves(&pods, &targets, "p").is_empty(), "a second pass writes nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pod_that_swaps_a_peer_shrinks_first_then_grows() {
+        let now = Assignment::new(vec![peer(1), peer(2)], [], "p".into());
+        let want = Assignment::new(vec![peer(1), peer(3)], [], "p".into());
+        let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(want.clone()))]), "p");
+        assert_eq!(w.shrink.len(), 1, "the old code wrote the whole new list in the removal wave");
+        assert_eq!(w.shrink[0].to.as_ref().unwrap().peers, vec![peer(1)]);
+        assert_eq!(w.grow[0].to.as_ref(), Some(&want));
+        let (safe, held) = w.grow_after(&HashSet::from([id(0)]));
+        assert!(safe.is_empty() && held == vec![id(0).as_str()], "a failed shrink holds its own grow");
+    }
+
+    #[test]
+    fn stray_keys_are_removed_and_other_policies_left_alone() {
+        let stray = PodState { keys: BTreeMap::from([(assignment::PEERS.into(), "[]".into())]), ..Default::default() };
+        let mut theirs = state(Some(&Assignment::new(vec![], [], "q".into())), 1);
+        theirs.keys.insert(assignment::POLICY.into(), "q".into());
+        let pods = BTreeMap::from([("stray".to_string(), stray), ("theirs".to_string(), theirs)]);
+        let mine = Assignment::new(vec![peer(2)], [], "p".into());
+        let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(mine))]);
+        let w = waves(&pods, &targets, "p");
+        assert_eq!(w.shrink.iter().map(|w| w.pod.as_str()).collect::<Vec<_>>(), vec!["stray"]);
+    }
+}

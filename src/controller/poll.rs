@@ -1,0 +1,285 @@
+//! Presence polling for one policy: when to read, what to keep between reads, and which reads to trust.
+//!
+//! A rendezvous outage must never dismantle the mesh (DESIGN §3.4 rule 2), and a rendezvous that is up
+//! but forgetful (restarted empty, agents re-registering) is the subtle case. So:
+//! * a failed read keeps the last good snapshot, frozen on its own clock (nothing ages out meanwhile);
+//! * an agent absent from a successful read is carried over with its last heartbeat, so it stays until
+//!   `heartbeatTimeout` after it was last seen, as a stale one would;
+//! * a read that would still make a large share of the eligible agents ineligible at once is *suspect*:
+//!   held and reported, not applied, for at most `heartbeatTimeout`;
+//! * the state belongs to one leadership term: a replica that leads again starts with no snapshot.
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::presence::{Fetched, FetchError, Snapshot, unix_ms};
+
+/// Ready Pods without presence get re-reads this often while they wait (see [`PresenceState::awaiting`]).
+pub const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
+/// A read is suspect when it would drop more than this share of the eligible agents at once (and at
+/// least two).
+const SUSPECT_SHARE: f64 = 0.1;
+
+/// What one policy knows of presence between polls.
+#[derive(Default)]
+pub struct PresenceState {
+    /// The leadership term this state was built in.
+    pub term: u64,
+    /// The last good snapshot; its clock advances only with reads that confirm it.
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// Local wall clock (ms) when `snapshot` was last confirmed.
+    pub confirmed_ms: f64,
+    pub etag: Option<String>,
+    pub last_attempt: Option<Instant>,
+    /// The last failure's reason and message while the rendezvous is unreachable.
+    pub failure: Option<(String, String)>,
+    /// Since when successful reads have been held as suspect, and why.
+    pub suspect: Option<(Instant, String)>,
+    /// Ready Pods without a presence entry, and when each was first seen so.
+    pub waiting: HashMap<String, Instant>,
+}
+
+/// What a reconcile learns of presence.
+pub struct Read {
+    /// The snapshot to plan from: the last good one.
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// Local wall clock (ms) when it was last confirmed.
+    pub confirmed_ms: f64,
+    /// Why the rendezvous could not be read, while it cannot.
+    pub failure: Option<(String, String)>,
+    /// Why the latest successful read is held, while it is.
+    pub suspect: Option<String>,
+}
+
+/// The result of one read attempt, as [`PresenceState::take`] judges it.
+pub struct Attempt {
+    pub result: Result<Fetched, FetchError>,
+    pub heartbeat_timeout: Duration,
+}
+
+impl PresenceState {
+    /// How long a Ready Pod without presence is worth prompt re-reads; after that it is an agent that did
+    /// not register, and the normal poll interval serves it.
+    pub const PROMPT_WINDOW: Duration = Duration::from_secs(30);
+
+    /// Starts over when the leadership term changed: a snapshot from an earlier term is not ours to trust.
+    pub fn enter_term(&mut self, term: u64) {
+        if self.term != term {
+            *self = PresenceState { term, ..Default::default() };
+        }
+    }
+
+    /// Records which Ready Pods lack presence now; whether any began waiting within [`Self::PROMPT_WINDOW`].
+    pub fn awaiting(&mut self, unmatched: &HashSet<String>, now: Instant) -> bool {
+        self.waiting.retain(|pod, _| unmatched.contains(pod));
+        for pod in unmatched {
+            self.waiting.entry(pod.clone()).or_insert(now);
+        }
+        self.prompt(now)
+    }
+
+    /// Whether a Pod began waiting for its presence entry within [`Self::PROMPT_WINDOW`].
+    pub fn prompt(&self, now: Instant) -> bool {
+        self.waiting.values().any(|&since| now.saturating_duration_since(since) < Self::PROMPT_WINDOW)
+    }
+
+    /// Whether a read is due `since` the last attempt.
+    pub fn due(&self, poll_interval: Duration, prompt: bool, now: Instant) -> bool {
+        match self.last_attempt.map(|t| now.saturating_duration_since(t)) {
+            None => true,
+            Some(s) => s + Duration::from_millis(50) >= poll_interval || (prompt && s >= PROMPT_FETCH_INTERVAL),
+        }
+    }
+
+    /// Takes in one read. `eligible` names the agents a snapshot makes eligible (judged on the clock it
+    /// is given), so a read that would drop many at once can be held.
+    pub fn take(&mut self, attempt: Attempt, eligible: &dyn Fn(&Snapshot, f64) -> BTreeSet<String>) {
+        let now_ms = unix_ms();
+        match attempt.result {
+            Ok(Fetched::New { snapshot, etag, .. }) => {
+                let merged = match &self.snapshot {
+                    Some(old) => carry_absent(old, snapshot, attempt.heartbeat_timeout, now_ms),
+                    None => snapshot,
+                };
+                if let Some(why) = self.suspicion(&merged, now_ms, attempt.heartbeat_timeout, eligible) {
+                    let since = self.suspect.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+                    self.suspect = Some((since, why));
+                    self.failure = None;
+                    return;
+                }
+                self.snapshot = Some(Arc::new(merged));
+                self.confirmed_ms = now_ms;
+                self.etag = etag;
+                self.failure = None;
+                self.suspect = None;
+            }
+            Ok(Fetched::NotModified) => {
+                // Unchanged body, later time: the heartbeats age by the time that passed.
+                if let Some(snap) = self.snapshot.as_mut() {
+                    let aged = now_ms - self.confirmed_ms;
+                    Arc::make_mut(snap).now_ms = snap.now_ms.map(|t| t + aged);
+                }
+                self.confirmed_ms = now_ms;
+                self.failure = None;
+            }
+            Err(e) => self.failure = Some((e.reason().to_owned(), e.to_string())),
+        }
+    }
+
+    /// Why `next` should be held rather than applied, if it should.
+    fn suspicion(
+        &self,
+        next: &Snapshot,
+        next_clock: f64,
+        heartbeat_timeout: Duration,
+        eligible: &dyn Fn(&Snapshot, f64) -> BTreeSet<String>,
+    ) -> Option<String> {
+        let old = self.snapshot.as_ref()?;
+        if self.suspect.as_ref().is_some_and(|(since, _)| since.elapsed() >= heartbeat_timeout) {
+            return None;
+        }
+        let before = eligible(old, self.confirmed_ms);
+        let after = eligible(next, next_clock);
+        let lost = before.difference(&after).count();
+        (lost >= 2 && lost as f64 > SUSPECT_SHARE * before.len() as f64).then(|| {
+            format!(
+                "a presence read would make {lost} of {} eligible agents ineligible at once; holding the last \
+                 good presence (for at most heartbeatTimeout) until the rendezvous agrees again",
+                before.len()
+            )
+        })
+    }
+
+    pub fn read(&self) -> Read {
+        Read {
+            snapshot: self.snapshot.clone(),
+            confirmed_ms: self.confirmed_ms,
+            failure: self.failure.clone(),
+            suspect: self.suspect.as_ref().map(|(_, why)| why.clone()),
+        }
+    }
+}
+
+/// `next` plus every node of `old` it does not list, as `old` last saw it, while that heartbeat is younger
+/// than `heartbeat_timeout` on `next`'s clock (else `fallback_now_ms`).
+pub fn carry_absent(old: &Snapshot, mut next: Snapshot, heartbeat_timeout: Duration, fallback_now_ms: f64) -> Snapshot {
+    let listed: HashSet<&str> = next.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    let now = next.now_ms.filter(|t| t.is_finite()).unwrap_or(fallback_now_ms);
+    let limit = heartbeat_timeout.as_millis() as f64;
+    let carried: Vec<_> = old
+        .nodes
+        .iter()
+        .filter(|n| !listed.contains(n.node_id.as_str()))
+        .filter(|n| n.heartbeat_ms().is_some_and(|seen| now - seen < limit))
+        .cloned()
+        .collect();
+    next.nodes.extend(carried);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::Node;
+
+    fn node(id: &str, seen_ms: f64) -> Node {
+        Node {
+            node_id: id.into(),
+            address: "ws://0.0.0.0:1/".into(),
+            alive: true,
+            last_seen: None,
+            last_seen_ms: Some(seen_ms),
+            hostname: None,
+        }
+    }
+
+    fn snap(now: f64, ids: &[&str]) -> Snapshot {
+        Snapshot { now_ms: Some(now), nodes: ids.iter().map(|id| node(id, now - 1_000.0)).collect(), ..Default::default() }
+    }
+
+    /// Eligible = live on the given clock, with a 60 s timeout.
+    fn eligible(s: &Snapshot, fallback: f64) -> BTreeSet<String> {
+        s.nodes.iter().filter(|n| s.is_live(n, Duration::from_secs(60), fallback)).map(|n| n.node_id.clone()).collect()
+    }
+
+    fn ok(s: Snapshot) -> Attempt {
+        Attempt {
+            result: Ok(Fetched::New { snapshot: s, etag: None, bytes: 0 }),
+            heartbeat_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_rendezvous_that_restarts_empty_keeps_every_agent() {
+        let mut st = PresenceState::default();
+        st.take(ok(snap(1e9, &["a", "b", "c", "d"])), &eligible);
+        st.take(ok(snap(1e9 + 5_000.0, &[])), &eligible);
+        let read = st.read();
+        assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 4, "absent agents are carried");
+        assert!(read.suspect.is_none());
+        // Past heartbeatTimeout with nobody back, most agents would go at once: held as suspect.
+        st.take(ok(snap(1e9 + 70_000.0, &["a"])), &eligible);
+        let read = st.read();
+        assert!(read.suspect.as_deref().unwrap().contains("3 of 4"), "{:?}", read.suspect);
+        assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 4, "the last good presence stands");
+    }
+
+    #[test]
+    fn agents_reregistering_are_applied_and_single_leaves_are_not_suspect() {
+        let mut st = PresenceState::default();
+        st.take(ok(snap(1e9, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"])), &eligible);
+        let mut dead = snap(1e9 + 2_000.0, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]);
+        dead.nodes[0].alive = false;
+        st.take(ok(dead), &eligible);
+        let read = st.read();
+        assert!(read.suspect.is_none(), "one agent going is news, not suspicion");
+        assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 11);
+    }
+
+    #[test]
+    fn a_suspect_read_is_applied_after_heartbeat_timeout_of_holding() {
+        let mut st = PresenceState::default();
+        st.take(ok(snap(1e9, &["a", "b", "c"])), &eligible);
+        let mut all_dead = snap(1e9 + 1_000.0, &["a", "b", "c"]);
+        all_dead.nodes.iter_mut().for_each(|n| n.alive = false);
+        st.take(ok(all_dead.clone()), &eligible);
+        assert!(st.read().suspect.is_some());
+        st.suspect.as_mut().unwrap().0 -= Duration::from_secs(61);
+        st.take(ok(all_dead), &eligible);
+        assert!(st.read().suspect.is_none());
+        assert!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).is_empty());
+    }
+
+    #[test]
+    fn failures_freeze_and_a_new_term_forgets() {
+        let mut st = PresenceState::default();
+        st.enter_term(1);
+        st.take(ok(snap(1e9, &["a"])), &eligible);
+        st.take(
+            Attempt { result: Err(FetchError::Status(500)), heartbeat_timeout: Duration::from_secs(60) },
+            &eligible,
+        );
+        let read = st.read();
+        assert_eq!(read.failure.as_ref().unwrap().0, "HTTPStatus");
+        assert_eq!(read.snapshot.unwrap().now_ms, Some(1e9), "the snapshot's clock does not move in an outage");
+        st.enter_term(1);
+        assert!(st.snapshot.is_some());
+        st.enter_term(2);
+        assert!(st.snapshot.is_none(), "a replica that leads again does not trust its old snapshot");
+    }
+
+    #[test]
+    fn prompt_reads_only_for_pods_that_began_waiting_recently() {
+        let set = |pods: &[&str]| pods.iter().map(|p| p.to_string()).collect::<HashSet<_>>();
+        let t0 = Instant::now();
+        let mut state = PresenceState::default();
+        assert!(!state.awaiting(&set(&[]), t0));
+        assert!(state.awaiting(&set(&["a"]), t0));
+        let later = t0 + PresenceState::PROMPT_WINDOW;
+        assert!(!state.awaiting(&set(&["a"]), later), "a never registered: the poll interval serves it");
+        assert!(state.awaiting(&set(&["a", "b"]), later), "b just turned Ready");
+        assert!(!state.awaiting(&set(&["a"]), later), "b found its entry");
+        assert!(state.awaiting(&set(&["b"]), later), "b waits again: a fresh window");
+        assert_eq!(state.waiting.len(), 1);
+    }
+}
