@@ -7,6 +7,7 @@
 #   hack/control-plane.sh stop     stop exactly what start started and remove its data
 #   hack/control-plane.sh status   say what runs where
 #   hack/control-plane.sh bin      print the directory holding the built binaries
+#   hack/control-plane.sh restart apiserver|etcd   restart one daemon in place (same ports and data)
 #
 # The daemons get no inherited descriptors (</dev/null, logs, lock fds closed): a caller reading our output,
 # or waiting on our lock, must not wait for etcd or kube-apiserver to exit.
@@ -153,6 +154,57 @@ is_ready() {
     "https://127.0.0.1:$port/readyz" >/dev/null 2>&1
 }
 
+# Starts etcd on the ports recorded in $STATE (its data stays across restarts).
+launch_etcd() {
+  local bin=$1 etcd_port peer_port
+  etcd_port=$(cat "$STATE/etcd.port"); peer_port=$(cat "$STATE/etcd.peer-port")
+  "$bin/etcd" --name local --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn \
+    </dev/null >>"$STATE/etcd.log" 2>&1 8>&- 9>&- &
+  echo $! >"$STATE/etcd.pid"
+}
+
+# Starts kube-apiserver on the port recorded in $STATE.
+launch_apiserver() {
+  local bin=$1 pki=$STATE/pki api_port etcd_port
+  api_port=$(cat "$STATE/apiserver.port"); etcd_port=$(cat "$STATE/etcd.port")
+  "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$pki/serving.crt" --tls-private-key-file "$pki/serving.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC \
+    --endpoint-reconciler-type none \
+    --etcd-compaction-interval "${MESH_CP_COMPACTION_INTERVAL:-5m}" \
+    </dev/null >>"$STATE/apiserver.log" 2>&1 8>&- 9>&- &
+  echo $! >"$STATE/apiserver.pid"
+}
+
+wait_ready() {
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until is_ready; do
+    [ "$SECONDS" -lt "$deadline" ] || { tail -30 "$STATE/apiserver.log" >&2; die "not ready within ${READY_TIMEOUT}s"; }
+    sleep 0.2
+  done
+}
+
+# Restarts one daemon of a running control plane in place (same ports, same data): the fault tests use it.
+cmd_restart() {
+  local which=$1 bin; bin=$(cmd_build)
+  case "$which" in
+    apiserver) stop_pid "$STATE/apiserver.pid" kube-apiserver; launch_apiserver "$bin" ;;
+    etcd) stop_pid "$STATE/etcd.pid" etcd; launch_etcd "$bin" ;;
+    *) die "restart: apiserver or etcd, not '$which'" ;;
+  esac
+  wait_ready
+  note "restarted $which"
+}
+
 cmd_start() {
   if live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null || live_pid "$STATE/etcd.pid" etcd >/dev/null; then
     die "a control plane from $STATE is already running; run '$0 stop' first (or '$0 status')"
@@ -168,28 +220,11 @@ cmd_start() {
   done
   gen_certs
 
-  "$bin/etcd" --name local --data-dir "$STATE/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn \
-    </dev/null >"$STATE/etcd.log" 2>&1 8>&- 9>&- &
-  echo $! >"$STATE/etcd.pid"
-
-  local pki=$STATE/pki
-  "$bin/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-    --tls-cert-file "$pki/serving.crt" --tls-private-key-file "$pki/serving.key" \
-    --client-ca-file "$pki/ca.crt" \
-    --service-account-issuer https://kubernetes.default.svc \
-    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC \
-    --endpoint-reconciler-type none \
-    </dev/null >"$STATE/apiserver.log" 2>&1 8>&- 9>&- &
-  echo $! >"$STATE/apiserver.pid"
   echo "$api_port" >"$STATE/apiserver.port"
   echo "$etcd_port" >"$STATE/etcd.port"
+  echo "$peer_port" >"$STATE/etcd.peer-port"
+  launch_etcd "$bin"
+  launch_apiserver "$bin"
   write_kubeconfig "$api_port"
 
   local deadline=$((SECONDS + READY_TIMEOUT))
@@ -260,8 +295,9 @@ case "${1:-}" in
   build) cmd_build ;;
   start) cmd_start ;;
   ensure) cmd_ensure ;;
+  restart) cmd_restart "${2:-}" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   bin) cache_dir ;;
-  *) echo "usage: $0 build|start|ensure|stop|status|bin" >&2; exit 2 ;;
+  *) echo "usage: $0 build|start|ensure|stop|status|bin|restart apiserver|restart etcd" >&2; exit 2 ;;
 esac

@@ -18,6 +18,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--max-presence-bytes` by default: 8 MiB.
+pub const DEFAULT_MAX_PRESENCE_BYTES: usize = 8 << 20;
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the MeshPolicy CustomResourceDefinition as YAML.
@@ -45,8 +48,9 @@ pub struct RunArgs {
     /// This replica's name in the Lease (defaults to the Pod name, else host and PID).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Largest presence body read, in bytes; larger bodies count as an outage.
-    #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1024..=(1 << 32)))]
+    /// Largest presence body read, in bytes; larger bodies count as an outage. The default holds 20,000
+    /// agents' entries with room to spare and keeps peak memory well inside the chart's limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_PRESENCE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=(1 << 32)))]
     pub max_presence_bytes: u64,
     /// Pod patches in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]

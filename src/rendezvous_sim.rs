@@ -70,6 +70,9 @@ pub struct SimState {
     pub requests: u64,
     /// Presence requests that carried an `Authorization` header.
     pub bearer_requests: u64,
+    /// A body served verbatim instead of the agents (for size and memory tests).
+    #[serde(skip)]
+    pub raw_body: Option<Arc<Vec<u8>>>,
 }
 
 pub type Shared = Arc<Mutex<SimState>>;
@@ -104,6 +107,9 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             if sent != Some(format!("Bearer {token}").as_str()) {
                 return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
             }
+        }
+        if let Some(raw) = st.raw_body.clone() {
+            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec())).into_response();
         }
         let now = now_ms();
         let nodes: Vec<serde_json::Value> = st

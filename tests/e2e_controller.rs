@@ -7,58 +7,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::{Assignment, Peer};
 use mesh_operator::controller::{apply, decide};
 use mesh_operator::rendezvous_sim::FailMode;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::*;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn spec(rv: &Rendezvous, extra: Value) -> Value {
-    let mut spec = json!({
-        "selector": {"matchLabels": {"app": "agent"}},
-        "maxPeers": 4,
-        "heartbeatTimeout": "5s",
-        "rendezvous": {"url": rv.url(), "pollInterval": "1s", "timeout": "1s"},
-    });
-    merge(&mut spec, extra);
-    spec
-}
-
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
-}
-
-async fn create_policy(client: &Client, ns: &str, name: &str, spec: Value) {
-    let mp: MeshPolicy = serde_json::from_value(json!({
-        "apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": name}, "spec": spec}))
-    .unwrap();
-    Api::<MeshPolicy>::namespaced(client.clone(), ns).create(&PostParams::default(), &mp).await.unwrap();
-}
-
-async fn policy(client: &Client, ns: &str, name: &str) -> MeshPolicy {
-    Api::<MeshPolicy>::namespaced(client.clone(), ns).get(name).await.unwrap()
-}
-
-fn condition(p: &MeshPolicy, type_: &str) -> Option<(String, String, String)> {
-    let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-async fn assignments(client: &Client, ns: &str) -> BTreeMap<String, Option<Assignment>> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
-    pods.items.iter().map(|p| (p.name_any(), Assignment::from_annotations(p.annotations()))).collect()
-}
 
 /// Checks the published mesh: every link on exactly one end, each `links` annotation equal to the Pod's
 /// degree and within `cap`, and connected. Returns each node's degree.
@@ -106,34 +61,6 @@ fn check_mesh(
         assert_eq!(seen.len(), degree.len(), "published mesh is not connected");
     }
     degree
-}
-
-fn pod_ids(ids: &[String]) -> HashMap<String, String> {
-    ids.iter().enumerate().map(|(i, id)| (format!("agent-{i}"), id.clone())).collect()
-}
-
-async fn wait_assigned(client: &Client, ns: &str, pods: usize) -> BTreeMap<String, Option<Assignment>> {
-    wait_for(&format!("{pods} Pods to carry an assignment"), WAIT, || async {
-        let a = assignments(client, ns).await;
-        (a.values().filter(|v| v.is_some()).count() == pods).then_some(a)
-    })
-    .await
-}
-
-async fn wait_condition(client: &Client, ns: &str, name: &str, type_: &str, status: &str, reason: &str) -> MeshPolicy {
-    wait_for(&format!("{type_}={status} ({reason}) on MeshPolicy {name}"), WAIT, || async {
-        let p = policy(client, ns, name).await;
-        let c = condition(&p, type_)?;
-        (c.0 == status && c.1 == reason).then_some(p)
-    })
-    .await
-}
-
-async fn setup(hint: &str) -> (Client, String, Rendezvous) {
-    let client = client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, hint).await;
-    (client, ns, Rendezvous::start().await)
 }
 
 #[tokio::test]
@@ -587,20 +514,6 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
 }
 
 /// The `mesh-operator` binary watching `ns` (its Lease there too), stdout and stderr into `log`.
-fn operator_binary(ns: &str, identity: &str, log: &std::path::Path, level: &str) -> tokio::process::Child {
-    let out = std::fs::File::create(log).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
-        .args(["run", "--metrics-addr", "127.0.0.1:0", "--namespace", ns, "--lease-namespace", ns])
-        .args(["--identity", identity])
-        .env("KUBECONFIG", kubeconfig())
-        .env("RUST_LOG", level)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 /// SIGTERM via the kill(1) command, to keep the tests free of unsafe code.
 fn send_sigterm(pid: i32) -> i32 {
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code().unwrap_or(-1)

@@ -6,7 +6,7 @@
 //! * an agent absent from a successful read is carried over with its last heartbeat, so it stays until
 //!   `heartbeatTimeout` after it was last seen, as a stale one would;
 //! * a read that would still make a large share of the eligible agents ineligible at once is *suspect*:
-//!   held and reported, not applied, for at most `heartbeatTimeout`;
+//!   held and reported, not applied, until a read drops none of them or for at most `heartbeatTimeout`;
 //! * the state belongs to one leadership term: a replica that leads again starts with no snapshot.
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -141,7 +141,13 @@ impl PresenceState {
         let before = eligible(old, self.confirmed_ms);
         let after = eligible(next, next_clock);
         let lost = before.difference(&after).count();
-        (lost >= 2 && lost as f64 > SUSPECT_SHARE * before.len() as f64).then(|| {
+        // A hold, once entered, lasts until presence agrees again: agents re-registering one by one must
+        // not be dropped one by one at the end.
+        let suspect = match self.suspect {
+            Some(_) => lost > 0,
+            None => lost >= 2 && lost as f64 > SUSPECT_SHARE * before.len() as f64,
+        };
+        suspect.then(|| {
             format!(
                 "a presence read would make {lost} of {} eligible agents ineligible at once; holding the last \
                  good presence (for at most heartbeatTimeout) until the rendezvous agrees again",
@@ -222,6 +228,20 @@ mod tests {
         let read = st.read();
         assert!(read.suspect.as_deref().unwrap().contains("3 of 4"), "{:?}", read.suspect);
         assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 4, "the last good presence stands");
+    }
+
+    #[test]
+    fn a_hold_lasts_until_the_last_agent_is_back() {
+        let mut st = PresenceState::default();
+        st.take(ok(snap(1e9, &["a", "b", "c", "d", "e"])), &eligible);
+        st.take(ok(snap(1e9 + 70_000.0, &["a", "b"])), &eligible);
+        assert!(st.read().suspect.is_some());
+        st.take(ok(snap(1e9 + 72_000.0, &["a", "b", "c", "d"])), &eligible);
+        assert!(st.read().suspect.is_some(), "one agent still missing: the hold goes on");
+        assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 5);
+        st.take(ok(snap(1e9 + 74_000.0, &["a", "b", "c", "d", "e"])), &eligible);
+        assert!(st.read().suspect.is_none());
+        assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 5);
     }
 
     #[test]

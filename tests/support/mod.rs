@@ -15,6 +15,9 @@ use kube::{Client, Config};
 use serde_json::json;
 
 pub mod history;
+pub mod mesh;
+#[allow(unused_imports)]
+pub use mesh::*;
 #[allow(unused_imports)]
 pub use history::History;
 
@@ -265,7 +268,7 @@ impl Operator {
             lease_namespace: lease_ns.into(),
             lease_name: "mesh-operator".into(),
             identity: identity.into(),
-            max_presence_bytes: 32 << 20,
+            max_presence_bytes: mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES,
             apply_concurrency: 16,
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
         };
@@ -332,4 +335,33 @@ pub fn test_ca() -> (String, String, String) {
         .signed_by(&server_key, &issuer)
         .unwrap();
     (ca_pem, server.pem(), server_key.serialize_pem())
+}
+
+/// The operator binary watching `ns` (its Lease there too), logging at `level` to `log`, against the
+/// control plane of `kubeconfig`.
+pub fn operator_binary_on(
+    kubeconfig: &Path,
+    ns: &str,
+    identity: &str,
+    log: &Path,
+    level: &str,
+    extra: &[&str],
+) -> tokio::process::Child {
+    let out = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
+        .args(["run", "--metrics-addr", "127.0.0.1:0", "--namespace", ns, "--lease-namespace", ns])
+        .args(["--identity", identity])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", level)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The operator binary on the shared control plane.
+pub fn operator_binary(ns: &str, identity: &str, log: &Path, level: &str) -> tokio::process::Child {
+    operator_binary_on(kubeconfig(), ns, identity, log, level, &[])
 }

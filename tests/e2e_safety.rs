@@ -1,0 +1,405 @@
+//! The safety rules (DESIGN §3.4) under the ways they broke before: each test reproduces one finding on the
+//! real control plane, under the history checker, and fails on the code that had it.
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mesh_operator::api::MeshPolicy;
+use mesh_operator::assignment::Assignment;
+use mesh_operator::rendezvous_sim::SimAgent;
+use serde_json::json;
+use support::*;
+
+/// Agent Pods `{prefix}-{i}` labelled `app={app}` with presence, node ids and IPs of their own (`base`
+/// keeps them apart from other groups in the namespace). Returns their node ids.
+async fn agents(client: &Client, ns: &str, rv: &Rendezvous, prefix: &str, app: &str, n: usize, base: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let k = base + i;
+        let id = format!("{:064x}", (k as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
+        let name = format!("{prefix}-{i}");
+        create_pod(client, ns, &name, json!({"app": app}), json!({"agentmesh.dev/node-id": id})).await;
+        set_pod_status(client, ns, &name, &format!("127.0.{}.{}", 1 + k / 250, 1 + k % 250), true).await;
+        rv.add(&id);
+        ids.push(id);
+    }
+    ids
+}
+
+async fn set_spec(client: &Client, ns: &str, name: &str, spec: serde_json::Value) {
+    Api::<MeshPolicy>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
+        .await
+        .unwrap();
+}
+
+async fn carried_by(client: &Client, ns: &str, pod: &str) -> Option<Assignment> {
+    let p = Api::<Pod>::namespaced(client.clone(), ns).get(pod).await.unwrap();
+    Assignment::from_annotations(p.annotations())
+}
+
+fn presence_reads(op: &Operator) -> u64 {
+    let label = mesh_operator::telemetry::ResultLabel { result: "ok".into() };
+    op.metrics.presence_fetches.get_or_create(&label).get()
+}
+
+/// Headline bug 1: a rendezvous restarted empty, its agents re-registering one by one over 48 s (longer
+/// than heartbeatTimeout), then half the fleet absent from presence for 30 s: not one annotation changes.
+#[tokio::test]
+async fn a_forgetful_rendezvous_changes_no_annotation() {
+    let (client, ns, rv) = setup("forgetful").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 12, |_| None).await;
+    let extra = json!({"heartbeatTimeout": "30s", "rendezvous": {"pollInterval": "2s"}});
+    create_policy(&client, &ns, "mesh", spec(&rv, extra)).await;
+    let before = wait_assigned(&client, &ns, 12).await;
+    wait_condition(&client, &ns, "mesh", "Degraded", "False", "AsPlanned").await;
+    let patches = op.pod_patches();
+
+    let saved: BTreeMap<String, SimAgent> = std::mem::take(&mut rv.state.lock().unwrap().agents);
+    let mut held = false;
+    for (i, (id, agent)) in saved.iter().enumerate() {
+        let reads = presence_reads(&op);
+        wait_for("two presence reads", WAIT, || async { (presence_reads(&op) >= reads + 2).then_some(()) }).await;
+        assert_eq!(assignments(&client, &ns).await, before, "annotations changed with {i} agents back");
+        let p = policy(&client, &ns, "mesh").await;
+        held |= condition(&p, "Degraded").is_some_and(|c| c.1 == "SuspectPresence");
+        rv.state.lock().unwrap().agents.insert(id.clone(), agent.clone());
+    }
+    // Half the fleet absent from presence for longer than heartbeatTimeout allows without a hold.
+    let half: Vec<(String, SimAgent)> = {
+        let mut st = rv.state.lock().unwrap();
+        ids[..6].iter().map(|id| (id.clone(), st.agents.remove(id).unwrap())).collect()
+    };
+    let gone = std::time::Instant::now();
+    while gone.elapsed() < Duration::from_secs(30) {
+        let reads = presence_reads(&op);
+        wait_for("a presence read", WAIT, || async { (presence_reads(&op) > reads).then_some(()) }).await;
+        assert_eq!(assignments(&client, &ns).await, before, "half the fleet missing for {:?}", gone.elapsed());
+    }
+    rv.state.lock().unwrap().agents.extend(half);
+    wait_condition(&client, &ns, "mesh", "Degraded", "False", "AsPlanned").await;
+    assert_eq!(assignments(&client, &ns).await, before);
+    assert_eq!(op.pod_patches(), patches, "a forgetful rendezvous caused Pod writes");
+    eprintln!("suspect presence held during the re-registration: {held}");
+    op.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Headline bug 2: a presence entry with an empty node id, matched to a Pod by hostname, used to panic
+/// every replica. It is an exclusion with a reason, and the operator keeps working.
+#[tokio::test]
+async fn an_empty_node_id_is_an_exclusion_not_a_crash() {
+    let (client, ns, rv) = setup("emptyid").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 5, |_| None).await;
+    create_pod(&client, &ns, "nameless", json!({"app": "agent"}), json!({})).await;
+    set_pod_status(&client, &ns, "nameless", "127.0.8.1", true).await;
+    let entry = SimAgent {
+        node_id: String::new(),
+        address: "ws://0.0.0.0:3001/crdt-sync".into(),
+        hostname: Some("nameless".into()),
+        zone: None,
+        alive: true,
+        frozen_at_ms: None,
+    };
+    rv.state.lock().unwrap().agents.insert(String::new(), entry);
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 5).await;
+    let p = wait_for("nameless to be excluded with its reason", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        p.status.as_ref()?.excluded.iter().any(|e| e.pod == "nameless" && e.reason.contains("empty node_id")).then_some(p)
+    })
+    .await;
+    assert_eq!(p.status.unwrap().eligible, 5);
+    // Still alive and reconciling: a new agent joins.
+    let id = format!("{:064x}", 0xfeed);
+    create_pod(&client, &ns, "late", json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
+    set_pod_status(&client, &ns, "late", "127.0.8.2", true).await;
+    rv.add(&id);
+    wait_assigned(&client, &ns, 6).await;
+    op.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Finding 3: a policy frozen in Observe keeps its dialers dialing a Pod relabelled into another policy; and
+/// Pods moving between two Enforce policies. The receiving policy waits until nothing of the other links
+/// the Pod, so no agent is ever over the cap.
+#[tokio::test]
+async fn pods_moving_between_policies_never_exceed_the_cap() {
+    let (client, ns, rv) = setup("moving").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    agents(&client, &ns, &rv, "a", "a", 6, 0).await;
+    agents(&client, &ns, &rv, "b", "b", 6, 100).await;
+    let selector = |app: &str| json!({"selector": {"matchLabels": {"app": app}}});
+    create_policy(&client, &ns, "pa", spec(&rv, selector("a"))).await;
+    create_policy(&client, &ns, "pb", spec(&rv, selector("b"))).await;
+    wait_assigned(&client, &ns, 12).await;
+
+    set_spec(&client, &ns, "pa", json!({"mode": "Observe"})).await;
+    wait_condition(&client, &ns, "pa", "Ready", "True", "Observed").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.patch("a-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "b"}}})))
+        .await
+        .unwrap();
+    wait_for("pb to leave a-0 alone while pa's frozen dialers still dial it", WAIT, || async {
+        let p = policy(&client, &ns, "pb").await;
+        p.status?.excluded.iter().any(|e| e.pod == "a-0" && e.reason.contains("\"pa\"")).then_some(())
+    })
+    .await;
+    assert_eq!(carried_by(&client, &ns, "a-0").await.unwrap().policy, "pa");
+
+    // pa enforces again: it releases a-0, and only then does pb take it.
+    set_spec(&client, &ns, "pa", json!({"mode": "Enforce"})).await;
+    wait_for("a-0 to carry pb's assignment", WAIT, || async {
+        carried_by(&client, &ns, "a-0").await.filter(|a| a.policy == "pb" && a.links() > 0).map(|_| ())
+    })
+    .await;
+    // Both Enforce: b-1 moves to pa.
+    pods.patch("b-1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "a"}}})))
+        .await
+        .unwrap();
+    wait_for("b-1 to carry pa's assignment", WAIT, || async {
+        carried_by(&client, &ns, "b-1").await.filter(|a| a.policy == "pa" && a.links() > 0).map(|_| ())
+    })
+    .await;
+    op.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Finding 8: a Pod created already carrying `agentmesh.dev/*` keys (owned by whoever created it) loses
+/// them once, and is not patched again on every poll.
+#[tokio::test]
+async fn keys_a_pod_was_created_with_are_removed_once() {
+    let (client, ns, rv) = setup("stray").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    let stray = json!({"agentmesh.dev/policy": "mesh", "agentmesh.dev/links": "1",
+        "agentmesh.dev/peers": "[{\"nodeId\":\"ab\",\"url\":\"ws://127.0.0.9:1/\"}]"});
+    create_pod(&client, &ns, "stray", json!({"app": "agent"}), stray).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 3).await;
+    wait_for("the stray keys to be removed", WAIT, || async {
+        let p = Api::<Pod>::namespaced(client.clone(), &ns).get("stray").await.ok()?;
+        (!p.annotations().keys().any(|k| k.starts_with("agentmesh.dev/"))).then_some(())
+    })
+    .await;
+    wait_condition(&client, &ns, "mesh", "Ready", "True", "Applied").await;
+    let patches = op.pod_patches();
+    let reads = presence_reads(&op);
+    wait_for("three more presence reads", WAIT, || async { (presence_reads(&op) >= reads + 3).then_some(()) }).await;
+    assert_eq!(op.pod_patches(), patches, "Pods re-patched at rest");
+    op.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Finding 6: one Pod that cannot be patched (here an admission policy refuses it) is reported by name,
+/// with an Event, and the rest of the fleet is still assigned.
+#[tokio::test]
+async fn a_pod_that_cannot_be_patched_is_reported_and_the_rest_proceed() {
+    let (client, ns, rv) = setup("unpatchable").await;
+    let history = History::start(&client, &ns, 4).await;
+    refuse_annotations_on(&client, &ns, "agent-3").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 6, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let p = wait_condition(&client, &ns, "mesh", "Ready", "False", "PatchFailed").await;
+    let (_, _, message) = condition(&p, "Ready").unwrap();
+    assert!(message.contains("agent-3") && message.contains("frozen by the test"), "{message}");
+    assert_eq!(condition(&p, "Degraded").unwrap().1, "PatchFailed");
+    let a = wait_assigned(&client, &ns, 5).await;
+    assert_eq!(a["agent-3"], None);
+    wait_for("a PatchFailed Event", WAIT, || async {
+        let out = tool("kubectl", &["get", "events", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
+        String::from_utf8_lossy(&out.stdout).contains("PatchFailed").then_some(())
+    })
+    .await;
+    assert_eq!(policy(&client, &ns, "mesh").await.status.unwrap().assigned, 5);
+    op.kill().await;
+    remove_admission(&client, &ns).await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// A ValidatingAdmissionPolicy (bound to `ns` only) refusing any `agentmesh.dev/peers` on Pod `pod`; returns
+/// once the API server enforces it.
+async fn refuse_annotations_on(client: &Client, ns: &str, pod: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let vap: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": format!("freeze-{ns}")},
+        "spec": {"failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": ["pods"]}]},
+            "validations": [{"expression": format!(
+                "object.metadata.name != '{pod}' || !has(object.metadata.annotations) || !('agentmesh.dev/peers' in object.metadata.annotations)"),
+                "message": "this Pod is frozen by the test"}]}}))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("freeze-{ns}")},
+        "spec": {"policyName": format!("freeze-{ns}"), "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}}))
+    .unwrap();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone()).create(&PostParams::default(), &vap).await.unwrap();
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
+    create_pod(client, ns, pod, json!({"app": "probe"}), json!({})).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let probe = json!({"metadata": {"annotations": {"agentmesh.dev/peers": "[]"}}});
+    let dry = PatchParams { dry_run: true, ..Default::default() };
+    wait_for("the admission policy to be enforced", WAIT, || async {
+        pods.patch(pod, &dry, &Patch::Merge(&probe)).await.is_err().then_some(())
+    })
+    .await;
+    pods.delete(pod, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    wait_for("the probe Pod to be gone", WAIT, || async { pods.get_opt(pod).await.unwrap().is_none().then_some(()) })
+        .await;
+}
+
+async fn remove_admission(client: &Client, ns: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let name = format!("freeze-{ns}");
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).delete(&name, &DeleteParams::default()).await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client.clone()).delete(&name, &DeleteParams::default()).await;
+}
+
+/// Finding 5: a leader cut off from the API (its Lease requests fail; everything else works, so it still
+/// sees every Pod event) stops writing before the standby leads, and sends no Pod write after.
+#[tokio::test]
+async fn a_leader_cut_off_from_its_lease_stops_writing_before_a_standby_leads() {
+    let (client, ns, rv) = setup("cutoff").await;
+    let history = History::start(&client, &ns, 4).await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let a = Operator::start_as(lease_cutting_client(cut.clone()).await, &ns, "op-a", true).await;
+    wait_for("op-a to lead", WAIT, || async { (a.metrics.leader.get() == 1).then_some(()) }).await;
+    let b = Operator::start(&ns, "op-b", true).await;
+    let ids = fleet(&client, &ns, &rv, 8, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 8).await;
+
+    cut.store(true, Ordering::SeqCst);
+    wait_for("op-a to stop leading", Duration::from_secs(30), || async { (a.metrics.leader.get() == 0).then_some(()) })
+        .await;
+    let a_patches = a.pod_patches();
+    wait_for("op-b to lead", Duration::from_secs(30), || async { (b.metrics.leader.get() == 1).then_some(()) }).await;
+    // Changes both replicas see: only op-b may act on them.
+    Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-2", &DeleteParams::default()).await.unwrap();
+    wait_for("op-b to replan after agent-2 left", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        a.values().flatten().all(|x| x.peers.iter().all(|p| p.node_id != ids[2])).then_some(())
+    })
+    .await;
+    wait_for("op-b's writes to be counted", WAIT, || async { (b.pod_patches() > 0).then_some(()) }).await;
+    assert_eq!(a.pod_patches(), a_patches, "the cut-off leader wrote after it stopped leading");
+    a.kill().await;
+    b.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// A client whose requests to Leases fail while `cut` is set: a replica partitioned from the API server
+/// for exactly what keeps it leader.
+async fn lease_cutting_client(cut: Arc<AtomicBool>) -> Client {
+    let filter = tower::filter::FilterLayer::new(move |req: http::Request<kube::client::Body>| {
+        if cut.load(Ordering::SeqCst) && req.uri().path().contains("/leases") {
+            Err::<_, tower::BoxError>("cut off from the API server".into())
+        } else {
+            Ok(req)
+        }
+    });
+    kube::client::ClientBuilder::try_from(config().await).unwrap().with_layer(&filter).build()
+}
+
+/// Finding 4: a replica that starts during a rendezvous outage (no presence of its own) adopts what the
+/// Pods carry and still removes the Pods that are gone.
+#[tokio::test]
+async fn a_replica_starting_during_an_outage_adopts_and_removes_what_is_gone() {
+    let (client, ns, mut rv) = setup("adopt").await;
+    let history = History::start(&client, &ns, 4).await;
+    let first = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 8, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let before = wait_assigned(&client, &ns, 8).await;
+    first.kill().await;
+    rv.stop().await;
+    Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-5", &DeleteParams::default()).await.unwrap();
+    let second = Operator::start(&ns, "op-b", false).await;
+    let after = wait_for("agent-5 to be dropped from every list", WAIT, || async {
+        let a = assignments(&client, &ns).await;
+        a.values().flatten().all(|x| x.linked_ids().iter().all(|id| *id != ids[5])).then_some(a)
+    })
+    .await;
+    for (pod, now) in &after {
+        let (Some(now), Some(Some(was))) = (now, before.get(pod)) else { continue };
+        assert!(now.peers.iter().all(|p| was.peers.contains(p)), "{pod} gained a peer without presence");
+        assert!(now.accepts.iter().all(|a| was.accepts.contains(a)), "{pod} gained an accept without presence");
+    }
+    let p = wait_condition(&client, &ns, "mesh", "Ready", "False", "NoPresence").await;
+    assert_eq!(condition(&p, "RendezvousReachable").unwrap().0, "False");
+    second.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Finding 7: a policy deleted while the operator was down: its Pods lose their annotations before it loses
+/// its finalizer (a reconcile on an unsynced, empty Pod cache would drop the finalizer at once).
+#[tokio::test]
+async fn a_policy_deleted_while_the_operator_was_down_releases_its_pods() {
+    let (client, ns, rv) = setup("downdelete").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 40, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 40).await;
+    op.kill().await;
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns).delete("mesh", &DeleteParams::default()).await.unwrap();
+    let op = Operator::start(&ns, "op-b", false).await;
+    wait_for("MeshPolicy mesh to be gone", WAIT, || async {
+        Api::<MeshPolicy>::namespaced(client.clone(), &ns).get_opt("mesh").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let left: Vec<String> =
+        assignments(&client, &ns).await.into_iter().filter(|(_, a)| a.is_some()).map(|(p, _)| p).collect();
+    assert!(left.is_empty(), "the finalizer went while these Pods still carried the policy: {left:?}");
+    op.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// Finding 9: a presence body at the default `--max-presence-bytes`, made of the smallest entries JSON
+/// allows, keeps the operator's peak memory under the chart's 256 Mi limit.
+#[tokio::test]
+async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
+    let (client, ns, rv) = setup("memory").await;
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    let limit = mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES;
+    let mut body = b"[".to_vec();
+    let mut i = 0u64;
+    while body.len() + 80 < limit {
+        body.extend_from_slice(format!("{{\"node_id\":\"{i:x}\",\"alive\":true}},").as_bytes());
+        i += 1;
+    }
+    body.extend_from_slice(b"{\"node_id\":\"last\"}]");
+    assert!(body.len() <= limit);
+    rv.state.lock().unwrap().raw_body = Some(Arc::new(body));
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let mut op = operator_binary(&ns, "op-mem", &log, "info");
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_for("three reads of the big body", WAIT, || async { (rv.state.lock().unwrap().requests >= 3).then_some(()) })
+        .await;
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let pid = op.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!("operator peak RSS with a {limit}-byte body of {i} entries: {} MiB", peak_kib / 1024);
+    op.kill().await.unwrap();
+    assert!(peak_kib < 256 * 1024, "peak RSS {} MiB exceeds the chart's 256 Mi limit", peak_kib / 1024);
+}
