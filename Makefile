@@ -5,7 +5,7 @@ CP := hack/control-plane.sh
 .PHONY: test lint control-plane control-plane-stop crd bench demo image-binary
 
 test: lint control-plane
-	@set -euo pipefail; eval "$$($(CP) ensure)"; trap '$(CP) stop' EXIT; \
+	@set -euo pipefail; eval "$$($(CP) ensure)"; trap '$(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
 	  cargo test --locked --no-fail-fast -- --test-threads=4; \
 	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory image-binary
@@ -31,6 +31,7 @@ control-plane:
 
 control-plane-stop:
 	$(CP) stop
+	MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop
 
 ## Regenerates the checked-in CRD from src/api.rs.
 crd:

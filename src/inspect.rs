@@ -118,10 +118,7 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
             c.reason, c.message
         );
     }
-    match (
-        current(pod).filter(|a| a.policy == policy.name_any()),
-        status.excluded.iter().find(|e| e.pod == name),
-    ) {
+    match (current(pod).filter(|a| a.policy == policy.name_any()), status.excluded.iter().find(|e| e.pod == name)) {
         (_, Some(e)) => {
             let _ = writeln!(out, "{name}: selected by {}, but left out of the mesh: {}", policy.name_any(), e.reason);
         }
@@ -153,10 +150,8 @@ pub enum GraphFormat {
 
 /// The published mesh as Graphviz or Mermaid: one edge per link, from dialer to peer, labelled by Pod.
 pub fn graph(policy: &MeshPolicy, pods: &[Pod], format: GraphFormat) -> String {
-    let mine: Vec<(&Pod, Assignment)> = pods
-        .iter()
-        .filter_map(|p| current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a)))
-        .collect();
+    let mine: Vec<(&Pod, Assignment)> =
+        pods.iter().filter_map(|p| current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a))).collect();
     let by_id: BTreeMap<String, String> = mine.iter().map(|(p, _)| (node_id(policy, p), p.name_any())).collect();
     let label = |id: &str| by_id.get(id).cloned().unwrap_or_else(|| short(id));
     let mut out = String::new();

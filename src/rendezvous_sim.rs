@@ -109,7 +109,8 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             }
         }
         if let Some(raw) = st.raw_body.clone() {
-            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec())).into_response();
+            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec()))
+                .into_response();
         }
         let now = now_ms();
         let nodes: Vec<serde_json::Value> = st

@@ -18,7 +18,15 @@ use support::*;
 
 /// Agent Pods `{prefix}-{i}` labelled `app={app}` with presence, node ids and IPs of their own (`base`
 /// keeps them apart from other groups in the namespace). Returns their node ids.
-async fn agents(client: &Client, ns: &str, rv: &Rendezvous, prefix: &str, app: &str, n: usize, base: usize) -> Vec<String> {
+async fn agents(
+    client: &Client,
+    ns: &str,
+    rv: &Rendezvous,
+    prefix: &str,
+    app: &str,
+    n: usize,
+    base: usize,
+) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let k = base + i;
@@ -116,7 +124,12 @@ async fn an_empty_node_id_is_an_exclusion_not_a_crash() {
     wait_assigned(&client, &ns, 5).await;
     let p = wait_for("nameless to be excluded with its reason", WAIT, || async {
         let p = policy(&client, &ns, "mesh").await;
-        p.status.as_ref()?.excluded.iter().any(|e| e.pod == "nameless" && e.reason.contains("empty node_id")).then_some(p)
+        p.status
+            .as_ref()?
+            .excluded
+            .iter()
+            .any(|e| e.pod == "nameless" && e.reason.contains("empty node_id"))
+            .then_some(p)
     })
     .await;
     assert_eq!(p.status.unwrap().eligible, 5);
@@ -249,7 +262,10 @@ async fn refuse_annotations_on(client: &Client, ns: &str, pod: &str) {
             "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}}))
     .unwrap();
     Api::<ValidatingAdmissionPolicy>::all(client.clone()).create(&PostParams::default(), &vap).await.unwrap();
-    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).create(&PostParams::default(), &binding).await.unwrap();
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
     create_pod(client, ns, pod, json!({"app": "probe"}), json!({})).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let probe = json!({"metadata": {"annotations": {"agentmesh.dev/peers": "[]"}}});

@@ -16,7 +16,8 @@ use serde_json::json;
 
 use super::FIELD_MANAGER;
 use super::decide::{Waves, Write};
-use crate::assignment;
+use super::leader::Leadership;
+use crate::assignment::{self, Assignment};
 
 /// What applying the waves did.
 #[derive(Debug, Default)]
@@ -33,21 +34,23 @@ pub struct Outcome {
 }
 
 /// Applies `waves`: every shrink write, then the grow writes that stay safe given which shrink writes
-/// failed. `may_write` is asked before each wave.
+/// failed. Each write starts only while `leadership` allows, and is abandoned when its fence ends.
 pub async fn apply(
     api: &Api<Pod>,
     waves: &Waves,
     concurrency: usize,
-    may_write: &(dyn Fn() -> bool + Sync),
+    leadership: &Leadership,
     expectations: &Expectations,
     patched: &Counter,
 ) -> Outcome {
     let mut outcome = Outcome::default();
+    let may_write = || leadership.may_write();
     if !may_write() {
         outcome.lost_leadership = !waves.is_empty();
         return outcome;
     }
-    wave(api, waves.shrink.iter().collect(), concurrency, expectations, patched, &mut outcome).await;
+    let ctx = WaveContext { api, concurrency, leadership, expectations, patched };
+    wave(&ctx, waves.shrink.iter().collect(), &mut outcome).await;
     let failed: HashSet<String> = outcome.failed.keys().cloned().collect();
     let (grow, held) = waves.grow_after(&failed);
     outcome.held = held.into_iter().map(str::to_owned).collect();
@@ -58,33 +61,46 @@ pub async fn apply(
         outcome.lost_leadership = true;
         return outcome;
     }
-    wave(api, grow, concurrency, expectations, patched, &mut outcome).await;
+    wave(&ctx, grow, &mut outcome).await;
     outcome
+}
+
+struct WaveContext<'a> {
+    api: &'a Api<Pod>,
+    concurrency: usize,
+    leadership: &'a Leadership,
+    expectations: &'a Expectations,
+    patched: &'a Counter,
+}
+
+/// Why a write did not happen.
+enum Skipped {
+    /// The fence ended before it started, or while it was in flight.
+    Fenced,
+    Failed(kube::Error),
 }
 
 /// One wave; `patched` counts each write as it succeeds (not when the wave ends), so the metric never
 /// lags what the API already shows.
-async fn wave(
-    api: &Api<Pod>,
-    writes: Vec<&Write>,
-    concurrency: usize,
-    exp: &Expectations,
-    patched: &Counter,
-    out: &mut Outcome,
-) {
+async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
     // Owned futures: a stream of futures borrowing from here would not be `Send` for every lifetime.
-    let results: Vec<(Write, Result<Option<Pod>, kube::Error>)> = futures::stream::iter(writes.into_iter().cloned())
+    let results: Vec<(Write, Result<Option<Pod>, Skipped>)> = futures::stream::iter(writes.into_iter().cloned())
         .map(|w| {
-            let (api, patched) = (api.clone(), patched.clone());
+            let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
             async move {
-                let result = patch(&api, &w).await;
+                let Some(left) = left else { return (w, Err(Skipped::Fenced)) };
+                let result = match tokio::time::timeout(left, patch(&api, &w)).await {
+                    Ok(r) => r.map_err(Skipped::Failed),
+                    Err(_) => Err(Skipped::Fenced),
+                };
                 if result.is_ok() {
                     patched.inc();
                 }
+                tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_ref().map(Assignment::links), ok = result.is_ok(), "Pod write");
                 (w, result)
             }
         })
-        .buffer_unordered(concurrency.max(1))
+        .buffer_unordered(ctx.concurrency.max(1))
         .collect()
         .await;
     for (w, result) in results {
@@ -93,14 +109,40 @@ async fn wave(
                 out.patched += 1;
                 out.written.insert(w.pod.clone());
                 if let Some(pod) = pod {
-                    exp.wrote(api_namespace(&pod), &pod);
+                    ctx.expectations.wrote(api_namespace(&pod), &pod);
                 }
             }
-            Err(e) => {
-                out.failed.insert(w.pod.clone(), e.to_string());
+            Err(skipped) => {
+                let message = match &skipped {
+                    Skipped::Fenced => "not written: leadership ended".to_string(),
+                    Skipped::Failed(e) => e.to_string(),
+                };
+                // A write that may have landed (no answer, or a server error) must show in the cache
+                // before the next decision.
+                if matches!(&skipped, Skipped::Fenced) || matches!(&skipped, Skipped::Failed(e) if ambiguous(e)) {
+                    settle(ctx, &w).await;
+                }
+                out.lost_leadership |= matches!(skipped, Skipped::Fenced);
+                out.failed.insert(w.pod.clone(), message);
             }
         }
     }
+}
+
+/// After a write that may or may not have landed: the cache must show the Pod at least as it is now (read
+/// directly), or, when it cannot be read, newer than the decision saw it.
+async fn settle(ctx: &WaveContext<'_>, w: &Write) {
+    let ns = ctx.api.namespace().map(str::to_owned);
+    match tokio::time::timeout(Duration::from_secs(5), ctx.api.get_opt(&w.pod)).await {
+        Ok(Ok(Some(pod))) if pod.uid() == w.uid => ctx.expectations.wrote(ns.unwrap_or_default(), &pod),
+        Ok(Ok(_)) => {}
+        _ => ctx.expectations.newer_than(ns.as_deref(), w),
+    }
+}
+
+/// Whether a failed write may still have been applied.
+fn ambiguous(e: &kube::Error) -> bool {
+    !matches!(e, kube::Error::Api(s) if s.code < 500)
 }
 
 fn api_namespace(pod: &Pod) -> String {
@@ -135,6 +177,9 @@ fn uid_mismatch(s: &kube::core::Status) -> bool {
     s.code == 422 && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "metadata.uid"))
 }
 
+/// A Pod's (UID, resourceVersion) in the cache, by name.
+pub type CachedVersion<'a> = dyn Fn(&str) -> Option<(Option<String>, Option<String>)> + 'a;
+
 /// Our own recent writes, until the Pod cache has caught up with each: a decision taken on a cache that
 /// lags our writes could add a link next to one it does not see yet.
 #[derive(Default)]
@@ -151,7 +196,10 @@ struct Expected {
 impl Outcome {
     /// Whether `pod` ended on the target it was written (its writes all went through).
     pub fn reached(&self, pod: &str) -> bool {
-        !self.lost_leadership && self.written.contains(pod) && !self.failed.contains_key(pod) && !self.held.iter().any(|h| h == pod)
+        !self.lost_leadership
+            && self.written.contains(pod)
+            && !self.failed.contains_key(pod)
+            && !self.held.iter().any(|h| h == pod)
     }
 }
 
@@ -159,6 +207,14 @@ impl Expectations {
     /// A watch event is normally milliseconds behind its write; past this the expectation is dropped
     /// rather than stall the policy (the API server's resourceVersions are not ours to rely on forever).
     const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// Expects the cache to show `w`'s Pod newer than the decision saw it.
+    fn newer_than(&self, namespace: Option<&str>, w: &Write) {
+        let Some(rv) = w.resource_version.as_deref().and_then(|rv| rv.parse::<u64>().ok()) else { return };
+        let expected = Expected { uid: w.uid.clone(), resource_version: rv + 1, at: Instant::now() };
+        let key = (namespace.unwrap_or_default().to_owned(), w.pod.clone());
+        self.pending.lock().expect("expectations lock").insert(key, expected);
+    }
 
     fn wrote(&self, namespace: String, pod: &Pod) {
         let Some(rv) = pod.resource_version().and_then(|rv| rv.parse().ok()) else { return };
@@ -168,7 +224,7 @@ impl Expectations {
 
     /// Whether the cache (`cached`: namespace and name → the cached Pod) shows every write made in
     /// `namespace`; settled expectations are forgotten.
-    pub fn caught_up(&self, namespace: &str, cached: &dyn Fn(&str) -> Option<(Option<String>, Option<String>)>) -> bool {
+    pub fn caught_up(&self, namespace: &str, cached: &CachedVersion) -> bool {
         let mut pending = self.pending.lock().expect("expectations lock");
         pending.retain(|(ns, pod), e| {
             if e.at.elapsed() > Self::PATIENCE {

@@ -48,6 +48,8 @@ pub struct Write {
     pub pod: String,
     /// The Pod's UID as the decision saw it: the write reaches that Pod only.
     pub uid: Option<String>,
+    /// The Pod's resourceVersion as the decision saw it.
+    pub resource_version: Option<String>,
     pub to: Option<Assignment>,
     /// The Pod's agent, and the node ids this write drops (shrink) or adds (grow).
     pub node_id: Option<String>,
@@ -101,6 +103,7 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
         let write = |to: Option<Assignment>, touches: BTreeSet<String>| Write {
             pod: name.clone(),
             uid: pod.uid.clone(),
+            resource_version: pod.resource_version.clone(),
             to,
             node_id: pod.node_id.clone(),
             touches,
@@ -111,9 +114,10 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
             None => waves.shrink.push(write(None, ids(now.as_ref()))),
             Some(want) if want.is_carried_by(&pod.keys) => {}
             Some(want) => {
-                let kept = now.as_ref().map(|n| n.intersect(want)).unwrap_or_else(|| {
-                    Assignment { policy: policy.into(), ..Default::default() }
-                });
+                let kept = now
+                    .as_ref()
+                    .map(|n| n.intersect(want))
+                    .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
                 let dropped: BTreeSet<String> = ids(now.as_ref()).difference(&ids(Some(&kept))).cloned().collect();
                 // Stray keys without a policy must go before the agent may gain anything.
                 let shrink = !dropped.is_empty() || (now.is_some() && !pod.keys.contains_key(assignment::POLICY));
@@ -185,7 +189,10 @@ mod tests {
 
     fn write(pods: &mut BTreeMap<String, PodState>, w: &Write) {
         let pod = pods.get_mut(&w.pod).unwrap();
-        pod.keys = w.to.as_ref().map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()).unwrap_or_default();
+        pod.keys =
+            w.to.as_ref()
+                .map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                .unwrap_or_default();
     }
 
     proptest! {

@@ -30,6 +30,9 @@ pub const GRACE_SECONDS: u64 = 4;
 /// How long after a renewal the leader may still start a write wave.
 pub const FENCE: Duration = Duration::from_secs(8);
 
+/// The longest a single write may take when no fence bounds it.
+pub const UNFENCED_WRITE: Duration = Duration::from_secs(30);
+
 /// Whether this replica may write now, and the leadership term (bumped each time it becomes leader).
 pub struct Leadership {
     elected: bool,
@@ -50,7 +53,17 @@ impl Leadership {
     }
 
     pub fn may_write(&self) -> bool {
-        !self.elected || self.state.borrow().until.is_some_and(|u| Instant::now() < u)
+        self.time_left().is_some()
+    }
+
+    /// How long a write started now may take before the fence ends; `None` when no write may start.
+    /// Without election, [`UNFENCED_WRITE`].
+    pub fn time_left(&self) -> Option<Duration> {
+        if !self.elected {
+            return Some(UNFENCED_WRITE);
+        }
+        let until = self.state.borrow().until?;
+        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     pub fn term(&self) -> u64 {

@@ -39,7 +39,10 @@ pub enum Exclusion {
     AddressTooLong(usize),
     /// An empty node id, or one longer than [`MAX_NODE_ID_BYTES`] (its length).
     BadNodeId(usize),
-    DuplicateNodeId { node_id: String, pods: Vec<String> },
+    DuplicateNodeId {
+        node_id: String,
+        pods: Vec<String>,
+    },
     /// Carries, or is linked from, another policy's assignment: it joins once that policy let it go.
     OtherPolicy(String),
 }
@@ -59,10 +62,9 @@ impl std::fmt::Display for Exclusion {
             Self::AddressTooLong(n) => write!(f, "address of {n} bytes is longer than {MAX_ADDRESS_BYTES}"),
             Self::BadNodeId(0) => write!(f, "presence entry has an empty node_id"),
             Self::BadNodeId(n) => write!(f, "node_id of {n} bytes is longer than {MAX_NODE_ID_BYTES}"),
-            Self::OtherPolicy(p) => write!(
-                f,
-                "carries or is linked from MeshPolicy {p:?}'s assignment; joins once {p:?} has released it"
-            ),
+            Self::OtherPolicy(p) => {
+                write!(f, "carries or is linked from MeshPolicy {p:?}'s assignment; joins once {p:?} has released it")
+            }
             Self::DuplicateNodeId { node_id, pods } => {
                 write!(f, "node id {node_id} is claimed by Pods {}", pods.join(", "))
             }
@@ -379,8 +381,10 @@ mod tests {
 
     #[test]
     fn agents_of_another_policy_are_moved_out() {
-        let agent = |pod: &str, id: &str| Agent { pod: pod.into(), node_id: id.into(), url: String::new(), domain: None };
-        let mut m = Membership { agents: vec![agent("a", "1"), agent("b", "2"), agent("c", "3")], ..Default::default() };
+        let agent =
+            |pod: &str, id: &str| Agent { pod: pod.into(), node_id: id.into(), url: String::new(), domain: None };
+        let mut m =
+            Membership { agents: vec![agent("a", "1"), agent("b", "2"), agent("c", "3")], ..Default::default() };
         let pods = HashMap::from([("a".to_string(), "other".to_string())]);
         let ids = HashMap::from([("2".to_string(), "third".to_string())]);
         exclude_foreign(&mut m, &pods, &ids);

@@ -67,6 +67,8 @@ pub struct Context {
     pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
     pub leadership: Arc<Leadership>,
     pub expectations: apply::Expectations,
+    /// Per namespace: held from a reconcile's decision to its last write.
+    pub namespace_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
     pub caches_synced: AtomicBool,
     pub nodes_synced: Arc<AtomicBool>,
@@ -81,6 +83,10 @@ impl Context {
     /// The presence state of the policy with UID `uid`, created on first use.
     pub fn presence_state(&self, uid: &str) -> Arc<Mutex<PresenceState>> {
         self.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone()
+    }
+
+    pub fn namespace_lock(&self, ns: &str) -> Arc<Mutex<()>> {
+        self.namespace_locks.lock().expect("namespace lock map").entry(ns.to_owned()).or_default().clone()
     }
 
     /// Drops what the controller keeps about a deleted policy.
@@ -212,21 +218,25 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         }
     };
     tasks.spawn(ready);
-    tokio::select! {
-        _ = futures::future::join_all(controllers) => {}
-        () = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running after the shutdown grace; dropping them");
+    let forced = tokio::select! {
+        _ = futures::future::join_all(controllers) => false,
+        () = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => true,
+    };
+    match (lease_task, forced) {
+        // Writes may still be in flight: the Lease runs out instead, so no standby leads before they land.
+        (Some(_), true) => {
+            warn!(grace = ?SHUTDOWN_GRACE, "reconciles outlived the shutdown grace; not releasing the Lease")
         }
+        (Some(task), false) => leader::release(task).await,
+        (None, _) => {}
     }
-    info!("shutting down");
-    if let Some(task) = lease_task {
-        leader::release(task).await;
-    }
+    info!("shut down");
     Ok(())
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -268,6 +278,7 @@ impl Shared {
             presence: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),
+            namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
             nodes_synced: self.nodes_synced.clone(),
             apply_concurrency: self.apply_concurrency,
@@ -289,7 +300,8 @@ async fn controller(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
-    let pod_stream = watcher(pod_api, watcher::Config::default().any_semantic())
+    // Lists from etcd, not the API server's cache: a relist must never show Pods older than our writes.
+    let pod_stream = watcher(pod_api, watcher::Config::default())
         .default_backoff()
         .modify(trim_pod)
         .reflect(pod_writer)

@@ -36,7 +36,9 @@ pub fn plan(
     let previous: planner::Assignment = m
         .agents
         .iter()
-        .filter_map(|a| Some((a.node_id.clone(), carried.get(&a.pod)?.peers.iter().map(|p| p.node_id.clone()).collect())))
+        .filter_map(|a| {
+            Some((a.node_id.clone(), carried.get(&a.pod)?.peers.iter().map(|p| p.node_id.clone()).collect()))
+        })
         .collect();
     let plan = planner::plan(&members, cap, seed, &previous)?;
     let url: HashMap<&str, &str> = m.agents.iter().map(|a| (a.node_id.as_str(), a.url.as_str())).collect();
@@ -79,7 +81,12 @@ pub fn adopt(
         .filter_map(|pod| pods.get(pod)?.node_id.as_deref())
         .collect();
     for a in carried.values() {
-        gone.extend(a.peers.iter().filter(|p| url_ip(&p.url).is_some_and(|ip| !live_ips.contains(&ip))).map(|p| p.node_id.as_str()));
+        gone.extend(
+            a.peers
+                .iter()
+                .filter(|p| url_ip(&p.url).is_some_and(|ip| !live_ips.contains(&ip)))
+                .map(|p| p.node_id.as_str()),
+        );
     }
     carried
         .iter()
@@ -132,11 +139,8 @@ mod tests {
         let carried = BTreeMap::from([("gone".to_string(), Assignment::default())]);
         let out = plan(&m, 4, "seed", "p", &carried).unwrap();
         assert_eq!(out.targets["gone"], None);
-        let published: BTreeMap<String, Assignment> = m
-            .agents
-            .iter()
-            .map(|a| (a.node_id.clone(), out.targets[&a.pod].clone().unwrap()))
-            .collect();
+        let published: BTreeMap<String, Assignment> =
+            m.agents.iter().map(|a| (a.node_id.clone(), out.targets[&a.pod].clone().unwrap())).collect();
         assert_eq!(crate::assignment::first_violation(&published, 4), None);
         for (id, a) in &published {
             assert_eq!(a.links(), 4);

@@ -8,11 +8,11 @@
 //! * a read that would still make a large share of the eligible agents ineligible at once is *suspect*:
 //!   held and reported, not applied, until a read drops none of them or for at most `heartbeatTimeout`;
 //! * the state belongs to one leadership term: a replica that leads again starts with no snapshot.
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::presence::{Fetched, FetchError, Snapshot, unix_ms};
+use crate::presence::{FetchError, Fetched, Snapshot, unix_ms};
 
 /// Ready Pods without presence get re-reads this often while they wait (see [`PresenceState::awaiting`]).
 pub const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -50,6 +50,9 @@ pub struct Read {
     /// Why the latest successful read is held, while it is.
     pub suspect: Option<String>,
 }
+
+/// The agents a snapshot makes eligible, judged on the clock given: Pod → node id.
+pub type Eligible<'a> = dyn Fn(&Snapshot, f64) -> BTreeMap<String, String> + 'a;
 
 /// The result of one read attempt, as [`PresenceState::take`] judges it.
 pub struct Attempt {
@@ -91,39 +94,45 @@ impl PresenceState {
         }
     }
 
-    /// Takes in one read. `eligible` names the agents a snapshot makes eligible (judged on the clock it
-    /// is given), so a read that would drop many at once can be held.
-    pub fn take(&mut self, attempt: Attempt, eligible: &dyn Fn(&Snapshot, f64) -> BTreeSet<String>) {
+    /// Takes in one read. `eligible` names the agents a snapshot makes eligible, judged on the clock it is
+    /// given (Pod → node id); `assigned` the Pods that carry this policy's assignment now, the baseline of
+    /// a first read. A read that would drop many of them at once is held.
+    pub fn take(&mut self, attempt: Attempt, eligible: &Eligible, assigned: &BTreeSet<String>) {
         let now_ms = unix_ms();
-        match attempt.result {
+        let candidate = match attempt.result {
             Ok(Fetched::New { snapshot, etag, .. }) => {
                 let merged = match &self.snapshot {
-                    Some(old) => carry_absent(old, snapshot, attempt.heartbeat_timeout, now_ms),
+                    Some(old) => {
+                        let keep: HashSet<String> = eligible(old, self.confirmed_ms).into_values().collect();
+                        carry_absent(old, snapshot, &keep, attempt.heartbeat_timeout, now_ms)
+                    }
                     None => snapshot,
                 };
-                if let Some(why) = self.suspicion(&merged, now_ms, attempt.heartbeat_timeout, eligible) {
-                    let since = self.suspect.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-                    self.suspect = Some((since, why));
-                    self.failure = None;
-                    return;
-                }
-                self.snapshot = Some(Arc::new(merged));
-                self.confirmed_ms = now_ms;
-                self.etag = etag;
-                self.failure = None;
-                self.suspect = None;
+                (Arc::new(merged), etag)
             }
-            Ok(Fetched::NotModified) => {
-                // Unchanged body, later time: the heartbeats age by the time that passed.
-                if let Some(snap) = self.snapshot.as_mut() {
-                    let aged = now_ms - self.confirmed_ms;
-                    Arc::make_mut(snap).now_ms = snap.now_ms.map(|t| t + aged);
+            // Unchanged body, later time: the heartbeats age by the time that passed.
+            Ok(Fetched::NotModified) => match &self.snapshot {
+                Some(old) => {
+                    let mut aged = (**old).clone();
+                    aged.now_ms = aged.now_ms.map(|t| t + (now_ms - self.confirmed_ms));
+                    (Arc::new(aged), self.etag.clone())
                 }
-                self.confirmed_ms = now_ms;
-                self.failure = None;
+                None => return,
+            },
+            Err(e) => {
+                self.failure = Some((e.reason().to_owned(), e.to_string()));
+                return;
             }
-            Err(e) => self.failure = Some((e.reason().to_owned(), e.to_string())),
+        };
+        self.failure = None;
+        if let Some(why) = self.suspicion(&candidate.0, now_ms, attempt.heartbeat_timeout, eligible, assigned) {
+            let since = self.suspect.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+            self.suspect = Some((since, why));
+            return;
         }
+        (self.snapshot, self.etag) = (Some(candidate.0), candidate.1);
+        self.confirmed_ms = now_ms;
+        self.suspect = None;
     }
 
     /// Why `next` should be held rather than applied, if it should.
@@ -132,15 +141,18 @@ impl PresenceState {
         next: &Snapshot,
         next_clock: f64,
         heartbeat_timeout: Duration,
-        eligible: &dyn Fn(&Snapshot, f64) -> BTreeSet<String>,
+        eligible: &Eligible,
+        assigned: &BTreeSet<String>,
     ) -> Option<String> {
-        let old = self.snapshot.as_ref()?;
         if self.suspect.as_ref().is_some_and(|(since, _)| since.elapsed() >= heartbeat_timeout) {
             return None;
         }
-        let before = eligible(old, self.confirmed_ms);
+        let before: BTreeSet<String> = match &self.snapshot {
+            Some(old) => eligible(old, self.confirmed_ms).into_keys().collect(),
+            None => assigned.clone(),
+        };
         let after = eligible(next, next_clock);
-        let lost = before.difference(&after).count();
+        let lost = before.iter().filter(|pod| !after.contains_key(*pod)).count();
         // A hold, once entered, lasts until presence agrees again: agents re-registering one by one must
         // not be dropped one by one at the end.
         let suspect = match self.suspect {
@@ -149,8 +161,8 @@ impl PresenceState {
         };
         suspect.then(|| {
             format!(
-                "a presence read would make {lost} of {} eligible agents ineligible at once; holding the last \
-                 good presence (for at most heartbeatTimeout) until the rendezvous agrees again",
+                "a presence read would make {lost} of {} agents ineligible at once; holding the last good \
+                 presence (for at most heartbeatTimeout) until the rendezvous agrees again",
                 before.len()
             )
         })
@@ -166,17 +178,25 @@ impl PresenceState {
     }
 }
 
-/// `next` plus every node of `old` it does not list, as `old` last saw it, while that heartbeat is younger
-/// than `heartbeat_timeout` on `next`'s clock (else `fallback_now_ms`).
-pub fn carry_absent(old: &Snapshot, mut next: Snapshot, heartbeat_timeout: Duration, fallback_now_ms: f64) -> Snapshot {
+/// `next` plus every node of `old` it does not list whose id is in `keep` (the agents eligible under `old`:
+/// carrying more would let a rendezvous grow our memory with ids that match nothing), as `old` last saw it,
+/// while that heartbeat is younger than `heartbeat_timeout` and not in the future on `next`'s clock (else
+/// `fallback_now_ms`).
+pub fn carry_absent(
+    old: &Snapshot,
+    mut next: Snapshot,
+    keep: &HashSet<String>,
+    heartbeat_timeout: Duration,
+    fallback_now_ms: f64,
+) -> Snapshot {
     let listed: HashSet<&str> = next.nodes.iter().map(|n| n.node_id.as_str()).collect();
     let now = next.now_ms.filter(|t| t.is_finite()).unwrap_or(fallback_now_ms);
     let limit = heartbeat_timeout.as_millis() as f64;
     let carried: Vec<_> = old
         .nodes
         .iter()
-        .filter(|n| !listed.contains(n.node_id.as_str()))
-        .filter(|n| n.heartbeat_ms().is_some_and(|seen| now - seen < limit))
+        .filter(|n| keep.contains(&n.node_id) && !listed.contains(n.node_id.as_str()))
+        .filter(|n| n.heartbeat_ms().is_some_and(|seen| seen <= now && now - seen < limit))
         .cloned()
         .collect();
     next.nodes.extend(carried);
@@ -200,12 +220,21 @@ mod tests {
     }
 
     fn snap(now: f64, ids: &[&str]) -> Snapshot {
-        Snapshot { now_ms: Some(now), nodes: ids.iter().map(|id| node(id, now - 1_000.0)).collect(), ..Default::default() }
+        Snapshot {
+            now_ms: Some(now),
+            nodes: ids.iter().map(|id| node(id, now - 1_000.0)).collect(),
+            ..Default::default()
+        }
     }
 
-    /// Eligible = live on the given clock, with a 60 s timeout.
-    fn eligible(s: &Snapshot, fallback: f64) -> BTreeSet<String> {
-        s.nodes.iter().filter(|n| s.is_live(n, Duration::from_secs(60), fallback)).map(|n| n.node_id.clone()).collect()
+    /// Eligible = live on the given clock, with a 60 s timeout; each node its own Pod.
+    fn eligible(s: &Snapshot, fallback: f64) -> BTreeMap<String, String> {
+        let live = s.nodes.iter().filter(|n| s.is_live(n, Duration::from_secs(60), fallback));
+        live.map(|n| (n.node_id.clone(), n.node_id.clone())).collect()
+    }
+
+    fn take(st: &mut PresenceState, a: Attempt) {
+        st.take(a, &eligible, &BTreeSet::new());
     }
 
     fn ok(s: Snapshot) -> Attempt {
@@ -218,13 +247,13 @@ mod tests {
     #[test]
     fn a_rendezvous_that_restarts_empty_keeps_every_agent() {
         let mut st = PresenceState::default();
-        st.take(ok(snap(1e9, &["a", "b", "c", "d"])), &eligible);
-        st.take(ok(snap(1e9 + 5_000.0, &[])), &eligible);
+        take(&mut st, ok(snap(1e9, &["a", "b", "c", "d"])));
+        take(&mut st, ok(snap(1e9 + 5_000.0, &[])));
         let read = st.read();
         assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 4, "absent agents are carried");
         assert!(read.suspect.is_none());
         // Past heartbeatTimeout with nobody back, most agents would go at once: held as suspect.
-        st.take(ok(snap(1e9 + 70_000.0, &["a"])), &eligible);
+        take(&mut st, ok(snap(1e9 + 70_000.0, &["a"])));
         let read = st.read();
         assert!(read.suspect.as_deref().unwrap().contains("3 of 4"), "{:?}", read.suspect);
         assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 4, "the last good presence stands");
@@ -233,13 +262,13 @@ mod tests {
     #[test]
     fn a_hold_lasts_until_the_last_agent_is_back() {
         let mut st = PresenceState::default();
-        st.take(ok(snap(1e9, &["a", "b", "c", "d", "e"])), &eligible);
-        st.take(ok(snap(1e9 + 70_000.0, &["a", "b"])), &eligible);
+        take(&mut st, ok(snap(1e9, &["a", "b", "c", "d", "e"])));
+        take(&mut st, ok(snap(1e9 + 70_000.0, &["a", "b"])));
         assert!(st.read().suspect.is_some());
-        st.take(ok(snap(1e9 + 72_000.0, &["a", "b", "c", "d"])), &eligible);
+        take(&mut st, ok(snap(1e9 + 72_000.0, &["a", "b", "c", "d"])));
         assert!(st.read().suspect.is_some(), "one agent still missing: the hold goes on");
         assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 5);
-        st.take(ok(snap(1e9 + 74_000.0, &["a", "b", "c", "d", "e"])), &eligible);
+        take(&mut st, ok(snap(1e9 + 74_000.0, &["a", "b", "c", "d", "e"])));
         assert!(st.read().suspect.is_none());
         assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 5);
     }
@@ -247,10 +276,10 @@ mod tests {
     #[test]
     fn agents_reregistering_are_applied_and_single_leaves_are_not_suspect() {
         let mut st = PresenceState::default();
-        st.take(ok(snap(1e9, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"])), &eligible);
+        take(&mut st, ok(snap(1e9, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"])));
         let mut dead = snap(1e9 + 2_000.0, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]);
         dead.nodes[0].alive = false;
-        st.take(ok(dead), &eligible);
+        take(&mut st, ok(dead));
         let read = st.read();
         assert!(read.suspect.is_none(), "one agent going is news, not suspicion");
         assert_eq!(eligible(read.snapshot.as_ref().unwrap(), 0.0).len(), 11);
@@ -259,26 +288,55 @@ mod tests {
     #[test]
     fn a_suspect_read_is_applied_after_heartbeat_timeout_of_holding() {
         let mut st = PresenceState::default();
-        st.take(ok(snap(1e9, &["a", "b", "c"])), &eligible);
+        take(&mut st, ok(snap(1e9, &["a", "b", "c"])));
         let mut all_dead = snap(1e9 + 1_000.0, &["a", "b", "c"]);
         all_dead.nodes.iter_mut().for_each(|n| n.alive = false);
-        st.take(ok(all_dead.clone()), &eligible);
+        take(&mut st, ok(all_dead.clone()));
         assert!(st.read().suspect.is_some());
         st.suspect.as_mut().unwrap().0 -= Duration::from_secs(61);
-        st.take(ok(all_dead), &eligible);
+        take(&mut st, ok(all_dead));
         assert!(st.read().suspect.is_none());
         assert!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).is_empty());
+    }
+
+    #[test]
+    fn a_first_read_is_judged_against_what_the_pods_carry() {
+        let mut st = PresenceState::default();
+        let assigned: BTreeSet<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        st.take(ok(snap(1e9, &["a"])), &eligible, &assigned);
+        assert!(st.read().suspect.is_some(), "a new term's first read would drop 3 of 4 carried assignments");
+        assert!(st.read().snapshot.is_none(), "held: the Pods keep what they carry");
+        st.take(ok(snap(1e9 + 1_000.0, &["a", "b", "c", "d"])), &eligible, &assigned);
+        assert!(st.read().suspect.is_none() && st.read().snapshot.is_some());
+    }
+
+    #[test]
+    fn a_not_modified_answer_that_ages_out_everyone_is_held() {
+        let mut st = PresenceState::default();
+        take(&mut st, ok(snap(1e9, &["a", "b", "c"])));
+        st.confirmed_ms -= 120_000.0; // two heartbeat timeouts pass with the body unchanged
+        take(&mut st, Attempt { result: Ok(Fetched::NotModified), heartbeat_timeout: Duration::from_secs(60) });
+        assert!(st.read().suspect.is_some());
+        assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 3);
+    }
+
+    #[test]
+    fn only_eligible_agents_are_carried_and_never_from_the_future() {
+        let old = snap(1e9, &["a", "b", "c"]);
+        let mut future = old.clone();
+        future.nodes[2].last_seen_ms = Some(2e9);
+        let keep: HashSet<String> = ["a".to_string(), "c".to_string()].into();
+        let merged = carry_absent(&future, snap(1e9 + 1.0, &[]), &keep, Duration::from_secs(60), 0.0);
+        let ids: Vec<&str> = merged.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        assert_eq!(ids, vec!["a"], "b matched no Pod; c claims a heartbeat from the future");
     }
 
     #[test]
     fn failures_freeze_and_a_new_term_forgets() {
         let mut st = PresenceState::default();
         st.enter_term(1);
-        st.take(ok(snap(1e9, &["a"])), &eligible);
-        st.take(
-            Attempt { result: Err(FetchError::Status(500)), heartbeat_timeout: Duration::from_secs(60) },
-            &eligible,
-        );
+        take(&mut st, ok(snap(1e9, &["a"])));
+        take(&mut st, Attempt { result: Err(FetchError::Status(500)), heartbeat_timeout: Duration::from_secs(60) });
         let read = st.read();
         assert_eq!(read.failure.as_ref().unwrap().0, "HTTPStatus");
         assert_eq!(read.snapshot.unwrap().now_ms, Some(1e9), "the snapshot's clock does not move in an outage");

@@ -15,7 +15,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::{self, Outcome};
 use super::decide::{self, PodState};
@@ -99,6 +99,10 @@ pub fn validate(policy: &MeshPolicy) -> Result<Settings, String> {
         return Err(format!("spec.rendezvous.url: {:?} is not http:// or https://", spec.rendezvous.url));
     }
     Selector::try_from(spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
+    // The join token goes to base URL + path: a path that does not start with '/' could change the host.
+    if !spec.rendezvous.presence_path.starts_with('/') {
+        return Err(format!("spec.rendezvous.presencePath: {:?} must start with '/'", spec.rendezvous.presence_path));
+    }
     let presence_url = format!("{}{}", spec.rendezvous.url.trim_end_matches('/'), spec.rendezvous.presence_path);
     Ok(Settings { poll_interval, timeout, heartbeat_timeout, presence_url })
 }
@@ -132,6 +136,7 @@ fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
     let all_pods: Vec<Arc<Pod>> = ctx.pods.state().into_iter().filter(|p| p.namespace() == ns).collect();
     let others: Vec<Arc<MeshPolicy>> =
         ctx.policies.state().into_iter().filter(|p| p.namespace() == ns && p.uid() != policy.uid()).collect();
+    let existing: HashSet<String> = others.iter().map(|p| p.name_any()).collect();
     let mut o = Observed {
         selected: vec![],
         conflicted: vec![],
@@ -153,7 +158,11 @@ fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
         if pod.metadata.deletion_timestamp.is_none() {
             o.live_ips.extend(pod.status.as_ref().and_then(|s| s.pod_ip.clone()));
         }
-        let state = pod_state(&pod, &policy.spec.identity.node_id_annotation);
+        let mut state = pod_state(&pod, &policy.spec.identity.node_id_annotation);
+        // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
+        if state.keys.get(assignment::POLICY).is_some_and(|p| *p != name && !existing.contains(p)) {
+            state.keys.remove(assignment::POLICY);
+        }
         match state.keys.get(assignment::POLICY) {
             Some(owner) if *owner != name => {
                 let theirs = Assignment::from_annotations(&state.keys).unwrap_or_default();
@@ -180,10 +189,7 @@ fn pod_state(pod: &Pod, node_id_annotation: &str) -> PodState {
         uid: pod.uid(),
         resource_version: pod.resource_version(),
         node_id: annotations.get(node_id_annotation).cloned(),
-        keys: assignment::KEYS
-            .iter()
-            .filter_map(|k| Some((k.to_string(), annotations.get(*k)?.clone())))
-            .collect(),
+        keys: assignment::KEYS.iter().filter_map(|k| Some((k.to_string(), annotations.get(*k)?.clone()))).collect(),
     }
 }
 
@@ -193,11 +199,15 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         Err(message) => return invalid(ctx, policy, message).await,
     };
     let ns = policy.namespace().unwrap_or_default();
+    let read = presence(ctx, policy, &settings, &gather(ctx, policy)).await;
+    // From here to the last write, one policy of the namespace at a time: two policies deciding on the
+    // same cache could each give a Pod moving between them links the other does not see.
+    let lock = ctx.namespace_lock(&ns);
+    let _writing = lock.lock().await;
     if !caught_up(ctx, &ns) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let mut observed = gather(ctx, policy);
-    let read = presence(ctx, policy, &settings, &observed).await;
     let mut findings = Findings {
         mode: policy.spec.mode,
         has_presence: read.snapshot.is_some(),
@@ -213,7 +223,13 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         }
     }
     let targets = match &members {
-        Some(m) => match plan::plan(m, policy.spec.max_peers, &policy.uid().unwrap_or_default(), &policy.name_any(), &observed.carried) {
+        Some(m) => match plan::plan(
+            m,
+            policy.spec.max_peers,
+            &policy.uid().unwrap_or_default(),
+            &policy.name_any(),
+            &observed.carried,
+        ) {
             Ok(p) => Some(p),
             Err(e) => {
                 findings.plan_error = Some(e.to_string());
@@ -225,6 +241,17 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
     let wanted = targets.as_ref().map(|p| p.targets.clone()).unwrap_or_else(|| adopted(&observed, members.is_some()));
     let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
+    if !waves.is_empty() {
+        let (shrink, grow) = (waves.shrink.len(), waves.grow.len());
+        debug!(
+            policy = policy.name_any(),
+            namespace = ns,
+            shrink,
+            grow,
+            agents = members.as_ref().map(|m| m.agents.len()),
+            "writing"
+        );
+    }
     let outcome = match policy.spec.mode {
         Mode::Enforce => write(ctx, &ns, &waves).await,
         Mode::Observe => Outcome::default(),
@@ -252,12 +279,8 @@ fn adopted(o: &Observed, has_presence: bool) -> Targets {
     if has_presence {
         return Targets::new();
     }
-    let staying: HashSet<String> = o
-        .selected
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .map(|p| p.name_any())
-        .collect();
+    let staying: HashSet<String> =
+        o.selected.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
     plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips)
 }
 
@@ -311,8 +334,8 @@ async fn write(ctx: &Context, ns: &str, waves: &decide::Waves) -> Outcome {
         return Outcome::default();
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let may_write = || ctx.leadership.may_write();
-    apply::apply(&pods, waves, ctx.apply_concurrency, &may_write, &ctx.expectations, &ctx.metrics.pod_patches).await
+    apply::apply(&pods, waves, ctx.apply_concurrency, &ctx.leadership, &ctx.expectations, &ctx.metrics.pod_patches)
+        .await
 }
 
 async fn invalid(ctx: &Context, policy: &MeshPolicy, message: String) -> Result<Action, Error> {
@@ -356,7 +379,10 @@ async fn report(
             .excluded
             .iter()
             .take(100)
-            .map(|(pod, why)| crate::api::ExcludedPod { pod: pod.clone(), reason: status::truncate(&why.to_string(), 256) })
+            .map(|(pod, why)| crate::api::ExcludedPod {
+                pod: pod.clone(),
+                reason: status::truncate(&why.to_string(), 256),
+            })
             .collect();
         if prev.plan_hash.as_ref() != Some(&plan.hash) {
             new.last_plan_time = Some(Time(Timestamp::now()));
@@ -382,7 +408,8 @@ async fn report(
 /// Warning Events when a problem starts (not on every reconcile while it lasts).
 async fn warn_on_transitions(ctx: &Context, policy: &MeshPolicy, prev: &MeshPolicyStatus, f: &Findings) {
     let had = |type_: &str, reason: &str| prev.conditions.iter().any(|c| c.type_ == type_ && c.reason == reason);
-    let was_reachable = prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
+    let was_reachable =
+        prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
     if let Some((reason, message)) = &f.unreachable
         && was_reachable != Some(false)
     {
@@ -448,9 +475,11 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings, o: &O
     let state = ctx.presence_state(&policy.uid().unwrap_or_default());
     let mut state = state.lock().await;
     state.enter_term(ctx.leadership.term());
-    let eligible = |snap: &Snapshot, clock: f64| -> BTreeSet<String> {
-        members(ctx, policy, settings, o, snap, clock).agents.into_iter().map(|a| a.pod).collect()
+    let eligible = |snap: &Snapshot, clock: f64| -> BTreeMap<String, String> {
+        members(ctx, policy, settings, o, snap, clock).agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
     };
+    let assigned: BTreeSet<String> =
+        o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
     let now = std::time::Instant::now();
     if state.due(settings.poll_interval, state.prompt(now), now) {
         state.last_attempt = Some(std::time::Instant::now());
@@ -458,7 +487,7 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings, o: &O
         let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
         ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
         count_fetch(ctx, policy, &result);
-        state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible);
+        state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible, &assigned);
     }
     state.read()
 }
@@ -534,6 +563,8 @@ async fn join_token(ctx: &Context, policy: &MeshPolicy, name: &str, key: &str) -
 /// policy (its presence state and metric labels).
 async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let ns = policy.namespace().unwrap_or_default();
+    let lock = ctx.namespace_lock(&ns);
+    let _writing = lock.lock().await;
     if !caught_up(ctx, &ns) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
@@ -542,12 +573,16 @@ async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let waves = decide::waves(&observed.pods, &targets, &policy.name_any());
     let outcome = write(ctx, &ns, &waves).await;
     // Any error keeps the finalizer: the policy goes only once its Pods carry nothing of it.
-    if let Some(note) = (Findings { write_failures: outcome.failed.clone(), ..Default::default() }).write_failure_note() {
+    if let Some(note) = (Findings { write_failures: outcome.failed.clone(), ..Default::default() }).write_failure_note()
+    {
         publish(ctx, policy, EventType::Warning, "CleanupFailed", &note).await;
         return Err(Error::Cleanup(note));
     }
     if outcome.lost_leadership {
         return Err(Error::Cleanup("leadership lost before the assignments were removed".into()));
+    }
+    if !ctx.leadership.may_write() {
+        return Err(Error::Cleanup("leadership lost before the finalizer could be removed".into()));
     }
     ctx.forget(policy);
     info!(policy = policy.name_any(), pods = outcome.patched, "policy deleted; assignments removed");

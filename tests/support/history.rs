@@ -72,7 +72,11 @@ impl Replay {
 }
 
 fn ours(pod: &Pod) -> BTreeMap<String, String> {
-    pod.annotations().iter().filter(|(k, _)| k.starts_with("agentmesh.dev/")).map(|(k, v)| (k.clone(), v.clone())).collect()
+    pod.annotations()
+        .iter()
+        .filter(|(k, _)| k.starts_with("agentmesh.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A running history checker over one namespace.
@@ -151,7 +155,11 @@ mod tests {
         r.take(watcher::Event::Apply(pod("b", "B", &[], &["A"])));
         assert_eq!(r.first_violation, None);
         r.take(watcher::Event::Apply(pod("c", "C", &["B"], &[])));
-        assert!(r.first_violation.as_deref().unwrap().starts_with("after event 3: B has 2 links"), "{:?}", r.first_violation);
+        assert!(
+            r.first_violation.as_deref().unwrap().starts_with("after event 3: B has 2 links"),
+            "{:?}",
+            r.first_violation
+        );
         r.take(watcher::Event::Delete(pod("c", "C", &[], &[])));
         assert!(r.first_violation.as_deref().unwrap().contains("event 3"), "the first violation is kept");
     }

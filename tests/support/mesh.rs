@@ -68,7 +68,14 @@ pub async fn wait_assigned(client: &Client, ns: &str, pods: usize) -> BTreeMap<S
     .await
 }
 
-pub async fn wait_condition(client: &Client, ns: &str, name: &str, type_: &str, status: &str, reason: &str) -> MeshPolicy {
+pub async fn wait_condition(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> MeshPolicy {
     wait_for(&format!("{type_}={status} ({reason}) on MeshPolicy {name}"), WAIT, || async {
         let p = policy(client, ns, name).await;
         let c = condition(&p, type_)?;
@@ -83,4 +90,3 @@ pub async fn setup(hint: &str) -> (Client, String, Rendezvous) {
     let ns = namespace(&client, hint).await;
     (client, ns, Rendezvous::start().await)
 }
-

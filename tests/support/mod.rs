@@ -17,9 +17,9 @@ use serde_json::json;
 pub mod history;
 pub mod mesh;
 #[allow(unused_imports)]
-pub use mesh::*;
-#[allow(unused_imports)]
 pub use history::History;
+#[allow(unused_imports)]
+pub use mesh::*;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -364,4 +364,38 @@ pub fn operator_binary_on(
 /// The operator binary on the shared control plane.
 pub fn operator_binary(ns: &str, identity: &str, log: &Path, level: &str) -> tokio::process::Child {
     operator_binary_on(kubeconfig(), ns, identity, log, level, &[])
+}
+
+/// A second control plane of its own (state under `_output/cp-faults`, etcd compacting every 10 s) for the
+/// fault tests, which restart its daemons: the shared one must stay up for every other test.
+pub fn fault_kubeconfig() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = fault_cp().arg("ensure").output().expect("running hack/control-plane.sh ensure");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "fault control plane: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let line = stdout.lines().find_map(|l| l.strip_prefix("export KUBECONFIG=")).expect("an export line");
+        PathBuf::from(line.trim())
+    })
+}
+
+fn fault_cp() -> std::process::Command {
+    let mut cmd = std::process::Command::new(format!("{REPO}/hack/control-plane.sh"));
+    cmd.env("MESH_CP_DIR", format!("{REPO}/_output/cp-faults")).env("MESH_CP_COMPACTION_INTERVAL", "10s");
+    cmd
+}
+
+/// Restarts `apiserver` or `etcd` of the fault control plane in place; returns once it is ready again.
+pub fn restart_fault_daemon(which: &str) {
+    let out = fault_cp().args(["restart", which]).output().unwrap();
+    assert!(out.status.success(), "restarting {which}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A client of the fault control plane.
+pub async fn fault_client() -> Client {
+    let kc = Kubeconfig::read_from(fault_kubeconfig()).expect("reading the fault kubeconfig");
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(60));
+    Client::try_from(config).expect("a client")
 }
