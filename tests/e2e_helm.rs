@@ -175,12 +175,14 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
     let sa_client = client_with_token(&token).await;
     let rv = Rendezvous::start().await;
     rv.state.lock().unwrap().token = Some("join".into());
-    let secret: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(json!({"metadata": {"name": "rv-token"}, "stringData": {"token": "join"}})).unwrap();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({"metadata": {"name": "rv-token",
+            "annotations": {"agentmesh.dev/rendezvous-urls": rv.url()}}, "stringData": {"token": "join"}}))
+    .unwrap();
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &ns)
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
+    let history = History::start(&admin, &ns, 3).await;
     let op = Operator::start_as(sa_client, &ns, "chart-sa", true).await;
     fleet(&admin, &ns, &rv, 6, |_| None).await;
     let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
@@ -204,6 +206,7 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         0
     );
     op.kill().await;
+    assert!(history.assert_clean() > 0);
 }
 
 /// `watchNamespaces` with two namespaces: Roles in exactly those, the controller (with the chart's
@@ -258,6 +261,7 @@ async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narro
     let token = ok(tool("kubectl", &["create", "token", &release, "-n", &ops, "--duration", "1h"]), "create token");
     let sa_client = client_with_token(&token).await;
     let rv = Rendezvous::start().await;
+    let histories = [History::start(&admin, &ci_a, 2).await, History::start(&admin, &ci_b, 2).await];
     let op = Operator::start_watching(sa_client.clone(), &ops, &[&ci_a, &ci_b], "chart-sa", true).await;
     for ns in [&ci_a, &ci_b] {
         fleet(&admin, ns, &rv, 5, |_| None).await;
@@ -277,6 +281,9 @@ async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narro
         .await;
     }
     op.kill().await;
+    for history in &histories {
+        assert!(history.assert_clean() > 0);
+    }
 
     // The admission policy: as the operator's ServiceAccount, only its own annotations and finalizers move.
     use kube::api::{Patch, PatchParams};
