@@ -49,6 +49,7 @@ pub async fn apply(
         outcome.lost_leadership = !waves.is_empty();
         return outcome;
     }
+    let term = leadership.term();
     let ctx = WaveContext { api, concurrency, leadership, expectations, patched };
     wave(&ctx, waves.shrink.iter().collect(), &mut outcome).await;
     let failed: HashSet<String> = outcome.failed.keys().cloned().collect();
@@ -57,7 +58,9 @@ pub async fn apply(
     if grow.is_empty() {
         return outcome;
     }
-    if !may_write() {
+    // A shrink wave cut short, or a leadership lost and regained meanwhile (another leader may have
+    // written since this decision): the grow wave waits for a fresh decision.
+    if outcome.lost_leadership || !may_write() || leadership.term() != term {
         outcome.lost_leadership = true;
         return outcome;
     }
@@ -75,9 +78,30 @@ struct WaveContext<'a> {
 
 /// Why a write did not happen.
 enum Skipped {
-    /// The fence ended before it started, or while it was in flight.
-    Fenced,
+    /// The fence had ended before it started: nothing was sent.
+    NotStarted,
+    /// No answer before its deadline (the fence's end, or [`super::leader::UNFENCED_WRITE`]).
+    TimedOut,
     Failed(kube::Error),
+}
+
+impl Skipped {
+    fn message(&self) -> String {
+        match self {
+            Self::NotStarted => "not written: leadership ended".into(),
+            Self::TimedOut => "no answer before the write's deadline".into(),
+            Self::Failed(e) => e.to_string(),
+        }
+    }
+
+    /// Whether the write may still have been applied.
+    fn ambiguous(&self) -> bool {
+        match self {
+            Self::NotStarted => false,
+            Self::TimedOut => true,
+            Self::Failed(e) => !matches!(e, kube::Error::Api(s) if s.code < 500),
+        }
+    }
 }
 
 /// One wave; `patched` counts each write as it succeeds (not when the wave ends), so the metric never
@@ -88,10 +112,10 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
         .map(|w| {
             let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
             async move {
-                let Some(left) = left else { return (w, Err(Skipped::Fenced)) };
+                let Some(left) = left else { return (w, Err(Skipped::NotStarted)) };
                 let result = match tokio::time::timeout(left, patch(&api, &w)).await {
                     Ok(r) => r.map_err(Skipped::Failed),
-                    Err(_) => Err(Skipped::Fenced),
+                    Err(_) => Err(Skipped::TimedOut),
                 };
                 if result.is_ok() {
                     patched.inc();
@@ -103,6 +127,7 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
         .buffer_unordered(ctx.concurrency.max(1))
         .collect()
         .await;
+    let mut unsettled = Vec::new();
     for (w, result) in results {
         match result {
             Ok(pod) => {
@@ -113,20 +138,16 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 }
             }
             Err(skipped) => {
-                let message = match &skipped {
-                    Skipped::Fenced => "not written: leadership ended".to_string(),
-                    Skipped::Failed(e) => e.to_string(),
-                };
-                // A write that may have landed (no answer, or a server error) must show in the cache
-                // before the next decision.
-                if matches!(&skipped, Skipped::Fenced) || matches!(&skipped, Skipped::Failed(e) if ambiguous(e)) {
-                    settle(ctx, &w).await;
+                out.lost_leadership |= matches!(skipped, Skipped::NotStarted) || !ctx.leadership.may_write();
+                out.failed.insert(w.pod.clone(), skipped.message());
+                if skipped.ambiguous() {
+                    unsettled.push(w);
                 }
-                out.lost_leadership |= matches!(skipped, Skipped::Fenced);
-                out.failed.insert(w.pod.clone(), message);
             }
         }
     }
+    // A write that may have landed must show in the cache before the next decision.
+    futures::future::join_all(unsettled.iter().map(|w| settle(ctx, w))).await;
 }
 
 /// After a write that may or may not have landed: the cache must show the Pod at least as it is now (read
@@ -138,11 +159,6 @@ async fn settle(ctx: &WaveContext<'_>, w: &Write) {
         Ok(Ok(_)) => {}
         _ => ctx.expectations.newer_than(ns.as_deref(), w),
     }
-}
-
-/// Whether a failed write may still have been applied.
-fn ambiguous(e: &kube::Error) -> bool {
-    !matches!(e, kube::Error::Api(s) if s.code < 500)
 }
 
 fn api_namespace(pod: &Pod) -> String {

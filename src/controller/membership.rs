@@ -201,6 +201,10 @@ fn candidate(
         return Err(Exclusion::AddressTooLong(node.address.len()));
     }
     let url = dial_url(&node.address, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
+    // Percent-encoding can grow an address: the bound is on what lands in the annotations.
+    if url.len() > MAX_ADDRESS_BYTES {
+        return Err(Exclusion::AddressTooLong(url.len()));
+    }
     let domain = rules.topology_key.and_then(|key| {
         pod.labels()
             .get(key)

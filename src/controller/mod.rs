@@ -172,7 +172,11 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let node_stream = watcher(node_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(node_writer)
-        .for_each(|_| async {});
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                warn!(error = %e, "Node watch failed; retrying (no policy reconciles until Nodes have listed)");
+            }
+        });
     tasks.spawn(node_stream);
     let nodes_synced = Arc::new(AtomicBool::new(false));
     let (store, flag) = (nodes.clone(), nodes_synced.clone());

@@ -67,17 +67,25 @@ pub fn plan(
 }
 
 /// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone; every
-/// other Pod carrying ours gets `None`. A peer is gone when its node id is that of a Pod that does not
-/// stay (its node-id annotation), or when its URL names an IP that no Pod of `live_ips` has.
+/// other Pod carrying ours gets `None`, and so does one whose keys name no policy (nobody planned them) or
+/// that carries more than `cap` links. A peer is gone when its node id is that of a Pod that does not stay
+/// (its node-id annotation), or when its URL names an IP that no Pod of `live_ips` has.
 pub fn adopt(
     carried: &BTreeMap<String, Assignment>,
     pods: &BTreeMap<String, PodState>,
     staying: &HashSet<String>,
     live_ips: &HashSet<String>,
+    cap: u32,
 ) -> Targets {
+    let planned = |pod: &str, a: &Assignment| {
+        staying.contains(pod)
+            && a.links() <= cap as usize
+            && pods.get(pod).is_some_and(|p| p.keys.contains_key(crate::assignment::POLICY))
+    };
     let mut gone: BTreeSet<&str> = carried
-        .keys()
-        .filter(|pod| !staying.contains(*pod))
+        .iter()
+        .filter(|(pod, a)| !planned(pod, a))
+        .map(|(pod, _)| pod)
         .filter_map(|pod| pods.get(pod)?.node_id.as_deref())
         .collect();
     for a in carried.values() {
@@ -91,7 +99,7 @@ pub fn adopt(
     carried
         .iter()
         .map(|(pod, a)| {
-            let target = staying.contains(pod).then(|| {
+            let target = planned(pod, a).then(|| {
                 let peers = a.peers.iter().filter(|p| !gone.contains(p.node_id.as_str())).cloned().collect();
                 let accepts = a.accepts.iter().filter(|id| !gone.contains(id.as_str())).cloned();
                 Assignment::new(peers, accepts, a.policy.clone())
@@ -161,15 +169,23 @@ mod tests {
             ("y".to_string(), a(&[], &["nx"])),
             ("z".to_string(), a(&[], &["nx"])),
         ]);
-        let state = |id: &str| PodState { node_id: Some(id.into()), ..Default::default() };
+        let state = |id: &str| PodState {
+            node_id: Some(id.into()),
+            keys: BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())]),
+            ..Default::default()
+        };
         let pods = BTreeMap::from([("x".into(), state("nx")), ("y".into(), state("ny")), ("z".into(), state("nz"))]);
         let staying = HashSet::from(["x".to_string(), "y".to_string()]);
         let live_ips = HashSet::from(["10.0.0.1".to_string(), "10.0.0.2".to_string(), "10.0.0.3".to_string()]);
-        let t = adopt(&carried, &pods, &staying, &live_ips);
+        let t = adopt(&carried, &pods, &staying, &live_ips, 4);
         assert_eq!(t["x"], Some(a(&[("ny", "10.0.0.2")], &["nw"])), "z is gone; nw may only be unknown");
         assert_eq!(t["y"], Some(a(&[], &["nx"])));
         assert_eq!(t["z"], None);
         let fewer_ips = HashSet::from(["10.0.0.1".to_string()]);
-        assert_eq!(adopt(&carried, &pods, &staying, &fewer_ips)["x"], Some(a(&[], &["nw"])), "deleted Pods' IPs");
+        assert_eq!(adopt(&carried, &pods, &staying, &fewer_ips, 4)["x"], Some(a(&[], &["nw"])), "deleted Pods' IPs");
+        assert_eq!(adopt(&carried, &pods, &staying, &live_ips, 2)["x"], None, "over the cap: nobody planned it");
+        let mut stray = pods.clone();
+        stray.get_mut("y").unwrap().keys.clear();
+        assert_eq!(adopt(&carried, &stray, &staying, &live_ips, 4)["y"], None, "stray keys are not adopted");
     }
 }

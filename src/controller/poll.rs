@@ -121,6 +121,11 @@ impl PresenceState {
             },
             Err(e) => {
                 self.failure = Some((e.reason().to_owned(), e.to_string()));
+                // A hold lasts heartbeatTimeout of successful reads: time the rendezvous was down is
+                // not time it had to agree again.
+                if let Some((since, _)) = self.suspect.as_mut() {
+                    *since = Instant::now();
+                }
                 return;
             }
         };

@@ -203,7 +203,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     // From here to the last write, one policy of the namespace at a time: two policies deciding on the
     // same cache could each give a Pod moving between them links the other does not see.
     let lock = ctx.namespace_lock(&ns);
-    let _writing = lock.lock().await;
+    let writing = lock.lock().await;
     if !caught_up(ctx, &ns) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
@@ -239,7 +239,10 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         None => None,
     };
     let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
-    let wanted = targets.as_ref().map(|p| p.targets.clone()).unwrap_or_else(|| adopted(&observed, members.is_some()));
+    let wanted = targets
+        .as_ref()
+        .map(|p| p.targets.clone())
+        .unwrap_or_else(|| adopted(&observed, members.is_some(), policy.spec.max_peers));
     let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
     if !waves.is_empty() {
         let (shrink, grow) = (waves.shrink.len(), waves.grow.len());
@@ -256,6 +259,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         Mode::Enforce => write(ctx, &ns, &waves).await,
         Mode::Observe => Outcome::default(),
     };
+    drop(writing);
     findings.write_failures = outcome.failed.clone();
     findings.held = outcome.held.len();
     if let Some(m) = &members {
@@ -275,13 +279,13 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
 
 /// With no presence (or no plan), what the Pods already carry stays, minus what is gone; with presence but
 /// no plan (the planner refused), nothing changes.
-fn adopted(o: &Observed, has_presence: bool) -> Targets {
+fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
     if has_presence {
         return Targets::new();
     }
     let staying: HashSet<String> =
         o.selected.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
-    plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips)
+    plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips, cap)
 }
 
 /// Membership: the eligible agents, without those another policy still holds.
@@ -565,8 +569,9 @@ async fn cleanup(policy: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let ns = policy.namespace().unwrap_or_default();
     let lock = ctx.namespace_lock(&ns);
     let _writing = lock.lock().await;
+    // Ok would remove the finalizer: anything short of "every Pod released" is an error.
     if !caught_up(ctx, &ns) {
-        return Ok(Action::requeue(CACHE_WAIT));
+        return Err(Error::Cleanup("the Pod cache does not show our latest writes yet".into()));
     }
     let observed = gather(ctx, policy);
     let targets: Targets = observed.carried.keys().map(|pod| (pod.clone(), None)).collect();

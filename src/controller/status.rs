@@ -73,7 +73,9 @@ impl Findings {
 
     fn degraded(&self) -> Verdict {
         let yes = |reason: &str, message: String| Verdict::new(DEGRADED, true, reason, message);
-        if !self.has_presence {
+        if let (false, Some(why)) = (self.has_presence, &self.suspect) {
+            yes("SuspectPresence", why.clone())
+        } else if !self.has_presence {
             yes("NoPresence", "no presence read yet: Pods keep what they carry, Pods that are gone are released".into())
         } else if let Some(note) = self.write_failure_note() {
             yes("PatchFailed", note)
