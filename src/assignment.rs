@@ -87,11 +87,6 @@ impl Assignment {
     }
 }
 
-/// Whether `annotations` hold any key the controller writes (so removing them is a write).
-pub fn carries_any(annotations: &BTreeMap<String, String>) -> bool {
-    KEYS.iter().any(|k| annotations.contains_key(*k))
-}
-
 /// The first way the published assignments (node id → what its Pod carries) break the cap rule, if any:
 /// an agent whose links from the published dial lists (what it dials plus who dials it) exceed `cap`; an
 /// agent allowed more than `cap` links by its own annotations (dials plus accepts); a link dialed from
@@ -181,6 +176,5 @@ mod tests {
         assert_eq!(Assignment::from_annotations(&ann).unwrap().peers, vec![]);
         let stray = BTreeMap::from([(PEERS.to_string(), "[]".to_string())]);
         assert_eq!(Assignment::from_annotations(&stray), None);
-        assert!(carries_any(&stray));
     }
 }

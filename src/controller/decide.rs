@@ -67,10 +67,6 @@ impl Waves {
         self.shrink.is_empty() && self.grow.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.shrink.len() + self.grow.len()
-    }
-
     /// The grow writes that remain safe when the shrink writes to `failed` Pods did not happen, and the
     /// Pods whose grow write is held back.
     pub fn grow_after(&self, failed: &HashSet<String>) -> (Vec<&Write>, Vec<&str>) {

@@ -234,7 +234,8 @@ pub fn dial_url(address: &str, pod_ip: &str) -> Option<String> {
     Some(url.to_string())
 }
 
-fn address_host(address: &str) -> Option<String> {
+/// The host of `address` when it is an IP literal.
+pub fn address_host(address: &str) -> Option<String> {
     let url = url::Url::parse(address).ok()?;
     match url.host()? {
         url::Host::Ipv4(ip) => Some(ip.to_string()),

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::decide::PodState;
-use super::membership::Membership;
+use super::membership::{self, Membership};
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
 
@@ -92,7 +92,7 @@ pub fn adopt(
         gone.extend(
             a.peers
                 .iter()
-                .filter(|p| url_ip(&p.url).is_some_and(|ip| !live_ips.contains(&ip)))
+                .filter(|p| membership::address_host(&p.url).is_some_and(|ip| !live_ips.contains(&ip)))
                 .map(|p| p.node_id.as_str()),
         );
     }
@@ -107,14 +107,6 @@ pub fn adopt(
             (pod.clone(), target)
         })
         .collect()
-}
-
-fn url_ip(url: &str) -> Option<String> {
-    match url::Url::parse(url).ok()?.host()? {
-        url::Host::Ipv4(ip) => Some(ip.to_string()),
-        url::Host::Ipv6(ip) => Some(ip.to_string()),
-        url::Host::Domain(_) => None,
-    }
 }
 
 /// A short, stable digest of the targets, for `status.planHash`.
