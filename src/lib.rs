@@ -4,13 +4,13 @@
 //! Data flow: [`api`] (what users write) and [`presence`] (what the rendezvous says) feed the pure
 //! [`planner`]; [`controller`] applies its plan to Pods; [`simulate`] measures it against the seed agents' own scheme; [`cli`] is the command line.
 pub mod api;
-pub mod assignment;
+/// The assignment format, shared with the agents (crate `agent-mesh`).
+pub use agent_mesh::assignment;
 pub mod cli;
 pub mod controller;
 pub mod duration;
 pub mod inspect;
 pub mod planner;
 pub mod presence;
-pub mod rendezvous_sim;
 pub mod simulate;
 pub mod telemetry;

@@ -11,7 +11,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::{Assignment, Peer};
 use mesh_operator::controller::{apply, decide, leader};
-use mesh_operator::rendezvous_sim::FailMode;
+use rendezvous::FailMode;
 use serde_json::json;
 use support::*;
 
@@ -282,7 +282,7 @@ async fn https_rendezvous_with_a_ca_bundle() {
     let (client, ns, _) = setup("https").await;
     let history = History::start(&client, &ns, 4).await;
     let (ca, cert, key) = test_ca();
-    let tls = mesh_operator::rendezvous_sim::tls_config(cert.as_bytes(), key.as_bytes()).unwrap();
+    let tls = rendezvous::tls_config(cert.as_bytes(), key.as_bytes()).unwrap();
     let rv = Rendezvous::start_with(Some(tls)).await;
     assert!(rv.url().starts_with("https://"));
     let op = Operator::start(&ns, "op-a", false).await;

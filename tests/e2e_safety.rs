@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
-use mesh_operator::rendezvous_sim::SimAgent;
+use rendezvous::SimAgent;
 use serde_json::json;
 use support::*;
 

@@ -174,7 +174,7 @@ pub async fn install_crd(client: &Client) {
 /// The rendezvous simulator, in process, on a loopback port of its own.
 pub struct Rendezvous {
     pub addr: std::net::SocketAddr,
-    pub state: mesh_operator::rendezvous_sim::Shared,
+    pub state: rendezvous::Shared,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -188,8 +188,8 @@ impl Rendezvous {
     pub async fn start_with(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = mesh_operator::rendezvous_sim::new_state("rendezvous-node");
-        let task = tokio::spawn(mesh_operator::rendezvous_sim::serve(listener, state.clone(), tls.clone()));
+        let state = rendezvous::new_state(Some("rendezvous-node"));
+        let task = tokio::spawn(rendezvous::serve(listener, state.clone(), tls.clone()));
         Self { addr, state, tls, task: Some(task) }
     }
 
@@ -207,12 +207,12 @@ impl Rendezvous {
 
     pub async fn resume(&mut self) {
         let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebinding the rendezvous port");
-        let serve = mesh_operator::rendezvous_sim::serve(listener, self.state.clone(), self.tls.clone());
+        let serve = rendezvous::serve(listener, self.state.clone(), self.tls.clone());
         self.task = Some(tokio::spawn(serve));
     }
 
     pub fn add(&self, node_id: &str) {
-        let agent = mesh_operator::rendezvous_sim::SimAgent {
+        let agent = rendezvous::SimAgent {
             node_id: node_id.into(),
             address: "ws://0.0.0.0:3001/crdt-sync".into(),
             hostname: None,
@@ -223,7 +223,7 @@ impl Rendezvous {
         self.state.lock().unwrap().agents.insert(node_id.into(), agent);
     }
 
-    pub fn set_fail(&self, mode: mesh_operator::rendezvous_sim::FailMode) {
+    pub fn set_fail(&self, mode: rendezvous::FailMode) {
         self.state.lock().unwrap().fail = mode;
     }
 }

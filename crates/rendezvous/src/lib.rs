@@ -1,12 +1,18 @@
-//! A rendezvous simulator for tests and the demo: serves the presence API (DESIGN §3.3) for simulated agents
-//! with live heartbeats, and an admin API to change the fleet and to fail on purpose.
+//! The rendezvous for mesh-operator's tests, benchmarks and demo. A real sync hub for real agents
+//! ([`hub`]: WebSocket sessions at `/crdt-sync`, the Yjs document relayed between them, presence derived
+//! from the sessions), plus simulated agents (for scale) and failure modes (for outages), all served by the
+//! presence API the operator reads (`GET /presence`, with `nowMs` and an ETag).
 //!
 //! Admin API (JSON): `POST /admin/agents` `{nodeId, address, hostname?}` adds or replaces an agent;
 //! `DELETE /admin/agents/{id}` removes it; `POST /admin/agents/{id}/kill` marks it not alive;
 //! `POST /admin/agents/{id}/stop-heartbeat` freezes its heartbeat; `POST /admin/agents/{id}/zone` `{zone}`
 //! sets the zone it reports (null: none); `POST /admin/token` `{token}` requires a
-//! bearer token (null: none); `POST /admin/fail` `{mode}` with mode `none`, `status500`, `hang`, `garbage` or
-//! `oversized`; `GET /admin/state` shows it all.
+//! bearer token (null: none); `POST /admin/fail` `{mode}` with mode `none`, `status500`, `hang`, `garbage`,
+//! `oversized` or `down` (every session closed, new ones and presence answered 503);
+//! `POST /admin/restart-empty` forgets every agent and closes every session, as a restarted rendezvous
+//! does before its agents reconnect; `GET /admin/state` shows it all.
+pub mod hub;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +20,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +32,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_rustls::TlsAcceptor;
 
-use crate::presence::unix_ms as now_ms;
+use crate::hub::Hub;
+
+pub fn now_ms() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_millis() as f64)
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +47,7 @@ pub enum FailMode {
     Hang,
     Garbage,
     Oversized,
+    Down,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,7 +72,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SimState {
     pub server_node_id: String,
@@ -73,17 +85,27 @@ pub struct SimState {
     /// A body served verbatim instead of the agents (for size and memory tests).
     #[serde(skip)]
     pub raw_body: Option<Arc<Vec<u8>>>,
+    /// The sync hub: real agents' sessions and the document.
+    pub hub: Hub,
 }
 
 pub type Shared = Arc<Mutex<SimState>>;
 
-pub fn new_state(server_node_id: &str) -> Shared {
-    Arc::new(Mutex::new(SimState { server_node_id: server_node_id.into(), ..Default::default() }))
+/// The state of a rendezvous whose presence names itself `server_node_id` (None: its own node id). Needs
+/// a tokio runtime.
+pub fn new_state(server_node_id: Option<&str>) -> Shared {
+    let hub = Hub::new();
+    let server_node_id = server_node_id.map_or_else(|| hub.identity.node_id(), str::to_string);
+    let state = Arc::new(Mutex::new(SimState { server_node_id, hub, ..Default::default() }));
+    tokio::spawn(hub::write_presence(state.clone()));
+    state
 }
 
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/presence", get(presence))
+        .route("/crdt-sync", get(crdt_sync))
+        .route("/admin/restart-empty", post(restart_empty))
         .route("/admin/state", get(|State(s): State<Shared>| async move { Json(json!(*s.lock().unwrap())) }))
         .route("/admin/agents", post(add_agent))
         .route("/admin/agents/{id}", axum::routing::delete(remove_agent))
@@ -96,36 +118,34 @@ pub fn router(state: Shared) -> Router {
 }
 
 async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    let (fail, body) = {
+    let (fail, nodes, server) = {
         let mut st = s.lock().unwrap();
         st.requests += 1;
         if headers.contains_key(header::AUTHORIZATION) {
             st.bearer_requests += 1;
         }
-        if let Some(token) = &st.token {
-            let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-            if sent != Some(format!("Bearer {token}").as_str()) {
-                return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
-            }
+        if !agent_mesh::transport::token_ok(
+            st.token.as_deref(),
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+        ) {
+            return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
         }
         if let Some(raw) = st.raw_body.clone() {
             return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec()))
                 .into_response();
         }
-        let now = now_ms();
-        let nodes: Vec<serde_json::Value> = st
-            .agents
-            .values()
-            .map(|a| {
-                let seen = a.frozen_at_ms.unwrap_or(now);
-                json!({"node_id": a.node_id, "address": a.address, "alive": a.alive,
-                       "last_seen": seen / 1000.0, "last_seen_ms": seen, "hostname": a.hostname, "zone": a.zone})
-            })
-            .collect();
-        (st.fail, json!({"serverNodeId": st.server_node_id, "nowMs": now, "nodes": nodes}))
+        (st.fail, nodes(&st), st.server_node_id.clone())
     };
     match fail {
-        FailMode::None => Json(body).into_response(),
+        FailMode::None => {
+            let etag = format!("\"{:x}\"", hash(&nodes));
+            if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+                return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+            }
+            let body = json!({"serverNodeId": server, "nowMs": now_ms(), "nodes": nodes});
+            ([(header::ETAG, etag)], Json(body)).into_response()
+        }
+        FailMode::Down => (StatusCode::SERVICE_UNAVAILABLE, "rendezvous down").into_response(),
         FailMode::Status500 => (StatusCode::INTERNAL_SERVER_ERROR, "simulated failure").into_response(),
         FailMode::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -142,6 +162,52 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from_stream(stream)).into_response()
         }
     }
+}
+
+/// Simulated agents (heartbeats counted in whole seconds, so an unchanged fleet keeps its ETag for a
+/// second) and the hub's real ones.
+fn nodes(st: &SimState) -> Vec<serde_json::Value> {
+    let now = (now_ms() / 1000.0).floor() * 1000.0;
+    let sim = st.agents.values().map(|a| {
+        let seen = a.frozen_at_ms.unwrap_or(now);
+        json!({"node_id": a.node_id, "address": a.address, "alive": a.alive,
+               "last_seen": seen / 1000.0, "last_seen_ms": seen, "hostname": a.hostname, "zone": a.zone})
+    });
+    let real = st.hub.connected.iter().map(|(id, c)| {
+        json!({"node_id": id, "address": c.address, "alive": c.alive,
+               "last_seen": c.last_seen_ms / 1000.0, "last_seen_ms": c.last_seen_ms, "hostname": c.hostname})
+    });
+    sim.chain(real).collect()
+}
+
+fn hash(v: &impl Serialize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_string(v).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+async fn crdt_sync(State(s): State<Shared>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    {
+        let st = s.lock().unwrap();
+        if !agent_mesh::transport::token_ok(
+            st.token.as_deref(),
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+        ) {
+            return (StatusCode::UNAUTHORIZED, "join token required").into_response();
+        }
+        if st.fail == FailMode::Down {
+            return (StatusCode::SERVICE_UNAVAILABLE, "rendezvous down").into_response();
+        }
+    }
+    upgrade.max_message_size(agent_mesh::wire::MAX_MESSAGE_BYTES).on_upgrade(move |socket| hub::session(s, socket))
+}
+
+async fn restart_empty(State(s): State<Shared>) -> StatusCode {
+    let mut st = s.lock().unwrap();
+    st.agents.clear();
+    st.hub.kick_all(true);
+    StatusCode::NO_CONTENT
 }
 
 fn bytes_of(b: u8, n: usize) -> axum::body::Bytes {
@@ -200,7 +266,11 @@ struct FailBody {
 }
 
 async fn set_fail(State(s): State<Shared>, Json(b): Json<FailBody>) -> StatusCode {
-    s.lock().unwrap().fail = b.mode;
+    let mut st = s.lock().unwrap();
+    st.fail = b.mode;
+    if b.mode == FailMode::Down {
+        st.hub.kick_all(false);
+    }
     StatusCode::NO_CONTENT
 }
 
@@ -218,7 +288,7 @@ pub async fn serve(
 
 /// A rustls server configuration from a PEM certificate chain and a PEM private key.
 pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
-    crate::presence::install_crypto_provider();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("TLS certificate: {e}"))?;

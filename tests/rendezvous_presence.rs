@@ -5,14 +5,14 @@ mod support;
 use std::time::Duration;
 
 use mesh_operator::presence::{Fetched, Fetcher, Request, Snapshot};
-use mesh_operator::rendezvous_sim::{new_state, serve, tls_config};
+use rendezvous::{new_state, serve, tls_config};
 use serde_json::{Value, json};
 
 async fn start(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tokio::spawn(serve(listener, new_state("rv"), tls));
+    tokio::spawn(serve(listener, new_state(Some("rv")), tls));
     format!("{scheme}://{addr}")
 }
 

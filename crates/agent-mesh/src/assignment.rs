@@ -1,6 +1,6 @@
-//! The peer assignment an agent Pod carries (the `agentmesh.dev/*` annotations): its one home. Both the
-//! controller (which writes it) and `kubectl mesh` (which shows it) read it through here. No Kubernetes
-//! types: an annotation map in, an [`Assignment`] out, and back.
+//! The peer assignment an agent Pod carries (the `agentmesh.dev/*` annotations): its one home. The operator
+//! (which writes it), `kubectl mesh` (which shows it) and the agents (which obey it) all read it through
+//! here. No Kubernetes types: an annotation map in, an [`Assignment`] out, and back.
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -81,10 +81,41 @@ impl Assignment {
         Some(Assignment { peers, accepts, policy })
     }
 
+    /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the keys
+    /// (the agent is not assigned: it holds no links); an error when they carry some but not all, or a value
+    /// that does not parse, or a link count that disagrees with the lists. A half-written or tampered
+    /// assignment is reported and never applied.
+    pub fn from_annotations_strict(annotations: &BTreeMap<String, String>) -> Result<Option<Assignment>, Malformed> {
+        if !KEYS.iter().any(|k| annotations.contains_key(*k)) {
+            return Ok(None);
+        }
+        let get = |key: &'static str| annotations.get(key).ok_or(Malformed::Missing(key));
+        let json = |key: &'static str, e: serde_json::Error| Malformed::Value { key, error: e.to_string() };
+        let peers: Vec<Peer> = serde_json::from_str(get(PEERS)?).map_err(|e| json(PEERS, e))?;
+        let accepts: Vec<String> = serde_json::from_str(get(ACCEPTS)?).map_err(|e| json(ACCEPTS, e))?;
+        let links = get(LINKS)?;
+        let a = Assignment::new(peers, accepts, get(POLICY)?.clone());
+        if links.parse::<usize>().ok() != Some(a.links()) {
+            return Err(Malformed::LinkCount { written: links.chars().take(32).collect(), counted: a.links() });
+        }
+        Ok(Some(a))
+    }
+
     /// Whether the annotations say exactly this (so no write is needed).
     pub fn is_carried_by(&self, annotations: &BTreeMap<String, String>) -> bool {
         self.to_annotations().iter().all(|(k, v)| annotations.get(*k) == Some(v))
     }
+}
+
+/// Why an agent refuses to apply the assignment it reads.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("annotation {0} is missing while others of the assignment are present (half-written?)")]
+    Missing(&'static str),
+    #[error("annotation {key}: {error}")]
+    Value { key: &'static str, error: String },
+    #[error("annotation agentmesh.dev/links is {written:?} but the lists hold {counted} distinct peers")]
+    LinkCount { written: String, counted: usize },
 }
 
 /// The first way the published assignments (node id → what its Pod carries) break the cap rule, if any:
@@ -168,6 +199,23 @@ mod tests {
         assert!(first_violation(&greedy, 1).unwrap().contains("dials + accepts"));
         let selfish = BTreeMap::from([("a".to_string(), a(&[], &["a"]))]);
         assert!(first_violation(&selfish, 4).unwrap().contains("itself"));
+    }
+
+    #[test]
+    fn the_strict_reader_refuses_what_is_partial_or_inconsistent() {
+        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into());
+        let full: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        assert_eq!(Assignment::from_annotations_strict(&full), Ok(Some(a)));
+        assert_eq!(Assignment::from_annotations_strict(&BTreeMap::new()), Ok(None));
+        let mut partial = full.clone();
+        partial.remove(ACCEPTS);
+        assert_eq!(Assignment::from_annotations_strict(&partial), Err(Malformed::Missing(ACCEPTS)));
+        let mut lying = full.clone();
+        lying.insert(LINKS.into(), "1".into());
+        assert!(matches!(Assignment::from_annotations_strict(&lying), Err(Malformed::LinkCount { counted: 2, .. })));
+        let mut garbage = full;
+        garbage.insert(PEERS.into(), "[{".into());
+        assert!(matches!(Assignment::from_annotations_strict(&garbage), Err(Malformed::Value { key: PEERS, .. })));
     }
 
     #[test]

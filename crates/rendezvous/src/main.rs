@@ -1,15 +1,15 @@
-//! `rendezvous-sim`: the presence API for simulated agents, with an admin API (see the library module
-//! `mesh_operator::rendezvous_sim`). Prints `listening on ADDR` once it accepts connections.
+//! `rendezvous`: the sync hub and presence API (see the library's docs for the admin API). Prints
+//! `listening on ADDR` once it accepts connections.
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Rendezvous simulator: presence API plus an admin API to add, kill and fail agents")]
+#[command(about = "Rendezvous: a Yjs sync hub for agents, the presence API, simulated agents and failure modes")]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
-    /// The rendezvous' own node id, reported as `serverNodeId`.
-    #[arg(long, default_value = "rendezvous")]
-    server_node_id: String,
+    /// The node id reported as `serverNodeId` (default: the hub's own, generated at start).
+    #[arg(long)]
+    server_node_id: Option<String>,
     /// Serve https with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -20,16 +20,17 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let args = Args::parse();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
-            Some(mesh_operator::rendezvous_sim::tls_config(&read(cert)?, &read(key)?).map_err(anyhow::Error::msg)?)
+            Some(rendezvous::tls_config(&read(cert)?, &read(key)?).map_err(anyhow::Error::msg)?)
         }
         _ => None,
     };
-    let state = mesh_operator::rendezvous_sim::new_state(&args.server_node_id);
+    let state = rendezvous::new_state(args.server_node_id.as_deref());
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    Ok(mesh_operator::rendezvous_sim::serve(listener, state, tls).await?)
+    Ok(rendezvous::serve(listener, state, tls).await?)
 }

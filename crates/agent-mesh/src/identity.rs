@@ -1,0 +1,93 @@
+//! An agent's identity: an Ed25519 key pair kept on disk; its node id is the hex public key.
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+
+pub struct Identity {
+    key: SigningKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("identity file {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("identity file {path} holds {len} bytes, not a 32-byte Ed25519 secret key")]
+    BadKey { path: String, len: usize },
+}
+
+impl Identity {
+    /// A fresh key (tests, and the first start of an agent).
+    pub fn generate() -> Self {
+        Self { key: SigningKey::from_bytes(&rand::random()) }
+    }
+
+    /// The key at `path`, created (mode 0600, written atomically) when the file does not exist.
+    pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
+        let io = |error| IdentityError::Io { path: path.display().to_string(), error };
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let secret: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| IdentityError::BadKey { path: path.display().to_string(), len: bytes.len() })?;
+                Ok(Self { key: SigningKey::from_bytes(&secret) })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = Self::generate();
+                let tmp = path.with_extension("tmp");
+                let mut file = open_private(&tmp).map_err(io)?;
+                file.write_all(id.key.as_bytes()).and_then(|_| file.sync_all()).map_err(io)?;
+                std::fs::rename(&tmp, path).map_err(io)?;
+                Ok(id)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    pub fn node_id(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    pub fn sign(&self, message: &[u8]) -> String {
+        hex::encode(self.key.sign(message).to_bytes())
+    }
+}
+
+fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+/// Whether `signature` (hex) is `node_id`'s (hex public key) signature of `message`. Malformed input is
+/// simply not a valid signature.
+pub fn verify(node_id: &str, message: &[u8], signature: &str) -> bool {
+    let key = hex::decode(node_id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
+    let sig = hex::decode(signature).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
+    match (key.and_then(|k| VerifyingKey::from_bytes(&k).ok()), sig) {
+        (Some(key), Some(sig)) => key.verify(message, &Signature::from_bytes(&sig)).is_ok(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_survives_a_restart_and_signs_verifiably() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        let first = Identity::load_or_create(&path).unwrap();
+        let again = Identity::load_or_create(&path).unwrap();
+        assert_eq!(first.node_id(), again.node_id());
+        assert_eq!(first.node_id().len(), 64);
+        let sig = first.sign(b"m");
+        assert!(verify(&again.node_id(), b"m", &sig));
+        assert!(!verify(&again.node_id(), b"n", &sig));
+        assert!(!verify("zz", b"m", &sig));
+        assert!(!verify(&Identity::generate().node_id(), b"m", &sig));
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(Identity::load_or_create(&path), Err(IdentityError::BadKey { len: 5, .. })));
+    }
+}

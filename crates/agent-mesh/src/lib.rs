@@ -1,0 +1,105 @@
+//! The agent side of mesh-operator. An agent embeds this crate to keep exactly the supplementary sync links
+//! its Pod's assignment names, and no more than its cap, whatever order and delay assignments arrive in.
+//!
+//! Without default features the crate is only the assignment format ([`assignment`], [`downward`]), which
+//! the operator shares. With `runtime` (the default) it is the whole agent side:
+//! [`identity`] (Ed25519, node id = hex public key) → [`source`] (the assignment, read strictly) →
+//! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
+//! over [`transport`] and [`handshake`] (authenticated WebSocket links) → [`doc`] (the Yjs document and its
+//! relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
+pub mod assignment;
+pub mod downward;
+
+#[cfg(feature = "runtime")]
+pub mod doc;
+#[cfg(feature = "runtime")]
+pub mod handshake;
+#[cfg(feature = "runtime")]
+pub mod identity;
+#[cfg(feature = "runtime")]
+pub mod links;
+#[cfg(feature = "runtime")]
+pub mod mesh;
+#[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod presence;
+#[cfg(feature = "runtime")]
+mod rendezvous;
+#[cfg(feature = "runtime")]
+pub mod source;
+#[cfg(feature = "runtime")]
+pub mod transport;
+#[cfg(feature = "runtime")]
+pub mod wire;
+
+#[cfg(feature = "runtime")]
+pub use runtime::*;
+
+#[cfg(feature = "runtime")]
+mod runtime {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use crate::doc::Doc;
+    use crate::identity::Identity;
+    use crate::mesh::{Backoff, Mesh, Selection, Status};
+    use crate::metrics::Metrics;
+
+    /// How an agent runs its links.
+    #[derive(Clone, Debug)]
+    pub struct Config {
+        /// The most mesh links this agent holds at once (the seed's `max_mesh_peers`).
+        pub cap: usize,
+        /// The URL other agents dial to reach this one (announced to the rendezvous).
+        pub advertise: String,
+        /// Announced to the rendezvous; the operator matches it to the Pod name.
+        pub hostname: Option<String>,
+        /// The rendezvous' `/crdt-sync` URL, if any.
+        pub rendezvous: Option<String>,
+        /// Sent as a bearer token on every link and required on every inbound one.
+        pub join_token: Option<String>,
+        pub backoff: Backoff,
+        pub heartbeat: Duration,
+    }
+
+    impl Config {
+        pub fn new(cap: usize, advertise: String) -> Self {
+            Config {
+                cap,
+                advertise,
+                hostname: None,
+                rendezvous: None,
+                join_token: None,
+                backoff: Backoff { base: Duration::from_millis(200), max: Duration::from_secs(5) },
+                heartbeat: Duration::from_secs(5),
+            }
+        }
+    }
+
+    /// A running agent.
+    pub struct Agent {
+        pub identity: Arc<Identity>,
+        /// The shared document: edit and read it here; every change reaches the rendezvous and the mesh.
+        pub doc: Doc,
+        pub metrics: Metrics,
+        pub status: watch::Receiver<Status>,
+    }
+
+    /// Starts an agent: its document, the mesh links (inbound on `listener`), and the rendezvous link.
+    pub fn start(identity: Identity, listener: TcpListener, config: Config, selection: Selection) -> Agent {
+        let identity = Arc::new(identity);
+        let metrics = Metrics::default();
+        let doc = Doc::spawn(metrics.doc.clone());
+        let config = Arc::new(config);
+        if let Some(url) = config.rendezvous.clone() {
+            let run = crate::rendezvous::run(identity.clone(), doc.clone(), metrics.clone(), config.clone(), url);
+            tokio::spawn(run);
+        }
+        let status = Mesh::spawn(identity.clone(), doc.clone(), metrics.clone(), config, listener, selection);
+        Agent { identity, doc, metrics, status }
+    }
+}

@@ -1,0 +1,274 @@
+//! The link table: which links an agent holds, which it should dial next, and whether it admits an inbound
+//! one. Pure; the mesh task feeds it events and carries out what it returns.
+//!
+//! Invariants, in planned mode (property-tested below, after every event, whatever the order):
+//! - **cap**: held links plus dials in flight ≤ `cap`;
+//! - **only planned**: every held link is with a peer the current assignment names (dialed or accepted);
+//! - **one link per peer**.
+//!
+//! In seed mode the table reproduces the seed's `MeshManager`: at most `cap` *dialed* links, picked in
+//! presence order; inbound links accepted from anyone, uncounted. That is the baseline, not a rule.
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::assignment::Assignment;
+use crate::handshake::Refusal;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Direction {
+    Dialed,
+    Accepted,
+}
+
+/// What the agent wants to hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// The operator's plan: dial these (node id → URL), accept those; nothing else.
+    Planned { dial: BTreeMap<String, String>, accept: BTreeSet<String> },
+    /// The seed's scheme: the alive peers of the presence list, in its order (node id, URL).
+    Seed { alive: Vec<(String, String)> },
+}
+
+impl Wanted {
+    /// No assignment: no links.
+    pub fn nothing() -> Self {
+        Wanted::Planned { dial: BTreeMap::new(), accept: BTreeSet::new() }
+    }
+
+    pub fn from_assignment(a: Option<&Assignment>) -> Self {
+        match a {
+            None => Self::nothing(),
+            Some(a) => Wanted::Planned {
+                dial: a.peers.iter().map(|p| (p.node_id.clone(), p.url.clone())).collect(),
+                accept: a.accepts.iter().cloned().collect(),
+            },
+        }
+    }
+
+    fn keeps(&self, id: &str, dir: Direction) -> bool {
+        match self {
+            Wanted::Planned { dial, accept } => dial.contains_key(id) || accept.contains(id),
+            Wanted::Seed { alive } => dir == Direction::Accepted || alive.iter().any(|(a, _)| a == id),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Table {
+    me: String,
+    cap: usize,
+    wanted: Wanted,
+    held: BTreeSet<(String, Direction)>,
+    dialing: BTreeSet<String>,
+}
+
+impl Table {
+    pub fn new(me: String, cap: usize) -> Self {
+        Self { me, cap, wanted: Wanted::nothing(), held: BTreeSet::new(), dialing: BTreeSet::new() }
+    }
+
+    /// Adopts a new wish. Returns the links to close and the dials to abandon, now, before anything new is
+    /// dialed (their slots are free from this moment).
+    pub fn want(&mut self, wanted: Wanted) -> Vec<(String, Direction)> {
+        self.wanted = wanted;
+        let wanted = &self.wanted;
+        let mut gone: Vec<(String, Direction)> =
+            self.held.iter().filter(|(id, d)| !wanted.keeps(id, *d)).cloned().collect();
+        let stale: Vec<String> =
+            self.dialing.iter().filter(|id| !wanted.keeps(id, Direction::Dialed)).cloned().collect();
+        for link in &gone {
+            self.held.remove(link);
+        }
+        for id in stale {
+            self.dialing.remove(&id);
+            gone.push((id, Direction::Dialed));
+        }
+        gone
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.held.iter().any(|(h, _)| h == id) || self.dialing.contains(id)
+    }
+
+    fn dialed(&self) -> usize {
+        self.held.iter().filter(|(_, d)| *d == Direction::Dialed).count() + self.dialing.len()
+    }
+
+    /// Links held plus dials in flight.
+    pub fn count(&self) -> usize {
+        self.held.len() + self.dialing.len()
+    }
+
+    /// The peers to dial now, in order, each counted from now as a dial in flight. `ready` says whether a
+    /// peer's redial backoff has passed.
+    pub fn dials(&mut self, ready: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let candidates: Vec<(String, String)> = match &self.wanted {
+            Wanted::Planned { dial, .. } => dial.iter().map(|(i, u)| (i.clone(), u.clone())).collect(),
+            Wanted::Seed { alive } => alive.clone(),
+        };
+        let seed = matches!(self.wanted, Wanted::Seed { .. });
+        let mut out = Vec::new();
+        for (id, url) in candidates {
+            let room = if seed { self.dialed() < self.cap } else { self.count() < self.cap };
+            if !room {
+                break;
+            }
+            let taken = if seed {
+                self.dialing.contains(&id) || self.held.contains(&(id.clone(), Direction::Dialed))
+            } else {
+                self.holds(&id)
+            };
+            if id != self.me && !taken && ready(&id) {
+                self.dialing.insert(id.clone());
+                out.push((id, url));
+            }
+        }
+        out
+    }
+
+    /// A dial ended. Returns whether to keep the link it opened (false when it failed, or was abandoned
+    /// meanwhile, or is no longer wanted).
+    pub fn dial_finished(&mut self, id: &str, opened: bool) -> bool {
+        let keep = self.dialing.remove(id) && opened && self.wanted.keeps(id, Direction::Dialed);
+        if keep {
+            self.held.insert((id.to_string(), Direction::Dialed));
+        }
+        keep
+    }
+
+    /// Admits an inbound link from `id`, or says why not.
+    pub fn admit(&mut self, id: &str) -> Result<(), Refusal> {
+        if id == self.me {
+            return Err(Refusal::Itself);
+        }
+        match &self.wanted {
+            Wanted::Planned { accept, .. } if !accept.contains(id) => return Err(Refusal::NotPlanned),
+            Wanted::Planned { .. } if self.holds(id) => return Err(Refusal::Duplicate),
+            Wanted::Planned { .. } if self.count() >= self.cap => return Err(Refusal::AtCap),
+            Wanted::Seed { .. } if self.held.contains(&(id.to_string(), Direction::Accepted)) => {
+                return Err(Refusal::Duplicate);
+            }
+            _ => {}
+        }
+        self.held.insert((id.to_string(), Direction::Accepted));
+        Ok(())
+    }
+
+    /// A held link closed (from either end).
+    pub fn closed(&mut self, id: &str, dir: Direction) {
+        self.held.remove(&(id.to_string(), dir));
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = &(String, Direction)> {
+        self.held.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn planned(dial: &[&str], accept: &[&str]) -> Wanted {
+        Wanted::Planned {
+            dial: dial.iter().map(|d| (d.to_string(), format!("ws://{d}/"))).collect(),
+            accept: accept.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn table_of_admissions() {
+        let mut t = Table::new("me".into(), 2);
+        t.want(planned(&["a"], &["b", "c"]));
+        assert_eq!(t.admit("me"), Err(Refusal::Itself));
+        assert_eq!(t.admit("x"), Err(Refusal::NotPlanned));
+        assert_eq!(t.admit("a"), Err(Refusal::NotPlanned), "a is dialed, not accepted");
+        assert_eq!(t.dials(|_| true), vec![("a".to_string(), "ws://a/".to_string())]);
+        assert_eq!(t.admit("b"), Ok(()));
+        assert_eq!(t.admit("b"), Err(Refusal::Duplicate));
+        assert_eq!(t.admit("c"), Err(Refusal::AtCap), "the dial in flight holds a slot");
+        assert!(!t.dial_finished("a", false));
+        assert_eq!(t.admit("c"), Ok(()));
+        assert!(t.dials(|_| true).is_empty(), "no room left for a");
+    }
+
+    #[test]
+    fn a_new_plan_closes_before_it_dials_and_keeps_a_link_whose_direction_flipped() {
+        let mut t = Table::new("me".into(), 2);
+        t.want(planned(&["a"], &["b"]));
+        t.dials(|_| true);
+        assert!(t.dial_finished("a", true));
+        t.admit("b").unwrap();
+        let gone = t.want(planned(&["c"], &["a"]));
+        assert_eq!(gone, vec![("b".to_string(), Direction::Accepted)]);
+        assert_eq!(t.dials(|_| true), vec![("c".to_string(), "ws://c/".to_string())]);
+        assert!(!t.dial_finished("b", true), "an abandoned dial is not kept");
+    }
+
+    #[test]
+    fn seed_mode_dials_the_first_alive_and_accepts_everyone() {
+        let mut t = Table::new("me".into(), 2);
+        let alive = ["me", "p", "q", "r"].iter().map(|i| (i.to_string(), format!("ws://{i}/"))).collect();
+        t.want(Wanted::Seed { alive });
+        let ids: Vec<String> = t.dials(|_| true).into_iter().map(|(i, _)| i).collect();
+        assert_eq!(ids, ["p", "q"]);
+        for i in 0..10 {
+            assert_eq!(t.admit(&format!("in{i}")), Ok(()));
+        }
+        assert_eq!(t.admit("p"), Ok(()), "the seed links twice to a peer that dials it back");
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Want(Vec<u8>, Vec<u8>),
+        Dial,
+        Finish(u8, bool),
+        Admit(u8),
+        Close(u8, bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let ids = || proptest::collection::vec(0u8..8, 0..6);
+        prop_oneof![
+            (ids(), ids()).prop_map(|(d, a)| Op::Want(d, a)),
+            Just(Op::Dial),
+            (0u8..8, any::<bool>()).prop_map(|(i, ok)| Op::Finish(i, ok)),
+            (0u8..8).prop_map(Op::Admit),
+            (0u8..8, any::<bool>()).prop_map(|(i, d)| Op::Close(i, d)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn the_cap_and_the_plan_hold_after_every_event(cap in 0usize..5, ops in proptest::collection::vec(op(), 1..60)) {
+            let name = |i: &u8| format!("n{i}");
+            let mut t = Table::new("n0".into(), cap);
+            let mut planned_ids: BTreeSet<String> = BTreeSet::new();
+            for op in ops {
+                match &op {
+                    Op::Want(d, a) => {
+                        let dial: Vec<String> = d.iter().map(name).collect();
+                        let accept: Vec<String> = a.iter().map(name).collect();
+                        planned_ids = dial.iter().chain(&accept).cloned().collect();
+                        let dial: Vec<&str> = dial.iter().map(String::as_str).collect();
+                        let accept: Vec<&str> = accept.iter().map(String::as_str).collect();
+                        t.want(planned(&dial, &accept));
+                    }
+                    Op::Dial => { t.dials(|_| true); }
+                    Op::Finish(i, ok) => { t.dial_finished(&name(i), *ok); }
+                    Op::Admit(i) => { let _ = t.admit(&name(i)); }
+                    Op::Close(i, d) => t.closed(&name(i), if *d { Direction::Dialed } else { Direction::Accepted }),
+                }
+                prop_assert!(t.count() <= cap, "over the cap after {:?}: {:?}", op, t);
+                for (id, _) in t.held() {
+                    prop_assert!(planned_ids.contains(id), "{} held but not planned after {:?}", id, op);
+                    prop_assert_ne!(id.as_str(), "n0");
+                }
+                let ids: Vec<&String> = t.held().map(|(i, _)| i).collect();
+                let distinct: BTreeSet<&&String> = ids.iter().collect();
+                prop_assert_eq!(ids.len(), distinct.len(), "two links with one peer");
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The mesh task: keeps the links the [`Table`] wants. It is the drop-in replacement for the seed's
+//! `MeshManager` / `spawn_mesh_discovery`. One task owns the table; dials, accepted connections and open
+//! links run in their own tasks and report back as [`Event`]s, so every admission and every dial is decided
+//! against one up-to-date count.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::assignment::Assignment;
+use crate::doc::{Doc, LinkId};
+use crate::handshake::{self, HandshakeError, PeerHello, Refusal};
+use crate::identity::Identity;
+use crate::links::{Direction, Table, Wanted};
+use crate::metrics::Metrics;
+use crate::source::Reading;
+use crate::transport;
+use crate::wire::Wire;
+use crate::{Config, presence};
+
+/// How the agent chooses its links.
+pub enum Selection {
+    /// The operator's plan, as read by an assignment source.
+    Planned(watch::Receiver<Reading>),
+    /// The seed's scheme: scan presence every `scan`, the first scan after `delay`.
+    Seed { delay: Duration, scan: Duration },
+}
+
+/// Redial timing: `base · 2^attempts`, at most `max`, each delay jittered down to half.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn delay(&self, attempts: u32) -> Duration {
+        let full = self.base.saturating_mul(1 << attempts.min(16)).min(self.max);
+        full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+}
+
+/// What the agent shows of its links.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub links: Vec<OpenLink>,
+    /// Why the latest assignment reading was refused (the links follow the last good one meanwhile).
+    pub assignment_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenLink {
+    pub node_id: String,
+    pub direction: Direction,
+    pub since_ms: f64,
+}
+
+type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
+
+enum Event {
+    Dialed { id: String, result: Result<Wire, HandshakeError> },
+    Inbound { hello: PeerHello, admit: oneshot::Sender<Admission> },
+    Closed { id: String, dir: Direction, link: LinkId },
+}
+
+struct Open {
+    link: LinkId,
+    close: oneshot::Sender<Refusal>,
+    since_ms: f64,
+}
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+/// A process-wide unique link id.
+pub fn next_link() -> LinkId {
+    NEXT_LINK.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(crate) struct Mesh {
+    pub identity: Arc<Identity>,
+    pub doc: Doc,
+    pub metrics: Metrics,
+    pub config: Arc<Config>,
+    table: Table,
+    open: HashMap<(String, Direction), Open>,
+    attempts: HashMap<String, (u32, Instant)>,
+    events: mpsc::Sender<Event>,
+    status: watch::Sender<Status>,
+}
+
+impl Mesh {
+    /// Starts the mesh task and the listener for inbound links.
+    pub fn spawn(
+        identity: Arc<Identity>,
+        doc: Doc,
+        metrics: Metrics,
+        config: Arc<Config>,
+        listener: TcpListener,
+        selection: Selection,
+    ) -> watch::Receiver<Status> {
+        let (events, rx) = mpsc::channel(1024);
+        let (status, status_rx) = watch::channel(Status::default());
+        let table = Table::new(identity.node_id(), config.cap);
+        let acceptor = Acceptor {
+            identity: identity.clone(),
+            token: config.join_token.clone(),
+            doc: doc.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+        };
+        tokio::spawn(accept_loop(listener, acceptor));
+        let mesh = Mesh {
+            identity,
+            doc,
+            metrics,
+            config,
+            table,
+            open: HashMap::new(),
+            attempts: HashMap::new(),
+            events,
+            status,
+        };
+        tokio::spawn(mesh.run(rx, selection));
+        status_rx
+    }
+
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, selection: Selection) {
+        let (mut reading, mut seed) = match selection {
+            Selection::Planned(r) => (Some(r), None),
+            Selection::Seed { delay, scan } => (None, Some(tokio::time::interval_at(Instant::now() + delay, scan))),
+        };
+        let mut applied = None;
+        loop {
+            let due = self.next_due();
+            tokio::select! {
+                Some(ev) = events.recv() => self.on_event(ev),
+                changed = changed(&mut reading), if reading.is_some() => match changed {
+                    Some(r) => self.on_reading(&mut applied, r),
+                    None => reading = None,
+                },
+                _ = tick(&mut seed), if seed.is_some() => {
+                    self.seed_scan().await;
+                    self.dial_pass();
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() => {}
+            }
+            if seed.is_none() {
+                self.dial_pass();
+            }
+            self.publish();
+        }
+    }
+
+    /// A new assignment reading: apply it if it parsed and differs from what is applied.
+    fn on_reading(&mut self, applied: &mut Option<Option<Assignment>>, r: Reading) {
+        if r.error.is_some() && r.error != self.status.borrow().assignment_error {
+            self.metrics.assignment_errors.inc();
+            tracing::warn!(error = r.error.as_deref().unwrap_or(""), "assignment refused; keeping the current links");
+        }
+        self.status.send_modify(|s| s.assignment_error = r.error.clone());
+        if applied.as_ref() == Some(&r.assignment) {
+            return;
+        }
+        tracing::info!(links = r.assignment.as_ref().map_or(0, |a| a.links()), "applying a new assignment");
+        let wanted = Wanted::from_assignment(r.assignment.as_ref());
+        *applied = Some(r.assignment);
+        self.attempts.clear();
+        self.want(wanted);
+    }
+
+    /// The seed's scan: the alive peers of the presence list in the document, in its order.
+    async fn seed_scan(&mut self) {
+        let me = self.identity.node_id();
+        let Some(entries) = self.doc.read(presence::entries).await else { return };
+        let alive = presence::seed_candidates(&entries, &me, presence::now_ms());
+        self.want(Wanted::Seed { alive });
+    }
+
+    /// Closes what is no longer wanted, before anything new is dialed.
+    fn want(&mut self, wanted: Wanted) {
+        for (id, dir) in self.table.want(wanted) {
+            if let Some(open) = self.open.remove(&(id, dir)) {
+                let _ = open.close.send(Refusal::Unplanned);
+                self.metrics.refused(Refusal::Unplanned);
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Dialed { id, result } => self.dialed(id, result),
+            Event::Inbound { hello, admit } => match self.table.admit(&hello.node_id) {
+                Ok(()) => {
+                    let (close, rx) = oneshot::channel();
+                    let link = next_link();
+                    let _ = admit.send(Ok((link, rx)));
+                    self.metrics.links_accepted.inc();
+                    self.open.insert(
+                        (hello.node_id, Direction::Accepted),
+                        Open { link, close, since_ms: presence::now_ms() },
+                    );
+                }
+                Err(why) => {
+                    self.metrics.refused(why);
+                    let _ = admit.send(Err(why));
+                }
+            },
+            Event::Closed { id, dir, link } => {
+                let key = (id, dir);
+                if self.open.get(&key).is_some_and(|o| o.link == link) {
+                    self.open.remove(&key);
+                    self.table.closed(&key.0, dir);
+                    self.metrics.links_closed.inc();
+                    self.back_off(&key.0);
+                }
+            }
+        }
+    }
+
+    fn dialed(&mut self, id: String, result: Result<Wire, HandshakeError>) {
+        let opened = result.is_ok();
+        if !self.table.dial_finished(&id, opened) {
+            match result {
+                Ok(wire) => drop(tokio::spawn(handshake::refuse(wire, Refusal::Unplanned))),
+                Err(e) => {
+                    tracing::debug!(peer = %short(&id), error = %e, "dial failed");
+                    self.metrics.dial_failed(match e {
+                        HandshakeError::Refused(r, _) => r.label(),
+                        _ => "unreachable",
+                    });
+                    self.back_off(&id);
+                }
+            }
+            return;
+        }
+        let wire = result.expect("kept dials opened");
+        self.metrics.links_dialed.inc();
+        self.attempts.remove(&id);
+        let (close, rx) = oneshot::channel();
+        let link = next_link();
+        self.open.insert((id.clone(), Direction::Dialed), Open { link, close, since_ms: presence::now_ms() });
+        tokio::spawn(run_then_report(wire, self.doc.clone(), link, rx, id, Direction::Dialed, self.events.clone()));
+    }
+
+    fn back_off(&mut self, id: &str) {
+        let entry = self.attempts.entry(id.to_string()).or_insert((0, Instant::now()));
+        entry.1 = Instant::now() + self.config.backoff.delay(entry.0);
+        entry.0 += 1;
+    }
+
+    /// When the earliest backoff of a wanted, unlinked peer ends.
+    fn next_due(&self) -> Option<Instant> {
+        self.attempts.values().map(|(_, at)| *at).filter(|at| *at > Instant::now()).min()
+    }
+
+    /// Starts every dial the table wants now (the seed dials only on its scans).
+    fn dial_pass(&mut self) {
+        let now = Instant::now();
+        let attempts = &self.attempts;
+        for (id, url) in self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now)) {
+            tokio::spawn(dial(self.identity.clone(), self.config.clone(), id, url, self.events.clone()));
+        }
+    }
+
+    fn publish(&mut self) {
+        let mut links: Vec<OpenLink> = self
+            .open
+            .iter()
+            .map(|((id, dir), o)| OpenLink { node_id: id.clone(), direction: *dir, since_ms: o.since_ms })
+            .collect();
+        links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        self.metrics.set_open(links.len());
+        self.status.send_if_modified(|s| {
+            let changed =
+                s.links.len() != links.len() || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id);
+            s.links = links;
+            changed
+        });
+    }
+}
+
+async fn changed(r: &mut Option<watch::Receiver<Reading>>) -> Option<Reading> {
+    let r = r.as_mut()?;
+    r.changed().await.ok()?;
+    Some(r.borrow_and_update().clone())
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    if let Some(i) = i {
+        i.tick().await;
+    }
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+async fn dial(identity: Arc<Identity>, config: Arc<Config>, id: String, url: String, events: mpsc::Sender<Event>) {
+    let result = match transport::connect(&url, config.join_token.as_deref()).await {
+        Ok(mut wire) => handshake::dial(&mut wire, &identity, Some(&id), (None, None)).await.map(|_| wire),
+        Err(e) => Err(HandshakeError::Wire(e)),
+    };
+    let _ = events.send(Event::Dialed { id, result }).await;
+}
+
+async fn run_then_report(
+    wire: Wire,
+    doc: Doc,
+    link: LinkId,
+    close: oneshot::Receiver<Refusal>,
+    id: String,
+    dir: Direction,
+    events: mpsc::Sender<Event>,
+) {
+    transport::run_link(wire, doc, link, true, close, None, || {}).await;
+    let _ = events.send(Event::Closed { id, dir, link }).await;
+}
+
+/// Handshakes in flight at once: a flood of connections costs at most this many sockets' memory.
+const MAX_HANDSHAKES: usize = 64;
+
+struct Acceptor {
+    identity: Arc<Identity>,
+    token: Option<String>,
+    doc: Doc,
+    metrics: Metrics,
+    events: mpsc::Sender<Event>,
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
+    let acceptor = Arc::new(acceptor);
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move { acceptor.one(tcp, permit).await });
+    }
+}
+
+impl Acceptor {
+    /// Upgrades, authenticates and asks the mesh task to admit one inbound connection, then runs the link.
+    async fn one(&self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
+        let mut wire = match transport::accept(tcp, self.token.as_deref()).await {
+            Ok(w) => w,
+            Err(why) => return self.metrics.refused(why),
+        };
+        let hello = match handshake::challenge(&mut wire, &self.identity).await {
+            Ok(h) => h,
+            Err(HandshakeError::BadSignature) => {
+                self.metrics.refused(Refusal::Unauthenticated);
+                return handshake::refuse(wire, Refusal::Unauthenticated).await;
+            }
+            Err(_) => return,
+        };
+        let (admit, decision) = oneshot::channel();
+        let id = hello.node_id.clone();
+        if self.events.send(Event::Inbound { hello: hello.clone(), admit }).await.is_err() {
+            return;
+        }
+        let (link, close) = match decision.await {
+            Ok(Ok(admitted)) => admitted,
+            Ok(Err(why)) => return handshake::refuse(wire, why).await,
+            Err(_) => return,
+        };
+        drop(permit);
+        if handshake::welcome(&mut wire, &self.identity, &hello).await.is_ok() {
+            transport::run_link(wire, self.doc.clone(), link, true, close, None, || {}).await;
+        }
+        let _ = self.events.send(Event::Closed { id, dir: Direction::Accepted, link }).await;
+    }
+}

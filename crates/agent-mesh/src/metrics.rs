@@ -1,0 +1,61 @@
+//! What an agent counts, as Prometheus metrics (the embedding program registers them where it serves them).
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::doc::DocMetrics;
+use crate::handshake::Refusal;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub links_dialed: Counter,
+    pub dials_failed: Family<Labels, Counter>,
+    pub links_accepted: Counter,
+    pub links_refused: Family<Labels, Counter>,
+    pub links_closed: Counter,
+    pub open_links: Gauge,
+    /// The most links this agent has held at once since it started (a cap check that needs no sampling).
+    pub max_open_links: Gauge,
+    pub rendezvous_connected: Gauge,
+    pub assignment_errors: Counter,
+    pub doc: DocMetrics,
+}
+
+impl Metrics {
+    pub fn refused(&self, why: Refusal) {
+        self.links_refused.get_or_create(&vec![("reason", why.label())]).inc();
+    }
+
+    pub fn dial_failed(&self, why: &'static str) {
+        self.dials_failed.get_or_create(&vec![("reason", why)]).inc();
+    }
+
+    pub fn set_open(&self, n: usize) {
+        self.open_links.set(n as i64);
+        if n as i64 > self.max_open_links.get() {
+            self.max_open_links.set(n as i64);
+        }
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("agentmesh");
+        r.register("links_dialed", "Mesh links this agent dialed and opened", self.links_dialed.clone());
+        r.register("dials_failed", "Dials that did not open a link, by reason", self.dials_failed.clone());
+        r.register("links_accepted", "Inbound mesh links admitted", self.links_accepted.clone());
+        r.register("links_refused", "Inbound mesh links refused or evicted, by reason", self.links_refused.clone());
+        r.register("links_closed", "Mesh links closed (either end)", self.links_closed.clone());
+        r.register("open_links", "Mesh links open now", self.open_links.clone());
+        r.register("max_open_links", "Most mesh links open at once since start", self.max_open_links.clone());
+        r.register("rendezvous_connected", "1 while the rendezvous link is up", self.rendezvous_connected.clone());
+        r.register("assignment_errors", "Assignment readings refused as malformed", self.assignment_errors.clone());
+        let d = &self.doc;
+        r.register("updates_received", "New document updates received", d.updates_received.clone());
+        r.register("duplicates_dropped", "Updates received again and not forwarded", d.duplicates_dropped.clone());
+        r.register("mesh_messages_sent", "Update messages sent on mesh links", d.mesh_messages_sent.clone());
+        r.register("protocol_errors", "Messages that did not decode or apply", d.protocol_errors.clone());
+        r.register("slow_links_dropped", "Links dropped for not keeping up", d.slow_links_dropped.clone());
+    }
+}

@@ -1,0 +1,112 @@
+//! `mesh-agent`: a real agent on the agent-mesh library. It keeps an Ed25519 identity on disk, syncs a Yjs
+//! document with the rendezvous and over its mesh links, and serves `/metrics` and a small test API (see
+//! `api.rs`). `--peer-selection seed` runs the seed's own peer choice instead of the operator's plan, for
+//! side-by-side measurements.
+mod api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_mesh::identity::Identity;
+use agent_mesh::mesh::Selection;
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PeerSelection {
+    /// Dial exactly the peers of the Pod's assignment, accept exactly its `accepts`, hold the cap.
+    Operator,
+    /// The seed's scheme: the first `max-peers` alive peers of the presence list, rescanned every
+    /// `seed-scan` after `seed-delay`, accepting everyone.
+    Seed,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "A build agent's sync side: a CRDT document over the rendezvous and the planned mesh links")]
+struct Args {
+    /// Where mesh links are accepted.
+    #[arg(long, default_value = "0.0.0.0:3001")]
+    listen: SocketAddr,
+    /// The URL other agents dial (default: ws://LISTEN/crdt-sync).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Where /metrics and the test API are served.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    api: SocketAddr,
+    /// The Ed25519 secret key (created on first start).
+    #[arg(long, default_value = "agent.key")]
+    identity: PathBuf,
+    /// The rendezvous' /crdt-sync URL.
+    #[arg(long)]
+    rendezvous: Option<String>,
+    /// A file holding the join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Announced to the rendezvous (default: $HOSTNAME); the operator matches it to the Pod's name.
+    #[arg(long, env = "HOSTNAME")]
+    hostname: Option<String>,
+    /// The most mesh links at once.
+    #[arg(long, default_value_t = 4)]
+    max_peers: usize,
+    #[arg(long, value_enum, default_value_t = PeerSelection::Operator)]
+    peer_selection: PeerSelection,
+    /// The downward-API annotations file (operator mode).
+    #[arg(long, default_value = "/etc/podinfo/annotations")]
+    assignment_file: PathBuf,
+    /// How often the assignment file is read.
+    #[arg(long, value_parser = duration, default_value = "200ms")]
+    poll_interval: Duration,
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    seed_delay: Duration,
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    seed_scan: Duration,
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    heartbeat: Duration,
+}
+
+/// `250ms`, `10s` or `2m`.
+fn duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number followed by ms, s or m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    let args = Args::parse();
+    let identity = Identity::load_or_create(&args.identity)?;
+    let token = match &args.join_token_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("--join-token-file {}", p.display()))?),
+        None => None,
+    };
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    let mesh_addr = listener.local_addr()?;
+    let mut config =
+        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("ws://{mesh_addr}/crdt-sync")));
+    config.hostname = args.hostname;
+    config.rendezvous = args.rendezvous;
+    config.join_token = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+    config.heartbeat = args.heartbeat;
+    let selection = match args.peer_selection {
+        PeerSelection::Operator => {
+            Selection::Planned(agent_mesh::source::watch_file(args.assignment_file, args.poll_interval))
+        }
+        PeerSelection::Seed => Selection::Seed { delay: args.seed_delay, scan: args.seed_scan },
+    };
+    let agent = agent_mesh::start(identity, listener, config, selection);
+    let node_id = agent.identity.node_id();
+    let api = tokio::net::TcpListener::bind(args.api).await.with_context(|| format!("--api {}", args.api))?;
+    println!("listening mesh={mesh_addr} api={} node={node_id}", api.local_addr()?);
+    let router = api::router(agent).await;
+    axum::serve(api, router).await?;
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The sync hub: agents connect to `/crdt-sync` over WebSocket (the join token as a bearer header, then the
+//! agent-mesh handshake, in which each agent announces its address and hostname), and the hub relays the
+//! Yjs document between them. Presence comes from these sessions: alive while connected, last seen at the
+//! last frame (heartbeats included). The hub also writes presence into the document's `nodes` map, where
+//! agents running the seed's scheme read it.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_mesh::doc::Doc;
+use agent_mesh::handshake::{self, Refusal};
+use agent_mesh::identity::Identity;
+use agent_mesh::presence::{Entry, NODES};
+use agent_mesh::wire::{Frame, Wire, WireError};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{SinkExt, StreamExt, future};
+use tokio::sync::oneshot;
+use yrs::{Map, Transact};
+
+use crate::{Shared, now_ms};
+
+/// Presence entries in the document are refreshed at least this often (the seed ignores entries older
+/// than ten minutes).
+const DOC_REFRESH_MS: f64 = 30_000.0;
+
+/// An agent known from a session.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connected {
+    pub address: String,
+    pub hostname: Option<String>,
+    pub alive: bool,
+    pub last_seen_ms: f64,
+    /// When the hub first saw this node (the presence list's order).
+    pub order: u64,
+    #[serde(skip)]
+    session: u64,
+}
+
+/// The hub's own part of the state (`/admin/state` shows the agents connected).
+#[derive(serde::Serialize)]
+pub struct Hub {
+    #[serde(skip)]
+    pub identity: Arc<Identity>,
+    #[serde(skip)]
+    pub doc: Doc,
+    pub connected: BTreeMap<String, Connected>,
+    #[serde(skip)]
+    sessions: HashMap<u64, oneshot::Sender<Refusal>>,
+    #[serde(skip)]
+    next: u64,
+    #[serde(skip)]
+    written: HashMap<String, (bool, f64)>,
+}
+
+impl Hub {
+    /// Needs a tokio runtime (the document runs as a task).
+    pub fn new() -> Self {
+        let metrics = agent_mesh::doc::DocMetrics::default();
+        Hub {
+            identity: Arc::new(Identity::generate()),
+            doc: Doc::spawn(metrics),
+            connected: BTreeMap::new(),
+            sessions: HashMap::new(),
+            next: 0,
+            written: HashMap::new(),
+        }
+    }
+
+    /// Closes every session (the agents redial); `forget`: also forget every agent, as a rendezvous that
+    /// restarts empty does.
+    pub fn kick_all(&mut self, forget: bool) {
+        for (_, close) in self.sessions.drain() {
+            let _ = close.send(Refusal::Unplanned);
+        }
+        if forget {
+            self.connected.clear();
+        } else {
+            self.connected.values_mut().for_each(|c| c.alive = false);
+        }
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn to_wire(socket: WebSocket) -> Wire {
+    let (sink, stream) = socket.split();
+    let tx = sink.sink_map_err(|e| WireError(e.to_string())).with(|f: Frame| {
+        future::ready(Ok::<_, WireError>(match f {
+            Frame::Text(t) => Message::Text(t.into()),
+            Frame::Binary(b) => Message::Binary(b.into()),
+            Frame::Close(code, reason) => Message::Close(Some(CloseFrame { code, reason: reason.into() })),
+        }))
+    });
+    let rx = stream.filter_map(|m| {
+        future::ready(match m {
+            Ok(Message::Text(t)) => Some(Ok(Frame::Text(t.to_string()))),
+            Ok(Message::Binary(b)) => Some(Ok(Frame::Binary(b.to_vec()))),
+            Ok(Message::Close(c)) => {
+                Some(Ok(c.map_or(Frame::Close(1005, String::new()), |c| Frame::Close(c.code, c.reason.to_string()))))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(WireError(e.to_string()))),
+        })
+    });
+    Wire { tx: Box::pin(tx), rx: Box::pin(rx) }
+}
+
+/// One agent's session, from the upgraded socket to its end.
+pub async fn session(state: Shared, socket: WebSocket) {
+    let mut wire = to_wire(socket);
+    let (identity, doc) = {
+        let st = state.lock().unwrap();
+        (st.hub.identity.clone(), st.hub.doc.clone())
+    };
+    let Ok(hello) = handshake::challenge(&mut wire, &identity).await else { return };
+    let Some(address) = hello.address.clone().filter(|a| a.len() <= 2048) else {
+        return handshake::refuse(wire, Refusal::NotPlanned).await;
+    };
+    let (close, closed) = oneshot::channel();
+    let session = {
+        let mut st = state.lock().unwrap();
+        let hub = &mut st.hub;
+        hub.next += 1;
+        let (session, order) = (hub.next, hub.connected.get(&hello.node_id).map_or(hub.next, |c| c.order));
+        hub.sessions.insert(session, close);
+        let hostname = hello.hostname.clone().filter(|h| h.len() <= 253);
+        let entry = Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, session };
+        hub.connected.insert(hello.node_id.clone(), entry);
+        session
+    };
+    if handshake::welcome(&mut wire, &identity, &hello).await.is_ok() {
+        let touch = || touch(&state, &hello.node_id, session);
+        agent_mesh::transport::run_link(wire, doc, agent_mesh::mesh::next_link(), false, closed, None, touch).await;
+    }
+    let mut st = state.lock().unwrap();
+    st.hub.sessions.remove(&session);
+    if let Some(c) = st.hub.connected.get_mut(&hello.node_id).filter(|c| c.session == session) {
+        c.alive = false;
+    }
+}
+
+fn touch(state: &Shared, id: &str, session: u64) {
+    if let Some(c) = state.lock().unwrap().hub.connected.get_mut(id).filter(|c| c.session == session) {
+        c.last_seen_ms = now_ms();
+    }
+}
+
+/// Writes presence into the document whenever an agent's liveness changes, and refreshes each entry at
+/// least every [`DOC_REFRESH_MS`].
+pub async fn write_presence(state: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (doc, changed) = {
+            let mut st = state.lock().unwrap();
+            let now = now_ms();
+            let hub = &mut st.hub;
+            let mut changed = Vec::new();
+            for (id, c) in &hub.connected {
+                let stale =
+                    hub.written.get(id).is_none_or(|(alive, at)| *alive != c.alive || now - at > DOC_REFRESH_MS);
+                if stale {
+                    changed.push(Entry {
+                        node_id: id.clone(),
+                        address: c.address.clone(),
+                        alive: c.alive,
+                        last_seen_ms: c.last_seen_ms,
+                        hostname: c.hostname.clone(),
+                        order: c.order,
+                    });
+                }
+            }
+            for e in &changed {
+                hub.written.insert(e.node_id.clone(), (e.alive, now));
+            }
+            (hub.doc.clone(), changed)
+        };
+        if changed.is_empty() {
+            continue;
+        }
+        doc.edit(move |d| {
+            let map = d.get_or_insert_map(NODES);
+            let mut txn = d.transact_mut();
+            for e in changed {
+                map.insert(&mut txn, e.node_id.clone(), serde_json::to_string(&e).expect("entries serialize"));
+            }
+            txn.encode_update_v1()
+        })
+        .await;
+    }
+}
