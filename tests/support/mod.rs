@@ -14,6 +14,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+pub mod agents;
 pub mod history;
 pub mod mesh;
 #[allow(unused_imports)]

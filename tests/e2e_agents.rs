@@ -1,0 +1,151 @@
+//! Real agents under the operator, on the real control plane: 20 `mesh-agent` processes on loopback
+//! addresses that match their Pods' IPs, synced through the rendezvous hub, reading their assignments
+//! from downward-API files that a stand-in kubelet refreshes with a random lag per Pod. Every agent's open
+//! links are sampled from the agents themselves for the whole test, each agent's own high-water mark is
+//! checked at the end, and the Pod annotations run under the history checker.
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
+use kube::{Client, ResourceExt};
+use mesh_operator::assignment::Assignment;
+use rendezvous::FailMode;
+use serde_json::json;
+use support::agents::{Agent, Kubelet, LinkSampler, Mode, agent_pod};
+use support::*;
+
+const CAP: usize = 4;
+
+fn ip(i: usize) -> String {
+    format!("127.0.{}.{}", 100 + i / 250, 1 + i % 250)
+}
+
+/// Each Pod's planned link set (dialed ∪ accepted node ids), by node id.
+async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
+    pods.items
+        .iter()
+        .filter_map(|p| {
+            let a = Assignment::from_annotations(p.annotations())?;
+            let id = ids.get(&p.name_any())?.clone();
+            Some((id, a.linked_ids().into_iter().map(str::to_string).collect()))
+        })
+        .collect()
+}
+
+/// Waits until every agent holds exactly the links its Pod's assignment names, and each has some.
+async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[Agent]) {
+    let ids: BTreeMap<String, String> = agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
+    wait_for("every agent to hold exactly its planned links", Duration::from_secs(120), || async {
+        let plans = plans(client, ns, &ids).await;
+        for a in agents {
+            let plan = plans.get(&a.node_id)?;
+            if plan.is_empty() || a.links().await? != *plan {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+async fn everyone_has(agents: &[Agent], key: &str) {
+    wait_for(&format!("update {key} at every live agent"), Duration::from_secs(60), || async {
+        for a in agents {
+            if !a.updates().await?.contains(key) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_alone() {
+    let (client, ns, rv) = setup("agents").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = format!("ws://{}/crdt-sync", rv.addr);
+    let history = History::start(&client, &ns, CAP).await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;
+    let _op = Operator::start(&ns, "op-agents", false).await;
+
+    let mut agents = Vec::new();
+    for i in 0..20 {
+        let name = format!("agent-{i}");
+        agents.push(Agent::spawn(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP).await);
+        agent_pod(&client, &ns, &name, &ip(i)).await;
+    }
+    let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
+    let sampler = LinkSampler::start(apis.clone(), CAP);
+    agents_follow_the_plan(&client, &ns, &agents).await;
+    everyone_has(&agents, &agents[0].append().await).await;
+
+    // The rendezvous goes down: every update must cross the mesh alone.
+    rv.set_fail(FailMode::Down);
+    rv.state.lock().unwrap().hub.kick_all(false);
+    wait_for("every agent to lose the rendezvous", WAIT, || async {
+        for a in &agents {
+            if a.status().await?["rendezvousConnected"] != json!(false) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    for writer in [5, 13] {
+        everyone_has(&agents, &agents[writer].append().await).await;
+    }
+    for a in &agents {
+        assert_eq!(
+            a.metric("agentmesh_rendezvous_connected", "").await,
+            0.0,
+            "{} reconnected during the outage",
+            a.name
+        );
+    }
+
+    // The rendezvous returns; three agents leave and three join: the agents follow the new plan.
+    rv.set_fail(FailMode::None);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for _ in 0..3 {
+        let gone = agents.remove(0);
+        pods.delete(&gone.name, &DeleteParams::default()).await.unwrap();
+        gone.kill().await;
+    }
+    for i in 20..23 {
+        let name = format!("agent-{i}");
+        agents.push(Agent::spawn(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP).await);
+        agent_pod(&client, &ns, &name, &ip(i)).await;
+    }
+    *apis.lock().unwrap() = agents.iter().map(|a| (a.name.clone(), a.api)).collect();
+    agents_follow_the_plan(&client, &ns, &agents).await;
+    everyone_has(&agents, &agents[agents.len() - 1].append().await).await;
+
+    // A seed-mode agent (no Pod, so in no plan) dials the first alive peers of presence: all refuse it.
+    let seed = Agent::spawn(dir.path(), "seed-agent", &ip(40), &hub, Mode::Seed, CAP).await;
+    wait_for("the seed agent's dials to be refused as not planned", WAIT, || async {
+        (seed.metric("agentmesh_dials_failed_total", "not_planned").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(seed.links().await.unwrap(), BTreeSet::new(), "an operator-managed agent accepted a stranger");
+    let mut refused = 0.0;
+    for a in &agents {
+        refused += a.metric("agentmesh_links_refused_total", "not_planned").await;
+    }
+    assert!(refused >= 1.0, "the refusals are counted where they happen");
+    agents_follow_the_plan(&client, &ns, &agents).await;
+
+    let samples = sampler.assert_clean();
+    assert!(samples > 100, "the sampler ran ({samples} samples)");
+    for a in &agents {
+        let max = a.metric("agentmesh_max_open_links", "").await;
+        assert!(max <= CAP as f64, "{} held {max} links at once, over the cap {CAP}", a.name);
+    }
+    history.assert_clean();
+}

@@ -1,0 +1,214 @@
+//! Real agents for the end-to-end tests: `mesh-agent` processes on loopback addresses that match their Pods'
+//! IPs, a stand-in kubelet that copies each Pod's annotations into its agent's downward-API file after a
+//! random lag (different per Pod, as a kubelet's is), and a sampler of every agent's open links.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+
+use super::*;
+
+/// Builds `mesh-agent` and `rendezvous` once per test binary (they belong to other workspace members, so
+/// cargo does not build them for this package's tests) and returns the directory holding them.
+pub fn workspace_bins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "mesh-agent", "-p", "rendezvous", "--bins"])
+            .current_dir(REPO)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building mesh-agent and rendezvous failed");
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Operator,
+    Seed,
+}
+
+/// One `mesh-agent` process.
+pub struct Agent {
+    pub name: String,
+    pub ip: String,
+    pub node_id: String,
+    pub api: SocketAddr,
+    pub annotations: PathBuf,
+    child: tokio::process::Child,
+}
+
+impl Agent {
+    /// Starts an agent on `ip` (mesh port chosen by the OS), announcing `name` as its hostname.
+    pub async fn spawn(dir: &Path, name: &str, ip: &str, hub: &str, mode: Mode, cap: usize) -> Agent {
+        let annotations = dir.join(format!("{name}.annotations"));
+        let mut cmd = tokio::process::Command::new(workspace_bins().join("mesh-agent"));
+        cmd.args(["--listen", &format!("{ip}:0"), "--api", &format!("{ip}:0")])
+            .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
+            .args(["--rendezvous", hub, "--hostname", name, "--max-peers", &cap.to_string()])
+            .args(["--assignment-file", annotations.to_str().unwrap(), "--poll-interval", "100ms"])
+            .args(["--heartbeat", "1s", "--seed-delay", "1s", "--seed-scan", "2s"])
+            .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
+            .env("RUST_LOG", "agent_mesh=debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("starting mesh-agent");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("mesh-agent to start").unwrap().unwrap();
+        let field =
+            |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
+        let (api, node_id) = (field("api=").parse().unwrap(), field("node=").to_string());
+        Agent { name: name.into(), ip: ip.into(), node_id, api, annotations, child }
+    }
+
+    pub async fn status(&self) -> Option<Value> {
+        http_get(&format!("http://{}/status", self.api)).await
+    }
+
+    /// The node ids this agent holds links with now.
+    pub async fn links(&self) -> Option<BTreeSet<String>> {
+        let s = self.status().await?;
+        Some(s["links"].as_array()?.iter().filter_map(|l| l["nodeId"].as_str().map(str::to_string)).collect())
+    }
+
+    pub async fn append(&self) -> String {
+        let url = format!("http://{}/updates", self.api);
+        let body = json!({"value": "x"}).to_string();
+        let resp = http().post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+        let reply: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        reply["key"].as_str().unwrap().to_string()
+    }
+
+    /// The update keys this agent has.
+    pub async fn updates(&self) -> Option<BTreeSet<String>> {
+        let list = http_get(&format!("http://{}/updates", self.api)).await?;
+        Some(list.as_array()?.iter().filter_map(|u| u["key"].as_str().map(str::to_string)).collect())
+    }
+
+    /// A metric's value (the sum over its label sets when `labels` is empty).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = http().get(format!("http://{}/metrics", self.api)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn http() -> reqwest::Client {
+    mesh_operator::presence::install_crypto_provider();
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+async fn http_get(url: &str) -> Option<Value> {
+    serde_json::from_slice(&http().get(url).send().await.ok()?.bytes().await.ok()?).ok()
+}
+
+/// Creates agent Pod `name` (label app=agent) and sets it Running and Ready at `ip`.
+pub async fn agent_pod(client: &Client, ns: &str, name: &str, ip: &str) {
+    create_pod(client, ns, name, json!({"app": "agent"}), json!({})).await;
+    set_pod_status(client, ns, name, ip, true).await;
+}
+
+/// Stands in for the kubelet's downward-API volume: every Pod's annotations are written to
+/// `<dir>/<pod>.annotations`, atomically, a random 0–`max_lag` after they change (each Pod on its own
+/// clock, so agents learn a plan change in any order).
+pub struct Kubelet {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Kubelet {
+    pub fn start(client: &Client, ns: &str, dir: &Path, max_lag: Duration) -> Kubelet {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let dir = dir.to_path_buf();
+        let task = tokio::spawn(async move {
+            let mut per_pod: HashMap<String, tokio::sync::watch::Sender<BTreeMap<String, String>>> = HashMap::new();
+            let mut stream = watcher(pods, watcher::Config::default()).applied_objects().boxed();
+            while let Some(Ok(pod)) = stream.next().await {
+                let name = pod.name_any();
+                let annotations = pod.annotations().clone();
+                let tx = per_pod.entry(name.clone()).or_insert_with(|| {
+                    let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
+                    tokio::spawn(refresh(rx, dir.join(format!("{name}.annotations")), max_lag));
+                    tx
+                });
+                tx.send_replace(annotations);
+            }
+        });
+        Kubelet { task }
+    }
+}
+
+async fn refresh(mut rx: tokio::sync::watch::Receiver<BTreeMap<String, String>>, path: PathBuf, max_lag: Duration) {
+    while rx.changed().await.is_ok() {
+        tokio::time::sleep(max_lag.mul_f64(rand::random::<f64>())).await;
+        let text = agent_mesh::downward::render(&rx.borrow_and_update().clone());
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Samples every agent's open links until dropped, recording the first sample over the cap.
+pub struct LinkSampler {
+    pub violation: Arc<Mutex<Option<String>>>,
+    pub samples: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkSampler {
+    pub fn start(apis: Arc<Mutex<Vec<(String, SocketAddr)>>>, cap: usize) -> LinkSampler {
+        let violation = Arc::new(Mutex::new(None));
+        let samples = Arc::new(Mutex::new(0));
+        let (v, n) = (violation.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let agents = apis.lock().unwrap().clone();
+                for (name, api) in agents {
+                    let Some(status) = http_get(&format!("http://{api}/status")).await else { continue };
+                    let links = status["links"].as_array().map_or(0, Vec::len);
+                    *n.lock().unwrap() += 1;
+                    if links > cap && v.lock().unwrap().is_none() {
+                        *v.lock().unwrap() = Some(format!("{name} held {links} links, over the cap {cap}: {status}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        LinkSampler { violation, samples, task }
+    }
+
+    pub fn assert_clean(&self) -> u64 {
+        if let Some(v) = self.violation.lock().unwrap().clone() {
+            panic!("cap violated at an agent: {v}");
+        }
+        *self.samples.lock().unwrap()
+    }
+}
+
+impl Drop for LinkSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
