@@ -4,6 +4,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src src
+COPY crates crates
 COPY crds crds
 COPY deploy/helm/mesh-operator/crds deploy/helm/mesh-operator/crds
 COPY benches benches

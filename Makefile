@@ -6,7 +6,7 @@ CP := hack/control-plane.sh
 
 test: lint control-plane
 	@set -euo pipefail; eval "$$($(CP) ensure)"; trap '$(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
-	  cargo test --locked --no-fail-fast -- --test-threads=4; \
+	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4; \
 	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory image-binary
 
@@ -22,8 +22,8 @@ demo:
 	hack/demo.sh
 
 lint:
-	cargo fmt --check
-	cargo clippy --all-targets --locked -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 ## Builds kube-apiserver, kubectl, etcd and helm from their pinned Go modules (cached by pin).
 control-plane:

@@ -5,52 +5,21 @@
 //! checked at the end, and the Pod annotations run under the history checker.
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
-use kube::{Client, ResourceExt};
-use mesh_operator::assignment::Assignment;
 use rendezvous::FailMode;
 use serde_json::json;
-use support::agents::{Agent, Kubelet, LinkSampler, Mode, agent_pod};
+use support::agents::{Agent, Kubelet, LinkSampler, Mode, agent_pod, agents_follow_the_plan};
 use support::*;
 
 const CAP: usize = 4;
 
 fn ip(i: usize) -> String {
     format!("127.0.{}.{}", 100 + i / 250, 1 + i % 250)
-}
-
-/// Each Pod's planned link set (dialed ∪ accepted node ids), by node id.
-async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
-    pods.items
-        .iter()
-        .filter_map(|p| {
-            let a = Assignment::from_annotations(p.annotations())?;
-            let id = ids.get(&p.name_any())?.clone();
-            Some((id, a.linked_ids().into_iter().map(str::to_string).collect()))
-        })
-        .collect()
-}
-
-/// Waits until every agent holds exactly the links its Pod's assignment names, and each has some.
-async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[Agent]) {
-    let ids: BTreeMap<String, String> = agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
-    wait_for("every agent to hold exactly its planned links", Duration::from_secs(120), || async {
-        let plans = plans(client, ns, &ids).await;
-        for a in agents {
-            let plan = plans.get(&a.node_id)?;
-            if plan.is_empty() || a.links().await? != *plan {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
 }
 
 async fn everyone_has(agents: &[Agent], key: &str) {
@@ -79,11 +48,11 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     for i in 0..20 {
         let name = format!("agent-{i}");
         agents.push(Agent::spawn(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP).await);
-        agent_pod(&client, &ns, &name, &ip(i)).await;
+        agent_pod(&client, &ns, &name, &ip(i), None).await;
     }
     let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
     let sampler = LinkSampler::start(apis.clone(), CAP);
-    agents_follow_the_plan(&client, &ns, &agents).await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
     everyone_has(&agents, &agents[0].append().await).await;
 
     // The rendezvous goes down: every update must cross the mesh alone.
@@ -121,10 +90,10 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     for i in 20..23 {
         let name = format!("agent-{i}");
         agents.push(Agent::spawn(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP).await);
-        agent_pod(&client, &ns, &name, &ip(i)).await;
+        agent_pod(&client, &ns, &name, &ip(i), None).await;
     }
     *apis.lock().unwrap() = agents.iter().map(|a| (a.name.clone(), a.api)).collect();
-    agents_follow_the_plan(&client, &ns, &agents).await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
     everyone_has(&agents, &agents[agents.len() - 1].append().await).await;
 
     // A seed-mode agent (no Pod, so in no plan) dials the first alive peers of presence: all refuse it.
@@ -139,7 +108,7 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
         refused += a.metric("agentmesh_links_refused_total", "not_planned").await;
     }
     assert!(refused >= 1.0, "the refusals are counted where they happen");
-    agents_follow_the_plan(&client, &ns, &agents).await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
 
     let samples = sampler.assert_clean();
     assert!(samples > 100, "the sampler ran ({samples} samples)");

@@ -16,19 +16,23 @@ use tokio::io::AsyncBufReadExt;
 
 use super::*;
 
-/// Builds `mesh-agent` and `rendezvous` once per test binary (they belong to other workspace members, so
-/// cargo does not build them for this package's tests) and returns the directory holding them.
+/// Builds `mesh-agent` and `rendezvous` once per test binary, in this binary's profile (they belong to other
+/// workspace members, so cargo does not build them for this package's tests and benches), and returns the
+/// directory holding them.
 pub fn workspace_bins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "mesh-agent", "-p", "rendezvous", "--bins"])
+            .args(["build", "--quiet", "--locked", "-p", "mesh-agent", "-p", "rendezvous", "--bins"])
+            .args(release.then_some("--release"))
             .current_dir(REPO)
             .status()
             .expect("running cargo build");
         assert!(status.success(), "building mesh-agent and rendezvous failed");
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+        dir
     })
 }
 
@@ -49,15 +53,29 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent on `ip` (mesh port chosen by the OS), announcing `name` as its hostname.
+    /// Starts an agent on `ip` (mesh port chosen by the OS), announcing `name` as its hostname; seed mode
+    /// scans after 1 s and every 2 s.
     pub async fn spawn(dir: &Path, name: &str, ip: &str, hub: &str, mode: Mode, cap: usize) -> Agent {
+        Self::spawn_with(dir, name, ip, hub, mode, cap, &["--seed-delay", "1s", "--seed-scan", "2s"]).await
+    }
+
+    pub async fn spawn_with(
+        dir: &Path,
+        name: &str,
+        ip: &str,
+        hub: &str,
+        mode: Mode,
+        cap: usize,
+        extra: &[&str],
+    ) -> Agent {
         let annotations = dir.join(format!("{name}.annotations"));
         let mut cmd = tokio::process::Command::new(workspace_bins().join("mesh-agent"));
         cmd.args(["--listen", &format!("{ip}:0"), "--api", &format!("{ip}:0")])
             .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
             .args(["--rendezvous", hub, "--hostname", name, "--max-peers", &cap.to_string()])
             .args(["--assignment-file", annotations.to_str().unwrap(), "--poll-interval", "100ms"])
-            .args(["--heartbeat", "1s", "--seed-delay", "1s", "--seed-scan", "2s"])
+            .args(["--heartbeat", "1s"])
+            .args(extra)
             .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
             .env("RUST_LOG", "agent_mesh=debug")
             .stdout(std::process::Stdio::piped())
@@ -90,10 +108,14 @@ impl Agent {
         reply["key"].as_str().unwrap().to_string()
     }
 
+    /// Every update this agent has: `{key, origin, writtenAtMs, firstSeenMs}`.
+    pub async fn seen(&self) -> Option<Vec<Value>> {
+        http_get(&format!("http://{}/updates", self.api)).await?.as_array().cloned()
+    }
+
     /// The update keys this agent has.
     pub async fn updates(&self) -> Option<BTreeSet<String>> {
-        let list = http_get(&format!("http://{}/updates", self.api)).await?;
-        Some(list.as_array()?.iter().filter_map(|u| u["key"].as_str().map(str::to_string)).collect())
+        Some(self.seen().await?.iter().filter_map(|u| u["key"].as_str().map(str::to_string)).collect())
     }
 
     /// A metric's value (the sum over its label sets when `labels` is empty).
@@ -119,10 +141,43 @@ async fn http_get(url: &str) -> Option<Value> {
     serde_json::from_slice(&http().get(url).send().await.ok()?.bytes().await.ok()?).ok()
 }
 
-/// Creates agent Pod `name` (label app=agent) and sets it Running and Ready at `ip`.
-pub async fn agent_pod(client: &Client, ns: &str, name: &str, ip: &str) {
-    create_pod(client, ns, name, json!({"app": "agent"}), json!({})).await;
+/// Creates agent Pod `name` (label app=agent, and `zone` when given) and sets it Running and Ready at `ip`.
+pub async fn agent_pod(client: &Client, ns: &str, name: &str, ip: &str, zone: Option<&str>) {
+    let mut labels = json!({"app": "agent"});
+    if let Some(z) = zone {
+        labels["zone"] = json!(z);
+    }
+    create_pod(client, ns, name, labels, json!({})).await;
     set_pod_status(client, ns, name, ip, true).await;
+}
+
+/// Each Pod's planned link set (dialed ∪ accepted node ids), by node id; `ids`: Pod name → node id.
+pub async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
+    pods.items
+        .iter()
+        .filter_map(|p| {
+            let a = mesh_operator::assignment::Assignment::from_annotations(p.annotations())?;
+            let id = ids.get(&p.name_any())?.clone();
+            Some((id, a.linked_ids().into_iter().map(str::to_string).collect()))
+        })
+        .collect()
+}
+
+/// Waits until every agent holds exactly the links its Pod's assignment names, and each has some.
+pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[&Agent]) {
+    let ids: BTreeMap<String, String> = agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
+    wait_for("every agent to hold exactly its planned links", Duration::from_secs(180), || async {
+        let plans = plans(client, ns, &ids).await;
+        for a in agents {
+            let plan = plans.get(&a.node_id)?;
+            if plan.is_empty() || a.links().await? != *plan {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
 }
 
 /// Stands in for the kubelet's downward-API volume: every Pod's annotations are written to

@@ -50,6 +50,8 @@ impl Backoff {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub links: Vec<OpenLink>,
+    /// The peers of the applied assignment (None before one is applied, and in seed mode).
+    pub planned: Option<Vec<String>>,
     /// Why the latest assignment reading was refused (the links follow the last good one meanwhile).
     pub assignment_error: Option<String>,
 }
@@ -170,6 +172,9 @@ impl Mesh {
         }
         tracing::info!(links = r.assignment.as_ref().map_or(0, |a| a.links()), "applying a new assignment");
         let wanted = Wanted::from_assignment(r.assignment.as_ref());
+        let planned =
+            r.assignment.as_ref().map_or_else(Vec::new, |a| a.linked_ids().into_iter().map(str::to_string).collect());
+        self.status.send_modify(|s| s.planned = Some(planned));
         *applied = Some(r.assignment);
         self.attempts.clear();
         self.want(wanted);

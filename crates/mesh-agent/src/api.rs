@@ -1,9 +1,9 @@
 //! The agent's HTTP API: `/metrics` (Prometheus), `/healthz`, and the test API:
-//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs}], assignmentError, rendezvousConnected,
-//!   maxOpenLinks}`;
+//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs}], planned, assignmentError,
+//!   rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment, null before one);
 //! - `POST /updates` `{"value"?: string}`: appends an update (a new key in the document's `updates` map,
 //!   `<node id prefix>-<n>`, holding `{origin, writtenAtMs, value}`); answers `{key}`;
-//! - `GET /updates`: every update this agent has, `[{key, origin, writtenAtMs, firstSeenMs}]`, where
+//! - `GET /updates`: every update this agent has, `[{key, origin, value, writtenAtMs, firstSeenMs}]`, where
 //!   `firstSeenMs` is when it first reached this agent (by whatever path).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +81,7 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
     Json(json!({
         "nodeId": app.agent.identity.node_id(),
         "links": s.links,
+        "planned": s.planned,
         "assignmentError": s.assignment_error,
         "rendezvousConnected": m.rendezvous_connected.get() == 1,
         "maxOpenLinks": m.max_open_links.get(),
@@ -124,7 +125,8 @@ async fn updates(State(app): State<Arc<App>>) -> impl IntoResponse {
                 .iter(&txn)
                 .filter_map(|(k, v)| {
                     let w: Written = serde_json::from_str(&v.to_string(&txn)).ok()?;
-                    Some(json!({"key": k, "origin": w.origin, "writtenAtMs": w.written_at_ms, "firstSeenMs": seen.get(k)}))
+                    Some(json!({"key": k, "origin": w.origin, "value": w.value, "writtenAtMs": w.written_at_ms,
+                                "firstSeenMs": seen.get(k)}))
                 })
                 .collect();
             out.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));

@@ -1,0 +1,227 @@
+//! The outage benchmark (not a test): real `mesh-agent` processes, both schemes in one run.
+//! - **operator**: the agents dial exactly their Pods' assignments (written by the operator, which runs in
+//!   process against the real control plane; a stand-in kubelet copies annotations to the agents' files);
+//! - **seed**: the same agents in `--peer-selection seed` (the seed's own choice and timing: the first
+//!   `maxPeers` alive peers of the presence list, first scan after 10 s, then every 60 s, accepting all).
+//!
+//! Phases, cumulative: settled → rendezvous killed (SIGKILL) → the 10 % most-linked agents killed → one zone
+//! killed. In each, updates are written at random live agents; reported per scheme and phase: the share of
+//! (update, live agent) pairs delivered, p50/p99 delivery latency, the most links any agent held at once
+//! (each agent's own high-water mark), inbound links refused, and mesh messages sent per update.
+//!
+//!     cargo bench --bench outage        (AGENTS=200 UPDATES=20 by default; needs the control plane)
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::agents::{Agent, Kubelet, Mode, agent_pod, agents_follow_the_plan, workspace_bins};
+use support::*;
+
+const CAP: usize = 4;
+const ZONES: usize = 3;
+/// How long after its last write a phase waits for stragglers before it counts what was delivered.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The rendezvous as a process of its own, so it can be killed for real.
+struct Hub {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+impl Hub {
+    async fn start() -> Hub {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(workspace_bins().join("rendezvous"))
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        Hub { child, addr: line.trim_start_matches("listening on ").to_string() }
+    }
+}
+
+#[derive(Default)]
+struct Row {
+    scheme: &'static str,
+    phase: &'static str,
+    live: usize,
+    delivered: f64,
+    p50: f64,
+    p99: f64,
+    max_links: f64,
+    refused: f64,
+    messages_per_update: f64,
+}
+
+async fn totals(agents: &[&Agent], metric: &str) -> f64 {
+    let mut sum = 0.0;
+    for a in agents {
+        sum += a.metric(metric, "").await;
+    }
+    sum
+}
+
+/// Writes `n` updates at random live agents and measures their delivery to every live agent.
+async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: usize) -> Row {
+    let (sent0, refused0) =
+        (totals(live, "agentmesh_mesh_messages_sent").await, totals(live, "agentmesh_links_refused").await);
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        keys.push(live[rand::random_range(0..live.len())].append().await);
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (delivered, mut latencies) = loop {
+        let mut latencies = Vec::new();
+        for a in live {
+            for u in a.seen().await.unwrap_or_default().iter().filter(|u| keys.iter().any(|k| u["key"] == json!(k))) {
+                latencies.push(u["firstSeenMs"].as_f64().unwrap_or(f64::NAN) - u["writtenAtMs"].as_f64().unwrap());
+            }
+        }
+        if latencies.len() == n * live.len() || tokio::time::Instant::now() > deadline {
+            break (latencies.len(), latencies);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    latencies.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let mut max_links: f64 = 0.0;
+    for a in live {
+        max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
+    }
+    Row {
+        scheme,
+        phase,
+        live: live.len(),
+        delivered: delivered as f64 / (n * live.len()) as f64,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max_links,
+        refused: totals(live, "agentmesh_links_refused").await - refused0,
+        messages_per_update: (totals(live, "agentmesh_mesh_messages_sent").await - sent0) / n as f64,
+    }
+}
+
+fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
+    agents.iter().flatten().collect()
+}
+
+/// The outage phases over a settled fleet (agent i is in zone i mod 3).
+async fn outage(scheme: &'static str, mut hub: Hub, agents: &mut [Option<Agent>], updates: usize) -> Vec<Row> {
+    let mut rows = vec![phase(scheme, "settled", &live(agents), updates).await];
+    hub.child.kill().await.unwrap();
+    wait_for("every agent to notice the rendezvous is gone", WAIT, || async {
+        (totals(&live(agents), "agentmesh_rendezvous_connected").await == 0.0).then_some(())
+    })
+    .await;
+    rows.push(phase(scheme, "rendezvous killed", &live(agents), updates).await);
+    let mut by_links = Vec::new();
+    for (i, a) in agents.iter().enumerate() {
+        if let Some(a) = a {
+            by_links.push((a.links().await.map_or(0, |l| l.len()), i));
+        }
+    }
+    by_links.sort_by(|a, b| b.cmp(a));
+    for (_, i) in by_links.iter().take(agents.len() / 10) {
+        agents[*i].take().unwrap().kill().await;
+    }
+    rows.push(phase(scheme, "10% most-linked killed", &live(agents), updates).await);
+    for i in (0..agents.len()).filter(|i| i % ZONES == 0) {
+        if let Some(a) = agents[i].take() {
+            a.kill().await;
+        }
+    }
+    rows.push(phase(scheme, "one zone killed", &live(agents), updates).await);
+    rows
+}
+
+async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "outage").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start().await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
+    let spec = json!({
+        "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": CAP, "topologyKey": "zone",
+        "heartbeatTimeout": "30s",
+        "rendezvous": {"url": format!("http://{}", hub.addr), "pollInterval": "1s", "timeout": "1s"},
+    });
+    create_policy(&client, &ns, "mesh", spec).await;
+    let _op = Operator::start(&ns, "op-outage", false).await;
+    let ws = format!("ws://{}/crdt-sync", hub.addr);
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let (name, ip) = (format!("agent-{i}"), format!("127.2.{}.{}", i / 250, 1 + i % 250));
+        agents.push(Some(Agent::spawn(dir.path(), &name, &ip, &ws, Mode::Operator, CAP).await));
+        agent_pod(&client, &ns, &name, &ip, Some(&format!("zone-{}", i % ZONES))).await;
+    }
+    agents_follow_the_plan(&client, &ns, &agents.iter().flatten().collect::<Vec<_>>()).await;
+    outage("operator", hub, &mut agents, updates).await
+}
+
+async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start().await;
+    let ws = format!("ws://{}/crdt-sync", hub.addr);
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let (name, ip) = (format!("seed-{i}"), format!("127.3.{}.{}", i / 250, 1 + i % 250));
+        let seed_timing = ["--seed-delay", "10s", "--seed-scan", "60s"];
+        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Seed, CAP, &seed_timing).await));
+    }
+    wait_for("every seed agent to dial its first maxPeers peers", Duration::from_secs(300), || async {
+        for a in agents.iter().flatten() {
+            let s = a.status().await?;
+            let dialed = s["links"].as_array()?.iter().filter(|l| l["direction"] == "dialed").count();
+            if dialed < CAP {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    outage("seed", hub, &mut agents, updates).await
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` and listing: nothing to run.
+    }
+    let (n, updates) = (env("AGENTS", 200), env("UPDATES", 20));
+    workspace_bins();
+    let mut rows = operator_scheme(n, updates).await;
+    rows.extend(seed_scheme(n, updates).await);
+    println!(
+        "\n{n} agents, maxPeers {CAP}, {ZONES} zones, {updates} updates per phase, {} s deadline",
+        DEADLINE.as_secs()
+    );
+    println!(
+        "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | links refused | mesh messages per update |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.1} % | {:.0} ms | {:.0} ms | {} | {} | {:.1} |",
+            r.scheme,
+            r.phase,
+            r.live,
+            r.delivered * 100.0,
+            r.p50,
+            r.p99,
+            r.max_links,
+            r.refused,
+            r.messages_per_update
+        );
+    }
+}

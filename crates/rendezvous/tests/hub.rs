@@ -1,0 +1,109 @@
+//! The hub with a real agent connected: presence comes from the session (with an ETag that answers 304 while
+//! nothing changed), `restart-empty` forgets the agent until it reconnects, `down` closes its session and
+//! answers 503, and a session without the join token is refused.
+use std::time::Duration;
+
+use agent_mesh::identity::Identity;
+use agent_mesh::mesh::Selection;
+use serde_json::Value;
+
+async fn hub() -> (String, rendezvous::Shared) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let state = rendezvous::new_state(None);
+    tokio::spawn(rendezvous::serve(listener, state.clone(), None));
+    (addr, state)
+}
+
+async fn agent(hub: &str, token: Option<&str>) -> agent_mesh::Agent {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let advertise = format!("ws://{}/crdt-sync", listener.local_addr().unwrap());
+    let mut config = agent_mesh::Config::new(4, advertise);
+    config.rendezvous = Some(format!("ws://{hub}/crdt-sync"));
+    config.hostname = Some("agent-7".into());
+    config.join_token = token.map(str::to_string);
+    config.heartbeat = Duration::from_secs(3600);
+    let (_tx, rx) = tokio::sync::watch::channel(Default::default());
+    agent_mesh::start(Identity::generate(), listener, config, Selection::Planned(rx))
+}
+
+/// `GET /presence` with an optional If-None-Match: (status, ETag, body).
+async fn presence(hub: &str, etag: Option<&str>) -> (u16, String, Value) {
+    let mut stream = tokio::net::TcpStream::connect(hub).await.unwrap();
+    let inm = etag.map(|e| format!("If-None-Match: {e}\r\n")).unwrap_or_default();
+    let req = format!("GET /presence HTTP/1.1\r\nHost: x\r\n{inm}Connection: close\r\n\r\n");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let etag = head.lines().find_map(|l| l.strip_prefix("etag: ")).unwrap_or_default().to_string();
+    (status, etag, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..500 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn alive(body: &Value, id: &str) -> bool {
+    body["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|n| n["node_id"] == id && n["alive"] == true && n["hostname"] == "agent-7")
+}
+
+#[tokio::test]
+async fn presence_follows_the_sessions() {
+    let (addr, state) = hub().await;
+    let a = agent(&addr, None).await;
+    let id = a.identity.node_id();
+    wait_until("the agent in presence", async || alive(&presence(&addr, None).await.2, &id)).await;
+    let (_, _, body) = presence(&addr, None).await;
+    assert!(body["nowMs"].as_f64().unwrap() > 0.0);
+    // Once the session is quiet, an unchanged list answers 304 to its own ETag.
+    wait_until("a 304 for an unchanged list", async || {
+        let (_, etag, _) = presence(&addr, None).await;
+        presence(&addr, Some(&etag)).await.0 == 304
+    })
+    .await;
+
+    state.lock().unwrap().hub.kick_all(true);
+    wait_until("the agent back after a restart-empty", async || alive(&presence(&addr, None).await.2, &id)).await;
+
+    state.lock().unwrap().fail = rendezvous::FailMode::Down;
+    state.lock().unwrap().hub.kick_all(false);
+    assert_eq!(presence(&addr, None).await.0, 503);
+    wait_until("the agent to see the rendezvous gone", async || a.metrics.rendezvous_connected.get() == 0).await;
+    state.lock().unwrap().fail = rendezvous::FailMode::None;
+    wait_until("the agent to reconnect", async || a.metrics.rendezvous_connected.get() == 1).await;
+}
+
+#[tokio::test]
+async fn a_session_without_the_join_token_is_refused() {
+    let (addr, state) = hub().await;
+    state.lock().unwrap().token = Some("t".into());
+    let good = agent(&addr, Some("t")).await;
+    let bad = agent(&addr, Some("x")).await;
+    wait_until("the agent with the token to connect", async || good.metrics.rendezvous_connected.get() == 1).await;
+    let body = presence_with_token(&addr).await;
+    assert!(!body.contains(&bad.identity.node_id()), "the agent without the token registered");
+    assert_eq!(bad.metrics.rendezvous_connected.get(), 0);
+}
+
+async fn presence_with_token(hub: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(hub).await.unwrap();
+    let req = "GET /presence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n";
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    raw
+}
