@@ -17,7 +17,7 @@ use yrs::{ReadTxn, StateVector, Transact, Update};
 /// Updates remembered by the seen-cache.
 const SEEN_CAPACITY: usize = 1 << 16;
 /// Messages queued for one link before it counts as too slow and is dropped (it resyncs on redial).
-pub const LINK_QUEUE: usize = 1024;
+pub const LINK_QUEUE: usize = 256;
 
 /// Identifies one attached link for the lifetime of the process.
 pub type LinkId = u64;
@@ -57,7 +57,7 @@ pub struct Doc {
 impl Doc {
     /// Starts the document task.
     pub fn spawn(metrics: DocMetrics) -> Doc {
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(Relay { doc: yrs::Doc::new(), links: HashMap::new(), seen: Seen::default(), metrics }.run(rx));
         Doc { tx }
     }
@@ -172,8 +172,11 @@ impl Relay {
 
     fn answer(&mut self, link: LinkId, sv: &StateVector) {
         let diff = self.doc.transact().encode_state_as_update_v1(sv);
-        if let Some(l) = self.links.get(&link) {
-            let _ = l.out.try_send(encode(SyncMessage::SyncStep2(diff)));
+        let answered =
+            self.links.get(&link).is_some_and(|l| l.out.try_send(encode(SyncMessage::SyncStep2(diff))).is_ok());
+        if !answered && self.links.remove(&link).is_some() {
+            // A peer that asks faster than it reads is dropped, not buffered for.
+            self.metrics.slow_links_dropped.inc();
         }
     }
 

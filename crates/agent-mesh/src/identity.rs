@@ -2,7 +2,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 pub struct Identity {
     key: SigningKey,
@@ -59,13 +59,21 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
-/// Whether `signature` (hex) is `node_id`'s (hex public key) signature of `message`. Malformed input is
-/// simply not a valid signature.
+/// Whether `id` is a node id as written: 64 lowercase hex digits (one key, one spelling).
+pub fn is_node_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `signature` (hex) is `node_id`'s (hex public key) signature of `message`, by the strict
+/// verification rules. Malformed input is simply not a valid signature.
 pub fn verify(node_id: &str, message: &[u8], signature: &str) -> bool {
+    if !is_node_id(node_id) {
+        return false;
+    }
     let key = hex::decode(node_id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
     let sig = hex::decode(signature).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
     match (key.and_then(|k| VerifyingKey::from_bytes(&k).ok()), sig) {
-        (Some(key), Some(sig)) => key.verify(message, &Signature::from_bytes(&sig)).is_ok(),
+        (Some(key), Some(sig)) => key.verify_strict(message, &Signature::from_bytes(&sig)).is_ok(),
         _ => false,
     }
 }
@@ -86,6 +94,7 @@ mod tests {
         assert!(verify(&again.node_id(), b"m", &sig));
         assert!(!verify(&again.node_id(), b"n", &sig));
         assert!(!verify("zz", b"m", &sig));
+        assert!(!verify(&again.node_id().to_uppercase(), b"m", &sig), "one key, one spelling");
         assert!(!verify(&Identity::generate().node_id(), b"m", &sig));
         std::fs::write(&path, b"short").unwrap();
         assert!(matches!(Identity::load_or_create(&path), Err(IdentityError::BadKey { len: 5, .. })));

@@ -2,7 +2,7 @@
 //! one. Pure; the mesh task feeds it events and carries out what it returns.
 //!
 //! Invariants, in planned mode (property-tested below, after every event, whatever the order):
-//! - **cap**: held links plus dials in flight ≤ `cap`;
+//! - **cap**: sockets (links held, links being closed, dials in flight) ≤ `cap`;
 //! - **only planned**: every held link is with a peer the current assignment names (dialed or accepted);
 //! - **one link per peer**.
 //!
@@ -53,50 +53,62 @@ impl Wanted {
     }
 }
 
+/// What to do with the socket a finished dial opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Keep it: the link is wanted.
+    Keep,
+    /// It opened but is no longer wanted: close it (it holds its slot until [`Table::closed`]).
+    Close,
+    /// It failed: nothing to do.
+    Failed,
+}
+
+/// The slots an agent's sockets occupy. A link being closed and a dial in flight hold their slot until
+/// their socket is gone (so "close before dial" holds for sockets, not only for bookkeeping).
 #[derive(Debug)]
 pub struct Table {
     me: String,
     cap: usize,
     wanted: Wanted,
     held: BTreeSet<(String, Direction)>,
+    closing: BTreeSet<(String, Direction)>,
     dialing: BTreeSet<String>,
 }
 
 impl Table {
     pub fn new(me: String, cap: usize) -> Self {
-        Self { me, cap, wanted: Wanted::nothing(), held: BTreeSet::new(), dialing: BTreeSet::new() }
+        let (held, closing, dialing) = Default::default();
+        Self { me, cap, wanted: Wanted::nothing(), held, closing, dialing }
     }
 
-    /// Adopts a new wish. Returns the links to close and the dials to abandon, now, before anything new is
-    /// dialed (their slots are free from this moment).
+    /// Adopts a new wish. Returns the held links to close now; they hold their slots until closed, and
+    /// nothing new is dialed into them before. A dial in flight that is no longer wanted is closed when it
+    /// ends ([`Table::dial_finished`]).
     pub fn want(&mut self, wanted: Wanted) -> Vec<(String, Direction)> {
         self.wanted = wanted;
         let wanted = &self.wanted;
-        let mut gone: Vec<(String, Direction)> =
+        let gone: Vec<(String, Direction)> =
             self.held.iter().filter(|(id, d)| !wanted.keeps(id, *d)).cloned().collect();
-        let stale: Vec<String> =
-            self.dialing.iter().filter(|id| !wanted.keeps(id, Direction::Dialed)).cloned().collect();
         for link in &gone {
             self.held.remove(link);
-        }
-        for id in stale {
-            self.dialing.remove(&id);
-            gone.push((id, Direction::Dialed));
+            self.closing.insert(link.clone());
         }
         gone
     }
 
     fn holds(&self, id: &str) -> bool {
-        self.held.iter().any(|(h, _)| h == id) || self.dialing.contains(id)
+        self.held.iter().chain(&self.closing).any(|(h, _)| h == id) || self.dialing.contains(id)
     }
 
     fn dialed(&self) -> usize {
-        self.held.iter().filter(|(_, d)| *d == Direction::Dialed).count() + self.dialing.len()
+        let open = self.held.iter().chain(&self.closing).filter(|(_, d)| *d == Direction::Dialed).count();
+        open + self.dialing.len()
     }
 
-    /// Links held plus dials in flight.
+    /// Sockets this agent has: links held, links being closed, dials in flight.
     pub fn count(&self) -> usize {
-        self.held.len() + self.dialing.len()
+        self.held.len() + self.closing.len() + self.dialing.len()
     }
 
     /// The peers to dial now, in order, each counted from now as a dial in flight. `ready` says whether a
@@ -113,8 +125,9 @@ impl Table {
             if !room {
                 break;
             }
+            let dialed_link = (id.clone(), Direction::Dialed);
             let taken = if seed {
-                self.dialing.contains(&id) || self.held.contains(&(id.clone(), Direction::Dialed))
+                self.dialing.contains(&id) || self.held.contains(&dialed_link) || self.closing.contains(&dialed_link)
             } else {
                 self.holds(&id)
             };
@@ -126,14 +139,19 @@ impl Table {
         out
     }
 
-    /// A dial ended. Returns whether to keep the link it opened (false when it failed, or was abandoned
-    /// meanwhile, or is no longer wanted).
-    pub fn dial_finished(&mut self, id: &str, opened: bool) -> bool {
-        let keep = self.dialing.remove(id) && opened && self.wanted.keeps(id, Direction::Dialed);
-        if keep {
-            self.held.insert((id.to_string(), Direction::Dialed));
+    /// A dial ended, having opened a socket or not.
+    pub fn dial_finished(&mut self, id: &str, opened: bool) -> Finished {
+        if !self.dialing.remove(id) || !opened {
+            return Finished::Failed;
         }
-        keep
+        let link = (id.to_string(), Direction::Dialed);
+        if self.wanted.keeps(id, Direction::Dialed) {
+            self.held.insert(link);
+            Finished::Keep
+        } else {
+            self.closing.insert(link);
+            Finished::Close
+        }
     }
 
     /// Admits an inbound link from `id`, or says why not.
@@ -154,9 +172,17 @@ impl Table {
         Ok(())
     }
 
-    /// A held link closed (from either end).
+    /// A link's socket is gone (closed from either end).
     pub fn closed(&mut self, id: &str, dir: Direction) {
-        self.held.remove(&(id.to_string(), dir));
+        let link = (id.to_string(), dir);
+        self.held.remove(&link);
+        self.closing.remove(&link);
+    }
+
+    /// Whether `id` is a peer the agent wants to dial.
+    pub fn dials_to(&self, id: &str) -> bool {
+        matches!(&self.wanted, Wanted::Planned { dial, .. } if dial.contains_key(id))
+            || matches!(&self.wanted, Wanted::Seed { alive } if alive.iter().any(|(a, _)| a == id))
     }
 
     pub fn held(&self) -> impl Iterator<Item = &(String, Direction)> {
@@ -187,7 +213,7 @@ mod tests {
         assert_eq!(t.admit("b"), Ok(()));
         assert_eq!(t.admit("b"), Err(Refusal::Duplicate));
         assert_eq!(t.admit("c"), Err(Refusal::AtCap), "the dial in flight holds a slot");
-        assert!(!t.dial_finished("a", false));
+        assert_eq!(t.dial_finished("a", false), Finished::Failed);
         assert_eq!(t.admit("c"), Ok(()));
         assert!(t.dials(|_| true).is_empty(), "no room left for a");
     }
@@ -197,12 +223,47 @@ mod tests {
         let mut t = Table::new("me".into(), 2);
         t.want(planned(&["a"], &["b"]));
         t.dials(|_| true);
-        assert!(t.dial_finished("a", true));
+        assert_eq!(t.dial_finished("a", true), Finished::Keep);
         t.admit("b").unwrap();
         let gone = t.want(planned(&["c"], &["a"]));
         assert_eq!(gone, vec![("b".to_string(), Direction::Accepted)]);
+        assert!(t.dials(|_| true).is_empty(), "b's socket still holds the slot");
+        t.closed("b", Direction::Accepted);
         assert_eq!(t.dials(|_| true), vec![("c".to_string(), "ws://c/".to_string())]);
-        assert!(!t.dial_finished("b", true), "an abandoned dial is not kept");
+    }
+
+    #[test]
+    fn a_closing_link_holds_its_slot_until_it_is_gone() {
+        let mut t = Table::new("me".into(), 1);
+        t.want(planned(&["a"], &[]));
+        t.dials(|_| true);
+        t.dial_finished("a", true);
+        assert_eq!(t.want(planned(&["b"], &["c"])), vec![("a".to_string(), Direction::Dialed)]);
+        assert!(t.dials(|_| true).is_empty(), "b dialed while the link to a is still open");
+        assert_eq!(t.admit("c"), Err(Refusal::AtCap));
+        t.closed("a", Direction::Dialed);
+        assert_eq!(t.dials(|_| true).len(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_dial_holds_its_slot_until_it_ends() {
+        let mut t = Table::new("me".into(), 1);
+        t.want(planned(&["a"], &[]));
+        t.dials(|_| true);
+        t.want(planned(&["b"], &[]));
+        assert!(t.dials(|_| true).is_empty(), "b dialed while the dial to a may still open a socket");
+        assert_eq!(t.dial_finished("a", true), Finished::Close, "an opened, unwanted dial is closed");
+        assert!(t.dials(|_| true).is_empty(), "its socket is still open");
+        t.closed("a", Direction::Dialed);
+        assert_eq!(t.dials(|_| true).len(), 1);
+        // Wanted again before it ended: the dial in flight is the link, no second dial.
+        let mut t = Table::new("me".into(), 2);
+        t.want(planned(&["a"], &[]));
+        t.dials(|_| true);
+        t.want(planned(&[], &[]));
+        t.want(planned(&["a"], &[]));
+        assert!(t.dials(|_| true).is_empty());
+        assert_eq!(t.dial_finished("a", true), Finished::Keep);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::assignment::Assignment;
 use crate::doc::{Doc, LinkId};
 use crate::handshake::{self, HandshakeError, PeerHello, Refusal};
 use crate::identity::Identity;
-use crate::links::{Direction, Table, Wanted};
+use crate::links::{Direction, Finished, Table, Wanted};
 use crate::metrics::Metrics;
 use crate::source::Reading;
 use crate::transport;
@@ -74,7 +74,8 @@ enum Event {
 
 struct Open {
     link: LinkId,
-    close: oneshot::Sender<Refusal>,
+    /// Taken when the close is requested; the entry stays until the link's task reports it closed.
+    close: Option<oneshot::Sender<Refusal>>,
     since_ms: f64,
 }
 
@@ -113,6 +114,7 @@ impl Mesh {
         let acceptor = Acceptor {
             identity: identity.clone(),
             token: config.join_token.clone(),
+            heartbeat: config.heartbeat,
             doc: doc.clone(),
             metrics: metrics.clone(),
             events: events.clone(),
@@ -188,14 +190,16 @@ impl Mesh {
         self.want(Wanted::Seed { alive });
     }
 
-    /// Closes what is no longer wanted, before anything new is dialed.
+    /// Closes what is no longer wanted; the table keeps their slots until their tasks report them gone.
     fn want(&mut self, wanted: Wanted) {
-        for (id, dir) in self.table.want(wanted) {
-            if let Some(open) = self.open.remove(&(id, dir)) {
-                let _ = open.close.send(Refusal::Unplanned);
+        for link in self.table.want(wanted) {
+            if let Some(close) = self.open.get_mut(&link).and_then(|o| o.close.take()) {
+                let _ = close.send(Refusal::Unplanned);
                 self.metrics.refused(Refusal::Unplanned);
             }
         }
+        let table = &self.table;
+        self.attempts.retain(|id, _| table.dials_to(id));
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -207,10 +211,8 @@ impl Mesh {
                     let link = next_link();
                     let _ = admit.send(Ok((link, rx)));
                     self.metrics.links_accepted.inc();
-                    self.open.insert(
-                        (hello.node_id, Direction::Accepted),
-                        Open { link, close, since_ms: presence::now_ms() },
-                    );
+                    let open = Open { link, close: Some(close), since_ms: presence::now_ms() };
+                    self.open.insert((hello.node_id, Direction::Accepted), open);
                 }
                 Err(why) => {
                     self.metrics.refused(why);
@@ -223,35 +225,45 @@ impl Mesh {
                     self.open.remove(&key);
                     self.table.closed(&key.0, dir);
                     self.metrics.links_closed.inc();
-                    self.back_off(&key.0);
+                    if dir == Direction::Dialed && self.table.dials_to(&key.0) {
+                        self.back_off(&key.0);
+                    }
                 }
             }
         }
     }
 
     fn dialed(&mut self, id: String, result: Result<Wire, HandshakeError>) {
-        let opened = result.is_ok();
-        if !self.table.dial_finished(&id, opened) {
-            match result {
-                Ok(wire) => drop(tokio::spawn(handshake::refuse(wire, Refusal::Unplanned))),
-                Err(e) => {
-                    tracing::debug!(peer = %short(&id), error = %e, "dial failed");
-                    self.metrics.dial_failed(match e {
-                        HandshakeError::Refused(r, _) => r.label(),
-                        _ => "unreachable",
-                    });
-                    self.back_off(&id);
-                }
-            }
-            return;
-        }
-        let wire = result.expect("kept dials opened");
-        self.metrics.links_dialed.inc();
-        self.attempts.remove(&id);
-        let (close, rx) = oneshot::channel();
         let link = next_link();
-        self.open.insert((id.clone(), Direction::Dialed), Open { link, close, since_ms: presence::now_ms() });
-        tokio::spawn(run_then_report(wire, self.doc.clone(), link, rx, id, Direction::Dialed, self.events.clone()));
+        let events = self.events.clone();
+        match (self.table.dial_finished(&id, result.is_ok()), result) {
+            (Finished::Keep, Ok(wire)) => {
+                self.metrics.links_dialed.inc();
+                self.attempts.remove(&id);
+                let (close, rx) = oneshot::channel();
+                let open = Open { link, close: Some(close), since_ms: presence::now_ms() };
+                self.open.insert((id.clone(), Direction::Dialed), open);
+                tokio::spawn(run_then_report(wire, self.doc.clone(), link, rx, id, self.config.heartbeat, events));
+            }
+            (Finished::Close, Ok(wire)) => {
+                self.open
+                    .insert((id.clone(), Direction::Dialed), Open { link, close: None, since_ms: presence::now_ms() });
+                tokio::spawn(async move {
+                    handshake::refuse(wire, Refusal::Unplanned).await;
+                    let _ = events.send(Event::Closed { id, dir: Direction::Dialed, link }).await;
+                });
+            }
+            (_, result) => {
+                if let Err(e) = &result {
+                    tracing::debug!(peer = %short(&id), error = %e, "dial failed");
+                }
+                self.metrics.dial_failed(match result {
+                    Err(HandshakeError::Refused(r, _)) => r.label(),
+                    _ => "unreachable",
+                });
+                self.back_off(&id);
+            }
+        }
     }
 
     fn back_off(&mut self, id: &str) {
@@ -325,11 +337,11 @@ async fn run_then_report(
     link: LinkId,
     close: oneshot::Receiver<Refusal>,
     id: String,
-    dir: Direction,
+    heartbeat: Duration,
     events: mpsc::Sender<Event>,
 ) {
-    transport::run_link(wire, doc, link, true, close, None, || {}).await;
-    let _ = events.send(Event::Closed { id, dir, link }).await;
+    transport::run_link(wire, doc, link, true, close, heartbeat, || {}).await;
+    let _ = events.send(Event::Closed { id, dir: Direction::Dialed, link }).await;
 }
 
 /// Handshakes in flight at once: a flood of connections costs at most this many sockets' memory.
@@ -338,6 +350,7 @@ const MAX_HANDSHAKES: usize = 64;
 struct Acceptor {
     identity: Arc<Identity>,
     token: Option<String>,
+    heartbeat: Duration,
     doc: Doc,
     metrics: Metrics,
     events: mpsc::Sender<Event>,
@@ -347,7 +360,11 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
     let acceptor = Arc::new(acceptor);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            // Out of file descriptors, most likely: wait rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
         let acceptor = acceptor.clone();
         tokio::spawn(async move { acceptor.one(tcp, permit).await });
@@ -381,7 +398,7 @@ impl Acceptor {
         };
         drop(permit);
         if handshake::welcome(&mut wire, &self.identity, &hello).await.is_ok() {
-            transport::run_link(wire, self.doc.clone(), link, true, close, None, || {}).await;
+            transport::run_link(wire, self.doc.clone(), link, true, close, self.heartbeat, || {}).await;
         }
         let _ = self.events.send(Event::Closed { id, dir: Direction::Accepted, link }).await;
     }

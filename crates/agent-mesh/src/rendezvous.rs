@@ -23,16 +23,8 @@ pub(crate) async fn run(identity: Arc<Identity>, doc: Doc, metrics: Metrics, con
                         attempts = 0;
                         metrics.rendezvous_connected.set(1);
                         let (_keep, close) = oneshot::channel();
-                        transport::run_link(
-                            wire,
-                            doc.clone(),
-                            next_link(),
-                            false,
-                            close,
-                            Some(config.heartbeat),
-                            || {},
-                        )
-                        .await;
+                        transport::run_link(wire, doc.clone(), next_link(), false, close, config.heartbeat, || {})
+                            .await;
                         metrics.rendezvous_connected.set(0);
                         tracing::warn!("rendezvous link closed");
                     }

@@ -32,7 +32,7 @@ pub fn watch_file(path: PathBuf, every: Duration) -> watch::Receiver<Reading> {
     tokio::spawn(async move {
         let mut last_text: Option<String> = None;
         loop {
-            let text = tokio::fs::read(&path).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+            let text = read_bounded(&path).await;
             let changed = match (&text, &last_text) {
                 (Ok(t), Some(l)) => t != l,
                 _ => true,
@@ -40,7 +40,7 @@ pub fn watch_file(path: PathBuf, every: Duration) -> watch::Receiver<Reading> {
             if changed {
                 let result = match &text {
                     Ok(t) => read(t),
-                    Err(e) => Err(format!("{}: {e}", path.display())),
+                    Err(e) => Err(e.clone()),
                 };
                 tx.send_modify(|r| match result {
                     Ok(a) => *r = Reading { assignment: a, error: None },
@@ -55,6 +55,21 @@ pub fn watch_file(path: PathBuf, every: Duration) -> watch::Receiver<Reading> {
         }
     });
     rx
+}
+
+/// The file's text, reading at most one byte past the size limit (so a huge file costs no memory).
+async fn read_bounded(path: &std::path::Path) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(downward::MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() > downward::MAX_FILE_BYTES {
+        return Err(downward::FileError::TooLarge(bytes.len()).to_string());
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //! open link (the Yjs sync messages between the socket and the document, optional heartbeats).
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
@@ -61,46 +63,82 @@ pub async fn accept(tcp: TcpStream, token: Option<&str>) -> Result<Wire, Refusal
     }
 }
 
-/// Runs an open link until either end closes it or `close` fires (with the reason sent to the peer) or is
-/// dropped. `touch` is called on every frame received (the rendezvous uses it as a heartbeat).
+/// A link on which nothing arrives for this long is dead (every end sends at least a heartbeat every 5 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A frame the peer does not take within this ends the link.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs an open link until either end closes it, it goes silent for [`IDLE_TIMEOUT`], a send stalls for
+/// [`SEND_TIMEOUT`], or `close` fires (its reason sent to the peer) or is dropped. Writing happens in a task
+/// of its own, so a peer that stops reading never keeps this loop from reading or from closing; the link is
+/// gone (its socket dropped) when this returns, within a second of a close request. `touch` is called on
+/// every frame received (the rendezvous uses it as a heartbeat).
 pub async fn run_link(
-    mut wire: Wire,
+    wire: Wire,
     doc: Doc,
     link: LinkId,
     mesh: bool,
     mut close: oneshot::Receiver<Refusal>,
-    heartbeat: Option<Duration>,
+    heartbeat: Duration,
     touch: impl Fn() + Send,
 ) {
+    let Wire { tx, mut rx } = wire;
+    let (frames, queued) = mpsc::channel(crate::doc::LINK_QUEUE);
+    let mut writer = Some(tokio::spawn(write_frames(tx, queued)));
     let mut out = doc.attach(link, mesh).await;
-    let mut beat = tokio::time::interval(heartbeat.unwrap_or(Duration::from_secs(3600)));
+    let mut beat = tokio::time::interval(heartbeat);
+    let mut heard = Instant::now();
+    let mut why = None;
     loop {
+        let writing = writer.as_mut().expect("the writer runs until the loop ends");
         tokio::select! {
-            why = &mut close => {
-                if let Ok(why) = why {
-                    let _ = wire.send(Frame::Close(why.code(), why.label().into())).await;
-                }
+            reason = &mut close => {
+                why = reason.ok();
                 break;
             }
             m = out.recv() => {
+                // A queue that is full means a peer that does not keep up: drop it (it resyncs on redial).
                 let Some(bytes) = m else { break };
-                if wire.send(Frame::Binary(bytes)).await.is_err() {
+                if frames.try_send(Frame::Binary(bytes)).is_err() {
                     break;
                 }
             }
-            f = wire.recv() => match f {
-                Some(Ok(Frame::Binary(bytes))) => { touch(); doc.incoming(link, bytes).await }
-                Some(Ok(Frame::Text(_))) => touch(),
-                _ => break,
-            },
-            _ = beat.tick(), if heartbeat.is_some() => {
-                if wire.send(Frame::Text(HEARTBEAT.into())).await.is_err() {
-                    break;
+            f = rx.next() => {
+                heard = Instant::now();
+                match f {
+                    Some(Ok(Frame::Binary(bytes))) => { touch(); doc.incoming(link, bytes).await }
+                    Some(Ok(Frame::Text(_))) => touch(),
+                    _ => break,
                 }
             }
+            _ = beat.tick() => if frames.try_send(Frame::Text(HEARTBEAT.into())).is_err() { break },
+            _ = tokio::time::sleep_until(heard + IDLE_TIMEOUT) => break,
+            _ = writing => { writer = None; break }
         }
     }
     doc.detach(link).await;
+    if let Some(why) = why {
+        let _ = frames.try_send(Frame::Close(why.code(), why.label().into()));
+    }
+    drop(frames);
+    if let Some(mut w) = writer
+        && tokio::time::timeout(Duration::from_secs(1), &mut w).await.is_err()
+    {
+        w.abort();
+    }
+}
+
+async fn write_frames(
+    mut tx: std::pin::Pin<Box<dyn futures::Sink<Frame, Error = crate::wire::WireError> + Send>>,
+    mut queued: mpsc::Receiver<Frame>,
+) {
+    use futures::SinkExt;
+    while let Some(frame) = queued.recv().await {
+        if !matches!(tokio::time::timeout(SEND_TIMEOUT, tx.send(frame)).await, Ok(Ok(()))) {
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(SEND_TIMEOUT, tx.close()).await;
 }
 
 #[cfg(test)]

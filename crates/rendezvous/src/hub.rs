@@ -22,6 +22,8 @@ use crate::{Shared, now_ms};
 /// Presence entries in the document are refreshed at least this often (the seed ignores entries older
 /// than ten minutes).
 const DOC_REFRESH_MS: f64 = 30_000.0;
+/// How often the hub tells each agent it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// An agent known from a session.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -127,6 +129,10 @@ pub async fn session(state: Shared, socket: WebSocket) {
         let hub = &mut st.hub;
         hub.next += 1;
         let (session, order) = (hub.next, hub.connected.get(&hello.node_id).map_or(hub.next, |c| c.order));
+        // One session per node: a newer one replaces the older.
+        if let Some(old) = hub.connected.get(&hello.node_id).and_then(|c| hub.sessions.remove(&c.session)) {
+            let _ = old.send(Refusal::Duplicate);
+        }
         hub.sessions.insert(session, close);
         let hostname = hello.hostname.clone().filter(|h| h.len() <= 253);
         let entry = Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, session };
@@ -135,7 +141,8 @@ pub async fn session(state: Shared, socket: WebSocket) {
     };
     if handshake::welcome(&mut wire, &identity, &hello).await.is_ok() {
         let touch = || touch(&state, &hello.node_id, session);
-        agent_mesh::transport::run_link(wire, doc, agent_mesh::mesh::next_link(), false, closed, None, touch).await;
+        let link = agent_mesh::mesh::next_link();
+        agent_mesh::transport::run_link(wire, doc, link, false, closed, HEARTBEAT, touch).await;
     }
     let mut st = state.lock().unwrap();
     st.hub.sessions.remove(&session);
