@@ -118,7 +118,7 @@ say "Each agent's open links, as the agents report them (cap 4)"
 agents --links $(seq 0 $((AGENTS - 1)))
 
 say "Killing the rendezvous and 5 agents"
-kill -9 "$hub_pid"
+{ kill -9 "$hub_pid"; wait "$hub_pid"; } 2>/dev/null || true
 for i in 0 1 2 3 4; do kill "${agent_pid[$i]}"; kubectl delete pod "agent-$i" -n "$NS" --wait=false >/dev/null; done
 survivors=$(seq 5 $((AGENTS - 1)))
 wait_for "the outage to be reported" status_is '{.status.conditions[?(@.type=="RendezvousReachable")].status}' False
