@@ -1,7 +1,7 @@
 //! Real agents under the operator, on the real control plane: 20 `mesh-agent` processes on loopback
 //! addresses that match their Pods' IPs, synced through the rendezvous hub, reading their assignments
 //! from downward-API files that a stand-in kubelet refreshes with a random lag per Pod. Every agent's open
-//! links are sampled from the agents themselves for the whole test, each agent's own high-water mark is
+//! links are sampled from the agents themselves (one agent watches its own Pod instead of reading a file) for the whole test, each agent's own high-water mark is
 //! checked at the end, and the Pod annotations run under the history checker.
 mod support;
 
@@ -47,7 +47,15 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     let mut agents = Vec::new();
     for i in 0..20 {
         let name = format!("agent-{i}");
-        agents.push(Agent::spawn(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP).await);
+        // Agent 7 watches its own Pod instead of reading a downward-API file.
+        let source = if i == 7 {
+            vec!["--assignment-source", "pod", "--pod-name", &name, "--pod-namespace", &ns]
+        } else {
+            vec![]
+        };
+        let seed_timing = ["--seed-delay", "1s", "--seed-scan", "2s"];
+        let extra: Vec<&str> = source.into_iter().chain(seed_timing).collect();
+        agents.push(Agent::spawn_with(dir.path(), &name, &ip(i), &hub, Mode::Operator, CAP, &extra).await);
         agent_pod(&client, &ns, &name, &ip(i), None).await;
     }
     let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));

@@ -78,6 +78,7 @@ impl Agent {
             .args(extra)
             .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
             .env("RUST_LOG", "agent_mesh=debug")
+            .env("KUBECONFIG", kubeconfig())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
             .kill_on_drop(true);

@@ -1,6 +1,7 @@
-//! Where an agent reads its assignment: the kubelet's downward-API annotations file, polled. A reading that
-//! does not parse (missing, truncated, half-written, inconsistent) keeps the last good assignment and is
-//! reported; it is never applied.
+//! Where an agent reads its assignment: the kubelet's downward-API annotations file, polled, or (with the
+//! `kube` feature) a watch of the agent's own Pod. A reading that does not parse (missing, truncated,
+//! half-written, inconsistent) keeps the last good assignment and is reported; it is never applied. Any
+//! other source can feed the mesh the same way: a `watch` channel of [`Reading`]s.
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,16 +43,49 @@ pub fn watch_file(path: PathBuf, every: Duration) -> watch::Receiver<Reading> {
                     Ok(t) => read(t),
                     Err(e) => Err(e.clone()),
                 };
-                tx.send_modify(|r| match result {
-                    Ok(a) => *r = Reading { assignment: a, error: None },
-                    Err(e) => r.error = Some(e),
-                });
+                publish(&tx, result);
                 last_text = text.ok();
             }
             if tx.is_closed() {
                 return;
             }
             tokio::time::sleep(every).await;
+        }
+    });
+    rx
+}
+
+/// A good reading replaces the assignment; a bad one only reports, keeping the last good assignment.
+fn publish(tx: &watch::Sender<Reading>, result: Result<Option<Assignment>, String>) {
+    tx.send_modify(|r| match result {
+        Ok(a) => *r = Reading { assignment: a, error: None },
+        Err(e) => r.error = Some(e),
+    });
+}
+
+/// Watches the agent's own Pod (`get`, `list` and `watch` on `pods`, narrowed to its name by a field
+/// selector): changes arrive within a second, not a kubelet sync period.
+#[cfg(feature = "kube")]
+pub fn watch_pod(client: kube::Client, namespace: &str, name: &str) -> watch::Receiver<Reading> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let (tx, rx) = watch::channel(Reading::default());
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let mut pods = watcher(pods, config).default_backoff().applied_objects().boxed();
+        while let Some(event) = pods.next().await {
+            match event {
+                Ok(pod) => {
+                    let annotations = pod.metadata.annotations.unwrap_or_default();
+                    publish(&tx, Assignment::from_annotations_strict(&annotations).map_err(|e| e.to_string()));
+                }
+                Err(e) => publish(&tx, Err(format!("watching Pod {name}: {e}"))),
+            }
+            if tx.is_closed() {
+                return;
+            }
         }
     });
     rx

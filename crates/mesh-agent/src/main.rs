@@ -22,6 +22,15 @@ enum PeerSelection {
     Seed,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AssignmentSource {
+    /// The downward-API annotations file (`--assignment-file`).
+    File,
+    /// A watch of the agent's own Pod (`--pod-name`, `--pod-namespace`; in-cluster credentials or
+    /// $KUBECONFIG; needs get/list/watch on pods).
+    Pod,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "A build agent's sync side: a CRDT document over the rendezvous and the planned mesh links")]
 struct Args {
@@ -51,9 +60,17 @@ struct Args {
     max_peers: usize,
     #[arg(long, value_enum, default_value_t = PeerSelection::Operator)]
     peer_selection: PeerSelection,
-    /// The downward-API annotations file (operator mode).
+    /// Where the assignment is read (operator mode).
+    #[arg(long, value_enum, default_value_t = AssignmentSource::File)]
+    assignment_source: AssignmentSource,
+    /// The downward-API annotations file.
     #[arg(long, default_value = "/etc/podinfo/annotations")]
     assignment_file: PathBuf,
+    /// This agent's Pod (for `--assignment-source pod`).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
     /// How often the assignment file is read.
     #[arg(long, value_parser = duration, default_value = "200ms")]
     poll_interval: Duration,
