@@ -52,9 +52,13 @@ async fn carried_by(client: &Client, ns: &str, pod: &str) -> Option<Assignment> 
     Assignment::from_annotations(p.annotations())
 }
 
+/// Successful presence reads: new bodies and 304s (an unchanged list, as an empty one is).
 fn presence_reads(op: &Operator) -> u64 {
-    let label = mesh_operator::telemetry::ResultLabel { result: "ok".into() };
-    op.metrics.presence_fetches.get_or_create(&label).get()
+    let read = |r: &str| {
+        let label = mesh_operator::telemetry::ResultLabel { result: r.into() };
+        op.metrics.presence_fetches.get_or_create(&label).get()
+    };
+    read("ok") + read("not_modified")
 }
 
 /// Headline bug 1: a rendezvous restarted empty, its agents re-registering one by one over 48 s (longer

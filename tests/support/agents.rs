@@ -128,6 +128,16 @@ impl Agent {
             .sum()
     }
 
+    /// The agent's link and relay counters, for failure messages.
+    pub async fn counters(&self) -> String {
+        let Ok(resp) = http().get(format!("http://{}/metrics", self.api)).send().await else { return String::new() };
+        let text = resp.text().await.unwrap_or_default();
+        let wanted =
+            ["dials_failed", "links_refused", "links_closed", "slow_links", "protocol_errors", "assignment_errors"];
+        let lines = text.lines().filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w)));
+        format!("  {} counters: {}", self.name, lines.collect::<Vec<_>>().join("; "))
+    }
+
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
@@ -165,20 +175,44 @@ pub async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) ->
         .collect()
 }
 
-/// Waits until every agent holds exactly the links its Pod's assignment names, and each has some.
+/// Waits until every agent holds exactly the links its Pod's assignment names, and each has some; on
+/// timeout, names every agent that does not and what it holds.
 pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[&Agent]) {
     let ids: BTreeMap<String, String> = agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
-    wait_for("every agent to hold exactly its planned links", Duration::from_secs(180), || async {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
         let plans = plans(client, ns, &ids).await;
+        let mut off = Vec::new();
         for a in agents {
-            let plan = plans.get(&a.node_id)?;
-            if plan.is_empty() || a.links().await? != *plan {
-                return None;
+            let plan = plans.get(&a.node_id).cloned().unwrap_or_default();
+            let status = a.status().await.unwrap_or_default();
+            let held: BTreeSet<String> = status["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l["nodeId"].as_str().map(str::to_string))
+                .collect();
+            if plan.is_empty() || held != plan {
+                off.push(format!("{} plan {} holds {}: {status}", a.name, short_ids(&plan), short_ids(&held)));
+                if tokio::time::Instant::now() >= deadline {
+                    off.push(a.counters().await);
+                }
             }
         }
-        Some(())
-    })
-    .await;
+        if off.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents not following the plan after 180 s:\n{}",
+            off.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn short_ids(ids: &BTreeSet<String>) -> String {
+    ids.iter().map(|i| i.get(..8).unwrap_or(i)).collect::<Vec<_>>().join(",")
 }
 
 /// Stands in for the kubelet's downward-API volume: every Pod's annotations are written to
@@ -194,8 +228,10 @@ impl Kubelet {
         let dir = dir.to_path_buf();
         let task = tokio::spawn(async move {
             let mut per_pod: HashMap<String, tokio::sync::watch::Sender<BTreeMap<String, String>>> = HashMap::new();
-            let mut stream = watcher(pods, watcher::Config::default()).applied_objects().boxed();
-            while let Some(Ok(pod)) = stream.next().await {
+            let mut stream = watcher(pods, watcher::Config::default()).default_backoff().applied_objects().boxed();
+            // A watch error (a busy API server) is retried by the watcher, never the end of the kubelet.
+            while let Some(event) = stream.next().await {
+                let Ok(pod) = event else { continue };
                 let name = pod.name_any();
                 let annotations = pod.annotations().clone();
                 let tx = per_pod.entry(name.clone()).or_insert_with(|| {

@@ -17,7 +17,7 @@ use yrs::{ReadTxn, StateVector, Transact, Update};
 /// Updates remembered by the seen-cache.
 const SEEN_CAPACITY: usize = 1 << 16;
 /// Messages queued for one link before it counts as too slow and is dropped (it resyncs on redial).
-pub const LINK_QUEUE: usize = 256;
+pub const LINK_QUEUE: usize = 1024;
 
 /// Identifies one attached link for the lifetime of the process.
 pub type LinkId = u64;

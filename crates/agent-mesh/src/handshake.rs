@@ -44,11 +44,12 @@ pub enum Refusal {
     NotPlanned,
     /// Accepting would exceed the cap.
     AtCap,
-    /// A link with this peer is already open.
+    /// A link with this peer is already open, being closed, or being dialed.
     Duplicate,
     /// The dialer is this agent.
     Itself,
-    /// An open link closed because the plan no longer holds it.
+    /// An open link closed because the plan no longer holds it (also a dial that completed after its peer
+    /// left the plan).
     Unplanned,
 }
 
@@ -121,7 +122,10 @@ fn nonce() -> String {
 
 async fn send(wire: &mut Wire, g: &Greeting) -> Result<(), HandshakeError> {
     let text = serde_json::to_string(g).expect("greetings serialize");
-    wire.send(Frame::Text(text)).await.map_err(|e| HandshakeError::Wire(e.0))
+    match tokio::time::timeout(STEP_TIMEOUT, wire.send(Frame::Text(text))).await {
+        Ok(sent) => sent.map_err(|e| HandshakeError::Wire(e.0)),
+        Err(_) => Err(HandshakeError::TimedOut),
+    }
 }
 
 async fn recv(wire: &mut Wire) -> Result<Greeting, HandshakeError> {
@@ -161,7 +165,7 @@ pub async fn welcome(wire: &mut Wire, me: &Identity, peer: &PeerHello) -> Result
 
 /// Closes the socket with the refusal's code; the dialer reads it as [`HandshakeError::Refused`].
 pub async fn refuse(mut wire: Wire, why: Refusal) {
-    let _ = wire.send(Frame::Close(why.code(), why.label().into())).await;
+    let _ = tokio::time::timeout(STEP_TIMEOUT, wire.send(Frame::Close(why.code(), why.label().into()))).await;
 }
 
 /// The dialer's half. `expect`: the node id the plan names (None: whoever answers, as with the rendezvous).

@@ -63,6 +63,8 @@ mod runtime {
         /// Sent as a bearer token on every link and required on every inbound one.
         pub join_token: Option<String>,
         pub backoff: Backoff,
+        /// How often each link says it is alive; kept between 100 ms and 5 s (peers close a link silent for
+        /// 20 s).
         pub heartbeat: Duration,
     }
 

@@ -340,8 +340,16 @@ async fn run_then_report(
     heartbeat: Duration,
     events: mpsc::Sender<Event>,
 ) {
-    transport::run_link(wire, doc, link, true, close, heartbeat, || {}).await;
+    supervised(wire, doc, link, close, heartbeat).await;
     let _ = events.send(Event::Closed { id, dir: Direction::Dialed, link }).await;
+}
+
+/// Runs a mesh link in a task of its own, so that even a panic in it ends with the link reported closed
+/// (its slot freed) rather than held forever.
+async fn supervised(wire: Wire, doc: Doc, link: LinkId, close: oneshot::Receiver<Refusal>, heartbeat: Duration) {
+    if let Err(e) = tokio::spawn(transport::run_link(wire, doc, link, true, close, heartbeat, || {})).await {
+        tracing::error!(error = %e, "a link task failed");
+    }
 }
 
 /// Handshakes in flight at once: a flood of connections costs at most this many sockets' memory.
@@ -397,8 +405,9 @@ impl Acceptor {
             Err(_) => return,
         };
         drop(permit);
-        if handshake::welcome(&mut wire, &self.identity, &hello).await.is_ok() {
-            transport::run_link(wire, self.doc.clone(), link, true, close, self.heartbeat, || {}).await;
+        match handshake::welcome(&mut wire, &self.identity, &hello).await {
+            Ok(()) => supervised(wire, self.doc.clone(), link, close, self.heartbeat).await,
+            Err(_) => drop(wire),
         }
         let _ = self.events.send(Event::Closed { id, dir: Direction::Accepted, link }).await;
     }

@@ -1,5 +1,5 @@
 //! Opening links: dialing a WebSocket URL with the join token, accepting one and checking it, and running an
-//! open link (the Yjs sync messages between the socket and the document, optional heartbeats).
+//! open link (the Yjs sync messages between the socket and the document, heartbeats, the idle timeout).
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -63,8 +63,12 @@ pub async fn accept(tcp: TcpStream, token: Option<&str>) -> Result<Wire, Refusal
     }
 }
 
-/// A link on which nothing arrives for this long is dead (every end sends at least a heartbeat every 5 s).
+/// A link on which nothing arrives for this long is dead (every end sends at least a heartbeat every
+/// [`MAX_HEARTBEAT`]).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest heartbeat interval the protocol allows (and the shortest this crate uses).
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(5);
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// A frame the peer does not take within this ends the link.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,7 +90,7 @@ pub async fn run_link(
     let (frames, queued) = mpsc::channel(crate::doc::LINK_QUEUE);
     let mut writer = Some(tokio::spawn(write_frames(tx, queued)));
     let mut out = doc.attach(link, mesh).await;
-    let mut beat = tokio::time::interval(heartbeat);
+    let mut beat = tokio::time::interval(heartbeat.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT));
     let mut heard = Instant::now();
     let mut why = None;
     loop {
@@ -124,7 +128,9 @@ pub async fn run_link(
     if let Some(mut w) = writer
         && tokio::time::timeout(Duration::from_secs(1), &mut w).await.is_err()
     {
+        // Awaited after the abort, so the socket is gone when this returns (and the slot can be reused).
         w.abort();
+        let _ = w.await;
     }
 }
 

@@ -78,7 +78,8 @@ struct Args {
     seed_delay: Duration,
     #[arg(long, value_parser = duration, default_value = "60s")]
     seed_scan: Duration,
-    #[arg(long, value_parser = duration, default_value = "5s")]
+    /// How often each link says it is alive (100ms to 5s: peers close a link silent for 20 s).
+    #[arg(long, value_parser = heartbeat, default_value = "5s")]
     heartbeat: Duration,
 }
 
@@ -93,6 +94,15 @@ fn duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
         _ => Err(format!("{s:?}: unit must be ms, s or m")),
     }
+}
+
+fn heartbeat(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    let (lo, hi) = (agent_mesh::transport::MIN_HEARTBEAT, agent_mesh::transport::MAX_HEARTBEAT);
+    if d < lo || d > hi {
+        return Err(format!("{s:?} is outside {lo:?}..={hi:?}"));
+    }
+    Ok(d)
 }
 
 #[tokio::main]

@@ -164,10 +164,10 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Simulated agents (heartbeats counted in whole seconds, so an unchanged fleet keeps its ETag for a
-/// second) and the hub's real ones.
+/// Simulated agents (a live one has just heartbeated, so while any is live the ETag changes with every
+/// read) and the hub's real ones (last seen at their last frame).
 fn nodes(st: &SimState) -> Vec<serde_json::Value> {
-    let now = (now_ms() / 1000.0).floor() * 1000.0;
+    let now = now_ms();
     let sim = st.agents.values().map(|a| {
         let seen = a.frozen_at_ms.unwrap_or(now);
         json!({"node_id": a.node_id, "address": a.address, "alive": a.alive,
