@@ -34,9 +34,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::hub::Hub;
 
-pub fn now_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_millis() as f64)
-}
+pub use agent_mesh::presence::now_ms;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
