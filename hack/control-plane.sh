@@ -8,6 +8,7 @@
 #   hack/control-plane.sh status   say what runs where
 #   hack/control-plane.sh bin      print the directory holding the built binaries
 #   hack/control-plane.sh restart apiserver|etcd   restart one daemon in place (same ports and data)
+#   hack/control-plane.sh down|up apiserver|etcd   stop one daemon, or start it again (the two halves of restart)
 #
 # The daemons get no inherited descriptors (</dev/null, logs, lock fds closed): a caller reading our output,
 # or waiting on our lock, must not wait for etcd or kube-apiserver to exit.
@@ -193,16 +194,26 @@ wait_ready() {
   done
 }
 
-# Restarts one daemon of a running control plane in place (same ports, same data): the fault tests use it.
-cmd_restart() {
-  local which=$1 bin; bin=$(cmd_build)
-  case "$which" in
-    apiserver) stop_pid "$STATE/apiserver.pid" kube-apiserver; launch_apiserver "$bin" ;;
-    etcd) stop_pid "$STATE/etcd.pid" etcd; launch_etcd "$bin" ;;
-    *) die "restart: apiserver or etcd, not '$which'" ;;
+# Stops one daemon of a running control plane, keeping its ports and data (`up` starts it again): the fault
+# tests use it to change etcd behind the API server's back, and `restart` is both.
+cmd_down() {
+  case "$1" in
+    apiserver) stop_pid "$STATE/apiserver.pid" kube-apiserver ;;
+    etcd) stop_pid "$STATE/etcd.pid" etcd ;;
+    *) die "down: apiserver or etcd, not '$1'" ;;
+  esac
+  note "stopped $1"
+}
+
+cmd_up() {
+  local bin; bin=$(cmd_build)
+  case "$1" in
+    apiserver) launch_apiserver "$bin" ;;
+    etcd) launch_etcd "$bin" ;;
+    *) die "up: apiserver or etcd, not '$1'" ;;
   esac
   wait_ready
-  note "restarted $which"
+  note "started $1"
 }
 
 cmd_start() {
@@ -295,9 +306,11 @@ case "${1:-}" in
   build) cmd_build ;;
   start) cmd_start ;;
   ensure) cmd_ensure ;;
-  restart) cmd_restart "${2:-}" ;;
+  restart) cmd_down "${2:-}"; cmd_up "${2:-}" ;;
+  down) cmd_down "${2:-}" ;;
+  up) cmd_up "${2:-}" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   bin) cache_dir ;;
-  *) echo "usage: $0 build|start|ensure|stop|status|bin|restart apiserver|restart etcd" >&2; exit 2 ;;
+  *) echo "usage: $0 build|start|ensure|stop|status|bin|restart|down|up apiserver|etcd" >&2; exit 2 ;;
 esac

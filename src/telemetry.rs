@@ -42,6 +42,12 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabel {
+    pub watch: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabel {
     pub namespace: String,
     pub policy: String,
@@ -57,6 +63,7 @@ pub struct Metrics {
     pub presence_bytes: Counter,
     pub presence_errors: Family<KindLabel, Counter>,
     pub pod_patches: Counter,
+    pub watch_errors: Family<WatchLabel, Counter>,
     pub agents: Family<PolicyLabel, Gauge>,
     pub eligible: Family<PolicyLabel, Gauge>,
     pub links: Family<PolicyLabel, Gauge>,
@@ -76,6 +83,7 @@ impl Default for Metrics {
             presence_bytes: Counter::default(),
             presence_errors: Family::default(),
             pod_patches: Counter::default(),
+            watch_errors: Family::default(),
             agents: Family::default(),
             eligible: Family::default(),
             links: Family::default(),
@@ -91,6 +99,11 @@ impl Default for Metrics {
         registry.register("presence_bytes", "Presence body bytes read", m.presence_bytes.clone());
         registry.register("presence_errors", "Presence fetch errors by reason", m.presence_errors.clone());
         registry.register("pod_patches", "Pod annotation patches sent", m.pod_patches.clone());
+        registry.register(
+            "watch_errors",
+            "Watch errors by watch and kind (expired: a 410 that forces a relist)",
+            m.watch_errors.clone(),
+        );
         registry.register("policy_agents", "Pods a policy selects", m.agents.clone());
         registry.register("policy_eligible", "Eligible agents of a policy", m.eligible.clone());
         registry.register("policy_links", "Links in a policy's plan", m.links.clone());
@@ -112,10 +125,34 @@ impl Metrics {
         }
     }
 
+    /// Counts and logs a failed watch request; the watcher retries (and relists after a 410) on its own.
+    pub fn watch_failed(&self, watch: &'static str, error: &kube::runtime::watcher::Error) {
+        let kind = watch_error_kind(error);
+        self.watch_errors.get_or_create(&WatchLabel { watch, kind }).inc();
+        tracing::warn!(watch, kind, error = %error, "watch failed; retrying");
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+/// `expired` (410 Gone: the watcher relists), `forbidden` (RBAC), or `failed` (anything else).
+fn watch_error_kind(error: &kube::runtime::watcher::Error) -> &'static str {
+    use kube::runtime::watcher::Error as W;
+    let status = match error {
+        W::WatchError(status) => Some(status.code),
+        W::InitialListFailed(kube::Error::Api(s))
+        | W::WatchStartFailed(kube::Error::Api(s))
+        | W::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
+    };
+    match status {
+        Some(410) => "expired",
+        Some(403) => "forbidden",
+        _ => "failed",
     }
 }
 
@@ -154,4 +191,35 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>)
     tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     let _ = app_health.addr.set(bound);
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Error as W;
+
+    fn status(code: u16) -> Box<kube::core::Status> {
+        Box::new(kube::core::Status { code, ..Default::default() })
+    }
+
+    #[test]
+    fn watch_errors_are_classified_by_status_code() {
+        let cases: [(W, &str); 5] = [
+            (W::WatchError(status(410)), "expired"),
+            (W::WatchFailed(kube::Error::Api(status(410))), "expired"),
+            (W::InitialListFailed(kube::Error::Api(status(403))), "forbidden"),
+            (W::WatchStartFailed(kube::Error::Api(status(500))), "failed"),
+            (W::NoResourceVersion, "failed"),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(watch_error_kind(&error), kind, "{error}");
+        }
+    }
+
+    #[test]
+    fn a_failed_watch_is_counted_under_its_watch_and_kind() {
+        let metrics = Metrics::default();
+        metrics.watch_failed("pods", &W::WatchError(status(410)));
+        assert!(metrics.encode().contains(r#"mesh_operator_watch_errors_total{watch="pods",kind="expired"} 1"#));
+    }
 }

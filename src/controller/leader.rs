@@ -159,6 +159,7 @@ pub async fn elect(
                 event = leases.next() => match event {
                     Some(Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l))) => current = Some(l),
                     Some(Ok(watcher::Event::Delete(_))) => current = None,
+                    Some(Err(e)) => metrics.watch_failed("leases", &e),
                     Some(_) => {}
                     None => return,
                 },

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -169,13 +169,15 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
 
     let (nodes, node_writer) = reflector::store();
     let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
+    let node_metrics = metrics.clone();
     let node_stream = watcher(node_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(node_writer)
-        .for_each(|event| async move {
+        .for_each(move |event| {
             if let Err(e) = event {
-                warn!(error = %e, "Node watch failed; retrying (no policy reconciles until Nodes have listed)");
+                node_metrics.watch_failed("nodes", &e);
             }
+            std::future::ready(())
         });
     tasks.spawn(node_stream);
     let nodes_synced = Arc::new(AtomicBool::new(false));
@@ -305,8 +307,10 @@ async fn controller(
     };
     let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
     // Lists from etcd, not the API server's cache: a relist must never show Pods older than our writes.
+    let (pod_metrics, policy_metrics) = (ctx.metrics.clone(), ctx.metrics.clone());
     let pod_stream = watcher(pod_api, watcher::Config::default())
         .default_backoff()
+        .inspect_err(move |e| pod_metrics.watch_failed("pods", e))
         .modify(trim_pod)
         .reflect(pod_writer)
         .touched_objects();
@@ -317,6 +321,7 @@ async fn controller(
     let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
     let policy_stream = watcher(policy_api, watcher::Config::default())
         .default_backoff()
+        .inspect_err(move |e| policy_metrics.watch_failed("meshpolicies", e))
         .reflect(policy_writer)
         .inspect(move |event| {
             if let Ok(watcher::Event::InitDone) = event {
@@ -355,8 +360,10 @@ async fn controller(
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+            match res {
+                // Already counted and logged where the watch failed.
+                Err(controller::Error::QueueError(_)) | Ok(_) => {}
+                Err(e) => warn!(error = %e, "reconcile failed"),
             }
         });
     // The readiness probe is not part of the controller's life: it ends when the controller does.

@@ -285,6 +285,11 @@ impl Operator {
             .await
     }
 
+    /// Failed watch requests of `watch` (`pods`, `meshpolicies`, ...) of `kind` (`expired` is a 410).
+    pub fn watch_errors(&self, watch: &'static str, kind: &'static str) -> u64 {
+        self.metrics.watch_errors.get_or_create(&mesh_operator::telemetry::WatchLabel { watch, kind }).get()
+    }
+
     pub fn pod_patches(&self) -> u64 {
         self.metrics.pod_patches.get()
     }
@@ -386,10 +391,28 @@ fn fault_cp() -> std::process::Command {
     cmd
 }
 
-/// Restarts `apiserver` or `etcd` of the fault control plane in place; returns once it is ready again.
-pub fn restart_fault_daemon(which: &str) {
-    let out = fault_cp().args(["restart", which]).output().unwrap();
-    assert!(out.status.success(), "restarting {which}: {}", String::from_utf8_lossy(&out.stderr));
+/// Runs `hack/control-plane.sh <action> <daemon>` on the fault control plane: `restart`, `down` or `up`
+/// `apiserver` or `etcd`; `restart` and `up` return once the API server is ready again.
+pub fn fault_daemon(action: &str, which: &str) {
+    let out = fault_cp().args([action, which]).output().unwrap();
+    assert!(out.status.success(), "{action} {which}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// One request to the fault control plane's etcd through its JSON gateway (`/v3/kv/put`, ...); `key`
+/// fields of `body` are given as text and sent base64-encoded, as the gateway wants them.
+pub fn fault_etcd(call: &str, mut body: serde_json::Value) -> serde_json::Value {
+    use base64::Engine;
+    if let Some(key) = body.get("key").and_then(|k| k.as_str()) {
+        body["key"] = base64::engine::general_purpose::STANDARD.encode(key).into();
+    }
+    let port = std::fs::read_to_string(format!("{REPO}/_output/cp-faults/etcd.port")).expect("the etcd port");
+    let url = format!("http://127.0.0.1:{}/v3/{call}", port.trim());
+    let out = std::process::Command::new("curl")
+        .args(["-sSf", "--max-time", "10", "-X", "POST", "-d", &body.to_string(), &url])
+        .output()
+        .expect("running curl");
+    assert!(out.status.success(), "etcd {call}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("a JSON answer from etcd")
 }
 
 /// A client of the fault control plane.
