@@ -2,20 +2,32 @@
 SHELL := /bin/bash
 CP := hack/control-plane.sh
 
-.PHONY: test lint control-plane control-plane-stop crd bench demo image-binary
+.PHONY: test lint control-plane control-plane-stop crd bench demo image-binary images
 
+# The node tier (tests/e2e_node.rs) runs last, on a real node started only for it.
 test: lint control-plane
-	@set -euo pipefail; eval "$$($(CP) ensure)"; trap '$(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
-	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4; \
+	@set -euo pipefail; eval "$$($(CP) ensure)"; \
+	  trap 'hack/node.sh stop; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
+	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \
 	  cargo bench --no-run --locked; \
-	  $(MAKE) --no-print-directory image-binary
+	  $(MAKE) --no-print-directory images; \
+	  hack/node.sh start; \
+	  cargo test --locked --test e2e_node -- --nocapture on_a_real_node
 
-## The static binary the Dockerfile ships, built by the Dockerfile's own command (no Docker engine needed).
+## The static binaries the Dockerfile ships, built by the Dockerfile's own command (no Docker engine needed).
+STATIC := target/x86_64-unknown-linux-gnu/release
 image-binary:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --bin mesh-operator
-	@file target/x86_64-unknown-linux-gnu/release/mesh-operator 2>/dev/null | grep -q "static" || \
-	  ldd target/x86_64-unknown-linux-gnu/release/mesh-operator 2>&1 | grep -q "not a dynamic executable"
-	@echo "static binary: target/x86_64-unknown-linux-gnu/release/mesh-operator"
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p mesh-operator -p mesh-agent -p rendezvous --bin mesh-operator --bin mesh-agent --bin rendezvous
+	@for b in mesh-operator mesh-agent rendezvous; do \
+	  ldd $(STATIC)/$$b 2>&1 | grep -qE "not a dynamic executable|statically linked" || { echo "$$b is not static" >&2; exit 1; }; done
+	@echo "static binaries: $(STATIC)/{mesh-operator,mesh-agent,rendezvous}"
+
+## The images (operator, agent, rendezvous, pause) as OCI archives in _output/images, for the local node.
+images: image-binary
+	hack/image.py dockerfile Dockerfile operator mesh.local/mesh-operator:dev _output/images/operator.tar --context build=$(STATIC)
+	hack/image.py dockerfile Dockerfile agent mesh.local/mesh-agent:dev _output/images/agent.tar --context build=$(STATIC)
+	hack/image.py dockerfile Dockerfile rendezvous mesh.local/rendezvous:dev _output/images/rendezvous.tar --context build=$(STATIC)
+	hack/image.py files mesh.local/pause:dev _output/images/pause.tar --file /pause=$$(hack/node.sh build)/pause --user 65535:65535 --entrypoint '["/pause"]'
 
 ## The local demo: control plane, rendezvous simulator, 30 agents in 3 zones, the operator, an outage.
 demo:
@@ -30,6 +42,7 @@ control-plane:
 	$(CP) build
 
 control-plane-stop:
+	hack/node.sh stop
 	$(CP) stop
 	MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop
 

@@ -23,58 +23,25 @@ TOOLS="$ROOT/hack/tools"
 STATE=${MESH_CP_DIR:-$ROOT/_output/control-plane}
 READY_TIMEOUT=${MESH_CP_READY_TIMEOUT:-60}
 
-die() { echo "control-plane: error: $*" >&2; exit 1; }
-note() { echo "control-plane: $*" >&2; }
-
-k8s_version() { awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$TOOLS/kubernetes/go.mod"; }
-
-# The cache key covers every pin (go.mod and go.sum of each tool module) and the Go toolchain.
-cache_dir() {
-  command -v go >/dev/null || die "no 'go' on PATH: install Go 1.26 or newer (the Kubernetes pins need it)"
-  local key
-  key=$( { cat "$TOOLS"/*/go.mod "$TOOLS"/*/go.sum; go version; echo "$BUILD_REV"; } | sha256sum | cut -c1-12)
-  echo "${MESH_CACHE_DIR:-$HOME/.cache/mesh-operator}/$(k8s_version)-$key"
-}
-
-# Bump when the way binaries are built changes, so caches built the old way are not reused.
-BUILD_REV=2
-
-build_one() { # module-dir output-name package cache-dir [ldflags]
-  local dir=$1 out=$2 pkg=$3 bin=$4 ldflags=${5:-}
-  [ -x "$bin/$out" ] && return 0
-  note "building $out from $pkg (pinned in hack/tools/$dir/go.mod)"
-  local log; log=$(mktemp)
-  if ! (cd "$TOOLS/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/.$out.tmp" "$pkg") >"$log" 2>&1; then
-    if grep -qE 'dial tcp|no such host|proxy|reading .*: (404|410)|unknown revision|verifying module' "$log"; then
-      sed 's/^/  /' "$log" | tail -20 >&2
-      die "could not download the Go modules for $out: is the Go module proxy reachable (GOPROXY=$(go env GOPROXY))?"
-    fi
-    sed 's/^/  /' "$log" | tail -40 >&2
-    die "building $out failed (full log: $log)"
-  fi
-  rm -f "$log"
-  mv "$bin/.$out.tmp" "$bin/$out"
-}
+SELF=control-plane
+# shellcheck source=hack/lib.sh
+. "$ROOT/hack/lib.sh"
 
 cmd_build() {
   local bin; bin=$(cache_dir)
-  mkdir -p "$bin"
-  # One lock per cache directory: parallel test binaries must not build the same thing twice.
-  exec 8>"$bin/.lock"
-  flock 8
-  # Stamp the release into the binaries (as the Kubernetes release build does), so version skew checks work.
-  local v; v=$(k8s_version)
-  local minor=${v#v1.}; minor=${minor%%.*}
-  local stamp="-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1"
-  stamp+=" -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-  stamp+=" -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1"
-  stamp+=" -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  lock_cache "$bin"
+  local stamp; stamp=$(k8s_stamp)
   build_one kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$bin" "$stamp"
   build_one kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$bin" "$stamp"
   build_one etcd etcd go.etcd.io/etcd/server/v3 "$bin"
   build_one helm helm helm.sh/helm/v3/cmd/helm "$bin"
   flock -u 8
   echo "$bin"
+}
+
+# This machine's address on its default route (empty without one): where Pods reach the API server.
+host_ip() {
+  ip -4 route get 1.1.1.1 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "src") {print $(i + 1); exit}}'
 }
 
 free_port() {
@@ -114,7 +81,7 @@ gen_certs() {
     cd "$d"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=mesh-operator-local-ca" 2>/dev/null
     cat >serving.ext <<EOF
-subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1${HOST_IP:+,IP:$HOST_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth
 EOF
     openssl req -newkey rsa:2048 -nodes -keyout serving.key -out serving.csr -subj "/CN=kube-apiserver" 2>/dev/null
@@ -122,6 +89,10 @@ EOF
     echo "extendedKeyUsage=clientAuth" >client.ext
     openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin" 2>/dev/null
     openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 -extfile client.ext 2>/dev/null
+    # What kube-apiserver shows kubelets (kubectl logs/exec): a client the kubelet's webhook authorizes.
+    openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr \
+      -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" 2>/dev/null
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out kubelet-client.crt -days 30 -extfile client.ext 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
   )
@@ -171,16 +142,24 @@ launch_etcd() {
 launch_apiserver() {
   local bin=$1 pki=$STATE/pki api_port etcd_port
   api_port=$(cat "$STATE/apiserver.port"); etcd_port=$(cat "$STATE/etcd.port")
+  HOST_IP=$(cat "$STATE/host.ip")
+  # With an address Pods can reach, the API server listens there too and is the `kubernetes` Service's
+  # endpoint (hack/node.sh runs Pods that talk to it); without one, it stays on loopback.
+  local bind=127.0.0.1 reconciler=none
+  [ -n "$HOST_IP" ] && bind=0.0.0.0 reconciler=lease
   "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$bind" --advertise-address "${HOST_IP:-127.0.0.1}" --secure-port "$api_port" \
+    --endpoint-reconciler-type "$reconciler" --anonymous-auth=false \
+    --kubelet-client-certificate "$pki/kubelet-client.crt" --kubelet-client-key "$pki/kubelet-client.key" \
+    --kubelet-certificate-authority "$pki/ca.crt" --kubelet-preferred-address-types InternalIP,Hostname \
+    --enable-admission-plugins NodeRestriction \
     --tls-cert-file "$pki/serving.crt" --tls-private-key-file "$pki/serving.key" \
     --client-ca-file "$pki/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC \
-    --endpoint-reconciler-type none \
+    --authorization-mode Node,RBAC \
     --etcd-compaction-interval "${MESH_CP_COMPACTION_INTERVAL:-5m}" \
     </dev/null >>"$STATE/apiserver.log" 2>&1 8>&- 9>&- &
   echo $! >"$STATE/apiserver.pid"
@@ -229,6 +208,8 @@ cmd_start() {
   for p in "$etcd_port" "$api_port"; do
     port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (set ETCD_PORT / APISERVER_PORT to another)"
   done
+  HOST_IP=$(host_ip)
+  echo "$HOST_IP" >"$STATE/host.ip"
   gen_certs
 
   echo "$api_port" >"$STATE/apiserver.port"

@@ -200,6 +200,15 @@ pub enum Fetched {
     NotModified,
 }
 
+fn bundle_certs(pem: &str) -> Result<Vec<reqwest::Certificate>, FetchError> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| FetchError::Other(format!("caBundle is not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(FetchError::Other("caBundle holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
 /// The rendezvous client: one HTTP client per CA bundle, and a body-size cap enforced while reading.
 pub struct Fetcher {
     max_bytes: usize,
@@ -217,20 +226,23 @@ impl Fetcher {
         if let Some(c) = clients.get(&ca_bundle.map(str::to_owned)) {
             return Ok(c.clone());
         }
-        // A fresh connection per poll: an outage shows as refused at once, not as a stale pooled socket.
-        let mut builder =
-            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).pool_max_idle_per_host(0);
-        if let Some(pem) = ca_bundle {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| FetchError::Other(format!("caBundle is not valid PEM: {e}")))?;
-            if certs.is_empty() {
-                return Err(FetchError::Other("caBundle holds no PEM certificate".into()));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        let client = builder.build().map_err(|e| FetchError::Other(e.to_string()))?;
+        let built = match ca_bundle {
+            Some(pem) => Self::builder().tls_certs_only(bundle_certs(pem)?).build(),
+            // The image is FROM scratch: no system roots, without which the platform verifier refuses to
+            // start. Plain http needs none; https then needs `caBundle`, and fails naming the issuer.
+            None => Self::builder().build().or_else(|e| {
+                tracing::warn!(error = %e, "no system CA certificates: https rendezvous URLs need spec.rendezvous.caBundle");
+                Self::builder().tls_certs_only(Vec::new()).build()
+            }),
+        };
+        let client = built.map_err(|e| FetchError::Other(e.to_string()))?;
         clients.insert(ca_bundle.map(str::to_owned), client.clone());
         Ok(client)
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        // A fresh connection per poll: an outage shows as refused at once, not as a stale pooled socket.
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).pool_max_idle_per_host(0)
     }
 
     /// Drops the client of a CA bundle no policy uses any more.

@@ -226,6 +226,27 @@ async fn rendezvous_outages_never_dismantle_the_mesh() {
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }
 
+/// The images are FROM scratch: no CA certificates. Found on the real node, where every presence read
+/// failed with "builder error" (the client wanted the system's roots even for http).
+#[tokio::test]
+async fn the_binary_reads_presence_without_system_ca_certificates() {
+    let (client, ns, rv) = setup("no-roots").await;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let mut op = operator_command(kubeconfig(), &ns, "op-no-roots", &log, "info", &["--leader-elect=false"])
+        .env("SSL_CERT_FILE", &empty)
+        .env("SSL_CERT_DIR", dir.path())
+        .spawn()
+        .unwrap();
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let p = wait_condition(&client, &ns, "mesh", "Ready", "True", "Applied").await;
+    assert_eq!(condition(&p, "RendezvousReachable").unwrap().0, "True");
+    op.kill().await.unwrap();
+}
+
 #[tokio::test]
 async fn join_token_from_a_secret() {
     let (client, ns, rv) = setup("token").await;

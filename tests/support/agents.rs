@@ -42,14 +42,39 @@ pub enum Mode {
     Seed,
 }
 
-/// One `mesh-agent` process.
-pub struct Agent {
+/// What a test reads from one agent, a process of its own or a container in a Pod: its API.
+#[derive(Clone, Debug)]
+pub struct AgentApi {
     pub name: String,
-    pub ip: String,
     pub node_id: String,
     pub api: SocketAddr,
+}
+
+/// One `mesh-agent` process.
+pub struct Agent {
+    pub ip: String,
     pub annotations: PathBuf,
+    view: AgentApi,
     child: tokio::process::Child,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = AgentApi;
+    fn deref(&self) -> &AgentApi {
+        &self.view
+    }
+}
+
+impl AsRef<AgentApi> for Agent {
+    fn as_ref(&self) -> &AgentApi {
+        &self.view
+    }
+}
+
+impl AsRef<AgentApi> for AgentApi {
+    fn as_ref(&self) -> &AgentApi {
+        self
+    }
 }
 
 impl Agent {
@@ -88,9 +113,15 @@ impl Agent {
         let field =
             |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
         let (api, node_id) = (field("api=").parse().unwrap(), field("node=").to_string());
-        Agent { name: name.into(), ip: ip.into(), node_id, api, annotations, child }
+        Agent { ip: ip.into(), annotations, view: AgentApi { name: name.into(), node_id, api }, child }
     }
 
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl AgentApi {
     pub async fn status(&self) -> Option<Value> {
         http_get(&format!("http://{}/status", self.api)).await
     }
@@ -137,10 +168,6 @@ impl Agent {
         let lines = text.lines().filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w)));
         format!("  {} counters: {}", self.name, lines.collect::<Vec<_>>().join("; "))
     }
-
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
 }
 
 fn http() -> reqwest::Client {
@@ -177,13 +204,14 @@ pub async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) ->
 
 /// Waits until every agent holds exactly the links its Pod's assignment names, and each has some; on
 /// timeout, names every agent that does not and what it holds.
-pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[&Agent]) {
+pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[impl AsRef<AgentApi>]) {
+    let agents: Vec<&AgentApi> = agents.iter().map(AsRef::as_ref).collect();
     let ids: BTreeMap<String, String> = agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         let plans = plans(client, ns, &ids).await;
         let mut off = Vec::new();
-        for a in agents {
+        for a in &agents {
             let plan = plans.get(&a.node_id).cloned().unwrap_or_default();
             let status = a.status().await.unwrap_or_default();
             let held: BTreeSet<String> = status["links"]

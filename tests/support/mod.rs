@@ -99,17 +99,18 @@ where
 }
 
 /// A namespace of its own for one test, with the `default` ServiceAccount that admission requires for
-/// Pods (no controller-manager runs to create it).
+/// Pods (created here unless a controller-manager, which runs with the node, was first).
 pub async fn namespace(client: &Client, hint: &str) -> String {
     let suffix: u32 = rand::random::<u32>() % 1_000_000;
     let name = format!("e2e-{hint}-{suffix:06}");
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating the namespace");
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
-    Api::<ServiceAccount>::namespaced(client.clone(), &name)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("creating the default ServiceAccount");
+    match Api::<ServiceAccount>::namespaced(client.clone(), &name).create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating the default ServiceAccount: {e}"),
+    }
     name
 }
 
@@ -353,18 +354,29 @@ pub fn operator_binary_on(
     level: &str,
     extra: &[&str],
 ) -> tokio::process::Child {
+    operator_command(kubeconfig, ns, identity, log, level, extra).spawn().unwrap()
+}
+
+/// The operator binary's command line, for a test that changes its environment before it starts.
+pub fn operator_command(
+    kubeconfig: &Path,
+    ns: &str,
+    identity: &str,
+    log: &Path,
+    level: &str,
+    extra: &[&str],
+) -> tokio::process::Command {
     let out = std::fs::File::create(log).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
-        .args(["run", "--metrics-addr", "127.0.0.1:0", "--namespace", ns, "--lease-namespace", ns])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"));
+    cmd.args(["run", "--metrics-addr", "127.0.0.1:0", "--namespace", ns, "--lease-namespace", ns])
         .args(["--identity", identity])
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", level)
         .stdout(out.try_clone().unwrap())
         .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+        .kill_on_drop(true);
+    cmd
 }
 
 /// The operator binary on the shared control plane.

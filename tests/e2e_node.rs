@@ -1,0 +1,335 @@
+//! The node tier: on a real node (kubelet, containerd, runc; `hack/node.sh start`, which `make test` runs),
+//! the Helm chart installed as a user would, a rendezvous Pod, and 20 agent Pods running `mesh-agent` that
+//! read their assignment from a downward-API volume refreshed by the kubelet. Then what a cluster does to
+//! them: the leader Pod deleted, the rendezvous Pod deleted, an agent Pod deleted, `helm upgrade`, and
+//! `helm uninstall`. Throughout, the history checker replays every Pod event and a sampler reads every
+//! agent's open links: no agent may ever be over its cap.
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use support::agents::{AgentApi, LinkSampler, agents_follow_the_plan};
+use support::*;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/mesh-operator");
+const AGENTS: usize = 20;
+const CAP: usize = 4;
+const NODE_WAIT: Duration = Duration::from_secs(180);
+
+/// The restricted Pod Security profile, as the chart's own Pods run.
+fn restricted() -> (Value, Value) {
+    let pod = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                     "seccompProfile": {"type": "RuntimeDefault"}});
+    let container = json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                           "capabilities": {"drop": ["ALL"]}});
+    (pod, container)
+}
+
+fn deployment(name: &str, replicas: usize, container: Value, volumes: Value) -> Deployment {
+    let (pod_sc, _) = restricted();
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"securityContext": pod_sc, "containers": [container], "volumes": volumes,
+                         "terminationGracePeriodSeconds": 2},
+            },
+        },
+    }))
+    .unwrap()
+}
+
+fn helm(args: &[&str]) -> String {
+    let out = tool("helm", args);
+    assert!(out.status.success(), "helm {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn node_ready(client: &Client) {
+    let node = Api::<Node>::all(client.clone()).get_opt("mesh-node").await.unwrap();
+    let ready = node.as_ref().and_then(|n| n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready"));
+    assert!(
+        ready.is_some_and(|c| c.status == "True"),
+        "no Ready node 'mesh-node': run `make images && hack/node.sh start` first (`make test` does)"
+    );
+}
+
+/// Running Pods of `app` in `ns` whose containers are all ready.
+async fn ready_pods(client: &Client, ns: &str, app: &str) -> Vec<Pod> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&ListParams::default().labels(app)).await.unwrap();
+    pods.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let s = p.status.as_ref();
+            s.and_then(|s| s.phase.as_deref()) == Some("Running")
+                && s.and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| c.iter().all(|c| c.ready))
+        })
+        .collect()
+}
+
+async fn wait_ready(client: &Client, ns: &str, app: &str, n: usize) -> Vec<Pod> {
+    wait_for(&format!("{n} ready Pods of {app}"), NODE_WAIT, || async {
+        let pods = ready_pods(client, ns, app).await;
+        (pods.len() == n).then_some(pods)
+    })
+    .await
+}
+
+fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone()
+}
+
+/// Each agent Pod's API, with the node id it reports.
+async fn agent_apis(pods: &[Pod]) -> Vec<AgentApi> {
+    let mut apis = Vec::new();
+    for p in pods {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a Pod IP");
+        let api: SocketAddr = format!("{ip}:9464").parse().unwrap();
+        let mut view = AgentApi { name: p.name_any(), node_id: String::new(), api };
+        view.node_id = wait_for(&format!("{}'s node id", p.name_any()), NODE_WAIT, || async {
+            view.status().await?["nodeId"].as_str().map(str::to_string)
+        })
+        .await;
+        apis.push(view);
+    }
+    apis
+}
+
+async fn rendezvous(client: &Client, ns: &str) -> String {
+    let (_, sc) = restricted();
+    let container = json!({"name": "rendezvous", "image": "mesh.local/rendezvous:dev",
+        "args": ["--listen", "0.0.0.0:8080"], "securityContext": sc,
+        "ports": [{"containerPort": 8080}]});
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &deployment("rendezvous", 1, container, json!([])))
+        .await
+        .unwrap();
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "rendezvous"},
+        "spec": {"selector": {"app": "rendezvous"}, "ports": [{"port": 8080, "targetPort": 8080}]}}))
+    .unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), ns).create(&PostParams::default(), &svc).await.unwrap();
+    svc.spec.unwrap().cluster_ip.unwrap()
+}
+
+async fn agents(client: &Client, ns: &str, hub_ip: &str) {
+    let (_, sc) = restricted();
+    let container = json!({"name": "agent", "image": "mesh.local/mesh-agent:dev",
+        "args": ["--listen", "0.0.0.0:3001", "--advertise", "ws://$(POD_IP):3001/crdt-sync",
+                 "--api", "0.0.0.0:9464", "--identity", "/var/lib/agent/agent.key",
+                 "--rendezvous", format!("ws://{hub_ip}:8080/crdt-sync"), "--max-peers", CAP.to_string(),
+                 "--heartbeat", "1s"],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "securityContext": sc,
+        "volumeMounts": [{"name": "podinfo", "mountPath": "/etc/podinfo"},
+                         {"name": "identity", "mountPath": "/var/lib/agent"}]});
+    let volumes = json!([
+        {"name": "podinfo", "downwardAPI": {"items": [{"path": "annotations",
+            "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
+        {"name": "identity", "emptyDir": {}},
+    ]);
+    let mut d = deployment("agent", AGENTS, container, volumes);
+    d.spec.as_mut().unwrap().strategy = serde_json::from_value(json!({"type": "Recreate"})).unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.unwrap();
+}
+
+/// Every agent has every update in `keys`.
+async fn delivered(apis: &[AgentApi], keys: &BTreeSet<String>) {
+    wait_for("every agent to have every update", NODE_WAIT, || async {
+        for a in apis {
+            if !keys.is_subset(&a.updates().await?) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+}
+
+async fn scale(client: &Client, ns: &str, name: &str, replicas: usize) {
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": replicas}})))
+        .await
+        .unwrap();
+}
+
+fn ours(p: &Pod) -> BTreeMap<String, String> {
+    p.annotations()
+        .iter()
+        .filter(|(k, _)| k.starts_with("agentmesh.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_chart_on_a_real_node() {
+    let client = client().await;
+    node_ready(&client).await;
+    let started = Instant::now();
+    let op_ns = namespace(&client, "node-op").await;
+    let ns = namespace(&client, "node-agents").await;
+
+    // Install as a user would: images by name, the chart's own security context, --wait for readiness.
+    let set_ns = format!("watchNamespaces={{{ns}}}");
+    helm(&[
+        "install",
+        "mesh-operator",
+        CHART,
+        "-n",
+        &op_ns,
+        "--set",
+        "image.repository=mesh.local/mesh-operator",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        &set_ns,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    let operators = wait_ready(&client, &op_ns, "app.kubernetes.io/name=mesh-operator", 2).await;
+    let names: BTreeSet<String> = operators.iter().map(|p| p.name_any()).collect();
+    let leases = Api::<Lease>::namespaced(client.clone(), &op_ns);
+    let leader = wait_for("a replica to hold the Lease", NODE_WAIT, || async {
+        lease_holder(&leases.get_opt("mesh-operator").await.ok()??).filter(|h| names.contains(h))
+    })
+    .await;
+    eprintln!("chart installed, both replicas Ready, {leader} leads: {:?}", started.elapsed());
+
+    let hub_ip = rendezvous(&client, &ns).await;
+    let history = History::start(&client, &ns, CAP).await;
+    create_policy(
+        &client,
+        &ns,
+        "mesh",
+        json!({
+            "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": CAP, "heartbeatTimeout": "20s",
+            "rendezvous": {"url": format!("http://{hub_ip}:8080"), "pollInterval": "2s", "timeout": "2s"},
+        }),
+    )
+    .await;
+    agents(&client, &ns, &hub_ip).await;
+    let pods = wait_ready(&client, &ns, "app=agent", AGENTS).await;
+    let apis = agent_apis(&pods).await;
+    let sampled = Arc::new(Mutex::new(apis.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
+    let sampler = LinkSampler::start(sampled.clone(), CAP);
+    agents_follow_the_plan(&client, &ns, &apis).await;
+    eprintln!("{AGENTS} agent Pods follow the plan: {:?}", started.elapsed());
+
+    // The leader Pod deleted: the standby takes over; no agent goes over its cap meanwhile.
+    let deleted = Instant::now();
+    Api::<Pod>::namespaced(client.clone(), &op_ns).delete(&leader, &DeleteParams::default()).await.unwrap();
+    let standby = wait_for("the standby to take the Lease", NODE_WAIT, || async {
+        lease_holder(&leases.get_opt("mesh-operator").await.ok()??).filter(|h| h != &leader && names.contains(h))
+    })
+    .await;
+    eprintln!("leader {leader} deleted: {standby} leads {:?} later", deleted.elapsed());
+    wait_ready(&client, &op_ns, "app.kubernetes.io/name=mesh-operator", 2).await;
+
+    // The rendezvous Pod deleted (and kept down): updates still reach every agent, over the mesh.
+    scale(&client, &ns, "rendezvous", 0).await;
+    wait_for("the rendezvous Pod to be gone", NODE_WAIT, || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        pods.list(&ListParams::default().labels("app=rendezvous")).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    let mut keys = BTreeSet::new();
+    for a in apis.iter().step_by(5) {
+        keys.insert(a.append().await);
+    }
+    delivered(&apis, &keys).await;
+    eprintln!("rendezvous down: {} updates reached all {AGENTS} agents", keys.len());
+    scale(&client, &ns, "rendezvous", 1).await;
+    wait_ready(&client, &ns, "app=rendezvous", 1).await;
+
+    // An agent Pod deleted: the Deployment replaces it (a new identity); its peers are replanned and follow.
+    let gone = apis[3].clone();
+    Api::<Pod>::namespaced(client.clone(), &ns).delete(&gone.name, &DeleteParams::default()).await.unwrap();
+    let pods = wait_for("the agent Pod to be replaced", NODE_WAIT, || async {
+        let pods = ready_pods(&client, &ns, "app=agent").await;
+        (pods.len() == AGENTS && pods.iter().all(|p| p.name_any() != gone.name)).then_some(pods)
+    })
+    .await;
+    let apis = agent_apis(&pods).await;
+    *sampled.lock().unwrap() = apis.iter().map(|a| (a.name.clone(), a.api)).collect();
+    agents_follow_the_plan(&client, &ns, &apis).await;
+    let listed = Api::<Pod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap();
+    assert!(
+        listed.items.iter().all(|p| ours(p).values().all(|v| !v.contains(&gone.node_id))),
+        "a Pod still names the deleted agent {}",
+        gone.node_id
+    );
+    eprintln!("agent {} deleted and replaced: the plan followed again", gone.name);
+
+    // helm upgrade with a changed value: a rolling update that leaves the plan as it is.
+    let before: BTreeMap<String, BTreeMap<String, String>> =
+        listed.items.iter().map(|p| (p.name_any(), ours(p))).collect();
+    helm(&[
+        "upgrade",
+        "mesh-operator",
+        CHART,
+        "-n",
+        &op_ns,
+        "--reuse-values",
+        "--set",
+        "logFormat=text",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    let upgraded = wait_for("both replicas to run the upgraded template", NODE_WAIT, || async {
+        let pods = ready_pods(&client, &op_ns, "app.kubernetes.io/name=mesh-operator").await;
+        let text = |p: &Pod| serde_json::to_string(&p.spec).unwrap().contains("--log-format=text");
+        (pods.len() == 2 && pods.iter().all(text)).then_some(pods)
+    })
+    .await;
+    let new_names: BTreeSet<String> = upgraded.iter().map(|p| p.name_any()).collect();
+    wait_for("an upgraded replica to lead", NODE_WAIT, || async {
+        lease_holder(&leases.get_opt("mesh-operator").await.ok()??).filter(|h| new_names.contains(h))
+    })
+    .await;
+    agents_follow_the_plan(&client, &ns, &apis).await;
+    let after = Api::<Pod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap();
+    let after: BTreeMap<String, BTreeMap<String, String>> =
+        after.items.iter().map(|p| (p.name_any(), ours(p))).collect();
+    assert_eq!(before, after, "helm upgrade changed the agents' assignments");
+
+    // Uninstall as the operations guide says: delete the MeshPolicies (their annotations go), then the chart.
+    Api::<mesh_operator::api::MeshPolicy>::namespaced(client.clone(), &ns)
+        .delete("mesh", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("every agentmesh.dev annotation but node-id to be removed", NODE_WAIT, || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.ok()?;
+        pods.items.iter().all(|p| ours(p).keys().all(|k| k == "agentmesh.dev/node-id")).then_some(())
+    })
+    .await;
+    helm(&["uninstall", "mesh-operator", "-n", &op_ns, "--wait", "--timeout", "120s"]);
+    let left = tool("kubectl", &["get", "all,serviceaccounts,roles,rolebindings,leases", "-n", &op_ns, "-o", "name"]);
+    let left = String::from_utf8_lossy(&left.stdout).into_owned();
+    let left: Vec<&str> = left.lines().filter(|l| !l.ends_with("/default") && !l.contains("kube-root-ca")).collect();
+    assert_eq!(left, ["lease.coordination.k8s.io/mesh-operator"], "left behind in {op_ns} after helm uninstall");
+    let cluster =
+        tool("kubectl", &["get", "clusterroles,clusterrolebindings,validatingadmissionpolicies", "-o", "name"]);
+    let cluster = String::from_utf8_lossy(&cluster.stdout).into_owned();
+    assert!(!cluster.contains("mesh-operator"), "cluster-scoped objects left behind: {cluster}");
+
+    let samples = sampler.assert_clean();
+    let events = history.assert_clean();
+    eprintln!(
+        "node tier done in {:?}: {samples} link samples, {events} Pod events replayed, no cap exceeded",
+        started.elapsed()
+    );
+}
