@@ -63,8 +63,8 @@ cp_file() { cat "$CP_STATE/$1" 2>/dev/null || die "no running control plane in $
 
 check_prerequisites() {
   [ "$(id -u)" = 0 ] || die "must run as root: the kubelet and containerd manage cgroups, mounts and network namespaces"
-  for tool in runc iptables iptables-save iptables-restore ip findmnt mountpoint openssl; do
-    command -v "$tool" >/dev/null || die "no '$tool' on PATH (apt-get install runc iptables iproute2 util-linux openssl)"
+  for tool in runc iptables iptables-save iptables-restore nft ip findmnt openssl; do
+    command -v "$tool" >/dev/null || die "no '$tool' on PATH (apt-get install runc iptables nftables iproute2 util-linux openssl)"
   done
   [ -d /sys/fs/cgroup/memory ] || [ -f /sys/fs/cgroup/cgroup.controllers ] || die "no cgroup hierarchy under /sys/fs/cgroup"
   grep -qw overlay /proc/filesystems || die "the kernel lacks overlayfs (containerd's snapshotter needs it)"
@@ -88,13 +88,18 @@ record_machine() {
   done >"$STATE/undo/sysctls"
   for p in $OUTSIDE_PATHS; do [ -e "$p" ] && echo "$p"; done >"$STATE/undo/paths"
   ls /run/netns 2>/dev/null >"$STATE/undo/netns" || true
-  for t in filter nat mangle raw; do iptables -t "$t" -S >/dev/null 2>&1 || true; ip6tables -t "$t" -S >/dev/null 2>&1 || true; done
+  nft list tables 2>/dev/null >"$STATE/undo/nft-tables" || true
   iptables-save >"$STATE/undo/iptables"
   ip6tables-save >"$STATE/undo/ip6tables" 2>/dev/null || true
 }
 
 restore_machine() {
   [ -d "$STATE/undo" ] || return 0
+  # Tables the kubelet and kube-proxy created go whole; the ones that were there get their rules back.
+  local table
+  nft list tables 2>/dev/null | while read -r table; do
+    grep -qxF "$table" "$STATE/undo/nft-tables" || nft delete $table || note "could not delete nft $table"
+  done
   iptables-restore <"$STATE/undo/iptables" || note "could not restore iptables (saved in $STATE/undo/iptables)"
   [ -s "$STATE/undo/ip6tables" ] && { ip6tables-restore <"$STATE/undo/ip6tables" || note "could not restore ip6tables"; }
   local netns

@@ -183,7 +183,7 @@ fn run(args: RunArgs) -> ExitCode {
         let mut config = kube::Config::infer().await?;
         // No request may hang forever (a hung Lease renewal is fenced, but a hung write would stall a policy):
         // watches survive this, as the watcher resumes from its last resourceVersion.
-        config.read_timeout = Some(std::time::Duration::from_secs(60));
+        config.read_timeout = Some(crate::controller::READ_TIMEOUT);
         let client = kube::Client::try_from(config)?;
         crate::controller::run(client, settings, Default::default(), Default::default()).await
     });

@@ -142,7 +142,7 @@ pub async fn elect(
         .await?;
     let (manager_rx, manager) = manager.watch().await;
     let api: Api<Lease> = Api::namespaced(client, &settings.lease_namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.lease_name));
+    let config = super::watch_config().fields(&format!("metadata.name={}", settings.lease_name));
     let identity = settings.identity.clone();
     let follow = tokio::spawn(async move {
         let mut leases = watcher(api, config).default_backoff().boxed();

@@ -33,6 +33,15 @@ use poll::PresenceState;
 pub const FIELD_MANAGER: &str = "mesh-operator";
 pub const FINALIZER: &str = "agentmesh.dev/cleanup";
 
+/// The read timeout of every API request (set where the client is built): none may hang forever.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Watches end server-side well before [`READ_TIMEOUT`], so a quiet watch closes cleanly and resumes from
+/// its resourceVersion, instead of failing as a timed-out read every minute.
+fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(READ_TIMEOUT.as_secs() as u32 * 3 / 4)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
@@ -170,15 +179,14 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let (nodes, node_writer) = reflector::store();
     let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
     let node_metrics = metrics.clone();
-    let node_stream = watcher(node_api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(node_writer)
-        .for_each(move |event| {
+    let node_stream = watcher(node_api, watch_config().any_semantic()).default_backoff().reflect(node_writer).for_each(
+        move |event| {
             if let Err(e) = event {
                 node_metrics.watch_failed("nodes", &e);
             }
             std::future::ready(())
-        });
+        },
+    );
     tasks.spawn(node_stream);
     let nodes_synced = Arc::new(AtomicBool::new(false));
     let (store, flag) = (nodes.clone(), nodes_synced.clone());
@@ -308,7 +316,7 @@ async fn controller(
     let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
     // Lists from etcd, not the API server's cache: a relist must never show Pods older than our writes.
     let (pod_metrics, policy_metrics) = (ctx.metrics.clone(), ctx.metrics.clone());
-    let pod_stream = watcher(pod_api, watcher::Config::default())
+    let pod_stream = watcher(pod_api, watch_config())
         .default_backoff()
         .inspect_err(move |e| pod_metrics.watch_failed("pods", e))
         .modify(trim_pod)
@@ -319,7 +327,7 @@ async fn controller(
     // on this store's readiness, and kube-runtime's readiness future wakes only one waiter, so a second
     // `wait_until_ready` here could sleep forever.
     let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
-    let policy_stream = watcher(policy_api, watcher::Config::default())
+    let policy_stream = watcher(policy_api, watch_config())
         .default_backoff()
         .inspect_err(move |e| policy_metrics.watch_failed("meshpolicies", e))
         .reflect(policy_writer)
@@ -376,6 +384,12 @@ async fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watches_end_before_the_read_timeout() {
+        let server_side = watch_config().timeout.expect("a watch timeout");
+        assert!(u64::from(server_side) + 10 <= READ_TIMEOUT.as_secs(), "{server_side} s against {READ_TIMEOUT:?}");
+    }
 
     #[test]
     fn one_controller_per_namespace_or_one_for_all() {

@@ -63,7 +63,7 @@ pub async fn config() -> Config {
         Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("a kubeconfig kube can use");
     // No request may hang a test: a stuck call fails with a timeout error instead.
     config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(60));
+    config.read_timeout = Some(mesh_operator::controller::READ_TIMEOUT);
     config
 }
 
@@ -432,6 +432,6 @@ pub async fn fault_client() -> Client {
     let kc = Kubeconfig::read_from(fault_kubeconfig()).expect("reading the fault kubeconfig");
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
     config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(60));
+    config.read_timeout = Some(mesh_operator::controller::READ_TIMEOUT);
     Client::try_from(config).expect("a client")
 }
