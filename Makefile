@@ -2,17 +2,25 @@
 SHELL := /bin/bash
 CP := hack/control-plane.sh
 
-.PHONY: test lint control-plane control-plane-stop crd bench demo image-binary images
+.PHONY: test test-kube-version lint control-plane control-plane-stop crd bench demo image-binary images
 
 # The node tier (tests/e2e_node.rs) runs last, on a real node started only for it.
 test: lint control-plane
-	@set -euo pipefail; eval "$$($(CP) ensure)"; \
-	  trap 'hack/node.sh stop; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
+	@set -euo pipefail; eval "$$(MESH_CP_NODE=1 $(CP) ensure)"; \
+	  trap 'hack/node.sh stop || true; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
 	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \
 	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory images; \
 	  hack/node.sh start; \
 	  cargo test --locked --test e2e_node -- --nocapture on_a_real_node
+
+## The control-plane suite (all but the node tier) against another Kubernetes release: the chart's oldest
+## and newest supported (Chart.yaml kubeVersion), e.g. `make test-kube-version K8S=v1.33.13`.
+test-kube-version: lint
+	@test -n "$(K8S)" || { echo "usage: make test-kube-version K8S=v1.33.13" >&2; exit 2; }
+	@set -euo pipefail; export MESH_K8S_VERSION=$(K8S) MESH_CP_DIR=$$PWD/_output/cp-$(K8S); eval "$$($(CP) ensure)"; \
+	  trap '$(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
+	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4 --skip on_a_real_node
 
 ## The static binaries the Dockerfile ships, built by the Dockerfile's own command (no Docker engine needed).
 STATIC := target/x86_64-unknown-linux-gnu/release

@@ -15,7 +15,9 @@
 #
 # Environment: MESH_CP_DIR (state directory, default ./_output/control-plane), MESH_CACHE_DIR (binary cache,
 # default ~/.cache/mesh-operator), APISERVER_PORT and ETCD_PORT (default: free ports picked at start),
-# MESH_CP_READY_TIMEOUT (seconds, default 60).
+# MESH_CP_READY_TIMEOUT (seconds, default 60), MESH_K8S_VERSION (another Kubernetes release than the pinned one,
+# e.g. v1.33.13: `make test-kube-version` runs the control-plane suite against it), MESH_CP_NODE=1 (also listen
+# on this machine's address, so the Pods of hack/node.sh reach the API server).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,8 +33,9 @@ cmd_build() {
   local bin; bin=$(cache_dir)
   lock_cache "$bin"
   local stamp; stamp=$(k8s_stamp)
-  build_one kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$bin" "$stamp"
-  build_one kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$bin" "$stamp"
+  local k8s; k8s=$(k8s_module)
+  build_one "$k8s" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$bin" "$stamp"
+  build_one "$k8s" kubectl k8s.io/kubernetes/cmd/kubectl "$bin" "$stamp"
   build_one etcd etcd go.etcd.io/etcd/server/v3 "$bin"
   build_one helm helm helm.sh/helm/v3/cmd/helm "$bin"
   flock -u 8
@@ -89,9 +92,9 @@ EOF
     echo "extendedKeyUsage=clientAuth" >client.ext
     openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin" 2>/dev/null
     openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 30 -extfile client.ext 2>/dev/null
-    # What kube-apiserver shows kubelets (kubectl logs/exec): a client the kubelet's webhook authorizes.
+    # What kube-apiserver shows kubelets (kubectl logs/exec); hack/node.sh grants it system:kubelet-api-admin.
     openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr \
-      -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" 2>/dev/null
+      -subj "/CN=kube-apiserver-kubelet-client" 2>/dev/null
     openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out kubelet-client.crt -days 30 -extfile client.ext 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -143,8 +146,8 @@ launch_apiserver() {
   local bin=$1 pki=$STATE/pki api_port etcd_port
   api_port=$(cat "$STATE/apiserver.port"); etcd_port=$(cat "$STATE/etcd.port")
   HOST_IP=$(cat "$STATE/host.ip")
-  # With an address Pods can reach, the API server listens there too and is the `kubernetes` Service's
-  # endpoint (hack/node.sh runs Pods that talk to it); without one, it stays on loopback.
+  # With MESH_CP_NODE=1 the API server also listens on this machine's address, where hack/node.sh's Pods
+  # reach it as the `kubernetes` Service's endpoint; otherwise it stays on loopback.
   local bind=127.0.0.1 reconciler=none
   [ -n "$HOST_IP" ] && bind=0.0.0.0 reconciler=lease
   "$bin/kube-apiserver" \
@@ -208,8 +211,10 @@ cmd_start() {
   for p in "$etcd_port" "$api_port"; do
     port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (set ETCD_PORT / APISERVER_PORT to another)"
   done
-  HOST_IP=$(host_ip)
+  HOST_IP=
+  [ "${MESH_CP_NODE:-}" = 1 ] && { HOST_IP=$(host_ip); [ -n "$HOST_IP" ] || die "MESH_CP_NODE=1 needs a default route"; }
   echo "$HOST_IP" >"$STATE/host.ip"
+  k8s_version >"$STATE/k8s.version"
   gen_certs
 
   echo "$api_port" >"$STATE/apiserver.port"
@@ -246,7 +251,9 @@ cmd_ensure() {
   mkdir -p "$(dirname "$STATE")"
   exec 9>"$STATE.lock"
   flock 9
-  if live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null && is_ready; then
+  local node_mode=0; [ -s "$STATE/host.ip" ] && node_mode=1
+  if live_pid "$STATE/apiserver.pid" kube-apiserver >/dev/null && is_ready &&
+    [ "$(cat "$STATE/k8s.version" 2>/dev/null)" = "$(k8s_version)" ] && [ "$node_mode" = "${MESH_CP_NODE:-0}" ]; then
     echo "export KUBECONFIG=$STATE/kubeconfig"
   else
     cmd_stop >/dev/null 2>&1 || true

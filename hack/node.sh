@@ -11,7 +11,7 @@
 #
 # Needs root (the kubelet and containerd manage cgroups, mounts and network namespaces), runc, iptables and
 # a control plane started by hack/control-plane.sh. State lives under $MESH_NODE_DIR (default
-# ./_output/node); what the daemons change outside it (sysctls, cgroups, the cni0 bridge, iptables chains,
+# ./_output/node); what the daemons change outside it (sysctls, cgroups, the mesh0 bridge, iptables chains,
 # /run/netns and a few kubelet paths) is recorded at start and undone by stop.
 set -euo pipefail
 
@@ -26,6 +26,7 @@ SELF=node
 . "$ROOT/hack/lib.sh"
 
 cmd_build() {
+  [ "$(k8s_version)" = "$(pinned_k8s)" ] || die "the node runs the pinned Kubernetes release only (unset MESH_K8S_VERSION)"
   local bin; bin=$(cache_dir)
   lock_cache "$bin"
   local stamp; stamp=$(k8s_stamp)
@@ -70,49 +71,59 @@ check_prerequisites() {
   grep -qw overlay /proc/filesystems || die "the kernel lacks overlayfs (containerd's snapshotter needs it)"
   [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || die "no br_netfilter (/proc/sys/net/bridge): Service traffic between Pods needs it"
   HOST_IP=$(cp_file host.ip)
-  [ -n "$HOST_IP" ] || die "the control plane listens on loopback only (no default route when it started): Pods could not reach it"
+  [ -n "$HOST_IP" ] || die "the control plane listens on loopback only, where Pods cannot reach it: start it with MESH_CP_NODE=1"
   curl -sf --max-time 5 --cacert "$CP_STATE/pki/ca.crt" --cert "$CP_STATE/pki/admin.crt" --key "$CP_STATE/pki/admin.key" \
     "https://$HOST_IP:$(cp_file apiserver.port)/readyz" >/dev/null || die "the control plane is not ready on https://$HOST_IP:$(cp_file apiserver.port)"
 }
 
 # --- what start changes outside $STATE, recorded so stop can undo it -----------------------------------------
 
-SYSCTLS="vm/overcommit_memory kernel/panic kernel/panic_on_oops net/ipv4/ip_forward net/ipv4/conf/all/route_localnet
-  net/bridge/bridge-nf-call-iptables net/bridge/bridge-nf-call-ip6tables"
-OUTSIDE_PATHS="/var/lib/kubelet /var/log/containers /var/log/pods /run/containerd /opt/containerd /var/lib/cni /etc/cni"
+SYSCTLS="vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys
+  kernel/keys/root_maxbytes net/ipv4/ip_forward net/ipv4/conf/all/route_localnet net/bridge/bridge-nf-call-iptables
+  net/bridge/bridge-nf-call-ip6tables net/netfilter/nf_conntrack_tcp_timeout_established
+  net/netfilter/nf_conntrack_tcp_timeout_close_wait"
+OUTSIDE_PATHS="/var/lib/kubelet /var/log/containers /var/log/pods /run/containerd /opt/containerd /var/lib/cni /etc/cni
+  /run/netns"
 
 record_machine() {
   mkdir -p "$STATE/undo"
   for s in $SYSCTLS; do
     [ -e "/proc/sys/$s" ] && echo "$s $(cat "/proc/sys/$s")"
   done >"$STATE/undo/sysctls"
-  for p in $OUTSIDE_PATHS; do [ -e "$p" ] && echo "$p"; done >"$STATE/undo/paths"
+  for p in $OUTSIDE_PATHS /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do [ -e "$p" ] && echo "$p"; done >"$STATE/undo/paths"
   ls /run/netns 2>/dev/null >"$STATE/undo/netns" || true
+  ip link show mesh0 >/dev/null 2>&1 && echo mesh0 >>"$STATE/undo/paths"
   nft list tables 2>/dev/null >"$STATE/undo/nft-tables" || true
   iptables-save >"$STATE/undo/iptables"
   ip6tables-save >"$STATE/undo/ip6tables" 2>/dev/null || true
 }
 
+existed() { grep -qxF "$1" "$STATE/undo/paths"; }
+
+# Best effort, every step: one that fails must not keep the others from undoing their part.
 restore_machine() {
   [ -d "$STATE/undo" ] || return 0
-  # Tables the kubelet and kube-proxy created go whole; the ones that were there get their rules back.
+  # Tables the kubelet and kube-proxy created go whole; the ones that were there get their rules back (rules
+  # others added to those tables meanwhile are lost with them).
   local table
-  nft list tables 2>/dev/null | while read -r table; do
+  while read -r table; do
+    # shellcheck disable=SC2086 # "table ip nat" is three words for nft
     grep -qxF "$table" "$STATE/undo/nft-tables" || nft delete $table || note "could not delete nft $table"
-  done
+  done < <(nft list tables 2>/dev/null || true)
   iptables-restore <"$STATE/undo/iptables" || note "could not restore iptables (saved in $STATE/undo/iptables)"
-  [ -s "$STATE/undo/ip6tables" ] && { ip6tables-restore <"$STATE/undo/ip6tables" || note "could not restore ip6tables"; }
+  if [ -s "$STATE/undo/ip6tables" ]; then ip6tables-restore <"$STATE/undo/ip6tables" || note "could not restore ip6tables"; fi
   local netns
-  for netns in $(ls /run/netns 2>/dev/null); do
-    grep -qx "$netns" "$STATE/undo/netns" || { umount "/run/netns/$netns" 2>/dev/null; rm -f "/run/netns/$netns"; }
+  for netns in $(ls /run/netns 2>/dev/null || true); do
+    grep -qxF "$netns" "$STATE/undo/netns" && continue
+    umount "/run/netns/$netns" 2>/dev/null || true
+    rm -f "/run/netns/$netns" || note "could not remove /run/netns/$netns"
   done
-  ip link del mesh0 2>/dev/null || true
+  existed mesh0 || ip link del mesh0 2>/dev/null || true
   remove_cgroups
   local p
   for p in $OUTSIDE_PATHS; do
-    grep -qx "$p" "$STATE/undo/paths" || rm -rf "$p"
+    existed "$p" || rm -rf "$p" || note "could not remove $p"
   done
-  [ -d /var/lib/kubelet ] && grep -qx /var/lib/kubelet "$STATE/undo/paths" && rm -rf /var/lib/kubelet/device-plugins/*.sock
   local s v
   while read -r s v; do echo "$v" >"/proc/sys/$s" 2>/dev/null || note "could not restore $s to $v"; done <"$STATE/undo/sysctls"
   rm -rf "$STATE/undo"
@@ -122,7 +133,7 @@ restore_machine() {
 remove_cgroups() {
   local root
   for root in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
-    [ -d "$root" ] || continue
+    [ -d "$root" ] && ! existed "$root" || continue
     find "$root" -depth -type d -exec rmdir {} \; 2>/dev/null || note "could not remove every cgroup under $root"
   done
 }
@@ -194,6 +205,7 @@ state = "$STATE/containerd/state"
     runtime_type = "io.containerd.runc.v2"
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
       BinaryName = "$(command -v runc)"
+      Root = "$STATE/runc"
       SystemdCgroup = false
 TOML
   cat >"$STATE/kubelet/config.yaml" <<YAML
@@ -248,16 +260,24 @@ launch() { # name binary args...
   echo $! >"$STATE/$name.pid"
 }
 
-alive() { local pid; pid=$(cat "$STATE/$1.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; }
+# The PID in $STATE/NAME.pid if that process is alive and still the binary we started (PIDs get reused).
+pid_of() {
+  local pid; pid=$(cat "$STATE/$1.pid" 2>/dev/null) || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "^$BIN/$2 " && echo "$pid"
+}
+
+alive() { pid_of "$1" "$(binary_of "$1")" >/dev/null; }
+
+binary_of() { case "$1" in controller-manager | scheduler) echo "kube-$1" ;; *) echo "$1" ;; esac; }
 
 wait_until() { # what seconds command...
   local what=$1 seconds=$2; shift 2
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
     for d in containerd kubelet kube-proxy controller-manager scheduler; do
-      [ -f "$STATE/$d.pid" ] && ! alive "$d" && { tail -20 "$STATE/logs/$d.log" >&2; cmd_stop; die "$d exited while waiting for $what (its log is above)"; }
+      [ -f "$STATE/$d.pid" ] && ! alive "$d" && { tail -20 "$STATE/logs/$d.log" >&2; cmd_stop; die "$d exited while waiting for $what (its log is above; all: $STATE.last-logs)"; }
     done
-    [ "$SECONDS" -lt "$deadline" ] || { cmd_stop; die "$what not within ${seconds}s (logs: $STATE/logs)"; }
+    [ "$SECONDS" -lt "$deadline" ] || { cmd_stop; die "$what not within ${seconds}s (logs: $STATE.last-logs)"; }
     sleep 0.2
   done
 }
@@ -271,10 +291,13 @@ node_ready() {
 
 cmd_start() {
   check_prerequisites
-  if alive containerd || alive kubelet; then die "a node from $STATE is already running; run '$0 stop' first"; fi
   BIN=$(cmd_build); CP_BIN=$("$ROOT/hack/control-plane.sh" bin)
+  if alive containerd || alive kubelet; then die "a node from $STATE is already running; run '$0 stop' first"; fi
+  # A start that failed halfway left its record of the machine: undo with it first, never record over it.
+  [ -d "$STATE/undo" ] && { note "undoing what an earlier start left"; cmd_stop; set -e; }
   local started=$SECONDS
   rm -rf "$STATE"; mkdir -p "$STATE"
+  echo "$BIN" >"$STATE/bin"; echo "$CP_BIN" >"$STATE/cp-bin"
   record_machine
   gen_node_pki
   write_configs "$BIN"
@@ -293,12 +316,16 @@ cmd_start() {
   launch kube-proxy "$BIN/kube-proxy" --config "$STATE/proxy.yaml"
   launch kubelet "$BIN/kubelet" --config "$STATE/kubelet/config.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
     --root-dir "$STATE/kubelet/root" --cert-dir "$STATE/pki" --hostname-override "$NODE_NAME" --node-ip "$HOST_IP"
+  # kube-apiserver's client to the kubelet (kubectl logs/exec), authorized by the kubelet's webhook.
+  kubectl_cp create clusterrolebinding mesh-node:kubelet-api-admin --clusterrole system:kubelet-api-admin \
+    --user kube-apiserver-kubelet-client >/dev/null 2>&1 || true
   wait_until "Node $NODE_NAME Ready" 120 node_ready
   note "node $NODE_NAME Ready in $((SECONDS - started))s (logs: $STATE/logs)"
 }
 
 cmd_import() {
-  BIN=${BIN:-$(cache_dir)}
+  BIN=${BIN:-$(cat "$STATE/bin" 2>/dev/null || true)}
+  alive containerd || die "no node running from $STATE: run '$0 start' first"
   local archive name
   for archive in "$@"; do
     name=$(python3 -c 'import json, sys, tarfile
@@ -314,8 +341,7 @@ print(index["manifests"][0]["annotations"]["io.containerd.image.name"])' "$archi
 
 stop_daemon() { # name
   local pid
-  pid=$(cat "$STATE/$1.pid" 2>/dev/null) || return 0
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid=$(pid_of "$1" "$(binary_of "$1")"); then
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
@@ -323,36 +349,49 @@ stop_daemon() { # name
   rm -f "$STATE/$1.pid"
 }
 
-# The containers' shims outlive containerd by design: find ours by the socket they were started with.
+# The containers' shims outlive containerd by design: find ours by the socket they were started with, kill
+# them and what they run, and wait until they are gone (their cgroups cannot be removed before).
 kill_shims() {
-  local pid
-  for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $STATE/containerd.sock" || true); do
+  local pids pid
+  pids=$(pgrep -f "containerd-shim-runc-v2 .*-address $STATE/containerd.sock" || true)
+  for pid in $pids; do
     pkill -9 -P "$pid" 2>/dev/null || true
     kill -9 "$pid" 2>/dev/null || true
   done
+  for pid in $pids; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
 }
 
+# Undoes start, best effort at every step (also after a start that failed halfway); keeps the logs.
 cmd_stop() {
+  set +e
   [ -d "$STATE" ] || { note "no node state in $STATE"; return 0; }
-  BIN=${BIN:-$(cache_dir)}; CP_BIN=${CP_BIN:-$("$ROOT/hack/control-plane.sh" bin)}
+  BIN=$(cat "$STATE/bin" 2>/dev/null); CP_BIN=$(cat "$STATE/cp-bin" 2>/dev/null)
   stop_daemon kubelet
   if alive containerd; then
     local task
-    for task in $(ctr_node tasks ls -q 2>/dev/null); do ctr_node tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true; done
-    for task in $(ctr_node tasks ls -q 2>/dev/null); do ctr_node tasks rm -f "$task" >/dev/null 2>&1 || true; done
+    for task in $(ctr_node tasks ls -q 2>/dev/null); do ctr_node tasks kill -s SIGKILL "$task" >/dev/null 2>&1; done
+    for task in $(ctr_node tasks ls -q 2>/dev/null); do ctr_node tasks rm -f "$task" >/dev/null 2>&1; done
   fi
   for d in kube-proxy scheduler controller-manager containerd; do stop_daemon "$d"; done
   kill_shims
-  [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
   local m
-  for m in $(findmnt -rn -o TARGET | grep "^$STATE/" | sort -r); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+  for m in $(findmnt -rn -o TARGET | grep "^$STATE/" | sort -r); do umount "$m" 2>/dev/null || umount -l "$m"; done
   restore_machine
-  kubectl_cp delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  if [ -x "$CP_BIN/kubectl" ]; then
+    kubectl_cp delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null 2>&1
+    kubectl_cp delete clusterrolebinding mesh-node:kubelet-api-admin --ignore-not-found >/dev/null 2>&1
+  fi
+  rm -rf "$STATE.last-logs"
+  mv "$STATE/logs" "$STATE.last-logs" 2>/dev/null
   rm -rf "$STATE"
-  note "stopped; the machine is as before start"
+  note "stopped; the machine is as before start (logs: $STATE.last-logs)"
+  return 0
 }
 
 cmd_status() {
+  BIN=$(cat "$STATE/bin" 2>/dev/null || true)
   local any=0 d
   for d in containerd kubelet kube-proxy controller-manager scheduler; do
     alive "$d" && { echo "$d pid $(cat "$STATE/$d.pid")"; any=1; }

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use support::agents::{AgentApi, LinkSampler, agents_follow_the_plan};
+use support::agents::{AgentApi, LinkSampler, agents_follow_the_plan, metric_at};
 use support::*;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/mesh-operator");
@@ -57,6 +57,13 @@ fn helm(args: &str) -> String {
     let out = tool("helm", &args);
     assert!(out.status.success(), "helm {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The names `kubectl <args> -o name` prints; panics when kubectl fails.
+fn kubectl_names(args: &[&str]) -> Vec<String> {
+    let out = tool("kubectl", &[args, &["-o", "name"]].concat());
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
 async fn node_ready(client: &Client) {
@@ -220,21 +227,6 @@ async fn the_chart_on_a_real_node() {
     agents_follow_the_plan(&client, &ns, &apis).await;
     eprintln!("{AGENTS} agent Pods follow the plan: {:?}", started.elapsed());
 
-    // The leader Pod deleted: the standby takes over; no agent goes over its cap meanwhile.
-    let deleted = Instant::now();
-    Api::<Pod>::namespaced(client.clone(), &op_ns).delete(&leader, &DeleteParams::default()).await.unwrap();
-    // The leader releases the Lease on SIGTERM: the standby or the Deployment's replacement may take it.
-    let successor = wait_for("another replica to take the Lease", NODE_WAIT, || async {
-        let holder = lease_holder(&leases.get_opt(&release).await.ok()??)?;
-        let running = ready_pods(&client, &op_ns, "app.kubernetes.io/name=mesh-operator").await;
-        (holder != leader && running.iter().any(|p| p.name_any() == holder)).then_some(holder)
-    })
-    .await;
-    let took = deleted.elapsed();
-    let standby = if names.contains(&successor) { "the standby" } else { "the replacement" };
-    eprintln!("leader {leader} deleted: {standby} {successor} leads {took:?} later");
-    wait_ready(&client, &op_ns, "app.kubernetes.io/name=mesh-operator", 2).await;
-
     // The rendezvous Pod deleted (and kept down): updates still reach every agent, over the mesh.
     scale(&client, &ns, "rendezvous", 0).await;
     wait_for("the rendezvous Pod to be gone", NODE_WAIT, || async {
@@ -251,12 +243,27 @@ async fn the_chart_on_a_real_node() {
     scale(&client, &ns, "rendezvous", 1).await;
     wait_ready(&client, &ns, "app=rendezvous", 1).await;
 
-    // An agent Pod deleted: the Deployment replaces it (a new identity); its peers are replanned and follow.
+    // The leader Pod and an agent Pod deleted together: the successor must replan (the agent's peers lose a
+    // link; its replacement is a new identity) while the leadership changes hands, under the checkers.
     let gone = apis[3].clone();
+    let deleted = Instant::now();
+    Api::<Pod>::namespaced(client.clone(), &op_ns).delete(&leader, &DeleteParams::default()).await.unwrap();
     Api::<Pod>::namespaced(client.clone(), &ns).delete(&gone.name, &DeleteParams::default()).await.unwrap();
-    let pods = wait_for("the agent Pod to be replaced", NODE_WAIT, || async {
+    // The leader releases the Lease on SIGTERM: the standby or the Deployment's replacement may take it.
+    let successor = wait_for("another replica to take the Lease", NODE_WAIT, || async {
+        let holder = lease_holder(&leases.get_opt(&release).await.ok()??)?;
+        let running = ready_pods(&client, &op_ns, "app.kubernetes.io/name=mesh-operator").await;
+        (holder != leader && running.iter().any(|p| p.name_any() == holder)).then_some(holder)
+    })
+    .await;
+    let took = deleted.elapsed();
+    let standby = if names.contains(&successor) { "the standby" } else { "the replacement" };
+    eprintln!("leader {leader} deleted: {standby} {successor} leads {took:?} later");
+    wait_ready(&client, &op_ns, "app.kubernetes.io/name=mesh-operator", 2).await;
+    let pods = wait_for("the agent Pod to be gone and replaced", NODE_WAIT, || async {
+        Api::<Pod>::namespaced(client.clone(), &ns).get_opt(&gone.name).await.ok()?.is_none().then_some(())?;
         let pods = ready_pods(&client, &ns, "app=agent").await;
-        (pods.len() == AGENTS && pods.iter().all(|p| p.name_any() != gone.name)).then_some(pods)
+        (pods.len() == AGENTS).then_some(pods)
     })
     .await;
     let apis = agent_apis(&pods).await;
@@ -268,7 +275,11 @@ async fn the_chart_on_a_real_node() {
         "a Pod still names the deleted agent {}",
         gone.node_id
     );
-    eprintln!("agent {} deleted and replaced: the plan followed again", gone.name);
+    eprintln!(
+        "agent {} deleted and replaced: the plan followed again, {:?} after both deletions",
+        gone.name,
+        deleted.elapsed()
+    );
 
     // helm upgrade with a changed value: a rolling update that leaves the plan as it is.
     let before: BTreeMap<String, BTreeMap<String, String>> =
@@ -280,11 +291,19 @@ async fn the_chart_on_a_real_node() {
         (pods.len() == 2 && pods.iter().all(text)).then_some(pods)
     })
     .await;
-    let new_names: BTreeSet<String> = upgraded.iter().map(|p| p.name_any()).collect();
-    wait_for("an upgraded replica to lead", NODE_WAIT, || async {
-        lease_holder(&leases.get_opt(&release).await.ok()??).filter(|h| new_names.contains(h))
+    let new_leader = wait_for("an upgraded replica to lead", NODE_WAIT, || async {
+        let holder = lease_holder(&leases.get_opt(&release).await.ok()??)?;
+        upgraded.iter().find(|p| p.name_any() == holder).cloned()
     })
     .await;
+    // Its first reconcile has run, and it patched nothing: the same plan.
+    let ip = new_leader.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("the leader's Pod IP");
+    let metrics: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    wait_for("the upgraded leader's first reconcile", NODE_WAIT, || async {
+        (metric_at(metrics, "mesh_operator_reconciles_total", "").await? > 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric_at(metrics, "mesh_operator_pod_patches_total", "").await, Some(0.0), "the upgrade rewired");
     agents_follow_the_plan(&client, &ns, &apis).await;
     let after = Api::<Pod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap();
     let after: BTreeMap<String, BTreeMap<String, String>> =
@@ -302,24 +321,27 @@ async fn the_chart_on_a_real_node() {
     })
     .await;
     helm(&format!("uninstall {release} -n {op_ns} --wait --timeout 120s"));
-    // What the operations guide says stays: the Lease (released), besides the CRD and the namespace.
+    // What the operations guide says stays: the Lease, released, besides the CRD and the namespaces.
     let kept = [format!("lease.coordination.k8s.io/{release}")];
     wait_for(
         &format!("nothing but {kept:?} left in {op_ns} (Pods terminate after helm returns)"),
         NODE_WAIT,
         || async {
-            let left =
-                tool("kubectl", &["get", "all,serviceaccounts,roles,rolebindings,leases", "-n", &op_ns, "-o", "name"]);
-            let left = String::from_utf8_lossy(&left.stdout).into_owned();
-            let left: Vec<&str> = left.lines().filter(|l| !l.ends_with("/default")).collect();
-            (left == kept).then_some(())
+            let left = kubectl_names(&["get", "all,serviceaccounts,roles,rolebindings,leases", "-n", &op_ns]);
+            (left.iter().filter(|l| !l.ends_with("/default")).collect::<Vec<_>>() == kept.iter().collect::<Vec<_>>())
+                .then_some(())
         },
     )
     .await;
-    let cluster =
-        tool("kubectl", &["get", "clusterroles,clusterrolebindings,validatingadmissionpolicies", "-o", "name"]);
-    let cluster = String::from_utf8_lossy(&cluster.stdout).into_owned();
-    assert!(!cluster.contains(&release), "cluster-scoped objects left behind: {cluster}");
+    let lease = leases.get(&release).await.unwrap();
+    assert!(lease_holder(&lease).is_none_or(|h| h.is_empty()), "the Lease still held: {:?}", lease.spec);
+    let elsewhere = kubectl_names(&["get", "roles,rolebindings", "-n", &ns]);
+    let cluster = kubectl_names(&[
+        "get",
+        "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+    ]);
+    let left: Vec<&String> = elsewhere.iter().chain(&cluster).filter(|n| n.contains(&release)).collect();
+    assert!(left.is_empty(), "left behind by helm uninstall: {left:?}");
 
     let samples = sampler.assert_clean();
     let events = history.assert_clean();

@@ -152,11 +152,7 @@ impl AgentApi {
 
     /// A metric's value (the sum over its label sets when `labels` is empty).
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = http().get(format!("http://{}/metrics", self.api)).send().await.unwrap().text().await.unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_at(self.api, name, labels).await.expect("the agent's /metrics")
     }
 
     /// The agent's link and relay counters, for failure messages.
@@ -168,6 +164,13 @@ impl AgentApi {
         let lines = text.lines().filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w)));
         format!("  {} counters: {}", self.name, lines.collect::<Vec<_>>().join("; "))
     }
+}
+
+/// A metric's value at `http://{addr}/metrics` (the sum over its label sets when `labels` is empty).
+pub async fn metric_at(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    let text = http().get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+    let values = text.lines().filter(|l| l.starts_with(name) && l.contains(labels));
+    Some(values.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
 }
 
 fn http() -> reqwest::Client {
