@@ -547,6 +547,44 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
     assert_eq!(holder().await, None, "the Lease was not released");
 }
 
+/// A Lease won by an acquire still in flight when the replica shuts down is given up all the same.
+/// kube-lease-manager cancels that request when the last receiver goes and then believes it holds nothing;
+/// found on the real node, where after `helm uninstall` the Lease stayed held by a replica that was gone.
+#[tokio::test]
+async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = client().await;
+    let ns = namespace(&client, "lease-inflight").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let held_by = |who: &str| -> Lease {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        serde_json::from_value(json!({"metadata": {"name": "mesh-operator"}, "spec": {"holderIdentity": who,
+            "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now}}))
+        .unwrap()
+    };
+    leases.create(&PostParams::default(), &held_by("op-a")).await.unwrap();
+    let settings = mesh_operator::controller::Settings {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_elect: true,
+        lease_namespace: ns.clone(),
+        lease_name: "mesh-operator".into(),
+        identity: "op-b".into(),
+        max_presence_bytes: 1024,
+        apply_concurrency: 1,
+        namespaces: vec![],
+    };
+    let leadership = std::sync::Arc::new(leader::Leadership::new(true));
+    let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
+    wait_for("op-b to see op-a lead", WAIT, || async { leases.get_opt("mesh-operator").await.ok()?.map(|_| ()) }).await;
+    // op-b's acquire lands on the server, and op-b shuts down before it has read the answer.
+    let mut won = leases.get("mesh-operator").await.unwrap();
+    won.spec = held_by("op-b").spec;
+    leases.replace("mesh-operator", &PostParams::default(), &won).await.unwrap();
+    leader::release(task).await;
+    let holder = leases.get("mesh-operator").await.unwrap().spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder, None, "the Lease stayed with a replica that shut down");
+}
+
 /// The `mesh-operator` binary watching `ns` (its Lease there too), stdout and stderr into `log`.
 /// SIGTERM via the kill(1) command, to keep the tests free of unsafe code.
 fn send_sigterm(pid: i32) -> i32 {

@@ -111,6 +111,9 @@ fn fence_until(lease: &Lease, identity: &str) -> Option<Instant> {
 /// Lease, so a standby takes over only once it expires; [`release`] gives it up at once.
 pub struct LeaseTask {
     follow: JoinHandle<()>,
+    leases: Api<Lease>,
+    name: String,
+    identity: String,
     manager: Option<JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>>,
     /// kube-lease-manager releases the Lease once every receiver of its channel is gone.
     manager_rx: Option<watch::Receiver<bool>>,
@@ -141,7 +144,7 @@ pub async fn elect(
         .build()
         .await?;
     let (manager_rx, manager) = manager.watch().await;
-    let api: Api<Lease> = Api::namespaced(client, &settings.lease_namespace);
+    let api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
     let config = super::watch_config().fields(&format!("metadata.name={}", settings.lease_name));
     let identity = settings.identity.clone();
     let follow = tokio::spawn(async move {
@@ -168,7 +171,14 @@ pub async fn elect(
             leadership.observe(current.as_ref(), &identity, Instant::now(), &metrics);
         }
     });
-    Ok(LeaseTask { follow, manager: Some(manager), manager_rx: Some(manager_rx) })
+    Ok(LeaseTask {
+        follow,
+        leases: Api::namespaced(client, &settings.lease_namespace),
+        name: settings.lease_name.clone(),
+        identity: settings.identity.clone(),
+        manager: Some(manager),
+        manager_rx: Some(manager_rx),
+    })
 }
 
 /// Gives the Lease up: dropping the last receiver makes kube-lease-manager release it and end.
@@ -179,6 +189,26 @@ pub async fn release(mut task: LeaseTask) {
     match tokio::time::timeout(Duration::from_secs(3), manager).await {
         Ok(Ok(Ok(_))) => info!("leader Lease released"),
         other => tracing::warn!(?other, "could not release the leader Lease cleanly"),
+    }
+    give_up_if_ours(&task).await;
+}
+
+/// kube-lease-manager drops an acquire still in flight when its last receiver goes, then releases only
+/// what it believes it holds: a Lease that request won stays ours. Read it back; if it names us, clear
+/// the holder, conditional on the version read, so a successor's own acquire is never undone.
+async fn give_up_if_ours(task: &LeaseTask) {
+    let Ok(Some(lease)) = task.leases.get_opt(&task.name).await else { return };
+    if lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) != Some(&task.identity) {
+        return;
+    }
+    let clear = serde_json::json!({
+        "metadata": {"resourceVersion": lease.metadata.resource_version},
+        "spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null},
+    });
+    let params = kube::api::PatchParams::default();
+    match task.leases.patch(&task.name, &params, &kube::api::Patch::Merge(clear)).await {
+        Ok(_) => info!("gave up a Lease acquired while shutting down"),
+        Err(e) => tracing::warn!(error = %e, "could not give up the Lease acquired while shutting down"),
     }
 }
 
