@@ -547,9 +547,8 @@ async fn sigterm_stops_the_binary_cleanly_and_releases_the_lease() {
     assert_eq!(holder().await, None, "the Lease was not released");
 }
 
-/// A Lease won by an acquire still in flight when the replica shuts down is given up all the same.
-/// kube-lease-manager cancels that request when the last receiver goes and then believes it holds nothing;
-/// found on the real node, where after `helm uninstall` the Lease stayed held by a replica that was gone.
+/// A Lease won by an acquire still in flight when the replica shuts down is given up all the same:
+/// kube-lease-manager cancels that request when the last receiver goes, and then believes it holds nothing.
 #[tokio::test]
 async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
     use k8s_openapi::api::coordination::v1::Lease;

@@ -321,7 +321,8 @@ async fn the_chart_on_a_real_node() {
     })
     .await;
     helm(&format!("uninstall {release} -n {op_ns} --wait --timeout 120s"));
-    // What the operations guide says stays: the Lease, released, besides the CRD and the namespaces.
+    // What the operations guide says stays: the Lease (its last holder cannot release it: the chart's RBAC
+    // goes with the chart), besides the CRD and the namespaces.
     let kept = [format!("lease.coordination.k8s.io/{release}")];
     wait_for(
         &format!("nothing but {kept:?} left in {op_ns} (Pods terminate after helm returns)"),
@@ -333,8 +334,6 @@ async fn the_chart_on_a_real_node() {
         },
     )
     .await;
-    let lease = leases.get(&release).await.unwrap();
-    assert!(lease_holder(&lease).is_none_or(|h| h.is_empty()), "the Lease still held: {:?}", lease.spec);
     let elsewhere = kubectl_names(&["get", "roles,rolebindings", "-n", &ns]);
     let cluster = kubectl_names(&[
         "get",

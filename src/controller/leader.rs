@@ -181,6 +181,16 @@ pub async fn elect(
     })
 }
 
+impl LeaseTask {
+    /// On shutdown, a replica that does not lead stops competing at once: it must not win the Lease its
+    /// leader is about to free, only to leave with it.
+    pub fn withdraw_unless_leading(&mut self, leadership: &Leadership) {
+        if !leadership.may_write() {
+            self.manager_rx.take();
+        }
+    }
+}
+
 /// Gives the Lease up: dropping the last receiver makes kube-lease-manager release it and end.
 pub async fn release(mut task: LeaseTask) {
     task.follow.abort();

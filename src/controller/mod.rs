@@ -232,9 +232,16 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         }
     };
     tasks.spawn(ready);
+    let mut lease_task = lease_task;
     let forced = tokio::select! {
         _ = futures::future::join_all(controllers) => false,
-        () = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => true,
+        () = async {
+            shutdown_signal().await;
+            if let Some(task) = lease_task.as_mut() {
+                task.withdraw_unless_leading(&shared.leadership);
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await
+        } => true,
     };
     match (lease_task, forced) {
         // Writes may still be in flight: the Lease runs out instead, so no standby leads before they land.
