@@ -20,6 +20,7 @@ TOOLS="$ROOT/hack/tools"
 STATE=${MESH_NODE_DIR:-$ROOT/_output/node}
 CP_STATE=${MESH_CP_DIR:-$ROOT/_output/control-plane}
 NODE_NAME=mesh-node
+NODE_TAINT=agentmesh.dev/node-tier
 POD_CIDR=10.88.0.0/16
 SELF=node
 # shellcheck source=hack/lib.sh
@@ -233,6 +234,8 @@ resolvConf: ""
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+# Only Pods that ask for this node land on it: the API-only tests leave Pods behind that must stay Pending.
+registerWithTaints: [{key: $NODE_TAINT, effect: NoSchedule}]
 YAML
   cat >"$STATE/proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

@@ -25,6 +25,11 @@ const AGENTS: usize = 20;
 const CAP: usize = 4;
 const NODE_WAIT: Duration = Duration::from_secs(180);
 
+/// The node is tainted (`hack/node.sh`): Pods left by the API-only tests must never be scheduled onto it.
+static NODE_TOLERATION: std::sync::LazyLock<Value> = std::sync::LazyLock::new(
+    || json!({"key": "agentmesh.dev/node-tier", "operator": "Exists", "effect": "NoSchedule"}),
+);
+
 /// The restricted Pod Security profile, as the chart's own Pods run.
 fn restricted() -> (Value, Value) {
     let pod = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
@@ -44,7 +49,7 @@ fn deployment(name: &str, replicas: usize, container: Value, volumes: Value) -> 
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {"securityContext": pod_sc, "containers": [container], "volumes": volumes,
-                         "terminationGracePeriodSeconds": 2},
+                         "terminationGracePeriodSeconds": 2, "tolerations": [NODE_TOLERATION.clone()]},
             },
         },
     }))
@@ -196,7 +201,8 @@ async fn the_chart_on_a_real_node() {
     let release = format!("mo-{}", &op_ns[op_ns.len() - 6..]);
     helm(&format!(
         "install {release} {CHART} -n {op_ns} --set image.repository=mesh.local/mesh-operator --set image.tag=dev \
-         --set watchNamespaces={{{ns}}} --wait --timeout 180s"
+         --set watchNamespaces={{{ns}}} --set tolerations[0].key=agentmesh.dev/node-tier \
+         --set tolerations[0].operator=Exists --set tolerations[0].effect=NoSchedule --wait --timeout 180s"
     ));
     let operators = wait_ready(&client, &op_ns, "app.kubernetes.io/name=mesh-operator", 2).await;
     let names: BTreeSet<String> = operators.iter().map(|p| p.name_any()).collect();
