@@ -4,6 +4,10 @@
 die() { echo "$SELF: error: $*" >&2; exit 1; }
 note() { echo "$SELF: $*" >&2; }
 
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 pinned_k8s() { awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$TOOLS/kubernetes/go.mod"; }
 
 k8s_version() { echo "${MESH_K8S_VERSION:-$(pinned_k8s)}"; }

@@ -251,10 +251,6 @@ metricsBindAddress: "127.0.0.1:$(free_port)"
 YAML
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # --- start / stop -------------------------------------------------------------------------------------------
 
 launch() { # name binary args...
