@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::duration;
 
 pub const GROUP: &str = "agentmesh.dev";
+/// Every annotation of ours starts with this.
+pub const ANNOTATION_PREFIX: &str = "agentmesh.dev/";
 /// Annotation keys of the peer assignment on each agent Pod (DESIGN §3.2).
 pub const PEERS_ANNOTATION: &str = "agentmesh.dev/peers";
 pub const LINKS_ANNOTATION: &str = "agentmesh.dev/links";

@@ -40,7 +40,7 @@ pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
         pods.iter().map(|p| (node_id(policy, p), p.name_any())).filter(|(id, _)| id != "-").collect();
     let mut rows: Vec<AgentRow> = pods
         .iter()
-        .filter(|p| selects(policy, p))
+        .filter(|p| selects(policy, *p))
         .map(|p| {
             let name = p.name_any();
             let own = current(p).filter(|a| a.policy == policy.name_any());

@@ -571,6 +571,7 @@ async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
         max_presence_bytes: 1024,
         apply_concurrency: 1,
         namespaces: vec![],
+        pod_selector: None,
     };
     let leadership = std::sync::Arc::new(leader::Leadership::new(true));
     let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();

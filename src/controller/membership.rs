@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+
+use super::pods::CachedPod;
 
 use crate::presence::{Node, Snapshot};
 
@@ -109,7 +110,7 @@ pub fn exclude_foreign(
 /// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`
 /// label of a Node by name.
 pub fn decide(
-    pods: &[&Pod],
+    pods: &[&CachedPod],
     snapshot: &Snapshot,
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
@@ -156,7 +157,7 @@ pub fn decide(
 }
 
 fn candidate(
-    pod: &Pod,
+    pod: &CachedPod,
     by_id: &HashMap<&str, &Node>,
     by_host: &HashMap<&str, &Node>,
     by_ip: &HashMap<String, &Node>,
@@ -164,17 +165,13 @@ fn candidate(
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Agent, Exclusion> {
-    if pod.metadata.deletion_timestamp.is_some() {
+    if pod.terminating() {
         return Err(Exclusion::Terminating);
     }
-    let status = pod.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    if !ready {
+    if !pod.ready {
         return Err(Exclusion::NotReady);
     }
-    let ip = status.and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty()).ok_or(Exclusion::NoPodIp)?;
+    let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let annotated = pod.annotations().get(rules.node_id_annotation).map(String::as_str);
     let node = annotated
@@ -209,7 +206,7 @@ fn candidate(
         pod.labels()
             .get(key)
             .cloned()
-            .or_else(|| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(node_domain))
+            .or_else(|| pod.node_name.as_deref().and_then(node_domain))
     });
     Ok(Agent { pod: name.to_owned(), node_id: node.node_id.clone(), url, domain })
 }
@@ -249,12 +246,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(name: &str, ip: &str, ready: bool, annotations: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": annotations, "labels": {"zone": "z1"}},
-            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
-        }))
-        .unwrap()
+    fn pod(name: &str, ip: &str, ready: bool, annotations: serde_json::Value) -> CachedPod {
+        CachedPod::from_pod(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "annotations": annotations, "labels": {"zone": "z1"}},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+            }))
+            .unwrap(),
+        )
     }
 
     fn node(id: &str, address: &str, hostname: Option<&str>, age_ms: f64) -> Node {
@@ -296,7 +295,7 @@ mod tests {
             pod("agent-rv", "127.0.0.9", true, json!({})),
             pod("agent-x", "127.0.0.4", false, json!({})),
         ];
-        let refs: Vec<&Pod> = pods.iter().collect();
+        let refs: Vec<&CachedPod> = pods.iter().collect();
         let m = decide(&refs, &snap, &rules(), &|_| None);
         let got: Vec<(&str, &str, &str)> =
             m.agents.iter().map(|a| (a.pod.as_str(), a.node_id.as_str(), a.url.as_str())).collect();
@@ -324,7 +323,7 @@ mod tests {
             pod("p1", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "aa"})),
             pod("p2", "127.0.0.2", true, json!({"agentmesh.dev/node-id": "aa"})),
         ];
-        let refs: Vec<&Pod> = pods.iter().collect();
+        let refs: Vec<&CachedPod> = pods.iter().collect();
         let m = decide(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         let want = Exclusion::DuplicateNodeId { node_id: "aa".into(), pods: vec!["p1".into(), "p2".into()] };
@@ -351,7 +350,7 @@ mod tests {
             pod("http", "127.0.0.3", true, json!({"agentmesh.dev/node-id": "hh"})),
             pod("unknown", "127.0.0.4", true, json!({"agentmesh.dev/node-id": "zz"})),
         ];
-        let refs: Vec<&Pod> = pods.iter().collect();
+        let refs: Vec<&CachedPod> = pods.iter().collect();
         let m = decide(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         assert_eq!(m.excluded["stale"], Exclusion::StaleHeartbeat);
@@ -376,7 +375,7 @@ mod tests {
             pod("long-id", "127.0.0.2", true, json!({})),
             pod("long-address", "127.0.0.3", true, json!({})),
         ];
-        let refs: Vec<&Pod> = pods.iter().collect();
+        let refs: Vec<&CachedPod> = pods.iter().collect();
         let m = decide(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         assert_eq!(m.excluded["empty"], Exclusion::BadNodeId(0));

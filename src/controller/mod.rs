@@ -23,11 +23,13 @@ pub mod decide;
 pub mod leader;
 pub mod membership;
 pub mod plan;
+pub mod pods;
 pub mod poll;
 pub mod reconcile;
 pub mod status;
 
 use leader::Leadership;
+use pods::CachedPod;
 use poll::PresenceState;
 
 pub const FIELD_MANAGER: &str = "mesh-operator";
@@ -68,7 +70,7 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub policies: Store<MeshPolicy>,
     pub fetcher: Arc<Fetcher>,
@@ -80,13 +82,18 @@ pub struct Context {
     pub namespace_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
     pub caches_synced: AtomicBool,
+    /// False while the Pod watch relists after the policies' selectors changed.
+    pub pods_listed: Arc<AtomicBool>,
     pub nodes_synced: Arc<AtomicBool>,
     pub apply_concurrency: usize,
+    pub pod_selector: Option<String>,
 }
 
 impl Context {
     pub fn synced(&self) -> bool {
-        self.caches_synced.load(Ordering::SeqCst) && self.nodes_synced.load(Ordering::SeqCst)
+        self.caches_synced.load(Ordering::SeqCst)
+            && self.pods_listed.load(Ordering::SeqCst)
+            && self.nodes_synced.load(Ordering::SeqCst)
     }
 
     /// The presence state of the policy with UID `uid`, created on first use.
@@ -122,30 +129,13 @@ pub struct Settings {
     pub apply_concurrency: usize,
     /// Watch only these namespaces (Role-only RBAC); all namespaces when empty.
     pub namespaces: Vec<String>,
-}
-
-/// Drops what the controller never reads from a cached Pod, so a large fleet costs little memory.
-fn trim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.owner_references = None;
-    pod.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::PodSpec { node_name: spec.node_name.take(), ..Default::default() };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        let ready = status.conditions.take().map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
-        *status = k8s_openapi::api::core::v1::PodStatus {
-            conditions: ready,
-            pod_ip: status.pod_ip.take(),
-            phase: status.phase.take(),
-            ..Default::default()
-        };
-    }
+    /// A label selector the Pod watch sends to the API server: Pods it excludes are never read at all.
+    pub pod_selector: Option<String>,
 }
 
 /// Policies a Pod event concerns: those whose selector matches it, and the one named on it (so a Pod that
 /// stopped matching is cleaned up).
-fn policies_for_pod(pod: &Pod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
     let ns = pod.namespace().unwrap_or_default();
     let named = pod.annotations().get(POLICY_ANNOTATION);
     policies
@@ -211,8 +201,12 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         fetcher: Arc::new(Fetcher::new(settings.max_presence_bytes)),
         leadership,
         apply_concurrency: settings.apply_concurrency,
+        pod_selector: settings.pod_selector.clone(),
     };
     let scopes = scopes(&settings.namespaces);
+    if let Some(selector) = &settings.pod_selector {
+        check_pod_selector(&client, &scopes[0], selector).await?;
+    }
     let mut contexts = Vec::new();
     let mut controllers = Vec::new();
     for scope in scopes {
@@ -255,6 +249,20 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     Ok(())
 }
 
+/// Refuses to start on a `--pod-selector` the API server cannot parse, rather than fail every watch.
+async fn check_pod_selector(client: &Client, scope: &Option<String>, selector: &str) -> anyhow::Result<()> {
+    let api: Api<Pod> = match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&kube::api::ListParams::default().labels(selector).limit(1)).await {
+        Err(kube::Error::Api(s)) if s.code == 400 => {
+            anyhow::bail!("--pod-selector {selector:?}: the API server refused it: {}", s.message)
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn shutdown_signal() {
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
@@ -283,11 +291,12 @@ struct Shared {
     fetcher: Arc<Fetcher>,
     leadership: Arc<Leadership>,
     apply_concurrency: usize,
+    pod_selector: Option<String>,
 }
 
 impl Shared {
     /// The context of one controller, over its own Pod and policy caches.
-    fn context(&self, pods: Store<Pod>, policies: Store<MeshPolicy>) -> Arc<Context> {
+    fn context(&self, pods: Store<CachedPod>, policies: Store<MeshPolicy>) -> Arc<Context> {
         Arc::new(Context {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
@@ -301,8 +310,10 @@ impl Shared {
             expectations: Default::default(),
             namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
+            pods_listed: Arc::new(AtomicBool::new(false)),
             nodes_synced: self.nodes_synced.clone(),
             apply_concurrency: self.apply_concurrency,
+            pod_selector: self.pod_selector.clone(),
         })
     }
 }
@@ -312,7 +323,7 @@ impl Shared {
 async fn controller(
     ctx: Arc<Context>,
     scope: Option<String>,
-    pod_writer: reflector::store::Writer<Pod>,
+    pod_writer: reflector::store::Writer<CachedPod>,
     policy_writer: reflector::store::Writer<MeshPolicy>,
 ) {
     let client = ctx.client.clone();
@@ -321,12 +332,16 @@ async fn controller(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
+    let interest_store = policies.clone();
     // Lists from etcd, not the API server's cache: a relist must never show Pods older than our writes.
     let (pod_metrics, policy_metrics) = (ctx.metrics.clone(), ctx.metrics.clone());
-    let pod_stream = watcher(pod_api, watch_config())
-        .default_backoff()
+    let (interest_tx, interest) = tokio::sync::watch::channel(None);
+    let mut pod_config = watch_config();
+    if let Some(selector) = &ctx.pod_selector {
+        pod_config = pod_config.labels(selector);
+    }
+    let pod_stream = pods::watch(pod_api, pod_config, interest, ctx.pods_listed.clone())
         .inspect_err(move |e| pod_metrics.watch_failed("pods", e))
-        .modify(trim_pod)
         .reflect(pod_writer)
         .touched_objects();
 
@@ -341,6 +356,11 @@ async fn controller(
         .inspect(move |event| {
             if let Ok(watcher::Event::InitDone) = event {
                 let _ = policies_synced_tx.send(true);
+            }
+            // The Pod watch starts only once the policies are listed, or it would list for nobody.
+            if *policies_synced_tx.borrow() {
+                let now = Some(pods::Interest::of(&interest_store.state()));
+                interest_tx.send_if_modified(|was| std::mem::replace(was, now.clone()) != now);
             }
         })
         .applied_objects();

@@ -21,6 +21,7 @@ use super::apply::{self, Outcome};
 use super::decide::{self, PodState};
 use super::membership::{self, Exclusion, Membership};
 use super::plan::{self, PlanOutcome, Targets};
+use super::pods::CachedPod;
 use super::poll::{Attempt, PROMPT_FETCH_INTERVAL, Read};
 use super::status::{self, Findings};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER};
@@ -66,7 +67,7 @@ pub fn error_policy(_policy: Arc<MeshPolicy>, error: &Error, ctx: Arc<Context>) 
 }
 
 /// Whether `policy` selects `pod` (same namespace, selector matches). An unusable selector selects nothing.
-pub fn selects(policy: &MeshPolicy, pod: &Pod) -> bool {
+pub fn selects(policy: &MeshPolicy, pod: &impl Resource) -> bool {
     policy.namespace() == pod.namespace()
         && Selector::try_from(policy.spec.selector.clone()).is_ok_and(|s| s.matches(pod.labels()))
 }
@@ -113,30 +114,42 @@ fn owner_key(p: &MeshPolicy) -> (Option<Timestamp>, String) {
 }
 
 /// What the caches say about one policy's namespace.
-struct Observed {
+pub struct Observed {
     /// Pods the policy selects and owns (no older policy selects them).
-    selected: Vec<Arc<Pod>>,
+    pub selected: Vec<Arc<CachedPod>>,
     /// Pods it selects that an older policy owns.
-    conflicted: Vec<String>,
+    pub conflicted: Vec<String>,
     /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
-    pods: BTreeMap<String, PodState>,
+    pub pods: BTreeMap<String, PodState>,
     /// What each Pod carries as this policy's.
-    carried: BTreeMap<String, Assignment>,
+    pub carried: BTreeMap<String, Assignment>,
     /// Pods carrying another policy's assignment, and the node ids those link: Pod/id → that policy.
-    foreign_pods: HashMap<String, String>,
-    foreign_ids: HashMap<String, String>,
+    pub foreign_pods: HashMap<String, String>,
+    pub foreign_ids: HashMap<String, String>,
     /// IPs of the namespace's Pods that are not terminating.
-    live_ips: HashSet<String>,
+    pub live_ips: HashSet<String>,
 }
 
 /// Gather: reads the Pod and policy caches.
 fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
-    let name = policy.name_any();
     let ns = policy.namespace();
-    let all_pods: Vec<Arc<Pod>> = ctx.pods.state().into_iter().filter(|p| p.namespace() == ns).collect();
-    let others: Vec<Arc<MeshPolicy>> =
-        ctx.policies.state().into_iter().filter(|p| p.namespace() == ns && p.uid() != policy.uid()).collect();
-    let existing: HashSet<String> = others.iter().map(|p| p.name_any()).collect();
+    let pods: Vec<Arc<CachedPod>> = ctx.pods.state().into_iter().filter(|p| p.namespace() == ns).collect();
+    let policies: Vec<Arc<MeshPolicy>> = ctx.policies.state().into_iter().filter(|p| p.namespace() == ns).collect();
+    observe(policy, &pods, &policies)
+}
+
+/// What `pods` and `policies` (of `policy`'s namespace) say about `policy`. Pure.
+pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<MeshPolicy>]) -> Observed {
+    let name = policy.name_any();
+    let selector = |p: &MeshPolicy| Selector::try_from(p.spec.selector.clone()).ok();
+    let mine = selector(policy);
+    // The older policy owns a Pod both select: only older policies can take one from this one.
+    let older: Vec<Selector> = policies
+        .iter()
+        .filter(|p| p.uid() != policy.uid() && owner_key(p) < owner_key(policy))
+        .filter_map(|p| selector(p))
+        .collect();
+    let existing: HashSet<String> = policies.iter().filter(|p| p.uid() != policy.uid()).map(|p| p.name_any()).collect();
     let mut o = Observed {
         selected: vec![],
         conflicted: vec![],
@@ -146,19 +159,19 @@ fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
         foreign_ids: HashMap::new(),
         live_ips: HashSet::new(),
     };
-    for pod in all_pods {
+    for pod in pods {
         let pod_name = pod.name_any();
-        let selected = selects(policy, &pod);
+        let selected = mine.as_ref().is_some_and(|s| s.matches(pod.labels()));
         if selected {
-            match others.iter().any(|o| owner_key(o) < owner_key(policy) && selects(o, &pod)) {
+            match older.iter().any(|s| s.matches(pod.labels())) {
                 true => o.conflicted.push(pod_name.clone()),
                 false => o.selected.push(pod.clone()),
             }
         }
-        if pod.metadata.deletion_timestamp.is_none() {
-            o.live_ips.extend(pod.status.as_ref().and_then(|s| s.pod_ip.clone()));
+        if !pod.terminating() {
+            o.live_ips.extend(pod.pod_ip.clone());
         }
-        let mut state = pod_state(&pod, &policy.spec.identity.node_id_annotation);
+        let mut state = pod_state(pod, &policy.spec.identity.node_id_annotation);
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
         if state.keys.get(assignment::POLICY).is_some_and(|p| *p != name && !existing.contains(p)) {
             state.keys.remove(assignment::POLICY);
@@ -183,7 +196,7 @@ fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
     o
 }
 
-fn pod_state(pod: &Pod, node_id_annotation: &str) -> PodState {
+fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
     let annotations = pod.annotations();
     PodState {
         uid: pod.uid(),
@@ -199,7 +212,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         Err(message) => return invalid(ctx, policy, message).await,
     };
     let ns = policy.namespace().unwrap_or_default();
-    let read = presence(ctx, policy, &settings, &gather(ctx, policy)).await;
+    let read = presence(ctx, policy, &settings).await;
     // From here to the last write, one policy of the namespace at a time: two policies deciding on the
     // same cache could each give a Pod moving between them links the other does not see.
     let lock = ctx.namespace_lock(&ns);
@@ -216,34 +229,12 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         conflicted: observed.conflicted.clone(),
         ..Default::default()
     };
-    let members = read.snapshot.as_ref().map(|s| members(ctx, policy, &settings, &observed, s, read.confirmed_ms));
-    for agent in members.iter().flat_map(|m| &m.agents) {
-        if let Some(state) = observed.pods.get_mut(&agent.pod) {
-            state.node_id = Some(agent.node_id.clone());
-        }
-    }
-    let targets = match &members {
-        Some(m) => match plan::plan(
-            m,
-            policy.spec.max_peers,
-            &policy.uid().unwrap_or_default(),
-            &policy.name_any(),
-            &observed.carried,
-        ) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                findings.plan_error = Some(e.to_string());
-                None
-            }
-        },
-        None => None,
-    };
+    let node_domain = |node: &str| node_domain(ctx, policy, node);
+    let presence = read.snapshot.as_deref().map(|s| (s, read.confirmed_ms));
+    let Decision { members, plan: targets, plan_error, wanted, waves } =
+        decide_policy(policy, &settings, &mut observed, presence, &node_domain);
+    findings.plan_error = plan_error;
     let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
-    let wanted = targets
-        .as_ref()
-        .map(|p| p.targets.clone())
-        .unwrap_or_else(|| adopted(&observed, members.is_some(), policy.spec.max_peers));
-    let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
     if !waves.is_empty() {
         let (shrink, grow) = (waves.shrink.len(), waves.grow.len());
         debug!(
@@ -288,28 +279,72 @@ fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
     plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips, cap)
 }
 
+/// What one reconcile decides, before any write.
+pub struct Decision {
+    pub members: Option<Membership>,
+    pub plan: Option<PlanOutcome>,
+    pub plan_error: Option<String>,
+    /// Each Pod's target: the plan's, or without one what the Pods carry (see [`adopted`]).
+    pub wanted: Targets,
+    pub waves: decide::Waves,
+}
+
+/// The pure core of a reconcile: membership (with presence), the plan, the targets and the writes that
+/// reach them. `presence` is the snapshot and its clock; `node_domain` a Node's `topologyKey` label.
+pub fn decide_policy(
+    policy: &MeshPolicy,
+    settings: &Settings,
+    observed: &mut Observed,
+    presence: Option<(&Snapshot, f64)>,
+    node_domain: &dyn Fn(&str) -> Option<String>,
+) -> Decision {
+    let members = presence.map(|(s, clock)| members(policy, settings, observed, s, clock, node_domain));
+    for agent in members.iter().flat_map(|m| &m.agents) {
+        if let Some(state) = observed.pods.get_mut(&agent.pod) {
+            state.node_id = Some(agent.node_id.clone());
+        }
+    }
+    let planned = members.as_ref().map(|m| {
+        let seed = policy.uid().unwrap_or_default();
+        plan::plan(m, policy.spec.max_peers, &seed, &policy.name_any(), &observed.carried)
+    });
+    let (plan, plan_error) = match planned {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
+    };
+    let wanted = match &plan {
+        Some(p) => p.targets.clone(),
+        None => adopted(observed, members.is_some(), policy.spec.max_peers),
+    };
+    let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
+    Decision { members, plan, plan_error, wanted, waves }
+}
+
+/// The `topologyKey` label of Node `node`, from the Node cache.
+fn node_domain(ctx: &Context, policy: &MeshPolicy, node: &str) -> Option<String> {
+    let key = policy.spec.topology_key.as_deref()?;
+    let meta = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(node))?;
+    meta.labels().get(key).cloned()
+}
+
 /// Membership: the eligible agents, without those another policy still holds.
 fn members(
-    ctx: &Context,
     policy: &MeshPolicy,
     settings: &Settings,
     o: &Observed,
     snap: &Snapshot,
     confirmed_ms: f64,
+    node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Membership {
-    let node_domain = |node: &str| -> Option<String> {
-        let key = policy.spec.topology_key.as_deref()?;
-        let meta = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(node))?;
-        meta.labels().get(key).cloned()
-    };
     let rules = membership::Rules {
         node_id_annotation: &policy.spec.identity.node_id_annotation,
         topology_key: policy.spec.topology_key.as_deref(),
         heartbeat_timeout: settings.heartbeat_timeout,
         fallback_now_ms: confirmed_ms,
     };
-    let selected: Vec<&Pod> = o.selected.iter().map(|p| p.as_ref()).collect();
-    let mut m = membership::decide(&selected, snap, &rules, &node_domain);
+    let selected: Vec<&CachedPod> = o.selected.iter().map(|p| p.as_ref()).collect();
+    let mut m = membership::decide(&selected, snap, &rules, node_domain);
     membership::exclude_foreign(&mut m, &o.foreign_pods, &o.foreign_ids);
     m
 }
@@ -475,15 +510,10 @@ fn awaiting_presence(ctx: &Context, policy: &MeshPolicy, m: &Membership) -> bool
 
 /// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. See
 /// [`super::poll`] for what is kept and trusted.
-async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings, o: &Observed) -> Read {
+async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Read {
     let state = ctx.presence_state(&policy.uid().unwrap_or_default());
     let mut state = state.lock().await;
     state.enter_term(ctx.leadership.term());
-    let eligible = |snap: &Snapshot, clock: f64| -> BTreeMap<String, String> {
-        members(ctx, policy, settings, o, snap, clock).agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
-    };
-    let assigned: BTreeSet<String> =
-        o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
     let now = std::time::Instant::now();
     if state.due(settings.poll_interval, state.prompt(now), now) {
         state.last_attempt = Some(std::time::Instant::now());
@@ -491,6 +521,14 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings, o: &O
         let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
         ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
         count_fetch(ctx, policy, &result);
+        let o = gather(ctx, policy);
+        let node_domain = |node: &str| node_domain(ctx, policy, node);
+        let eligible = |snap: &Snapshot, clock: f64| -> BTreeMap<String, String> {
+            let m = members(policy, settings, &o, snap, clock, &node_domain);
+            m.agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
+        };
+        let assigned: BTreeSet<String> =
+            o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
         state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible, &assigned);
     }
     state.read()

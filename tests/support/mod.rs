@@ -273,6 +273,7 @@ impl Operator {
             max_presence_bytes: mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES,
             apply_concurrency: 16,
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            pod_selector: None,
         };
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());

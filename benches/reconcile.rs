@@ -1,0 +1,100 @@
+//! The pure part of one reconcile (observe the cache → membership → plan → targets → writes) on synthetic
+//! fleets of N ∈ {1k, 10k, 20k} agents with k = 4, no cluster: the CPU a Pod event costs the operator.
+//!
+//! * `settled`: every Pod already carries its plan (the steady state; no writes).
+//! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes).
+//!
+//!     cargo bench --bench reconcile
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::Pod;
+use mesh_operator::api::MeshPolicy;
+use mesh_operator::controller::pods::CachedPod;
+use mesh_operator::controller::reconcile::{self, Settings};
+use mesh_operator::presence::{Node, Snapshot};
+use serde_json::json;
+
+const NOW_MS: f64 = 1.0e12;
+
+fn policy() -> MeshPolicy {
+    serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
+        "metadata": {"name": "mesh", "namespace": "ci", "uid": "7f1c0c9e-5d2b-4c51-9d0e-3a1f2b4c5d6e"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}}, "maxPeers": 4, "rendezvous": {"url": "http://rv"}}}))
+    .unwrap()
+}
+
+fn node_id(i: usize) -> String {
+    format!("{:064x}", (i as u128 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn agent_pod(i: usize) -> CachedPod {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("agent-{i}"), "namespace": "ci", "uid": format!("uid-{i}"), "resourceVersion": "7",
+            "labels": {"app": "agent", "pod-template-hash": "5d8f7c9b6"},
+            "annotations": {"agentmesh.dev/node-id": node_id(i)}},
+        "spec": {"nodeName": format!("node-{}", i % 50)},
+        "status": {"podIP": format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+            "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .unwrap();
+    CachedPod::from_pod(pod)
+}
+
+fn presence_of(n: usize) -> Snapshot {
+    let nodes = (0..n)
+        .map(|i| Node {
+            node_id: node_id(i),
+            address: "ws://0.0.0.0:3001/crdt-sync".into(),
+            alive: true,
+            last_seen: None,
+            last_seen_ms: Some(NOW_MS),
+            hostname: Some(format!("agent-{i}")),
+        })
+        .collect();
+    Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes }
+}
+
+/// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
+fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
+    let mut pods: Vec<CachedPod> = (0..n).map(agent_pod).collect();
+    let snapshot = presence_of(n);
+    let arcs: Vec<Arc<CachedPod>> = pods.iter().cloned().map(Arc::new).collect();
+    let mut observed = reconcile::observe(policy, &arcs, &[]);
+    let decision = reconcile::decide_policy(policy, settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None);
+    for pod in &mut pods {
+        let target = decision.wanted[pod.metadata.name.as_ref().unwrap()].as_ref().unwrap();
+        let annotations = pod.metadata.annotations.get_or_insert_default();
+        annotations.extend(target.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)));
+    }
+    pods.extend((n..n + extra).map(agent_pod));
+    (pods.into_iter().map(Arc::new).collect(), presence_of(n + extra))
+}
+
+fn decide(c: &mut Criterion) {
+    let policy = policy();
+    let settings = reconcile::validate(&policy).unwrap();
+    let mut group = c.benchmark_group("reconcile");
+    group.sample_size(10);
+    for n in [1_000, 10_000, 20_000] {
+        for (case, extra) in [("settled", 0), ("join", 1)] {
+            let (pods, snapshot) = fleet(&policy, &settings, n, extra);
+            let writes = {
+                let mut observed = reconcile::observe(&policy, &pods, &[]);
+                let d = reconcile::decide_policy(&policy, &settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None);
+                d.waves.shrink.len() + d.waves.grow.len()
+            };
+            assert_eq!(writes == 0, extra == 0, "{case} at {n}: {writes} writes");
+            group.bench_with_input(BenchmarkId::new(case, n), &pods, |b, pods| {
+                b.iter(|| {
+                    let mut observed = reconcile::observe(&policy, pods, &[]);
+                    reconcile::decide_policy(&policy, &settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None)
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decide);
+criterion_main!(benches);

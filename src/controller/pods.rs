@@ -1,0 +1,253 @@
+//! The Pod cache: of each Pod, only what the controller reads, and only Pods it may act on. A Pod is
+//! cached when a MeshPolicy of its namespace selects it or it carries an `agentmesh.dev/*` annotation;
+//! every other Pod of a busy cluster is dropped as it arrives. What counts as interesting comes from the
+//! policies ([`Interest`]): when it changes, the Pod watch starts over, and the cache is swapped whole
+//! once the new list is complete.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+
+use crate::api::MeshPolicy;
+
+/// A Pod as the cache keeps it: its identity, labels, the annotations the controller reads, and the
+/// three status facts membership needs.
+#[derive(Clone, Debug, Default, PartialEq, Resource, serde::Deserialize, serde::Serialize)]
+#[resource(inherit = Pod)]
+pub struct CachedPod {
+    pub metadata: ObjectMeta,
+    pub node_name: Option<String>,
+    pub pod_ip: Option<String>,
+    pub ready: bool,
+}
+
+impl CachedPod {
+    /// Keeps of `pod` what the controller reads; of its annotations, those `keep` accepts.
+    pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
+        let m = pod.metadata;
+        let annotations = m.annotations.map(|a| a.into_iter().filter(|(k, _)| keep(k)).collect::<BTreeMap<_, _>>());
+        let metadata = ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            labels: m.labels,
+            annotations: annotations.filter(|a| !a.is_empty()),
+            deletion_timestamp: m.deletion_timestamp,
+            ..Default::default()
+        };
+        let status = pod.status.unwrap_or_default();
+        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        Self {
+            metadata,
+            node_name: pod.spec.and_then(|s| s.node_name),
+            pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()),
+            ready,
+        }
+    }
+
+    /// Every annotation kept (for Pods read from the API rather than the cache).
+    pub fn from_pod(pod: Pod) -> Self {
+        Self::new(pod, &|_| true)
+    }
+
+    pub fn terminating(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+    }
+}
+
+/// Whether the annotation key is one of ours.
+fn ours(key: &str) -> bool {
+    key.starts_with(crate::api::ANNOTATION_PREFIX)
+}
+
+/// Which Pods the cache keeps, derived from the MeshPolicies: per namespace, its policies' selectors, and
+/// the node-id annotations they read.
+#[derive(Clone, Debug, Default)]
+pub struct Interest {
+    /// The policies' selectors as written, sorted: what decides whether two interests are the same.
+    key: Vec<(String, String, String)>,
+    selectors: BTreeMap<String, Vec<Selector>>,
+    annotations: BTreeSet<String>,
+}
+
+impl PartialEq for Interest {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Interest {
+    pub fn of(policies: &[Arc<MeshPolicy>]) -> Self {
+        let mut out = Interest::default();
+        for p in policies {
+            let ns = p.namespace().unwrap_or_default();
+            let written = serde_json::to_string(&p.spec.selector).unwrap_or_default();
+            out.key.push((ns.clone(), written, p.spec.identity.node_id_annotation.clone()));
+            // An unusable selector selects nothing (the policy reports it as invalid).
+            if let Ok(s) = Selector::try_from(p.spec.selector.clone()) {
+                out.selectors.entry(ns).or_default().push(s);
+            }
+            out.annotations.insert(p.spec.identity.node_id_annotation.clone());
+        }
+        out.key.sort();
+        out
+    }
+
+    /// Whether an annotation is read by the controller.
+    pub fn keeps(&self, key: &str) -> bool {
+        ours(key) || self.annotations.contains(key)
+    }
+
+    /// Whether the cache keeps `pod`.
+    pub fn wants(&self, pod: &Pod) -> bool {
+        pod.annotations().keys().any(|k| ours(k))
+            || self.selectors.get(pod.namespace().as_deref().unwrap_or_default()).is_some_and(|ss| {
+                let labels = pod.labels();
+                ss.iter().any(|s| s.matches(labels))
+            })
+    }
+
+    /// `event` as the cache takes it: an uninteresting Pod is dropped from the initial list, and an
+    /// update that makes a Pod uninteresting removes it.
+    fn filter(&self, event: watcher::Event<Pod>) -> Option<watcher::Event<CachedPod>> {
+        use watcher::Event::*;
+        let keep = |k: &str| self.keeps(k);
+        Some(match event {
+            Apply(pod) if self.wants(&pod) => Apply(CachedPod::new(pod, &keep)),
+            Apply(pod) | Delete(pod) => Delete(CachedPod::new(pod, &keep)),
+            InitApply(pod) if self.wants(&pod) => InitApply(CachedPod::new(pod, &keep)),
+            InitApply(_) => return None,
+            Init => Init,
+            InitDone => InitDone,
+        })
+    }
+}
+
+/// The Pod watch: it starts once `interest` is known (the policies are listed) and starts over whenever
+/// that changes. `listed` is false from each start until that list is complete: until then the cache may
+/// lack Pods a policy now selects.
+pub fn watch(
+    api: Api<Pod>,
+    config: watcher::Config,
+    interest: tokio::sync::watch::Receiver<Option<Interest>>,
+    listed: Arc<AtomicBool>,
+) -> impl Stream<Item = Result<watcher::Event<CachedPod>, watcher::Error>> + Send {
+    type Inner = futures::stream::BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>;
+    let state: (Option<(Inner, Interest)>, _, bool) = (None, interest, true);
+    futures::stream::unfold(state, move |(mut inner, mut interest, mut open)| {
+        let (api, config, listed) = (api.clone(), config.clone(), listed.clone());
+        async move {
+            loop {
+                let next = async {
+                    match inner.as_mut() {
+                        Some((stream, _)) => stream.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = interest.changed(), if open => {
+                        open = changed.is_ok();
+                        let new = interest.borrow_and_update().clone();
+                        if let Some(new) = new.filter(|new| inner.as_ref().is_none_or(|(_, current)| current != new)) {
+                            if inner.is_some() {
+                                tracing::info!("the policies' selectors changed: relisting Pods");
+                            }
+                            listed.store(false, Ordering::SeqCst);
+                            let stream: Inner = watcher(api.clone(), config.clone()).default_backoff().boxed();
+                            inner = Some((stream, new));
+                        }
+                    }
+                    item = next => match item? {
+                        Ok(event) => {
+                            if matches!(event, watcher::Event::InitDone) {
+                                listed.store(true, Ordering::SeqCst);
+                            }
+                            let current = &inner.as_ref().expect("an item comes from a started watch").1;
+                            if let Some(event) = current.filter(event) {
+                                return Some((Ok(event), (inner, interest, open)));
+                            }
+                        }
+                        Err(e) => return Some((Err(e), (inner, interest, open))),
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(ns: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": ns, "labels": labels, "annotations": annotations,
+                "managedFields": [{"manager": "kubectl"}], "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "u"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i", "env": [{"name": "A", "value": "x"}]}]},
+            "status": {"podIP": "10.0.0.1", "phase": "Running",
+                "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap()
+    }
+
+    fn policy(ns: &str, selector: serde_json::Value, node_id_annotation: &str) -> Arc<MeshPolicy> {
+        Arc::new(
+            serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
+                "metadata": {"name": "m", "namespace": ns},
+                "spec": {"selector": selector, "rendezvous": {"url": "http://rv"},
+                    "identity": {"nodeIdAnnotation": node_id_annotation}}}))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn keeps_only_what_the_controller_reads() {
+        let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
+        let annotations =
+            json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
+        let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
+        let kept: Vec<&str> = p.annotations().keys().map(String::as_str).collect();
+        assert_eq!(kept, ["agentmesh.dev/peers", "example.com/id"]);
+        assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
+        assert!(p.metadata.managed_fields.is_none() && p.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn caches_selected_pods_and_pods_carrying_our_keys_only() {
+        let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "agentmesh.dev/node-id")]);
+        let cases = [
+            ("a", json!({"app": "agent"}), json!({}), true),
+            ("a", json!({"app": "web"}), json!({}), false),
+            ("b", json!({"app": "agent"}), json!({}), false),
+            ("b", json!({"app": "web"}), json!({"agentmesh.dev/policy": "gone"}), true),
+            ("b", json!({}), json!({"example.com/other": "x"}), false),
+        ];
+        for (ns, labels, annotations, want) in cases {
+            let p = pod(ns, labels.clone(), annotations.clone());
+            assert_eq!(interest.wants(&p), want, "{ns} {labels} {annotations}");
+            let listed = interest.filter(watcher::Event::InitApply(p.clone()));
+            assert_eq!(listed.is_some(), want, "listed: {ns} {labels}");
+            let applied = interest.filter(watcher::Event::Apply(p));
+            assert_eq!(matches!(applied, Some(watcher::Event::Apply(_))), want, "applied: {ns} {labels}");
+        }
+    }
+
+    #[test]
+    fn interests_differ_only_when_selectors_or_annotations_do() {
+        let sel = json!({"matchLabels": {"app": "agent"}});
+        let one = Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]);
+        assert_eq!(one, Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]));
+        assert_ne!(one, Interest::of(&[policy("a", sel.clone(), "example.com/id")]));
+        assert_ne!(one, Interest::of(&[policy("b", sel, "agentmesh.dev/node-id")]));
+        assert_ne!(one, Interest::of(&[]));
+    }
+}
