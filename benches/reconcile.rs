@@ -6,14 +6,21 @@
 //!
 //!     cargo bench --bench reconcile
 use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
 use mesh_operator::api::MeshPolicy;
+use mesh_operator::assignment::Assignment;
+use mesh_operator::controller::admission::Admission;
 use mesh_operator::controller::pods::CachedPod;
 use mesh_operator::controller::reconcile::{self, Settings};
 use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
+
+/// The operator binary's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const NOW_MS: f64 = 1.0e12;
 
@@ -28,8 +35,8 @@ fn node_id(i: usize) -> String {
     format!("{:064x}", (i as u128 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-fn agent_pod(i: usize) -> CachedPod {
-    let pod: Pod = serde_json::from_value(json!({
+fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
+    let mut pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": format!("agent-{i}"), "namespace": "ci", "uid": format!("uid-{i}"), "resourceVersion": "7",
             "labels": {"app": "agent", "pod-template-hash": "5d8f7c9b6"},
             "annotations": {"agentmesh.dev/node-id": node_id(i)}},
@@ -38,6 +45,8 @@ fn agent_pod(i: usize) -> CachedPod {
             "conditions": [{"type": "Ready", "status": "True"}]}
     }))
     .unwrap();
+    let annotations = pod.metadata.annotations.get_or_insert_default();
+    annotations.extend(assignment.iter().flat_map(|a| a.to_annotations()).map(|(k, v)| (k.to_owned(), v)));
     CachedPod::from_pod(pod)
 }
 
@@ -57,18 +66,15 @@ fn presence_of(n: usize) -> Snapshot {
 
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
 fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
-    let mut pods: Vec<CachedPod> = (0..n).map(agent_pod).collect();
     let snapshot = presence_of(n);
-    let arcs: Vec<Arc<CachedPod>> = pods.iter().cloned().map(Arc::new).collect();
-    let mut observed = reconcile::observe(policy, &arcs, &[]);
-    let decision = reconcile::decide_policy(policy, settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None);
-    for pod in &mut pods {
-        let target = decision.wanted[pod.metadata.name.as_ref().unwrap()].as_ref().unwrap();
-        let annotations = pod.metadata.annotations.get_or_insert_default();
-        annotations.extend(target.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)));
-    }
-    pods.extend((n..n + extra).map(agent_pod));
-    (pods.into_iter().map(Arc::new).collect(), presence_of(n + extra))
+    let bare: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(agent_pod(i, None))).collect();
+    let mut observed = reconcile::observe(policy, &bare, &[]);
+    let admit = (&mut Admission::default(), Instant::now());
+    let decision =
+        reconcile::decide_policy(policy, settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None, admit);
+    let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_ref()));
+    let joining = (n..n + extra).map(|i| agent_pod(i, None));
+    (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
 }
 
 fn decide(c: &mut Criterion) {
@@ -79,16 +85,34 @@ fn decide(c: &mut Criterion) {
     for n in [1_000, 10_000, 20_000] {
         for (case, extra) in [("settled", 0), ("join", 1)] {
             let (pods, snapshot) = fleet(&policy, &settings, n, extra);
+            // Admission as in a settled fleet: nobody else arriving.
+            let mut admission = Admission::default();
             let writes = {
                 let mut observed = reconcile::observe(&policy, &pods, &[]);
-                let d = reconcile::decide_policy(&policy, &settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None);
+                let admit = (&mut admission, Instant::now());
+                let d = reconcile::decide_policy(
+                    &policy,
+                    &settings,
+                    &mut observed,
+                    Some((&snapshot, NOW_MS)),
+                    &|_| None,
+                    admit,
+                );
                 d.waves.shrink.len() + d.waves.grow.len()
             };
             assert_eq!(writes == 0, extra == 0, "{case} at {n}: {writes} writes");
             group.bench_with_input(BenchmarkId::new(case, n), &pods, |b, pods| {
                 b.iter(|| {
                     let mut observed = reconcile::observe(&policy, pods, &[]);
-                    reconcile::decide_policy(&policy, &settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None)
+                    let admit = (&mut admission, Instant::now());
+                    reconcile::decide_policy(
+                        &policy,
+                        &settings,
+                        &mut observed,
+                        Some((&snapshot, NOW_MS)),
+                        &|_| None,
+                        admit,
+                    )
                 })
             });
         }

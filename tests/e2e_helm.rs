@@ -88,9 +88,9 @@ fn chart_lints_and_renders() {
             "podSelector=agentmesh.dev/agent",
         ],
     );
-    let args = docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0]
-        ["args"]
-        .clone();
+    let args =
+        docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone();
     assert!(args.as_sequence().unwrap().iter().any(|a| a == "--pod-selector=agentmesh.dev/agent"), "{args:?}");
     assert!(!c["args"].as_sequence().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("--pod-selector")));
     let k = kinds(&docs);

@@ -12,6 +12,7 @@
 //! tainted agent (neither its own, nor one that adds it as a peer or accept). An untainted agent's links
 //! are then links of `want`, and a tainted one's are links of `now`: the cap holds either way.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use crate::assignment::{self, Assignment};
 
@@ -24,14 +25,30 @@ pub struct PodState {
     pub node_id: Option<String>,
     /// The `agentmesh.dev/*` annotations it carries (only those).
     pub keys: BTreeMap<String, String>,
+    /// The assignment `keys` spell out when they are well-formed, as an agent reads them (see
+    /// [`Assignment::from_annotations_strict`]): a target equal to it needs no write.
+    pub exact: Option<Arc<Assignment>>,
 }
 
 impl PodState {
+    /// A Pod carrying `keys` (parsed here; the controller's cache parses each Pod once, when it changes).
+    pub fn with_keys(keys: BTreeMap<String, String>) -> Self {
+        Self { exact: exact(&keys), keys, ..Default::default() }
+    }
+
+    /// Whether the Pod carries exactly `want`.
+    pub fn carries(&self, want: &Assignment) -> bool {
+        self.exact.as_deref() == Some(want)
+    }
+
     /// The assignment it carries if it is `policy`'s: named so, or (when `stray_is_ours`) naming no policy
     /// at all while carrying some of the keys, as a Pod created with them does.
     pub fn carried(&self, policy: &str, stray_is_ours: bool) -> Option<Assignment> {
         match self.keys.get(assignment::POLICY) {
-            Some(p) if p == policy => Assignment::from_annotations(&self.keys),
+            Some(p) if p == policy => match &self.exact {
+                Some(a) => Some(a.as_ref().clone()),
+                None => Assignment::from_annotations(&self.keys),
+            },
             None if stray_is_ours && !self.keys.is_empty() => {
                 let mut keys = self.keys.clone();
                 keys.insert(assignment::POLICY.into(), policy.into());
@@ -40,6 +57,11 @@ impl PodState {
             _ => None,
         }
     }
+}
+
+/// The well-formed assignment `keys` carry, if any.
+pub fn exact(keys: &BTreeMap<String, String>) -> Option<Arc<Assignment>> {
+    Assignment::from_annotations_strict(keys).ok().flatten().map(Arc::new)
 }
 
 /// One write: the assignment a Pod gets, or `None` to remove every `agentmesh.dev/*` key.
@@ -104,11 +126,13 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
             node_id: pod.node_id.clone(),
             touches,
         };
+        if target.as_ref().is_some_and(|want| pod.carries(want)) {
+            continue;
+        }
         let now = pod.carried(policy, true);
         match target {
             None if now.is_none() => {}
             None => waves.shrink.push(write(None, ids(now.as_ref()))),
-            Some(want) if want.is_carried_by(&pod.keys) => {}
             Some(want) => {
                 let kept = now
                     .as_ref()
@@ -175,7 +199,7 @@ mod tests {
 
     fn state(a: Option<&Assignment>, v: u8) -> PodState {
         let keys = a.map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
-        PodState { node_id: Some(id(v)), keys: keys.unwrap_or_default(), ..Default::default() }
+        PodState { node_id: Some(id(v)), ..PodState::with_keys(keys.unwrap_or_default()) }
     }
 
     /// What the Pods publish: each agent's assignment, read back from its annotations.
@@ -185,10 +209,11 @@ mod tests {
 
     fn write(pods: &mut BTreeMap<String, PodState>, w: &Write) {
         let pod = pods.get_mut(&w.pod).unwrap();
-        pod.keys =
+        let keys =
             w.to.as_ref()
                 .map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
                 .unwrap_or_default();
+        *pod = PodState { node_id: pod.node_id.clone(), ..PodState::with_keys(keys) };
     }
 
     proptest! {
@@ -254,9 +279,8 @@ mod tests {
 
     #[test]
     fn stray_keys_are_removed_and_other_policies_left_alone() {
-        let stray = PodState { keys: BTreeMap::from([(assignment::PEERS.into(), "[]".into())]), ..Default::default() };
-        let mut theirs = state(Some(&Assignment::new(vec![], [], "q".into())), 1);
-        theirs.keys.insert(assignment::POLICY.into(), "q".into());
+        let stray = PodState::with_keys(BTreeMap::from([(assignment::PEERS.into(), "[]".into())]));
+        let theirs = state(Some(&Assignment::new(vec![], [], "q".into())), 1);
         let pods = BTreeMap::from([("stray".to_string(), stray), ("theirs".to_string(), theirs)]);
         let mine = Assignment::new(vec![peer(2)], [], "p".into());
         let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(mine))]);

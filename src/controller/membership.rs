@@ -46,6 +46,8 @@ pub enum Exclusion {
     },
     /// Carries, or is linked from, another policy's assignment: it joins once that policy let it go.
     OtherPolicy(String),
+    /// Arrived while others were arriving: joins with them once arrivals pause (see `admission`).
+    Arriving,
 }
 
 impl std::fmt::Display for Exclusion {
@@ -66,6 +68,12 @@ impl std::fmt::Display for Exclusion {
             Self::OtherPolicy(p) => {
                 write!(f, "carries or is linked from MeshPolicy {p:?}'s assignment; joins once {p:?} has released it")
             }
+            Self::Arriving => write!(
+                f,
+                "arrived with others: joins the plan with them once arrivals pause for {:?} (at most {:?})",
+                super::admission::QUIET,
+                super::admission::MAX_HOLD
+            ),
             Self::DuplicateNodeId { node_id, pods } => {
                 write!(f, "node id {node_id} is claimed by Pods {}", pods.join(", "))
             }
@@ -115,17 +123,26 @@ pub fn decide(
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Membership {
-    let by_id: HashMap<&str, &Node> = snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect();
-    let by_host: HashMap<&str, &Node> =
-        snapshot.nodes.iter().filter_map(|n| n.hostname.as_deref().map(|h| (h, n))).collect();
-    let by_ip: HashMap<String, &Node> =
-        snapshot.nodes.iter().filter_map(|n| address_host(&n.address).map(|h| (h, n))).collect();
+    // Hostname and IP matching serve Pods without the node-id annotation: indexed only when one exists.
+    let fallback = pods.iter().any(|p| !p.annotations().contains_key(rules.node_id_annotation));
+    let index = Index {
+        by_id: snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect(),
+        by_host: match fallback {
+            true => snapshot.nodes.iter().filter_map(|n| n.hostname.as_deref().map(|h| (h, n))).collect(),
+            false => HashMap::new(),
+        },
+        by_ip: match fallback {
+            true => snapshot.nodes.iter().filter_map(|n| address_host(&n.address).map(|h| (h, n))).collect(),
+            false => HashMap::new(),
+        },
+        addresses: Default::default(),
+    };
 
     let mut out = Membership::default();
     let mut candidates: Vec<Agent> = Vec::new();
     for pod in pods {
         let name = pod.name_any();
-        match candidate(pod, &by_id, &by_host, &by_ip, snapshot, rules, node_domain) {
+        match candidate(pod, &index, snapshot, rules, node_domain) {
             Ok(agent) => candidates.push(agent),
             Err(why) => {
                 out.excluded.insert(name, why);
@@ -156,11 +173,26 @@ pub fn decide(
     out
 }
 
-fn candidate(
+/// Presence entries by node id, hostname and IP, and each advertised address parsed once.
+struct Index<'a> {
+    by_id: HashMap<&'a str, &'a Node>,
+    by_host: HashMap<&'a str, &'a Node>,
+    by_ip: HashMap<String, &'a Node>,
+    /// Agents often advertise one address template (`ws://0.0.0.0:3001/…`): each is parsed once.
+    addresses: std::cell::RefCell<HashMap<&'a str, Option<url::Url>>>,
+}
+
+impl<'a> Index<'a> {
+    fn dial_url(&self, node: &'a Node, pod_ip: &str) -> Option<String> {
+        let url =
+            self.addresses.borrow_mut().entry(node.address.as_str()).or_insert_with(|| ws_url(&node.address)).clone();
+        with_host(url?, pod_ip)
+    }
+}
+
+fn candidate<'a>(
     pod: &CachedPod,
-    by_id: &HashMap<&str, &Node>,
-    by_host: &HashMap<&str, &Node>,
-    by_ip: &HashMap<String, &Node>,
+    index: &Index<'a>,
     snapshot: &Snapshot,
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
@@ -174,10 +206,11 @@ fn candidate(
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let annotated = pod.annotations().get(rules.node_id_annotation).map(String::as_str);
-    let node = annotated
-        .and_then(|id| by_id.get(id))
-        .or_else(|| if annotated.is_none() { by_host.get(name) } else { None })
-        .or_else(|| if annotated.is_none() { by_ip.get(ip) } else { None })
+    let node: &'a Node = annotated
+        .and_then(|id| index.by_id.get(id))
+        .or_else(|| if annotated.is_none() { index.by_host.get(name) } else { None })
+        .or_else(|| if annotated.is_none() { index.by_ip.get(ip) } else { None })
+        .copied()
         .ok_or(Exclusion::NoPresence)?;
     if snapshot.server_node_id.as_deref() == Some(node.node_id.as_str()) {
         return Err(Exclusion::IsRendezvous);
@@ -197,27 +230,29 @@ fn candidate(
     if node.address.len() > MAX_ADDRESS_BYTES {
         return Err(Exclusion::AddressTooLong(node.address.len()));
     }
-    let url = dial_url(&node.address, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
+    let url = index.dial_url(node, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
     // Percent-encoding can grow an address: the bound is on what lands in the annotations.
     if url.len() > MAX_ADDRESS_BYTES {
         return Err(Exclusion::AddressTooLong(url.len()));
     }
-    let domain = rules.topology_key.and_then(|key| {
-        pod.labels()
-            .get(key)
-            .cloned()
-            .or_else(|| pod.node_name.as_deref().and_then(node_domain))
-    });
+    let domain = rules
+        .topology_key
+        .and_then(|key| pod.labels().get(key).cloned().or_else(|| pod.node_name.as_deref().and_then(node_domain)));
     Ok(Agent { pod: name.to_owned(), node_id: node.node_id.clone(), url, domain })
 }
 
 /// The advertised URL with an unspecified host (`0.0.0.0`, `::`, `localhost`, empty) replaced by the Pod IP;
 /// `None` unless it is a ws:// or wss:// URL.
 pub fn dial_url(address: &str, pod_ip: &str) -> Option<String> {
-    let mut url = url::Url::parse(address).ok()?;
-    if !matches!(url.scheme(), "ws" | "wss") {
-        return None;
-    }
+    with_host(ws_url(address)?, pod_ip)
+}
+
+fn ws_url(address: &str) -> Option<url::Url> {
+    let url = url::Url::parse(address).ok()?;
+    matches!(url.scheme(), "ws" | "wss").then_some(url)
+}
+
+fn with_host(mut url: url::Url, pod_ip: &str) -> Option<String> {
     let unspecified = match url.host() {
         None => true,
         Some(url::Host::Domain(d)) => d.is_empty() || d == "localhost",
@@ -228,7 +263,7 @@ pub fn dial_url(address: &str, pod_ip: &str) -> Option<String> {
         let ip: std::net::IpAddr = pod_ip.parse().ok()?;
         url.set_ip_host(ip).ok()?;
     }
-    Some(url.to_string())
+    Some(url.into())
 }
 
 /// The host of `address` when it is an IP literal.

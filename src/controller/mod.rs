@@ -18,6 +18,7 @@ use crate::api::{MeshPolicy, POLICY_ANNOTATION};
 use crate::presence::Fetcher;
 use crate::telemetry::{Health, Metrics};
 
+pub mod admission;
 pub mod apply;
 pub mod decide;
 pub mod leader;
@@ -78,6 +79,8 @@ pub struct Context {
     pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
     pub leadership: Arc<Leadership>,
     pub expectations: apply::Expectations,
+    /// Per policy UID: its newcomers held back during a burst.
+    pub admissions: std::sync::Mutex<HashMap<String, admission::Admission>>,
     /// Per namespace: held from a reconcile's decision to its last write.
     pub namespace_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
@@ -108,6 +111,7 @@ impl Context {
     /// Drops what the controller keeps about a deleted policy.
     pub fn forget(&self, policy: &MeshPolicy) {
         self.presence.lock().expect("presence map lock").remove(&policy.uid().unwrap_or_default());
+        self.admissions.lock().expect("admission map lock").remove(&policy.uid().unwrap_or_default());
         let label = crate::telemetry::PolicyLabel {
             namespace: policy.namespace().unwrap_or_default(),
             policy: policy.name_any(),
@@ -308,6 +312,7 @@ impl Shared {
             presence: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),
+            admissions: Default::default(),
             namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
             pods_listed: Arc::new(AtomicBool::new(false)),

@@ -14,6 +14,7 @@ pub type Targets = BTreeMap<String, Option<Assignment>>;
 
 /// A plan in the form the controller publishes.
 pub struct PlanOutcome {
+    /// Taken by the decision (empty after).
     pub targets: Targets,
     pub links: u32,
     pub max_degree: u32,
@@ -109,19 +110,32 @@ pub fn adopt(
         .collect()
 }
 
-/// A short, stable digest of the targets, for `status.planHash`.
+/// A short, stable digest of the targets, for `status.planHash`. Every field ends in a byte no field can
+/// hold (0xff is never UTF-8), and each list in its length, so different targets hash differently.
 pub fn hash(targets: &Targets) -> String {
-    let digest = targets.iter().fold(xxhash_rust::xxh3::Xxh3::new(), |mut h, (pod, t)| {
-        h.update(pod.as_bytes());
-        if let Some(a) = t {
-            for (k, v) in a.to_annotations() {
-                h.update(k.as_bytes());
-                h.update(v.as_bytes());
-            }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut field = |bytes: &[u8]| {
+        h.update(bytes);
+        h.update(&[0xff]);
+    };
+    for (pod, t) in targets {
+        field(pod.as_bytes());
+        let Some(a) = t else {
+            field(b"-");
+            continue;
+        };
+        field(&a.peers.len().to_le_bytes());
+        for p in &a.peers {
+            field(p.node_id.as_bytes());
+            field(p.url.as_bytes());
         }
-        h
-    });
-    format!("{:016x}", digest.digest())
+        field(&a.accepts.len().to_le_bytes());
+        for id in &a.accepts {
+            field(id.as_bytes());
+        }
+        field(a.policy.as_bytes());
+    }
+    format!("{:016x}", h.digest())
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct CachedPod {
     pub node_name: Option<String>,
     pub pod_ip: Option<String>,
     pub ready: bool,
+    /// The assignment its `agentmesh.dev/*` annotations spell out, parsed once here, when well-formed.
+    #[serde(skip)]
+    pub assignment: Option<Arc<crate::assignment::Assignment>>,
 }
 
 impl CachedPod {
@@ -42,6 +45,10 @@ impl CachedPod {
             deletion_timestamp: m.deletion_timestamp,
             ..Default::default()
         };
+        let keys: BTreeMap<String, String> = crate::assignment::KEYS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), metadata.annotations.as_ref()?.get(*k)?.clone())))
+            .collect();
         let status = pod.status.unwrap_or_default();
         let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
         Self {
@@ -49,6 +56,7 @@ impl CachedPod {
             node_name: pod.spec.and_then(|s| s.node_name),
             pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()),
             ready,
+            assignment: super::decide::exact(&keys),
         }
     }
 
@@ -212,8 +220,7 @@ mod tests {
     #[test]
     fn keeps_only_what_the_controller_reads() {
         let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
-        let annotations =
-            json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
+        let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
         let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
         let kept: Vec<&str> = p.annotations().keys().map(String::as_str).collect();
         assert_eq!(kept, ["agentmesh.dev/peers", "example.com/id"]);

@@ -17,6 +17,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::admission::Admission;
 use super::apply::{self, Outcome};
 use super::decide::{self, PodState};
 use super::membership::{self, Exclusion, Membership};
@@ -175,6 +176,7 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
         if state.keys.get(assignment::POLICY).is_some_and(|p| *p != name && !existing.contains(p)) {
             state.keys.remove(assignment::POLICY);
+            state.exact = None;
         }
         match state.keys.get(assignment::POLICY) {
             Some(owner) if *owner != name => {
@@ -203,6 +205,7 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
         resource_version: pod.resource_version(),
         node_id: annotations.get(node_id_annotation).cloned(),
         keys: assignment::KEYS.iter().filter_map(|k| Some((k.to_string(), annotations.get(*k)?.clone()))).collect(),
+        exact: pod.assignment.clone(),
     }
 }
 
@@ -231,8 +234,12 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     };
     let node_domain = |node: &str| node_domain(ctx, policy, node);
     let presence = read.snapshot.as_deref().map(|s| (s, read.confirmed_ms));
-    let Decision { members, plan: targets, plan_error, wanted, waves } =
-        decide_policy(policy, &settings, &mut observed, presence, &node_domain);
+    let uid = policy.uid().unwrap_or_default();
+    let mut admission = ctx.admissions.lock().expect("admission map lock").remove(&uid).unwrap_or_default();
+    let now = std::time::Instant::now();
+    let Decision { members, plan: targets, plan_error, wanted, waves, recheck } =
+        decide_policy(policy, &settings, &mut observed, presence, &node_domain, (&mut admission, now));
+    ctx.admissions.lock().expect("admission map lock").insert(uid, admission);
     findings.plan_error = plan_error;
     let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
     if !waves.is_empty() {
@@ -265,7 +272,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     } else {
         settings.poll_interval
     };
-    Ok(Action::requeue(again))
+    Ok(Action::requeue(recheck.map_or(again, |r| r.min(again))))
 }
 
 /// With no presence (or no plan), what the Pods already carry stays, minus what is gone; with presence but
@@ -287,6 +294,8 @@ pub struct Decision {
     /// Each Pod's target: the plan's, or without one what the Pods carry (see [`adopted`]).
     pub wanted: Targets,
     pub waves: decide::Waves,
+    /// When newcomers held back by admission may join.
+    pub recheck: Option<Duration>,
 }
 
 /// The pure core of a reconcile: membership (with presence), the plan, the targets and the writes that
@@ -297,8 +306,10 @@ pub fn decide_policy(
     observed: &mut Observed,
     presence: Option<(&Snapshot, f64)>,
     node_domain: &dyn Fn(&str) -> Option<String>,
+    (admission, now): (&mut Admission, std::time::Instant),
 ) -> Decision {
-    let members = presence.map(|(s, clock)| members(policy, settings, observed, s, clock, node_domain));
+    let mut members = presence.map(|(s, clock)| members(policy, settings, observed, s, clock, node_domain));
+    let recheck = members.as_mut().and_then(|m| admit(m, observed, admission, now));
     for agent in members.iter().flat_map(|m| &m.agents) {
         if let Some(state) = observed.pods.get_mut(&agent.pod) {
             state.node_id = Some(agent.node_id.clone());
@@ -308,17 +319,28 @@ pub fn decide_policy(
         let seed = policy.uid().unwrap_or_default();
         plan::plan(m, policy.spec.max_peers, &seed, &policy.name_any(), &observed.carried)
     });
-    let (plan, plan_error) = match planned {
+    let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),
         None => (None, None),
     };
-    let wanted = match &plan {
-        Some(p) => p.targets.clone(),
+    let wanted = match plan.as_mut() {
+        Some(p) => std::mem::take(&mut p.targets),
         None => adopted(observed, members.is_some(), policy.spec.max_peers),
     };
     let waves = decide::waves(&observed.pods, &wanted, &policy.name_any());
-    Decision { members, plan, plan_error, wanted, waves }
+    Decision { members, plan, plan_error, wanted, waves, recheck }
+}
+
+/// Holds back the newcomers of a burst (see [`super::admission`]); when to look again.
+fn admit(m: &mut Membership, o: &Observed, admission: &mut Admission, now: std::time::Instant) -> Option<Duration> {
+    let eligible: Vec<&str> = m.agents.iter().map(|a| a.pod.as_str()).collect();
+    let (held, recheck) = admission.hold(&eligible, &|pod| o.carried.contains_key(pod), now);
+    if !held.is_empty() {
+        m.agents.retain(|a| !held.contains(&a.pod));
+        m.excluded.extend(held.into_iter().map(|pod| (pod, Exclusion::Arriving)));
+    }
+    recheck
 }
 
 /// The `topologyKey` label of Node `node`, from the Node cache.
@@ -403,7 +425,7 @@ async fn report(
     new.assigned = wanted
         .iter()
         .filter(|(pod, t)| {
-            let carried = || t.as_ref().is_some_and(|a| o.pods.get(*pod).is_some_and(|s| a.is_carried_by(&s.keys)));
+            let carried = || t.as_ref().is_some_and(|a| o.pods.get(*pod).is_some_and(|s| s.carries(a)));
             t.is_some() && (carried() || outcome.reached(pod))
         })
         .count() as u32;

@@ -1,0 +1,137 @@
+//! Admission: when new agents enter the plan. A join into a k-regular mesh must take k/2 links from agents
+//! already in it, so every agent admitted on its own rewrites about k others. In a burst (a fleet scaled
+//! from 0 to 10,000) admitting each arrival as it comes would rewrite the whole fleet many times over.
+//! So a newcomer that arrives while others are arriving waits until arrivals pause for [`QUIET`] (or the
+//! oldest has waited [`MAX_HOLD`]), and the whole group joins in one plan: one write per newcomer, and a
+//! few for the agents around them. A lone join (no other arrival within [`QUIET`]) is admitted at once.
+//! Pure: the clock is an argument.
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Arrivals this close together make a burst; a pause this long ends it.
+pub const QUIET: Duration = Duration::from_secs(1);
+/// The longest a newcomer waits for a burst to end.
+pub const MAX_HOLD: Duration = Duration::from_secs(90);
+
+/// One policy's newcomers, between reconciles.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Newcomers held back, with when each was first seen eligible.
+    waiting: HashMap<String, Instant>,
+    /// Agents in the last plan: not newcomers any more.
+    planned: HashSet<String>,
+    last_admitted: Option<Instant>,
+}
+
+impl Admission {
+    /// Of `eligible` (Pod names), the newcomers to hold back now, given which already carry an
+    /// assignment (`carried`); and when to look again if any are held.
+    pub fn hold(
+        &mut self,
+        eligible: &[&str],
+        carried: &dyn Fn(&str) -> bool,
+        now: Instant,
+    ) -> (HashSet<String>, Option<Duration>) {
+        let newcomers: Vec<&str> =
+            eligible.iter().copied().filter(|p| !self.planned.contains(*p) && !carried(p)).collect();
+        self.waiting.retain(|p, _| newcomers.contains(&p.as_str()));
+        for p in &newcomers {
+            self.waiting.entry((*p).to_owned()).or_insert(now);
+        }
+        let newest = self.waiting.values().max().copied();
+        let oldest = self.waiting.values().min().copied();
+        let (Some(newest), Some(oldest)) = (newest, oldest) else {
+            return self.admit(eligible, now);
+        };
+        let streaming = self.last_admitted.is_some_and(|t| now.saturating_duration_since(t) < QUIET);
+        let burst = self.waiting.len() > 1 || streaming;
+        let quiet = now.saturating_duration_since(newest) >= QUIET;
+        let overdue = now.saturating_duration_since(oldest) >= MAX_HOLD;
+        if !burst || quiet || overdue {
+            return self.admit(eligible, now);
+        }
+        let again = (newest + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
+        let held: HashSet<String> = self.waiting.keys().cloned().collect();
+        self.planned = eligible.iter().filter(|p| !held.contains(**p)).map(|p| (*p).to_owned()).collect();
+        (held, Some(again))
+    }
+
+    fn admit(&mut self, eligible: &[&str], now: Instant) -> (HashSet<String>, Option<Duration>) {
+        if !self.waiting.is_empty() {
+            self.last_admitted = Some(now);
+        }
+        self.waiting.clear();
+        self.planned = eligible.iter().map(|p| (*p).to_owned()).collect();
+        (HashSet::new(), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: &dyn Fn(&str) -> bool = &|_| false;
+
+    fn names(v: &HashSet<String>) -> Vec<&str> {
+        let mut v: Vec<&str> = v.iter().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_lone_join_is_admitted_at_once() {
+        let t0 = Instant::now();
+        let mut a = Admission::default();
+        assert_eq!(a.hold(&["a", "b"], &|p| p == "a" || p == "b", t0).0.len(), 0, "the settled fleet");
+        let (held, again) = a.hold(&["a", "b", "c"], &|p| p != "c", t0 + Duration::from_secs(60));
+        assert!(held.is_empty() && again.is_none());
+    }
+
+    #[test]
+    fn a_burst_waits_for_a_pause_then_joins_at_once() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut a = Admission::default();
+        assert!(a.hold(&["a"], NONE, ms(0)).0.is_empty(), "the first arrival goes alone");
+        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(10));
+        assert_eq!((names(&held), again), (vec!["b"], Some(QUIET)), "b came right after a");
+        let (held, _) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(500));
+        assert_eq!(names(&held), ["b", "c"]);
+        let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1200));
+        assert_eq!((names(&held), again), (vec!["b", "c"], Some(Duration::from_millis(300))), "c came at 500");
+        let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1500));
+        assert!(held.is_empty() && again.is_none(), "a pause: b and c join together");
+        assert!(a.hold(&["a", "b", "c"], &|p| p == "a", ms(1600)).0.is_empty(), "admitted stay admitted");
+    }
+
+    #[test]
+    fn a_stream_that_never_pauses_is_admitted_after_the_longest_hold() {
+        let t0 = Instant::now();
+        let mut a = Admission::default();
+        let mut eligible: Vec<String> = vec![];
+        let mut admitted_at = vec![];
+        for i in 0..400u64 {
+            let now = t0 + Duration::from_millis(500 * i);
+            eligible.push(format!("p{i}"));
+            let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            let (held, again) = a.hold(&refs, NONE, now);
+            assert!(again.is_none_or(|d| d <= MAX_HOLD));
+            if held.is_empty() {
+                admitted_at.push(i);
+            }
+        }
+        assert_eq!(admitted_at[0], 0);
+        let gaps: Vec<u64> = admitted_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|&g| g * 500 <= MAX_HOLD.as_millis() as u64 + 500), "{gaps:?}");
+    }
+
+    #[test]
+    fn an_agent_that_left_and_came_back_waits_like_any_newcomer() {
+        let t0 = Instant::now();
+        let mut a = Admission::default();
+        a.hold(&["a", "b"], NONE, t0);
+        assert!(a.hold(&["a"], &|_| true, t0 + Duration::from_secs(5)).0.is_empty());
+        let (held, _) = a.hold(&["a", "b", "c"], &|p| p == "a", t0 + Duration::from_secs(10));
+        assert_eq!(names(&held), ["b", "c"]);
+    }
+}
