@@ -1,9 +1,18 @@
-//! End-to-end convergence benchmark (not a test): 1,000 agent Pods on the real control plane, the operator
-//! binary as a separate process. Reports the time from an agent being Ready with presence visible to its
-//! annotation being written (p50, p99), Pod patches per join and per leave, and the operator's peak RSS.
+//! End-to-end convergence benchmark (not a test): the operator binary, as a separate process, against the
+//! real control plane, with N agent Pods (default 1,000) among U unrelated Pods (default 0) of another
+//! namespace, both watched. Prints one table:
 //!
-//!     cargo bench --bench convergence            (AGENTS=… to change the fleet size,
-//!                                                 OPERATOR_ARGS="--apply-concurrency 64" to pass flags)
+//! * burst: all N agents created at once (32 in flight); patches per agent; every agent assigned how long
+//!   after the last became Ready with presence;
+//! * paced: N/10 more, one every 50 ms: per-agent latency from Ready with presence to its annotation;
+//! * one join into the settled fleet (presence first, then Ready; and Ready first, then presence); one
+//!   leave (Pod deleted → no Pod names it); patches for each;
+//! * at rest (60 s): Pod patches, and API requests per second (the API server's own count; the operator is
+//!   its only client but for this benchmark's one watch);
+//! * the operator's peak and resting RSS.
+//!
+//!     AGENTS=10000 UNRELATED=20000 cargo bench --bench convergence
+//!     OPERATOR_ARGS="--pod-selector app=agent" …     (flags for the operator)
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -19,13 +28,45 @@ use mesh_operator::api::{MeshPolicy, PEERS_ANNOTATION};
 use serde_json::json;
 use support::*;
 
+/// What the benchmark's own watch saw: when each Pod first carried peers, and what each carries now.
+#[derive(Default)]
+struct Seen {
+    assigned: HashMap<String, Instant>,
+    linked: HashMap<String, String>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
 async fn scrape(port: u16, metric: &str) -> f64 {
     let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
     body.lines().find_map(|l| l.strip_prefix(metric)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+/// Requests the API server has answered, from its own metrics.
+async fn api_requests(client: &kube::Client) -> f64 {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let body = client.request_text(req).await.unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn rss(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    format!("{:.0} MiB", kb / 1024.0)
+}
+
+fn node_id(i: usize) -> String {
+    format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15)
+}
+
+fn ip(i: usize) -> String {
+    format!("127.{}.{}.{}", 1 + i / 62500, (i / 250) % 250, 1 + i % 250)
 }
 
 /// Creates agent Pods `agent-{i}` for `range`, Ready and present, at most `in_flight` at a time and, when
@@ -49,11 +90,10 @@ async fn add_agents(
             out.extend(pending.next().await);
         }
         pending.push(async move {
-            let (name, id) = (format!("agent-{i}"), format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15));
+            let (name, id) = (format!("agent-{i}"), node_id(i));
             create_pod(client, ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
-            let ip = format!("127.{}.{}.{}", 1 + i / 62500, (i / 250) % 250, 1 + i % 250);
-            set_pod_status(client, ns, &name, &ip, true).await;
             rv.add(&id);
+            set_pod_status(client, ns, &name, &ip(i), true).await;
             (name, Instant::now())
         });
     }
@@ -63,109 +103,188 @@ async fn add_agents(
     out
 }
 
-/// Waits (up to 2 min) until every agent in `ready` is annotated, then prints the latency percentiles.
-async fn report(assigned: &Mutex<HashMap<String, Instant>>, ready: &HashMap<String, Instant>) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ready.keys().any(|n| !assigned.lock().unwrap().contains_key(n)) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Pods as a busy cluster runs them: a Deployment's labels, a few annotations, a container with resources.
+async fn add_unrelated(client: &kube::Client, ns: &str, count: usize) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let create = |i: usize| {
+        let pods = pods.clone();
+        async move {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("web-{i}"),
+                    "labels": {"app": "web", "pod-template-hash": "7c9d8f6b5", "team": "storefront", "tier": "frontend"},
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090",
+                        "kubectl.kubernetes.io/restartedAt": "2026-11-01T10:00:00Z"},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7c9d8f6b5",
+                        "uid": "2b4f9a1e-0c3d-4e5f-8a9b-1c2d3e4f5a6b", "controller": true}]},
+                "spec": {"containers": [{"name": "web", "image": "registry.example.com/storefront/web:1.42.0",
+                    "ports": [{"containerPort": 8080}], "env": [{"name": "MODE", "value": "production"}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}}]}
+            }))
+            .unwrap();
+            pods.create(&PostParams::default(), &pod).await.expect("creating an unrelated Pod");
+        }
+    };
+    futures::stream::iter(0..count).map(create).buffer_unordered(32).collect::<Vec<()>>().await;
+}
+
+/// Waits (up to 5 min) until every agent in `ready` is annotated; the latency percentiles, and how long
+/// after the last one became Ready the last annotation came.
+async fn settle(seen: &Shared, ready: &HashMap<String, Instant>) -> (Duration, Duration, Duration) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while ready.keys().any(|n| !seen.lock().unwrap().assigned.contains_key(n)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let done = assigned.lock().unwrap().clone();
-    let mut latencies: Vec<Duration> =
-        ready.iter().filter_map(|(name, t)| done.get(name).map(|a| a.saturating_duration_since(*t))).collect();
+    let done = seen.lock().unwrap().assigned.clone();
+    let mut latencies: Vec<Duration> = ready
+        .iter()
+        .map(|(name, t)| done.get(name).map_or(Duration::MAX, |a| a.saturating_duration_since(*t)))
+        .collect();
     latencies.sort();
-    println!("assigned {}/{}", latencies.len(), ready.len());
-    if !latencies.is_empty() {
-        println!(
-            "ready+presence → annotation: p50 {:?}, p99 {:?}, max {:?}",
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-            latencies.last().unwrap()
-        );
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let last_ready = ready.values().max().unwrap();
+    let last_assigned = ready.keys().filter_map(|n| done.get(n)).max().unwrap();
+    (pct(0.5), pct(0.99), last_assigned.saturating_duration_since(*last_ready))
+}
+
+async fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+fn ms(d: Duration) -> String {
+    if d == Duration::MAX { "never".into() } else { format!("{:.0} ms", d.as_secs_f64() * 1000.0) }
 }
 
 #[tokio::main]
 async fn main() {
-    let agents: usize = std::env::var("AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (agents, unrelated) = (env("AGENTS", 1000), env("UNRELATED", 0));
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "bench").await;
+    let other = namespace(&client, "bench-other").await;
+    let mut rows: Vec<(String, String)> = vec![];
+    let mut row = |k: &str, v: String| {
+        println!("{k}: {v}");
+        rows.push((k.into(), v));
+    };
+    if unrelated > 0 {
+        let t = Instant::now();
+        add_unrelated(&client, &other, unrelated).await;
+        row(&format!("{unrelated} unrelated Pods created"), format!("{:.1} s", t.elapsed().as_secs_f64()));
+    }
     let rv = Rendezvous::start().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let operator_args = std::env::var("OPERATOR_ARGS").unwrap_or_default();
     let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
-        .args(["run", "--leader-elect=false", "--namespace", &ns, "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(std::env::var("OPERATOR_ARGS").iter().flat_map(|a| a.split_whitespace()))
+        .args(["run", "--leader-elect=false", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(operator_args.split_whitespace())
         .env("KUBECONFIG", kubeconfig())
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let pid = operator.id().unwrap();
     let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
         "metadata": {"name": "mesh"}, "spec": {"selector": {"matchLabels": {"app": "agent"}}, "maxPeers": 4,
         "rendezvous": {"url": rv.url(), "pollInterval": "10s", "timeout": "2s"}}}))
     .unwrap();
     Api::<MeshPolicy>::namespaced(client.clone(), &ns).create(&PostParams::default(), &mp).await.unwrap();
 
-    // When each Pod first carries peers.
-    let assigned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Shared = Arc::default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let watch = {
-        let assigned = assigned.clone();
+        let seen = seen.clone();
         let stream = watcher(pods.clone(), watcher::Config::default()).applied_objects();
         tokio::spawn(async move {
             let mut stream = stream.boxed();
             while let Ok(Some(pod)) = stream.try_next().await {
-                if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(PEERS_ANNOTATION)) {
-                    let name = pod.metadata.name.clone().unwrap();
-                    assigned.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                let a = pod.metadata.annotations.unwrap_or_default();
+                let name = pod.metadata.name.unwrap();
+                let mut seen = seen.lock().unwrap();
+                if a.contains_key(PEERS_ANNOTATION) {
+                    seen.assigned.entry(name.clone()).or_insert_with(Instant::now);
                 }
+                let linked = format!(
+                    "{}{}",
+                    a.get(PEERS_ANNOTATION).cloned().unwrap_or_default(),
+                    a.get("agentmesh.dev/accepts").cloned().unwrap_or_default()
+                );
+                seen.linked.insert(name, linked);
             }
         })
     };
+    let patches = || scrape(port, "mesh_operator_pod_patches_total");
+    wait_until("the operator to be ready", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
 
-    println!("burst: creating {agents} agent Pods at once (32 in flight) …");
+    println!("burst: {agents} agent Pods at once (32 in flight) …");
     let started = Instant::now();
     let ready = add_agents(&client, &ns, &rv, 0..agents, 32, None).await;
-    println!("created in {:.1} s", started.elapsed().as_secs_f64());
-    report(&assigned, &ready).await;
-    println!(
-        "burst settled after {:.1} s: {} reconciles ({:.2} s reconciling), {} presence fetches, {} Pod patches",
-        started.elapsed().as_secs_f64(),
-        scrape(port, "mesh_operator_reconciles_total{result=\"ok\"}").await,
-        scrape(port, "mesh_operator_reconcile_duration_seconds_sum").await,
-        scrape(port, "mesh_operator_presence_fetches_total{result=\"ok\"}").await,
-        scrape(port, "mesh_operator_pod_patches_total").await,
-    );
-
-    // A fleet scaling up, not all at once: agents arrive at a steady rate into the settled mesh.
-    let paced = agents / 5;
-    println!("paced: {paced} more agents, one every 50 ms …");
-    let ready = add_agents(&client, &ns, &rv, agents..agents + paced, 4, Some(Duration::from_millis(50))).await;
-    report(&assigned, &ready).await;
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let patches = || scrape(port, "mesh_operator_pod_patches_total");
-    let before = patches().await;
-    let id = format!("{:064x}", 0xfeed_u128);
-    create_pod(&client, &ns, "joiner", json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
-    set_pod_status(&client, &ns, "joiner", "127.250.0.1", true).await;
-    rv.add(&id);
-    let joined_at = Instant::now();
-    while !assigned.lock().unwrap().contains_key("joiner") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    println!("one join into the settled fleet: annotation after {:?}", joined_at.elapsed());
+    row("burst: created and Ready in", format!("{:.1} s", started.elapsed().as_secs_f64()));
+    let (p50, p99, after_last) = settle(&seen, &ready).await;
+    row("burst: every agent assigned, after the last became Ready", ms(after_last));
+    row("burst: Ready → annotation p50 / p99", format!("{} / {}", ms(p50), ms(p99)));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let join = patches().await - before;
-    let before = patches().await;
-    pods.delete("agent-500", &DeleteParams::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let leave = patches().await - before;
-    println!("Pod patches per join: {join}, per leave: {leave} (k = 4)");
+    row("burst: Pod patches per agent", format!("{:.2}", patches().await / agents as f64));
 
-    let pid = operator.id().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?").to_string();
-    println!("operator peak RSS: {}", hwm.trim_start_matches("VmHWM:").trim());
+    let paced = agents / 10;
+    let before = patches().await;
+    let ready = add_agents(&client, &ns, &rv, agents..agents + paced, 4, Some(Duration::from_millis(50))).await;
+    let (p50, p99, _) = settle(&seen, &ready).await;
+    row(&format!("paced ({paced}, one per 50 ms): Ready → annotation p50 / p99"), format!("{} / {}", ms(p50), ms(p99)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    row("paced: Pod patches per agent", format!("{:.2}", (patches().await - before) / paced as f64));
+    let n = agents + paced;
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (case, presence_first) in [("presence, then Ready", true), ("Ready, then presence", false)] {
+        let i = if presence_first { n } else { n + 1 };
+        let (name, id) = (format!("agent-{i}"), node_id(i));
+        let before = patches().await;
+        create_pod(&client, &ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
+        if presence_first {
+            rv.add(&id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            set_pod_status(&client, &ns, &name, &ip(i), true).await;
+        } else {
+            set_pod_status(&client, &ns, &name, &ip(i), true).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            rv.add(&id);
+        }
+        let t0 = Instant::now();
+        wait_until("the joiner's annotation", || seen.lock().unwrap().assigned.contains_key(&name)).await;
+        let latency = seen.lock().unwrap().assigned[&name].saturating_duration_since(t0);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        row(&format!("one join ({case}) → annotation"), ms(latency));
+        row(&format!("one join ({case}): Pod patches"), format!("{}", patches().await - before));
+    }
+    let (gone, id) = ("agent-500", node_id(500));
+    let before = patches().await;
+    pods.delete(gone, &DeleteParams::default()).await.unwrap();
+    let t0 = Instant::now();
+    wait_until("no Pod to name the deleted agent", || seen.lock().unwrap().linked.values().all(|l| !l.contains(&id)))
+        .await;
+    row("one leave → no Pod names it", ms(t0.elapsed()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    row("one leave: Pod patches", format!("{}", patches().await - before));
+
+    let (before, requests, t0) = (patches().await, api_requests(&client).await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let rate = (api_requests(&client).await - requests) / t0.elapsed().as_secs_f64();
+    row("at rest (60 s): Pod patches", format!("{}", patches().await - before));
+    row("at rest: API requests per second", format!("{rate:.2}"));
+    row("operator RSS at rest / peak", format!("{} / {}", rss(pid, "VmRSS:"), rss(pid, "VmHWM:")));
+
+    println!(
+        "\n| {agents} agents, {unrelated} unrelated Pods{} | |\n|---|---|",
+        if operator_args.is_empty() { String::new() } else { format!(", `{operator_args}`") }
+    );
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
     watch.abort();
     let _ = operator.kill().await;
 }
