@@ -1,6 +1,6 @@
 //! End-to-end convergence benchmark (not a test): the operator binary, as a separate process, against the
-//! real control plane, with N agent Pods (default 1,000) among U unrelated Pods (default 0) of another
-//! namespace, both watched. Prints one table:
+//! real control plane, watching one namespace with N agent Pods (default 1,000) among U unrelated Pods
+//! (default 0: a Deployment's Pods sharing the namespace). Prints one table:
 //!
 //! * burst: all N agents created at once (32 in flight); patches per agent; every agent assigned how long
 //!   after the last became Ready with presence;
@@ -11,8 +11,10 @@
 //!   its only client but for this benchmark's one watch);
 //! * the operator's peak and resting RSS.
 //!
-//!     AGENTS=10000 UNRELATED=20000 cargo bench --bench convergence
-//!     OPERATOR_ARGS="--pod-selector app=agent" …     (flags for the operator)
+//! ```text
+//! AGENTS=10000 UNRELATED=20000 cargo bench --bench convergence
+//! OPERATOR_ARGS="--pod-selector app=agent" …     (flags for the operator)
+//! ```
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -165,7 +167,6 @@ async fn main() {
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "bench").await;
-    let other = namespace(&client, "bench-other").await;
     let mut rows: Vec<(String, String)> = vec![];
     let mut row = |k: &str, v: String| {
         println!("{k}: {v}");
@@ -173,14 +174,19 @@ async fn main() {
     };
     if unrelated > 0 {
         let t = Instant::now();
-        add_unrelated(&client, &other, unrelated).await;
+        add_unrelated(&client, &ns, unrelated).await;
         row(&format!("{unrelated} unrelated Pods created"), format!("{:.1} s", t.elapsed().as_secs_f64()));
     }
     let rv = Rendezvous::start().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let operator_args = std::env::var("OPERATOR_ARGS").unwrap_or_default();
-    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"))
-        .args(["run", "--leader-elect=false", "--metrics-addr", &format!("127.0.0.1:{port}")])
+    // OPERATOR_WRAPPER="heaptrack -o /tmp/operator" profiles the operator's heap (its RSS is then the wrapper's).
+    let wrapper = std::env::var("OPERATOR_WRAPPER").unwrap_or_default();
+    let mut command: Vec<&str> = wrapper.split_whitespace().collect();
+    command.push(env!("CARGO_BIN_EXE_mesh-operator"));
+    let mut operator = tokio::process::Command::new(command[0])
+        .args(&command[1..])
+        .args(["run", "--leader-elect=false", "--namespace", &ns, "--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(operator_args.split_whitespace())
         .env("KUBECONFIG", kubeconfig())
         .env("RUST_LOG", "warn")

@@ -18,10 +18,6 @@ use mesh_operator::controller::reconcile::{self, Settings};
 use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
 
-/// The operator binary's allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const NOW_MS: f64 = 1.0e12;
 
 fn policy() -> MeshPolicy {

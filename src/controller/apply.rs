@@ -108,13 +108,14 @@ impl Skipped {
 /// lags what the API already shows.
 async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
     // Owned futures: a stream of futures borrowing from here would not be `Send` for every lifetime.
-    let results: Vec<(Write, Result<Option<Pod>, Skipped>)> = futures::stream::iter(writes.into_iter().cloned())
+    let results: Vec<(Write, Result<Option<Written>, Skipped>)> = futures::stream::iter(writes.into_iter().cloned())
         .map(|w| {
             let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
             async move {
                 let Some(left) = left else { return (w, Err(Skipped::NotStarted)) };
+                // Only the written version is kept: a wave of 10,000 answers would otherwise hold 10,000 Pods.
                 let result = match tokio::time::timeout(left, patch(&api, &w)).await {
-                    Ok(r) => r.map_err(Skipped::Failed),
+                    Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(Skipped::Failed),
                     Err(_) => Err(Skipped::TimedOut),
                 };
                 if result.is_ok() {
@@ -133,8 +134,8 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
             Ok(pod) => {
                 out.patched += 1;
                 out.written.insert(w.pod.clone());
-                if let Some(pod) = pod {
-                    ctx.expectations.wrote(api_namespace(&pod), &pod);
+                if let Some(written) = pod {
+                    ctx.expectations.wrote(written);
                 }
             }
             Err(skipped) => {
@@ -155,14 +156,29 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
 async fn settle(ctx: &WaveContext<'_>, w: &Write) {
     let ns = ctx.api.namespace().map(str::to_owned);
     match tokio::time::timeout(Duration::from_secs(5), ctx.api.get_opt(&w.pod)).await {
-        Ok(Ok(Some(pod))) if pod.uid() == w.uid => ctx.expectations.wrote(ns.unwrap_or_default(), &pod),
+        Ok(Ok(Some(pod))) if pod.uid() == w.uid => ctx.expectations.wrote(Written::of(&pod)),
         Ok(Ok(_)) => {}
         _ => ctx.expectations.newer_than(ns.as_deref(), w),
     }
 }
 
-fn api_namespace(pod: &Pod) -> String {
-    pod.namespace().unwrap_or_default()
+/// What a write's answer is kept for: the version of the Pod it produced.
+struct Written {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    resource_version: Option<u64>,
+}
+
+impl Written {
+    fn of(pod: &Pod) -> Self {
+        Self {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            uid: pod.uid(),
+            resource_version: pod.resource_version().and_then(|rv| rv.parse().ok()),
+        }
+    }
 }
 
 /// One write. `Ok(None)` when the Pod the decision saw is gone (404, 409 on the UID precondition) or
@@ -232,10 +248,10 @@ impl Expectations {
         self.pending.lock().expect("expectations lock").insert(key, expected);
     }
 
-    fn wrote(&self, namespace: String, pod: &Pod) {
-        let Some(rv) = pod.resource_version().and_then(|rv| rv.parse().ok()) else { return };
-        let expected = Expected { uid: pod.uid(), resource_version: rv, at: Instant::now() };
-        self.pending.lock().expect("expectations lock").insert((namespace, pod.name_any()), expected);
+    fn wrote(&self, w: Written) {
+        let Some(rv) = w.resource_version else { return };
+        let expected = Expected { uid: w.uid, resource_version: rv, at: Instant::now() };
+        self.pending.lock().expect("expectations lock").insert((w.namespace, w.name), expected);
     }
 
     /// Whether the cache (`cached`: namespace and name → the cached Pod) shows every write made in

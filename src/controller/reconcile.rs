@@ -537,7 +537,12 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Re
     let mut state = state.lock().await;
     state.enter_term(ctx.leadership.term());
     let now = std::time::Instant::now();
-    if state.due(settings.poll_interval, state.prompt(now), now) {
+    let fresh = || {
+        let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
+        since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
+            && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting))
+    };
+    if state.due(settings.poll_interval, state.prompt(now), now) || fresh() {
         state.last_attempt = Some(std::time::Instant::now());
         let started = std::time::Instant::now();
         let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
@@ -554,6 +559,31 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Re
         state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible, &assigned);
     }
     state.read()
+}
+
+/// A Pod that just became Ready without a presence entry gets a read at once (but no more often than
+/// this): an agent usually registers before its readiness probe passes, so the entry is likely there.
+const FRESH_FETCH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Whether a selected, Ready Pod without an assignment, not yet known to wait, has no entry in `snap`.
+fn newly_unmatched(ctx: &Context, policy: &MeshPolicy, snap: &Snapshot, waiting: &HashMap<String, std::time::Instant>) -> bool {
+    let Ok(selector) = Selector::try_from(policy.spec.selector.clone()) else { return false };
+    let ns = policy.namespace();
+    let candidates: Vec<Arc<CachedPod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns && p.ready && !p.terminating() && p.assignment.is_none())
+        .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
+        .filter(|p| selector.matches(p.labels()))
+        .collect();
+    if candidates.is_empty() {
+        return false;
+    }
+    let annotation = &policy.spec.identity.node_id_annotation;
+    let ids: HashSet<&str> = snap.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    // Pods matched by hostname or IP instead are left to the prompt reads.
+    candidates.iter().any(|p| p.annotations().get(annotation).is_some_and(|id| !ids.contains(id.as_str())))
 }
 
 fn count_fetch(ctx: &Context, policy: &MeshPolicy, result: &Result<Fetched, FetchError>) {
