@@ -1,10 +1,13 @@
 //! Admission: when new agents enter the plan. A join into a k-regular mesh must take k/2 links from agents
-//! already in it, so every agent admitted on its own rewrites about k others. In a burst (a fleet scaled
-//! from 0 to 10,000) admitting each arrival as it comes would rewrite the whole fleet many times over.
-//! So a newcomer that arrives while others are arriving waits until arrivals pause for [`QUIET`] (or the
-//! oldest has waited [`MAX_HOLD`]), and the whole group joins in one plan: one write per newcomer, and a
-//! few for the agents around them. A lone join (no other arrival within [`QUIET`]) is admitted at once.
-//! Pure: the clock is an argument.
+//! already in it, so every agent admitted on its own rewrites about k others. Newcomers admitted together
+//! mostly link to each other instead, so a group as large as the fleet costs about one write per newcomer,
+//! while one much smaller than the fleet costs as much together as one by one.
+//!
+//! So a burst (arrivals less than [`QUIET`] apart) is admitted as it comes while it is small next to the
+//! fleet it joins; once it has brought [`BURST_SHARE`] of that fleet (a fleet scaled from 0 to 10,000 does
+//! at its second agent), its newcomers wait until arrivals pause for [`QUIET`] (or the oldest has waited
+//! [`MAX_HOLD`]) and join in one plan. A lone join, or a fleet growing steadily, is never held. Pure: the
+//! clock is an argument.
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,8 @@ use std::time::{Duration, Instant};
 pub const QUIET: Duration = Duration::from_secs(1);
 /// The longest a newcomer waits for a burst to end.
 pub const MAX_HOLD: Duration = Duration::from_secs(90);
+/// A burst this large next to the fleet it joins is held until it ends.
+pub const BURST_SHARE: f64 = 0.25;
 
 /// One policy's newcomers, between reconciles.
 #[derive(Debug, Default)]
@@ -20,7 +25,10 @@ pub struct Admission {
     waiting: HashMap<String, Instant>,
     /// Agents in the last plan: not newcomers any more.
     planned: HashSet<String>,
-    last_admitted: Option<Instant>,
+    /// The current burst: when its last newcomer arrived, how many have, and the fleet it began in.
+    last_arrival: Option<Instant>,
+    arrivals: usize,
+    fleet: usize,
 }
 
 impl Admission {
@@ -35,20 +43,26 @@ impl Admission {
         let newcomers: Vec<&str> =
             eligible.iter().copied().filter(|p| !self.planned.contains(*p) && !carried(p)).collect();
         self.waiting.retain(|p, _| newcomers.contains(&p.as_str()));
+        let arrived = newcomers.iter().filter(|p| !self.waiting.contains_key(**p)).count();
+        if arrived > 0 {
+            if self.last_arrival.is_none_or(|t| now.saturating_duration_since(t) >= QUIET) {
+                (self.arrivals, self.fleet) = (0, self.planned.len());
+            }
+            self.arrivals += arrived;
+            self.last_arrival = Some(now);
+        }
         for p in &newcomers {
             self.waiting.entry((*p).to_owned()).or_insert(now);
         }
-        let newest = self.waiting.values().max().copied();
-        let oldest = self.waiting.values().min().copied();
-        let (Some(newest), Some(oldest)) = (newest, oldest) else {
-            return self.admit(eligible, now);
+        let (Some(newest), Some(oldest)) = (self.waiting.values().max().copied(), self.waiting.values().min().copied())
+        else {
+            return self.admit(eligible);
         };
-        let streaming = self.last_admitted.is_some_and(|t| now.saturating_duration_since(t) < QUIET);
-        let burst = self.waiting.len() > 1 || streaming;
+        let large = self.arrivals > 1 && self.arrivals as f64 >= BURST_SHARE * self.fleet as f64;
         let quiet = now.saturating_duration_since(newest) >= QUIET;
         let overdue = now.saturating_duration_since(oldest) >= MAX_HOLD;
-        if !burst || quiet || overdue {
-            return self.admit(eligible, now);
+        if !large || quiet || overdue {
+            return self.admit(eligible);
         }
         let again = (newest + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
         let held: HashSet<String> = self.waiting.keys().cloned().collect();
@@ -56,10 +70,7 @@ impl Admission {
         (held, Some(again))
     }
 
-    fn admit(&mut self, eligible: &[&str], now: Instant) -> (HashSet<String>, Option<Duration>) {
-        if !self.waiting.is_empty() {
-            self.last_admitted = Some(now);
-        }
+    fn admit(&mut self, eligible: &[&str]) -> (HashSet<String>, Option<Duration>) {
         self.waiting.clear();
         self.planned = eligible.iter().map(|p| (*p).to_owned()).collect();
         (HashSet::new(), None)
@@ -102,6 +113,26 @@ mod tests {
         let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1500));
         assert!(held.is_empty() && again.is_none(), "a pause: b and c join together");
         assert!(a.hold(&["a", "b", "c"], &|p| p == "a", ms(1600)).0.is_empty(), "admitted stay admitted");
+    }
+
+    #[test]
+    fn arrivals_into_a_large_fleet_are_held_only_once_they_are_a_quarter_of_it() {
+        let t0 = Instant::now();
+        let fleet: Vec<String> = (0..100).map(|i| format!("old{i}")).collect();
+        let mut eligible: Vec<String> = fleet.clone();
+        let mut a = Admission::default();
+        let old = |p: &str| p.starts_with("old");
+        assert!(a.hold(&eligible.iter().map(String::as_str).collect::<Vec<_>>(), &old, t0).0.is_empty());
+        let mut held_from = None;
+        for i in 0..40u64 {
+            eligible.push(format!("new{i}"));
+            let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            let (held, _) = a.hold(&refs, &old, t0 + Duration::from_millis(10 * (i + 1)));
+            if !held.is_empty() && held_from.is_none() {
+                held_from = Some(i);
+            }
+        }
+        assert_eq!(held_from, Some(24), "the 25th arrival makes the burst a quarter of the fleet of 100");
     }
 
     #[test]

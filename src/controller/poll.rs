@@ -99,14 +99,19 @@ impl PresenceState {
     /// a first read. A read that would drop many of them at once is held.
     pub fn take(&mut self, attempt: Attempt, eligible: &Eligible, assigned: &BTreeSet<String>) {
         let now_ms = unix_ms();
+        // What the last good snapshot makes eligible: the baseline both steps below judge by, computed once.
+        let before = match attempt.result.is_ok() {
+            true => self.snapshot.as_ref().map(|old| eligible(old, self.confirmed_ms)),
+            false => None,
+        };
         let candidate = match attempt.result {
             Ok(Fetched::New { snapshot, etag, .. }) => {
-                let merged = match &self.snapshot {
-                    Some(old) => {
-                        let keep: HashSet<String> = eligible(old, self.confirmed_ms).into_values().collect();
+                let merged = match (&self.snapshot, &before) {
+                    (Some(old), Some(before)) => {
+                        let keep: HashSet<String> = before.values().cloned().collect();
                         carry_absent(old, snapshot, &keep, attempt.heartbeat_timeout, now_ms)
                     }
-                    None => snapshot,
+                    _ => snapshot,
                 };
                 (Arc::new(merged), etag)
             }
@@ -130,7 +135,11 @@ impl PresenceState {
             }
         };
         self.failure = None;
-        if let Some(why) = self.suspicion(&candidate.0, now_ms, attempt.heartbeat_timeout, eligible, assigned) {
+        let before: BTreeSet<String> = match before {
+            Some(before) => before.into_keys().collect(),
+            None => assigned.clone(),
+        };
+        if let Some(why) = self.suspicion(&candidate.0, now_ms, attempt.heartbeat_timeout, eligible, &before) {
             let since = self.suspect.as_ref().map_or_else(Instant::now, |(t, _)| *t);
             self.suspect = Some((since, why));
             return;
@@ -140,22 +149,19 @@ impl PresenceState {
         self.suspect = None;
     }
 
-    /// Why `next` should be held rather than applied, if it should.
+    /// Why `next` should be held rather than applied, if it should: it would drop many of the agents
+    /// `before` (eligible under the last good snapshot, or assigned before the first) at once.
     fn suspicion(
         &self,
         next: &Snapshot,
         next_clock: f64,
         heartbeat_timeout: Duration,
         eligible: &Eligible,
-        assigned: &BTreeSet<String>,
+        before: &BTreeSet<String>,
     ) -> Option<String> {
         if self.suspect.as_ref().is_some_and(|(since, _)| since.elapsed() >= heartbeat_timeout) {
             return None;
         }
-        let before: BTreeSet<String> = match &self.snapshot {
-            Some(old) => eligible(old, self.confirmed_ms).into_keys().collect(),
-            None => assigned.clone(),
-        };
         let after = eligible(next, next_clock);
         let lost = before.iter().filter(|pod| !after.contains_key(*pod)).count();
         // A hold, once entered, lasts until presence agrees again: agents re-registering one by one must
