@@ -64,10 +64,21 @@ fn presence_of(n: usize) -> Snapshot {
 fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
     let snapshot = presence_of(n);
     let bare: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(agent_pod(i, None))).collect();
-    let mut observed = reconcile::observe(policy, &bare, &[]);
-    let admit = (&mut Admission::default(), Instant::now());
-    let decision =
-        reconcile::decide_policy(policy, settings, &mut observed, Some((&snapshot, NOW_MS)), &|_| None, admit);
+    // All n arrive at once: admission holds them, and plans them together once arrivals pause.
+    let (mut admission, now) = (Admission::default(), Instant::now());
+    let mut decide = |at: Instant| {
+        let mut observed = reconcile::observe(policy, &bare, &[]);
+        reconcile::decide_policy(
+            policy,
+            settings,
+            &mut observed,
+            Some((&snapshot, NOW_MS)),
+            &|_| None,
+            (&mut admission, at),
+        )
+    };
+    assert!(decide(now).wanted.is_empty(), "a burst waits");
+    let decision = decide(now + 2 * mesh_operator::controller::admission::QUIET);
     let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_ref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))

@@ -184,6 +184,7 @@ fn run(args: RunArgs) -> ExitCode {
         namespaces: args.namespaces,
         pod_selector: args.pod_selector,
     };
+    crate::memory::limit_arenas();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
         let mut config = kube::Config::infer().await?;

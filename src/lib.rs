@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod duration;
 pub mod inspect;
+pub mod memory;
 pub mod planner;
 pub mod presence;
 pub mod simulate;

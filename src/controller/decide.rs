@@ -23,8 +23,8 @@ pub struct PodState {
     pub resource_version: Option<String>,
     /// Its agent's node id, when known.
     pub node_id: Option<String>,
-    /// The `agentmesh.dev/*` annotations it carries (only those).
-    pub keys: BTreeMap<String, String>,
+    /// The `agentmesh.dev/*` annotations it carries (only those), shared with the Pod cache.
+    pub keys: Arc<BTreeMap<String, String>>,
     /// The assignment `keys` spell out when they are well-formed, as an agent reads them (see
     /// [`Assignment::from_annotations_strict`]): a target equal to it needs no write.
     pub exact: Option<Arc<Assignment>>,
@@ -33,7 +33,7 @@ pub struct PodState {
 impl PodState {
     /// A Pod carrying `keys` (parsed here; the controller's cache parses each Pod once, when it changes).
     pub fn with_keys(keys: BTreeMap<String, String>) -> Self {
-        Self { exact: exact(&keys), keys, ..Default::default() }
+        Self { exact: exact(&keys), keys: Arc::new(keys), ..Default::default() }
     }
 
     /// Whether the Pod carries exactly `want`.
@@ -50,7 +50,7 @@ impl PodState {
                 None => Assignment::from_annotations(&self.keys),
             },
             None if stray_is_ours && !self.keys.is_empty() => {
-                let mut keys = self.keys.clone();
+                let mut keys = (*self.keys).clone();
                 keys.insert(assignment::POLICY.into(), policy.into());
                 Assignment::from_annotations(&keys)
             }

@@ -141,7 +141,7 @@ pub struct Settings {
 /// stopped matching is cleaned up).
 fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
     let ns = pod.namespace().unwrap_or_default();
-    let named = pod.annotations().get(POLICY_ANNOTATION);
+    let named = pod.keys.get(POLICY_ANNOTATION);
     policies
         .state()
         .iter()

@@ -177,7 +177,7 @@ mod tests {
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),
-            keys: BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())]),
+            keys: std::sync::Arc::new(BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())])),
             ..Default::default()
         };
         let pods = BTreeMap::from([("x".into(), state("nx")), ("y".into(), state("ny")), ("z".into(), state("nz"))]);
@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(adopt(&carried, &pods, &staying, &fewer_ips, 4)["x"], Some(a(&[], &["nw"])), "deleted Pods' IPs");
         assert_eq!(adopt(&carried, &pods, &staying, &live_ips, 2)["x"], None, "over the cap: nobody planned it");
         let mut stray = pods.clone();
-        stray.get_mut("y").unwrap().keys.clear();
+        stray.get_mut("y").unwrap().keys = Default::default();
         assert_eq!(adopt(&carried, &stray, &staying, &live_ips, 4)["y"], None, "stray keys are not adopted");
     }
 }

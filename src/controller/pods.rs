@@ -25,7 +25,11 @@ pub struct CachedPod {
     pub node_name: Option<String>,
     pub pod_ip: Option<String>,
     pub ready: bool,
-    /// The assignment its `agentmesh.dev/*` annotations spell out, parsed once here, when well-formed.
+    /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`): kept here, not
+    /// among `metadata.annotations`, so each reconcile shares them instead of copying them.
+    #[serde(skip)]
+    pub keys: Arc<BTreeMap<String, String>>,
+    /// The assignment `keys` spell out, parsed once here, when well-formed.
     #[serde(skip)]
     pub assignment: Option<Arc<crate::assignment::Assignment>>,
 }
@@ -34,21 +38,20 @@ impl CachedPod {
     /// Keeps of `pod` what the controller reads; of its annotations, those `keep` accepts.
     pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
         let m = pod.metadata;
-        let annotations = m.annotations.map(|a| a.into_iter().filter(|(k, _)| keep(k)).collect::<BTreeMap<_, _>>());
+        let mut annotations: BTreeMap<String, String> =
+            m.annotations.unwrap_or_default().into_iter().filter(|(k, _)| keep(k)).collect();
+        let keys: BTreeMap<String, String> =
+            crate::assignment::KEYS.iter().filter_map(|k| annotations.remove_entry(*k)).collect();
         let metadata = ObjectMeta {
             name: m.name,
             namespace: m.namespace,
             uid: m.uid,
             resource_version: m.resource_version,
             labels: m.labels,
-            annotations: annotations.filter(|a| !a.is_empty()),
+            annotations: Some(annotations).filter(|a| !a.is_empty()),
             deletion_timestamp: m.deletion_timestamp,
             ..Default::default()
         };
-        let keys: BTreeMap<String, String> = crate::assignment::KEYS
-            .iter()
-            .filter_map(|k| Some((k.to_string(), metadata.annotations.as_ref()?.get(*k)?.clone())))
-            .collect();
         let status = pod.status.unwrap_or_default();
         let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
         Self {
@@ -57,6 +60,7 @@ impl CachedPod {
             pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()),
             ready,
             assignment: super::decide::exact(&keys),
+            keys: Arc::new(keys),
         }
     }
 
@@ -223,7 +227,8 @@ mod tests {
         let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
         let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
         let kept: Vec<&str> = p.annotations().keys().map(String::as_str).collect();
-        assert_eq!(kept, ["agentmesh.dev/peers", "example.com/id"]);
+        assert_eq!(kept, ["example.com/id"]);
+        assert_eq!(p.keys.keys().collect::<Vec<_>>(), ["agentmesh.dev/peers"]);
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
         assert!(p.metadata.managed_fields.is_none() && p.metadata.owner_references.is_none());
     }

@@ -55,6 +55,7 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    crate::memory::release();
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&telemetry::ResultLabel { result: label.into() }).inc();
@@ -175,7 +176,7 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
         let mut state = pod_state(pod, &policy.spec.identity.node_id_annotation);
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
         if state.keys.get(assignment::POLICY).is_some_and(|p| *p != name && !existing.contains(p)) {
-            state.keys.remove(assignment::POLICY);
+            Arc::make_mut(&mut state.keys).remove(assignment::POLICY);
             state.exact = None;
         }
         match state.keys.get(assignment::POLICY) {
@@ -204,7 +205,7 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
         uid: pod.uid(),
         resource_version: pod.resource_version(),
         node_id: annotations.get(node_id_annotation).cloned(),
-        keys: assignment::KEYS.iter().filter_map(|k| Some((k.to_string(), annotations.get(*k)?.clone()))).collect(),
+        keys: pod.keys.clone(),
         exact: pod.assignment.clone(),
     }
 }
@@ -566,7 +567,12 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Re
 const FRESH_FETCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Whether a selected, Ready Pod without an assignment, not yet known to wait, has no entry in `snap`.
-fn newly_unmatched(ctx: &Context, policy: &MeshPolicy, snap: &Snapshot, waiting: &HashMap<String, std::time::Instant>) -> bool {
+fn newly_unmatched(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    snap: &Snapshot,
+    waiting: &HashMap<String, std::time::Instant>,
+) -> bool {
     let Ok(selector) = Selector::try_from(policy.spec.selector.clone()) else { return false };
     let ns = policy.namespace();
     let candidates: Vec<Arc<CachedPod>> = ctx
