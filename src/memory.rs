@@ -12,8 +12,15 @@ pub fn limit_arenas() {
     }
 }
 
-/// Gives the pages freed since the last call back to the OS.
+/// Gives the pages freed since the last release back to the OS, at most once a second: trimming walks
+/// every arena under its lock, and a policy waiting for presence reconciles four times a second.
 pub fn release() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if LAST.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

@@ -669,3 +669,34 @@ async fn hostile_presence_and_pods_are_reported_within_bounds() {
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }
+
+/// A policy that switches its node-id annotation makes the Pod cache list again for the new key; meanwhile
+/// no reconcile reads Pods without their node ids, so no agent loses its assignment and nothing is written.
+#[tokio::test]
+async fn a_new_node_id_annotation_relists_the_cache_without_touching_the_mesh() {
+    let (client, ns, rv) = setup("relist").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    let ids = fleet(&client, &ns, &rv, 8, |_| None).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (i, id) in ids.iter().enumerate() {
+        let both = json!({"metadata": {"annotations": {"example.com/id": id}}});
+        pods.patch(&format!("agent-{i}"), &PatchParams::default(), &Patch::Merge(&both)).await.unwrap();
+    }
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    let before = wait_assigned(&client, &ns, 8).await;
+    let patches = op.pod_patches();
+    let switch = json!({"spec": {"identity": {"nodeIdAnnotation": "example.com/id"}}});
+    let mps: Api<MeshPolicy> = Api::namespaced(client.clone(), &ns);
+    mps.patch("mesh", &PatchParams::default(), &Patch::Merge(&switch)).await.unwrap();
+    wait_for("the policy reconciled with its new node-id annotation", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        let st = p.status?;
+        (st.observed_generation == p.metadata.generation && st.eligible == 8).then_some(())
+    })
+    .await;
+    assert_eq!(assignments(&client, &ns).await, before, "the same agents, the same plan");
+    assert_eq!(op.pod_patches(), patches, "nothing to write");
+    op.kill().await;
+    assert!(history.assert_clean() > 0, "the history checker saw no event");
+}

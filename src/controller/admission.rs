@@ -40,13 +40,15 @@ impl Admission {
         carried: &dyn Fn(&str) -> bool,
         now: Instant,
     ) -> (HashSet<String>, Option<Duration>) {
-        let newcomers: Vec<&str> =
+        let newcomers: HashSet<&str> =
             eligible.iter().copied().filter(|p| !self.planned.contains(*p) && !carried(p)).collect();
-        self.waiting.retain(|p, _| newcomers.contains(&p.as_str()));
+        self.waiting.retain(|p, _| newcomers.contains(p.as_str()));
         let arrived = newcomers.iter().filter(|p| !self.waiting.contains_key(**p)).count();
         if arrived > 0 {
+            // The fleet a burst joins: the agents already in the plan or carrying an assignment (after a
+            // restart, `planned` is empty but the fleet is not).
             if self.last_arrival.is_none_or(|t| now.saturating_duration_since(t) >= QUIET) {
-                (self.arrivals, self.fleet) = (0, self.planned.len());
+                (self.arrivals, self.fleet) = (0, eligible.len() - newcomers.len());
             }
             self.arrivals += arrived;
             self.last_arrival = Some(now);
@@ -154,6 +156,19 @@ mod tests {
         assert_eq!(admitted_at[0], 0);
         let gaps: Vec<u64> = admitted_at.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.iter().all(|&g| g * 500 <= MAX_HOLD.as_millis() as u64 + 500), "{gaps:?}");
+    }
+
+    #[test]
+    fn after_a_restart_the_fleet_is_what_carries_an_assignment() {
+        let t0 = Instant::now();
+        let mut eligible: Vec<String> = (0..100).map(|i| format!("old{i}")).collect();
+        let mut a = Admission::default();
+        for i in 0..10u64 {
+            eligible.push(format!("new{i}"));
+            let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            let (held, _) = a.hold(&refs, &|p| p.starts_with("old"), t0 + Duration::from_millis(300 * i));
+            assert!(held.is_empty(), "a rolling update into 100 agents is not a burst, restart or not");
+        }
     }
 
     #[test]

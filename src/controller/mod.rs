@@ -85,8 +85,8 @@ pub struct Context {
     pub namespace_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
     pub caches_synced: AtomicBool,
-    /// False while the Pod watch relists after the policies' selectors changed.
-    pub pods_listed: Arc<AtomicBool>,
+    /// What the Pod cache was last listed for (see [`pods::Interest`]).
+    pub cache_interest: std::sync::RwLock<Option<Arc<pods::Interest>>>,
     pub nodes_synced: Arc<AtomicBool>,
     pub apply_concurrency: usize,
     pub pod_selector: Option<String>,
@@ -94,9 +94,14 @@ pub struct Context {
 
 impl Context {
     pub fn synced(&self) -> bool {
-        self.caches_synced.load(Ordering::SeqCst)
-            && self.pods_listed.load(Ordering::SeqCst)
-            && self.nodes_synced.load(Ordering::SeqCst)
+        self.caches_synced.load(Ordering::SeqCst) && self.nodes_synced.load(Ordering::SeqCst)
+    }
+
+    /// Whether the Pod cache keeps the node-id annotation `key` on its Pods: a policy that reads a key the
+    /// cache was not listed for would find no node ids, and so no agents. Since annotations are only ever
+    /// added to what the cache keeps, a true answer stays true for every later state of the cache.
+    pub fn cache_keeps(&self, key: &str) -> bool {
+        self.cache_interest.read().expect("cache interest lock").as_ref().is_some_and(|i| i.keeps(key))
     }
 
     /// The presence state of the policy with UID `uid`, created on first use.
@@ -315,7 +320,7 @@ impl Shared {
             admissions: Default::default(),
             namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
-            pods_listed: Arc::new(AtomicBool::new(false)),
+            cache_interest: Default::default(),
             nodes_synced: self.nodes_synced.clone(),
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),
@@ -345,9 +350,23 @@ async fn controller(
     if let Some(selector) = &ctx.pod_selector {
         pod_config = pod_config.labels(selector);
     }
-    let pod_stream = pods::watch(pod_api, pod_config, interest, ctx.pods_listed.clone())
+    // Which interest the list in progress was made with; it becomes the cache's once the reflector has
+    // swapped that list in.
+    let listing: Arc<std::sync::Mutex<Option<Arc<pods::Interest>>>> = Default::default();
+    let (listing_in, listed_ctx) = (listing.clone(), ctx.clone());
+    let pod_stream = pods::watch(pod_api, pod_config, interest)
         .inspect_err(move |e| pod_metrics.watch_failed("pods", e))
+        .map_ok(move |(event, interest)| {
+            *listing_in.lock().expect("listing lock") = Some(interest);
+            event
+        })
         .reflect(pod_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::InitDone = event {
+                let done = listing.lock().expect("listing lock").clone();
+                *listed_ctx.cache_interest.write().expect("cache interest lock") = done;
+            }
+        })
         .touched_objects();
 
     // The policy cache reports its initial sync through a channel of its own: the controller already waits
@@ -364,8 +383,10 @@ async fn controller(
             }
             // The Pod watch starts only once the policies are listed, or it would list for nobody.
             if *policies_synced_tx.borrow() {
-                let now = Some(pods::Interest::of(&interest_store.state()));
-                interest_tx.send_if_modified(|was| std::mem::replace(was, now.clone()) != now);
+                interest_tx.send_if_modified(|was| {
+                    let now = Some(pods::Interest::of(&interest_store.state()).widen(was.as_ref()));
+                    std::mem::replace(was, now.clone()) != now
+                });
             }
         })
         .applied_objects();

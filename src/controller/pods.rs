@@ -5,7 +5,6 @@
 //! once the new list is complete.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -80,18 +79,21 @@ fn ours(key: &str) -> bool {
 }
 
 /// Which Pods the cache keeps, derived from the MeshPolicies: per namespace, its policies' selectors, and
-/// the node-id annotations they read.
+/// the node-id annotations they read. Annotations are only ever added (see [`Interest::widen`]): a cache
+/// listed for an annotation keeps it from then on, so a reconcile can tell whether the cache it reads
+/// holds its policy's node ids.
 #[derive(Clone, Debug, Default)]
 pub struct Interest {
-    /// The policies' selectors as written, sorted: what decides whether two interests are the same.
-    key: Vec<(String, String, String)>,
+    /// The policies' selectors as written, sorted: with `annotations`, what decides whether two
+    /// interests are the same.
+    key: Vec<(String, String)>,
     selectors: BTreeMap<String, Vec<Selector>>,
     annotations: BTreeSet<String>,
 }
 
 impl PartialEq for Interest {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
+        self.key == other.key && self.annotations == other.annotations
     }
 }
 
@@ -101,7 +103,7 @@ impl Interest {
         for p in policies {
             let ns = p.namespace().unwrap_or_default();
             let written = serde_json::to_string(&p.spec.selector).unwrap_or_default();
-            out.key.push((ns.clone(), written, p.spec.identity.node_id_annotation.clone()));
+            out.key.push((ns.clone(), written));
             // An unusable selector selects nothing (the policy reports it as invalid).
             if let Ok(s) = Selector::try_from(p.spec.selector.clone()) {
                 out.selectors.entry(ns).or_default().push(s);
@@ -110,6 +112,12 @@ impl Interest {
         }
         out.key.sort();
         out
+    }
+
+    /// This interest, also keeping every annotation `earlier` kept.
+    pub fn widen(mut self, earlier: Option<&Interest>) -> Self {
+        self.annotations.extend(earlier.iter().flat_map(|e| e.annotations.iter().cloned()));
+        self
     }
 
     /// Whether an annotation is read by the controller.
@@ -142,51 +150,73 @@ impl Interest {
     }
 }
 
-/// The Pod watch: it starts once `interest` is known (the policies are listed) and starts over whenever
-/// that changes. `listed` is false from each start until that list is complete: until then the cache may
-/// lack Pods a policy now selects.
+/// Restarts of the Pod watch are at least this far apart: each lists every Pod in scope, and a policy
+/// edited in a loop must not keep the operator listing.
+pub const RELIST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The Pod watch: it starts once `interest` is known (the policies are listed) and starts over when that
+/// changes, at most once per [`RELIST_INTERVAL`], with the latest interest. Until a new list is complete
+/// the cache keeps the previous one, which holds every Pod carrying our keys; what it may lack (Pods a
+/// policy has just begun to select) is planned once the list completes. Each event carries the interest
+/// its list was made with.
 pub fn watch(
     api: Api<Pod>,
     config: watcher::Config,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
-    listed: Arc<AtomicBool>,
-) -> impl Stream<Item = Result<watcher::Event<CachedPod>, watcher::Error>> + Send {
+) -> impl Stream<Item = Result<(watcher::Event<CachedPod>, Arc<Interest>), watcher::Error>> + Send {
     type Inner = futures::stream::BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>;
-    let state: (Option<(Inner, Interest)>, _, bool) = (None, interest, true);
-    futures::stream::unfold(state, move |(mut inner, mut interest, mut open)| {
-        let (api, config, listed) = (api.clone(), config.clone(), listed.clone());
+    struct State {
+        inner: Option<(Inner, Arc<Interest>)>,
+        interest: tokio::sync::watch::Receiver<Option<Interest>>,
+        open: bool,
+        last_start: Option<tokio::time::Instant>,
+        restart_at: Option<tokio::time::Instant>,
+    }
+    let state = State { inner: None, interest, open: true, last_start: None, restart_at: None };
+    futures::stream::unfold(state, move |mut st| {
+        let (api, config) = (api.clone(), config.clone());
         async move {
             loop {
                 let next = async {
-                    match inner.as_mut() {
+                    match st.inner.as_mut() {
                         Some((stream, _)) => stream.next().await,
                         None => std::future::pending().await,
                     }
                 };
+                let due = async {
+                    match st.restart_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    changed = interest.changed(), if open => {
-                        open = changed.is_ok();
-                        let new = interest.borrow_and_update().clone();
-                        if let Some(new) = new.filter(|new| inner.as_ref().is_none_or(|(_, current)| current != new)) {
-                            if inner.is_some() {
-                                tracing::info!("the policies' selectors changed: relisting Pods");
-                            }
-                            listed.store(false, Ordering::SeqCst);
-                            let stream: Inner = watcher(api.clone(), config.clone()).default_backoff().boxed();
-                            inner = Some((stream, new));
+                    changed = st.interest.changed(), if st.open => {
+                        st.open = changed.is_ok();
+                        let new = st.interest.borrow_and_update().clone();
+                        let differs = |new: &Interest| st.inner.as_ref().is_none_or(|(_, current)| **current != *new);
+                        if new.as_ref().is_some_and(differs) {
+                            let earliest = st.last_start.map(|t| t + RELIST_INTERVAL);
+                            st.restart_at = Some(earliest.unwrap_or_else(tokio::time::Instant::now));
                         }
+                    }
+                    () = due => {
+                        st.restart_at = None;
+                        let Some(new) = st.interest.borrow().clone() else { continue };
+                        if st.inner.is_some() {
+                            tracing::info!("the policies' selectors changed: relisting Pods");
+                        }
+                        st.last_start = Some(tokio::time::Instant::now());
+                        let stream: Inner = watcher(api.clone(), config.clone()).default_backoff().boxed();
+                        st.inner = Some((stream, Arc::new(new)));
                     }
                     item = next => match item? {
                         Ok(event) => {
-                            if matches!(event, watcher::Event::InitDone) {
-                                listed.store(true, Ordering::SeqCst);
-                            }
-                            let current = &inner.as_ref().expect("an item comes from a started watch").1;
+                            let current = st.inner.as_ref().expect("an item comes from a started watch").1.clone();
                             if let Some(event) = current.filter(event) {
-                                return Some((Ok(event), (inner, interest, open)));
+                                return Some((Ok((event, current)), st));
                             }
                         }
-                        Err(e) => return Some((Err(e), (inner, interest, open))),
+                        Err(e) => return Some((Err(e), st)),
                     }
                 }
             }
@@ -259,7 +289,9 @@ mod tests {
         let one = Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]);
         assert_eq!(one, Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]));
         assert_ne!(one, Interest::of(&[policy("a", sel.clone(), "example.com/id")]));
-        assert_ne!(one, Interest::of(&[policy("b", sel, "agentmesh.dev/node-id")]));
+        assert_ne!(one, Interest::of(&[policy("b", sel.clone(), "agentmesh.dev/node-id")]));
         assert_ne!(one, Interest::of(&[]));
+        let moved = Interest::of(&[policy("a", sel, "example.com/id")]).widen(Some(&one));
+        assert!(moved.keeps("agentmesh.dev/node-id") && moved.keeps("example.com/id"), "annotations are only added");
     }
 }

@@ -216,6 +216,11 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         Err(message) => return invalid(ctx, policy, message).await,
     };
     let ns = policy.namespace().unwrap_or_default();
+    let annotation = &policy.spec.identity.node_id_annotation;
+    if !ctx.cache_keeps(annotation) {
+        debug!(policy = policy.name_any(), annotation, "the Pod cache is being listed for this node-id annotation");
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     let read = presence(ctx, policy, &settings).await;
     // From here to the last write, one policy of the namespace at a time: two policies deciding on the
     // same cache could each give a Pod moving between them links the other does not see.
@@ -575,13 +580,21 @@ fn newly_unmatched(
 ) -> bool {
     let Ok(selector) = Selector::try_from(policy.spec.selector.clone()) else { return false };
     let ns = policy.namespace();
+    // Pods an older policy owns are never this one's agents: they must not read presence again and again.
+    let older: Vec<Selector> = ctx
+        .policies
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == ns && p.uid() != policy.uid() && owner_key(p) < owner_key(policy))
+        .filter_map(|p| Selector::try_from(p.spec.selector.clone()).ok())
+        .collect();
     let candidates: Vec<Arc<CachedPod>> = ctx
         .pods
         .state()
         .into_iter()
         .filter(|p| p.namespace() == ns && p.ready && !p.terminating() && p.assignment.is_none())
         .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
-        .filter(|p| selector.matches(p.labels()))
+        .filter(|p| selector.matches(p.labels()) && !older.iter().any(|o| o.matches(p.labels())))
         .collect();
     if candidates.is_empty() {
         return false;
