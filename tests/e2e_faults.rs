@@ -129,9 +129,11 @@ async fn a_watch_expired_by_compaction_is_relisted() {
     let _one = SERIAL.lock().await;
     let (client, ns, rv) = fault_setup("watch-expired").await;
     let history = History::start(&client, &ns, 4).await;
-    let op = Operator::start_as(fault_client().await, &ns, "op-a", false).await;
     let ids = fleet(&client, &ns, &rv, 40, |_| None).await;
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    // Started after the policy exists, so its Pod watch lists once, for that policy: a relist for a policy
+    // created later could land inside the outage below and list afresh instead of resuming.
+    let op = Operator::start_as(fault_client().await, &ns, "op-a", false).await;
     converged(&client, &ns, 40, 4..=4, Instant::now()).await;
 
     let key = format!("/registry/pods/{ns}/agent-7");
