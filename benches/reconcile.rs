@@ -14,7 +14,7 @@ use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
 use mesh_operator::controller::pods::CachedPod;
-use mesh_operator::controller::reconcile::{self, Settings};
+use mesh_operator::controller::reconcile::{self, Decision, Settings};
 use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
 
@@ -60,25 +60,28 @@ fn presence_of(n: usize) -> Snapshot {
     Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes }
 }
 
+/// One reconcile's pure part over `pods`, with presence `snapshot`, at `at`.
+fn pass(
+    policy: &MeshPolicy,
+    settings: &Settings,
+    pods: &[Arc<CachedPod>],
+    snapshot: &Snapshot,
+    admission: &mut Admission,
+    at: Instant,
+) -> Decision {
+    let mut observed = reconcile::observe(policy, pods, &[]);
+    reconcile::decide_policy(policy, settings, &mut observed, Some((snapshot, NOW_MS)), &|_| None, (admission, at))
+}
+
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
 fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
     let snapshot = presence_of(n);
     let bare: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(agent_pod(i, None))).collect();
     // All n arrive at once: admission holds them, and plans them together once arrivals pause.
     let (mut admission, now) = (Admission::default(), Instant::now());
-    let mut decide = |at: Instant| {
-        let mut observed = reconcile::observe(policy, &bare, &[]);
-        reconcile::decide_policy(
-            policy,
-            settings,
-            &mut observed,
-            Some((&snapshot, NOW_MS)),
-            &|_| None,
-            (&mut admission, at),
-        )
-    };
-    assert!(decide(now).wanted.is_empty(), "a burst waits");
-    let decision = decide(now + 2 * mesh_operator::controller::admission::QUIET);
+    assert!(pass(policy, settings, &bare, &snapshot, &mut admission, now).wanted.is_empty(), "a burst waits");
+    let later = now + 2 * mesh_operator::controller::admission::QUIET;
+    let decision = pass(policy, settings, &bare, &snapshot, &mut admission, later);
     let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_ref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
@@ -94,33 +97,11 @@ fn decide(c: &mut Criterion) {
             let (pods, snapshot) = fleet(&policy, &settings, n, extra);
             // Admission as in a settled fleet: nobody else arriving.
             let mut admission = Admission::default();
-            let writes = {
-                let mut observed = reconcile::observe(&policy, &pods, &[]);
-                let admit = (&mut admission, Instant::now());
-                let d = reconcile::decide_policy(
-                    &policy,
-                    &settings,
-                    &mut observed,
-                    Some((&snapshot, NOW_MS)),
-                    &|_| None,
-                    admit,
-                );
-                d.waves.shrink.len() + d.waves.grow.len()
-            };
+            let d = pass(&policy, &settings, &pods, &snapshot, &mut admission, Instant::now());
+            let writes = d.waves.shrink.len() + d.waves.grow.len();
             assert_eq!(writes == 0, extra == 0, "{case} at {n}: {writes} writes");
             group.bench_with_input(BenchmarkId::new(case, n), &pods, |b, pods| {
-                b.iter(|| {
-                    let mut observed = reconcile::observe(&policy, pods, &[]);
-                    let admit = (&mut admission, Instant::now());
-                    reconcile::decide_policy(
-                        &policy,
-                        &settings,
-                        &mut observed,
-                        Some((&snapshot, NOW_MS)),
-                        &|_| None,
-                        admit,
-                    )
-                })
+                b.iter(|| pass(&policy, &settings, pods, &snapshot, &mut admission, Instant::now()))
             });
         }
     }

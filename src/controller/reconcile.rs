@@ -115,6 +115,17 @@ fn owner_key(p: &MeshPolicy) -> (Option<Timestamp>, String) {
     (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.name_any())
 }
 
+/// The selectors of `policy`'s older peers in its namespace: the older policy owns a Pod both select, so
+/// only these can take one from it.
+fn older_selectors(policy: &MeshPolicy, policies: &[Arc<MeshPolicy>]) -> Vec<Selector> {
+    policies
+        .iter()
+        .filter(|p| p.namespace() == policy.namespace() && p.uid() != policy.uid())
+        .filter(|p| owner_key(p) < owner_key(policy))
+        .filter_map(|p| Selector::try_from(p.spec.selector.clone()).ok())
+        .collect()
+}
+
 /// What the caches say about one policy's namespace.
 pub struct Observed {
     /// Pods the policy selects and owns (no older policy selects them).
@@ -143,14 +154,8 @@ fn gather(ctx: &Context, policy: &MeshPolicy) -> Observed {
 /// What `pods` and `policies` (of `policy`'s namespace) say about `policy`. Pure.
 pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<MeshPolicy>]) -> Observed {
     let name = policy.name_any();
-    let selector = |p: &MeshPolicy| Selector::try_from(p.spec.selector.clone()).ok();
-    let mine = selector(policy);
-    // The older policy owns a Pod both select: only older policies can take one from this one.
-    let older: Vec<Selector> = policies
-        .iter()
-        .filter(|p| p.uid() != policy.uid() && owner_key(p) < owner_key(policy))
-        .filter_map(|p| selector(p))
-        .collect();
+    let mine = Selector::try_from(policy.spec.selector.clone()).ok();
+    let older = older_selectors(policy, policies);
     let existing: HashSet<String> = policies.iter().filter(|p| p.uid() != policy.uid()).map(|p| p.name_any()).collect();
     let mut o = Observed {
         selected: vec![],
@@ -581,13 +586,7 @@ fn newly_unmatched(
     let Ok(selector) = Selector::try_from(policy.spec.selector.clone()) else { return false };
     let ns = policy.namespace();
     // Pods an older policy owns are never this one's agents: they must not read presence again and again.
-    let older: Vec<Selector> = ctx
-        .policies
-        .state()
-        .iter()
-        .filter(|p| p.namespace() == ns && p.uid() != policy.uid() && owner_key(p) < owner_key(policy))
-        .filter_map(|p| Selector::try_from(p.spec.selector.clone()).ok())
-        .collect();
+    let older = older_selectors(policy, &ctx.policies.state());
     let candidates: Vec<Arc<CachedPod>> = ctx
         .pods
         .state()

@@ -100,11 +100,6 @@ impl Assignment {
         }
         Ok(Some(a))
     }
-
-    /// Whether the annotations say exactly this (so no write is needed).
-    pub fn is_carried_by(&self, annotations: &BTreeMap<String, String>) -> bool {
-        self.to_annotations().iter().all(|(k, v)| annotations.get(*k) == Some(v))
-    }
 }
 
 /// Why an agent refuses to apply the assignment it reads.
@@ -165,7 +160,7 @@ mod tests {
         assert_eq!(ann[LINKS], "3");
         assert_eq!(ann[ACCEPTS], r#"["c"]"#);
         assert_eq!(Assignment::from_annotations(&ann), Some(a.clone()));
-        assert!(a.is_carried_by(&ann));
+        assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
     }
 
     #[test]
