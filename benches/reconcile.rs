@@ -3,6 +3,7 @@
 //!
 //! * `settled`: every Pod already carries its plan (the steady state; no writes).
 //! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes).
+//! * `presence_parse`: reading the rendezvous' presence body for N agents (every changed read costs it).
 //!
 //!     cargo bench --bench reconcile
 use std::sync::Arc;
@@ -27,8 +28,11 @@ fn policy() -> MeshPolicy {
     .unwrap()
 }
 
+/// A distinct 64-hex-digit id that looks like the hex Ed25519 key a real agent has (uniform digits: ids
+/// that share long prefixes would make every map lookup look slower than it is).
 fn node_id(i: usize) -> String {
-    format!("{:064x}", (i as u128 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    let half = |salt: u64| xxhash_rust::xxh3::xxh3_128_with_seed(&(i as u64).to_le_bytes(), salt);
+    format!("{:032x}{:032x}", half(1), half(2))
 }
 
 fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
@@ -70,7 +74,8 @@ fn pass(
     at: Instant,
 ) -> Decision {
     let mut observed = reconcile::observe(policy, pods, &[]);
-    reconcile::decide_policy(policy, settings, &mut observed, Some((snapshot, NOW_MS)), &|_| None, (admission, at))
+    let members = reconcile::members(policy, settings, &observed, snapshot, NOW_MS, &|_| None);
+    reconcile::decide_policy(policy, &mut observed, Some(members), (admission, at))
 }
 
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
@@ -104,8 +109,19 @@ fn decide(c: &mut Criterion) {
                 b.iter(|| pass(&policy, &settings, pods, &snapshot, &mut admission, Instant::now()))
             });
         }
+        let body = presence_body(&presence_of(n));
+        group.bench_with_input(BenchmarkId::new("presence_parse", n), &body, |b, body| {
+            b.iter(|| mesh_operator::presence::parse(body).unwrap())
+        });
     }
     group.finish();
+}
+
+/// The body a rendezvous serves for `s`.
+fn presence_body(s: &Snapshot) -> Vec<u8> {
+    let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"node_id": n.node_id, "address": n.address, "alive": n.alive,
+        "last_seen": n.last_seen_ms.map(|t| t / 1000.0), "last_seen_ms": n.last_seen_ms, "hostname": n.hostname})).collect();
+    serde_json::to_vec(&json!({"serverNodeId": "rendezvous", "nowMs": s.now_ms, "nodes": nodes})).unwrap()
 }
 
 criterion_group!(benches, decide);

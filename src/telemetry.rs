@@ -42,6 +42,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WatchLabel {
     pub watch: &'static str,
     pub kind: &'static str,
@@ -57,6 +62,7 @@ pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_duration: Histogram,
+    pub step_duration: Family<StepLabel, Histogram>,
     pub reconcile_errors: Family<KindLabel, Counter>,
     pub presence_fetches: Family<ResultLabel, Counter>,
     pub presence_duration: Histogram,
@@ -77,6 +83,7 @@ impl Default for Metrics {
         let m = Self {
             reconciles: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            step_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
             reconcile_errors: Family::default(),
             presence_fetches: Family::default(),
             presence_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -93,6 +100,11 @@ impl Default for Metrics {
         };
         registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
         registry.register("reconcile_duration_seconds", "Reconcile duration", m.reconcile_duration.clone());
+        registry.register(
+            "reconcile_step_duration_seconds",
+            "Time a reconcile spends in each step (presence, wait, gather, decide, write, status)",
+            m.step_duration.clone(),
+        );
         registry.register("reconcile_errors", "Reconcile errors by kind", m.reconcile_errors.clone());
         registry.register("presence_fetches", "Presence fetches by result", m.presence_fetches.clone());
         registry.register("presence_fetch_duration_seconds", "Presence fetch duration", m.presence_duration.clone());

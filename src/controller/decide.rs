@@ -43,16 +43,16 @@ impl PodState {
 
     /// The assignment it carries if it is `policy`'s: named so, or (when `stray_is_ours`) naming no policy
     /// at all while carrying some of the keys, as a Pod created with them does.
-    pub fn carried(&self, policy: &str, stray_is_ours: bool) -> Option<Assignment> {
+    pub fn carried(&self, policy: &str, stray_is_ours: bool) -> Option<Arc<Assignment>> {
         match self.keys.get(assignment::POLICY) {
             Some(p) if p == policy => match &self.exact {
-                Some(a) => Some(a.as_ref().clone()),
-                None => Assignment::from_annotations(&self.keys),
+                Some(a) => Some(a.clone()),
+                None => Assignment::from_annotations(&self.keys).map(Arc::new),
             },
             None if stray_is_ours && !self.keys.is_empty() => {
                 let mut keys = (*self.keys).clone();
                 keys.insert(assignment::POLICY.into(), policy.into());
-                Assignment::from_annotations(&keys)
+                Assignment::from_annotations(&keys).map(Arc::new)
             }
             _ => None,
         }
@@ -130,15 +130,15 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
             continue;
         }
         let now = pod.carried(policy, true);
+        let now = now.as_deref();
         match target {
             None if now.is_none() => {}
-            None => waves.shrink.push(write(None, ids(now.as_ref()))),
+            None => waves.shrink.push(write(None, ids(now))),
             Some(want) => {
                 let kept = now
-                    .as_ref()
                     .map(|n| n.intersect(want))
                     .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
-                let dropped: BTreeSet<String> = ids(now.as_ref()).difference(&ids(Some(&kept))).cloned().collect();
+                let dropped: BTreeSet<String> = ids(now).difference(&ids(Some(&kept))).cloned().collect();
                 // Stray keys without a policy must go before the agent may gain anything.
                 let shrink = !dropped.is_empty() || (now.is_some() && !pod.keys.contains_key(assignment::POLICY));
                 if shrink {
@@ -204,7 +204,7 @@ mod tests {
 
     /// What the Pods publish: each agent's assignment, read back from its annotations.
     fn published(pods: &BTreeMap<String, PodState>) -> BTreeMap<String, Assignment> {
-        pods.iter().filter_map(|(name, p)| Some((name.clone(), p.carried("p", false)?))).collect()
+        pods.iter().filter_map(|(name, p)| Some((name.clone(), p.carried("p", false)?.as_ref().clone()))).collect()
     }
 
     fn write(pods: &mut BTreeMap<String, PodState>, w: &Write) {

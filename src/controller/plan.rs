@@ -3,68 +3,122 @@
 //! (a replica that leads for the first time during a rendezvous outage), the assignments the Pods already
 //! carry, minus the Pods that are gone (DESIGN §3.4 rule 2).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use super::decide::PodState;
 use super::membership::{self, Membership};
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
 
-/// Pod → its target: an assignment, or `None` to remove ours.
+/// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
 pub type Targets = BTreeMap<String, Option<Assignment>>;
 
 /// A plan in the form the controller publishes.
 pub struct PlanOutcome {
-    /// Taken by the decision (empty after).
+    /// The targets of the Pods that do not carry theirs (taken by the decision: empty after).
     pub targets: Targets,
+    /// Agents that already carry their target.
+    pub settled: u32,
     pub links: u32,
     pub max_degree: u32,
     pub min_degree: u32,
     pub components: u32,
+    /// A digest of every Pod's target, for `status.planHash`.
     pub hash: String,
 }
 
-/// Plans `m`'s agents with at most `cap` links each, seeded by `seed`; `carried` holds what each Pod
-/// carries as this policy's (Pods carrying it that are no longer agents get `None`).
+/// What the Pods carry, read as the planner's previous plan without copying it.
+struct Carried<'a>(HashMap<&'a str, &'a Assignment>);
+
+impl planner::Previous for Carried<'_> {
+    fn links(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().flat_map(|(&a, carried)| carried.peers.iter().map(move |p| (a, p.node_id.as_str())))
+    }
+
+    fn knew(&self, node_id: &str) -> bool {
+        self.0.contains_key(node_id)
+    }
+}
+
+/// One agent's target, borrowed from the plan: its peers (node id, URL) and accepts, sorted.
+struct Target<'a> {
+    peers: Vec<(&'a str, &'a str)>,
+    accepts: Vec<&'a str>,
+}
+
+impl Target<'_> {
+    fn is(&self, a: &Assignment, policy: &str) -> bool {
+        a.policy == policy
+            && a.peers.iter().map(|p| (p.node_id.as_str(), p.url.as_str())).eq(self.peers.iter().copied())
+            && a.accepts.iter().map(String::as_str).eq(self.accepts.iter().copied())
+    }
+
+    fn to_assignment(&self, policy: &str) -> Assignment {
+        let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.to_owned(), url: url.to_owned() });
+        Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.to_owned()), policy.to_owned())
+    }
+}
+
+/// Plans `m`'s agents with at most `cap` links each, seeded by `seed`. `carried` holds what each Pod
+/// carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods` what each
+/// carries exactly: only the targets that differ from it are built.
 pub fn plan(
     m: &Membership,
     cap: u32,
     seed: &str,
     policy: &str,
-    carried: &BTreeMap<String, Assignment>,
+    carried: &BTreeMap<String, Arc<Assignment>>,
+    pods: &BTreeMap<String, PodState>,
 ) -> Result<PlanOutcome, PlanError> {
     let members: Vec<planner::Member> =
         m.agents.iter().map(|a| planner::Member { node_id: a.node_id.clone(), domain: a.domain.clone() }).collect();
-    let previous: planner::Assignment = m
-        .agents
-        .iter()
-        .filter_map(|a| {
-            Some((a.node_id.clone(), carried.get(&a.pod)?.peers.iter().map(|p| p.node_id.clone()).collect()))
-        })
-        .collect();
+    let previous =
+        Carried(m.agents.iter().filter_map(|a| Some((a.node_id.as_str(), carried.get(&a.pod)?.as_ref()))).collect());
     let plan = planner::plan(&members, cap, seed, &previous)?;
-    let url: HashMap<&str, &str> = m.agents.iter().map(|a| (a.node_id.as_str(), a.url.as_str())).collect();
-    let mut accepts: HashMap<&str, Vec<String>> = HashMap::new();
-    for (i, member) in members.iter().enumerate() {
-        for id in plan.dial_ids(i) {
-            accepts.entry(id).or_default().push(member.node_id.clone());
+    let g = plan.graph();
+    let id = |v: u32| m.agents[v as usize].node_id.as_str();
+    let target = |i: usize| {
+        let mut peers: Vec<(&str, &str)> = g.dialed(i as u32).map(|v| (id(v), m.agents[v as usize].url.as_str())).collect();
+        let mut accepts: Vec<&str> = g.accepted(i as u32).map(id).collect();
+        peers.sort_unstable();
+        accepts.sort_unstable();
+        Target { peers, accepts }
+    };
+    let mut out = PlanOutcome {
+        targets: Targets::new(),
+        settled: 0,
+        links: g.edge_count() as u32,
+        max_degree: (0..g.len() as u32).map(|u| g.degree(u)).max().unwrap_or(0) as u32,
+        min_degree: (0..g.len() as u32).map(|u| g.degree(u)).min().unwrap_or(0) as u32,
+        components: analysis::component_sizes(&adjacency(g), &vec![false; g.len()]).len() as u32,
+        hash: String::new(),
+    };
+    let mut digest = Digest::default();
+    let mut gone = carried.keys().filter(|pod| m.agents.binary_search_by(|a| a.pod.cmp(pod)).is_err()).peekable();
+    for (i, agent) in m.agents.iter().enumerate() {
+        while let Some(pod) = gone.next_if(|pod| **pod < agent.pod) {
+            digest.target(pod, None, policy);
+            out.targets.insert(pod.clone(), None);
+        }
+        let t = target(i);
+        digest.target(&agent.pod, Some(&t), policy);
+        match pods.get(&agent.pod).and_then(|p| p.exact.as_deref()) {
+            Some(now) if t.is(now, policy) => out.settled += 1,
+            _ => {
+                out.targets.insert(agent.pod.clone(), Some(t.to_assignment(policy)));
+            }
         }
     }
-    let mut targets: Targets = carried.keys().map(|pod| (pod.clone(), None)).collect();
-    for (i, agent) in m.agents.iter().enumerate() {
-        let peers = plan.dial_ids(i).into_iter().map(|id| Peer { node_id: id.to_owned(), url: url[id].to_owned() });
-        let acc = accepts.remove(agent.node_id.as_str()).unwrap_or_default();
-        targets.insert(agent.pod.clone(), Some(Assignment::new(peers.collect(), acc, policy.to_owned())));
+    for pod in gone {
+        digest.target(pod, None, policy);
+        out.targets.insert(pod.clone(), None);
     }
-    let adj = analysis::adjacency(&plan.dial_lists());
-    let degrees = analysis::links(&adj);
-    Ok(PlanOutcome {
-        links: plan.graph().edge_count() as u32,
-        max_degree: degrees.iter().copied().max().unwrap_or(0) as u32,
-        min_degree: degrees.iter().copied().min().unwrap_or(0) as u32,
-        components: analysis::component_sizes(&adj, &vec![false; members.len()]).len() as u32,
-        hash: hash(&targets),
-        targets,
-    })
+    out.hash = digest.finish();
+    Ok(out)
+}
+
+fn adjacency(g: &planner::Graph) -> Vec<Vec<u32>> {
+    (0..g.len() as u32).map(|u| g.neighbors(u).to_vec()).collect()
 }
 
 /// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone; every
@@ -72,7 +126,7 @@ pub fn plan(
 /// that carries more than `cap` links. A peer is gone when its node id is that of a Pod that does not stay
 /// (its node-id annotation), or when its URL names an IP that no Pod of `live_ips` has.
 pub fn adopt(
-    carried: &BTreeMap<String, Assignment>,
+    carried: &BTreeMap<String, Arc<Assignment>>,
     pods: &BTreeMap<String, PodState>,
     staying: &HashSet<String>,
     live_ips: &HashSet<String>,
@@ -85,7 +139,7 @@ pub fn adopt(
     };
     let mut gone: BTreeSet<&str> = carried
         .iter()
-        .filter(|(pod, a)| !planned(pod, a))
+        .filter(|(pod, a)| !planned(pod, a.as_ref()))
         .map(|(pod, _)| pod)
         .filter_map(|pod| pods.get(pod)?.node_id.as_deref())
         .collect();
@@ -100,7 +154,7 @@ pub fn adopt(
     carried
         .iter()
         .map(|(pod, a)| {
-            let target = planned(pod, a).then(|| {
+            let target = planned(pod, a.as_ref()).then(|| {
                 let peers = a.peers.iter().filter(|p| !gone.contains(p.node_id.as_str())).cloned().collect();
                 let accepts = a.accepts.iter().filter(|id| !gone.contains(id.as_str())).cloned();
                 Assignment::new(peers, accepts, a.policy.clone())
@@ -110,32 +164,38 @@ pub fn adopt(
         .collect()
 }
 
-/// A short, stable digest of the targets, for `status.planHash`. Every field ends in a byte no field can
-/// hold (0xff is never UTF-8), and each list in its length, so different targets hash differently.
-pub fn hash(targets: &Targets) -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut field = |bytes: &[u8]| {
-        h.update(bytes);
-        h.update(&[0xff]);
-    };
-    for (pod, t) in targets {
-        field(pod.as_bytes());
-        let Some(a) = t else {
-            field(b"-");
-            continue;
-        };
-        field(&a.peers.len().to_le_bytes());
-        for p in &a.peers {
-            field(p.node_id.as_bytes());
-            field(p.url.as_bytes());
-        }
-        field(&a.accepts.len().to_le_bytes());
-        for id in &a.accepts {
-            field(id.as_bytes());
-        }
-        field(a.policy.as_bytes());
+/// A short, stable digest of every Pod's target, for `status.planHash`, fed in Pod name order. Every field
+/// ends in a byte no field can hold (0xff is never UTF-8), and each list in its length, so different
+/// targets hash differently.
+#[derive(Default)]
+struct Digest(xxhash_rust::xxh3::Xxh3);
+
+impl Digest {
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+        self.0.update(&[0xff]);
     }
-    format!("{:016x}", h.digest())
+
+    fn target(&mut self, pod: &str, target: Option<&Target>, policy: &str) {
+        self.field(pod.as_bytes());
+        let Some(t) = target else {
+            return self.field(b"-");
+        };
+        self.field(&t.peers.len().to_le_bytes());
+        for (id, url) in &t.peers {
+            self.field(id.as_bytes());
+            self.field(url.as_bytes());
+        }
+        self.field(&t.accepts.len().to_le_bytes());
+        for id in &t.accepts {
+            self.field(id.as_bytes());
+        }
+        self.field(policy.as_bytes());
+    }
+
+    fn finish(&self) -> String {
+        format!("{:016x}", self.0.digest())
+    }
 }
 
 #[cfg(test)]
@@ -150,8 +210,8 @@ mod tests {
     #[test]
     fn every_link_is_on_one_dialer_and_the_other_end_accepts_it() {
         let m = Membership { agents: (0..9).map(agent).collect(), ..Default::default() };
-        let carried = BTreeMap::from([("gone".to_string(), Assignment::default())]);
-        let out = plan(&m, 4, "seed", "p", &carried).unwrap();
+        let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
+        let out = plan(&m, 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
         assert_eq!(out.targets["gone"], None);
         let published: BTreeMap<String, Assignment> =
             m.agents.iter().map(|a| (a.node_id.clone(), out.targets[&a.pod].clone().unwrap())).collect();
@@ -171,9 +231,9 @@ mod tests {
             Assignment::new(peers.collect(), accepts.iter().map(|s| s.to_string()), "p".into())
         };
         let carried = BTreeMap::from([
-            ("x".to_string(), a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"])),
-            ("y".to_string(), a(&[], &["nx"])),
-            ("z".to_string(), a(&[], &["nx"])),
+            ("x".to_string(), Arc::new(a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"]))),
+            ("y".to_string(), Arc::new(a(&[], &["nx"]))),
+            ("z".to_string(), Arc::new(a(&[], &["nx"]))),
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),

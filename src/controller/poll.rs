@@ -52,7 +52,7 @@ pub struct Read {
 }
 
 /// The agents a snapshot makes eligible, judged on the clock given: Pod → node id.
-pub type Eligible<'a> = dyn Fn(&Snapshot, f64) -> BTreeMap<String, String> + 'a;
+pub type Eligible<'a> = dyn Fn(&Arc<Snapshot>, f64) -> BTreeMap<String, String> + 'a;
 
 /// The result of one read attempt, as [`PresenceState::take`] judges it.
 pub struct Attempt {
@@ -153,7 +153,7 @@ impl PresenceState {
     /// `before` (eligible under the last good snapshot, or assigned before the first) at once.
     fn suspicion(
         &self,
-        next: &Snapshot,
+        next: &Arc<Snapshot>,
         next_clock: f64,
         heartbeat_timeout: Duration,
         eligible: &Eligible,
@@ -239,7 +239,7 @@ mod tests {
     }
 
     /// Eligible = live on the given clock, with a 60 s timeout; each node its own Pod.
-    fn eligible(s: &Snapshot, fallback: f64) -> BTreeMap<String, String> {
+    fn eligible(s: &Arc<Snapshot>, fallback: f64) -> BTreeMap<String, String> {
         let live = s.nodes.iter().filter(|n| s.is_live(n, Duration::from_secs(60), fallback));
         live.map(|n| (n.node_id.clone(), n.node_id.clone())).collect()
     }

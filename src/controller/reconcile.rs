@@ -135,12 +135,12 @@ pub struct Observed {
     /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
     pub pods: BTreeMap<String, PodState>,
     /// What each Pod carries as this policy's.
-    pub carried: BTreeMap<String, Assignment>,
+    pub carried: BTreeMap<String, Arc<Assignment>>,
     /// Pods carrying another policy's assignment, and the node ids those link: Pod/id → that policy.
     pub foreign_pods: HashMap<String, String>,
     pub foreign_ids: HashMap<String, String>,
-    /// IPs of the namespace's Pods that are not terminating.
-    pub live_ips: HashSet<String>,
+    /// Every Pod of the namespace (for the IPs of those not terminating, read only without presence).
+    pub namespace_pods: Vec<Arc<CachedPod>>,
 }
 
 /// Gather: reads the Pod and policy caches.
@@ -164,7 +164,7 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
         carried: BTreeMap::new(),
         foreign_pods: HashMap::new(),
         foreign_ids: HashMap::new(),
-        live_ips: HashSet::new(),
+        namespace_pods: pods.to_vec(),
     };
     for pod in pods {
         let pod_name = pod.name_any();
@@ -174,9 +174,6 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
                 true => o.conflicted.push(pod_name.clone()),
                 false => o.selected.push(pod.clone()),
             }
-        }
-        if !pod.terminating() {
-            o.live_ips.extend(pod.pod_ip.clone());
         }
         let mut state = pod_state(pod, &policy.spec.identity.node_id_annotation);
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
@@ -226,7 +223,9 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         debug!(policy = policy.name_any(), annotation, "the Pod cache is being listed for this node-id annotation");
         return Ok(Action::requeue(CACHE_WAIT));
     }
-    let read = presence(ctx, policy, &settings).await;
+    let mut steps = Steps::start(ctx);
+    let attempt = fetch_presence(ctx, policy, &settings).await;
+    steps.done("presence");
     // From here to the last write, one policy of the namespace at a time: two policies deciding on the
     // same cache could each give a Pod moving between them links the other does not see.
     let lock = ctx.namespace_lock(&ns);
@@ -234,7 +233,14 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     if !caught_up(ctx, &ns) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
+    steps.done("wait");
     let mut observed = gather(ctx, policy);
+    steps.done("gather");
+    let (read, worked) = take_presence(ctx, policy, &settings, &observed, attempt).await;
+    let node_domain = |node: &str| node_domain(ctx, policy, node);
+    let membership = read.snapshot.as_deref().map(|snap| {
+        worked.unwrap_or_else(|| members(policy, &settings, &observed, snap, read.confirmed_ms, &node_domain))
+    });
     let mut findings = Findings {
         mode: policy.spec.mode,
         has_presence: read.snapshot.is_some(),
@@ -243,14 +249,13 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         conflicted: observed.conflicted.clone(),
         ..Default::default()
     };
-    let node_domain = |node: &str| node_domain(ctx, policy, node);
-    let presence = read.snapshot.as_deref().map(|s| (s, read.confirmed_ms));
     let uid = policy.uid().unwrap_or_default();
     let mut admission = ctx.admissions.lock().expect("admission map lock").remove(&uid).unwrap_or_default();
     let now = std::time::Instant::now();
     let Decision { members, plan: targets, plan_error, wanted, waves, recheck } =
-        decide_policy(policy, &settings, &mut observed, presence, &node_domain, (&mut admission, now));
+        decide_policy(policy, &mut observed, membership, (&mut admission, now));
     ctx.admissions.lock().expect("admission map lock").insert(uid, admission);
+    steps.done("decide");
     findings.plan_error = plan_error;
     let prompt = members.as_ref().is_some_and(|m| awaiting_presence(ctx, policy, m));
     if !waves.is_empty() {
@@ -269,6 +274,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         Mode::Observe => Outcome::default(),
     };
     drop(writing);
+    steps.done("write");
     findings.write_failures = outcome.failed.clone();
     findings.held = outcome.held.len();
     if let Some(m) = &members {
@@ -276,6 +282,8 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
         findings.disconnected = targets.as_ref().is_some_and(|p| p.components > 1 && policy.spec.max_peers >= 2);
     }
     report(ctx, policy, &observed, members.as_ref(), targets.as_ref(), &wanted, &findings, &outcome).await?;
+    steps.done("status");
+    debug!(policy = policy.name_any(), namespace = ns, patched = outcome.patched, steps = %steps, "reconciled");
     let again = if !outcome.failed.is_empty() || outcome.lost_leadership {
         Duration::from_secs(2)
     } else if prompt {
@@ -286,6 +294,36 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(recheck.map_or(again, |r| r.min(again))))
 }
 
+/// How long each step of one reconcile took: into the step histogram, and for the debug log.
+struct Steps<'a> {
+    ctx: &'a Context,
+    last: std::time::Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl<'a> Steps<'a> {
+    fn start(ctx: &'a Context) -> Self {
+        Self { ctx, last: std::time::Instant::now(), took: Vec::with_capacity(6) }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        let took = now - self.last;
+        self.last = now;
+        self.ctx.metrics.step_duration.get_or_create(&telemetry::StepLabel { step }).observe(took.as_secs_f64());
+        self.took.push((step, took));
+    }
+}
+
+impl std::fmt::Display for Steps<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, took)) in self.took.iter().enumerate() {
+            write!(f, "{}{step} {:.1} ms", if i > 0 { ", " } else { "" }, took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
+}
+
 /// With no presence (or no plan), what the Pods already carry stays, minus what is gone; with presence but
 /// no plan (the planner refused), nothing changes.
 fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
@@ -294,7 +332,9 @@ fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
     }
     let staying: HashSet<String> =
         o.selected.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
-    plan::adopt(&o.carried, &o.pods, &staying, &o.live_ips, cap)
+    let live_ips: HashSet<String> =
+        o.namespace_pods.iter().filter(|p| !p.terminating()).filter_map(|p| p.pod_ip.clone()).collect();
+    plan::adopt(&o.carried, &o.pods, &staying, &live_ips, cap)
 }
 
 /// What one reconcile decides, before any write.
@@ -302,24 +342,22 @@ pub struct Decision {
     pub members: Option<Membership>,
     pub plan: Option<PlanOutcome>,
     pub plan_error: Option<String>,
-    /// Each Pod's target: the plan's, or without one what the Pods carry (see [`adopted`]).
+    /// The targets of the Pods not carrying theirs: the plan's, or without one what the Pods carry (see
+    /// [`adopted`]).
     pub wanted: Targets,
     pub waves: decide::Waves,
     /// When newcomers held back by admission may join.
     pub recheck: Option<Duration>,
 }
 
-/// The pure core of a reconcile: membership (with presence), the plan, the targets and the writes that
-/// reach them. `presence` is the snapshot and its clock; `node_domain` a Node's `topologyKey` label.
+/// The pure core of a reconcile: admission, the plan, the targets and the writes that reach them, from the
+/// membership presence gives (`None` without presence; see [`members`]).
 pub fn decide_policy(
     policy: &MeshPolicy,
-    settings: &Settings,
     observed: &mut Observed,
-    presence: Option<(&Snapshot, f64)>,
-    node_domain: &dyn Fn(&str) -> Option<String>,
+    mut members: Option<Membership>,
     (admission, now): (&mut Admission, std::time::Instant),
 ) -> Decision {
-    let mut members = presence.map(|(s, clock)| members(policy, settings, observed, s, clock, node_domain));
     let recheck = members.as_mut().and_then(|m| admit(m, observed, admission, now));
     for agent in members.iter().flat_map(|m| &m.agents) {
         if let Some(state) = observed.pods.get_mut(&agent.pod) {
@@ -328,7 +366,7 @@ pub fn decide_policy(
     }
     let planned = members.as_ref().map(|m| {
         let seed = policy.uid().unwrap_or_default();
-        plan::plan(m, policy.spec.max_peers, &seed, &policy.name_any(), &observed.carried)
+        plan::plan(m, policy.spec.max_peers, &seed, &policy.name_any(), &observed.carried, &observed.pods)
     });
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
@@ -361,8 +399,9 @@ fn node_domain(ctx: &Context, policy: &MeshPolicy, node: &str) -> Option<String>
     meta.labels().get(key).cloned()
 }
 
-/// Membership: the eligible agents, without those another policy still holds.
-fn members(
+/// Membership: the eligible agents under `snap` judged on `confirmed_ms`, without those another policy
+/// still holds. `node_domain` is a Node's `topologyKey` label.
+pub fn members(
     policy: &MeshPolicy,
     settings: &Settings,
     o: &Observed,
@@ -433,13 +472,15 @@ async fn report(
     ctx.metrics.agents.get_or_create(&label).set(o.selected.len() as i64);
     let prev = policy.status.clone().unwrap_or_default();
     let mut new = MeshPolicyStatus { selected: o.selected.len() as u32, ..prev.clone() };
-    new.assigned = wanted
-        .iter()
-        .filter(|(pod, t)| {
-            let carried = || t.as_ref().is_some_and(|a| o.pods.get(*pod).is_some_and(|s| s.carries(a)));
-            t.is_some() && (carried() || outcome.reached(pod))
-        })
-        .count() as u32;
+    // Agents already carrying their plan have no target (see [`plan::plan`]); the others count once written.
+    new.assigned = plan.map_or(0, |p| p.settled)
+        + wanted
+            .iter()
+            .filter(|(pod, t)| {
+                let carried = || t.as_ref().is_some_and(|a| o.pods.get(*pod).is_some_and(|s| s.carries(a)));
+                t.is_some() && (carried() || outcome.reached(pod))
+            })
+            .count() as u32;
     if let (Some(m), Some(plan)) = (members, plan) {
         new.eligible = m.agents.len() as u32;
         new.links = plan.links;
@@ -541,9 +582,9 @@ fn awaiting_presence(ctx: &Context, policy: &MeshPolicy, m: &Membership) -> bool
     }
 }
 
-/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. See
-/// [`super::poll`] for what is kept and trusted.
-async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Read {
+/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. The
+/// read is taken in (see [`take_presence`]) against the same observation the reconcile decides on.
+async fn fetch_presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Option<Attempt> {
     let state = ctx.presence_state(&policy.uid().unwrap_or_default());
     let mut state = state.lock().await;
     state.enter_term(ctx.leadership.term());
@@ -553,23 +594,47 @@ async fn presence(ctx: &Context, policy: &MeshPolicy, settings: &Settings) -> Re
         since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
             && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting))
     };
-    if state.due(settings.poll_interval, state.prompt(now), now) || fresh() {
-        state.last_attempt = Some(std::time::Instant::now());
-        let started = std::time::Instant::now();
-        let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
-        ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
-        count_fetch(ctx, policy, &result);
-        let o = gather(ctx, policy);
-        let node_domain = |node: &str| node_domain(ctx, policy, node);
-        let eligible = |snap: &Snapshot, clock: f64| -> BTreeMap<String, String> {
-            let m = members(policy, settings, &o, snap, clock, &node_domain);
-            m.agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
-        };
-        let assigned: BTreeSet<String> =
-            o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
-        state.take(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout }, &eligible, &assigned);
+    if !(state.due(settings.poll_interval, state.prompt(now), now) || fresh()) {
+        return None;
     }
-    state.read()
+    state.last_attempt = Some(std::time::Instant::now());
+    let started = std::time::Instant::now();
+    let result = fetch(ctx, policy, settings, state.etag.as_deref()).await;
+    ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
+    count_fetch(ctx, policy, &result);
+    Some(Attempt { result, heartbeat_timeout: settings.heartbeat_timeout })
+}
+
+/// Takes in `attempt` (see [`super::poll`] for what is kept and trusted) and returns what presence says
+/// now, with the membership it gives `o` when that was already worked out on the way.
+async fn take_presence(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    settings: &Settings,
+    o: &Observed,
+    attempt: Option<Attempt>,
+) -> (Read, Option<Membership>) {
+    let state = ctx.presence_state(&policy.uid().unwrap_or_default());
+    let mut state = state.lock().await;
+    let Some(attempt) = attempt else { return (state.read(), None) };
+    let node_domain = |node: &str| node_domain(ctx, policy, node);
+    // Each membership worked out while judging the read, by snapshot: the one taken in is decided on next.
+    let worked: std::cell::RefCell<Vec<(Arc<Snapshot>, f64, Membership)>> = Default::default();
+    let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
+        let m = members(policy, settings, o, snap, clock, &node_domain);
+        let eligible = m.agents.iter().map(|a| (a.pod.clone(), a.node_id.clone())).collect();
+        worked.borrow_mut().push((snap.clone(), clock, m));
+        eligible
+    };
+    let assigned: BTreeSet<String> =
+        o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
+    state.take(attempt, &eligible, &assigned);
+    let read = state.read();
+    let membership = read.snapshot.as_ref().and_then(|taken| {
+        let worked = worked.into_inner().into_iter();
+        worked.filter(|(snap, clock, _)| Arc::ptr_eq(snap, taken) && *clock == read.confirmed_ms).map(|w| w.2).last()
+    });
+    (read, membership)
 }
 
 /// A Pod that just became Ready without a presence entry gets a read at once (but no more often than

@@ -38,6 +38,12 @@ impl Graph {
         self.neighbors(u).iter().zip(&self.dials[base..]).filter(|(_, d)| **d).map(|(v, _)| *v)
     }
 
+    /// The peers that dial `u`.
+    pub fn accepted(&self, u: u32) -> impl Iterator<Item = u32> + '_ {
+        let base = u as usize * self.cap;
+        self.neighbors(u).iter().zip(&self.dials[base..]).filter(|(_, d)| !**d).map(|(v, _)| *v)
+    }
+
     pub fn out_degree(&self, u: u32) -> usize {
         self.dialed(u).count()
     }

@@ -37,6 +37,25 @@ pub enum PlanError {
     EmptyNodeId(usize),
 }
 
+/// What a replanning keeps of the previous plan: who dialed whom, and whom it knew. An [`Assignment`] is one;
+/// the controller reads it straight from what the Pods carry, without building one.
+pub trait Previous {
+    /// Every (dialer, peer) link of the previous plan.
+    fn links(&self) -> impl Iterator<Item = (&str, &str)>;
+    /// Whether the previous plan had `node_id` as a member.
+    fn knew(&self, node_id: &str) -> bool;
+}
+
+impl Previous for Assignment {
+    fn links(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.iter().flat_map(|(a, peers)| peers.iter().map(move |b| (a.as_str(), b.as_str())))
+    }
+
+    fn knew(&self, node_id: &str) -> bool {
+        self.contains_key(node_id)
+    }
+}
+
 /// A planned mesh: the members in input order and the oriented graph over their indices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -86,7 +105,7 @@ impl Plan {
 /// every degree is cap, except one agent at cap−1 when N·cap is odd; cap ≥ 2 is connected; each agent dials
 /// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
 /// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
-pub fn plan(members: &[Member], cap: u32, seed: &str, previous: &Assignment) -> Result<Plan, PlanError> {
+pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, previous: &P) -> Result<Plan, PlanError> {
     if cap > crate::api::MAX_PEERS_LIMIT {
         return Err(PlanError::CapOutOfRange(cap));
     }
@@ -100,12 +119,11 @@ pub fn plan(members: &[Member], cap: u32, seed: &str, previous: &Assignment) -> 
         }
     }
     let edges: Vec<(u32, u32)> = previous
-        .iter()
-        .filter_map(|(a, peers)| seen.get(a.as_str()).map(|&a| (a, peers)))
-        .flat_map(|(a, peers)| peers.iter().filter_map(|b| seen.get(b.as_str())).map(move |&b| (a, b)))
+        .links()
+        .filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?)))
         .filter(|(a, b)| a != b)
         .collect();
-    let known = members.iter().map(|m| previous.contains_key(&m.node_id)).collect();
+    let known = members.iter().map(|m| previous.knew(&m.node_id)).collect();
     let graph = rings::build(members, cap as usize, seed, &rings::Previous { edges, known });
     Ok(Plan { members: members.to_vec(), graph })
 }
