@@ -314,3 +314,34 @@ fn k3_two_domains_every_agent_links_across() {
     }
     assert_eq!(checked, 152 * 6);
 }
+
+/// A previous plan given as a list of (dialer, peer) links, in the order listed.
+struct Links(Vec<(String, String)>);
+
+impl planner::Previous for Links {
+    fn links(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(a, b)| (a.as_str(), b.as_str()))
+    }
+
+    fn knew(&self, node_id: &str) -> bool {
+        self.0.iter().any(|(a, b)| a == node_id || b == node_id)
+    }
+}
+
+/// Pods can claim anything: two that each list the other as a peer must get the same dialer whatever order
+/// the claims are read in (the controller reads them from a hash map), or every resync would flip it.
+#[test]
+fn a_link_both_ends_claim_gets_one_dialer_whatever_the_order() {
+    let m = members(40, 0, 7);
+    let mut links: Vec<(String, String)> = plan(&m, 4, "uid")
+        .assignment()
+        .into_iter()
+        .flat_map(|(a, peers)| peers.into_iter().map(move |b| (a.clone(), b)))
+        .collect();
+    let reversed: Vec<(String, String)> = links.iter().map(|(a, b)| (b.clone(), a.clone())).collect();
+    links.extend(reversed);
+    let forward = planner::plan(&m, 4, "uid", &Links(links.clone())).unwrap().assignment();
+    links.reverse();
+    let backward = planner::plan(&m, 4, "uid", &Links(links)).unwrap().assignment();
+    assert_eq!(forward, backward);
+}

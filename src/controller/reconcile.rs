@@ -231,6 +231,10 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     let lock = ctx.namespace_lock(&ns);
     let writing = lock.lock().await;
     if !caught_up(ctx, &ns) {
+        // A read made is taken in all the same: dropped, its failure (or its news) would wait a poll interval.
+        if attempt.is_some() {
+            take_presence(ctx, policy, &settings, &gather(ctx, policy), attempt).await;
+        }
         return Ok(Action::requeue(CACHE_WAIT));
     }
     steps.done("wait");
@@ -616,6 +620,7 @@ async fn take_presence(
 ) -> (Read, Option<Membership>) {
     let state = ctx.presence_state(&policy.uid().unwrap_or_default());
     let mut state = state.lock().await;
+    state.enter_term(ctx.leadership.term());
     let Some(attempt) = attempt else { return (state.read(), None) };
     let node_domain = |node: &str| node_domain(ctx, policy, node);
     // Each membership worked out while judging the read, by snapshot: the one taken in is decided on next.

@@ -118,11 +118,15 @@ pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, prev
             return Err(PlanError::DuplicateNodeId(m.node_id.clone()));
         }
     }
-    let edges: Vec<(u32, u32)> = previous
+    let mut edges: Vec<(u32, u32)> = previous
         .links()
         .filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?)))
         .filter(|(a, b)| a != b)
         .collect();
+    // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
+    // order `previous` lists its links in (a hash map's, say), or on the order of `members`.
+    let id = |i: u32| members[i as usize].node_id.as_str();
+    edges.sort_unstable_by(|x, y| (id(x.0), id(x.1)).cmp(&(id(y.0), id(y.1))));
     let known = members.iter().map(|m| previous.knew(&m.node_id)).collect();
     let graph = rings::build(members, cap as usize, seed, &rings::Previous { edges, known });
     Ok(Plan { members: members.to_vec(), graph })
