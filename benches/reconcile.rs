@@ -5,8 +5,14 @@
 //! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes).
 //! * `presence_parse`: reading the rendezvous' presence body for N agents (every changed read costs it).
 //!
+//! First it prints where the bytes go at each N, counted by the allocator: the Pod cache, a presence
+//! snapshot, and one pass (what it holds at its peak, and what its decision keeps).
+//!
 //!     cargo bench --bench reconcile
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -20,6 +26,65 @@ use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
 
 const NOW_MS: f64 = 1.0e12;
+
+/// The system allocator, counting the bytes live and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Bytes still allocated when `f` returns (kept by what it returns), and its peak above the start.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
+    let start = LIVE.load(Ordering::Relaxed);
+    PEAK.store(start, Ordering::Relaxed);
+    let out = f();
+    let (live, peak) = (LIVE.load(Ordering::Relaxed), PEAK.load(Ordering::Relaxed));
+    (out, live.saturating_sub(start), peak - start)
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Where the bytes go at `n` agents: per structure, as the allocator counts them.
+fn memory(policy: &MeshPolicy, settings: &Settings, n: usize) {
+    let ((pods, _), _, _) = measure(|| fleet(policy, settings, n, 1));
+    // Built afresh, as the reflector's store holds them: keyed by object reference.
+    let (store, cache_bytes, _) = measure(|| {
+        let pods = pods.iter().enumerate().map(|(i, p)| Arc::new(agent_pod(i, p.assignment.as_deref())));
+        pods.map(|p| (kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()), p)).collect::<HashMap<_, _>>()
+    });
+    let cache: Vec<Arc<CachedPod>> = store.into_values().collect();
+    let (snapshot, snapshot_bytes, _) = measure(|| presence_of(n + 1));
+    let mut admission = Admission::default();
+    let (decision, kept, peak) = measure(|| pass(policy, settings, &cache, &snapshot, &mut admission, Instant::now()));
+    println!(
+        "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, one join's pass: peak {}, decision kept {}",
+        mib(cache_bytes),
+        cache_bytes / n,
+        mib(snapshot_bytes),
+        mib(peak),
+        mib(kept)
+    );
+    drop(decision);
+}
 
 fn policy() -> MeshPolicy {
     serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
@@ -95,6 +160,9 @@ fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (V
 fn decide(c: &mut Criterion) {
     let policy = policy();
     let settings = reconcile::validate(&policy).unwrap();
+    for n in [1_000, 10_000, 20_000] {
+        memory(&policy, &settings, n);
+    }
     let mut group = c.benchmark_group("reconcile");
     group.sample_size(10);
     for n in [1_000, 10_000, 20_000] {
