@@ -68,7 +68,7 @@ fn memory(policy: &MeshPolicy, settings: &Settings, n: usize) {
     let ((pods, _), _, _) = measure(|| fleet(policy, settings, n, 1));
     // Built afresh, as the reflector's store holds them: keyed by object reference.
     let (store, cache_bytes, _) = measure(|| {
-        let pods = pods.iter().enumerate().map(|(i, p)| Arc::new(agent_pod(i, p.assignment.as_deref())));
+        let pods = pods.iter().enumerate().map(|(i, p)| Arc::new(agent_pod(i, p.keys.exact().map(Arc::as_ref))));
         pods.map(|p| (kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()), p)).collect::<HashMap<_, _>>()
     });
     let cache: Vec<Arc<CachedPod>> = store.into_values().collect();

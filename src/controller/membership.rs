@@ -124,7 +124,7 @@ pub fn decide(
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Membership {
     // Hostname and IP matching serve Pods without the node-id annotation: indexed only when one exists.
-    let fallback = pods.iter().any(|p| !p.annotations().contains_key(rules.node_id_annotation));
+    let fallback = pods.iter().any(|p| p.annotation(rules.node_id_annotation).is_none());
     let index = Index {
         by_id: snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect(),
         by_host: match fallback {
@@ -205,7 +205,7 @@ fn candidate<'a>(
     }
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
     let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let annotated = pod.annotations().get(rules.node_id_annotation).map(String::as_str);
+    let annotated = pod.annotation(rules.node_id_annotation);
     let node: &'a Node = annotated
         .and_then(|id| index.by_id.get(id))
         .or_else(|| if annotated.is_none() { index.by_host.get(name) } else { None })

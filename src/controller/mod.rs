@@ -14,7 +14,7 @@ use kube::{Api, Client, ResourceExt, core::PartialObjectMeta};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::api::{MeshPolicy, POLICY_ANNOTATION};
+use crate::api::MeshPolicy;
 use crate::presence::Fetcher;
 use crate::telemetry::{Health, Metrics};
 
@@ -146,12 +146,12 @@ pub struct Settings {
 /// stopped matching is cleaned up).
 fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
     let ns = pod.namespace().unwrap_or_default();
-    let named = pod.keys.get(POLICY_ANNOTATION);
+    let named = pod.keys.policy();
     policies
         .state()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| named == Some(&p.name_any()) || reconcile::selects(p, pod))
+        .filter(|p| named == Some(p.name_any().as_str()) || reconcile::selects(p, pod))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }

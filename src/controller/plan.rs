@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::decide::PodState;
+#[cfg(test)]
+use super::decide::Keys;
 use super::membership::{self, Membership};
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
@@ -102,7 +104,7 @@ pub fn plan(
         }
         let t = target(i);
         digest.target(&agent.pod, Some(&t), policy);
-        match pods.get(&agent.pod).and_then(|p| p.exact.as_deref()) {
+        match pods.get(&agent.pod).and_then(|p| p.keys.exact()) {
             Some(now) if t.is(now, policy) => out.settled += 1,
             _ => {
                 out.targets.insert(agent.pod.clone(), Some(t.to_assignment(policy)));
@@ -135,7 +137,7 @@ pub fn adopt(
     let planned = |pod: &str, a: &Assignment| {
         staying.contains(pod)
             && a.links() <= cap as usize
-            && pods.get(pod).is_some_and(|p| p.keys.contains_key(crate::assignment::POLICY))
+            && pods.get(pod).is_some_and(|p| p.keys.policy().is_some())
     };
     let mut gone: BTreeSet<&str> = carried
         .iter()
@@ -237,7 +239,7 @@ mod tests {
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),
-            keys: std::sync::Arc::new(BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())])),
+            keys: Keys::new(BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())])),
             ..Default::default()
         };
         let pods = BTreeMap::from([("x".into(), state("nx")), ("y".into(), state("ny")), ("z".into(), state("nz"))]);

@@ -13,6 +13,7 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 
+use super::decide::Keys;
 use crate::api::MeshPolicy;
 
 /// A Pod as the cache keeps it: its identity, labels, the annotations the controller reads, and the
@@ -24,30 +25,34 @@ pub struct CachedPod {
     pub node_name: Option<String>,
     pub pod_ip: Option<String>,
     pub ready: bool,
-    /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`): kept here, not
-    /// among `metadata.annotations`, so each reconcile shares them instead of copying them.
+    /// The annotations it keeps besides ours (the policies' node-id annotations), as (key, value): a
+    /// map per Pod would weigh more than the one or two entries it holds.
     #[serde(skip)]
-    pub keys: Arc<BTreeMap<String, String>>,
-    /// The assignment `keys` spell out, parsed once here, when well-formed.
+    pub annotations: Vec<(String, String)>,
+    /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`), parsed once
+    /// here: kept apart from `metadata.annotations`, so each reconcile shares them instead of copying them.
     #[serde(skip)]
-    pub assignment: Option<Arc<crate::assignment::Assignment>>,
+    pub keys: Keys,
 }
 
 impl CachedPod {
     /// Keeps of `pod` what the controller reads; of its annotations, those `keep` accepts.
     pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
         let m = pod.metadata;
-        let mut annotations: BTreeMap<String, String> =
-            m.annotations.unwrap_or_default().into_iter().filter(|(k, _)| keep(k)).collect();
-        let keys: BTreeMap<String, String> =
-            crate::assignment::KEYS.iter().filter_map(|k| annotations.remove_entry(*k)).collect();
+        let (mut keys, mut annotations) = (BTreeMap::new(), Vec::new());
+        for (k, v) in m.annotations.unwrap_or_default().into_iter().filter(|(k, _)| keep(k)) {
+            if crate::assignment::KEYS.contains(&k.as_str()) {
+                keys.insert(k, v);
+            } else {
+                annotations.push((k, v));
+            }
+        }
         let metadata = ObjectMeta {
             name: m.name,
             namespace: m.namespace,
             uid: m.uid,
             resource_version: m.resource_version,
             labels: m.labels,
-            annotations: Some(annotations).filter(|a| !a.is_empty()),
             deletion_timestamp: m.deletion_timestamp,
             ..Default::default()
         };
@@ -58,9 +63,14 @@ impl CachedPod {
             node_name: pod.spec.and_then(|s| s.node_name),
             pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()),
             ready,
-            assignment: super::decide::exact(&keys),
-            keys: Arc::new(keys),
+            annotations,
+            keys: Keys::new(keys),
         }
+    }
+
+    /// The value of a kept annotation (see [`CachedPod::annotations`]).
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Every annotation kept (for Pods read from the API rather than the cache).
@@ -256,9 +266,10 @@ mod tests {
         let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
         let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
         let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
-        let kept: Vec<&str> = p.annotations().keys().map(String::as_str).collect();
+        let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(kept, ["example.com/id"]);
-        assert_eq!(p.keys.keys().collect::<Vec<_>>(), ["agentmesh.dev/peers"]);
+        let peers_only = BTreeMap::from([("agentmesh.dev/peers".to_string(), "[]".to_string())]);
+        assert_eq!(p.keys, Keys::Raw(Arc::new(peers_only)), "half an assignment is kept as written");
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
         assert!(p.metadata.managed_fields.is_none() && p.metadata.owner_references.is_none());
     }

@@ -27,7 +27,7 @@ use super::poll::{Attempt, PROMPT_FETCH_INTERVAL, Read};
 use super::status::{self, Findings};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER};
 use crate::api::{MeshPolicy, MeshPolicyStatus, Mode};
-use crate::assignment::{self, Assignment};
+use crate::assignment::Assignment;
 use crate::presence::{FetchError, Fetched, Request, Snapshot};
 use crate::{duration, telemetry};
 
@@ -177,15 +177,14 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
         }
         let mut state = pod_state(pod, &policy.spec.identity.node_id_annotation);
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
-        if state.keys.get(assignment::POLICY).is_some_and(|p| *p != name && !existing.contains(p)) {
-            Arc::make_mut(&mut state.keys).remove(assignment::POLICY);
-            state.exact = None;
+        if state.keys.policy().is_some_and(|p| p != name && !existing.contains(p)) {
+            state.keys = state.keys.without_policy();
         }
-        match state.keys.get(assignment::POLICY) {
-            Some(owner) if *owner != name => {
-                let theirs = Assignment::from_annotations(&state.keys).unwrap_or_default();
-                o.foreign_ids.extend(theirs.linked_ids().into_iter().map(|id| (id.to_owned(), owner.clone())));
-                o.foreign_pods.insert(pod_name, owner.clone());
+        match state.keys.policy() {
+            Some(owner) if owner != name => {
+                let theirs = state.keys.lenient().unwrap_or_default();
+                o.foreign_ids.extend(theirs.linked_ids().into_iter().map(|id| (id.to_owned(), owner.to_owned())));
+                o.foreign_pods.insert(pod_name, owner.to_owned());
                 continue;
             }
             _ => {}
@@ -202,13 +201,11 @@ pub fn observe(policy: &MeshPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<Mes
 }
 
 fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
-    let annotations = pod.annotations();
     PodState {
         uid: pod.uid(),
         resource_version: pod.resource_version(),
-        node_id: annotations.get(node_id_annotation).cloned(),
+        node_id: pod.annotation(node_id_annotation).map(str::to_owned),
         keys: pod.keys.clone(),
-        exact: pod.assignment.clone(),
     }
 }
 
@@ -661,7 +658,7 @@ fn newly_unmatched(
         .pods
         .state()
         .into_iter()
-        .filter(|p| p.namespace() == ns && p.ready && !p.terminating() && p.assignment.is_none())
+        .filter(|p| p.namespace() == ns && p.ready && !p.terminating() && p.keys.exact().is_none())
         .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
         .filter(|p| selector.matches(p.labels()) && !older.iter().any(|o| o.matches(p.labels())))
         .collect();
@@ -671,7 +668,7 @@ fn newly_unmatched(
     let annotation = &policy.spec.identity.node_id_annotation;
     let ids: HashSet<&str> = snap.nodes.iter().map(|n| n.node_id.as_str()).collect();
     // Pods matched by hostname or IP instead are left to the prompt reads.
-    candidates.iter().any(|p| p.annotations().get(annotation).is_some_and(|id| !ids.contains(id.as_str())))
+    candidates.iter().any(|p| p.annotation(annotation).is_some_and(|id| !ids.contains(id)))
 }
 
 fn count_fetch(ctx: &Context, policy: &MeshPolicy, result: &Result<Fetched, FetchError>) {
