@@ -52,7 +52,7 @@ impl PodState {
 /// The `agentmesh.dev/*` annotations of a Pod. Well-formed ones (as an agent reads them, see
 /// [`Assignment::from_annotations_strict`]) are kept parsed only: a target equal to them needs no write,
 /// and their JSON would double the Pod cache. Anything else is kept as written, for what a lenient read
-/// recovers and for the keys to remove.
+/// recovers.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Keys {
     #[default]

@@ -25,8 +25,8 @@ pub struct CachedPod {
     pub node_name: Option<String>,
     pub pod_ip: Option<String>,
     pub ready: bool,
-    /// The annotations it keeps besides ours (the policies' node-id annotations), as (key, value): a
-    /// map per Pod would weigh more than the one or two entries it holds.
+    /// The other annotations it keeps (the policies' node-id annotations, see [`Interest::keeps`]), as
+    /// (key, value): a map per Pod would weigh more than the one or two entries it holds.
     #[serde(skip)]
     pub annotations: Vec<(String, String)>,
     /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`), parsed once
@@ -36,14 +36,15 @@ pub struct CachedPod {
 }
 
 impl CachedPod {
-    /// Keeps of `pod` what the controller reads; of its annotations, those `keep` accepts.
+    /// Keeps of `pod` what the controller reads: the assignment's keys, and of its other annotations
+    /// those `keep` accepts.
     pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
         let m = pod.metadata;
         let (mut keys, mut annotations) = (BTreeMap::new(), Vec::new());
-        for (k, v) in m.annotations.unwrap_or_default().into_iter().filter(|(k, _)| keep(k)) {
+        for (k, v) in m.annotations.unwrap_or_default() {
             if crate::assignment::KEYS.contains(&k.as_str()) {
                 keys.insert(k, v);
-            } else {
+            } else if keep(&k) {
                 annotations.push((k, v));
             }
         }
@@ -130,9 +131,11 @@ impl Interest {
         self
     }
 
-    /// Whether an annotation is read by the controller.
+    /// Whether an annotation (besides the assignment's keys, always kept) is read by the controller: a
+    /// policy's node-id annotation. The default one is always kept, so a new policy using it need not wait
+    /// for a relist; other `agentmesh.dev/*` keys are not (a Pod could carry thousands).
     pub fn keeps(&self, key: &str) -> bool {
-        ours(key) || self.annotations.contains(key)
+        key == crate::api::DEFAULT_NODE_ID_ANNOTATION || self.annotations.contains(key)
     }
 
     /// Whether the cache keeps `pod`.
@@ -264,10 +267,11 @@ mod tests {
     #[test]
     fn keeps_only_what_the_controller_reads() {
         let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
-        let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
+        let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "agentmesh.dev/node-id": "n0",
+            "agentmesh.dev/other": "x", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
         let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
         let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(kept, ["example.com/id"]);
+        assert_eq!(kept, ["agentmesh.dev/node-id", "example.com/id"], "node ids only: the default one, and the policy's");
         let peers_only = BTreeMap::from([("agentmesh.dev/peers".to_string(), "[]".to_string())]);
         assert_eq!(p.keys, Keys::Raw(Arc::new(peers_only)), "half an assignment is kept as written");
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
