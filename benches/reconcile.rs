@@ -187,8 +187,14 @@ fn decide(c: &mut Criterion) {
 
 /// The body a rendezvous serves for `s`.
 fn presence_body(s: &Snapshot) -> Vec<u8> {
-    let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"node_id": n.node_id, "address": n.address, "alive": n.alive,
-        "last_seen": n.last_seen_ms.map(|t| t / 1000.0), "last_seen_ms": n.last_seen_ms, "hostname": n.hostname})).collect();
+    let nodes: Vec<_> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({"node_id": n.node_id, "address": n.address, "alive": n.alive,
+        "last_seen": n.last_seen_ms.map(|t| t / 1000.0), "last_seen_ms": n.last_seen_ms, "hostname": n.hostname})
+        })
+        .collect();
     serde_json::to_vec(&json!({"serverNodeId": "rendezvous", "nowMs": s.now_ms, "nodes": nodes})).unwrap()
 }
 

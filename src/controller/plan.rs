@@ -6,8 +6,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::decide::PodState;
-#[cfg(test)]
-use super::decide::Keys;
 use super::membership::{self, Membership};
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
@@ -80,7 +78,8 @@ pub fn plan(
     let g = plan.graph();
     let id = |v: u32| m.agents[v as usize].node_id.as_str();
     let target = |i: usize| {
-        let mut peers: Vec<(&str, &str)> = g.dialed(i as u32).map(|v| (id(v), m.agents[v as usize].url.as_str())).collect();
+        let mut peers: Vec<(&str, &str)> =
+            g.dialed(i as u32).map(|v| (id(v), m.agents[v as usize].url.as_str())).collect();
         let mut accepts: Vec<&str> = g.accepted(i as u32).map(id).collect();
         peers.sort_unstable();
         accepts.sort_unstable();
@@ -135,9 +134,7 @@ pub fn adopt(
     cap: u32,
 ) -> Targets {
     let planned = |pod: &str, a: &Assignment| {
-        staying.contains(pod)
-            && a.links() <= cap as usize
-            && pods.get(pod).is_some_and(|p| p.keys.policy().is_some())
+        staying.contains(pod) && a.links() <= cap as usize && pods.get(pod).is_some_and(|p| p.keys.policy().is_some())
     };
     let mut gone: BTreeSet<&str> = carried
         .iter()
@@ -239,7 +236,10 @@ mod tests {
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),
-            keys: Keys::new(BTreeMap::from([(crate::assignment::POLICY.to_string(), "p".to_string())])),
+            keys: crate::controller::decide::Keys::new(BTreeMap::from([(
+                crate::assignment::POLICY.to_string(),
+                "p".to_string(),
+            )])),
             ..Default::default()
         };
         let pods = BTreeMap::from([("x".into(), state("nx")), ("y".into(), state("ny")), ("z".into(), state("nz"))]);

@@ -271,7 +271,11 @@ mod tests {
             "agentmesh.dev/other": "x", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
         let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
         let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(kept, ["agentmesh.dev/node-id", "example.com/id"], "node ids only: the default one, and the policy's");
+        assert_eq!(
+            kept,
+            ["agentmesh.dev/node-id", "example.com/id"],
+            "node ids only: the default one, and the policy's"
+        );
         let peers_only = BTreeMap::from([("agentmesh.dev/peers".to_string(), "[]".to_string())]);
         assert_eq!(p.keys, Keys::Raw(Arc::new(peers_only)), "half an assignment is kept as written");
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));

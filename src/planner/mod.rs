@@ -118,11 +118,8 @@ pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, prev
             return Err(PlanError::DuplicateNodeId(m.node_id.clone()));
         }
     }
-    let mut edges: Vec<(u32, u32)> = previous
-        .links()
-        .filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?)))
-        .filter(|(a, b)| a != b)
-        .collect();
+    let mut edges: Vec<(u32, u32)> =
+        previous.links().filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?))).filter(|(a, b)| a != b).collect();
     // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
     // order `previous` lists its links in (a hash map's, say), or on the order of `members`.
     let id = |i: u32| members[i as usize].node_id.as_str();
