@@ -26,6 +26,13 @@ fn settled(a: &BTreeMap<String, Option<Assignment>>, ids: &HashMap<String, Strin
     })
 }
 
+/// Whether every published assignment holds exactly `k` links: the final plan when N·k is even (N > k+1).
+/// Between a change's two write waves the published mesh is consistent but short of links (and may be
+/// disconnected), so a test that checks connectivity waits for this too.
+fn full(a: &BTreeMap<String, Option<Assignment>>, k: usize) -> bool {
+    a.values().flatten().all(|x| x.links() == k)
+}
+
 /// Checks the published mesh: every link on exactly one end, each `links` annotation equal to the Pod's
 /// degree and within `cap`, and connected. Returns each node's degree.
 fn check_mesh(
@@ -112,7 +119,8 @@ async fn fleet_assignment_churn_readiness_and_presence() {
         let gone = !a.contains_key("agent-17");
         let nobody_dials_it = a.values().flatten().all(|x| x.peers.iter().all(|p| p.node_id != ids[17]));
         let settled = settled(&a, &pod_ids(&ids));
-        (gone && nobody_dials_it && settled && a.values().filter(|v| v.is_some()).count() == 49).then_some(a)
+        let live = a.values().filter(|v| v.is_some()).count();
+        (gone && nobody_dials_it && settled && live == 49 && full(&a, 4)).then_some(a)
     })
     .await;
     check_mesh(&a, &pod_ids(&ids), 4);
@@ -133,7 +141,7 @@ async fn fleet_assignment_churn_readiness_and_presence() {
     rv.state.lock().unwrap().agents.get_mut(&ids[6]).unwrap().frozen_at_ms = Some(0.0);
     let a = wait_for("agents 5 (dead) and 6 (stale) to lose their assignments", WAIT, || async {
         let a = assignments(&client, &ns).await;
-        (a["agent-5"].is_none() && a["agent-6"].is_none() && settled(&a, &pod_ids(&ids))).then_some(a)
+        (a["agent-5"].is_none() && a["agent-6"].is_none() && settled(&a, &pod_ids(&ids)) && full(&a, 4)).then_some(a)
     })
     .await;
     let degrees = check_mesh(&a, &pod_ids(&ids), 4);
@@ -153,7 +161,7 @@ async fn fleet_assignment_churn_readiness_and_presence() {
     let a = wait_for("every agent to hold at most 2 links", WAIT, || async {
         let a = assignments(&client, &ns).await;
         let live = a.values().flatten().count();
-        (live == 46 && a.values().flatten().all(|x| x.links() <= 2) && settled(&a, &pod_ids(&ids))).then_some(a)
+        (live == 46 && full(&a, 2) && settled(&a, &pod_ids(&ids))).then_some(a)
     })
     .await;
     check_mesh(&a, &pod_ids(&ids), 2);

@@ -279,6 +279,7 @@ async fn reconcile_policy(policy: &MeshPolicy, ctx: &Context) -> Result<Action, 
     findings.write_failures = outcome.failed.clone();
     findings.held = outcome.held.len();
     if let Some(m) = &members {
+        findings.arriving = m.excluded.values().filter(|e| **e == Exclusion::Arriving).count();
         findings.duplicate_ids = duplicate_ids(m);
         findings.disconnected = targets.as_ref().is_some_and(|p| p.components > 1 && policy.spec.max_peers >= 2);
     }

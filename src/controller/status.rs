@@ -43,6 +43,8 @@ pub struct Findings {
     /// Pods whose write failed (with the API's answer), and how many grow writes were held back for them.
     pub write_failures: BTreeMap<String, String>,
     pub held: usize,
+    /// Agents of a burst held back until arrivals pause (see `admission`): not in the plan yet.
+    pub arriving: usize,
 }
 
 impl Findings {
@@ -100,6 +102,11 @@ impl Findings {
             no("NoPresence", "waiting for the first presence read".into())
         } else if let Some(note) = self.write_failure_note() {
             no("PatchFailed", note)
+        } else if self.arriving > 0 {
+            no(
+                "Admitting",
+                format!("{} agents arrived together; they join the plan once arrivals pause", self.arriving),
+            )
         } else if self.mode == Mode::Observe {
             Verdict::new(READY, true, "Observed", "planned; Observe mode patches no Pod")
         } else {
@@ -183,6 +190,9 @@ mod tests {
         assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (true, "PresenceRead".into()));
         let f = Findings { mode: Mode::Observe, has_presence: true, ..Default::default() };
         assert_eq!(reason(&f, READY), (true, "Observed".into()));
+        // The old code said Applied while a whole burst waited outside the plan.
+        let f = Findings { has_presence: true, arriving: 50, ..Default::default() };
+        assert_eq!(reason(&f, READY), (false, "Admitting".into()));
         let f = Findings { unreachable: Some(("Timeout".into(), "x".into())), ..Default::default() };
         assert_eq!(reason(&f, READY), (false, "NoPresence".into()));
         assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (false, "Timeout".into()));
