@@ -40,6 +40,7 @@ pub const MAX_PEERS_LIMIT: u32 = 64;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "duration(self.heartbeatTimeout) > duration(self.rendezvous.pollInterval)",
      "message": "spec.heartbeatTimeout must exceed spec.rendezvous.pollInterval, or every agent ages out between two polls",
@@ -163,12 +164,56 @@ fn default_poll_interval() -> String {
 fn default_timeout() -> String {
     "5s".into()
 }
+/// The `format` values kube-apiserver knows (k8s.io/kube-openapi's format registry). Any other, such as the
+/// `uint32` schemars gives a `u32`, makes every `kubectl apply` of a MeshPolicy print a warning; the
+/// `minimum: 0` that comes with it already says what "unsigned" meant.
+const KUBERNETES_FORMATS: [&str; 29] = [
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
+fn kubernetes_formats(schema: &mut schemars::Schema) {
+    use schemars::transform::{RestrictFormats, Transform};
+    let mut restrict = RestrictFormats::default();
+    restrict.infer_from_meta_schema = false;
+    restrict.allowed_formats = KUBERNETES_FORMATS.iter().map(|f| (*f).into()).collect();
+    restrict.transform(schema);
+}
+
 fn default_node_id_annotation() -> String {
     DEFAULT_NODE_ID_ANNOTATION.into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -228,6 +273,25 @@ mod tests {
             checked_in == crd_yaml(),
             "crds/meshpolicy.yaml drifted from src/api.rs: run `cargo run -- crd > crds/meshpolicy.yaml`"
         );
+    }
+
+    #[test]
+    fn every_format_in_the_crd_is_one_kubernetes_knows() {
+        fn formats(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    out.extend(m.get("format").and_then(|f| f.as_str()).map(str::to_owned));
+                    m.values().for_each(|v| formats(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| formats(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        formats(&serde_json::to_value(MeshPolicy::crd()).unwrap(), &mut found);
+        assert!(found.contains(&"date-time".to_string()), "the walk reaches the schema: {found:?}");
+        let unknown: Vec<&String> = found.iter().filter(|f| !KUBERNETES_FORMATS.contains(&f.as_str())).collect();
+        assert!(unknown.is_empty(), "formats kube-apiserver warns about: {unknown:?}");
     }
 
     #[test]
