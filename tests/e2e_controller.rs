@@ -368,7 +368,8 @@ async fn conflicts_observe_mode_and_deletion() {
         (p.status.as_ref()?.eligible == 3).then_some(p)
     })
     .await;
-    assert_eq!(p.status.unwrap().links, 3);
+    let st = p.status.unwrap();
+    assert_eq!((st.links, st.assigned), (3, 0), "Observe mode plans, and claims no agent carries its plan");
     assert_eq!(op.pod_patches(), before, "Observe mode patched Pods");
     assert!(
         assignments(&client, &ns).await.iter().filter(|(k, _)| k.starts_with("observed")).all(|(_, v)| v.is_none())
