@@ -86,8 +86,27 @@ fn chart_lints_and_renders() {
             "joinTokenSecrets[0].name=tok",
             "admissionPolicy.enabled=false",
             "podSelector=agentmesh.dev/agent",
+            "logLevel=info\\,mesh_operator=debug",
+            "podAnnotations.team=ci",
+            "podLabels.tier=control",
+            "podLabels.app\\.kubernetes\\.io/name=other",
+            "priorityClassName=system-cluster-critical",
+            "imagePullSecrets[0].name=registry",
+            "topologySpreadConstraints[0].maxSkew=1",
+            "topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+            "topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
         ],
     );
+    // What users expect of an operator chart: where and how its Pods run, and how it logs.
+    let template = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"];
+    let env = template["spec"]["containers"][0]["env"].as_sequence().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "RUST_LOG" && e["value"] == "info,mesh_operator=debug"), "{env:?}");
+    assert_eq!(template["metadata"]["annotations"]["team"], "ci");
+    assert_eq!(template["metadata"]["labels"]["tier"], "control");
+    assert_eq!(template["metadata"]["labels"]["app.kubernetes.io/name"], "mesh-operator", "the chart's labels win");
+    assert_eq!(template["spec"]["priorityClassName"], "system-cluster-critical");
+    assert_eq!(template["spec"]["imagePullSecrets"][0]["name"], "registry");
+    assert_eq!(template["spec"]["topologySpreadConstraints"][0]["topologyKey"], "topology.kubernetes.io/zone");
     let args =
         docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
             .clone();
@@ -110,9 +129,11 @@ fn chart_lints_and_renders() {
     assert_eq!(cluster_roles[0]["rules"][0]["resources"][0], "nodes");
 
     // values.schema.json rejects what the chart cannot honour, naming the value.
-    let bad = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", "replicaCount=0"]);
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("replicaCount"), "{}", String::from_utf8_lossy(&bad.stderr));
+    for (set, named) in [("replicaCount=0", "replicaCount"), ("logLevel=info debug", "logLevel")] {
+        let bad = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", set]);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && stderr.contains(named), "--set {set}: {stderr}");
+    }
 }
 
 fn can_i(ns: &str, sa: &str, args: &[&str]) -> bool {
