@@ -165,8 +165,8 @@ fn default_timeout() -> String {
     "5s".into()
 }
 /// The `format` values kube-apiserver knows (k8s.io/kube-openapi's format registry). Any other, such as the
-/// `uint32` schemars gives a `u32`, makes every `kubectl apply` of a MeshPolicy print a warning; the
-/// `minimum: 0` that comes with it already says what "unsigned" meant.
+/// `uint32` schemars gives a `u32`, makes creating or changing the CRD (helm install and upgrade) warn
+/// `unrecognized format`; the `minimum: 0` that comes with it already says what "unsigned" meant.
 const KUBERNETES_FORMATS: [&str; 29] = [
     "bsonobjectid",
     "uri",

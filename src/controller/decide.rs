@@ -63,8 +63,10 @@ pub enum Keys {
 
 impl Keys {
     pub fn new(keys: BTreeMap<String, String>) -> Self {
+        if keys.is_empty() {
+            return Keys::None;
+        }
         match Assignment::from_annotations_strict(&keys) {
-            _ if keys.is_empty() => Keys::None,
             Ok(Some(a)) => Keys::Exact(Arc::new(a)),
             _ => Keys::Raw(Arc::new(keys)),
         }

@@ -34,14 +34,18 @@ impl Graph {
 
     /// The peers `u` dials.
     pub fn dialed(&self, u: u32) -> impl Iterator<Item = u32> + '_ {
-        let base = u as usize * self.cap;
-        self.neighbors(u).iter().zip(&self.dials[base..]).filter(|(_, d)| **d).map(|(v, _)| *v)
+        self.oriented(u, true)
     }
 
     /// The peers that dial `u`.
     pub fn accepted(&self, u: u32) -> impl Iterator<Item = u32> + '_ {
+        self.oriented(u, false)
+    }
+
+    /// The neighbours of `u` it dials (`dials`), or that dial it.
+    fn oriented(&self, u: u32, dials: bool) -> impl Iterator<Item = u32> + '_ {
         let base = u as usize * self.cap;
-        self.neighbors(u).iter().zip(&self.dials[base..]).filter(|(_, d)| !**d).map(|(v, _)| *v)
+        self.neighbors(u).iter().zip(&self.dials[base..]).filter(move |(_, d)| **d == dials).map(|(v, _)| *v)
     }
 
     pub fn out_degree(&self, u: u32) -> usize {
