@@ -27,7 +27,8 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use mesh_operator::api::{MeshPolicy, PEERS_ANNOTATION};
+use mesh_operator::api::MeshPolicy;
+use mesh_operator::assignment::PEERS as PEERS_ANNOTATION;
 use serde_json::json;
 use support::*;
 

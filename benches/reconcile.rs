@@ -20,8 +20,10 @@ use k8s_openapi::api::core::v1::Pod;
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
+use mesh_operator::controller::decide::{self, Decision};
 use mesh_operator::controller::pods::CachedPod;
-use mesh_operator::controller::reconcile::{self, Decision, Settings};
+use mesh_operator::controller::policy::ValidPolicy;
+use mesh_operator::controller::{membership, observe};
 use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
 
@@ -64,8 +66,8 @@ fn mib(bytes: usize) -> String {
 }
 
 /// Where the bytes go at `n` agents: per structure, as the allocator counts them.
-fn memory(policy: &MeshPolicy, settings: &Settings, n: usize) {
-    let ((pods, _), _, _) = measure(|| fleet(policy, settings, n, 1));
+fn memory(policy: &ValidPolicy, n: usize) {
+    let ((pods, _), _, _) = measure(|| fleet(policy, n, 1));
     // Built afresh, as the reflector's store holds them: keyed by object reference.
     let (store, cache_bytes, _) = measure(|| {
         let pods = pods.iter().enumerate().map(|(i, p)| Arc::new(agent_pod(i, p.keys.exact().map(Arc::as_ref))));
@@ -74,7 +76,7 @@ fn memory(policy: &MeshPolicy, settings: &Settings, n: usize) {
     let cache: Vec<Arc<CachedPod>> = store.into_values().collect();
     let (snapshot, snapshot_bytes, _) = measure(|| presence_of(n + 1));
     let mut admission = Admission::default();
-    let (decision, kept, peak) = measure(|| pass(policy, settings, &cache, &snapshot, &mut admission, Instant::now()));
+    let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut admission, Instant::now()));
     println!(
         "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, one join's pass: peak {}, decision kept {}",
         mib(cache_bytes),
@@ -131,50 +133,48 @@ fn presence_of(n: usize) -> Snapshot {
 
 /// One reconcile's pure part over `pods`, with presence `snapshot`, at `at`.
 fn pass(
-    policy: &MeshPolicy,
-    settings: &Settings,
+    policy: &ValidPolicy,
     pods: &[Arc<CachedPod>],
     snapshot: &Snapshot,
     admission: &mut Admission,
     at: Instant,
 ) -> Decision {
-    let mut observed = reconcile::observe(policy, pods, &[]);
-    let members = reconcile::members(policy, settings, &observed, snapshot, NOW_MS, &|_| None);
-    reconcile::decide_policy(policy, &mut observed, Some(members), (admission, at))
+    let mut observed = observe::observe(policy, pods, &[]);
+    let members = membership::of_policy(policy, &observed, snapshot, NOW_MS, &|_| None);
+    decide::decide(policy, &mut observed, Some(members), (admission, at))
 }
 
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
-fn fleet(policy: &MeshPolicy, settings: &Settings, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
+fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
     let snapshot = presence_of(n);
     let bare: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(agent_pod(i, None))).collect();
     // All n arrive at once: admission holds them, and plans them together once arrivals pause.
     let (mut admission, now) = (Admission::default(), Instant::now());
-    assert!(pass(policy, settings, &bare, &snapshot, &mut admission, now).wanted.is_empty(), "a burst waits");
+    assert!(pass(policy, &bare, &snapshot, &mut admission, now).wanted.is_empty(), "a burst waits");
     let later = now + 2 * mesh_operator::controller::admission::QUIET;
-    let decision = pass(policy, settings, &bare, &snapshot, &mut admission, later);
+    let decision = pass(policy, &bare, &snapshot, &mut admission, later);
     let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_ref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
 }
 
 fn decide(c: &mut Criterion) {
-    let policy = policy();
-    let settings = reconcile::validate(&policy).unwrap();
+    let policy = ValidPolicy::new(&policy()).unwrap();
     for n in [1_000, 10_000, 20_000] {
-        memory(&policy, &settings, n);
+        memory(&policy, n);
     }
     let mut group = c.benchmark_group("reconcile");
     group.sample_size(10);
     for n in [1_000, 10_000, 20_000] {
         for (case, extra) in [("settled", 0), ("join", 1)] {
-            let (pods, snapshot) = fleet(&policy, &settings, n, extra);
+            let (pods, snapshot) = fleet(&policy, n, extra);
             // Admission as in a settled fleet: nobody else arriving.
             let mut admission = Admission::default();
-            let d = pass(&policy, &settings, &pods, &snapshot, &mut admission, Instant::now());
+            let d = pass(&policy, &pods, &snapshot, &mut admission, Instant::now());
             let writes = d.waves.shrink.len() + d.waves.grow.len();
             assert_eq!(writes == 0, extra == 0, "{case} at {n}: {writes} writes");
             group.bench_with_input(BenchmarkId::new(case, n), &pods, |b, pods| {
-                b.iter(|| pass(&policy, &settings, pods, &snapshot, &mut admission, Instant::now()))
+                b.iter(|| pass(&policy, pods, &snapshot, &mut admission, Instant::now()))
             });
         }
         let body = presence_body(&presence_of(n));

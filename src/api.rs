@@ -1,4 +1,4 @@
-//! The MeshPolicy custom resource (`agentmesh.dev/v1alpha1`, DESIGN §3.1). The CRD in `crds/` is generated
+//! The MeshPolicy custom resource (`agentmesh.dev/v1alpha1`, docs/design.md §3.1). The CRD in `crds/` is generated
 //! from these types; what the schema cannot say is written as CEL rules next to the field it concerns, so a
 //! bad spec is rejected at admission with a message that names the field.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
@@ -9,15 +9,6 @@ use serde::{Deserialize, Serialize};
 use crate::duration;
 
 pub const GROUP: &str = "agentmesh.dev";
-/// Every annotation of ours starts with this.
-pub const ANNOTATION_PREFIX: &str = "agentmesh.dev/";
-/// Annotation keys of the peer assignment on each agent Pod (DESIGN §3.2).
-pub const PEERS_ANNOTATION: &str = "agentmesh.dev/peers";
-pub const LINKS_ANNOTATION: &str = "agentmesh.dev/links";
-pub const POLICY_ANNOTATION: &str = "agentmesh.dev/policy";
-pub const DEFAULT_NODE_ID_ANNOTATION: &str = "agentmesh.dev/node-id";
-/// The cap's upper bound: beyond it an agent's sync fan-out stops being "a few supplementary links".
-pub const MAX_PEERS_LIMIT: u32 = 64;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -54,8 +45,9 @@ pub struct MeshPolicySpec {
     ]))]
     pub selector: LabelSelector,
     /// The cap: supplementary links per agent, dialed plus accepted. 0 disables the mesh.
+    // Its bound is the planner's; the annotations a plan becomes are defined in `crate::assignment`.
     #[serde(default = "default_max_peers")]
-    #[schemars(range(min = 0, max = 64))]
+    #[schemars(range(min = 0, max = crate::planner::MAX_CAP))]
     pub max_peers: u32,
     pub rendezvous: Rendezvous,
     /// Presence older than this is not alive (Go duration).
@@ -71,6 +63,17 @@ pub struct MeshPolicySpec {
     /// `Enforce` patches Pods; `Observe` plans and reports in status but patches nothing.
     #[serde(default)]
     pub mode: Mode,
+}
+
+impl MeshPolicy {
+    /// Whether this policy selects `pod`: same namespace, and the selector matches. An unusable selector
+    /// selects nothing.
+    pub fn selects(&self, pod: &impl kube::Resource) -> bool {
+        use kube::ResourceExt;
+        use kube::core::{Selector, SelectorExt};
+        self.namespace() == pod.namespace()
+            && Selector::try_from(self.spec.selector.clone()).is_ok_and(|s| s.matches(pod.labels()))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -208,7 +211,7 @@ fn kubernetes_formats(schema: &mut schemars::Schema) {
 }
 
 fn default_node_id_annotation() -> String {
-    DEFAULT_NODE_ID_ANNOTATION.into()
+    crate::assignment::NODE_ID.into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -313,7 +316,7 @@ mod tests {
         assert_eq!(spec.rendezvous.presence_path, "/presence");
         assert_eq!(spec.rendezvous.poll_interval, "10s");
         assert_eq!(spec.rendezvous.timeout, "5s");
-        assert_eq!(spec.identity.node_id_annotation, DEFAULT_NODE_ID_ANNOTATION);
+        assert_eq!(spec.identity.node_id_annotation, crate::assignment::NODE_ID);
         assert_eq!(spec.mode, Mode::Enforce);
         assert_eq!(spec.topology_key, None);
     }

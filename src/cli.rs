@@ -75,7 +75,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub input: PathBuf,
     /// The cap: links per agent, dialed plus accepted.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=api::MAX_PEERS_LIMIT as i64))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=crate::planner::MAX_CAP as i64))]
     pub max_peers: u32,
     /// The plan's seed (the controller uses the MeshPolicy's UID).
     #[arg(long, default_value = "mesh-operator")]
@@ -91,7 +91,7 @@ pub struct PlanArgs {
 pub struct SimulateArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub agents: u64,
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=api::MAX_PEERS_LIMIT as i64))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=crate::planner::MAX_CAP as i64))]
     pub max_peers: u32,
     /// Failure domains the agents are spread over.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]

@@ -7,7 +7,6 @@ use kube::ResourceExt;
 
 use crate::api::MeshPolicy;
 use crate::assignment::Assignment;
-use crate::controller::reconcile::selects;
 
 /// One row of `kubectl mesh status`.
 #[derive(Debug, PartialEq)]
@@ -40,7 +39,7 @@ pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
         pods.iter().map(|p| (node_id(policy, p), p.name_any())).filter(|(id, _)| id != "-").collect();
     let mut rows: Vec<AgentRow> = pods
         .iter()
-        .filter(|p| selects(policy, *p))
+        .filter(|p| policy.selects(*p))
         .map(|p| {
             let name = p.name_any();
             let own = current(p).filter(|a| a.policy == policy.name_any());
@@ -93,7 +92,7 @@ pub fn status_table(policy: &MeshPolicy, pods: &[Pod]) -> String {
 /// Why `pod` has, or lacks, peers.
 pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
     let name = pod.name_any();
-    let selecting: Vec<&MeshPolicy> = policies.iter().filter(|p| selects(p, pod)).collect();
+    let selecting: Vec<&MeshPolicy> = policies.iter().filter(|p| p.selects(pod)).collect();
     let Some(policy) =
         selecting.iter().min_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.name_any()))
     else {

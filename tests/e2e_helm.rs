@@ -183,8 +183,11 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         (vec!["update", "meshpolicies.agentmesh.dev/status", "-n", &ns], true),
         (vec!["create", "events.events.k8s.io", "-n", &ns], true),
         (vec!["update", "leases.coordination.k8s.io", "-n", &ns], true),
-        (vec!["get", "secrets/rv-token", "-n", &ns], true),
-        (vec!["get", "secrets/other", "-n", &ns], false),
+        // The token Secret is watched (list and watch scoped to its name), never read by name per poll.
+        (vec!["watch", "secrets/rv-token", "-n", &ns], true),
+        (vec!["list", "secrets/rv-token", "-n", &ns], true),
+        (vec!["get", "secrets/rv-token", "-n", &ns], false),
+        (vec!["watch", "secrets/other", "-n", &ns], false),
         (vec!["list", "secrets", "-n", &ns], false),
         (vec!["get", "secrets", "-n", "kube-system"], false),
         (vec!["delete", "pods", "-n", &ns], false),
@@ -228,10 +231,11 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
     .await;
     let events = tool("kubectl", &["get", "events.events.k8s.io", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
     assert!(String::from_utf8_lossy(&events.stdout).contains("PlanChanged"), "{events:?}");
-    assert_eq!(
-        op.metrics.reconcile_errors.get_or_create(&mesh_operator::telemetry::KindLabel { kind: "kube".into() }).get(),
-        0
-    );
+    for kind in mesh_operator::controller::Error::KINDS {
+        let errors =
+            op.metrics.reconcile_errors.get_or_create(&mesh_operator::telemetry::KindLabel { kind: kind.into() });
+        assert_eq!(errors.get(), 0, "reconcile errors of kind {kind}");
+    }
     op.kill().await;
     assert!(history.assert_clean() > 0);
 }

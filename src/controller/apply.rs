@@ -25,8 +25,8 @@ pub struct Outcome {
     pub patched: usize,
     /// Pods written successfully (in any wave).
     pub written: std::collections::BTreeSet<String>,
-    /// Pods whose write failed, with the API's answer.
-    pub failed: BTreeMap<String, String>,
+    /// Pods whose write failed, and why.
+    pub failed: BTreeMap<String, WriteError>,
     /// Pods whose grow write was held back because a shrink write it depends on failed.
     pub held: Vec<String>,
     /// Leadership was lost before a wave: nothing more was written.
@@ -76,30 +76,26 @@ struct WaveContext<'a> {
     patched: &'a Counter,
 }
 
-/// Why a write did not happen.
-enum Skipped {
+/// Why a write did not happen, or may not have.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
     /// The fence had ended before it started: nothing was sent.
+    #[error("not written: leadership ended")]
     NotStarted,
     /// No answer before its deadline (the fence's end, or [`super::leader::UNFENCED_WRITE`]).
+    #[error("no answer before the write's deadline")]
     TimedOut,
-    Failed(kube::Error),
+    #[error(transparent)]
+    Rejected(#[from] kube::Error),
 }
 
-impl Skipped {
-    fn message(&self) -> String {
-        match self {
-            Self::NotStarted => "not written: leadership ended".into(),
-            Self::TimedOut => "no answer before the write's deadline".into(),
-            Self::Failed(e) => e.to_string(),
-        }
-    }
-
+impl WriteError {
     /// Whether the write may still have been applied.
     fn ambiguous(&self) -> bool {
         match self {
             Self::NotStarted => false,
             Self::TimedOut => true,
-            Self::Failed(e) => !matches!(e, kube::Error::Api(s) if s.code < 500),
+            Self::Rejected(e) => !matches!(e, kube::Error::Api(s) if s.code < 500),
         }
     }
 }
@@ -108,15 +104,15 @@ impl Skipped {
 /// lags what the API already shows.
 async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
     // Owned futures: a stream of futures borrowing from here would not be `Send` for every lifetime.
-    let results: Vec<(Write, Result<Option<Written>, Skipped>)> = futures::stream::iter(writes.into_iter().cloned())
+    let results: Vec<(Write, Result<Option<Written>, WriteError>)> = futures::stream::iter(writes.into_iter().cloned())
         .map(|w| {
             let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
             async move {
-                let Some(left) = left else { return (w, Err(Skipped::NotStarted)) };
+                let Some(left) = left else { return (w, Err(WriteError::NotStarted)) };
                 // Only the written version is kept: a wave of 10,000 answers would otherwise hold 10,000 Pods.
                 let result = match tokio::time::timeout(left, patch(&api, &w)).await {
-                    Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(Skipped::Failed),
-                    Err(_) => Err(Skipped::TimedOut),
+                    Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(WriteError::Rejected),
+                    Err(_) => Err(WriteError::TimedOut),
                 };
                 if result.is_ok() {
                     patched.inc();
@@ -138,12 +134,12 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                     ctx.expectations.wrote(written);
                 }
             }
-            Err(skipped) => {
-                out.lost_leadership |= matches!(skipped, Skipped::NotStarted) || !ctx.leadership.may_write();
-                out.failed.insert(w.pod.clone(), skipped.message());
-                if skipped.ambiguous() {
-                    unsettled.push(w);
+            Err(error) => {
+                out.lost_leadership |= matches!(error, WriteError::NotStarted) || !ctx.leadership.may_write();
+                if error.ambiguous() {
+                    unsettled.push(w.clone());
                 }
+                out.failed.insert(w.pod, error);
             }
         }
     }

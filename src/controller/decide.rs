@@ -1,9 +1,10 @@
-//! Decide: the Pod writes that take a policy's agents from what they carry to what the plan gives them,
-//! ordered so that the cap holds at every agent after every prefix of the writes, whichever of them fail
-//! (DESIGN §3.4 rule 1). Pure: Pod states and targets in, waves of writes out.
+//! Decide: what one reconcile wants, before any write. Admission holds back a burst's newcomers, the plan
+//! gives every agent its target (or, without presence, the Pods keep what they carry), and the targets
+//! become waves of Pod writes ordered so that the cap holds at every agent after every prefix of the
+//! writes, whichever of them fail (docs/design.md §3.4 rule 1). Pure.
 //!
-//! The construction. Let `now(v)` be what Pod `v` carries and `want(v)` what the plan gives it, each an
-//! assignment within the cap. The **shrink** wave writes `now(v) ∩ want(v)` to every Pod that loses a
+//! The waves' construction. Let `now(v)` be what Pod `v` carries and `want(v)` what the plan gives it,
+//! each an assignment within the cap. The **shrink** wave writes `now(v) ∩ want(v)` to every Pod that loses a
 //! peer or an accept (or the removal, to a Pod that stops being an agent). While it runs, every Pod carries
 //! `now` or a subset of it, so every agent's links are a subset of its links under `now`. The **grow**
 //! wave then writes `want(v)` to every Pod that gains something. If every shrink write succeeded, every
@@ -13,8 +14,83 @@
 //! are then links of `want`, and a tainted one's are links of `now`: the cap holds either way.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use kube::ResourceExt;
+
+use super::admission::Admission;
+use super::membership::{Exclusion, Membership};
+use super::observe::Observed;
+use super::plan::{self, PlanOutcome, Targets};
+use super::policy::ValidPolicy;
 use crate::assignment::{self, Assignment};
+
+/// What one reconcile decides, before any write.
+pub struct Decision {
+    pub members: Option<Membership>,
+    pub plan: Option<PlanOutcome>,
+    pub plan_error: Option<String>,
+    /// The targets of the Pods not carrying theirs: the plan's, or without one what the Pods carry (see
+    /// [`adopted`]).
+    pub wanted: Targets,
+    pub waves: Waves,
+    /// When newcomers held back by admission may join.
+    pub recheck: Option<Duration>,
+}
+
+/// The decision from the membership presence gives (`None` without presence; see
+/// [`super::membership::of_policy`]): admission, the plan, the targets and the writes that reach them.
+pub fn decide(
+    policy: &ValidPolicy,
+    observed: &mut Observed,
+    mut members: Option<Membership>,
+    (admission, now): (&mut Admission, Instant),
+) -> Decision {
+    let recheck = members.as_mut().and_then(|m| admit(m, observed, admission, now));
+    for agent in members.iter().flat_map(|m| &m.agents) {
+        if let Some(state) = observed.pods.get_mut(&agent.pod) {
+            state.node_id = Some(agent.node_id.clone());
+        }
+    }
+    let planned = members
+        .as_ref()
+        .map(|m| plan::plan(m, policy.max_peers, &policy.uid, &policy.name, &observed.carried, &observed.pods));
+    let (mut plan, plan_error) = match planned {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
+    };
+    let wanted = match plan.as_mut() {
+        Some(p) => std::mem::take(&mut p.targets),
+        None => adopted(observed, members.is_some(), policy.max_peers),
+    };
+    let waves = waves(&observed.pods, &wanted, &policy.name);
+    Decision { members, plan, plan_error, wanted, waves, recheck }
+}
+
+/// Holds back the newcomers of a burst (see [`super::admission`]); when to look again.
+fn admit(m: &mut Membership, o: &Observed, admission: &mut Admission, now: Instant) -> Option<Duration> {
+    let eligible: Vec<&str> = m.agents.iter().map(|a| a.pod.as_str()).collect();
+    let (held, recheck) = admission.hold(&eligible, &|pod| o.carried.contains_key(pod), now);
+    if !held.is_empty() {
+        m.agents.retain(|a| !held.contains(&a.pod));
+        m.excluded.extend(held.into_iter().map(|pod| (pod, Exclusion::Arriving)));
+    }
+    recheck
+}
+
+/// With no presence, what the Pods already carry stays, minus what is gone; with presence but no plan (the
+/// planner refused), nothing changes.
+fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
+    if has_presence {
+        return Targets::new();
+    }
+    let staying: HashSet<String> =
+        o.selected.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
+    let live_ips: HashSet<String> =
+        o.namespace_pods.iter().filter(|p| !p.terminating()).filter_map(|p| p.pod_ip.clone()).collect();
+    plan::adopt(&o.carried, &o.pods, &staying, &live_ips, cap)
+}
 
 /// One Pod as the decision sees it.
 #[derive(Clone, Debug, Default, PartialEq)]

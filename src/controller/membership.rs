@@ -1,11 +1,13 @@
-//! Membership (DESIGN §3.3): which selected Pods are eligible agents, matched to which presence entry, and
+//! Membership (docs/design.md §3.3): which selected Pods are eligible agents, matched to which presence entry, and
 //! at which URL their peers dial them. Pure: Pods and a snapshot in, a verdict per Pod out.
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kube::ResourceExt;
 
+use super::observe::Observed;
 use super::pods::CachedPod;
+use super::policy::ValidPolicy;
 
 use crate::presence::{Node, Snapshot};
 
@@ -113,6 +115,27 @@ pub fn exclude_foreign(
         let policy = foreign_pods.get(&a.pod).or_else(|| foreign_ids.get(&a.node_id)).cloned().unwrap_or_default();
         m.excluded.insert(a.pod, Exclusion::OtherPolicy(policy));
     }
+}
+
+/// The eligible agents of `policy` under `snap` judged on `confirmed_ms`, without those another policy
+/// still holds. `node_domain` is a Node's `topologyKey` label.
+pub fn of_policy(
+    policy: &ValidPolicy,
+    o: &Observed,
+    snap: &Snapshot,
+    confirmed_ms: f64,
+    node_domain: &dyn Fn(&str) -> Option<String>,
+) -> Membership {
+    let rules = Rules {
+        node_id_annotation: &policy.node_id_annotation,
+        topology_key: policy.topology_key.as_deref(),
+        heartbeat_timeout: policy.heartbeat_timeout,
+        fallback_now_ms: confirmed_ms,
+    };
+    let selected: Vec<&CachedPod> = o.selected.iter().map(|p| p.as_ref()).collect();
+    let mut m = decide(&selected, snap, &rules, node_domain);
+    exclude_foreign(&mut m, &o.foreign_pods, &o.foreign_ids);
+    m
 }
 
 /// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`

@@ -18,20 +18,28 @@ use crate::api::MeshPolicy;
 use crate::presence::Fetcher;
 use crate::telemetry::{Health, Metrics};
 
+// The steps of a reconcile, in data-flow order (see `reconcile`, the driver).
 pub mod admission;
 pub mod apply;
 pub mod decide;
-pub mod leader;
 pub mod membership;
+pub mod observe;
 pub mod plan;
-pub mod pods;
-pub mod poll;
+pub mod policy;
+pub mod presence;
 pub mod reconcile;
+pub mod report;
 pub mod status;
+pub mod token;
+// What the steps share: the Pod cache, the Lease, the errors.
+pub mod error;
+pub mod leader;
+pub mod pods;
 
+pub use error::Error;
 use leader::Leadership;
 use pods::CachedPod;
-use poll::PresenceState;
+use presence::PresenceState;
 
 pub const FIELD_MANAGER: &str = "mesh-operator";
 pub const FINALIZER: &str = "agentmesh.dev/cleanup";
@@ -45,27 +53,6 @@ fn watch_config() -> watcher::Config {
     watcher::Config::default().timeout(READ_TIMEOUT.as_secs() as u32 * 3 / 4)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("cleanup: {0}")]
-    Cleanup(String),
-}
-
-impl Error {
-    /// A stable label for the reconcile error metric.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Kube(_) => "kube",
-            Self::Finalizer(_) => "finalizer",
-            Self::Cleanup(_) => "cleanup",
-        }
-    }
-}
-
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
     pub client: Client,
@@ -75,6 +62,8 @@ pub struct Context {
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub policies: Store<MeshPolicy>,
     pub fetcher: Arc<Fetcher>,
+    /// The join-token Secrets the policies name, watched.
+    pub tokens: token::Tokens,
     /// Per policy UID: its own lock, so a slow rendezvous holds up only the policies that use it.
     pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
     pub leadership: Arc<Leadership>,
@@ -151,7 +140,7 @@ fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<Object
         .state()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| named == Some(p.name_any().as_str()) || reconcile::selects(p, pod))
+        .filter(|p| named == Some(p.name_any().as_str()) || p.selects(pod))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -314,6 +303,7 @@ impl Shared {
             nodes: self.nodes.clone(),
             policies,
             fetcher: self.fetcher.clone(),
+            tokens: token::Tokens::new(self.client.clone()),
             presence: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),

@@ -86,7 +86,7 @@ impl CachedPod {
 
 /// Whether the annotation key is one of ours.
 fn ours(key: &str) -> bool {
-    key.starts_with(crate::api::ANNOTATION_PREFIX)
+    key.starts_with(crate::assignment::PREFIX)
 }
 
 /// Which Pods the cache keeps, derived from the MeshPolicies: per namespace, its policies' selectors, and
@@ -135,7 +135,7 @@ impl Interest {
     /// policy's node-id annotation. The default one is always kept, so a new policy using it need not wait
     /// for a relist; other `agentmesh.dev/*` keys are not (a Pod could carry thousands).
     pub fn keeps(&self, key: &str) -> bool {
-        key == crate::api::DEFAULT_NODE_ID_ANNOTATION || self.annotations.contains(key)
+        key == crate::assignment::NODE_ID || self.annotations.contains(key)
     }
 
     /// Whether the cache keeps `pod`.

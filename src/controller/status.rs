@@ -1,10 +1,17 @@
-//! MeshPolicy status and conditions, built purely from what a reconcile found. Kubernetes conventions:
-//! one condition per type, `lastTransitionTime` moves only when `status` changes, `observedGeneration` set.
-use std::collections::BTreeMap;
+//! Status: the MeshPolicy's status and conditions, built purely from what a reconcile found (the writes,
+//! metrics and Events are in [`super::report`]). Kubernetes conventions: one condition per type,
+//! `lastTransitionTime` moves only when `status` changes, `observedGeneration` set.
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::Mode;
+use super::apply::Outcome;
+use super::decide::Decision;
+use super::membership::{Exclusion, Membership};
+use super::observe::Observed;
+use super::policy::ValidPolicy;
+use super::presence::Read;
+use crate::api::{ExcludedPod, MeshPolicyStatus, Mode};
 
 pub const READY: &str = "Ready";
 pub const RENDEZVOUS_REACHABLE: &str = "RendezvousReachable";
@@ -48,6 +55,24 @@ pub struct Findings {
 }
 
 impl Findings {
+    /// What one reconcile found.
+    pub fn of(policy: &ValidPolicy, o: &Observed, read: &Read, d: &Decision, outcome: &Outcome) -> Self {
+        let members = d.members.as_ref();
+        Self {
+            mode: policy.mode,
+            has_presence: read.snapshot.is_some(),
+            unreachable: read.failure.clone(),
+            suspect: read.suspect.clone(),
+            conflicted: o.conflicted.clone(),
+            plan_error: d.plan_error.clone(),
+            write_failures: outcome.failed.iter().map(|(pod, e)| (pod.clone(), e.to_string())).collect(),
+            held: outcome.held.len(),
+            arriving: members.map_or(0, |m| m.excluded.values().filter(|e| **e == Exclusion::Arriving).count()),
+            duplicate_ids: members.map(duplicate_ids).unwrap_or_default(),
+            disconnected: d.plan.as_ref().is_some_and(|p| p.components > 1 && policy.max_peers >= 2),
+        }
+    }
+
     /// One line naming the failed writes, for a condition and an Event.
     pub fn write_failure_note(&self) -> Option<String> {
         let (pod, error) = self.write_failures.iter().next()?;
@@ -113,6 +138,40 @@ impl Findings {
             Verdict::new(READY, true, "Applied", "every eligible agent carries its assignment")
         }
     }
+}
+
+fn duplicate_ids(m: &Membership) -> Vec<String> {
+    let set: BTreeSet<String> = m
+        .excluded
+        .values()
+        .filter(|e| matches!(e, Exclusion::DuplicateNodeId { .. }))
+        .map(|e| truncate(&e.to_string(), 256))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The counts and the plan's shape (all but the conditions), from `prev`. An agent counts as assigned once
+/// it carries its target: already (see [`super::plan::plan`]), or once its write reached it.
+pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Outcome, now: &Time) -> MeshPolicyStatus {
+    let mut new = MeshPolicyStatus { selected: o.selected.len() as u32, ..prev.clone() };
+    let carries = |pod: &String, a: &crate::assignment::Assignment| o.pods.get(pod).is_some_and(|s| s.carries(a));
+    let reached =
+        d.wanted.iter().filter(|(pod, t)| t.as_ref().is_some_and(|a| carries(pod, a) || outcome.reached(pod)));
+    new.assigned = d.plan.as_ref().map_or(0, |p| p.settled) + reached.count() as u32;
+    let (Some(m), Some(plan)) = (&d.members, &d.plan) else { return new };
+    new.eligible = m.agents.len() as u32;
+    new.links = plan.links;
+    new.max_degree = plan.max_degree;
+    new.min_degree = plan.min_degree;
+    new.components = plan.components;
+    new.plan_hash = Some(plan.hash.clone());
+    let excluded = m.excluded.iter().take(100);
+    new.excluded =
+        excluded.map(|(pod, why)| ExcludedPod { pod: pod.clone(), reason: truncate(&why.to_string(), 256) }).collect();
+    if prev.plan_hash != new.plan_hash {
+        new.last_plan_time = Some(now.clone());
+    }
+    new
 }
 
 /// The conditions to publish: each verdict, keeping the previous `lastTransitionTime` of a condition whose

@@ -13,6 +13,10 @@ mod rings;
 
 pub use graph::Graph;
 
+/// The largest cap the planner takes: beyond it an agent's sync fan-out stops being "a few supplementary
+/// links", and its annotations would outgrow what a Pod should carry.
+pub const MAX_CAP: u32 = 64;
+
 /// One agent as the planner sees it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,7 +33,7 @@ pub type Assignment = BTreeMap<String, Vec<String>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("maxPeers {0} is out of range 0..={max}", max = crate::api::MAX_PEERS_LIMIT)]
+    #[error("cap {0} is out of range 0..={MAX_CAP}")]
     CapOutOfRange(u32),
     #[error("node id {0:?} appears more than once")]
     DuplicateNodeId(String),
@@ -106,7 +110,7 @@ impl Plan {
 /// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
 /// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
 pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, previous: &P) -> Result<Plan, PlanError> {
-    if cap > crate::api::MAX_PEERS_LIMIT {
+    if cap > MAX_CAP {
         return Err(PlanError::CapOutOfRange(cap));
     }
     let mut seen = HashMap::with_capacity(members.len());

@@ -5,6 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+/// Every annotation of ours starts with this.
+pub const PREFIX: &str = "agentmesh.dev/";
+/// Where an agent Pod carries its node id, unless its MeshPolicy names another annotation.
+pub const NODE_ID: &str = "agentmesh.dev/node-id";
 /// Peers this agent dials: a JSON array of [`Peer`], sorted by node id.
 pub const PEERS: &str = "agentmesh.dev/peers";
 /// Node ids allowed to dial this agent: a JSON array of strings, sorted.

@@ -1,6 +1,7 @@
-//! Presence polling for one policy: when to read, what to keep between reads, and which reads to trust.
+//! Presence, the reconcile's first step: when to read the rendezvous, what to keep between reads, and
+//! which reads to trust. All polling state lives here, one [`PresenceState`] per policy.
 //!
-//! A rendezvous outage must never dismantle the mesh (DESIGN §3.4 rule 2), and a rendezvous that is up
+//! A rendezvous outage must never dismantle the mesh (docs/design.md §3.4 rule 2), and a rendezvous that is up
 //! but forgetful (restarted empty, agents re-registering) is the subtle case. So:
 //! * a failed read keeps the last good snapshot, frozen on its own clock (nothing ages out meanwhile);
 //! * an agent absent from a successful read is carried over with its last heartbeat, so it stays until
@@ -12,7 +13,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::presence::{FetchError, Fetched, Snapshot, unix_ms};
+use kube::ResourceExt;
+use kube::core::SelectorExt;
+use tracing::info;
+
+use super::Context;
+use super::membership::{self, Membership};
+use super::observe::{Observed, node_domain};
+use super::policy::ValidPolicy;
+use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms};
+use crate::telemetry;
 
 /// Ready Pods without presence get re-reads this often while they wait (see [`PresenceState::awaiting`]).
 pub const PROMPT_FETCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -212,6 +222,135 @@ pub fn carry_absent(
         .collect();
     next.nodes.extend(carried);
     next
+}
+
+/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. The
+/// read is taken in (see [`take`]) against the same observation the reconcile decides on.
+pub async fn fetch(ctx: &Context, policy: &ValidPolicy) -> Option<Attempt> {
+    let state = ctx.presence_state(&policy.uid);
+    let mut state = state.lock().await;
+    state.enter_term(ctx.leadership.term());
+    let now = Instant::now();
+    let fresh = || {
+        let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
+        since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
+            && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting))
+    };
+    if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh()) {
+        return None;
+    }
+    state.last_attempt = Some(Instant::now());
+    let started = Instant::now();
+    let result = request(ctx, policy, state.etag.as_deref()).await;
+    ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
+    count(ctx, policy, &result);
+    Some(Attempt { result, heartbeat_timeout: policy.heartbeat_timeout })
+}
+
+async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Result<Fetched, FetchError> {
+    ctx.tokens.retain(&ctx.policies.state());
+    let rv = &policy.rendezvous;
+    let token = match &rv.join_token {
+        None => None,
+        Some(r) => Some(ctx.tokens.token(&policy.namespace, r, &rv.base_url, rv.timeout).await?),
+    };
+    let req = Request {
+        url: &policy.rendezvous.presence_url,
+        token: token.as_deref(),
+        ca_bundle: policy.rendezvous.ca_bundle.as_deref(),
+        timeout: policy.rendezvous.timeout,
+        etag,
+    };
+    ctx.fetcher.fetch(&req).await
+}
+
+/// Takes in `attempt` (see [`PresenceState::take`] for what is kept and trusted) and returns what presence
+/// says now, with the membership it gives `o` when that was already worked out on the way.
+pub async fn take(
+    ctx: &Context,
+    policy: &ValidPolicy,
+    o: &Observed,
+    attempt: Option<Attempt>,
+) -> (Read, Option<Membership>) {
+    let state = ctx.presence_state(&policy.uid);
+    let mut state = state.lock().await;
+    state.enter_term(ctx.leadership.term());
+    let Some(attempt) = attempt else { return (state.read(), None) };
+    let node_domain = |node: &str| node_domain(ctx, policy, node);
+    // Each membership worked out while judging the read, by snapshot: the one taken in is decided on next.
+    let worked: std::cell::RefCell<Vec<(Arc<Snapshot>, f64, Membership)>> = Default::default();
+    let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
+        let m = membership::of_policy(policy, o, snap, clock, &node_domain);
+        let eligible = m.agents.iter().map(|a| (a.pod.clone(), a.node_id.clone())).collect();
+        worked.borrow_mut().push((snap.clone(), clock, m));
+        eligible
+    };
+    let assigned: BTreeSet<String> =
+        o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
+    state.take(attempt, &eligible, &assigned);
+    let read = state.read();
+    let membership = read.snapshot.as_ref().and_then(|taken| {
+        let worked = worked.into_inner().into_iter();
+        worked.filter(|(snap, clock, _)| Arc::ptr_eq(snap, taken) && *clock == read.confirmed_ms).map(|w| w.2).last()
+    });
+    (read, membership)
+}
+
+/// Whether a Ready Pod without presence began waiting recently (worth a prompt re-read).
+pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
+    let unmatched: HashSet<String> = m
+        .excluded
+        .iter()
+        .filter(|(_, e)| **e == membership::Exclusion::NoPresence)
+        .map(|(pod, _)| pod.clone())
+        .collect();
+    match ctx.presence_state(&policy.uid).try_lock() {
+        Ok(mut state) => state.awaiting(&unmatched, Instant::now()),
+        Err(_) => false,
+    }
+}
+
+/// A Pod that just became Ready without a presence entry gets a read at once (but no more often than
+/// this): an agent usually registers before its readiness probe passes, so the entry is likely there.
+const FRESH_FETCH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Whether a selected, Ready Pod without an assignment, not yet known to wait, has no entry in `snap`.
+fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting: &HashMap<String, Instant>) -> bool {
+    let ns = Some(policy.namespace.as_str());
+    // Pods an older policy owns are never this one's agents: they must not read presence again and again.
+    let older = policy.older_selectors(&ctx.policies.state());
+    let candidates: Vec<Arc<super::pods::CachedPod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == ns && p.ready && !p.terminating() && p.keys.exact().is_none())
+        .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
+        .filter(|p| policy.selects(p.labels()) && !older.iter().any(|o| o.matches(p.labels())))
+        .collect();
+    if candidates.is_empty() {
+        return false;
+    }
+    let ids: HashSet<&str> = snap.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    // Pods matched by hostname or IP instead are left to the prompt reads.
+    candidates.iter().any(|p| p.annotation(&policy.node_id_annotation).is_some_and(|id| !ids.contains(id)))
+}
+
+fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchError>) {
+    let label = |r: &str| telemetry::ResultLabel { result: r.into() };
+    match result {
+        Ok(Fetched::New { bytes, .. }) => {
+            ctx.metrics.presence_bytes.inc_by(*bytes as u64);
+            ctx.metrics.presence_fetches.get_or_create(&label("ok")).inc();
+        }
+        Ok(Fetched::NotModified) => {
+            ctx.metrics.presence_fetches.get_or_create(&label("not_modified")).inc();
+        }
+        Err(e) => {
+            ctx.metrics.presence_fetches.get_or_create(&label("error")).inc();
+            ctx.metrics.presence_errors.get_or_create(&telemetry::KindLabel { kind: e.reason().into() }).inc();
+            info!(policy = policy.name, reason = e.reason(), error = %e, "presence unavailable; keeping the last snapshot");
+        }
+    }
 }
 
 #[cfg(test)]

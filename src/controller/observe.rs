@@ -1,0 +1,177 @@
+//! Observe: what the caches say about one policy's namespace, as the later steps read it. The cache read
+//! ([`gather`]) is separate from the pure step ([`observe`]), which is unit-tested without a cluster.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::Context;
+use super::decide::PodState;
+use super::pods::CachedPod;
+use super::policy::ValidPolicy;
+use crate::api::MeshPolicy;
+use crate::assignment::Assignment;
+
+/// What the caches say about one policy's namespace.
+#[derive(Default)]
+pub struct Observed {
+    /// Pods the policy selects and owns (no older policy selects them).
+    pub selected: Vec<Arc<CachedPod>>,
+    /// Pods it selects that an older policy owns.
+    pub conflicted: Vec<String>,
+    /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
+    pub pods: BTreeMap<String, PodState>,
+    /// What each Pod carries as this policy's.
+    pub carried: BTreeMap<String, Arc<Assignment>>,
+    /// Pods carrying another policy's assignment, and the node ids those link: Pod/id → that policy.
+    pub foreign_pods: HashMap<String, String>,
+    pub foreign_ids: HashMap<String, String>,
+    /// Every Pod of the namespace (for the IPs of those not terminating, read only without presence).
+    pub namespace_pods: Vec<Arc<CachedPod>>,
+}
+
+/// Reads the Pod and policy caches of the policy's namespace.
+pub fn gather(ctx: &Context, policy: &ValidPolicy) -> Observed {
+    let ns = Some(policy.namespace.as_str());
+    let pods: Vec<Arc<CachedPod>> = ctx.pods.state().into_iter().filter(|p| p.namespace().as_deref() == ns).collect();
+    let policies: Vec<Arc<MeshPolicy>> =
+        ctx.policies.state().into_iter().filter(|p| p.namespace().as_deref() == ns).collect();
+    observe(policy, &pods, &policies)
+}
+
+/// What `pods` and `policies` (of `policy`'s namespace) say about `policy`. Pure.
+pub fn observe(policy: &ValidPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<MeshPolicy>]) -> Observed {
+    let older = policy.older_selectors(policies);
+    let existing: HashSet<String> =
+        policies.iter().filter(|p| p.uid().as_deref() != Some(&policy.uid)).map(|p| p.name_any()).collect();
+    let mut o = Observed { namespace_pods: pods.to_vec(), ..Default::default() };
+    for pod in pods {
+        let pod_name = pod.name_any();
+        let selected = policy.selects(pod.labels());
+        if selected {
+            match older.iter().any(|s| kube::core::SelectorExt::matches(s, pod.labels())) {
+                true => o.conflicted.push(pod_name.clone()),
+                false => o.selected.push(pod.clone()),
+            }
+        }
+        let mut state = pod_state(pod, &policy.node_id_annotation);
+        // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
+        if state.keys.policy().is_some_and(|p| p != policy.name && !existing.contains(p)) {
+            state.keys = state.keys.without_policy();
+        }
+        if let Some(owner) = state.keys.policy().filter(|owner| *owner != policy.name) {
+            let theirs = state.keys.lenient().unwrap_or_default();
+            o.foreign_ids.extend(theirs.linked_ids().into_iter().map(|id| (id.to_owned(), owner.to_owned())));
+            o.foreign_pods.insert(pod_name, owner.to_owned());
+            continue;
+        }
+        if let Some(a) = state.carried(&policy.name, selected) {
+            o.carried.insert(pod_name.clone(), a);
+        }
+        if selected || !state.keys.is_empty() {
+            o.pods.insert(pod_name, state);
+        }
+    }
+    o.conflicted.sort();
+    o
+}
+
+/// The Pods of `policy`'s namespace whose keys name it, without reading its spec: for a policy deleted
+/// with a spec the controller refuses.
+pub fn naming(ctx: &Context, policy: &MeshPolicy) -> Observed {
+    let (name, ns) = (policy.name_any(), policy.namespace());
+    let mut o = Observed::default();
+    for pod in ctx.pods.state().iter().filter(|p| p.namespace() == ns && p.keys.policy() == Some(name.as_str())) {
+        let state = pod_state(pod, crate::assignment::NODE_ID);
+        o.carried.extend(state.carried(&name, false).map(|a| (pod.name_any(), a)));
+        o.pods.insert(pod.name_any(), state);
+    }
+    o
+}
+
+fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
+    PodState {
+        uid: pod.uid(),
+        resource_version: pod.resource_version(),
+        node_id: pod.annotation(node_id_annotation).map(str::to_owned),
+        keys: pod.keys.clone(),
+    }
+}
+
+/// Whether the Pod cache shows every write this process made in `ns`: a decision on an older cache could
+/// undo a write it does not see.
+pub fn caught_up(ctx: &Context, ns: &str) -> bool {
+    ctx.expectations.caught_up(ns, &|pod| {
+        let cached = ctx.pods.get(&ObjectRef::new(pod).within(ns))?;
+        Some((cached.uid(), cached.resource_version()))
+    })
+}
+
+/// The `topologyKey` label of Node `node`, from the Node cache.
+pub fn node_domain(ctx: &Context, policy: &ValidPolicy, node: &str) -> Option<String> {
+    let key = policy.topology_key.as_deref()?;
+    let meta = ctx.nodes.get(&ObjectRef::new(node))?;
+    meta.labels().get(key).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, uid: &str, created: i64, labels: serde_json::Value) -> Arc<MeshPolicy> {
+        let spec = json!({"selector": {"matchLabels": labels}, "rendezvous": {"url": "http://rv"}});
+        let mut p = MeshPolicy::new(name, serde_json::from_value(spec).unwrap());
+        p.metadata.namespace = Some("ci".into());
+        p.metadata.uid = Some(uid.into());
+        p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
+        Arc::new(p)
+    }
+
+    fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Arc<CachedPod> {
+        let pod = json!({"metadata": {"name": name, "namespace": "ci", "labels": labels, "annotations": annotations}});
+        Arc::new(CachedPod::from_pod(serde_json::from_value(pod).unwrap()))
+    }
+
+    fn carrying(policy: &str, peer: &str) -> serde_json::Value {
+        json!({"agentmesh.dev/peers": format!(r#"[{{"nodeId":"{peer}","url":"ws://10.0.0.9:1/x"}}]"#),
+               "agentmesh.dev/accepts": "[]", "agentmesh.dev/links": "1", "agentmesh.dev/policy": policy})
+    }
+
+    /// Each row: a Pod (labels, annotations) → where `mesh` (selecting app=agent, younger than `old`,
+    /// which selects tier=old) files it.
+    #[test]
+    fn each_pod_lands_where_the_ownership_rules_say() {
+        let old = policy("old", "u-old", 10, json!({"tier": "old"}));
+        let mesh = policy("mesh", "u-mesh", 20, json!({"app": "agent"}));
+        let valid = ValidPolicy::new(&mesh).unwrap();
+        let rows: [(&str, serde_json::Value, serde_json::Value, &str); 6] = [
+            ("plain", json!({"app": "agent"}), json!({}), "selected"),
+            ("both", json!({"app": "agent", "tier": "old"}), json!({}), "conflicted"),
+            ("mine", json!({"app": "agent"}), carrying("mesh", "n9"), "selected+carried"),
+            ("theirs", json!({"tier": "old"}), carrying("old", "n7"), "foreign"),
+            ("stray", json!({"app": "web"}), carrying("deleted", "n8"), "tracked"),
+            ("other", json!({"app": "web"}), json!({}), "ignored"),
+        ];
+        let pods: Vec<_> = rows.iter().map(|(n, l, a, _)| pod(n, l.clone(), a.clone())).collect();
+        let o = observe(&valid, &pods, &[old, mesh.clone()]);
+        for (name, _, _, want) in rows {
+            let selected = o.selected.iter().any(|p| p.name_any() == name);
+            let got = match () {
+                _ if o.conflicted.iter().any(|p| p == name) => "conflicted",
+                _ if selected && o.carried.contains_key(name) => "selected+carried",
+                _ if selected => "selected",
+                _ if o.foreign_pods.contains_key(name) => "foreign",
+                _ if o.pods.contains_key(name) => "tracked",
+                _ => "ignored",
+            };
+            assert_eq!(got, want, "Pod {name}");
+        }
+        assert_eq!(o.foreign_ids.get("n7").map(String::as_str), Some("old"), "the ids another policy links");
+        assert!(o.pods["stray"].keys.policy().is_none(), "keys naming a deleted policy are strays");
+        assert_eq!(o.namespace_pods.len(), 6);
+    }
+}
