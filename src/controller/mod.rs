@@ -1,15 +1,15 @@
 //! The controller behind `mesh-operator run`: watches MeshPolicies, the agent Pods they select and Nodes
-//! (metadata only), and reconciles each policy in phases (see [`reconcile`]). Only the Lease holder writes.
+//! (metadata only) ([`watches`]), and reconciles each policy in steps ([`reconcile`] is the driver). Only
+//! the Lease holder writes ([`leader`]).
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt, core::PartialObjectMeta};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -35,6 +35,7 @@ pub mod token;
 pub mod error;
 pub mod leader;
 pub mod pods;
+pub mod watches;
 
 pub use error::Error;
 use leader::Leadership;
@@ -131,20 +132,6 @@ pub struct Settings {
     pub pod_selector: Option<String>,
 }
 
-/// Policies a Pod event concerns: those whose selector matches it, and the one named on it (so a Pod that
-/// stopped matching is cleaned up).
-fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    let ns = pod.namespace().unwrap_or_default();
-    let named = pod.keys.policy();
-    policies
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| named == Some(p.name_any().as_str()) || p.selects(pod))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
 /// How long the controllers get to finish their reconciles after SIGTERM/SIGINT before they are dropped:
 /// a hung request must not keep the Lease held until it expires.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -153,47 +140,26 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// one controller per namespace (each with its own watches, as namespace-scoped RBAC requires) shares the
 /// client, metrics, Node cache, presence client and Lease; without, one controller watches all.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<()> {
-    let (metrics_for_server, health_for_server) = (metrics.clone(), health.clone());
     let leadership = Arc::new(Leadership::new(settings.leader_elect));
     metrics.leader.set(i64::from(!settings.leader_elect));
     // Every helper task lives in this set, so they all end with `run`, however it ends.
     let mut tasks = tokio::task::JoinSet::new();
+    let (served_metrics, served_health, addr) = (metrics.clone(), health.clone(), settings.metrics_addr);
     tasks.spawn(async move {
-        if let Err(e) = crate::telemetry::serve(settings.metrics_addr, metrics_for_server, health_for_server).await {
+        if let Err(e) = crate::telemetry::serve(addr, served_metrics, served_health).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
-
-    let (nodes, node_writer) = reflector::store();
-    let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
-    let node_metrics = metrics.clone();
-    let node_stream = watcher(node_api, watch_config().any_semantic()).default_backoff().reflect(node_writer).for_each(
-        move |event| {
-            if let Err(e) = event {
-                node_metrics.watch_failed("nodes", &e);
-            }
-            std::future::ready(())
-        },
-    );
-    tasks.spawn(node_stream);
-    let nodes_synced = Arc::new(AtomicBool::new(false));
-    let (store, flag) = (nodes.clone(), nodes_synced.clone());
-    tasks.spawn(async move {
-        let _ = store.wait_until_ready().await;
-        flag.store(true, Ordering::SeqCst);
-    });
-
+    let (nodes, nodes_synced) = watches::nodes(&client, metrics.clone(), &mut tasks);
     let lease_task = match settings.leader_elect {
         true => Some(leader::elect(client.clone(), &settings, leadership.clone(), metrics.clone()).await?),
         false => None,
     };
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) };
     let shared = Shared {
         client: client.clone(),
-        metrics: metrics.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) },
-        ),
+        metrics,
+        recorder: Recorder::new(client.clone(), reporter),
         nodes,
         nodes_synced,
         fetcher: Arc::new(Fetcher::new(settings.max_presence_bytes)),
@@ -205,32 +171,41 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     if let Some(selector) = &settings.pod_selector {
         check_pod_selector(&client, &scopes[0], selector).await?;
     }
-    let mut contexts = Vec::new();
-    let mut controllers = Vec::new();
+    let (mut contexts, mut controllers) = (Vec::new(), Vec::new());
     for scope in scopes {
         let ((pods, pod_writer), (policies, policy_writer)) = (reflector::store(), reflector::store());
         let ctx = shared.context(pods, policies);
-        controllers.push(controller(ctx.clone(), scope, pod_writer, policy_writer));
+        controllers.push(watches::controller(ctx.clone(), scope, pod_writer, policy_writer));
         contexts.push(ctx);
     }
-    let ready = {
-        let (contexts, health) = (contexts.clone(), health.clone());
-        async move {
-            while !contexts.iter().all(|c| c.synced()) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            health.synced.store(true, Ordering::Relaxed);
-            info!(namespaces = contexts.len(), "watches synced; ready");
-        }
-    };
-    tasks.spawn(ready);
-    let mut lease_task = lease_task;
+    tasks.spawn(ready_once_synced(contexts, health));
+    until_shutdown(futures::future::join_all(controllers), lease_task, &shared.leadership).await;
+    info!("shut down");
+    Ok(())
+}
+
+/// Readiness turns true once every controller's watches have synced.
+async fn ready_once_synced(contexts: Vec<Arc<Context>>, health: Arc<Health>) {
+    while !contexts.iter().all(|c| c.synced()) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    health.synced.store(true, Ordering::Relaxed);
+    info!(namespaces = contexts.len(), "watches synced; ready");
+}
+
+/// Runs `controllers` until they end or a signal comes; then gives them [`SHUTDOWN_GRACE`] and releases
+/// the Lease, unless writes may still be in flight.
+async fn until_shutdown(
+    controllers: impl std::future::Future,
+    mut lease_task: Option<leader::LeaseTask>,
+    leadership: &Leadership,
+) {
     let forced = tokio::select! {
-        _ = futures::future::join_all(controllers) => false,
+        _ = controllers => false,
         () = async {
             shutdown_signal().await;
             if let Some(task) = lease_task.as_mut() {
-                task.withdraw_unless_leading(&shared.leadership);
+                task.withdraw_unless_leading(leadership);
             }
             tokio::time::sleep(SHUTDOWN_GRACE).await
         } => true,
@@ -243,8 +218,6 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         (Some(task), false) => leader::release(task).await,
         (None, _) => {}
     }
-    info!("shut down");
-    Ok(())
 }
 
 /// Refuses to start on a `--pod-selector` the API server cannot parse, rather than fail every watch.
@@ -315,112 +288,6 @@ impl Shared {
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),
         })
-    }
-}
-
-/// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It sets
-/// `caches_synced` once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
-async fn controller(
-    ctx: Arc<Context>,
-    scope: Option<String>,
-    pod_writer: reflector::store::Writer<CachedPod>,
-    policy_writer: reflector::store::Writer<MeshPolicy>,
-) {
-    let client = ctx.client.clone();
-    let (policy_api, pod_api): (Api<MeshPolicy>, Api<Pod>) = match &scope {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let (pods, policies) = (ctx.pods.clone(), ctx.policies.clone());
-    let interest_store = policies.clone();
-    // Lists from etcd, not the API server's cache: a relist must never show Pods older than our writes.
-    let (pod_metrics, policy_metrics) = (ctx.metrics.clone(), ctx.metrics.clone());
-    let (interest_tx, interest) = tokio::sync::watch::channel(None);
-    let mut pod_config = watch_config();
-    if let Some(selector) = &ctx.pod_selector {
-        pod_config = pod_config.labels(selector);
-    }
-    // Which interest the list in progress was made with; it becomes the cache's once the reflector has
-    // swapped that list in.
-    let listing: Arc<std::sync::Mutex<Option<Arc<pods::Interest>>>> = Default::default();
-    let (listing_in, listed_ctx) = (listing.clone(), ctx.clone());
-    let pod_stream = pods::watch(pod_api, pod_config, interest)
-        .inspect_err(move |e| pod_metrics.watch_failed("pods", e))
-        .map_ok(move |(event, interest)| {
-            *listing_in.lock().expect("listing lock") = Some(interest);
-            event
-        })
-        .reflect(pod_writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::InitDone = event {
-                let done = listing.lock().expect("listing lock").clone();
-                *listed_ctx.cache_interest.write().expect("cache interest lock") = done;
-            }
-        })
-        .touched_objects();
-
-    // The policy cache reports its initial sync through a channel of its own: the controller already waits
-    // on this store's readiness, and kube-runtime's readiness future wakes only one waiter, so a second
-    // `wait_until_ready` here could sleep forever.
-    let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
-    let policy_stream = watcher(policy_api, watch_config())
-        .default_backoff()
-        .inspect_err(move |e| policy_metrics.watch_failed("meshpolicies", e))
-        .reflect(policy_writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::InitDone) = event {
-                let _ = policies_synced_tx.send(true);
-            }
-            // The Pod watch starts only once the policies are listed, or it would list for nobody.
-            if *policies_synced_tx.borrow() {
-                interest_tx.send_if_modified(|was| {
-                    let now = Some(pods::Interest::of(&interest_store.state()).widen(was.as_ref()));
-                    std::mem::replace(was, now.clone()) != now
-                });
-            }
-        })
-        .applied_objects();
-    // No debounce: under a steady stream of Pod events a debounce postpones the reconcile until the stream
-    // stops. Batching comes from the scheduler instead: events that arrive while a policy reconciles merge
-    // into one pending run, so each run takes in everything that changed during the previous one.
-    let controller = Controller::for_stream(policy_stream, policies.clone())
-        .with_config(controller::Config::default().concurrency(8));
-    // Becoming leader (a new term) re-runs every policy at once; the fence is already up when it fires.
-    let became_leader = futures::stream::unfold(ctx.leadership.subscribe(), |mut rx| async move {
-        let mut seen = rx.borrow_and_update().number;
-        loop {
-            rx.changed().await.ok()?;
-            let term = rx.borrow_and_update().number;
-            if term != seen {
-                return Some(((), rx));
-            }
-            seen = term;
-        }
-    });
-    let ready_ctx = ctx.clone();
-    let ready = async move {
-        let _ = pods.wait_until_ready().await;
-        let _ = policies_synced.wait_for(|synced| *synced).await;
-        tracing::debug!(namespace = ?scope, "pod and policy caches synced");
-        ready_ctx.caches_synced.store(true, Ordering::SeqCst);
-    };
-    let mapper_store = policies.clone();
-    let run = controller
-        .watches_stream(pod_stream, move |pod| policies_for_pod(&pod, &mapper_store))
-        .reconcile_all_on(became_leader)
-        .shutdown_on_signal()
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                // Already counted and logged where the watch failed.
-                Err(controller::Error::QueueError(_)) | Ok(_) => {}
-                Err(e) => warn!(error = %e, "reconcile failed"),
-            }
-        });
-    // The readiness probe is not part of the controller's life: it ends when the controller does.
-    tokio::select! {
-        () = run => {}
-        () = async { ready.await; std::future::pending::<()>().await } => {}
     }
 }
 

@@ -177,15 +177,7 @@ pub fn watch(
     config: watcher::Config,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
 ) -> impl Stream<Item = Result<(watcher::Event<CachedPod>, Arc<Interest>), watcher::Error>> + Send {
-    type Inner = futures::stream::BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>;
-    struct State {
-        inner: Option<(Inner, Arc<Interest>)>,
-        interest: tokio::sync::watch::Receiver<Option<Interest>>,
-        open: bool,
-        last_start: Option<tokio::time::Instant>,
-        restart_at: Option<tokio::time::Instant>,
-    }
-    let state = State { inner: None, interest, open: true, last_start: None, restart_at: None };
+    let state = Relists { inner: None, interest, open: true, last_start: None, restart_at: None };
     futures::stream::unfold(state, move |mut st| {
         let (api, config) = (api.clone(), config.clone());
         async move {
@@ -203,25 +195,8 @@ pub fn watch(
                     }
                 };
                 tokio::select! {
-                    changed = st.interest.changed(), if st.open => {
-                        st.open = changed.is_ok();
-                        let new = st.interest.borrow_and_update().clone();
-                        let differs = |new: &Interest| st.inner.as_ref().is_none_or(|(_, current)| **current != *new);
-                        if new.as_ref().is_some_and(differs) {
-                            let earliest = st.last_start.map(|t| t + RELIST_INTERVAL);
-                            st.restart_at = Some(earliest.unwrap_or_else(tokio::time::Instant::now));
-                        }
-                    }
-                    () = due => {
-                        st.restart_at = None;
-                        let Some(new) = st.interest.borrow().clone() else { continue };
-                        if st.inner.is_some() {
-                            tracing::info!("the policies' selectors changed: relisting Pods");
-                        }
-                        st.last_start = Some(tokio::time::Instant::now());
-                        let stream: Inner = watcher(api.clone(), config.clone()).default_backoff().boxed();
-                        st.inner = Some((stream, Arc::new(new)));
-                    }
+                    changed = st.interest.changed(), if st.open => st.interest_changed(changed.is_ok()),
+                    () = due => st.restart(&api, &config),
                     item = next => match item? {
                         Ok(event) => {
                             let current = st.inner.as_ref().expect("an item comes from a started watch").1.clone();
@@ -235,6 +210,42 @@ pub fn watch(
             }
         }
     })
+}
+
+type PodEvents = futures::stream::BoxStream<'static, Result<watcher::Event<Pod>, watcher::Error>>;
+
+/// The Pod watch's state between events: the watch running (with the interest it lists for), and when
+/// the next relist is due.
+struct Relists {
+    inner: Option<(PodEvents, Arc<Interest>)>,
+    interest: tokio::sync::watch::Receiver<Option<Interest>>,
+    open: bool,
+    last_start: Option<tokio::time::Instant>,
+    restart_at: Option<tokio::time::Instant>,
+}
+
+impl Relists {
+    /// A new interest differing from the running watch's schedules a relist, no sooner than
+    /// [`RELIST_INTERVAL`] after the last.
+    fn interest_changed(&mut self, open: bool) {
+        self.open = open;
+        let new = self.interest.borrow_and_update().clone();
+        let differs = |new: &Interest| self.inner.as_ref().is_none_or(|(_, current)| **current != *new);
+        if new.as_ref().is_some_and(differs) {
+            let earliest = self.last_start.map(|t| t + RELIST_INTERVAL);
+            self.restart_at = Some(earliest.unwrap_or_else(tokio::time::Instant::now));
+        }
+    }
+
+    fn restart(&mut self, api: &Api<Pod>, config: &watcher::Config) {
+        self.restart_at = None;
+        let Some(new) = self.interest.borrow().clone() else { return };
+        if self.inner.is_some() {
+            tracing::info!("the policies' selectors changed: relisting Pods");
+        }
+        self.last_start = Some(tokio::time::Instant::now());
+        self.inner = Some((watcher(api.clone(), config.clone()).default_backoff().boxed(), Arc::new(new)));
+    }
 }
 
 #[cfg(test)]
