@@ -1,4 +1,6 @@
-# `make demo` runs the local demo; `make test` runs everything CI runs.
+# `make demo` runs the local demo; `make test` runs everything CI runs. A plain `cargo test` runs only the
+# unit and property tests (no Go, no cluster); the end-to-end tiers need `--features e2e`, which `make test`
+# turns on.
 SHELL := /bin/bash
 CP := hack/control-plane.sh
 
@@ -8,11 +10,11 @@ CP := hack/control-plane.sh
 test: lint control-plane
 	@set -euo pipefail; eval "$$(MESH_CP_NODE=1 $(CP) ensure)"; \
 	  trap 'hack/node.sh stop || true; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
-	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \
+	  cargo test --workspace --locked --features mesh-operator/e2e --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \
 	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory images; \
 	  hack/node.sh start; \
-	  cargo test --locked --test e2e_node -- --nocapture on_a_real_node
+	  cargo test --locked --features e2e --test e2e_node -- --nocapture on_a_real_node
 
 ## The control-plane suite (all but the node tier) against another Kubernetes release: the chart's oldest
 ## and newest supported (Chart.yaml kubeVersion), e.g. `make test-kube-version K8S=v1.33.13`.
@@ -20,7 +22,7 @@ test-kube-version: lint
 	@test -n "$(K8S)" || { echo "usage: make test-kube-version K8S=v1.33.13" >&2; exit 2; }
 	@set -euo pipefail; export MESH_K8S_VERSION=$(K8S) MESH_CP_DIR=$$PWD/_output/cp-$(K8S); eval "$$($(CP) ensure)"; \
 	  trap '$(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
-	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4 --skip on_a_real_node
+	  cargo test --workspace --locked --features mesh-operator/e2e --no-fail-fast -- --test-threads=4 --skip on_a_real_node
 
 ## The static binaries the Dockerfile ships, built by the Dockerfile's own command (no Docker engine needed).
 STATIC := target/x86_64-unknown-linux-gnu/release
@@ -43,7 +45,7 @@ demo:
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 ## Builds kube-apiserver, kubectl, etcd and helm from their pinned Go modules (cached by pin).
 control-plane:
