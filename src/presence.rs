@@ -1,4 +1,4 @@
-//! Presence as the rendezvous reports it (DESIGN §3.3): parsing either body shape, and the liveness rules
+//! Presence as the rendezvous reports it (docs/design.md §3.3): parsing either body shape, and the liveness rules
 //! the seed agents use (alive, an address, a heartbeat younger than the timeout, judged on the
 //! rendezvous' clock when it sends one).
 use std::collections::HashMap;

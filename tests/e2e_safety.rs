@@ -1,4 +1,4 @@
-//! The safety rules (DESIGN §3.4) under the ways they broke before: each test reproduces one finding on the
+//! The safety rules (docs/design.md §3.4) under the ways they broke before: each test reproduces one finding on the
 //! real control plane, under the history checker, and fails on the code that had it.
 mod support;
 

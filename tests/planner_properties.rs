@@ -1,4 +1,4 @@
-//! Property tests of the planner: one per row of the table in DESIGN §4.
+//! Property tests of the planner: one per row of the table in docs/design.md §4.
 use std::collections::{BTreeSet, VecDeque};
 
 use mesh_operator::planner::{self, Assignment, Member, Plan, analysis};

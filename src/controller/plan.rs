@@ -1,7 +1,7 @@
 //! Plan: the assignment each Pod of a policy should carry. With presence, the planner's graph over the
 //! eligible agents (each link on the dialer's `peers` and the other end's `accepts`); without any presence
 //! (a replica that leads for the first time during a rendezvous outage), the assignments the Pods already
-//! carry, minus the Pods that are gone (DESIGN §3.4 rule 2).
+//! carry, minus the Pods that are gone (docs/design.md §3.4 rule 2).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! The pure mesh planner (DESIGN §4) and the seed's scheme it replaces. No I/O, no Kubernetes types.
+//! The pure mesh planner (docs/design.md §4) and the seed's scheme it replaces. No I/O, no Kubernetes types.
 //!
 //! * [`plan`]: H-graph rings on a keyed hash (see [`rings`]), the graph every agent gets its peers from.
 //! * [`baseline`]: the seed agents' own choice, "dial the first k alive peers in list order", kept so every

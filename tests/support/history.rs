@@ -1,4 +1,4 @@
-//! The history checker (DESIGN §3.4): it watches every Pod event of a namespace, in the order the API
+//! The history checker (docs/design.md §3.4): it watches every Pod event of a namespace, in the order the API
 //! server delivers them, and after each one recomputes every agent's links from what the Pods publish
 //! (what each dials, who dials it, what it accepts). It records the first event after which an agent is
 //! over the cap, a link is dialed from both ends, an agent dials or accepts itself, or a Pod's

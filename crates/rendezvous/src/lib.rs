@@ -56,7 +56,7 @@ pub struct SimAgent {
     #[serde(default)]
     pub hostname: Option<String>,
     /// The zone the agent reports, as a rendezvous that carries one would. mesh-operator itself takes an
-    /// agent's domain from its Pod or Node label (DESIGN §3.1), never from presence.
+    /// agent's domain from its Pod or Node label (docs/design.md §3.1), never from presence.
     #[serde(default)]
     pub zone: Option<String>,
     #[serde(default = "yes")]
