@@ -1,6 +1,6 @@
 //! Apply: carries out the waves [`decide`](super::decide) chose. Assignments go by server-side apply under
-//! one field manager; removals by a merge patch that deletes every `agentmesh.dev/*` key, whoever wrote it
-//! (an apply of `{}` would only drop the keys this manager owns). Each write names the Pod's UID, so it
+//! one field manager; removals by a merge patch that deletes every assignment key (the node id stays),
+//! whoever wrote it (an apply of `{}` would only drop the keys this manager owns). Each write names the Pod's UID, so it
 //! reaches only the Pod the decision saw. Leadership is re-checked before each wave, and the writes are
 //! remembered until the Pod cache shows them (see [`Expectations`]), so no decision is taken on a cache
 //! older than our own writes.

@@ -1,4 +1,4 @@
-//! The seed agents' scheme (`agent_mesh_discovery.rs`), kept as the baseline every measurement is compared
+//! The scheme the agents used before the operator (each picked its own peers), kept as the baseline every measurement is compared
 //! with: each agent dials the first k eligible peers of the shared presence list, in list order. The cap
 //! bounds only what an agent dials, so the first k agents accept a link from everyone else.
 
