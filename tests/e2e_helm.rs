@@ -236,6 +236,15 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
             op.metrics.reconcile_errors.get_or_create(&mesh_operator::telemetry::KindLabel { kind: kind.into() });
         assert_eq!(errors.get(), 0, "reconcile errors of kind {kind}");
     }
+    // Revoking the grant stops the token: the Secret's watch restarts within its timeout, is refused, and
+    // the policy says so, naming the Secret (the mesh stays as planned).
+    ok(tool("kubectl", &["delete", "rolebinding", "-n", &ns, &format!("{release}-token-rv-token")]), "revoke");
+    wait_for("the revoked token Secret to be reported", Duration::from_secs(90), || async {
+        let p = policies.get("mesh").await.ok()?;
+        let c = p.status?.conditions.into_iter().find(|c| c.type_ == "RendezvousReachable")?;
+        (c.status == "False" && c.reason == "JoinTokenUnavailable" && c.message.contains("rv-token")).then_some(())
+    })
+    .await;
     op.kill().await;
     assert!(history.assert_clean() > 0);
 }

@@ -299,6 +299,50 @@ mod tests {
     use crate::assignment::{Peer, first_violation};
     use proptest::prelude::*;
 
+    /// A small fleet in each state a reconcile meets, through the pure steps in turn (observe →
+    /// membership → decide): what it plans, and which writes it asks for.
+    #[test]
+    fn each_state_of_a_small_fleet_gets_its_decision() {
+        use super::super::admission::QUIET;
+        use super::super::{fixtures, membership, observe};
+        let policy = fixtures::policy(2);
+        let run = |pods: &[Arc<super::super::pods::CachedPod>],
+                   snap: Option<&crate::presence::Snapshot>,
+                   admission: &mut Admission,
+                   at: Instant| {
+            let mut o = observe::observe(&policy, pods, &[]);
+            let m = snap.map(|s| membership::of_policy(&policy, &o, s, fixtures::NOW_MS, &|_| None));
+            decide(&policy, &mut o, m, (admission, at))
+        };
+        let (t0, snap) = (Instant::now(), fixtures::presence(6));
+        let bare: Vec<_> = (0..6).map(|i| fixtures::agent(i, None)).collect();
+        let mut admission = Admission::default();
+
+        let no_presence = run(&bare, None, &mut admission, t0);
+        assert!(no_presence.members.is_none() && no_presence.plan.is_none() && no_presence.waves.is_empty());
+
+        let burst = run(&bare, Some(&snap), &mut admission, t0);
+        assert!(burst.waves.is_empty() && burst.recheck.is_some(), "a burst waits for arrivals to pause");
+        let arriving = burst.members.as_ref().unwrap().excluded.values().filter(|e| **e == Exclusion::Arriving);
+        assert_eq!(arriving.count(), 6);
+
+        let planned = run(&bare, Some(&snap), &mut admission, t0 + 2 * QUIET);
+        assert_eq!(planned.wanted.values().flatten().count(), 6, "every agent gets a target");
+        assert_eq!((planned.waves.shrink.len(), planned.waves.grow.len()), (0, 6), "growing from nothing");
+        assert!(planned.wanted.values().flatten().all(|a| a.links() <= 2), "within the cap");
+
+        let carrying: Vec<_> =
+            (0..6).map(|i| fixtures::agent(i, planned.wanted[&format!("agent-{i}")].as_ref())).collect();
+        let settled = run(&carrying, Some(&snap), &mut admission, t0 + 3 * QUIET);
+        assert!(settled.waves.is_empty() && settled.wanted.is_empty(), "a settled fleet writes nothing");
+        assert_eq!(settled.plan.as_ref().map(|p| p.settled), Some(6));
+
+        // Without presence, a Pod that is gone is released by the others, and nothing grows.
+        let gone = run(&carrying[1..], None, &mut Admission::default(), t0);
+        assert!(gone.wanted.values().flatten().all(|a| !a.linked_ids().contains("n0")), "n0 is gone");
+        assert!(!gone.waves.shrink.is_empty() && gone.waves.grow.is_empty());
+    }
+
     /// A random oriented graph over `members` with every degree ≤ `cap`, as each member's assignment.
     fn graph(members: &[u8], candidates: &[(u8, u8, bool)], cap: usize) -> BTreeMap<String, Assignment> {
         let mut deg: BTreeMap<u8, usize> = BTreeMap::new();

@@ -33,6 +33,8 @@ pub mod status;
 pub mod token;
 // What the steps share: the Pod cache, the Lease, the errors.
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod pods;
 pub mod watches;
@@ -112,6 +114,7 @@ impl Context {
             policy: policy.name_any(),
         };
         self.metrics.forget_policy(&label);
+        self.tokens.retain(&self.policies.state());
         if let Some(ca) = &policy.spec.rendezvous.ca_bundle {
             self.fetcher.forget(ca);
         }
@@ -276,7 +279,7 @@ impl Shared {
             nodes: self.nodes.clone(),
             policies,
             fetcher: self.fetcher.clone(),
-            tokens: token::Tokens::new(self.client.clone()),
+            tokens: token::Tokens::new(self.client.clone(), self.metrics.clone()),
             presence: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),

@@ -43,15 +43,16 @@ pub struct Rendezvous {
 
 /// A spec field the controller refuses, naming the field and its value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("spec.{field}: {value:?} {problem}")]
+#[error("spec.{field}: {value} {problem}")]
 pub struct Invalid {
     pub field: &'static str,
+    /// As written in the spec: a string quoted, a number as is.
     pub value: String,
     pub problem: String,
 }
 
-fn invalid(field: &'static str, value: impl std::fmt::Display, problem: impl Into<String>) -> Invalid {
-    Invalid { field, value: value.to_string(), problem: problem.into() }
+fn invalid(field: &'static str, value: impl std::fmt::Debug, problem: impl Into<String>) -> Invalid {
+    Invalid { field, value: format!("{value:?}"), problem: problem.into() }
 }
 
 impl ValidPolicy {
@@ -68,7 +69,7 @@ impl ValidPolicy {
             return Err(invalid("maxPeers", spec.max_peers, format!("exceeds {}", planner::MAX_CAP)));
         }
         let selector = Selector::try_from(spec.selector.clone())
-            .map_err(|e| invalid("selector", format!("{:?}", spec.selector), format!("is not a selector: {e}")))?;
+            .map_err(|e| invalid("selector", &spec.selector, format!("is not a selector: {e}")))?;
         Ok(Self {
             name: policy.name_any(),
             namespace: policy.namespace().unwrap_or_default(),
@@ -168,7 +169,7 @@ mod tests {
             (r#"{"rendezvous": {"pollInterval": "500ms"}}"#, "spec.rendezvous.pollInterval: \"500ms\" is below 1s"),
             (r#"{"rendezvous": {"timeout": "1x"}}"#, "spec.rendezvous.timeout: \"1x\" is not a duration"),
             (r#"{"heartbeatTimeout": "-1s"}"#, "spec.heartbeatTimeout: \"-1s\" is not a duration"),
-            (r#"{"maxPeers": 65}"#, "spec.maxPeers: \"65\" exceeds 64"),
+            (r#"{"maxPeers": 65}"#, "spec.maxPeers: 65 exceeds 64"),
             (r#"{"rendezvous": {"url": "rv/presence"}}"#, "spec.rendezvous.url: \"rv/presence\" is not a URL"),
             (r#"{"rendezvous": {"url": "ftp://rv"}}"#, "spec.rendezvous.url: \"ftp://rv\" is not http:// or https://"),
             (

@@ -99,6 +99,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     steps.done("gather");
     let (read, members) = presence::take(ctx, &policy, &observed, attempt).await;
     let decision = decide(ctx, &policy, &mut observed, &read, members);
+    let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
         Mode::Enforce => write(ctx, &policy.namespace, &decision.waves).await,
@@ -111,7 +112,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     report::report(ctx, object, reconciled).await?;
     steps.done("status");
     debug!(policy = policy.name, namespace = policy.namespace, patched = outcome.patched, steps = %steps, "reconciled");
-    Ok(Action::requeue(next_run(ctx, &policy, &decision, &outcome)))
+    Ok(Action::requeue(next_run(&policy, &decision, &outcome, prompt)))
 }
 
 /// The decide step with its inputs from the context: the membership (worked out now unless presence
@@ -133,10 +134,9 @@ fn decide(
     decision
 }
 
-/// When to reconcile again, with no event: soon after failed writes, promptly while a Ready Pod waits for
-/// its presence entry, when held-back newcomers may join, else at the next poll.
-fn next_run(ctx: &Context, policy: &ValidPolicy, d: &Decision, outcome: &Outcome) -> Duration {
-    let prompt = d.members.as_ref().is_some_and(|m| presence::awaiting(ctx, policy, m));
+/// When to reconcile again, with no event: soon after failed writes, promptly (`prompt`) while a Ready Pod
+/// waits for its presence entry, when held-back newcomers may join, else at the next poll.
+fn next_run(policy: &ValidPolicy, d: &Decision, outcome: &Outcome, prompt: bool) -> Duration {
     let again = if !outcome.failed.is_empty() || outcome.lost_leadership {
         WRITE_RETRY
     } else if prompt {

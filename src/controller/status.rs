@@ -214,6 +214,43 @@ pub fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counts a reconcile reports, as the fleet moves from unplanned to written to settled.
+    #[test]
+    fn assigned_counts_only_agents_that_carry_or_were_just_given_their_plan() {
+        use super::super::admission::{Admission, QUIET};
+        use super::super::{decide, fixtures, membership, observe};
+        use std::time::Instant;
+        let policy = fixtures::policy(2);
+        let (t0, snap) = (Instant::now(), fixtures::presence(4));
+        let mut admission = Admission::default();
+        let mut decide_on = |pods: &[std::sync::Arc<super::super::pods::CachedPod>], at: Instant| {
+            let mut o = observe::observe(&policy, pods, &[]);
+            let m = membership::of_policy(&policy, &o, &snap, fixtures::NOW_MS, &|_| None);
+            let d = decide::decide(&policy, &mut o, Some(m), (&mut admission, at));
+            (o, d)
+        };
+        let bare: Vec<_> = (0..4).map(|i| fixtures::agent(i, None)).collect();
+        decide_on(&bare, t0);
+        let (o, d) = decide_on(&bare, t0 + 2 * QUIET);
+        let (before, now) =
+            (MeshPolicyStatus::default(), Time(k8s_openapi::jiff::Timestamp::from_second(100).unwrap()));
+        let mut written = Outcome::default();
+        let unwritten = counts(&before, &o, &d, &written, &now);
+        assert_eq!((unwritten.selected, unwritten.eligible, unwritten.assigned), (4, 4, 0), "nothing written yet");
+        assert_eq!(unwritten.last_plan_time, Some(now.clone()), "a new plan");
+        written.written.extend(["agent-0".to_string(), "agent-1".to_string()]);
+        written.failed.insert("agent-1".into(), super::super::apply::WriteError::TimedOut);
+        assert_eq!(counts(&before, &o, &d, &written, &now).assigned, 1, "a failed write does not count");
+
+        let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_ref())).collect();
+        let (o, settled) = decide_on(&carrying, t0 + 3 * QUIET);
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());
+        let status = counts(&unwritten, &o, &settled, &Outcome::default(), &later);
+        assert_eq!(status.assigned, 4, "agents carrying their plan count without a write");
+        assert_eq!(status.last_plan_time, Some(now), "lastPlanTime moves only with the plan");
+        assert_eq!(status.plan_hash, unwritten.plan_hash);
+    }
     use k8s_openapi::jiff::Timestamp;
 
     fn at(secs: i64) -> Time {

@@ -1,7 +1,8 @@
 //! The rendezvous join token, read from a Secret the controller watches: one watch per Secret a policy
 //! names, scoped by `fieldSelector=metadata.name`, so RBAC limited to that name (`resourceNames`, list and
 //! watch) still holds, and a poll costs no API request. A token rotated in its Secret is used from the next
-//! read on.
+//! read on. A watch that fails is never trusted again: the next read starts a new one and waits for its
+//! list. A revoked grant is noticed when the watch is next renewed (every [`REWATCH_SECS`]).
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,25 +12,38 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
 
 use crate::api::{MeshPolicy, SecretKeyRef};
 use crate::presence::FetchError;
+use crate::telemetry::Metrics;
 
 /// The Secret annotation that lists the rendezvous URLs its token may be sent to (comma or space
 /// separated): whoever may edit a MeshPolicy must not be able to send a Secret they cannot read anywhere.
 pub const ALLOWED_URLS_ANNOTATION: &str = "agentmesh.dev/rendezvous-urls";
 
+/// A Secret's watch is renewed this often (seconds): an established watch outlives a revoked grant, and
+/// only its renewal is refused, so this bounds how long a revoked token is still used.
+const REWATCH_SECS: u32 = 10;
+
 /// The watched Secrets, by (namespace, name).
 pub struct Tokens {
     client: Client,
+    metrics: Arc<Metrics>,
     watches: Mutex<HashMap<(String, String), Watch>>,
+}
+
+/// Where one Secret's watch stands.
+#[derive(Clone, Debug, PartialEq)]
+enum Listing {
+    Pending,
+    Listed,
+    Failed(String),
 }
 
 struct Watch {
     store: Store<Secret>,
-    listed: tokio::sync::watch::Receiver<bool>,
-    /// The watch's last error, until a list succeeds: why a token is not there yet.
-    error: Arc<Mutex<Option<String>>>,
+    state: watch::Receiver<Listing>,
     task: tokio::task::AbortHandle,
 }
 
@@ -40,8 +54,8 @@ impl Drop for Watch {
 }
 
 impl Tokens {
-    pub fn new(client: Client) -> Self {
-        Self { client, watches: Mutex::default() }
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self { client, metrics, watches: Mutex::default() }
     }
 
     /// The token `r` names in `namespace`, if its Secret exists, holds the key, and allows `url`. Waits at
@@ -53,9 +67,13 @@ impl Tokens {
         url: &str,
         wait: Duration,
     ) -> Result<String, FetchError> {
-        let (store, mut listed, error) = self.watch(namespace, &r.name);
-        if tokio::time::timeout(wait, listed.wait_for(|l| *l)).await.is_err() {
-            let why = error.lock().expect("token watch error").clone().unwrap_or_else(|| "no answer yet".into());
+        let (store, mut state) = self.watch(namespace, &r.name);
+        let listing = match tokio::time::timeout(wait, state.wait_for(|s| *s != Listing::Pending)).await {
+            Err(_) => Listing::Failed("no answer yet".into()),
+            Ok(Err(_)) => Listing::Failed("its watch was stopped".into()),
+            Ok(Ok(s)) => (*s).clone(),
+        };
+        if let Listing::Failed(why) = listing {
             return Err(FetchError::Token(format!("Secret {:?} could not be listed: {why}", r.name)));
         }
         let secret = store.get(&ObjectRef::new(&r.name).within(namespace));
@@ -63,44 +81,50 @@ impl Tokens {
         token_in(&secret, r, url)
     }
 
-    /// Stops the watches of Secrets no policy in `policies` names any more.
+    /// Stops the watches of Secrets no policy in `policies` still names (a policy being deleted no longer
+    /// does).
     pub fn retain(&self, policies: &[Arc<MeshPolicy>]) {
         let named: HashSet<(String, String)> = policies
             .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| Some((p.namespace()?, p.spec.rendezvous.join_token_secret_ref.as_ref()?.name.clone())))
             .collect();
         self.watches.lock().expect("token watches").retain(|key, _| named.contains(key));
     }
 
-    fn watch(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> (Store<Secret>, tokio::sync::watch::Receiver<bool>, Arc<Mutex<Option<String>>>) {
+    /// The watch of Secret `name`, started anew when there is none or the last one failed.
+    fn watch(&self, namespace: &str, name: &str) -> (Store<Secret>, watch::Receiver<Listing>) {
         let mut watches = self.watches.lock().expect("token watches");
-        let w = watches.entry((namespace.to_owned(), name.to_owned())).or_insert_with(|| self.start(namespace, name));
-        (w.store.clone(), w.listed.clone(), w.error.clone())
+        let key = (namespace.to_owned(), name.to_owned());
+        if watches.get(&key).is_none_or(|w| matches!(*w.state.borrow(), Listing::Failed(_))) {
+            watches.insert(key.clone(), self.start(namespace, name));
+        }
+        let w = &watches[&key];
+        (w.store.clone(), w.state.clone())
     }
 
     fn start(&self, namespace: &str, name: &str) -> Watch {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let config = super::watch_config().fields(&format!("metadata.name={name}"));
+        let config = watcher::Config::default().timeout(REWATCH_SECS).fields(&format!("metadata.name={name}"));
         let (store, writer) = reflector::store();
-        let (listed_tx, listed) = tokio::sync::watch::channel(false);
-        let error: Arc<Mutex<Option<String>>> = Arc::default();
-        let failed = error.clone();
-        let stream = watcher(api, config).default_backoff().reflect(writer).for_each(move |event| {
-            match event {
-                Ok(watcher::Event::InitDone) => {
-                    *failed.lock().expect("token watch error") = None;
-                    listed_tx.send_replace(true);
+        let (state_tx, state) = watch::channel(Listing::Pending);
+        let metrics = self.metrics.clone();
+        // The first error ends the watch (no retries here): the next read starts a new one.
+        let task = async move {
+            let mut events = std::pin::pin!(watcher(api, config).reflect(writer));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => drop(state_tx.send_replace(Listing::Listed)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics.watch_failed("secrets", &e);
+                        state_tx.send_replace(Listing::Failed(e.to_string()));
+                        return;
+                    }
                 }
-                Err(e) => *failed.lock().expect("token watch error") = Some(e.to_string()),
-                Ok(_) => {}
             }
-            std::future::ready(())
-        });
-        Watch { store, listed, error, task: tokio::spawn(stream).abort_handle() }
+        };
+        Watch { store, state, task: tokio::spawn(task).abort_handle() }
     }
 }
 
