@@ -162,6 +162,16 @@ mod tests {
         assert!(b.dial_lists_changed_on_leave >= 390, "{b:?}");
     }
 
+    /// The case issue 12 measured with zones (k = 4, 3 zones, 5,000 agents, seed 11): 18 links and 28 dial
+    /// lists changed by one join before the switches followed the previous plan.
+    #[test]
+    fn one_join_with_zones_costs_what_it_does_without() {
+        let reports = run(&Scenario { agents: 5000, max_peers: 4, zones: 3, fail: 0.0, seed: 11 }).unwrap();
+        let p = &reports[0];
+        assert!(p.links_changed_on_join <= 6 && p.dial_lists_changed_on_join <= 5, "{p:?}");
+        assert!(p.links_changed_on_leave <= 6 && p.dial_lists_changed_on_leave <= 5, "{p:?}");
+    }
+
     #[test]
     fn same_seed_same_report() {
         let s = Scenario { agents: 100, max_peers: 5, zones: 2, fail: 0.3, seed: 9 };

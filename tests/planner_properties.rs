@@ -183,6 +183,30 @@ proptest! {
         prop_assert_eq!(analysis::churn(&before, &again), analysis::Churn { links_changed: 0, dial_lists_changed: 0 });
     }
 
+    /// With zones the domain rule's switches follow the previous plan where a change did not touch them:
+    /// after a join or leave every rule still holds, the change stays O(k), and a replan reproduces it.
+    #[test]
+    fn join_and_leave_with_zones_keep_every_rule(n in 300usize..1200, k in 2u32..=8, zones in 2usize..5, salt: u64, victim in any::<prop::sample::Index>()) {
+        let m = members(n, zones, salt);
+        let before = plan(&m, k, "uid").assignment();
+        let mut joined = m.clone();
+        joined.push(Member { node_id: format!("new-{salt:x}"), domain: Some("zone-0".into()) });
+        let mut left = m.clone();
+        left.remove(victim.index(n));
+        for (what, after) in [("join", joined), ("leave", left)] {
+            let p = planner::plan(&after, k, "uid", &before).unwrap();
+            check_structure(&p, k as usize)?;
+            for (i, nbrs) in adjacency(&p).iter().enumerate().filter(|(_, nbrs)| k != 2 && !nbrs.is_empty()) {
+                let own = &after[i].domain;
+                prop_assert!(nbrs.iter().any(|&v| &after[v as usize].domain != own), "{what}: agent {i} links only inside {own:?}");
+            }
+            let c = analysis::churn(&before, &p.assignment());
+            prop_assert!(c.links_changed <= 4 * k as usize + 4, "{what} changed {} links (k = {k})", c.links_changed);
+            let again = planner::plan(&after, k, "uid", &p.assignment()).unwrap().assignment();
+            prop_assert_eq!(analysis::churn(&p.assignment(), &again).links_changed, 0, "{} replanned", what);
+        }
+    }
+
     #[test]
     fn join_and_leave_change_o_k_links(n in 200usize..1200, k in 2u32..=12, salt: u64, victim in any::<prop::sample::Index>()) {
         let m = members(n, 0, salt);

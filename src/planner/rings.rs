@@ -13,8 +13,11 @@
 //!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
 //! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
 //!    cross-domain edge x–y (x outside u's domain): u–x is cross-domain, and no member loses its last
-//!    cross-domain link, so one pass fixes everyone fixable. Like every step, it reads nothing of the
-//!    previous plan but its matching pairs and dialers: replanning a plan reproduces it.
+//!    cross-domain link, so one pass fixes everyone fixable. Switches take only ring edges, never one a
+//!    switch made. First, though, the previous plan's switches are made again where a join or leave did
+//!    not touch them (even for a member that no longer needs one, see `keep_switches`), so a join or leave
+//!    adds or removes only the switches it touches; replanning a plan makes every switch it has again,
+//!    and nothing else: it reproduces the plan.
 //! 5. **Orientation.** Ring edges are dialed forward, then edges of the previous plan take back their old
 //!    dialer, then reversing short directed paths balances every member to ⌊deg/2⌋ or ⌈deg/2⌉ dials.
 //!
@@ -82,6 +85,7 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
         }
     }
     if b.domains > 1 {
+        b.keep_switches(previous);
         b.spread_domains(&backbone);
     }
     for &(u, v) in &previous.edges {
@@ -133,6 +137,15 @@ fn positions(order: &[u32]) -> Vec<u32> {
         pos[u as usize] = p as u32;
     }
     pos
+}
+
+/// The root of `v`'s set in a union-find forest, halving the path on the way.
+fn root(parent: &mut [u32], mut v: u32) -> u32 {
+    while parent[v as usize] != v {
+        parent[v as usize] = parent[parent[v as usize] as usize];
+        v = parent[v as usize];
+    }
+    v
 }
 
 /// A keyed 64-bit finalizer (SplitMix64) giving each ring an independent order from one stored hash.
@@ -237,6 +250,14 @@ impl Builder {
             }
         }
         let mut open: Vec<u32> = self.aux.iter().copied().filter(|&u| self.mate[u as usize] == NO_MATE).collect();
+        if open.len() % 2 == 1 && self.domains > 1 && !open.iter().any(|&u| self.has_cross_link(u)) {
+            // Every open member needs its matching link to cross domains, and one of them would be left
+            // without (after a join, say, with every previous pair kept): it takes a partner from a pair
+            // whose other member can be the one left at k−1.
+            if let Some(i) = (0..open.len()).find(|&i| self.take_partner(open[i]).is_some()) {
+                open.remove(i);
+            }
+        }
         if open.len() % 2 == 1 {
             // The one member left at k−1 links: one that already has a cross-domain link, so the domain
             // rule holds for it without a link to spare; failing that, one from the largest domain, whose
@@ -319,6 +340,23 @@ impl Builder {
         }
     }
 
+    /// Pairs `u` with the nearest member x of another domain (in auxiliary order) whose partner y keeps a
+    /// cross-domain link without x; y is left unpaired. Returns y.
+    fn take_partner(&mut self, u: u32) -> Option<u32> {
+        let du = self.dom[u as usize];
+        let (x, y) = self.walk_from(u).find_map(|x| {
+            let y = self.mate[x as usize];
+            let keeps_cross =
+                |y: u32| self.g.neighbors(y).iter().any(|&z| z != x && self.dom[z as usize] != self.dom[y as usize]);
+            (self.dom[x as usize] != du && y != NO_MATE && y != u && !self.g.has_edge(u, x) && keeps_cross(y))
+                .then_some((x, y))
+        })?;
+        self.g.remove_edge(x, y);
+        (self.mate[x as usize], self.mate[y as usize]) = (NO_MATE, NO_MATE);
+        self.pair(u, x);
+        Some(y)
+    }
+
     /// Links `u` and `v` as matching partners, dialed by the one earlier in the auxiliary order.
     fn pair(&mut self, u: u32, v: u32) {
         (self.mate[u as usize], self.mate[v as usize]) = (v, u);
@@ -353,10 +391,105 @@ impl Builder {
     }
 
     /// Which links a switch may take away. Backbone links never go (they carry connectivity and zone-loss
-    /// tolerance). Once the odd-k matching exists only matching links go, so every member keeps exactly
-    /// one matching partner and the next replan can recognise and keep the pairs.
+    /// tolerance), nor links a switch made (so a plan's switches can be read back from it). Once the odd-k
+    /// matching exists only matching links go, so every member keeps exactly one matching partner and the
+    /// next replan can recognise and keep the pairs.
     fn removable(&self, x: u32, y: u32) -> bool {
-        if self.mate.is_empty() { !self.is_backbone(x, y) } else { self.mate[x as usize] == y }
+        if self.mate.is_empty() {
+            !self.is_backbone(x, y) && self.is_ring_edge(x, y)
+        } else {
+            self.mate[x as usize] == y
+        }
+    }
+
+    fn is_ring_edge(&self, u: u32, v: u32) -> bool {
+        self.rings.iter().any(|(_, pos)| {
+            let (a, b) = (pos[u as usize] as usize, pos[v as usize] as usize);
+            (a + 1) % self.n == b || (b + 1) % self.n == a
+        })
+    }
+
+    /// Makes again the previous plan's switches that a join or leave did not touch: first each one still
+    /// possible on its own (removable ring edges u–v and x–y the plan lacks, u–x and v–y it has and the
+    /// graph lacks), then whatever of them those 4-cycles did not account for (see [`Self::keep_balanced`]).
+    /// Only with random rings and no matching (odd k keeps its own pairs instead).
+    fn keep_switches(&mut self, previous: &Previous) {
+        if self.rings.is_empty() || !self.mate.is_empty() || previous.edges.is_empty() {
+            return;
+        }
+        let mut had: Vec<Vec<u32>> = vec![Vec::new(); self.n];
+        for &(a, b) in &previous.edges {
+            had[a as usize].push(b);
+            had[b as usize].push(a);
+        }
+        let had_edge = |a: u32, b: u32| had[a as usize].contains(&b);
+        let order = self.rings[0].0.clone();
+        for &u in &order {
+            for v in self.g.neighbors(u).to_vec() {
+                if had_edge(u, v) || !self.g.has_edge(u, v) || !self.removable(u, v) {
+                    continue;
+                }
+                let found = had[u as usize].iter().copied().find_map(|x| {
+                    if x == v || self.g.has_edge(u, x) {
+                        return None;
+                    }
+                    let y = self.g.neighbors(x).iter().copied().find(|&y| {
+                        y != u
+                            && y != v
+                            && had_edge(v, y)
+                            && !had_edge(x, y)
+                            && !self.g.has_edge(v, y)
+                            && self.removable(x, y)
+                    })?;
+                    Some((x, y))
+                });
+                if let Some(xy) = found {
+                    self.switch((u, v), xy, true);
+                }
+            }
+        }
+        self.keep_balanced(&had);
+    }
+
+    /// The rest of the previous plan's switches, where 4-cycles did not make them out (two switches can
+    /// share members): the removable ring edges it lacks and the other edges it has form components in
+    /// which every member lost as many ring edges as it gained links. A component whose members all still
+    /// balance is made again whole, with no degree change; one a join or leave touched is left to
+    /// [`Self::spread_domains`]. For a replan of the plan itself every component balances, so it is
+    /// reproduced whatever the 4-cycles took.
+    fn keep_balanced(&mut self, had: &[Vec<u32>]) {
+        let norm = |(a, b): (u32, u32)| (a.min(b), a.max(b));
+        let had_edge = |(a, b): (u32, u32)| had[a as usize].contains(&b);
+        let lost: Vec<(u32, u32)> =
+            self.g.edges().map(norm).filter(|&e| !had_edge(e) && self.removable(e.0, e.1)).collect();
+        let mut gained: Vec<(u32, u32)> = (0..self.n as u32)
+            .flat_map(|a| had[a as usize].iter().map(move |&b| (a, b)))
+            .filter(|&(a, b)| a < b && !self.g.has_edge(a, b) && !self.is_ring_edge(a, b))
+            .collect();
+        gained.sort_unstable();
+        let mut parent: Vec<u32> = (0..self.n as u32).collect();
+        let mut balance = vec![0i32; self.n];
+        for (edges, sign) in [(&lost, 1), (&gained, -1)] {
+            for &(a, b) in edges {
+                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                parent[ra as usize] = rb;
+                balance[a as usize] += sign;
+                balance[b as usize] += sign;
+            }
+        }
+        let mut whole = vec![true; self.n];
+        for v in 0..self.n as u32 {
+            if balance[v as usize] != 0 {
+                whole[root(&mut parent, v) as usize] = false;
+            }
+        }
+        let mut kept = |e: &(u32, u32)| whole[root(&mut parent, e.0) as usize];
+        for e in lost.iter().filter(|e| kept(e)) {
+            self.g.remove_edge(e.0, e.1);
+        }
+        for e in gained.iter().filter(|e| kept(e)) {
+            self.g.add_edge(e.0, e.1, true);
+        }
     }
 
     /// Replaces links u–v (when `drop_uv`) and x–y with u–x and v–y: no degree changes.
