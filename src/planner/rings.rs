@@ -13,11 +13,10 @@
 //!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
 //! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
 //!    cross-domain edge x–y (x outside u's domain): u–x is cross-domain, and no member loses its last
-//!    cross-domain link, so one pass fixes everyone fixable. Switches take only ring edges, never one a
-//!    switch made. First, though, the previous plan's switches are made again where a join or leave did
-//!    not touch them (even for a member that no longer needs one, see `keep_switches`), so a join or leave
-//!    adds or removes only the switches it touches; replanning a plan makes every switch it has again,
-//!    and nothing else: it reproduces the plan.
+//!    cross-domain link, so one pass fixes everyone fixable. First, though, the previous plan's switches
+//!    are made again where a join or leave did not touch them (even for a member that no longer needs one,
+//!    see `keep_switches`), so a join or leave adds or removes only the switches it touches; replanning a
+//!    plan makes every switch it has again, and nothing else: it reproduces the plan.
 //! 5. **Orientation.** Ring edges are dialed forward, then edges of the previous plan take back their old
 //!    dialer, then reversing short directed paths balances every member to ⌊deg/2⌋ or ⌈deg/2⌉ dials.
 //!
@@ -84,8 +83,9 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
             b.repair_deficits();
         }
     }
-    if b.domains > 1 {
-        b.keep_switches(previous);
+    // A plan that is exactly the previous one needs no new switch: a member left without a cross-domain
+    // link is one no switch could serve when the plan was made, and a replan must reproduce the plan.
+    if b.domains > 1 && !b.keep_switches(previous) {
         b.spread_domains(&backbone);
     }
     for &(u, v) in &previous.edges {
@@ -250,7 +250,8 @@ impl Builder {
             }
         }
         let mut open: Vec<u32> = self.aux.iter().copied().filter(|&u| self.mate[u as usize] == NO_MATE).collect();
-        if open.len() % 2 == 1 && self.domains > 1 && !open.iter().any(|&u| self.has_cross_link(u)) {
+        // (With k = 1 nobody keeps a cross-domain link without its partner: the rule exempts it.)
+        if self.k >= 3 && open.len() % 2 == 1 && self.domains > 1 && !open.iter().any(|&u| self.has_cross_link(u)) {
             // Every open member needs its matching link to cross domains, and one of them would be left
             // without (after a join, say, with every previous pair kept): it takes a partner from a pair
             // whose other member can be the one left at k−1.
@@ -391,38 +392,43 @@ impl Builder {
     }
 
     /// Which links a switch may take away. Backbone links never go (they carry connectivity and zone-loss
-    /// tolerance), nor links a switch made (so a plan's switches can be read back from it). Once the odd-k
-    /// matching exists only matching links go, so every member keeps exactly one matching partner and the
-    /// next replan can recognise and keep the pairs.
+    /// tolerance). Once the odd-k matching exists only matching links go, so every member keeps exactly
+    /// one matching partner and the next replan can recognise and keep the pairs.
     fn removable(&self, x: u32, y: u32) -> bool {
-        if self.mate.is_empty() {
-            !self.is_backbone(x, y) && self.is_ring_edge(x, y)
-        } else {
-            self.mate[x as usize] == y
-        }
-    }
-
-    fn is_ring_edge(&self, u: u32, v: u32) -> bool {
-        self.rings.iter().any(|(_, pos)| {
-            let (a, b) = (pos[u as usize] as usize, pos[v as usize] as usize);
-            (a + 1) % self.n == b || (b + 1) % self.n == a
-        })
+        if self.mate.is_empty() { !self.is_backbone(x, y) } else { self.mate[x as usize] == y }
     }
 
     /// Makes again the previous plan's switches that a join or leave did not touch: first each one still
-    /// possible on its own (removable ring edges u–v and x–y the plan lacks, u–x and v–y it has and the
-    /// graph lacks), then whatever of them those 4-cycles did not account for (see [`Self::keep_balanced`]).
-    /// Only with random rings and no matching (odd k keeps its own pairs instead).
-    fn keep_switches(&mut self, previous: &Previous) {
+    /// possible on its own (removable links u–v and x–y the plan lacks, u–x and v–y it has and the graph
+    /// lacks), then whatever of them those 4-cycles did not account for (see [`Self::keep_balanced`]).
+    /// Only with random rings and no matching (odd k keeps its own pairs instead). Returns whether the
+    /// graph is now exactly the previous plan.
+    fn keep_switches(&mut self, previous: &Previous) -> bool {
         if self.rings.is_empty() || !self.mate.is_empty() || previous.edges.is_empty() {
-            return;
+            return false;
         }
         let mut had: Vec<Vec<u32>> = vec![Vec::new(); self.n];
         for &(a, b) in &previous.edges {
             had[a as usize].push(b);
             had[b as usize].push(a);
         }
+        for h in &mut had {
+            h.sort_unstable_by_key(|&v| self.pos0[v as usize]);
+            h.dedup();
+        }
+        self.keep_four_cycles(&had);
+        self.keep_balanced(&had);
+        let links: usize = had.iter().map(Vec::len).sum::<usize>() / 2;
+        links == self.g.edge_count()
+            && (0..self.n as u32).all(|a| had[a as usize].iter().all(|&b| self.g.has_edge(a, b)))
+    }
+
+    /// The 4-cycle pass of [`Self::keep_switches`]. Its work is bounded (a previous plan unrelated to this
+    /// one, from another seed, would make it search every link against every other); what it leaves is
+    /// still made again by [`Self::keep_balanced`].
+    fn keep_four_cycles(&mut self, had: &[Vec<u32>]) {
         let had_edge = |a: u32, b: u32| had[a as usize].contains(&b);
+        let mut budget = 16 * self.n * self.k;
         let order = self.rings[0].0.clone();
         for &u in &order {
             for v in self.g.neighbors(u).to_vec() {
@@ -430,6 +436,7 @@ impl Builder {
                     continue;
                 }
                 let found = had[u as usize].iter().copied().find_map(|x| {
+                    budget = budget.saturating_sub(self.k);
                     if x == v || self.g.has_edge(u, x) {
                         return None;
                     }
@@ -446,27 +453,34 @@ impl Builder {
                 if let Some(xy) = found {
                     self.switch((u, v), xy, true);
                 }
+                if budget == 0 {
+                    return;
+                }
             }
         }
-        self.keep_balanced(&had);
     }
 
     /// The rest of the previous plan's switches, where 4-cycles did not make them out (two switches can
-    /// share members): the removable ring edges it lacks and the other edges it has form components in
-    /// which every member lost as many ring edges as it gained links. A component whose members all still
-    /// balance is made again whole, with no degree change; one a join or leave touched is left to
+    /// share members, or take a link a switch made): the links of the graph it lacks (never backbone ones)
+    /// and the links it has that the graph lacks form components in which every member lost as many links
+    /// as it gained. A component whose members all
+    /// still balance is made again whole, with no degree change; one a join or leave touched is left to
     /// [`Self::spread_domains`]. For a replan of the plan itself every component balances, so it is
-    /// reproduced whatever the 4-cycles took.
+    /// reproduced whatever the 4-cycles took. Both lists go in backbone order, so the result does not
+    /// depend on the members' order.
     fn keep_balanced(&mut self, had: &[Vec<u32>]) {
-        let norm = |(a, b): (u32, u32)| (a.min(b), a.max(b));
+        let key = |(a, b): (u32, u32)| {
+            let (pa, pb) = (self.pos0[a as usize], self.pos0[b as usize]);
+            (pa.min(pb), pa.max(pb))
+        };
         let had_edge = |(a, b): (u32, u32)| had[a as usize].contains(&b);
-        let lost: Vec<(u32, u32)> =
-            self.g.edges().map(norm).filter(|&e| !had_edge(e) && self.removable(e.0, e.1)).collect();
+        let mut lost: Vec<(u32, u32)> = self.g.edges().filter(|&e| !had_edge(e) && self.removable(e.0, e.1)).collect();
         let mut gained: Vec<(u32, u32)> = (0..self.n as u32)
             .flat_map(|a| had[a as usize].iter().map(move |&b| (a, b)))
-            .filter(|&(a, b)| a < b && !self.g.has_edge(a, b) && !self.is_ring_edge(a, b))
+            .filter(|&(a, b)| a < b && !self.g.has_edge(a, b))
             .collect();
-        gained.sort_unstable();
+        lost.sort_unstable_by_key(|&e| key(e));
+        gained.sort_unstable_by_key(|&e| key(e));
         let mut parent: Vec<u32> = (0..self.n as u32).collect();
         let mut balance = vec![0i32; self.n];
         for (edges, sign) in [(&lost, 1), (&gained, -1)] {
@@ -527,7 +541,8 @@ impl Builder {
 
     /// Gives every member whose links all stay in its domain one cross-domain link, by a switch
     /// u–v, x–y → u–x, v–y with x–y found near u in the auxiliary order. It reads nothing of the previous
-    /// plan: replanning a plan must reproduce it exactly, or every poll would rewire the mesh.
+    /// plan (whose switches [`Self::keep_switches`] already made again), and does not run when the graph is
+    /// that plan already: replanning a plan must reproduce it exactly, or every poll would rewire the mesh.
     fn spread_domains(&mut self, backbone: &[u32]) {
         for &u in backbone {
             let du = self.dom[u as usize];
