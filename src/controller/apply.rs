@@ -103,29 +103,33 @@ impl WriteError {
 /// One wave; `patched` counts each write as it succeeds (not when the wave ends), so the metric never
 /// lags what the API already shows.
 async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
-    // Owned futures: a stream of futures borrowing from here would not be `Send` for every lifetime.
-    let results: Vec<(Write, Result<Option<Written>, WriteError>)> = futures::stream::iter(writes.into_iter().cloned())
-        .map(|w| {
-            let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
-            async move {
-                let Some(left) = left else { return (w, Err(WriteError::NotStarted)) };
-                // Only the written version is kept: a wave of 10,000 answers would otherwise hold 10,000 Pods.
-                let result = match tokio::time::timeout(left, patch(&api, &w)).await {
-                    Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(WriteError::Rejected),
-                    Err(_) => Err(WriteError::TimedOut),
-                };
-                if result.is_ok() {
-                    patched.inc();
+    // Owned futures (a stream of futures borrowing from here would not be `Send` for every lifetime), each
+    // with its own copy of its write while in flight; the answers name their write by index, so a wave of
+    // 10,000 never holds 10,000 copies.
+    let results: Vec<(usize, Result<Option<Written>, WriteError>)> =
+        futures::stream::iter(writes.clone().into_iter().cloned().enumerate())
+            .map(|(i, w)| {
+                let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
+                async move {
+                    let Some(left) = left else { return (i, Err(WriteError::NotStarted)) };
+                    // Only the written version is kept: a wave of 10,000 answers would otherwise hold 10,000 Pods.
+                    let result = match tokio::time::timeout(left, patch(&api, &w)).await {
+                        Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(WriteError::Rejected),
+                        Err(_) => Err(WriteError::TimedOut),
+                    };
+                    if result.is_ok() {
+                        patched.inc();
+                    }
+                    tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_ref().map(Assignment::links), ok = result.is_ok(), "Pod write");
+                    (i, result)
                 }
-                tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_ref().map(Assignment::links), ok = result.is_ok(), "Pod write");
-                (w, result)
-            }
-        })
-        .buffer_unordered(ctx.concurrency.max(1))
-        .collect()
-        .await;
+            })
+            .buffer_unordered(ctx.concurrency.max(1))
+            .collect()
+            .await;
     let mut unsettled = Vec::new();
-    for (w, result) in results {
+    for (i, result) in results {
+        let w = writes[i];
         match result {
             Ok(pod) => {
                 out.patched += 1;
@@ -137,14 +141,14 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
             Err(error) => {
                 out.lost_leadership |= matches!(error, WriteError::NotStarted) || !ctx.leadership.may_write();
                 if error.ambiguous() {
-                    unsettled.push(w.clone());
+                    unsettled.push(w);
                 }
-                out.failed.insert(w.pod, error);
+                out.failed.insert(w.pod.clone(), error);
             }
         }
     }
     // A write that may have landed must show in the cache before the next decision.
-    futures::future::join_all(unsettled.iter().map(|w| settle(ctx, w))).await;
+    futures::future::join_all(unsettled.into_iter().map(|w| settle(ctx, w))).await;
 }
 
 /// After a write that may or may not have landed: the cache must show the Pod at least as it is now (read
