@@ -239,8 +239,11 @@ impl Builder {
                 !previous.known[mid as usize]
             })
         };
+        // Each pair in auxiliary order (not member order, which must not matter).
+        let by_aux =
+            |(a, b): (u32, u32)| if self.pos_aux[a as usize] <= self.pos_aux[b as usize] { (a, b) } else { (b, a) };
         let mut kept: Vec<(u32, u32)> =
-            previous.edges.iter().filter(|&&(a, b)| !split_by_join(a, b)).map(|&(a, b)| (a.min(b), a.max(b))).collect();
+            previous.edges.iter().filter(|&&(a, b)| !split_by_join(a, b)).map(|&e| by_aux(e)).collect();
         kept.sort_unstable_by_key(|&(a, b)| (self.pos_aux[a as usize], self.pos_aux[b as usize]));
         kept.dedup();
         self.mate = vec![NO_MATE; n];
