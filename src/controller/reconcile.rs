@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
 use super::error::CleanupError;
+use super::membership::{self, Membership};
 use super::observe::{self, Observed};
 use super::plan::Targets;
 use super::policy::ValidPolicy;
@@ -98,7 +99,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     let mut observed = observe::gather(ctx, &policy);
     steps.done("gather");
     let (read, members) = presence::take(ctx, &policy, &observed, attempt).await;
-    let decision = decide(ctx, &policy, &mut observed, &read, members);
+    let decision = decision(ctx, &policy, &mut observed, &read, members);
     let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
@@ -117,17 +118,18 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
 
 /// The decide step with its inputs from the context: the membership (worked out now unless presence
 /// already did), and the policy's admission state.
-fn decide(
+fn decision(
     ctx: &Context,
     policy: &ValidPolicy,
     o: &mut Observed,
     read: &Read,
-    members: Option<super::membership::Membership>,
+    members: Option<Membership>,
 ) -> Decision {
     let node_domain = |node: &str| observe::node_domain(ctx, policy, node);
-    let members = read.snapshot.as_deref().map(|snap| {
-        members.unwrap_or_else(|| super::membership::of_policy(policy, o, snap, read.confirmed_ms, &node_domain))
-    });
+    let members = read
+        .snapshot
+        .as_deref()
+        .map(|snap| members.unwrap_or_else(|| membership::of_policy(policy, o, snap, read.confirmed_ms, &node_domain)));
     let mut admission = ctx.admissions.lock().expect("admission map lock").remove(&policy.uid).unwrap_or_default();
     let decision = decide::decide(policy, o, members, (&mut admission, Instant::now()));
     ctx.admissions.lock().expect("admission map lock").insert(policy.uid.clone(), admission);
