@@ -77,15 +77,34 @@ fn memory(policy: &ValidPolicy, n: usize) {
     let (snapshot, snapshot_bytes, _) = measure(|| presence_of(n + 1));
     let mut admission = Admission::default();
     let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut admission, Instant::now()));
+    drop(decision);
+    let (burst_kept, burst_peak) = burst_memory(policy, n);
     println!(
-        "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, one join's pass: peak {}, decision kept {}",
+        "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, one join's pass: peak {}, decision \
+         kept {}; a burst's pass (all {n} new): peak {}, decision kept {}",
         mib(cache_bytes),
         cache_bytes / n,
         mib(snapshot_bytes),
         mib(peak),
-        mib(kept)
+        mib(kept),
+        mib(burst_peak),
+        mib(burst_kept)
     );
-    drop(decision);
+}
+
+/// What the pass that plans a whole burst (n new agents, no assignment yet) holds at its peak, and keeps.
+fn burst_memory(policy: &ValidPolicy, n: usize) -> (usize, usize) {
+    let (bare, snapshot) = (new_agents(n), presence_of(n));
+    let (mut admission, now) = (Admission::default(), Instant::now());
+    pass(policy, &bare, &snapshot, &mut admission, now);
+    let later = now + 2 * mesh_operator::controller::admission::QUIET;
+    let (decision, kept, peak) = measure(|| pass(policy, &bare, &snapshot, &mut admission, later));
+    assert_eq!(decision.waves.grow.len(), n, "every agent of the burst gets a write");
+    (kept, peak)
+}
+
+fn new_agents(n: usize) -> Vec<Arc<CachedPod>> {
+    (0..n).map(|i| Arc::new(agent_pod(i, None))).collect()
 }
 
 fn policy() -> MeshPolicy {
@@ -147,13 +166,13 @@ fn pass(
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
 fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
     let snapshot = presence_of(n);
-    let bare: Vec<Arc<CachedPod>> = (0..n).map(|i| Arc::new(agent_pod(i, None))).collect();
+    let bare = new_agents(n);
     // All n arrive at once: admission holds them, and plans them together once arrivals pause.
     let (mut admission, now) = (Admission::default(), Instant::now());
     assert!(pass(policy, &bare, &snapshot, &mut admission, now).wanted.is_empty(), "a burst waits");
     let later = now + 2 * mesh_operator::controller::admission::QUIET;
     let decision = pass(policy, &bare, &snapshot, &mut admission, later);
-    let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_ref()));
+    let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_deref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
 }

@@ -120,7 +120,7 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                     if result.is_ok() {
                         patched.inc();
                     }
-                    tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_ref().map(Assignment::links), ok = result.is_ok(), "Pod write");
+                    tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_deref().map(Assignment::links), ok = result.is_ok(), "Pod write");
                     (i, result)
                 }
             })

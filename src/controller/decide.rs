@@ -206,7 +206,8 @@ pub struct Write {
     pub uid: Option<String>,
     /// The Pod's resourceVersion as the decision saw it.
     pub resource_version: Option<String>,
-    pub to: Option<Assignment>,
+    /// Shared with the decision's target: a wave of thousands of new agents copies no assignment.
+    pub to: Option<Arc<Assignment>>,
     /// The Pod's agent, and the node ids this write drops (shrink) or adds (grow).
     pub node_id: Option<String>,
     pub touches: BTreeSet<String>,
@@ -244,7 +245,7 @@ impl Waves {
 
 /// The waves that take every Pod in `targets` from what it carries (as `policy`'s, see
 /// [`PodState::carried`]) to its target; Pods already there get no write.
-pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Option<Assignment>>, policy: &str) -> Waves {
+pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str) -> Waves {
     let mut waves = Waves::default();
     for (name, target) in targets {
         let Some(pod) = pods.get(name) else { continue };
@@ -252,7 +253,7 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
         if pod.keys.policy().is_some_and(|p| p != policy) {
             continue;
         }
-        let write = |to: Option<Assignment>, touches: BTreeSet<String>| Write {
+        let write = |to: Option<Arc<Assignment>>, touches: BTreeSet<String>| Write {
             pod: name.clone(),
             uid: pod.uid.clone(),
             resource_version: pod.resource_version.clone(),
@@ -276,10 +277,10 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &BTreeMap<String, Optio
                 // Stray keys without a policy must go before the agent may gain anything.
                 let shrink = !dropped.is_empty() || (now.is_some() && pod.keys.policy().is_none());
                 if shrink {
-                    waves.shrink.push(write(Some(kept.clone()), dropped));
+                    waves.shrink.push(write(Some(Arc::new(kept.clone())), dropped));
                 }
                 // The Pod does not carry `want` (checked above): it gets it, unless the shrink already wrote it.
-                if !(shrink && kept == *want) {
+                if !(shrink && kept == **want) {
                     let gained = ids(Some(want)).difference(&ids(Some(&kept))).cloned().collect();
                     waves.grow.push(write(Some(want.clone()), gained));
                 }
@@ -332,7 +333,7 @@ mod tests {
         assert!(planned.wanted.values().flatten().all(|a| a.links() <= 2), "within the cap");
 
         let carrying: Vec<_> =
-            (0..6).map(|i| fixtures::agent(i, planned.wanted[&format!("agent-{i}")].as_ref())).collect();
+            (0..6).map(|i| fixtures::agent(i, planned.wanted[&format!("agent-{i}")].as_deref())).collect();
         let settled = run(&carrying, Some(&snap), &mut admission, t0 + 3 * QUIET);
         assert!(settled.waves.is_empty() && settled.wanted.is_empty(), "a settled fleet writes nothing");
         assert_eq!(settled.plan.as_ref().map(|p| p.settled), Some(6));
@@ -413,7 +414,7 @@ mod tests {
             let before = if before_members.is_empty() { BTreeMap::new() } else { graph(&before_members, &before_edges, cap) };
             let after = if after_members.is_empty() { BTreeMap::new() } else { graph(&after_members, &after_edges, cap) };
             let mut pods: BTreeMap<String, PodState> = (0..n).map(|v| (id(v), state(before.get(&id(v)), v))).collect();
-            let targets: BTreeMap<String, Option<Assignment>> = (0..n).map(|v| (id(v), after.get(&id(v)).cloned())).collect();
+            let targets: Targets = (0..n).map(|v| (id(v), after.get(&id(v)).cloned().map(Arc::new))).collect();
             let waves = waves(&pods, &targets, "p");
             prop_assert_eq!(first_violation(&published(&pods), cap), None);
 
@@ -447,10 +448,10 @@ mod tests {
         let now = Assignment::new(vec![peer(1), peer(2)], [], "p".into());
         let want = Assignment::new(vec![peer(1), peer(3)], [], "p".into());
         let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(want.clone()))]), "p");
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p");
         assert_eq!(w.shrink.len(), 1, "the old code wrote the whole new list in the removal wave");
         assert_eq!(w.shrink[0].to.as_ref().unwrap().peers, vec![peer(1)]);
-        assert_eq!(w.grow[0].to.as_ref(), Some(&want));
+        assert_eq!(w.grow[0].to.as_deref(), Some(&want));
         let (safe, held) = w.grow_after(&HashSet::from([id(0)]));
         assert!(safe.is_empty() && held == vec![id(0).as_str()], "a failed shrink holds its own grow");
     }
@@ -484,7 +485,7 @@ mod tests {
         let theirs = state(Some(&Assignment::new(vec![], [], "q".into())), 1);
         let pods = BTreeMap::from([("stray".to_string(), stray), ("theirs".to_string(), theirs)]);
         let mine = Assignment::new(vec![peer(2)], [], "p".into());
-        let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(mine))]);
+        let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(Arc::new(mine)))]);
         let w = waves(&pods, &targets, "p");
         assert_eq!(w.shrink.iter().map(|w| w.pod.as_str()).collect::<Vec<_>>(), vec!["stray"]);
     }

@@ -152,11 +152,11 @@ pub fn decide(
         by_id: snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect(),
         by_host: match fallback {
             true => snapshot.nodes.iter().filter_map(|n| n.hostname.as_deref().map(|h| (h, n))).collect(),
-            false => HashMap::new(),
+            false => Default::default(),
         },
         by_ip: match fallback {
             true => snapshot.nodes.iter().filter_map(|n| address_host(&n.address).map(|h| (h, n))).collect(),
-            false => HashMap::new(),
+            false => Default::default(),
         },
         addresses: Default::default(),
     };
@@ -198,11 +198,11 @@ pub fn decide(
 
 /// Presence entries by node id, hostname and IP, and each advertised address parsed once.
 struct Index<'a> {
-    by_id: HashMap<&'a str, &'a Node>,
-    by_host: HashMap<&'a str, &'a Node>,
-    by_ip: HashMap<String, &'a Node>,
+    by_id: foldhash::HashMap<&'a str, &'a Node>,
+    by_host: foldhash::HashMap<&'a str, &'a Node>,
+    by_ip: foldhash::HashMap<String, &'a Node>,
     /// Agents often advertise one address template (`ws://0.0.0.0:3001/…`): each is parsed once.
-    addresses: std::cell::RefCell<HashMap<&'a str, Option<url::Url>>>,
+    addresses: std::cell::RefCell<foldhash::HashMap<&'a str, Option<url::Url>>>,
 }
 
 impl<'a> Index<'a> {

@@ -2,7 +2,7 @@
 //! eligible agents (each link on the dialer's `peers` and the other end's `accepts`); without any presence
 //! (a replica that leads for the first time during a rendezvous outage), the assignments the Pods already
 //! carry, minus the Pods that are gone (docs/design.md §3.4 rule 2).
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use super::decide::PodState;
@@ -11,7 +11,7 @@ use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
 
 /// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
-pub type Targets = BTreeMap<String, Option<Assignment>>;
+pub type Targets = BTreeMap<String, Option<Arc<Assignment>>>;
 
 /// A plan in the form the controller publishes.
 pub struct PlanOutcome {
@@ -28,7 +28,7 @@ pub struct PlanOutcome {
 }
 
 /// What the Pods carry, read as the planner's previous plan without copying it.
-struct Carried<'a>(HashMap<&'a str, &'a Assignment>);
+struct Carried<'a>(foldhash::HashMap<&'a str, &'a Assignment>);
 
 impl planner::Previous for Carried<'_> {
     fn links(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -106,7 +106,7 @@ pub fn plan(
         match pods.get(&agent.pod).and_then(|p| p.keys.exact()) {
             Some(now) if t.is(now, policy) => out.settled += 1,
             _ => {
-                out.targets.insert(agent.pod.clone(), Some(t.to_assignment(policy)));
+                out.targets.insert(agent.pod.clone(), Some(Arc::new(t.to_assignment(policy))));
             }
         }
     }
@@ -156,7 +156,7 @@ pub fn adopt(
             let target = planned(pod, a.as_ref()).then(|| {
                 let peers = a.peers.iter().filter(|p| !gone.contains(p.node_id.as_str())).cloned().collect();
                 let accepts = a.accepts.iter().filter(|id| !gone.contains(id.as_str())).cloned();
-                Assignment::new(peers, accepts, a.policy.clone())
+                Arc::new(Assignment::new(peers, accepts, a.policy.clone()))
             });
             (pod.clone(), target)
         })
@@ -212,8 +212,11 @@ mod tests {
         let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
         let out = plan(&m, 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
         assert_eq!(out.targets["gone"], None);
-        let published: BTreeMap<String, Assignment> =
-            m.agents.iter().map(|a| (a.node_id.clone(), out.targets[&a.pod].clone().unwrap())).collect();
+        let published: BTreeMap<String, Assignment> = m
+            .agents
+            .iter()
+            .map(|a| (a.node_id.clone(), Assignment::clone(out.targets[&a.pod].as_deref().unwrap())))
+            .collect();
         assert_eq!(crate::assignment::first_violation(&published, 4), None);
         for (id, a) in &published {
             assert_eq!(a.links(), 4);
@@ -246,11 +249,15 @@ mod tests {
         let staying = HashSet::from(["x".to_string(), "y".to_string()]);
         let live_ips = HashSet::from(["10.0.0.1".to_string(), "10.0.0.2".to_string(), "10.0.0.3".to_string()]);
         let t = adopt(&carried, &pods, &staying, &live_ips, 4);
-        assert_eq!(t["x"], Some(a(&[("ny", "10.0.0.2")], &["nw"])), "z is gone; nw may only be unknown");
-        assert_eq!(t["y"], Some(a(&[], &["nx"])));
+        assert_eq!(t["x"].as_deref(), Some(&a(&[("ny", "10.0.0.2")], &["nw"])), "z is gone; nw may only be unknown");
+        assert_eq!(t["y"].as_deref(), Some(&a(&[], &["nx"])));
         assert_eq!(t["z"], None);
         let fewer_ips = HashSet::from(["10.0.0.1".to_string()]);
-        assert_eq!(adopt(&carried, &pods, &staying, &fewer_ips, 4)["x"], Some(a(&[], &["nw"])), "deleted Pods' IPs");
+        assert_eq!(
+            adopt(&carried, &pods, &staying, &fewer_ips, 4)["x"].as_deref(),
+            Some(&a(&[], &["nw"])),
+            "deleted Pods' IPs"
+        );
         assert_eq!(adopt(&carried, &pods, &staying, &live_ips, 2)["x"], None, "over the cap: nobody planned it");
         let mut stray = pods.clone();
         stray.get_mut("y").unwrap().keys = Default::default();

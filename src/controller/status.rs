@@ -243,7 +243,7 @@ mod tests {
         written.failed.insert("agent-1".into(), super::super::apply::WriteError::TimedOut);
         assert_eq!(counts(&before, &o, &d, &written, &now).assigned, 1, "a failed write does not count");
 
-        let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_ref())).collect();
+        let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_deref())).collect();
         let (o, settled) = decide_on(&carrying, t0 + 3 * QUIET);
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());
         let status = counts(&unwritten, &o, &settled, &Outcome::default(), &later);

@@ -4,7 +4,9 @@
 //! * [`baseline`]: the seed agents' own choice, "dial the first k alive peers in list order", kept so every
 //!   comparison can be printed side by side.
 //! * [`analysis`]: degree, components, diameter, failure and churn measurements over either.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMapExt;
 
 pub mod analysis;
 pub mod baseline;
@@ -113,7 +115,7 @@ pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, prev
     if cap > MAX_CAP {
         return Err(PlanError::CapOutOfRange(cap));
     }
-    let mut seen = HashMap::with_capacity(members.len());
+    let mut seen = foldhash::HashMap::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
         if m.node_id.is_empty() {
             return Err(PlanError::EmptyNodeId(i));
@@ -125,10 +127,22 @@ pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, prev
     let mut edges: Vec<(u32, u32)> =
         previous.links().filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?))).filter(|(a, b)| a != b).collect();
     // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
-    // order `previous` lists its links in (a hash map's, say), or on the order of `members`.
-    let id = |i: u32| members[i as usize].node_id.as_str();
-    edges.sort_unstable_by(|x, y| (id(x.0), id(x.1)).cmp(&(id(y.0), id(y.1))));
+    // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
+    // their ends' node ids, compared as ranks.
+    let rank = id_ranks(members);
+    edges.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
     let known = members.iter().map(|m| previous.knew(&m.node_id)).collect();
     let graph = rings::build(members, cap as usize, seed, &rings::Previous { edges, known });
     Ok(Plan { members: members.to_vec(), graph })
+}
+
+/// Each member's position in node-id order.
+fn id_ranks(members: &[Member]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..members.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| members[a as usize].node_id.cmp(&members[b as usize].node_id));
+    let mut rank = vec![0; members.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i as usize] = r as u32;
+    }
+    rank
 }
