@@ -153,6 +153,13 @@ async fn settle(seen: &Shared, ready: &HashMap<String, Instant>) -> (Duration, D
     (pct(0.5), pct(0.99), last_assigned.saturating_duration_since(*last_ready))
 }
 
+/// The longest time between two consecutive Ready times: a pause of admission::QUIET ends a burst.
+fn longest_pause(ready: &HashMap<String, Instant>) -> Duration {
+    let mut at: Vec<Instant> = ready.values().copied().collect();
+    at.sort();
+    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
 async fn wait_until(what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !check() {
@@ -237,6 +244,7 @@ async fn main() {
     let started = Instant::now();
     let ready = add_agents(&client, &ns, &rv, 0..agents, 32, None).await;
     row("burst: created and Ready in", format!("{:.1} s", started.elapsed().as_secs_f64()));
+    row("burst: longest pause between two agents becoming Ready", ms(longest_pause(&ready)));
     let (p50, p99, after_last) = settle(&seen, &ready).await;
     row("burst: every agent assigned, after the last became Ready", ms(after_last));
     row("burst: Ready → annotation p50 / p99", format!("{} / {}", ms(p50), ms(p99)));

@@ -65,6 +65,17 @@ impl From<finalizer::Error<Error>> for Error {
     }
 }
 
+/// Whether the finalizer helper's patch failed its test of the finalizers it read (422): the cached policy
+/// was older than the stored one, most often because our own add has not reached the cache yet. Not a
+/// failure: the reconcile runs again once the cache has caught up.
+pub fn stale_finalizers(e: &finalizer::Error<Error>) -> bool {
+    match e {
+        finalizer::Error::AddFinalizer(kube::Error::Api(s))
+        | finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) => s.code == 422,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +99,20 @@ mod tests {
             let e = Error::from(e);
             assert_eq!(e.kind(), kind, "{shown}");
             assert!(Error::KINDS.contains(&e.kind()));
+        }
+    }
+
+    #[test]
+    fn a_finalizer_patch_on_a_stale_policy_is_not_a_failure() {
+        let cases: [(finalizer::Error<Error>, bool); 5] = [
+            (finalizer::Error::AddFinalizer(api_error(422)), true),
+            (finalizer::Error::RemoveFinalizer(api_error(422)), true),
+            (finalizer::Error::AddFinalizer(api_error(403)), false),
+            (finalizer::Error::ApplyFailed(Error::Status(api_error(422))), false),
+            (finalizer::Error::UnnamedObject, false),
+        ];
+        for (e, stale) in cases {
+            assert_eq!(stale_finalizers(&e), stale, "{e}");
         }
     }
 

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
-use super::error::CleanupError;
+use super::error::{CleanupError, stale_finalizers};
 use super::membership::{self, Membership};
 use super::observe::{self, Observed};
 use super::plan::Targets;
@@ -48,6 +48,7 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let started = Instant::now();
+    let name = policy.name_any();
     let api: Api<MeshPolicy> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
     let result = finalizer(&api, FINALIZER, policy, |event| async {
         match event {
@@ -55,8 +56,14 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
             Finalized::Cleanup(p) => cleanup(&p, &ctx).await,
         }
     })
-    .await
-    .map_err(Error::from);
+    .await;
+    let result = match result {
+        Err(e) if stale_finalizers(&e) => {
+            info!(policy = name, error = %e, "the policy changed since the cache read it: running again once it has caught up");
+            Ok(Action::requeue(CACHE_WAIT))
+        }
+        other => other.map_err(Error::from),
+    };
     crate::memory::release();
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };

@@ -111,6 +111,7 @@ fn pod_events(
         .reflect(writer)
         .inspect_ok(move |event| {
             if let watcher::Event::InitDone = event {
+                tracing::debug!("the Pod cache holds a complete list");
                 let done = listing.lock().expect("listing lock").clone();
                 *listed_ctx.cache_interest.write().expect("cache interest lock") = done;
             }
