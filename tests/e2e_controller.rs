@@ -617,9 +617,9 @@ async fn writes_reach_only_the_pod_the_plan_saw() {
         pod: "agent-0".into(),
         uid: stale_uid,
         resource_version: None,
-        to: Some(to),
+        to: Some(std::sync::Arc::new(to)),
+        from: None,
         node_id: None,
-        touches: Default::default(),
     };
     let waves = decide::Waves { shrink: vec![], grow: vec![write] };
     let exp = apply::Expectations::default();

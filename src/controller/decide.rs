@@ -208,9 +208,33 @@ pub struct Write {
     pub resource_version: Option<String>,
     /// Shared with the decision's target: a wave of thousands of new agents copies no assignment.
     pub to: Option<Arc<Assignment>>,
-    /// The Pod's agent, and the node ids this write drops (shrink) or adds (grow).
+    /// What the Pod carried as the policy's when the decision was made (shared with the Pod cache): with
+    /// `to`, the node ids the write drops or adds, worked out only when a wave failed.
+    pub from: Option<Arc<Assignment>>,
+    /// The Pod's agent.
     pub node_id: Option<String>,
-    pub touches: BTreeSet<String>,
+}
+
+impl Write {
+    /// The node ids that lose their link with this Pod: those it carries and `to` does not keep.
+    fn dropped(&self) -> BTreeSet<&str> {
+        let kept = self.kept();
+        ids(self.from.as_deref()).into_iter().filter(|id| !kept.contains(*id)).collect()
+    }
+
+    /// The node ids that gain a link with this Pod: those `to` adds to what it keeps.
+    fn gained(&self) -> BTreeSet<&str> {
+        let kept = self.kept();
+        ids(self.to.as_deref()).into_iter().filter(|id| !kept.contains(*id)).collect()
+    }
+
+    /// The ids of the links `from` and `to` share (a peer whose URL changed is not shared).
+    fn kept(&self) -> BTreeSet<String> {
+        match (&self.from, &self.to) {
+            (Some(from), Some(to)) => from.intersect(to).linked_ids().into_iter().map(str::to_owned).collect(),
+            _ => BTreeSet::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -230,13 +254,13 @@ impl Waves {
         let mut tainted: HashSet<&str> = HashSet::new();
         for w in self.shrink.iter().filter(|w| failed.contains(&w.pod)) {
             tainted.extend(w.node_id.as_deref());
-            tainted.extend(w.touches.iter().map(String::as_str));
+            tainted.extend(w.dropped());
         }
         let (mut safe, mut held) = (Vec::new(), Vec::new());
         for w in &self.grow {
             let blocked = failed.contains(&w.pod)
                 || w.node_id.as_deref().is_some_and(|id| tainted.contains(id))
-                || w.touches.iter().any(|id| tainted.contains(id.as_str()));
+                || (!tainted.is_empty() && w.gained().iter().any(|id| tainted.contains(id)));
             if blocked { held.push(w.pod.as_str()) } else { safe.push(w) }
         }
         (safe, held)
@@ -253,36 +277,36 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str)
         if pod.keys.policy().is_some_and(|p| p != policy) {
             continue;
         }
-        let write = |to: Option<Arc<Assignment>>, touches: BTreeSet<String>| Write {
+        if target.as_ref().is_some_and(|want| pod.carries(want)) {
+            continue;
+        }
+        let from = pod.carried(policy, true);
+        let write = |to: Option<Arc<Assignment>>| Write {
             pod: name.clone(),
             uid: pod.uid.clone(),
             resource_version: pod.resource_version.clone(),
             to,
+            from: from.clone(),
             node_id: pod.node_id.clone(),
-            touches,
         };
-        if target.as_ref().is_some_and(|want| pod.carries(want)) {
-            continue;
-        }
-        let now = pod.carried(policy, true);
-        let now = now.as_deref();
+        let now = from.as_deref();
         match target {
             None if now.is_none() => {}
-            None => waves.shrink.push(write(None, ids(now))),
+            None => waves.shrink.push(write(None)),
             Some(want) => {
                 let kept = now
                     .map(|n| n.intersect(want))
                     .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
-                let dropped: BTreeSet<String> = ids(now).difference(&ids(Some(&kept))).cloned().collect();
+                let drops = ids(now).len() > ids(Some(&kept)).len();
                 // Stray keys without a policy must go before the agent may gain anything.
-                let shrink = !dropped.is_empty() || (now.is_some() && pod.keys.policy().is_none());
+                let shrink = drops || (now.is_some() && pod.keys.policy().is_none());
+                // The Pod does not carry `want` (checked above): it gets it, unless the shrink already writes it.
+                let grow = !(shrink && kept == **want);
                 if shrink {
-                    waves.shrink.push(write(Some(Arc::new(kept.clone())), dropped));
+                    waves.shrink.push(write(Some(Arc::new(kept))));
                 }
-                // The Pod does not carry `want` (checked above): it gets it, unless the shrink already wrote it.
-                if !(shrink && kept == **want) {
-                    let gained = ids(Some(want)).difference(&ids(Some(&kept))).cloned().collect();
-                    waves.grow.push(write(Some(want.clone()), gained));
+                if grow {
+                    waves.grow.push(write(Some(want.clone())));
                 }
             }
         }
@@ -290,8 +314,8 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str)
     waves
 }
 
-fn ids(a: Option<&Assignment>) -> BTreeSet<String> {
-    a.map(|a| a.linked_ids().into_iter().map(str::to_owned).collect()).unwrap_or_default()
+fn ids(a: Option<&Assignment>) -> BTreeSet<&str> {
+    a.map(Assignment::linked_ids).unwrap_or_default()
 }
 
 #[cfg(test)]
