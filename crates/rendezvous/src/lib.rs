@@ -140,8 +140,10 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
                 return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
             }
-            let body = json!({"serverNodeId": server, "nowMs": now_ms(), "nodes": nodes});
-            ([(header::ETAG, etag)], Json(body)).into_response()
+            let head = json!({"serverNodeId": server, "nowMs": now_ms()}).to_string();
+            // The nodes array, serialized once for the ETag, goes into the body as it is.
+            let body = [head.trim_end_matches('}').as_bytes(), b",\"nodes\":", &nodes, b"}"].concat();
+            ([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response()
         }
         FailMode::Down => (StatusCode::SERVICE_UNAVAILABLE, "rendezvous down").into_response(),
         FailMode::Status500 => (StatusCode::INTERNAL_SERVER_ERROR, "simulated failure").into_response(),
@@ -162,26 +164,52 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Simulated agents (a live one has just heartbeated, so while any is live the ETag changes with every
-/// read) and the hub's real ones (last seen at their last frame).
-fn nodes(st: &SimState) -> Vec<serde_json::Value> {
+/// One presence entry as the rendezvous serves it.
+#[derive(Serialize)]
+struct Entry<'a> {
+    node_id: &'a str,
+    address: &'a str,
+    alive: bool,
+    last_seen: f64,
+    last_seen_ms: f64,
+    hostname: Option<&'a str>,
+    /// Simulated agents report theirs (`null`: none); the hub's real ones carry none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<Option<&'a str>>,
+}
+
+/// The JSON array of the simulated agents (a live one has just heartbeated, so while any is live the ETag
+/// changes with every read) and the hub's real ones (last seen at their last frame).
+fn nodes(st: &SimState) -> Vec<u8> {
     let now = now_ms();
     let sim = st.agents.values().map(|a| {
         let seen = a.frozen_at_ms.unwrap_or(now);
-        json!({"node_id": a.node_id, "address": a.address, "alive": a.alive,
-               "last_seen": seen / 1000.0, "last_seen_ms": seen, "hostname": a.hostname, "zone": a.zone})
+        Entry {
+            node_id: &a.node_id,
+            address: &a.address,
+            alive: a.alive,
+            last_seen: seen / 1000.0,
+            last_seen_ms: seen,
+            hostname: a.hostname.as_deref(),
+            zone: Some(a.zone.as_deref()),
+        }
     });
-    let real = st.hub.connected.iter().map(|(id, c)| {
-        json!({"node_id": id, "address": c.address, "alive": c.alive,
-               "last_seen": c.last_seen_ms / 1000.0, "last_seen_ms": c.last_seen_ms, "hostname": c.hostname})
+    let real = st.hub.connected.iter().map(|(id, c)| Entry {
+        node_id: id,
+        address: &c.address,
+        alive: c.alive,
+        last_seen: c.last_seen_ms / 1000.0,
+        last_seen_ms: c.last_seen_ms,
+        hostname: c.hostname.as_deref(),
+        zone: None,
     });
-    sim.chain(real).collect()
+    serde_json::to_vec(&sim.chain(real).collect::<Vec<_>>()).expect("presence entries serialize")
 }
 
-fn hash(v: &impl Serialize) -> u64 {
+fn hash(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
-    serde_json::to_string(v).unwrap_or_default().hash(&mut h);
+    bytes.hash(&mut h);
     h.finish()
 }
 
