@@ -709,3 +709,31 @@ async fn a_new_node_id_annotation_relists_the_cache_without_touching_the_mesh() 
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }
+
+/// The finalizer helper's patch made from a cached policy older than the stored one (our own add not seen
+/// yet) is refused with 422; the reconcile recognises it as a stale read, not a failure, and only while
+/// the stored policy differs from what it read.
+#[tokio::test]
+async fn a_finalizer_patch_from_a_stale_read_is_told_from_a_refusal() {
+    use kube::runtime::{controller::Action, finalizer};
+    use mesh_operator::controller::{error, reconcile};
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "stale-finalizer").await;
+    let api: Api<MeshPolicy> = Api::namespaced(client.clone(), &ns);
+    let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
+        "metadata": {"name": "mesh"}, "spec": {"selector": {"matchLabels": {"app": "agent"}},
+        "rendezvous": {"url": "http://127.0.0.1:9"}}}))
+    .unwrap();
+    let read = std::sync::Arc::new(api.create(&PostParams::default(), &mp).await.unwrap());
+    let run = |p: std::sync::Arc<MeshPolicy>| {
+        finalizer(&api, "agentmesh.dev/test", p, |_| async { Ok::<_, error::Error>(Action::await_change()) })
+    };
+    run(read.clone()).await.expect("the first run adds the finalizer");
+    let refused = run(read.clone()).await.expect_err("a second add from the same read is refused");
+    assert!(error::finalizer_patch_refused(&refused), "{refused}");
+    let rv = read.resource_version();
+    assert!(reconcile::changed_since(&api, "mesh", rv.as_deref()).await, "the stored policy moved on");
+    let stored = api.get("mesh").await.unwrap().resource_version();
+    assert!(!reconcile::changed_since(&api, "mesh", stored.as_deref()).await, "a refusal of the current version");
+}

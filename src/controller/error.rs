@@ -65,10 +65,10 @@ impl From<finalizer::Error<Error>> for Error {
     }
 }
 
-/// Whether the finalizer helper's patch failed its test of the finalizers it read (422): the cached policy
-/// was older than the stored one, most often because our own add has not reached the cache yet. Not a
-/// failure: the reconcile runs again once the cache has caught up.
-pub fn stale_finalizers(e: &finalizer::Error<Error>) -> bool {
+/// Whether the finalizer helper's patch was refused as invalid (422). Its JSON patch tests the finalizers
+/// it read, so a policy changed since the cache read it (most often by our own add, not seen yet) gets
+/// this answer; so does one the API server refuses for good. [`super::reconcile`] tells them apart.
+pub fn finalizer_patch_refused(e: &finalizer::Error<Error>) -> bool {
     match e {
         finalizer::Error::AddFinalizer(kube::Error::Api(s))
         | finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) => s.code == 422,
@@ -103,7 +103,7 @@ mod tests {
     }
 
     #[test]
-    fn a_finalizer_patch_on_a_stale_policy_is_not_a_failure() {
+    fn only_a_refused_finalizer_patch_may_be_a_stale_read() {
         let cases: [(finalizer::Error<Error>, bool); 5] = [
             (finalizer::Error::AddFinalizer(api_error(422)), true),
             (finalizer::Error::RemoveFinalizer(api_error(422)), true),
@@ -112,7 +112,7 @@ mod tests {
             (finalizer::Error::UnnamedObject, false),
         ];
         for (e, stale) in cases {
-            assert_eq!(stale_finalizers(&e), stale, "{e}");
+            assert_eq!(finalizer_patch_refused(&e), stale, "{e}");
         }
     }
 

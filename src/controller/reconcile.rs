@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
-use super::error::{CleanupError, stale_finalizers};
+use super::error::{CleanupError, finalizer_patch_refused};
 use super::membership::{self, Membership};
 use super::observe::{self, Observed};
 use super::plan::Targets;
@@ -48,7 +48,7 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let started = Instant::now();
-    let name = policy.name_any();
+    let (name, read) = (policy.name_any(), policy.resource_version());
     let api: Api<MeshPolicy> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
     let result = finalizer(&api, FINALIZER, policy, |event| async {
         match event {
@@ -58,8 +58,8 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
     })
     .await;
     let result = match result {
-        Err(e) if stale_finalizers(&e) => {
-            info!(policy = name, error = %e, "the policy changed since the cache read it: running again once it has caught up");
+        Err(e) if finalizer_patch_refused(&e) && changed_since(&api, &name, read.as_deref()).await => {
+            info!(policy = name, error = %e, "the policy changed since the cache read it: running again");
             Ok(Action::requeue(CACHE_WAIT))
         }
         other => other.map_err(Error::from),
@@ -69,6 +69,17 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&telemetry::ResultLabel { result: label.into() }).inc();
     result
+}
+
+/// Whether the stored policy is no longer the version `read` (or is gone): a finalizer patch refused then
+/// was made from a stale cache, and the next run reads a newer one. Refused on the version it read, the
+/// patch would be refused again: that is a failure.
+pub async fn changed_since(api: &Api<MeshPolicy>, name: &str, read: Option<&str>) -> bool {
+    match api.get_metadata_opt(name).await {
+        Ok(Some(stored)) => stored.resource_version().as_deref() != read,
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 pub fn error_policy(_policy: Arc<MeshPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
