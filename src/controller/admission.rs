@@ -29,9 +29,18 @@ pub struct Admission {
     last_arrival: Option<Instant>,
     arrivals: usize,
     fleet: usize,
+    /// Until when the Pod cache could not see arrivals (see [`Admission::cache_blind_until`]).
+    blind_until: Option<Instant>,
 }
 
 impl Admission {
+    /// The Pod cache saw no events until `t` (it was being listed, or still is: then `t` is now). Silence
+    /// the cache could not hear is not a pause: without this, our own relist of a busy namespace, which
+    /// stops Pod events for a second or more, would split a burst in two and rewire its first part.
+    pub fn cache_blind_until(&mut self, t: Option<Instant>) {
+        self.blind_until = t;
+    }
+
     /// Of `eligible` (Pod names), the newcomers to hold back now, given which already carry an
     /// assignment (`carried`); and when to look again if any are held.
     pub fn hold(
@@ -61,12 +70,13 @@ impl Admission {
             return self.admit(eligible);
         };
         let large = self.arrivals > 1 && self.arrivals as f64 >= BURST_SHARE * self.fleet as f64;
-        let quiet = now.saturating_duration_since(newest) >= QUIET;
+        let heard = self.blind_until.map_or(newest, |t| t.max(newest));
+        let quiet = now.saturating_duration_since(heard) >= QUIET;
         let overdue = now.saturating_duration_since(oldest) >= MAX_HOLD;
         if !large || quiet || overdue {
             return self.admit(eligible);
         }
-        let again = (newest + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
+        let again = (heard + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
         let held: HashSet<String> = self.waiting.keys().cloned().collect();
         self.planned = eligible.iter().filter(|p| !held.contains(**p)).map(|p| (*p).to_owned()).collect();
         (held, Some(again))
@@ -115,6 +125,21 @@ mod tests {
         let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1500));
         assert!(held.is_empty() && again.is_none(), "a pause: b and c join together");
         assert!(a.hold(&["a", "b", "c"], &|p| p == "a", ms(1600)).0.is_empty(), "admitted stay admitted");
+    }
+
+    #[test]
+    fn a_pause_the_pod_cache_could_not_see_does_not_end_a_burst() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut a = Admission::default();
+        a.hold(&["a"], NONE, ms(0));
+        assert_eq!(names(&a.hold(&["a", "b"], &|p| p == "a", ms(10)).0), ["b"]);
+        a.cache_blind_until(Some(ms(1500)));
+        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(1500));
+        assert_eq!((names(&held), again), (vec!["b"], Some(QUIET)), "listing until now: no pause yet");
+        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(2000));
+        assert_eq!((names(&held), again), (vec!["b"], Some(Duration::from_millis(500))), "listed at 1500");
+        assert!(a.hold(&["a", "b"], &|p| p == "a", ms(2500)).0.is_empty(), "a pause after the list: b joins");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct Context {
     pub caches_synced: AtomicBool,
     /// What the Pod cache was last listed for (see [`pods::Interest`]).
     pub cache_interest: std::sync::RwLock<Option<Arc<pods::Interest>>>,
+    /// Whether the Pod cache sees events now (see [`admission::Admission::cache_blind_until`]).
+    pub pod_sight: pods::Sight,
     pub nodes_synced: Arc<AtomicBool>,
     pub apply_concurrency: usize,
     pub pod_selector: Option<String>,
@@ -287,6 +289,7 @@ impl Shared {
             namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
             cache_interest: Default::default(),
+            pod_sight: Default::default(),
             nodes_synced: self.nodes_synced.clone(),
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),

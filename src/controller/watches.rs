@@ -109,12 +109,15 @@ fn pod_events(
             event
         })
         .reflect(writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::InitDone = event {
+        .inspect_ok(move |event| match event {
+            watcher::Event::Init => listed_ctx.pod_sight.listing(),
+            watcher::Event::InitDone => {
                 tracing::debug!("the Pod cache holds a complete list");
+                listed_ctx.pod_sight.listed(std::time::Instant::now());
                 let done = listing.lock().expect("listing lock").clone();
                 *listed_ctx.cache_interest.write().expect("cache interest lock") = done;
             }
+            _ => {}
         })
         .touched_objects()
 }
