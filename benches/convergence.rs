@@ -160,6 +160,15 @@ fn longest_pause(ready: &HashMap<String, Instant>) -> Duration {
     at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
 }
 
+async fn wait_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    while !reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "timed out waiting for the operator to be ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_until(what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !check() {
@@ -208,6 +217,9 @@ async fn main() {
         .spawn()
         .unwrap();
     let pid = operator.id().unwrap();
+    // The policy comes once the operator has listed everything (as when a policy is added to a running
+    // operator): its Pod watch then relists for the policy's selector while the burst arrives.
+    wait_ready(port).await;
     let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
         "metadata": {"name": "mesh"}, "spec": {"selector": {"matchLabels": {"app": "agent"}}, "maxPeers": 4,
         "rendezvous": {"url": rv.url(), "pollInterval": "10s", "timeout": "2s"}}}))
@@ -238,7 +250,6 @@ async fn main() {
         })
     };
     let patches = || scrape(port, "mesh_operator_pod_patches_total");
-    wait_until("the operator to be ready", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
 
     println!("burst: {agents} agent Pods at once (32 in flight) …");
     let started = Instant::now();
