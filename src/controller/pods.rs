@@ -166,26 +166,31 @@ impl Interest {
 /// Whether the Pod cache sees Pod events as they happen: not while it is being listed (at the start, after
 /// its selectors change, after a watch expired), when events stop until the list is complete.
 #[derive(Debug, Default)]
-pub struct Sight {
-    listing: std::sync::atomic::AtomicBool,
-    listed_at: std::sync::Mutex<Option<std::time::Instant>>,
+pub struct Sight(std::sync::Mutex<Listed>);
+
+#[derive(Clone, Copy, Debug, Default)]
+enum Listed {
+    #[default]
+    Never,
+    Listing,
+    At(std::time::Instant),
 }
 
 impl Sight {
     pub fn listing(&self) {
-        self.listing.store(true, std::sync::atomic::Ordering::SeqCst);
+        *self.0.lock().expect("sight lock") = Listed::Listing;
     }
 
     pub fn listed(&self, at: std::time::Instant) {
-        *self.listed_at.lock().expect("sight lock") = Some(at);
-        self.listing.store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.0.lock().expect("sight lock") = Listed::At(at);
     }
 
     /// Until when the cache saw nothing: `now` while it is being listed, else when its last list completed.
     pub fn blind_until(&self, now: std::time::Instant) -> Option<std::time::Instant> {
-        match self.listing.load(std::sync::atomic::Ordering::SeqCst) {
-            true => Some(now),
-            false => *self.listed_at.lock().expect("sight lock"),
+        match *self.0.lock().expect("sight lock") {
+            Listed::Never => None,
+            Listed::Listing => Some(now),
+            Listed::At(at) => Some(at),
         }
     }
 }

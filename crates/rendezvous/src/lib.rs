@@ -136,13 +136,12 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
     };
     match fail {
         FailMode::None => {
-            let etag = format!("\"{:x}\"", hash(&nodes));
+            let etag = format!("\"{:x}\"", hash(nodes.as_bytes()));
             if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
                 return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
             }
-            let head = json!({"serverNodeId": server, "nowMs": now_ms()}).to_string();
             // The nodes array, serialized once for the ETag, goes into the body as it is.
-            let body = [head.trim_end_matches('}').as_bytes(), b",\"nodes\":", &nodes, b"}"].concat();
+            let body = format!(r#"{{"serverNodeId":{},"nowMs":{},"nodes":{nodes}}}"#, json!(server), json!(now_ms()));
             ([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response()
         }
         FailMode::Down => (StatusCode::SERVICE_UNAVAILABLE, "rendezvous down").into_response(),
@@ -180,7 +179,7 @@ struct Entry<'a> {
 
 /// The JSON array of the simulated agents (a live one has just heartbeated, so while any is live the ETag
 /// changes with every read) and the hub's real ones (last seen at their last frame).
-fn nodes(st: &SimState) -> Vec<u8> {
+fn nodes(st: &SimState) -> String {
     let now = now_ms();
     let sim = st.agents.values().map(|a| {
         let seen = a.frozen_at_ms.unwrap_or(now);
@@ -203,7 +202,7 @@ fn nodes(st: &SimState) -> Vec<u8> {
         hostname: c.hostname.as_deref(),
         zone: None,
     });
-    serde_json::to_vec(&sim.chain(real).collect::<Vec<_>>()).expect("presence entries serialize")
+    serde_json::to_string(&sim.chain(real).collect::<Vec<_>>()).expect("presence entries serialize")
 }
 
 fn hash(bytes: &[u8]) -> u64 {
