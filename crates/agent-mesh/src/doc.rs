@@ -3,21 +3,40 @@
 //! (SyncStep1) and answers the other's with the missing updates (SyncStep2); afterwards every update is
 //! sent as it happens. An update received on one link is applied and forwarded to every other link once:
 //! a bounded seen-cache (by hash of the update bytes, which relays keep verbatim) stops re-forwarding.
+//!
+//! What a peer sends is bounded before it costs anything (docs/design.md §3.5): every message passes
+//! [`screen`] first; messages waiting for the document share one inbound budget; each link's unsent
+//! messages have an outbound budget, past which the link is dropped as slow; a SyncStep1, which costs a
+//! whole-document encode, is answered at most once per link per [`STEP1_INTERVAL`]. A forwarded update is
+//! one shared buffer, not a copy per link.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
+use crate::screen::{self, Kind, Refused};
+
 /// Updates remembered by the seen-cache.
 const SEEN_CAPACITY: usize = 1 << 16;
 /// Messages queued for one link before it counts as too slow and is dropped (it resyncs on redial).
 pub const LINK_QUEUE: usize = 1024;
+/// Bytes queued for one link and not yet written to its socket, past which it is dropped as slow.
+pub const LINK_OUT_BUDGET: usize = 16 << 20;
+/// Bytes received on all links together and not yet applied; a link waits (and stops reading) for room.
+pub const INBOUND_BUDGET: usize = 32 << 20;
+/// A link's SyncStep1 is answered at most once in this long; later ones in the interval are dropped.
+pub const STEP1_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Identifies one attached link for the lifetime of the process.
 pub type LinkId = u64;
@@ -26,9 +45,9 @@ type Edit = Box<dyn FnOnce(&yrs::Doc) -> Vec<u8> + Send>;
 type Read = Box<dyn FnOnce(&yrs::Doc) + Send>;
 
 enum Cmd {
-    Attach { link: LinkId, mesh: bool, out: mpsc::Sender<Vec<u8>> },
+    Attach { link: LinkId, mesh: bool, out: Outbox },
     Detach(LinkId),
-    Incoming { link: LinkId, bytes: Vec<u8> },
+    Incoming { link: LinkId, kind: Kind, bytes: Bytes, _room: OwnedSemaphorePermit },
     Edit(Edit),
     Read(Read),
 }
@@ -42,8 +61,10 @@ pub struct DocMetrics {
     pub duplicates_dropped: Counter,
     /// Update messages sent on mesh links (the rendezvous link not counted).
     pub mesh_messages_sent: Counter,
-    /// Messages that did not decode or apply.
+    /// Messages refused by the screen or that did not apply.
     pub protocol_errors: Counter,
+    /// SyncStep1 messages dropped because the link had one answered less than [`STEP1_INTERVAL`] ago.
+    pub sync_requests_dropped: Counter,
     /// Links dropped because they could not keep up.
     pub slow_links_dropped: Counter,
 }
@@ -52,31 +73,94 @@ pub struct DocMetrics {
 #[derive(Clone)]
 pub struct Doc {
     tx: mpsc::Sender<Cmd>,
+    inbound: Arc<Semaphore>,
+    metrics: DocMetrics,
+}
+
+/// The messages the document sends one link, and the bytes of them not yet written to its socket.
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A link's end of its [`Outbox`]: the writer calls [`Inbox::sent`] once a message is on the socket.
+pub struct Inbox {
+    pub rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    pub fn sent(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// A handle the writer task keeps to report what it sent.
+    pub fn counter(&self) -> Sent {
+        Sent(self.queued.clone())
+    }
+}
+
+/// Reports bytes written to a link's socket (see [`Inbox::counter`]).
+#[derive(Clone)]
+pub struct Sent(Arc<AtomicUsize>);
+
+impl Sent {
+    pub fn sent(&self, len: usize) {
+        self.0.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+impl Outbox {
+    /// Queues `m` unless that would pass the link's message count or byte budget.
+    fn offer(&self, m: Bytes) -> bool {
+        let len = m.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > LINK_OUT_BUDGET {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.try_send(m).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 impl Doc {
     /// Starts the document task.
     pub fn spawn(metrics: DocMetrics) -> Doc {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(Relay { doc: yrs::Doc::new(), links: HashMap::new(), seen: Seen::default(), metrics }.run(rx));
-        Doc { tx }
+        let relay =
+            Relay { doc: yrs::Doc::new(), links: HashMap::new(), seen: Seen::default(), metrics: metrics.clone() };
+        tokio::spawn(relay.run(rx));
+        Doc { tx, inbound: Arc::new(Semaphore::new(INBOUND_BUDGET)), metrics }
     }
 
-    /// Attaches a link; what the document sends it arrives on the returned receiver, starting with SyncStep1.
+    /// Attaches a link; what the document sends it arrives in the returned inbox, starting with SyncStep1.
     /// `mesh`: whether it is a mesh link (counted in `mesh_messages_sent`) rather than the rendezvous.
-    pub async fn attach(&self, link: LinkId, mesh: bool) -> mpsc::Receiver<Vec<u8>> {
-        let (out, rx) = mpsc::channel(LINK_QUEUE);
+    pub async fn attach(&self, link: LinkId, mesh: bool) -> Inbox {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let out = Outbox { tx, queued: queued.clone() };
         let _ = self.tx.send(Cmd::Attach { link, mesh, out }).await;
-        rx
+        Inbox { rx, queued }
     }
 
     pub async fn detach(&self, link: LinkId) {
         let _ = self.tx.send(Cmd::Detach(link)).await;
     }
 
-    /// A message received on `link`.
-    pub async fn incoming(&self, link: LinkId, bytes: Vec<u8>) {
-        let _ = self.tx.send(Cmd::Incoming { link, bytes }).await;
+    /// A message received on `link`. It is screened here, so a refused one never reaches the document
+    /// task; the caller closes the link on an error. Waits while the inbound budget is spent.
+    pub async fn incoming(&self, link: LinkId, bytes: Bytes) -> Result<(), Refused> {
+        let kind = screen::screen(&bytes).inspect_err(|_| {
+            self.metrics.protocol_errors.inc();
+        })?;
+        // A message is at most the WebSocket limit, far below the budget, so this always completes.
+        let want = u32::try_from(bytes.len().clamp(1, INBOUND_BUDGET)).unwrap_or(u32::MAX);
+        let Ok(room) = self.inbound.clone().acquire_many_owned(want).await else { return Ok(()) };
+        let _ = self.tx.send(Cmd::Incoming { link, kind, bytes, _room: room }).await;
+        Ok(())
     }
 
     /// Runs a local change: `f` makes it in its own transaction and returns that transaction's update
@@ -117,8 +201,10 @@ impl Seen {
 }
 
 struct Link {
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbox,
     mesh: bool,
+    /// When this link's last SyncStep1 was answered.
+    answered: Option<Instant>,
 }
 
 struct Relay {
@@ -128,8 +214,8 @@ struct Relay {
     metrics: DocMetrics,
 }
 
-fn encode(m: SyncMessage) -> Vec<u8> {
-    Message::Sync(m).encode_v1()
+fn encode(m: SyncMessage) -> Bytes {
+    Bytes::from(Message::Sync(m).encode_v1())
 }
 
 impl Relay {
@@ -138,12 +224,12 @@ impl Relay {
             match cmd {
                 Cmd::Attach { link, mesh, out } => {
                     let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
-                    if out.try_send(step1).is_ok() {
-                        self.links.insert(link, Link { out, mesh });
+                    if out.offer(step1) {
+                        self.links.insert(link, Link { out, mesh, answered: None });
                     }
                 }
                 Cmd::Detach(link) => drop(self.links.remove(&link)),
-                Cmd::Incoming { link, bytes } => self.incoming(link, &bytes),
+                Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
                 Cmd::Edit(f) => {
                     let update = f(&self.doc);
                     if self.seen.first_time(&update) {
@@ -155,27 +241,29 @@ impl Relay {
         }
     }
 
-    fn incoming(&mut self, link: LinkId, bytes: &[u8]) {
-        // yrs decodes hostile bytes without panicking as far as we know; a panic here must still only cost
-        // the message, never the agent.
+    /// A screened message. yrs is not known to panic on screened input; a panic must still cost only the
+    /// message, never the agent.
+    fn incoming(&mut self, link: LinkId, kind: Kind, bytes: &[u8]) {
         let decoded =
             catch_unwind(|| Message::decode_v1(bytes)).unwrap_or(Err(yrs::encoding::read::Error::EndOfBuffer(0)));
-        match decoded {
-            Ok(Message::Sync(SyncMessage::SyncStep1(sv))) => self.answer(link, &sv),
-            Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u))) => self.update(link, u),
-            Ok(_) => {}
-            Err(_) => {
-                self.metrics.protocol_errors.inc();
-            }
+        match (kind, decoded) {
+            (Kind::Step1, Ok(Message::Sync(SyncMessage::SyncStep1(sv)))) => self.answer(link, &sv),
+            (_, Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u)))) => self.update(link, u),
+            _ => drop(self.metrics.protocol_errors.inc()),
         }
     }
 
     fn answer(&mut self, link: LinkId, sv: &StateVector) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        if l.answered.is_some_and(|at| at.elapsed() < STEP1_INTERVAL) {
+            self.metrics.sync_requests_dropped.inc();
+            return;
+        }
+        l.answered = Some(Instant::now());
         let diff = self.doc.transact().encode_state_as_update_v1(sv);
-        let answered =
-            self.links.get(&link).is_some_and(|l| l.out.try_send(encode(SyncMessage::SyncStep2(diff))).is_ok());
-        if !answered && self.links.remove(&link).is_some() {
+        if !l.out.offer(encode(SyncMessage::SyncStep2(diff))) {
             // A peer that asks faster than it reads is dropped, not buffered for.
+            self.links.remove(&link);
             self.metrics.slow_links_dropped.inc();
         }
     }
@@ -198,7 +286,8 @@ impl Relay {
         self.forward(Some(from), bytes);
     }
 
-    /// Sends an update to every link but its source; a link whose queue is full is dropped.
+    /// Sends an update to every link but its source, one shared buffer for all; a link over its budget is
+    /// dropped.
     fn forward(&mut self, from: Option<LinkId>, update: Vec<u8>) {
         let message = encode(SyncMessage::Update(update));
         let mut slow = Vec::new();
@@ -206,12 +295,10 @@ impl Relay {
             if Some(*id) == from {
                 continue;
             }
-            match link.out.try_send(message.clone()) {
-                Ok(()) if link.mesh => {
-                    self.metrics.mesh_messages_sent.inc();
-                }
-                Ok(()) => {}
-                Err(_) => slow.push(*id),
+            if !link.out.offer(message.clone()) {
+                slow.push(*id);
+            } else if link.mesh {
+                self.metrics.mesh_messages_sent.inc();
             }
         }
         for id in slow {
@@ -250,10 +337,11 @@ mod tests {
     }
 
     /// Pumps everything `rx` has queued into `to` as arriving on `link`.
-    async fn pump(rx: &mut mpsc::Receiver<Vec<u8>>, to: &Doc, link: LinkId) -> usize {
+    async fn pump(inbox: &mut Inbox, to: &Doc, link: LinkId) -> usize {
         let mut n = 0;
-        while let Ok(m) = rx.try_recv() {
-            to.incoming(link, m).await;
+        while let Ok(m) = inbox.rx.try_recv() {
+            inbox.sent(m.len());
+            to.incoming(link, m).await.unwrap();
             n += 1;
         }
         to.read(|_| ()).await;
@@ -283,14 +371,14 @@ mod tests {
         assert_eq!(keys(&c).await, ["early", "late"]);
         // The same update again (over a second path) is dropped, not forwarded.
         put(&a, "again").await;
-        let message = a_to_b.try_recv().unwrap();
-        b.incoming(2, message.clone()).await;
-        b.incoming(3, message).await;
+        let message = a_to_b.rx.try_recv().unwrap();
+        b.incoming(2, message.clone()).await.unwrap();
+        b.incoming(3, message).await.unwrap();
         b.read(|_| ()).await;
         assert_eq!(pump(&mut b_to_c, &c, 4).await, 1);
         assert_eq!(pump(&mut b_to_a, &a, 1).await, 0);
         // Garbage costs the message, nothing else.
-        b.incoming(2, vec![0xff, 0xff, 0xff]).await;
+        assert!(b.incoming(2, Bytes::from_static(&[0xff, 0xff, 0xff])).await.is_err());
         put(&a, "after").await;
         pump(&mut a_to_b, &b, 2).await;
         pump(&mut b_to_c, &c, 4).await;

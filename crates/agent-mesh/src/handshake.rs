@@ -51,15 +51,29 @@ pub enum Refusal {
     /// An open link closed because the plan no longer holds it (also a dial that completed after its peer
     /// left the plan).
     Unplanned,
+    /// An open link closed because the peer sent a message the screen refused (`crate::screen`).
+    Malformed,
+    /// An open link closed because the peer did not read what it was sent (over the link's budget).
+    Slow,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] =
-        [Self::Unauthenticated, Self::NotPlanned, Self::AtCap, Self::Duplicate, Self::Itself, Self::Unplanned];
+    pub const ALL: [Refusal; 8] = [
+        Self::Unauthenticated,
+        Self::NotPlanned,
+        Self::AtCap,
+        Self::Duplicate,
+        Self::Itself,
+        Self::Unplanned,
+        Self::Malformed,
+        Self::Slow,
+    ];
 
     pub fn code(self) -> u16 {
         match self {
             Self::Unauthenticated => 4001,
+            Self::Malformed => 4002,
+            Self::Slow => 4008,
             Self::NotPlanned => 4003,
             Self::Duplicate => 4009,
             Self::Unplanned => 4010,
@@ -81,6 +95,8 @@ impl Refusal {
             Self::Duplicate => "duplicate",
             Self::Itself => "itself",
             Self::Unplanned => "unplanned",
+            Self::Malformed => "malformed",
+            Self::Slow => "slow",
         }
     }
 }

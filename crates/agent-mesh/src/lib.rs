@@ -27,6 +27,8 @@ pub mod presence;
 #[cfg(feature = "runtime")]
 mod rendezvous;
 #[cfg(feature = "runtime")]
+pub mod screen;
+#[cfg(feature = "runtime")]
 pub mod source;
 #[cfg(feature = "runtime")]
 pub mod transport;

@@ -56,6 +56,11 @@ impl Metrics {
         r.register("duplicates_dropped", "Updates received again and not forwarded", d.duplicates_dropped.clone());
         r.register("mesh_messages_sent", "Update messages sent on mesh links", d.mesh_messages_sent.clone());
         r.register("protocol_errors", "Messages that did not decode or apply", d.protocol_errors.clone());
+        r.register(
+            "sync_requests_dropped",
+            "SyncStep1 messages dropped: the link had one answered in the last few seconds",
+            d.sync_requests_dropped.clone(),
+        );
         r.register("slow_links_dropped", "Links dropped for not keeping up", d.slow_links_dropped.clone());
     }
 }

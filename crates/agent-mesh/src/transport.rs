@@ -88,8 +88,8 @@ pub async fn run_link(
 ) {
     let Wire { tx, mut rx } = wire;
     let (frames, queued) = mpsc::channel(crate::doc::LINK_QUEUE);
-    let mut writer = Some(tokio::spawn(write_frames(tx, queued)));
     let mut out = doc.attach(link, mesh).await;
+    let mut writer = Some(tokio::spawn(write_frames(tx, queued, out.counter())));
     let mut beat = tokio::time::interval(heartbeat.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT));
     let mut heard = Instant::now();
     let mut why = None;
@@ -100,17 +100,28 @@ pub async fn run_link(
                 why = reason.ok();
                 break;
             }
-            m = out.recv() => {
-                // A queue that is full means a peer that does not keep up: drop it (it resyncs on redial).
-                let Some(bytes) = m else { break };
+            m = out.rx.recv() => {
+                // The document let go of this link (over its budget), or the queue to the socket is full:
+                // a peer that does not keep up is dropped (it resyncs on redial).
+                let Some(bytes) = m else { why = Some(Refusal::Slow); break };
+                let len = bytes.len();
                 if frames.try_send(Frame::Binary(bytes)).is_err() {
+                    out.sent(len);
+                    why = Some(Refusal::Slow);
                     break;
                 }
             }
             f = rx.next() => {
                 heard = Instant::now();
                 match f {
-                    Some(Ok(Frame::Binary(bytes))) => { touch(); doc.incoming(link, bytes).await }
+                    Some(Ok(Frame::Binary(bytes))) => {
+                        touch();
+                        if let Err(e) = doc.incoming(link, bytes).await {
+                            tracing::debug!(error = %e, "refused a message; closing the link");
+                            why = Some(Refusal::Malformed);
+                            break;
+                        }
+                    }
                     Some(Ok(Frame::Text(_))) => touch(),
                     _ => break,
                 }
@@ -137,10 +148,14 @@ pub async fn run_link(
 async fn write_frames(
     mut tx: std::pin::Pin<Box<dyn futures::Sink<Frame, Error = crate::wire::WireError> + Send>>,
     mut queued: mpsc::Receiver<Frame>,
+    sent: crate::doc::Sent,
 ) {
     use futures::SinkExt;
     while let Some(frame) = queued.recv().await {
-        if !matches!(tokio::time::timeout(SEND_TIMEOUT, tx.send(frame)).await, Ok(Ok(()))) {
+        let len = if let Frame::Binary(b) = &frame { b.len() } else { 0 };
+        let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, tx.send(frame)).await, Ok(Ok(())));
+        sent.sent(len);
+        if !ok {
             return;
         }
     }

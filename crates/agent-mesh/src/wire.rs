@@ -15,7 +15,8 @@ pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Text(String),
-    Binary(Vec<u8>),
+    /// Shared: one forwarded update is the same buffer on every link.
+    Binary(bytes::Bytes),
     /// Close code and reason (see [`crate::handshake::Refusal`] for the codes this protocol uses).
     Close(u16, String),
 }
@@ -73,7 +74,7 @@ fn to_message(f: Frame) -> Message {
 fn from_message(m: Message) -> Option<Frame> {
     match m {
         Message::Text(t) => Some(Frame::Text(t.to_string())),
-        Message::Binary(b) => Some(Frame::Binary(b.to_vec())),
+        Message::Binary(b) => Some(Frame::Binary(b)),
         Message::Close(c) => {
             Some(c.map_or(Frame::Close(1005, String::new()), |c| Frame::Close(c.code.into(), c.reason.to_string())))
         }

@@ -94,14 +94,14 @@ fn to_wire(socket: WebSocket) -> Wire {
     let tx = sink.sink_map_err(|e| WireError(e.to_string())).with(|f: Frame| {
         future::ready(Ok::<_, WireError>(match f {
             Frame::Text(t) => Message::Text(t.into()),
-            Frame::Binary(b) => Message::Binary(b.into()),
+            Frame::Binary(b) => Message::Binary(b),
             Frame::Close(code, reason) => Message::Close(Some(CloseFrame { code, reason: reason.into() })),
         }))
     });
     let rx = stream.filter_map(|m| {
         future::ready(match m {
             Ok(Message::Text(t)) => Some(Ok(Frame::Text(t.to_string()))),
-            Ok(Message::Binary(b)) => Some(Ok(Frame::Binary(b.to_vec()))),
+            Ok(Message::Binary(b)) => Some(Ok(Frame::Binary(b))),
             Ok(Message::Close(c)) => {
                 Some(Ok(c.map_or(Frame::Close(1005, String::new()), |c| Frame::Close(c.code, c.reason.to_string()))))
             }

@@ -1,0 +1,165 @@
+//! Hostile bytes on the message path: every frame a peer could send goes through `Doc::incoming` (the
+//! screen, then yrs) under a counting allocator. No input may panic, abort (a stack overflow would end this
+//! process), or make the agent allocate more than the stated bound while it is handled.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use agent_mesh::doc::{Doc, DocMetrics};
+use agent_mesh::screen::MAX_DECODED_BYTES;
+use bytes::Bytes;
+use proptest::prelude::*;
+use yrs::updates::encoder::Encode;
+use yrs::{GetString, Map, ReadTxn, Text, Transact};
+
+struct Counting;
+
+static NOW: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// The counters are process-wide: the tests that read them take turns.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = NOW.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// What handling one message of `len` bytes may allocate beyond what was held before: the screen's
+/// bound on what yrs builds, the message's own buffers a few times over, and a fixed allowance.
+fn bound(len: usize) -> usize {
+    MAX_DECODED_BYTES as usize + 4 * len + (1 << 20)
+}
+
+fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0, sub];
+    let mut len = body.len();
+    while len >= 0x80 {
+        m.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    m.push(len as u8);
+    m.extend_from_slice(body);
+    m
+}
+
+/// Valid message bodies of a small document, with their sync type: one update, its state, a state vector.
+fn seeds() -> Vec<(u8, Vec<u8>)> {
+    let doc = yrs::Doc::new();
+    let (map, text) = (doc.get_or_insert_map("m"), doc.get_or_insert_text("t"));
+    let update = {
+        let mut txn = doc.transact_mut();
+        map.insert(&mut txn, "k", yrs::Any::from(vec![yrs::Any::from("v"), yrs::Any::from(2.5)]));
+        text.insert(&mut txn, 0, "hello");
+        txn.encode_update_v1()
+    };
+    let txn = doc.transact();
+    vec![
+        (2, update),
+        (1, txn.encode_state_as_update_v1(&yrs::StateVector::default())),
+        (0, txn.state_vector().encode_v1()),
+    ]
+}
+
+/// `m` with a few bytes changed, inserted or cut, or a varint made huge.
+fn mutate(mut m: Vec<u8>, edits: Vec<(u16, u8, u8)>) -> Vec<u8> {
+    for (at, byte, how) in edits {
+        let at = usize::from(at) % (m.len() + 1);
+        match how {
+            0 if at < m.len() => m[at] = byte,
+            1 => m.insert(at, byte),
+            2 if at < m.len() => drop(m.remove(at)),
+            3 if at < m.len() => m[at] = byte % 8,
+            _ => m.splice(at..at, [0xff, 0xff, 0xff, 0x7f]).for_each(drop),
+        }
+    }
+    m
+}
+
+/// Hostile frames: valid bodies mutated inside a correct frame (so they reach yrs), whole messages
+/// mutated, random bodies, and values nested up to 20,000 deep.
+fn frames() -> impl Strategy<Value = Vec<u8>> {
+    let edits = || proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..5), 1..5);
+    let bodies = (0..3usize, edits()).prop_map(|(i, edits)| {
+        let (sub, body) = seeds().swap_remove(i);
+        sync(sub, &mutate(body, edits))
+    });
+    let whole = (0..3usize, edits()).prop_map(|(i, edits)| {
+        let (sub, body) = seeds().swap_remove(i);
+        mutate(sync(sub, &body), edits)
+    });
+    let random = (0u8..3, proptest::collection::vec(any::<u8>(), 0..256)).prop_map(|(sub, b)| sync(sub, &b));
+    let nested = (1u8..3, 1usize..20_000).prop_map(|(sub, depth)| {
+        let mut u = vec![1, 1, 1, 0, 8, 1, 1, b'm', 1];
+        u.extend(std::iter::repeat_n([117, 1], depth).flatten());
+        u.extend([126, 0]);
+        sync(sub, &u)
+    });
+    prop_oneof![3 => bodies, 1 => whole, 1 => random, 1 => nested]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 5_000, ..ProptestConfig::default() })]
+    #[test]
+    fn no_frame_panics_aborts_or_allocates_past_the_bound(frame in frames()) {
+        let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let doc = Doc::spawn(DocMetrics::default());
+            let mut inbox = doc.attach(1, true).await;
+            doc.read(|_| ()).await;
+            let before = NOW.load(Ordering::Relaxed);
+            PEAK.store(before, Ordering::Relaxed);
+            let len = frame.len();
+            let _ = doc.incoming(1, Bytes::from(frame)).await;
+            doc.read(|_| ()).await;
+            let spent = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+            while inbox.rx.try_recv().is_ok() {}
+            prop_assert!(spent <= bound(len), "{spent} bytes for a {len}-byte frame");
+            Ok(())
+        })?;
+    }
+}
+
+/// The bombs of the issue that found them, one by one, each on a document that then still takes a good
+/// update.
+#[test]
+fn the_known_bombs_cost_their_link_nothing_more() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(known_bombs());
+}
+
+async fn known_bombs() {
+    let doc = Doc::spawn(DocMetrics::default());
+    let _inbox = doc.attach(1, true).await;
+    let mut depth = vec![1, 1, 1, 0, 8, 1, 1, b'm', 1];
+    depth.extend(std::iter::repeat_n([117u8, 1], 8_000).flatten());
+    depth.extend([126, 0]);
+    let bombs = [
+        sync(2, &depth),
+        vec![0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x01],
+        vec![0, 0, 4, 255, 255, 255, 122],
+        sync(2, &[1, 0xff, 0xff, 0xff, 0x7f, 1, 0]),
+        vec![1, 4, 0x80, 0x80, 0x80, 0x01],
+    ];
+    for bomb in bombs {
+        let before = NOW.load(Ordering::Relaxed);
+        PEAK.store(before, Ordering::Relaxed);
+        assert!(doc.incoming(1, Bytes::from(bomb.clone())).await.is_err(), "{bomb:?} passed the screen");
+        assert!(PEAK.load(Ordering::Relaxed).saturating_sub(before) < 1 << 20);
+    }
+    let (sub, update) = seeds().swap_remove(0);
+    doc.incoming(1, Bytes::from(sync(sub, &update))).await.unwrap();
+    let got = doc.read(|d| d.get_or_insert_text("t").get_string(&d.transact())).await;
+    assert_eq!(got.as_deref(), Some("hello"));
+}
