@@ -16,7 +16,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::agents::{Agent, Kubelet, Mode, agent_pod, agents_follow_the_plan, workspace_bins};
+use support::agents::{Agent, Kubelet, Mode, SyncHub, agent_pod, agents_follow_the_plan, workspace_bins};
 use support::*;
 
 const CAP: usize = 4;
@@ -32,6 +32,7 @@ fn env(name: &str, default: usize) -> usize {
 struct Hub {
     child: tokio::process::Child,
     addr: String,
+    sync: SyncHub,
 }
 
 impl Hub {
@@ -45,7 +46,8 @@ impl Hub {
             .unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next_line().await.unwrap().unwrap();
-        Hub { child, addr: line.trim_start_matches("listening on ").to_string() }
+        let (addr, node) = line.trim_start_matches("listening on ").split_once(" node=").expect("ADDR node=ID");
+        Hub { child, addr: addr.to_string(), sync: SyncHub::at(addr, node) }
     }
 }
 
@@ -158,7 +160,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     });
     create_policy(&client, &ns, "mesh", spec).await;
     let _op = Operator::start(&ns, "op-outage", false).await;
-    let ws = format!("ws://{}/crdt-sync", hub.addr);
+    let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("agent-{i}"), format!("127.2.{}.{}", i / 250, 1 + i % 250));
@@ -172,7 +174,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
 async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start().await;
-    let ws = format!("ws://{}/crdt-sync", hub.addr);
+    let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("seed-{i}"), format!("127.3.{}.{}", i / 250, 1 + i % 250));

@@ -30,12 +30,13 @@ eval "$(hack/control-plane.sh start)"
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 say "Starting the rendezvous (a real sync hub)"
-rendezvous --listen 127.0.0.1:0 >"$WORK/rendezvous.log" 2>"$WORK/rendezvous.err" &
+rendezvous --listen 127.0.0.1:0 --identity "$WORK/rendezvous.key" >"$WORK/rendezvous.log" 2>"$WORK/rendezvous.err" &
 pids+=($!)
 hub_pid=$!
 for _ in $(seq 50); do grep -q "listening on" "$WORK/rendezvous.log" && break; sleep 0.1; done
-HUB=$(sed -n 's/^listening on //p' "$WORK/rendezvous.log")
-echo "rendezvous at http://$HUB (presence) and ws://$HUB/crdt-sync (agents)"
+HUB=$(sed -n 's/^listening on \([^ ]*\) node=.*/\1/p' "$WORK/rendezvous.log")
+HUB_ID=$(sed -n 's/^listening on [^ ]* node=//p' "$WORK/rendezvous.log")
+echo "rendezvous at http://$HUB (presence) and wss://$HUB/crdt-sync (agent links, node ${HUB_ID:0:12}…)"
 
 say "Starting $AGENTS real agents (mesh-agent) on 127.0.2.1-$AGENTS, and their Pods in 3 zones"
 kubectl apply -f crds/meshpolicy.yaml >/dev/null
@@ -45,7 +46,7 @@ kubectl create serviceaccount default -n "$NS" >/dev/null
 agent_pid=()
 for i in $(seq 0 $((AGENTS - 1))); do
   mesh-agent --listen "127.0.2.$((i + 1)):3001" --api "127.0.2.$((i + 1)):9464" --hostname "agent-$i" \
-    --identity "$WORK/agent-$i.key" --rendezvous "ws://$HUB/crdt-sync" --max-peers 4 --heartbeat 2s \
+    --identity "$WORK/agent-$i.key" --rendezvous "wss://$HUB/crdt-sync" --rendezvous-node-id "$HUB_ID" --max-peers 4 --heartbeat 2s \
     --assignment-file "$WORK/agent-$i.annotations" >"$WORK/agent-$i.out" 2>"$WORK/agent-$i.log" &
   pids+=($!)
   agent_pid[$i]=$!

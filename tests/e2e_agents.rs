@@ -38,7 +38,7 @@ async fn everyone_has(agents: &[Agent], key: &str) {
 async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_alone() {
     let (client, ns, rv) = setup("agents").await;
     let dir = tempfile::tempdir().unwrap();
-    let hub = format!("ws://{}/crdt-sync", rv.addr);
+    let hub = rv.hub();
     let history = History::start(&client, &ns, CAP).await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
     create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;

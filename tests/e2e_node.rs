@@ -11,9 +11,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -32,7 +33,7 @@ static NODE_TOLERATION: std::sync::LazyLock<Value> = std::sync::LazyLock::new(
 
 /// The restricted Pod Security profile, as the chart's own Pods run.
 fn restricted() -> (Value, Value) {
-    let pod = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+    let pod = json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
                      "seccompProfile": {"type": "RuntimeDefault"}});
     let container = json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                            "capabilities": {"drop": ["ALL"]}});
@@ -122,13 +123,30 @@ async fn agent_apis(pods: &[Pod]) -> Vec<AgentApi> {
     apis
 }
 
+/// The rendezvous: its node key in a Secret (so a restarted Pod keeps its node id), its node id in a
+/// ConfigMap the agents read to pin it, one Deployment and its Service. Returns the Service's address.
 async fn rendezvous(client: &Client, ns: &str) -> String {
     let (_, sc) = restricted();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.key");
+    let node_id = agent_mesh::identity::Identity::load_or_create(&path).unwrap().node_id();
+    let key = std::fs::read(&path).unwrap();
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "rendezvous-key"},
+        "data": {"node.key": base64::engine::general_purpose::STANDARD.encode(&key)}}))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
+    let pin: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "rendezvous-pin"},
+        "data": {"nodeId": node_id}}))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &pin).await.unwrap();
     let container = json!({"name": "rendezvous", "image": "mesh.local/rendezvous:dev",
-        "args": ["--listen", "0.0.0.0:8080"], "securityContext": sc,
-        "ports": [{"containerPort": 8080}]});
+        "args": ["--listen", "0.0.0.0:8080", "--identity", "/var/run/rendezvous/node.key"], "securityContext": sc,
+        "ports": [{"containerPort": 8080}],
+        "volumeMounts": [{"name": "key", "mountPath": "/var/run/rendezvous", "readOnly": true}]});
+    // Readable by the Pod's group only (fsGroup in `deployment`).
+    let volumes = json!([{"name": "key", "secret": {"secretName": "rendezvous-key", "defaultMode": 0o440}}]);
     Api::<Deployment>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &deployment("rendezvous", 1, container, json!([])))
+        .create(&PostParams::default(), &deployment("rendezvous", 1, container, volumes))
         .await
         .unwrap();
     let svc: Service = serde_json::from_value(json!({"metadata": {"name": "rendezvous"},
@@ -141,11 +159,13 @@ async fn rendezvous(client: &Client, ns: &str) -> String {
 async fn agents(client: &Client, ns: &str, hub_ip: &str) {
     let (_, sc) = restricted();
     let container = json!({"name": "agent", "image": "mesh.local/mesh-agent:dev",
-        "args": ["--listen", "0.0.0.0:3001", "--advertise", "ws://$(POD_IP):3001/crdt-sync",
+        "args": ["--listen", "0.0.0.0:3001", "--advertise", "wss://$(POD_IP):3001/crdt-sync",
                  "--api", "0.0.0.0:9464", "--identity", "/var/lib/agent/agent.key",
-                 "--rendezvous", format!("ws://{hub_ip}:8080/crdt-sync"), "--max-peers", CAP.to_string(),
+                 "--rendezvous", format!("wss://{hub_ip}:8080/crdt-sync"), "--max-peers", CAP.to_string(),
                  "--heartbeat", "1s"],
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "RENDEZVOUS_NODE_ID",
+                 "valueFrom": {"configMapKeyRef": {"name": "rendezvous-pin", "key": "nodeId"}}}],
         "securityContext": sc,
         "volumeMounts": [{"name": "podinfo", "mountPath": "/etc/podinfo"},
                          {"name": "identity", "mountPath": "/var/lib/agent"}]});

@@ -12,7 +12,7 @@ async fn start(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tokio::spawn(serve(listener, new_state(Some("rv")), tls));
+    tokio::spawn(serve(listener, new_state(agent_mesh::identity::Identity::generate(), Some("rv")), tls));
     format!("{scheme}://{addr}")
 }
 

@@ -36,6 +36,20 @@ pub fn workspace_bins() -> &'static Path {
     })
 }
 
+/// A rendezvous as agents reach it: its link URL and the node id they pin.
+#[derive(Clone, Debug)]
+pub struct SyncHub {
+    pub url: String,
+    pub node_id: String,
+}
+
+impl SyncHub {
+    /// The hub of a rendezvous listening on `addr` (host:port) with node id `node_id`.
+    pub fn at(addr: &str, node_id: &str) -> SyncHub {
+        SyncHub { url: format!("wss://{addr}/crdt-sync"), node_id: node_id.into() }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Operator,
@@ -80,7 +94,7 @@ impl AsRef<AgentApi> for AgentApi {
 impl Agent {
     /// Starts an agent on `ip` (mesh port chosen by the OS), announcing `name` as its hostname; seed mode
     /// scans after 1 s and every 2 s.
-    pub async fn spawn(dir: &Path, name: &str, ip: &str, hub: &str, mode: Mode, cap: usize) -> Agent {
+    pub async fn spawn(dir: &Path, name: &str, ip: &str, hub: &SyncHub, mode: Mode, cap: usize) -> Agent {
         Self::spawn_with(dir, name, ip, hub, mode, cap, &["--seed-delay", "1s", "--seed-scan", "2s"]).await
     }
 
@@ -88,7 +102,7 @@ impl Agent {
         dir: &Path,
         name: &str,
         ip: &str,
-        hub: &str,
+        hub: &SyncHub,
         mode: Mode,
         cap: usize,
         extra: &[&str],
@@ -97,7 +111,8 @@ impl Agent {
         let mut cmd = tokio::process::Command::new(workspace_bins().join("mesh-agent"));
         cmd.args(["--listen", &format!("{ip}:0"), "--api", &format!("{ip}:0")])
             .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
-            .args(["--rendezvous", hub, "--hostname", name, "--max-peers", &cap.to_string()])
+            .args(["--rendezvous", &hub.url, "--rendezvous-node-id", &hub.node_id])
+            .args(["--hostname", name, "--max-peers", &cap.to_string()])
             .args(["--assignment-file", annotations.to_str().unwrap(), "--poll-interval", "100ms"])
             .args(["--heartbeat", "1s"])
             .args(extra)

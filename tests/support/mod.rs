@@ -190,13 +190,18 @@ impl Rendezvous {
     pub async fn start_with(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = rendezvous::new_state(Some("rendezvous-node"));
+        let state = rendezvous::new_state(agent_mesh::identity::Identity::generate(), Some("rendezvous-node"));
         let task = tokio::spawn(rendezvous::serve(listener, state.clone(), tls.clone()));
         Self { addr, state, tls, task: Some(task) }
     }
 
     pub fn url(&self) -> String {
         format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.addr)
+    }
+
+    /// Where agents link to this rendezvous' hub, and the node id they pin.
+    pub fn hub(&self) -> agents::SyncHub {
+        agents::SyncHub::at(&self.addr.to_string(), &self.state.lock().unwrap().hub.identity.node_id())
     }
 
     /// Stops listening: requests are refused until [`Rendezvous::resume`].

@@ -1,8 +1,9 @@
 //! Embedding agent-mesh in an agent: the whole replacement for the seed's `spawn_mesh_discovery`.
 //!
 //!     cargo run -p agent-mesh --example embed -- \
-//!         --listen 0.0.0.0:3001 --advertise ws://$POD_IP:3001/crdt-sync \
-//!         --rendezvous ws://rendezvous:3000/crdt-sync --assignment /etc/podinfo/annotations
+//!         --listen 0.0.0.0:3001 --advertise wss://$POD_IP:3001/crdt-sync \
+//!         --rendezvous wss://rendezvous:3000/crdt-sync --rendezvous-node-id $RENDEZVOUS_NODE_ID \
+//!         --assignment /etc/podinfo/annotations
 //!
 //! It keeps exactly the links the Pod's assignment names (never more than 4), syncs the agent's document
 //! over them and over the rendezvous, writes one entry into the document, and prints its links as they change.
@@ -23,8 +24,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The agent's identity: an Ed25519 key kept on disk; its node id is the hex public key.
     let identity = Identity::load_or_create(&PathBuf::from(arg("--key", "agent.key")))?;
     let listener = tokio::net::TcpListener::bind(arg("--listen", "127.0.0.1:3001")).await?;
-    let mut config = agent_mesh::Config::new(4, arg("--advertise", "ws://127.0.0.1:3001/crdt-sync"));
-    config.rendezvous = Some(arg("--rendezvous", "ws://127.0.0.1:3000/crdt-sync"));
+    let mut config = agent_mesh::Config::new(4, arg("--advertise", "wss://127.0.0.1:3001/crdt-sync"));
+    // The rendezvous is pinned: the link goes only to a server holding the key of this node id.
+    let url = arg("--rendezvous", "wss://127.0.0.1:3000/crdt-sync");
+    config.rendezvous = Some(agent_mesh::Pinned { url, node_id: arg("--rendezvous-node-id", "") });
     config.hostname = std::env::var("HOSTNAME").ok();
     config.join_token = std::env::var("JOIN_TOKEN").ok();
     // The assignment: the downward-API file the kubelet keeps up to date (read strictly; a bad reading

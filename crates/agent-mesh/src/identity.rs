@@ -1,8 +1,9 @@
-//! An agent's identity: an Ed25519 key pair kept on disk; its node id is the hex public key.
+//! An agent's identity: an Ed25519 key pair kept on disk; its node id is the hex public key. Links prove it
+//! with TLS (`crate::tls`).
 use std::io::Write;
 use std::path::Path;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 
 pub struct Identity {
     key: SigningKey,
@@ -49,8 +50,9 @@ impl Identity {
         hex::encode(self.key.verifying_key().as_bytes())
     }
 
-    pub fn sign(&self, message: &[u8]) -> String {
-        hex::encode(self.key.sign(message).to_bytes())
+    /// The key itself, for the link's TLS certificate (`crate::tls`).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 }
 
@@ -64,38 +66,21 @@ pub fn is_node_id(id: &str) -> bool {
     id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Whether `signature` (hex) is `node_id`'s (hex public key) signature of `message`, by the strict
-/// verification rules. Malformed input is simply not a valid signature.
-pub fn verify(node_id: &str, message: &[u8], signature: &str) -> bool {
-    if !is_node_id(node_id) {
-        return false;
-    }
-    let key = hex::decode(node_id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
-    let sig = hex::decode(signature).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
-    match (key.and_then(|k| VerifyingKey::from_bytes(&k).ok()), sig) {
-        (Some(key), Some(sig)) => key.verify_strict(message, &Signature::from_bytes(&sig)).is_ok(),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_key_survives_a_restart_and_signs_verifiably() {
+    fn a_key_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("id");
         let first = Identity::load_or_create(&path).unwrap();
         let again = Identity::load_or_create(&path).unwrap();
         assert_eq!(first.node_id(), again.node_id());
         assert_eq!(first.node_id().len(), 64);
-        let sig = first.sign(b"m");
-        assert!(verify(&again.node_id(), b"m", &sig));
-        assert!(!verify(&again.node_id(), b"n", &sig));
-        assert!(!verify("zz", b"m", &sig));
-        assert!(!verify(&again.node_id().to_uppercase(), b"m", &sig), "one key, one spelling");
-        assert!(!verify(&Identity::generate().node_id(), b"m", &sig));
+        assert!(is_node_id(&first.node_id()));
+        assert!(!is_node_id("zz"));
+        assert!(!is_node_id(&first.node_id().to_uppercase()), "one key, one spelling");
         std::fs::write(&path, b"short").unwrap();
         assert!(matches!(Identity::load_or_create(&path), Err(IdentityError::BadKey { len: 5, .. })));
     }

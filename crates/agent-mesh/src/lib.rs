@@ -5,8 +5,8 @@
 //! the operator shares. With `runtime` (the default) it is the whole agent side:
 //! [`identity`] (Ed25519, node id = hex public key) → [`source`] (the assignment, read strictly) →
 //! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
-//! over [`transport`] and [`handshake`] (authenticated WebSocket links) → [`doc`] (the Yjs document and its
-//! relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
+//! over [`transport`], [`tls`] and [`handshake`] (WebSocket links inside mutual TLS, each end its node key)
+//! → [`screen`] (what a peer may send) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
 pub mod assignment;
 pub mod downward;
 
@@ -31,6 +31,8 @@ pub mod screen;
 #[cfg(feature = "runtime")]
 pub mod source;
 #[cfg(feature = "runtime")]
+pub mod tls;
+#[cfg(feature = "runtime")]
 pub mod transport;
 #[cfg(feature = "runtime")]
 pub mod wire;
@@ -50,6 +52,7 @@ mod runtime {
     use crate::identity::Identity;
     use crate::mesh::{Backoff, Mesh, Selection, Status};
     use crate::metrics::Metrics;
+    use crate::tls::Credentials;
 
     /// How an agent runs its links.
     #[derive(Clone, Debug)]
@@ -60,14 +63,24 @@ mod runtime {
         pub advertise: String,
         /// Announced to the rendezvous; the operator matches it to the Pod name.
         pub hostname: Option<String>,
-        /// The rendezvous' `/crdt-sync` URL, if any.
-        pub rendezvous: Option<String>,
-        /// Sent as a bearer token on every link and required on every inbound one.
+        /// The rendezvous, if any.
+        pub rendezvous: Option<Pinned>,
+        /// The fleet's join token. It never leaves the agent: the rendezvous link (and, in seed mode, every
+        /// link) carries a proof bound to its TLS connection instead, and seed-mode acceptors require one.
         pub join_token: Option<String>,
         pub backoff: Backoff,
         /// How often each link says it is alive; kept between 100 ms and 5 s (peers close a link silent for
         /// 20 s).
         pub heartbeat: Duration,
+    }
+
+    /// A server reached by URL whose node key is known in advance.
+    #[derive(Clone, Debug)]
+    pub struct Pinned {
+        /// `wss://…/crdt-sync`.
+        pub url: String,
+        /// The node id its TLS key must have; nothing is sent to a server with another key.
+        pub node_id: String,
     }
 
     impl Config {
@@ -95,15 +108,15 @@ mod runtime {
 
     /// Starts an agent: its document, the mesh links (inbound on `listener`), and the rendezvous link.
     pub fn start(identity: Identity, listener: TcpListener, config: Config, selection: Selection) -> Agent {
+        let creds = Arc::new(Credentials::new(&identity));
         let identity = Arc::new(identity);
         let metrics = Metrics::default();
         let doc = Doc::spawn(metrics.doc.clone());
         let config = Arc::new(config);
-        if let Some(url) = config.rendezvous.clone() {
-            let run = crate::rendezvous::run(identity.clone(), doc.clone(), metrics.clone(), config.clone(), url);
-            tokio::spawn(run);
+        if let Some(hub) = config.rendezvous.clone() {
+            tokio::spawn(crate::rendezvous::run(creds.clone(), doc.clone(), metrics.clone(), config.clone(), hub));
         }
-        let status = Mesh::spawn(identity.clone(), doc.clone(), metrics.clone(), config, listener, selection);
+        let status = Mesh::spawn(identity.clone(), creds, doc.clone(), metrics.clone(), config, listener, selection);
         Agent { identity, doc, metrics, status }
     }
 }

@@ -9,17 +9,18 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::assignment::Assignment;
 use crate::doc::{Doc, LinkId};
-use crate::handshake::{self, HandshakeError, PeerHello, Refusal};
+use crate::handshake::{self, HandshakeError, Hello, Refusal};
 use crate::identity::Identity;
 use crate::links::{Direction, Finished, Table, Wanted};
 use crate::metrics::Metrics;
 use crate::source::Reading;
-use crate::transport;
+use crate::tls::Credentials;
+use crate::transport::{self, Gate, Inbound};
 use crate::wire::Wire;
 use crate::{Config, presence};
 
@@ -68,7 +69,7 @@ type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
 
 enum Event {
     Dialed { id: String, result: Result<Wire, HandshakeError> },
-    Inbound { hello: PeerHello, admit: oneshot::Sender<Admission> },
+    Inbound { id: String, admit: oneshot::Sender<Admission> },
     Closed { id: String, dir: Direction, link: LinkId },
 }
 
@@ -88,6 +89,9 @@ pub fn next_link() -> LinkId {
 
 pub(crate) struct Mesh {
     pub identity: Arc<Identity>,
+    creds: Arc<Credentials>,
+    /// Seed mode with a join token: dialers prove it, acceptors require the proof.
+    prove_token: bool,
     pub doc: Doc,
     pub metrics: Metrics,
     pub config: Arc<Config>,
@@ -102,6 +106,7 @@ impl Mesh {
     /// Starts the mesh task and the listener for inbound links.
     pub fn spawn(
         identity: Arc<Identity>,
+        creds: Arc<Credentials>,
         doc: Doc,
         metrics: Metrics,
         config: Arc<Config>,
@@ -111,9 +116,10 @@ impl Mesh {
         let (events, rx) = mpsc::channel(1024);
         let (status, status_rx) = watch::channel(Status::default());
         let table = Table::new(identity.node_id(), config.cap);
+        let prove_token = matches!(selection, Selection::Seed { .. }) && config.join_token.is_some();
         let acceptor = Acceptor {
-            identity: identity.clone(),
-            token: config.join_token.clone(),
+            creds: creds.clone(),
+            token: config.join_token.clone().filter(|_| prove_token),
             heartbeat: config.heartbeat,
             doc: doc.clone(),
             metrics: metrics.clone(),
@@ -122,6 +128,8 @@ impl Mesh {
         tokio::spawn(accept_loop(listener, acceptor));
         let mesh = Mesh {
             identity,
+            creds,
+            prove_token,
             doc,
             metrics,
             config,
@@ -205,14 +213,14 @@ impl Mesh {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Dialed { id, result } => self.dialed(id, result),
-            Event::Inbound { hello, admit } => match self.table.admit(&hello.node_id) {
+            Event::Inbound { id, admit } => match self.table.admit(&id) {
                 Ok(()) => {
                     let (close, rx) = oneshot::channel();
                     let link = next_link();
                     let _ = admit.send(Ok((link, rx)));
                     self.metrics.links_accepted.inc();
                     let open = Open { link, close: Some(close), since_ms: presence::now_ms() };
-                    self.open.insert((hello.node_id, Direction::Accepted), open);
+                    self.open.insert((id, Direction::Accepted), open);
                 }
                 Err(why) => {
                     self.metrics.refused(why);
@@ -257,10 +265,7 @@ impl Mesh {
                 if let Err(e) = &result {
                     tracing::debug!(peer = %short(&id), error = %e, "dial failed");
                 }
-                self.metrics.dial_failed(match result {
-                    Err(HandshakeError::Refused(r, _)) => r.label(),
-                    _ => "unreachable",
-                });
+                self.metrics.dial_failed(result.err().map_or("unreachable", |e| e.label()));
                 self.back_off(&id);
             }
         }
@@ -281,8 +286,9 @@ impl Mesh {
     fn dial_pass(&mut self) {
         let now = Instant::now();
         let attempts = &self.attempts;
+        let token = self.config.join_token.clone().filter(|_| self.prove_token);
         for (id, url) in self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now)) {
-            tokio::spawn(dial(self.identity.clone(), self.config.clone(), id, url, self.events.clone()));
+            tokio::spawn(dial(self.creds.clone(), token.clone(), id, url, self.events.clone()));
         }
     }
 
@@ -323,11 +329,8 @@ fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-async fn dial(identity: Arc<Identity>, config: Arc<Config>, id: String, url: String, events: mpsc::Sender<Event>) {
-    let result = match transport::connect(&url, config.join_token.as_deref()).await {
-        Ok(mut wire) => handshake::dial(&mut wire, &identity, Some(&id), (None, None)).await.map(|_| wire),
-        Err(e) => Err(HandshakeError::Wire(e)),
-    };
+async fn dial(creds: Arc<Credentials>, token: Option<String>, id: String, url: String, events: mpsc::Sender<Event>) {
+    let result = transport::dial(&url, &creds, &id, Hello::default(), token.as_deref()).await;
     let _ = events.send(Event::Dialed { id, result }).await;
 }
 
@@ -352,11 +355,14 @@ async fn supervised(wire: Wire, doc: Doc, link: LinkId, close: oneshot::Receiver
     }
 }
 
-/// Handshakes in flight at once: a flood of connections costs at most this many sockets' memory.
+/// Inbound connections that have not finished their handshake, at once and from one address: a flood of
+/// connections that never finish costs at most this many sockets, and one host cannot keep others out.
 const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 
 struct Acceptor {
-    identity: Arc<Identity>,
+    creds: Arc<Credentials>,
+    /// Required, proven on the connection, from every dialer (seed mode with a token).
     token: Option<String>,
     heartbeat: Duration,
     doc: Doc,
@@ -366,46 +372,42 @@ struct Acceptor {
 
 async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
     let acceptor = Arc::new(acceptor);
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let gate = Gate::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, from)) = listener.accept().await else {
             // Out of file descriptors, most likely: wait rather than spin.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+        let Some(pass) = gate.enter(from.ip()) else { continue };
         let acceptor = acceptor.clone();
-        tokio::spawn(async move { acceptor.one(tcp, permit).await });
+        tokio::spawn(async move { acceptor.one(tcp, pass).await });
     }
 }
 
 impl Acceptor {
-    /// Upgrades, authenticates and asks the mesh task to admit one inbound connection, then runs the link.
-    async fn one(&self, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit) {
-        let mut wire = match transport::accept(tcp, self.token.as_deref()).await {
-            Ok(w) => w,
-            Err(why) => return self.metrics.refused(why),
-        };
-        let hello = match handshake::challenge(&mut wire, &self.identity).await {
-            Ok(h) => h,
-            Err(HandshakeError::BadSignature) => {
+    /// Runs TLS, asks the mesh task to admit the dialer's node id, answers, then runs the link.
+    async fn one(&self, tcp: TcpStream, pass: transport::Pass) {
+        let Inbound { node_id: id, wire, .. } = match transport::accept(tcp, &self.creds).await {
+            Ok(inbound) if self.token.as_deref().is_none_or(|t| inbound.proves(t)) => inbound,
+            Ok(inbound) => {
                 self.metrics.refused(Refusal::Unauthenticated);
-                return handshake::refuse(wire, Refusal::Unauthenticated).await;
+                return handshake::refuse(inbound.wire, Refusal::Unauthenticated).await;
             }
-            Err(_) => return,
+            Err(e) => return tracing::debug!(error = %e, "inbound handshake failed"),
         };
         let (admit, decision) = oneshot::channel();
-        let id = hello.node_id.clone();
-        if self.events.send(Event::Inbound { hello: hello.clone(), admit }).await.is_err() {
+        if self.events.send(Event::Inbound { id: id.clone(), admit }).await.is_err() {
             return;
         }
+        let mut wire = wire;
         let (link, close) = match decision.await {
             Ok(Ok(admitted)) => admitted,
             Ok(Err(why)) => return handshake::refuse(wire, why).await,
             Err(_) => return,
         };
-        drop(permit);
-        match handshake::welcome(&mut wire, &self.identity, &hello).await {
+        drop(pass);
+        match handshake::welcome(&mut wire).await {
             Ok(()) => supervised(wire, self.doc.clone(), link, close, self.heartbeat).await,
             Err(_) => drop(wire),
         }

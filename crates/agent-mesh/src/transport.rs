@@ -1,66 +1,165 @@
-//! Opening links: dialing a WebSocket URL with the join token, accepting one and checking it, and running an
-//! open link (the Yjs sync messages between the socket and the document, heartbeats, the idle timeout).
+//! Opening links and running them. A link is a WebSocket inside mutual TLS 1.3 (`crate::tls`): [`dial`]
+//! reaches a planned node and nobody else, [`accept`] learns who dialed from the dialer's key, and
+//! [`Gate`] bounds what connections that have not yet proven anything can cost. [`run_link`] carries the
+//! Yjs sync messages between the socket and the document, with heartbeats and an idle timeout.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::doc::{Doc, LinkId};
-use crate::handshake::Refusal;
+use crate::handshake::{self, HandshakeError, Hello, Refusal};
+use crate::tls::{self, Credentials};
 use crate::wire::{self, Frame, Wire};
 
-/// A TCP connect plus WebSocket upgrade must finish within this.
+/// A TCP connect, the TLS handshake and the WebSocket upgrade must each finish within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The text frame an agent sends the rendezvous to say it is alive.
 pub const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
-/// Dials `url` (ws://), sending the join token as a bearer header when one is set.
-pub async fn connect(url: &str, token: Option<&str>) -> Result<Wire, String> {
-    let mut request = url.into_client_request().map_err(|e| format!("{url}: {e}"))?;
-    if let Some(t) = token {
-        let value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| "join token is not a header value")?;
-        request.headers_mut().insert(header::AUTHORIZATION, value);
+/// Dials `url` (`wss://`), completes TLS only if the acceptor's key is `expect`, announces `hello` and
+/// waits to be admitted. With `token`, the hello carries this connection's proof of it, never the token.
+pub async fn dial(
+    url: &str,
+    creds: &Credentials,
+    expect: &str,
+    mut hello: Hello,
+    token: Option<&str>,
+) -> Result<Wire, HandshakeError> {
+    let mut request = url.into_client_request().map_err(|e| HandshakeError::Wire(format!("{url}: {e}")))?;
+    let uri = request.uri().clone();
+    if uri.scheme_str() != Some("wss") {
+        return Err(HandshakeError::Wire(format!("{url}: links are wss:// (TLS); plaintext is not spoken")));
     }
-    let dial = tokio_tungstenite::connect_async_with_config(request, Some(wire::config()), true);
-    match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
-        Ok(Ok((ws, _))) => Ok(wire::from_tungstenite(ws)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("connect timed out".into()),
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let step = |e: String| HandshakeError::Wire(format!("{url}: {e}"));
+    let tcp = timeout(TcpStream::connect((host.as_str(), port))).await?.map_err(|e| step(e.to_string()))?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| "agentmesh.invalid".try_into().unwrap());
+    let connector = TlsConnector::from(creds.client(expect));
+    let tls = timeout(connector.connect(name, tcp)).await?.map_err(|e| HandshakeError::Tls(e.to_string()))?;
+    if let Some(token) = token {
+        let exported = tls.get_ref().1.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None);
+        hello.token_proof = Some(tls::token_proof(&exported.map_err(|e| HandshakeError::Tls(e.to_string()))?, token));
+    }
+    for (k, v) in hello.headers() {
+        let v = HeaderValue::from_str(v).map_err(|_| step(format!("the {k} header is not a header value")))?;
+        request.headers_mut().insert(k, v);
+    }
+    let upgrade = tokio_tungstenite::client_async_with_config(request, tls, Some(wire::config()));
+    let (ws, _) = timeout(upgrade).await?.map_err(|e| step(e.to_string()))?;
+    let mut wire = wire::from_tungstenite(ws);
+    handshake::answer(&mut wire).await?;
+    Ok(wire)
+}
+
+async fn timeout<T>(f: impl Future<Output = T>) -> Result<T, HandshakeError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, f).await.map_err(|_| HandshakeError::TimedOut)
+}
+
+/// An inbound connection whose dialer proved its node id, upgraded, and not yet answered.
+pub struct Inbound {
+    pub node_id: String,
+    pub hello: Hello,
+    pub wire: Wire,
+    exported: [u8; 32],
+}
+
+impl Inbound {
+    /// Whether the dialer proved it knows `token` on this connection.
+    pub fn proves(&self, token: &str) -> bool {
+        self.hello.token_proof.as_deref().is_some_and(|p| tls::proof_ok(&self.exported, token, p))
     }
 }
 
-/// Whether an `Authorization` header value carries `token` (no token configured: anything goes).
+/// Runs the TLS handshake on an accepted connection, then [`upgrade`].
+pub async fn accept(tcp: TcpStream, creds: &Credentials) -> Result<Inbound, HandshakeError> {
+    let tls = timeout(TlsAcceptor::from(creds.server()).accept(tcp)).await?;
+    upgrade(tls.map_err(|e| HandshakeError::Tls(e.to_string()))?).await
+}
+
+/// Reads the dialer's node id and hello from a TLS connection and completes the WebSocket upgrade. Reads
+/// no frame: the caller answers ([`handshake::welcome`] or [`handshake::refuse`]).
+pub async fn upgrade(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Result<Inbound, HandshakeError> {
+    let conn = tls.get_ref().1;
+    let node_id = tls::peer_id(conn).ok_or_else(|| HandshakeError::Tls("no node certificate".into()))?;
+    let exported = conn
+        .export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)
+        .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+    let mut hello = Hello::default();
+    #[allow(clippy::result_large_err)] // the error type is tungstenite's callback contract
+    let read = |req: &Request, resp: Response| {
+        hello = Hello::from_headers(req.headers());
+        Ok(resp)
+    };
+    let ws = timeout(tokio_tungstenite::accept_hdr_async_with_config(tls, read, Some(wire::config()))).await?;
+    let wire = wire::from_tungstenite(ws.map_err(|e| HandshakeError::Wire(e.to_string()))?);
+    Ok(Inbound { node_id, hello, wire, exported })
+}
+
+/// Bounds the connections that have not finished their handshake: at most `total` at once, and at most
+/// `per_source` from one address, so one host that opens connections and never finishes them cannot keep
+/// others out.
+pub struct Gate {
+    total: usize,
+    per_source: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A place in the [`Gate`], given back when dropped.
+pub struct Pass {
+    gate: Arc<Gate>,
+    source: IpAddr,
+}
+
+impl Gate {
+    pub fn new(total: usize, per_source: usize) -> Arc<Gate> {
+        Arc::new(Gate { total, per_source, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// A place for a connection from `source`, if there is one.
+    pub fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pass> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.entry(source).or_default();
+        if total >= self.total || *mine >= self.per_source {
+            return None;
+        }
+        *mine += 1;
+        Some(Pass { gate: self.clone(), source })
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Whether an `Authorization` header value carries `token` (no token configured: anything goes). The
+/// rendezvous' presence API takes the token this way; links never carry it.
 pub fn token_ok(token: Option<&str>, header: Option<&[u8]>) -> bool {
     let Some(token) = token else { return true };
     let expected = format!("Bearer {token}");
     let got = header.unwrap_or_default();
     // Length is not secret; the bytes are compared without an early exit.
     got.len() == expected.len() && got.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
-/// Completes the WebSocket upgrade of an inbound connection, refusing (401) one without the join token.
-#[allow(clippy::result_large_err)] // the error type is tungstenite's callback contract
-pub async fn accept(tcp: TcpStream, token: Option<&str>) -> Result<Wire, Refusal> {
-    let check = |req: &Request, resp: Response| {
-        let sent = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        if token_ok(token, sent) {
-            Ok(resp)
-        } else {
-            let mut refuse = ErrorResponse::new(Some("join token required".into()));
-            *refuse.status_mut() = StatusCode::UNAUTHORIZED;
-            Err(refuse)
-        }
-    };
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(wire::config()));
-    match tokio::time::timeout(CONNECT_TIMEOUT, upgrade).await {
-        Ok(Ok(ws)) => Ok(wire::from_tungstenite(ws)),
-        _ => Err(Refusal::Unauthenticated),
-    }
 }
 
 /// A link on which nothing arrives for this long is dead (every end sends at least a heartbeat every

@@ -37,7 +37,7 @@ struct Args {
     /// Where mesh links are accepted.
     #[arg(long, default_value = "0.0.0.0:3001")]
     listen: SocketAddr,
-    /// The URL other agents dial (default: ws://LISTEN/crdt-sync).
+    /// The URL other agents dial (default: wss://LISTEN/crdt-sync).
     #[arg(long)]
     advertise: Option<String>,
     /// Where /metrics and the test API are served.
@@ -46,10 +46,14 @@ struct Args {
     /// The Ed25519 secret key (created on first start).
     #[arg(long, default_value = "agent.key")]
     identity: PathBuf,
-    /// The rendezvous' /crdt-sync URL.
-    #[arg(long)]
+    /// The rendezvous' wss://…/crdt-sync URL.
+    #[arg(long, requires = "rendezvous_node_id")]
     rendezvous: Option<String>,
-    /// A file holding the join token.
+    /// The rendezvous' node id (its key's hex): the link goes only to a server with that key.
+    #[arg(long, env = "RENDEZVOUS_NODE_ID", requires = "rendezvous", value_parser = node_id)]
+    rendezvous_node_id: Option<String>,
+    /// A file holding the join token. It is never sent: links carry a proof of it bound to their TLS
+    /// connection.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
     /// Announced to the rendezvous (default: $HOSTNAME); the operator matches it to the Pod's name.
@@ -96,6 +100,14 @@ fn duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn node_id(s: &str) -> Result<String, String> {
+    if agent_mesh::identity::is_node_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a node id (64 lowercase hex digits)"))
+    }
+}
+
 fn heartbeat(s: &str) -> Result<Duration, String> {
     let d = duration(s)?;
     let (lo, hi) = (agent_mesh::transport::MIN_HEARTBEAT, agent_mesh::transport::MAX_HEARTBEAT);
@@ -121,9 +133,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     let mesh_addr = listener.local_addr()?;
     let mut config =
-        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("ws://{mesh_addr}/crdt-sync")));
+        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("wss://{mesh_addr}/crdt-sync")));
     config.hostname = args.hostname;
-    config.rendezvous = args.rendezvous;
+    config.rendezvous =
+        args.rendezvous.zip(args.rendezvous_node_id).map(|(url, node_id)| agent_mesh::Pinned { url, node_id });
     config.join_token = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     config.heartbeat = args.heartbeat;
     let selection = match args.peer_selection {

@@ -1,6 +1,6 @@
-//! The sync hub: agents connect to `/crdt-sync` over WebSocket (the join token as a bearer header, then the
-//! agent-mesh handshake, in which each agent announces its address and hostname), and the hub relays the
-//! Yjs document between them. Presence comes from these sessions: alive while connected, last seen at the
+//! The sync hub: agents link to it as to any agent (mutual TLS with their node keys, then the agent-mesh
+//! handshake, in which each announces its address and hostname and proves the join token), and the hub
+//! relays the Yjs document between them. Presence comes from these sessions: alive while connected, last seen at the
 //! last frame (heartbeats included). The hub also writes presence into the document's `nodes` map, where
 //! agents running the seed's scheme read it.
 use std::collections::{BTreeMap, HashMap};
@@ -11,9 +11,8 @@ use agent_mesh::doc::Doc;
 use agent_mesh::handshake::{self, Refusal};
 use agent_mesh::identity::Identity;
 use agent_mesh::presence::{Entry, NODES};
-use agent_mesh::wire::{Frame, Wire, WireError};
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures::{SinkExt, StreamExt, future};
+use agent_mesh::tls::Credentials;
+use agent_mesh::transport::Inbound;
 use tokio::sync::oneshot;
 use yrs::{Map, Transact};
 
@@ -45,6 +44,8 @@ pub struct Hub {
     #[serde(skip)]
     pub identity: Arc<Identity>,
     #[serde(skip)]
+    pub creds: Arc<Credentials>,
+    #[serde(skip)]
     pub doc: Doc,
     pub connected: BTreeMap<String, Connected>,
     #[serde(skip)]
@@ -56,11 +57,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Needs a tokio runtime (the document runs as a task).
-    pub fn new() -> Self {
+    /// A hub with the node key `identity`. Needs a tokio runtime (the document runs as a task).
+    pub fn new(identity: Identity) -> Self {
         let metrics = agent_mesh::doc::DocMetrics::default();
         Hub {
-            identity: Arc::new(Identity::generate()),
+            creds: Arc::new(Credentials::new(&identity)),
+            identity: Arc::new(identity),
             doc: Doc::spawn(metrics),
             connected: BTreeMap::new(),
             sessions: HashMap::new(),
@@ -83,43 +85,20 @@ impl Hub {
     }
 }
 
-impl Default for Hub {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn to_wire(socket: WebSocket) -> Wire {
-    let (sink, stream) = socket.split();
-    let tx = sink.sink_map_err(|e| WireError(e.to_string())).with(|f: Frame| {
-        future::ready(Ok::<_, WireError>(match f {
-            Frame::Text(t) => Message::Text(t.into()),
-            Frame::Binary(b) => Message::Binary(b),
-            Frame::Close(code, reason) => Message::Close(Some(CloseFrame { code, reason: reason.into() })),
-        }))
-    });
-    let rx = stream.filter_map(|m| {
-        future::ready(match m {
-            Ok(Message::Text(t)) => Some(Ok(Frame::Text(t.to_string()))),
-            Ok(Message::Binary(b)) => Some(Ok(Frame::Binary(b))),
-            Ok(Message::Close(c)) => {
-                Some(Ok(c.map_or(Frame::Close(1005, String::new()), |c| Frame::Close(c.code, c.reason.to_string()))))
-            }
-            Ok(_) => None,
-            Err(e) => Some(Err(WireError(e.to_string()))),
-        })
-    });
-    Wire { tx: Box::pin(tx), rx: Box::pin(rx) }
-}
-
-/// One agent's session, from the upgraded socket to its end.
-pub async fn session(state: Shared, socket: WebSocket) {
-    let mut wire = to_wire(socket);
-    let (identity, doc) = {
+/// One agent's session, from its admitted handshake to its end. The hub admits any node that proves the
+/// join token (when one is set) and announces an address.
+pub async fn session(state: Shared, inbound: Inbound) {
+    let (token, doc, down) = {
         let st = state.lock().unwrap();
-        (st.hub.identity.clone(), st.hub.doc.clone())
+        (st.token.clone(), st.hub.doc.clone(), st.fail == crate::FailMode::Down)
     };
-    let Ok(hello) = handshake::challenge(&mut wire, &identity).await else { return };
+    if down {
+        return;
+    }
+    if token.is_some_and(|t| !inbound.proves(&t)) {
+        return handshake::refuse(inbound.wire, Refusal::Unauthenticated).await;
+    }
+    let Inbound { node_id, hello, mut wire, .. } = inbound;
     let Some(address) = hello.address.clone().filter(|a| a.len() <= 2048) else {
         return handshake::refuse(wire, Refusal::NotPlanned).await;
     };
@@ -128,25 +107,25 @@ pub async fn session(state: Shared, socket: WebSocket) {
         let mut st = state.lock().unwrap();
         let hub = &mut st.hub;
         hub.next += 1;
-        let (session, order) = (hub.next, hub.connected.get(&hello.node_id).map_or(hub.next, |c| c.order));
+        let (session, order) = (hub.next, hub.connected.get(&node_id).map_or(hub.next, |c| c.order));
         // One session per node: a newer one replaces the older.
-        if let Some(old) = hub.connected.get(&hello.node_id).and_then(|c| hub.sessions.remove(&c.session)) {
+        if let Some(old) = hub.connected.get(&node_id).and_then(|c| hub.sessions.remove(&c.session)) {
             let _ = old.send(Refusal::Duplicate);
         }
         hub.sessions.insert(session, close);
         let hostname = hello.hostname.clone().filter(|h| h.len() <= 253);
         let entry = Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, session };
-        hub.connected.insert(hello.node_id.clone(), entry);
+        hub.connected.insert(node_id.clone(), entry);
         session
     };
-    if handshake::welcome(&mut wire, &identity, &hello).await.is_ok() {
-        let touch = || touch(&state, &hello.node_id, session);
+    if handshake::welcome(&mut wire).await.is_ok() {
+        let touch = || touch(&state, &node_id, session);
         let link = agent_mesh::mesh::next_link();
         agent_mesh::transport::run_link(wire, doc, link, false, closed, HEARTBEAT, touch).await;
     }
     let mut st = state.lock().unwrap();
     st.hub.sessions.remove(&session);
-    if let Some(c) = st.hub.connected.get_mut(&hello.node_id).filter(|c| c.session == session) {
+    if let Some(c) = st.hub.connected.get_mut(&node_id).filter(|c| c.session == session) {
         c.alive = false;
     }
 }

@@ -1,6 +1,6 @@
 //! The rendezvous for mesh-operator's tests, benchmarks and demo. A real sync hub for real agents
-//! ([`hub`]: WebSocket sessions at `/crdt-sync`, the Yjs document relayed between them, presence derived
-//! from the sessions), plus simulated agents (for scale) and failure modes (for outages), all served by the
+//! ([`hub`]: agent links, TLS with the hub's node key, on the same port as the HTTP API; the Yjs document
+//! relayed between them, presence derived from the sessions), plus simulated agents (for scale) and failure modes (for outages), all served by the
 //! presence API the operator reads (`GET /presence`, with `nowMs` and an ETag).
 //!
 //! Admin API (JSON): `POST /admin/agents` `{nodeId, address, hostname?}` adds or replaces an agent;
@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agent_mesh::transport::{self, Gate, Pass};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,7 +30,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio_rustls::TlsAcceptor;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::hub::Hub;
 
@@ -70,7 +76,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Default, Serialize)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SimState {
     pub server_node_id: String,
@@ -89,12 +95,21 @@ pub struct SimState {
 
 pub type Shared = Arc<Mutex<SimState>>;
 
-/// The state of a rendezvous whose presence names itself `server_node_id` (None: its own node id). Needs
-/// a tokio runtime.
-pub fn new_state(server_node_id: Option<&str>) -> Shared {
-    let hub = Hub::new();
+/// The state of a rendezvous with the node key `identity`, whose presence names itself `server_node_id`
+/// (None: its own node id). Needs a tokio runtime.
+pub fn new_state(identity: agent_mesh::identity::Identity, server_node_id: Option<&str>) -> Shared {
+    let hub = Hub::new(identity);
     let server_node_id = server_node_id.map_or_else(|| hub.identity.node_id(), str::to_string);
-    let state = Arc::new(Mutex::new(SimState { server_node_id, hub, ..Default::default() }));
+    let state = Arc::new(Mutex::new(SimState {
+        server_node_id,
+        agents: BTreeMap::new(),
+        token: None,
+        fail: FailMode::None,
+        requests: 0,
+        bearer_requests: 0,
+        raw_body: None,
+        hub,
+    }));
     tokio::spawn(hub::write_presence(state.clone()));
     state
 }
@@ -102,7 +117,6 @@ pub fn new_state(server_node_id: Option<&str>) -> Shared {
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/presence", get(presence))
-        .route("/crdt-sync", get(crdt_sync))
         .route("/admin/restart-empty", post(restart_empty))
         .route("/admin/state", get(|State(s): State<Shared>| async move { Json(json!(*s.lock().unwrap())) }))
         .route("/admin/agents", post(add_agent))
@@ -212,22 +226,6 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-async fn crdt_sync(State(s): State<Shared>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
-    {
-        let st = s.lock().unwrap();
-        if !agent_mesh::transport::token_ok(
-            st.token.as_deref(),
-            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
-        ) {
-            return (StatusCode::UNAUTHORIZED, "join token required").into_response();
-        }
-        if st.fail == FailMode::Down {
-            return (StatusCode::SERVICE_UNAVAILABLE, "rendezvous down").into_response();
-        }
-    }
-    upgrade.max_message_size(agent_mesh::wire::MAX_MESSAGE_BYTES).on_upgrade(move |socket| hub::session(s, socket))
-}
-
 async fn restart_empty(State(s): State<Shared>) -> StatusCode {
     let mut st = s.lock().unwrap();
     st.agents.clear();
@@ -299,15 +297,144 @@ async fn set_fail(State(s): State<Shared>, Json(b): Json<FailBody>) -> StatusCod
     StatusCode::NO_CONTENT
 }
 
-/// Serves the simulator on `listener` until the task is dropped; over TLS when `tls` is given.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves the simulator on `listener` until the task is dropped: agent links (TLS with the hub's node key,
+/// ALPN `agentmesh/2`) go to the hub, everything else to the HTTP API, over TLS when `https` is given.
+pub async fn serve(listener: TcpListener, state: Shared, https: Option<Arc<ServerConfig>>) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let (http, rx) = mpsc::channel(64);
+    let sort = Sorter { state: state.clone(), gate: Gate::new(256, 16), https, http };
+    // One future: dropping it (a stopped rendezvous) closes the listener too.
+    tokio::select! {
+        () = sort.run(listener) => Ok(()),
+        served = axum::serve(Http { rx, local }, router(state)) => served,
+    }
+}
+
+/// Takes each TCP connection apart: an agent link, or HTTP (plain or https) for the router.
+struct Sorter {
     state: Shared,
-    tls: Option<Arc<ServerConfig>>,
-) -> std::io::Result<()> {
-    match tls {
-        None => axum::serve(listener, router(state)).await,
-        Some(config) => axum::serve(TlsListener { tcp: listener, tls: TlsAcceptor::from(config) }, router(state)).await,
+    /// Bounds connections that have not finished their handshakes.
+    gate: Arc<Gate>,
+    https: Option<Arc<ServerConfig>>,
+    http: mpsc::Sender<(Io, SocketAddr)>,
+}
+
+impl Sorter {
+    async fn run(self, listener: TcpListener) {
+        let sort = Arc::new(self);
+        loop {
+            let Ok((tcp, addr)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Some(pass) = sort.gate.enter(addr.ip()) else { continue };
+            let sort = sort.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sort.one(tcp, addr, pass).await {
+                    tracing::debug!(%addr, error = %e, "connection dropped during its handshake");
+                }
+            });
+        }
+    }
+
+    async fn one(&self, tcp: TcpStream, addr: SocketAddr, pass: Pass) -> Result<(), String> {
+        let creds = self.state.lock().unwrap().hub.creds.clone();
+        let Some(https) = self.https.clone() else {
+            let mut first = [0u8; 1];
+            let peeked = tokio::time::timeout(HANDSHAKE, tcp.peek(&mut first)).await;
+            if !matches!(peeked, Ok(Ok(1))) || first[0] != TLS_HANDSHAKE_RECORD {
+                drop(pass);
+                return self.http.send((Io::Plain(tcp), addr)).await.map_err(|e| e.to_string());
+            }
+            let inbound = transport::accept(tcp, &creds).await.map_err(|e| e.to_string())?;
+            drop(pass);
+            hub::session(self.state.clone(), inbound).await;
+            return Ok(());
+        };
+        let start = tokio::time::timeout(HANDSHAKE, LazyConfigAcceptor::new(Default::default(), tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let link = start.client_hello().alpn().is_some_and(|mut p| p.any(|p| p == agent_mesh::tls::ALPN));
+        let config = if link { creds.server() } else { https };
+        let tls = tokio::time::timeout(HANDSHAKE, start.into_stream(config))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if !link {
+            drop(pass);
+            return self.http.send((Io::Tls(Box::new(tls)), addr)).await.map_err(|e| e.to_string());
+        }
+        let inbound = transport::upgrade(tls).await.map_err(|e| e.to_string())?;
+        drop(pass);
+        hub::session(self.state.clone(), inbound).await;
+        Ok(())
+    }
+}
+
+/// The first byte of a TLS connection (a handshake record); HTTP starts with a method's letter.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// A connection must show what it is, and finish its TLS handshake, within this.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// The HTTP connections the [`Sorter`] passes on, as axum's listener.
+struct Http {
+    rx: mpsc::Receiver<(Io, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Http {
+    type Io = Io;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Io, SocketAddr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The sorter ended (its listener is gone): nothing more will arrive.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// An HTTP connection, plain or https.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -324,30 +451,4 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, 
     let config =
         ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).map_err(|e| e.to_string())?;
     Ok(Arc::new(config))
-}
-
-/// Accepts TCP connections and completes the TLS handshake; a failed handshake drops that connection only.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    tls: TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
-            match tokio::time::timeout(Duration::from_secs(5), self.tls.accept(tcp)).await {
-                Ok(Ok(stream)) => return (stream, addr),
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }

@@ -1,5 +1,5 @@
 //! `rendezvous`: the sync hub and presence API (see the library's docs for the admin API). Prints
-//! `listening on ADDR` once it accepts connections.
+//! `listening on ADDR node=ID` once it accepts connections (agents pin ID).
 use clap::Parser;
 
 #[derive(Parser)]
@@ -7,9 +7,13 @@ use clap::Parser;
 struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
-    /// The node id reported as `serverNodeId` (default: the hub's own, generated at start).
+    /// The node id reported as `serverNodeId` (default: the hub's own).
     #[arg(long)]
     server_node_id: Option<String>,
+    /// The hub's Ed25519 node key (created on first start; agents pin its node id). Without it the hub
+    /// makes a new key at every start.
+    #[arg(long)]
+    identity: Option<std::path::PathBuf>,
     /// Serve https with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -32,8 +36,13 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let state = rendezvous::new_state(args.server_node_id.as_deref());
+    let identity = match &args.identity {
+        Some(path) => agent_mesh::identity::Identity::load_or_create(path)?,
+        None => agent_mesh::identity::Identity::generate(),
+    };
+    let node = identity.node_id();
+    let state = rendezvous::new_state(identity, args.server_node_id.as_deref());
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("listening on {}", listener.local_addr()?);
+    println!("listening on {} node={node}", listener.local_addr()?);
     Ok(rendezvous::serve(listener, state, tls).await?)
 }

@@ -10,16 +10,17 @@ use serde_json::Value;
 async fn hub() -> (String, rendezvous::Shared) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let state = rendezvous::new_state(None);
+    let state = rendezvous::new_state(Identity::generate(), None);
     tokio::spawn(rendezvous::serve(listener, state.clone(), None));
     (addr, state)
 }
 
-async fn agent(hub: &str, token: Option<&str>) -> agent_mesh::Agent {
+async fn agent(hub: &str, state: &rendezvous::Shared, token: Option<&str>) -> agent_mesh::Agent {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let advertise = format!("ws://{}/crdt-sync", listener.local_addr().unwrap());
+    let advertise = format!("wss://{}/crdt-sync", listener.local_addr().unwrap());
     let mut config = agent_mesh::Config::new(4, advertise);
-    config.rendezvous = Some(format!("ws://{hub}/crdt-sync"));
+    let node_id = state.lock().unwrap().hub.identity.node_id();
+    config.rendezvous = Some(agent_mesh::Pinned { url: format!("wss://{hub}/crdt-sync"), node_id });
     config.hostname = Some("agent-7".into());
     config.join_token = token.map(str::to_string);
     config.heartbeat = Duration::from_secs(3600);
@@ -63,7 +64,7 @@ fn alive(body: &Value, id: &str) -> bool {
 #[tokio::test]
 async fn presence_follows_the_sessions() {
     let (addr, state) = hub().await;
-    let a = agent(&addr, None).await;
+    let a = agent(&addr, &state, None).await;
     let id = a.identity.node_id();
     wait_until("the agent in presence", async || alive(&presence(&addr, None).await.2, &id)).await;
     let (_, _, body) = presence(&addr, None).await;
@@ -90,8 +91,8 @@ async fn presence_follows_the_sessions() {
 async fn a_session_without_the_join_token_is_refused() {
     let (addr, state) = hub().await;
     state.lock().unwrap().token = Some("t".into());
-    let good = agent(&addr, Some("t")).await;
-    let bad = agent(&addr, Some("x")).await;
+    let good = agent(&addr, &state, Some("t")).await;
+    let bad = agent(&addr, &state, Some("x")).await;
     wait_until("the agent with the token to connect", async || good.metrics.rendezvous_connected.get() == 1).await;
     let body = presence_with_token(&addr).await;
     assert!(!body.contains(&bad.identity.node_id()), "the agent without the token registered");
