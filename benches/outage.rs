@@ -16,7 +16,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::agents::{Agent, Kubelet, Mode, SyncHub, agent_pod, agents_follow_the_plan, workspace_bins};
+use support::agents::{Agent, HubProcess, Kubelet, Mode, agent_pod, agents_follow_the_plan};
 use support::*;
 
 const CAP: usize = 4;
@@ -29,28 +29,6 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 /// The rendezvous as a process of its own, so it can be killed for real.
-struct Hub {
-    child: tokio::process::Child,
-    addr: String,
-    sync: SyncHub,
-}
-
-impl Hub {
-    async fn start() -> Hub {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(workspace_bins().join("rendezvous"))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().unwrap();
-        let (addr, node) = line.trim_start_matches("listening on ").split_once(" node=").expect("ADDR node=ID");
-        Hub { child, addr: addr.to_string(), sync: SyncHub::at(addr, node) }
-    }
-}
-
 #[derive(Default)]
 struct Row {
     scheme: &'static str,
@@ -118,7 +96,7 @@ fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
 }
 
 /// The outage phases over a settled fleet (agent i is in zone i mod 3).
-async fn outage(scheme: &'static str, mut hub: Hub, agents: &mut [Option<Agent>], updates: usize) -> Vec<Row> {
+async fn outage(scheme: &'static str, mut hub: HubProcess, agents: &mut [Option<Agent>], updates: usize) -> Vec<Row> {
     let mut rows = vec![phase(scheme, "settled", &live(agents), updates).await];
     hub.child.kill().await.unwrap();
     wait_for("every agent to notice the rendezvous is gone", WAIT, || async {
@@ -151,7 +129,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     install_crd(&client).await;
     let ns = namespace(&client, "outage").await;
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start().await;
+    let hub = HubProcess::start().await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
     let spec = json!({
         "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": CAP, "topologyKey": "zone",
@@ -173,7 +151,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
 
 async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start().await;
+    let hub = HubProcess::start().await;
     let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {

@@ -50,6 +50,29 @@ impl SyncHub {
     }
 }
 
+/// A `rendezvous` process on loopback, with a key of its own.
+pub struct HubProcess {
+    pub child: tokio::process::Child,
+    /// host:port of its HTTP API and its hub.
+    pub addr: String,
+    pub sync: SyncHub,
+}
+
+impl HubProcess {
+    pub async fn start() -> HubProcess {
+        let mut child = tokio::process::Command::new(workspace_bins().join("rendezvous"))
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting rendezvous");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("rendezvous to start").unwrap().unwrap();
+        let (addr, node) = line.trim_start_matches("listening on ").split_once(" node=").expect("ADDR node=ID");
+        HubProcess { addr: addr.to_string(), sync: SyncHub::at(addr, node), child }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Operator,
@@ -67,6 +90,8 @@ pub struct AgentApi {
 /// One `mesh-agent` process.
 pub struct Agent {
     pub ip: String,
+    /// Where it accepts mesh links.
+    pub mesh: SocketAddr,
     pub annotations: PathBuf,
     view: AgentApi,
     child: tokio::process::Child,
@@ -118,17 +143,24 @@ impl Agent {
             .args(extra)
             .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
             .env("RUST_LOG", "agent_mesh=debug")
-            .env("KUBECONFIG", kubeconfig())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
             .kill_on_drop(true);
+        if extra.contains(&"--assignment-source") {
+            cmd.env("KUBECONFIG", kubeconfig());
+        }
         let mut child = cmd.spawn().expect("starting mesh-agent");
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("mesh-agent to start").unwrap().unwrap();
         let field =
             |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
         let (api, node_id) = (field("api=").parse().unwrap(), field("node=").to_string());
-        Agent { ip: ip.into(), annotations, view: AgentApi { name: name.into(), node_id, api }, child }
+        let mesh = field("mesh=").parse().unwrap();
+        Agent { ip: ip.into(), mesh, annotations, view: AgentApi { name: name.into(), node_id, api }, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("a running agent")
     }
 
     pub async fn kill(mut self) {
@@ -148,8 +180,12 @@ impl AgentApi {
     }
 
     pub async fn append(&self) -> String {
+        self.append_value("x").await
+    }
+
+    pub async fn append_value(&self, value: &str) -> String {
         let url = format!("http://{}/updates", self.api);
-        let body = json!({"value": "x"}).to_string();
+        let body = json!({"value": value}).to_string();
         let resp = http().post(url).header("content-type", "application/json").body(body).send().await.unwrap();
         let reply: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
         reply["key"].as_str().unwrap().to_string()

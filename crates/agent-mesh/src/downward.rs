@@ -125,6 +125,20 @@ mod tests {
         assert_eq!(map["note"], "caf\u{e9} \u{e9}AA\t");
     }
 
+    /// The test vector of docs/agent-integration.md: a file as a kubelet writes it, escapes included.
+    #[test]
+    fn the_documented_test_vector() {
+        let map = parse(include_str!("../tests/vectors/annotations")).unwrap();
+        assert_eq!(map["note"], "caf\u{e9} \u{e9}AA\t\\");
+        let a = crate::assignment::Assignment::from_annotations_strict(&map).unwrap().unwrap();
+        let peer = &a.peers[0];
+        assert_eq!(peer.node_id, "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+        assert_eq!(peer.url, "wss://10.0.3.7:3001/crdt-sync");
+        let accepts: Vec<&str> = a.accepts.iter().map(String::as_str).collect();
+        assert_eq!(accepts, ["3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"]);
+        assert_eq!((a.links(), a.policy.as_str()), (2, "build-agents"));
+    }
+
     #[test]
     fn a_truncated_line_is_an_error_naming_it() {
         let err = parse("a=\"1\"\nagentmesh.dev/peers=\"[{\\\"node").unwrap_err();

@@ -23,6 +23,11 @@ impl Identity {
         Self { key: SigningKey::from_bytes(&rand::random()) }
     }
 
+    /// The key whose 32-byte Ed25519 secret (seed) is `secret`.
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self { key: SigningKey::from_bytes(&secret) }
+    }
+
     /// The key at `path`, created (mode 0600, written atomically) when the file does not exist.
     pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
         let io = |error| IdentityError::Io { path: path.display().to_string(), error };

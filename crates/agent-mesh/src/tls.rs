@@ -224,4 +224,18 @@ mod tests {
         assert_eq!(node_id_of(creds.certificate()).as_deref(), Some(id.node_id().as_str()));
         assert_eq!(node_id_of(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])), None);
     }
+
+    /// The test vector of docs/agent-integration.md: RFC 8032's first Ed25519 key, its node id, and the
+    /// certificate this crate makes of it (rcgen's output is deterministic for a given key).
+    #[test]
+    fn the_documented_test_vector() {
+        let secret = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60").unwrap();
+        let id = Identity::from_secret(secret.try_into().unwrap());
+        assert_eq!(id.node_id(), "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+        let creds = Credentials::new(&id);
+        let der = creds.certificate().as_ref();
+        let fingerprint = hex::encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        assert_eq!(fingerprint, "52757c22d8b3b7ab424d46bbbaad7f0a33dcedde89d13bfb0cc2aba45b2f1f5d");
+        assert_eq!(node_id_of(creds.certificate()), Some(id.node_id()));
+    }
 }

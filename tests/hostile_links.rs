@@ -1,0 +1,144 @@
+//! Hostile bytes from a peer the plan admits, at real `mesh-agent` and `rendezvous` processes
+//! (docs/design.md §3.4 rule 7): a value nested 8,000 deep, count bombs in a state vector, an update and an
+//! awareness message, and a flood of SyncStep1 requests against a 1 MiB document. Each process lives, the
+//! offending link is closed, resident memory grows by less than 64 MiB, and a legitimate update still
+//! arrives. Needs only Rust: the binaries are built by the test.
+mod support;
+
+use std::time::Duration;
+
+use agent_mesh::assignment::{Assignment, Peer};
+use agent_mesh::handshake::{Hello, Refusal};
+use agent_mesh::identity::Identity;
+use agent_mesh::tls::Credentials;
+use agent_mesh::wire::{Frame, Wire};
+use agent_mesh::{downward, transport};
+use support::agents::{Agent, HubProcess, Mode};
+
+const GROWTH_LIMIT_KIB: u64 = 64 << 10;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is alive");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0, sub];
+    let mut len = body.len();
+    while len >= 0x80 {
+        m.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    m.push(len as u8);
+    m.extend_from_slice(body);
+    m
+}
+
+fn bombs() -> Vec<(&'static str, Vec<u8>)> {
+    let mut depth = vec![1, 1, 1, 0, 8, 1, 1, b'm', 1];
+    depth.extend(std::iter::repeat_n([117u8, 1], 8_000).flatten());
+    depth.extend([126, 0]);
+    vec![
+        ("a value nested 8,000 deep", sync(2, &depth)),
+        ("a state vector of 2^28 entries", vec![0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x01]),
+        ("a state vector of 2^28 entries (7 bytes)", vec![0, 0, 4, 255, 255, 255, 122]),
+        ("a client of 2^28 blocks", sync(2, &[1, 0x80, 0x80, 0x80, 0x80, 0x01, 1, 0])),
+        ("an awareness update of 2^28 clients", vec![1, 5, 0x80, 0x80, 0x80, 0x80, 0x01]),
+    ]
+}
+
+/// The close code the peer ends `wire` with (None: the socket just ended).
+async fn closed_with(wire: &mut Wire) -> Option<u16> {
+    let end = async {
+        loop {
+            match wire.recv().await {
+                Some(Ok(Frame::Close(code, _))) => return Some(code),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), end).await.expect("the link to close")
+}
+
+/// Sends every bomb on a fresh link from `creds` to `url` (acceptor `id`), and checks each closes it.
+async fn bomb(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32, base: u64) {
+    for (what, bytes) in bombs() {
+        let mut wire = transport::dial(url, creds, id, hello.clone(), None).await.expect("the attacker is admitted");
+        wire.send(Frame::Binary(bytes.into())).await.unwrap();
+        assert_eq!(closed_with(&mut wire).await, Some(Refusal::Malformed.code()), "{what}");
+        let grew = rss_kib(pid).saturating_sub(base);
+        assert!(grew < GROWTH_LIMIT_KIB, "{what}: resident memory grew by {grew} KiB");
+    }
+}
+
+/// 5,000 SyncStep1 requests on one link whose peer never reads (each would be answered with the whole
+/// document), then a malformed message: the link closing on it shows the requests before it were handled.
+async fn flood(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32, base: u64) {
+    let mut wire = transport::dial(url, creds, id, hello.clone(), None).await.expect("the attacker is admitted");
+    let step1 = Frame::Binary(sync(0, &[0]).into());
+    for _ in 0..5_000 {
+        wire.send(step1.clone()).await.expect("the flood is read");
+    }
+    wire.send(Frame::Binary(vec![1, 0].into())).await.unwrap();
+    assert_eq!(closed_with(&mut wire).await, Some(Refusal::Malformed.code()));
+    let grew = rss_kib(pid).saturating_sub(base);
+    assert!(grew < GROWTH_LIMIT_KIB, "a SyncStep1 flood: resident memory grew by {grew} KiB");
+}
+
+fn assign(agent: &Agent, dial: &[&Agent], accept: &[String]) {
+    let peers = dial.iter().map(|d| Peer { node_id: d.node_id.clone(), url: format!("wss://{}/crdt-sync", d.mesh) });
+    let a = Assignment::new(peers.collect(), accept.iter().cloned(), "p".into());
+    let map = a.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    std::fs::write(&agent.annotations, downward::render(&map)).unwrap();
+}
+
+async fn arrives(agent: &Agent, key: &str) {
+    for _ in 0..1500 {
+        if agent.updates().await.is_some_and(|u| u.contains(key)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{key} never reached {}", agent.name);
+}
+
+#[tokio::test]
+async fn hostile_messages_cost_their_link_and_neither_agent_nor_hub_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start().await;
+    let victim = Agent::spawn(dir.path(), "victim", "127.0.0.1", &hub.sync, Mode::Operator, 4).await;
+    let friend = Agent::spawn(dir.path(), "friend", "127.0.0.1", &hub.sync, Mode::Operator, 4).await;
+    let attacker = Identity::generate();
+    let creds = Credentials::new(&attacker);
+    assign(&victim, &[], &[friend.node_id.clone(), attacker.node_id()]);
+    assign(&friend, &[&victim], &[]);
+    for _ in 0..1500 {
+        if victim.links().await.is_some_and(|l| l.contains(&friend.node_id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A 1 MiB document, so that every SyncStep1 answered would cost a megabyte.
+    let big = friend.append_value(&"d".repeat(1 << 20)).await;
+    arrives(&victim, &big).await;
+
+    let url = format!("wss://{}/crdt-sync", victim.mesh);
+    let base = rss_kib(victim.pid());
+    bomb(&url, &victim.node_id, &creds, &Hello::default(), victim.pid(), base).await;
+    flood(&url, &victim.node_id, &creds, &Hello::default(), victim.pid(), base).await;
+
+    let hub_pid = hub.child.id().unwrap();
+    let hub_base = rss_kib(hub_pid);
+    let hello = Hello { address: Some("wss://127.0.0.1:9/crdt-sync".into()), ..Hello::default() };
+    bomb(&hub.sync.url, &hub.sync.node_id, &creds, &hello, hub_pid, hub_base).await;
+    flood(&hub.sync.url, &hub.sync.node_id, &creds, &hello, hub_pid, hub_base).await;
+
+    // Both still serve, and a legitimate update still crosses the mesh link.
+    let key = friend.append().await;
+    arrives(&victim, &key).await;
+    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 6.0);
+    assert!(victim.metric("agentmesh_sync_requests_dropped_total", "").await >= 1.0);
+    assert!(rss_kib(victim.pid()) > 0 && rss_kib(hub_pid) > 0);
+}
