@@ -16,7 +16,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::agents::{Agent, HubProcess, Kubelet, Mode, agent_pod, agents_follow_the_plan};
+use support::agents::{Agent, HubProcess, Kubelet, Mode, agent_pod, agents_follow_the_plan, workspace_bins};
 use support::*;
 
 const CAP: usize = 4;
