@@ -8,6 +8,7 @@ CP := hack/control-plane.sh
 
 # The node tier (tests/e2e_node.rs) runs last, on a real node started only for it.
 test: lint control-plane
+	hack/python-env.sh
 	@set -euo pipefail; eval "$$(MESH_CP_NODE=1 $(CP) ensure)"; \
 	  trap 'hack/node.sh stop || true; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
 	  cargo test --workspace --locked --features mesh-operator/e2e --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \

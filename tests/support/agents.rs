@@ -36,6 +36,21 @@ pub fn workspace_bins() -> &'static Path {
     })
 }
 
+/// The Python that runs `tests/python/agent.py`: a virtual environment in `_output/python` with the pinned
+/// packages of `tests/python/requirements.txt`, made on first use (`MESH_PYTHON` names another).
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESH_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let status =
+            std::process::Command::new(format!("{REPO}/hack/python-env.sh")).status().expect("hack/python-env.sh");
+        assert!(status.success(), "hack/python-env.sh failed");
+        PathBuf::from(format!("{REPO}/_output/python/bin/python"))
+    })
+}
+
 /// A rendezvous as agents reach it: its link URL and the node id they pin.
 #[derive(Clone, Debug)]
 pub struct SyncHub {
@@ -132,26 +147,47 @@ impl Agent {
         cap: usize,
         extra: &[&str],
     ) -> Agent {
-        let annotations = dir.join(format!("{name}.annotations"));
         let mut cmd = tokio::process::Command::new(workspace_bins().join("mesh-agent"));
+        cmd.args(["--poll-interval", "100ms", "--heartbeat", "1s"])
+            .args(extra)
+            .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
+            .env("RUST_LOG", "agent_mesh=debug");
+        if extra.contains(&"--assignment-source") {
+            cmd.env("KUBECONFIG", kubeconfig());
+        }
+        Self::launch(cmd, dir, name, ip, hub, cap).await
+    }
+
+    /// Starts the Python agent (`tests/python/agent.py`, the protocol's second implementation) as
+    /// [`Agent::spawn`] starts `mesh-agent`.
+    pub async fn spawn_python(dir: &Path, name: &str, ip: &str, hub: &SyncHub, cap: usize) -> Agent {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(format!("{REPO}/tests/python/agent.py"));
+        Self::launch(cmd, dir, name, ip, hub, cap).await
+    }
+
+    /// Runs `cmd` with the flags both agents share, and reads the line it prints once it listens.
+    async fn launch(
+        mut cmd: tokio::process::Command,
+        dir: &Path,
+        name: &str,
+        ip: &str,
+        hub: &SyncHub,
+        cap: usize,
+    ) -> Agent {
+        let annotations = dir.join(format!("{name}.annotations"));
         cmd.args(["--listen", &format!("{ip}:0"), "--api", &format!("{ip}:0")])
             .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
             .args(["--rendezvous", &hub.url, "--rendezvous-node-id", &hub.node_id])
             .args(["--hostname", name, "--max-peers", &cap.to_string()])
-            .args(["--assignment-file", annotations.to_str().unwrap(), "--poll-interval", "100ms"])
-            .args(["--heartbeat", "1s"])
-            .args(extra)
-            .args(["--peer-selection", if mode == Mode::Seed { "seed" } else { "operator" }])
-            .env("RUST_LOG", "agent_mesh=debug")
+            .args(["--assignment-file", annotations.to_str().unwrap()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
             .kill_on_drop(true);
-        if extra.contains(&"--assignment-source") {
-            cmd.env("KUBECONFIG", kubeconfig());
-        }
-        let mut child = cmd.spawn().expect("starting mesh-agent");
+        let mut child = cmd.spawn().expect("starting an agent");
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("mesh-agent to start").unwrap().unwrap();
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("the agent to start").unwrap();
+        let line = line.unwrap_or_else(|| panic!("{name} ended before it listened: see {name}.log"));
         let field =
             |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
         let (api, node_id) = (field("api=").parse().unwrap(), field("node=").to_string());
