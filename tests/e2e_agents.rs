@@ -126,3 +126,86 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     }
     history.assert_clean();
 }
+
+/// A user who may edit the MeshPolicy but not read the join token points `spec.rendezvous.url` at a
+/// presence server of their own, which lists the real agents' node ids at an address where they record
+/// whatever arrives. The operator plans those addresses; the agents dial them, and get no further than a
+/// TLS ClientHello: the recorder gets neither the token nor the upgrade request, and no agent holds a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steered_presence_gets_neither_the_token_nor_a_link() {
+    const TOKEN: &str = "the-fleet-join-token";
+    let (client, ns, rv) = setup("steered").await;
+    let dir = tempfile::tempdir().unwrap();
+    rv.state.lock().unwrap().token = Some(TOKEN.into());
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let token_file = dir.path().join("token").to_str().unwrap().to_string();
+    let hub = rv.hub();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let name = format!("agent-{i}");
+        let extra = ["--join-token-file", token_file.as_str()];
+        agents.push(Agent::spawn_with(dir.path(), &name, &ip(60 + i), &hub, Mode::Operator, CAP, &extra).await);
+        agent_pod(&client, &ns, &name, &ip(60 + i), None).await;
+    }
+    wait_for("the agents on the real rendezvous", WAIT, || async {
+        let connected = rv.state.lock().unwrap().hub.connected.values().filter(|c| c.alive).count();
+        (connected == agents.len()).then_some(())
+    })
+    .await;
+
+    // The recorder, and the steering presence that sends every agent's links to it.
+    let recorder = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = recorder.local_addr().unwrap();
+    let recorded = Arc::new(Mutex::new((0usize, Vec::<u8>::new())));
+    let record = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = recorder.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 4096];
+                record.lock().unwrap().0 += 1;
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    record.lock().unwrap().1.extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let steering = Rendezvous::start().await;
+    for a in &agents {
+        let entry = rendezvous::SimAgent {
+            node_id: a.node_id.clone(),
+            address: format!("wss://{at}/crdt-sync"),
+            hostname: Some(a.name.clone()),
+            zone: None,
+            alive: true,
+            frozen_at_ms: None,
+        };
+        steering.state.lock().unwrap().agents.insert(a.node_id.clone(), entry);
+    }
+    create_policy(&client, &ns, "mesh", spec(&steering, json!({"heartbeatTimeout": "30s"}))).await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(200));
+    let _op = Operator::start(&ns, "op-steered", false).await;
+
+    // The recorder speaks no TLS: each dial ends when its handshake times out.
+    wait_for("every agent to dial the recorder and give up on it", WAIT, || async {
+        for a in &agents {
+            if a.metric("agentmesh_dials_failed_total", "").await < 1.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let (connections, bytes) = recorded.lock().unwrap().clone();
+    assert!(connections >= agents.len(), "the recorder saw {connections} connections");
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(!has(TOKEN.as_bytes()), "the join token reached the recorder");
+    assert!(!has(b"crdt-sync") && !has(b"agentmesh-"), "an upgrade request reached the recorder");
+    for a in &agents {
+        assert_eq!(a.links().await, Some(BTreeSet::new()), "{} linked to the recorder", a.name);
+    }
+}
