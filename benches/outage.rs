@@ -40,6 +40,8 @@ struct Row {
     max_links: f64,
     refused: f64,
     messages_per_update: f64,
+    rss_median: f64,
+    rss_max: f64,
 }
 
 async fn totals(agents: &[&Agent], metric: &str) -> f64 {
@@ -78,6 +80,8 @@ async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: us
     for a in live {
         max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
     }
+    let mut rss: Vec<f64> = live.iter().filter_map(|a| rss_mib(a.pid())).collect();
+    rss.sort_by(f64::total_cmp);
     Row {
         scheme,
         phase,
@@ -88,7 +92,16 @@ async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: us
         max_links,
         refused: totals(live, "agentmesh_links_refused").await - refused0,
         messages_per_update: (totals(live, "agentmesh_mesh_messages_sent").await - sent0) / n as f64,
+        rss_median: rss.get(rss.len() / 2).copied().unwrap_or(f64::NAN),
+        rss_max: rss.last().copied().unwrap_or(f64::NAN),
     }
+}
+
+/// A process's resident memory, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
@@ -187,12 +200,12 @@ async fn main() {
         DEADLINE.as_secs()
     );
     println!(
-        "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | links refused | mesh messages per update |"
+        "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | links refused | mesh messages per update | agent RSS median / max |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} % | {:.0} ms | {:.0} ms | {} | {} | {:.1} |",
+            "| {} | {} | {} | {:.1} % | {:.0} ms | {:.0} ms | {} | {} | {:.1} | {:.1} / {:.1} MiB |",
             r.scheme,
             r.phase,
             r.live,
@@ -201,7 +214,9 @@ async fn main() {
             r.p99,
             r.max_links,
             r.refused,
-            r.messages_per_update
+            r.messages_per_update,
+            r.rss_median,
+            r.rss_max
         );
     }
 }
