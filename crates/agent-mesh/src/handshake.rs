@@ -117,6 +117,9 @@ pub enum HandshakeError {
     Closed(u16, String),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The peer answered a TLS ClientHello with something else, or hung up: it may speak only protocol 1.
+    #[error("the peer does not speak TLS: {0}")]
+    NotTls(String),
     #[error("unexpected handshake message: {0}")]
     Protocol(String),
     #[error("handshake step timed out")]
@@ -130,7 +133,7 @@ impl HandshakeError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Refused(r, _) => r.label(),
-            Self::Tls(_) => "tls",
+            Self::Tls(_) | Self::NotTls(_) => "tls",
             _ => "unreachable",
         }
     }

@@ -17,6 +17,8 @@ pub mod handshake;
 #[cfg(feature = "runtime")]
 pub mod identity;
 #[cfg(feature = "runtime")]
+mod legacy;
+#[cfg(feature = "runtime")]
 pub mod links;
 #[cfg(feature = "runtime")]
 pub mod mesh;
@@ -53,6 +55,7 @@ mod runtime {
     use crate::mesh::{Backoff, Mesh, Selection, Status};
     use crate::metrics::Metrics;
     use crate::tls::Credentials;
+    use crate::transport::Protocols;
 
     /// How an agent runs its links.
     #[derive(Clone, Debug)]
@@ -72,6 +75,8 @@ mod runtime {
         /// How often each link says it is alive; kept between 100 ms and 5 s (peers close a link silent for
         /// 20 s).
         pub heartbeat: Duration,
+        /// The link protocols spoken: 2 alone, but for an upgrade from agents before TLS.
+        pub protocols: Protocols,
     }
 
     /// A server reached by URL whose node key is known in advance.
@@ -93,6 +98,7 @@ mod runtime {
                 join_token: None,
                 backoff: Backoff { base: Duration::from_millis(200), max: Duration::from_secs(5) },
                 heartbeat: Duration::from_secs(5),
+                protocols: Protocols::V2,
             }
         }
     }

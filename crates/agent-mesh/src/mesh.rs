@@ -2,7 +2,7 @@
 //! `MeshManager` / `spawn_mesh_discovery`. One task owns the table; dials, accepted connections and open
 //! links run in their own tasks and report back as [`Event`]s, so every admission and every dial is decided
 //! against one up-to-date count.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use crate::links::{Direction, Finished, Table, Wanted};
 use crate::metrics::Metrics;
 use crate::source::Reading;
 use crate::tls::Credentials;
-use crate::transport::{self, Gate, Inbound};
+use crate::transport::{self, Gate, Protocols};
 use crate::wire::Wire;
 use crate::{Config, presence};
 
@@ -63,18 +63,21 @@ pub struct OpenLink {
     pub node_id: String,
     pub direction: Direction,
     pub since_ms: f64,
+    /// The link protocol: 2 (TLS), or 1 during an upgrade.
+    pub protocol: u8,
 }
 
 type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
 
 enum Event {
-    Dialed { id: String, result: Result<Wire, HandshakeError> },
-    Inbound { id: String, admit: oneshot::Sender<Admission> },
+    Dialed { id: String, result: Result<(Wire, u8), HandshakeError> },
+    Inbound { id: String, protocol: u8, admit: oneshot::Sender<Admission> },
     Closed { id: String, dir: Direction, link: LinkId },
 }
 
 struct Open {
     link: LinkId,
+    protocol: u8,
     /// Taken when the close is requested; the entry stays until the link's task reports it closed.
     close: Option<oneshot::Sender<Refusal>>,
     since_ms: f64,
@@ -98,6 +101,8 @@ pub(crate) struct Mesh {
     table: Table,
     open: HashMap<(String, Direction), Open>,
     attempts: HashMap<String, (u32, Instant)>,
+    /// Peers that have completed protocol 2: never dialed in protocol 1 again.
+    spoke_v2: HashSet<String>,
     events: mpsc::Sender<Event>,
     status: watch::Sender<Status>,
 }
@@ -119,6 +124,7 @@ impl Mesh {
         let prove_token = matches!(selection, Selection::Seed { .. }) && config.join_token.is_some();
         let acceptor = Acceptor {
             creds: creds.clone(),
+            protocols: config.protocols,
             token: config.join_token.clone().filter(|_| prove_token),
             heartbeat: config.heartbeat,
             doc: doc.clone(),
@@ -136,6 +142,7 @@ impl Mesh {
             table,
             open: HashMap::new(),
             attempts: HashMap::new(),
+            spoke_v2: HashSet::new(),
             events,
             status,
         };
@@ -213,13 +220,13 @@ impl Mesh {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Dialed { id, result } => self.dialed(id, result),
-            Event::Inbound { id, admit } => match self.table.admit(&id) {
+            Event::Inbound { id, protocol, admit } => match self.table.admit(&id) {
                 Ok(()) => {
                     let (close, rx) = oneshot::channel();
                     let link = next_link();
                     let _ = admit.send(Ok((link, rx)));
                     self.metrics.links_accepted.inc();
-                    let open = Open { link, close: Some(close), since_ms: presence::now_ms() };
+                    let open = Open { link, protocol, close: Some(close), since_ms: presence::now_ms() };
                     self.open.insert((id, Direction::Accepted), open);
                 }
                 Err(why) => {
@@ -241,21 +248,24 @@ impl Mesh {
         }
     }
 
-    fn dialed(&mut self, id: String, result: Result<Wire, HandshakeError>) {
+    fn dialed(&mut self, id: String, result: Result<(Wire, u8), HandshakeError>) {
         let link = next_link();
         let events = self.events.clone();
         match (self.table.dial_finished(&id, result.is_ok()), result) {
-            (Finished::Keep, Ok(wire)) => {
+            (Finished::Keep, Ok((wire, protocol))) => {
                 self.metrics.links_dialed.inc();
                 self.attempts.remove(&id);
+                if protocol == 2 {
+                    self.spoke_v2.insert(id.clone());
+                }
                 let (close, rx) = oneshot::channel();
-                let open = Open { link, close: Some(close), since_ms: presence::now_ms() };
+                let open = Open { link, protocol, close: Some(close), since_ms: presence::now_ms() };
                 self.open.insert((id.clone(), Direction::Dialed), open);
                 tokio::spawn(run_then_report(wire, self.doc.clone(), link, rx, id, self.config.heartbeat, events));
             }
-            (Finished::Close, Ok(wire)) => {
-                self.open
-                    .insert((id.clone(), Direction::Dialed), Open { link, close: None, since_ms: presence::now_ms() });
+            (Finished::Close, Ok((wire, protocol))) => {
+                let open = Open { link, protocol, close: None, since_ms: presence::now_ms() };
+                self.open.insert((id.clone(), Direction::Dialed), open);
                 tokio::spawn(async move {
                     handshake::refuse(wire, Refusal::Unplanned).await;
                     let _ = events.send(Event::Closed { id, dir: Direction::Dialed, link }).await;
@@ -286,9 +296,16 @@ impl Mesh {
     fn dial_pass(&mut self) {
         let now = Instant::now();
         let attempts = &self.attempts;
-        let token = self.config.join_token.clone().filter(|_| self.prove_token);
-        for (id, url) in self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now)) {
-            tokio::spawn(dial(self.creds.clone(), token.clone(), id, url, self.events.clone()));
+        let due = self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now));
+        for (id, url) in due {
+            let how = Dial {
+                creds: self.creds.clone(),
+                proof_of: self.config.join_token.clone().filter(|_| self.prove_token),
+                bearer: self.config.join_token.clone(),
+                protocols: self.config.protocols,
+                spoke_v2: self.spoke_v2.contains(&id),
+            };
+            tokio::spawn(dial(how, id, url, self.events.clone()));
         }
     }
 
@@ -296,7 +313,12 @@ impl Mesh {
         let mut links: Vec<OpenLink> = self
             .open
             .iter()
-            .map(|((id, dir), o)| OpenLink { node_id: id.clone(), direction: *dir, since_ms: o.since_ms })
+            .map(|((id, dir), o)| OpenLink {
+                node_id: id.clone(),
+                direction: *dir,
+                since_ms: o.since_ms,
+                protocol: o.protocol,
+            })
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         self.metrics.set_open(links.len());
@@ -329,8 +351,19 @@ fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-async fn dial(creds: Arc<Credentials>, token: Option<String>, id: String, url: String, events: mpsc::Sender<Event>) {
-    let result = transport::dial(&url, &creds, &id, Hello::default(), token.as_deref()).await;
+/// How one dial goes: the token is proven in protocol 2 only in seed mode, and sent as a bearer header in
+/// protocol 1 (agents before TLS require it).
+struct Dial {
+    creds: Arc<Credentials>,
+    proof_of: Option<String>,
+    bearer: Option<String>,
+    protocols: Protocols,
+    spoke_v2: bool,
+}
+
+async fn dial(how: Dial, id: String, url: String, events: mpsc::Sender<Event>) {
+    let tokens = (how.proof_of.as_deref(), how.bearer.as_deref());
+    let result = transport::dial_in(&url, &how.creds, &id, Hello::default(), tokens, how.protocols, how.spoke_v2).await;
     let _ = events.send(Event::Dialed { id, result }).await;
 }
 
@@ -362,6 +395,7 @@ const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 
 struct Acceptor {
     creds: Arc<Credentials>,
+    protocols: Protocols,
     /// Required, proven on the connection, from every dialer (seed mode with a token).
     token: Option<String>,
     heartbeat: Duration,
@@ -386,30 +420,30 @@ async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
 }
 
 impl Acceptor {
-    /// Runs TLS, asks the mesh task to admit the dialer's node id, answers, then runs the link.
+    /// Runs the handshake, asks the mesh task to admit the dialer's node id, answers, then runs the link.
     async fn one(&self, tcp: TcpStream, pass: transport::Pass) {
-        let Inbound { node_id: id, wire, .. } = match transport::accept(tcp, &self.creds).await {
+        let mut inbound = match transport::accept_in(tcp, &self.creds, self.protocols).await {
             Ok(inbound) if self.token.as_deref().is_none_or(|t| inbound.proves(t)) => inbound,
             Ok(inbound) => {
                 self.metrics.refused(Refusal::Unauthenticated);
-                return handshake::refuse(inbound.wire, Refusal::Unauthenticated).await;
+                return inbound.refuse(Refusal::Unauthenticated).await;
             }
             Err(e) => return tracing::debug!(error = %e, "inbound handshake failed"),
         };
+        let (id, protocol) = (inbound.node_id.clone(), inbound.protocol);
         let (admit, decision) = oneshot::channel();
-        if self.events.send(Event::Inbound { id: id.clone(), admit }).await.is_err() {
+        if self.events.send(Event::Inbound { id: id.clone(), protocol, admit }).await.is_err() {
             return;
         }
-        let mut wire = wire;
         let (link, close) = match decision.await {
             Ok(Ok(admitted)) => admitted,
-            Ok(Err(why)) => return handshake::refuse(wire, why).await,
+            Ok(Err(why)) => return inbound.refuse(why).await,
             Err(_) => return,
         };
         drop(pass);
-        match handshake::welcome(&mut wire).await {
-            Ok(()) => supervised(wire, self.doc.clone(), link, close, self.heartbeat).await,
-            Err(_) => drop(wire),
+        match inbound.welcome().await {
+            Ok(()) => supervised(inbound.wire, self.doc.clone(), link, close, self.heartbeat).await,
+            Err(_) => drop(inbound),
         }
         let _ = self.events.send(Event::Closed { id, dir: Direction::Accepted, link }).await;
     }

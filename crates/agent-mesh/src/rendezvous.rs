@@ -14,12 +14,16 @@ use crate::tls::Credentials;
 use crate::{Config, Pinned, transport};
 
 pub(crate) async fn run(creds: Arc<Credentials>, doc: Doc, metrics: Metrics, config: Arc<Config>, hub: Pinned) {
-    let mut attempts = 0;
+    let (mut attempts, mut spoke_v2) = (0, false);
     loop {
         let hello =
             Hello { address: Some(config.advertise.clone()), hostname: config.hostname.clone(), token_proof: None };
-        match transport::dial(&hub.url, &creds, &hub.node_id, hello, config.join_token.as_deref()).await {
-            Ok(wire) => {
+        let tokens = (config.join_token.as_deref(), config.join_token.as_deref());
+        let dialed =
+            transport::dial_in(&hub.url, &creds, &hub.node_id, hello, tokens, config.protocols, spoke_v2).await;
+        match dialed {
+            Ok((wire, protocol)) => {
+                spoke_v2 |= protocol == 2;
                 tracing::info!(hub = %hub.node_id.get(..12).unwrap_or(&hub.node_id), "rendezvous connected");
                 attempts = 0;
                 metrics.rendezvous_connected.set(1);

@@ -31,6 +31,8 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b,
 
 /// An agent's TLS credentials: its certificate and key, and the configurations built from them.
 pub struct Credentials {
+    /// The node key itself, for link protocol 1 during an upgrade (`crate::legacy`).
+    key_pair: ed25519_dalek::SigningKey,
     cert: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
     server: Arc<ServerConfig>,
@@ -53,7 +55,7 @@ impl Credentials {
             .expect("the certificate matches its key");
         let mut server = server;
         server.alpn_protocols = vec![ALPN.to_vec()];
-        Credentials { cert, key, server: Arc::new(server) }
+        Credentials { key_pair: identity.signing_key().clone(), cert, key, server: Arc::new(server) }
     }
 
     /// The acceptor's configuration: any node may complete the handshake; admission comes after.
@@ -72,6 +74,10 @@ impl Credentials {
             .expect("the certificate matches its key");
         config.alpn_protocols = vec![ALPN.to_vec()];
         Arc::new(config)
+    }
+
+    pub(crate) fn key(&self) -> &ed25519_dalek::SigningKey {
+        &self.key_pair
     }
 
     /// This end's certificate (DER), for test vectors and tools.

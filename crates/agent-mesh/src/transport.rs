@@ -26,8 +26,69 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The text frame an agent sends the rendezvous to say it is alive.
 pub const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
-/// Dials `url` (`wss://`), completes TLS only if the acceptor's key is `expect`, announces `hello` and
-/// waits to be admitted. With `token`, the hello carries this connection's proof of it, never the token.
+/// The link protocols an agent speaks: 2 (mutual TLS) alone, except while its fleet upgrades from agents
+/// of protocol 1 (plaintext, before TLS), when it speaks both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protocols {
+    pub v1: bool,
+    pub v2: bool,
+}
+
+impl Protocols {
+    pub const V2: Protocols = Protocols { v1: false, v2: true };
+    /// During an upgrade: accept both (told apart by the first byte), dial `wss://` peers with 2 and `ws://`
+    /// peers with 2, falling back to 1 for a peer that does not answer TLS and has never spoken 2.
+    pub const UPGRADE: Protocols = Protocols { v1: true, v2: true };
+    /// What agents before protocol 2 speak; for tests of an upgrade.
+    pub const V1: Protocols = Protocols { v1: true, v2: false };
+
+    /// `2`, `1,2` or `1`, as flags write them.
+    pub fn parse(s: &str) -> Result<Protocols, String> {
+        match s.replace(' ', "").as_str() {
+            "2" => Ok(Self::V2),
+            "1,2" | "2,1" => Ok(Self::UPGRADE),
+            "1" => Ok(Self::V1),
+            _ => Err(format!("{s:?}: link protocols are 2, or 1,2 during an upgrade from agents before TLS")),
+        }
+    }
+
+    /// The scheme an agent advertises: `wss://` once it speaks only 2; `ws://` while agents of protocol 1,
+    /// which dial only `ws://`, must reach it.
+    pub fn scheme(self) -> &'static str {
+        if self.v1 { "ws" } else { "wss" }
+    }
+}
+
+/// Dials `url` and completes a link only with node `expect`, in the protocol `protocols` choose for it;
+/// returns the link and its protocol. `spoke_v2`: the peer has completed protocol 2 before, so it is never
+/// dialed in 1 again. `token`: what protocol 2 proves (a proof bound to the connection, never the token)
+/// and what protocol 1 sends as a bearer header (agents before TLS require the token itself).
+pub async fn dial_in(
+    url: &str,
+    creds: &Credentials,
+    expect: &str,
+    hello: Hello,
+    token: (Option<&str>, Option<&str>),
+    protocols: Protocols,
+    spoke_v2: bool,
+) -> Result<(Wire, u8), HandshakeError> {
+    let (v2_token, v1_token) = token;
+    let plain_url = url.starts_with("ws://");
+    if protocols.v2 {
+        match dial(url, creds, expect, hello.clone(), v2_token).await {
+            Err(HandshakeError::NotTls(_)) if protocols.v1 && plain_url && !spoke_v2 => {}
+            done => return done.map(|wire| (wire, 2)),
+        }
+    }
+    if !plain_url {
+        return Err(HandshakeError::Wire(format!("{url}: protocol 1 dials only ws:// URLs")));
+    }
+    crate::legacy::dial(url, creds.key(), expect, &hello, v1_token).await.map(|wire| (wire, 1))
+}
+
+/// Dials `url` in protocol 2, `wss://` or `ws://` alike: TLS completes only if the acceptor's key is
+/// `expect`; then the upgrade announces `hello` (with this connection's proof of `token`, if given) and
+/// waits to be admitted.
 pub async fn dial(
     url: &str,
     creds: &Credentials,
@@ -37,17 +98,14 @@ pub async fn dial(
 ) -> Result<Wire, HandshakeError> {
     let mut request = url.into_client_request().map_err(|e| HandshakeError::Wire(format!("{url}: {e}")))?;
     let uri = request.uri().clone();
-    if uri.scheme_str() != Some("wss") {
-        return Err(HandshakeError::Wire(format!("{url}: links are wss:// (TLS); plaintext is not spoken")));
-    }
     let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = uri.port_u16().unwrap_or(443);
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     let step = |e: String| HandshakeError::Wire(format!("{url}: {e}"));
     let tcp = timeout(TcpStream::connect((host.as_str(), port))).await?.map_err(|e| step(e.to_string()))?;
     let name =
         rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| "agentmesh.invalid".try_into().unwrap());
     let connector = TlsConnector::from(creds.client(expect));
-    let tls = timeout(connector.connect(name, tcp)).await?.map_err(|e| HandshakeError::Tls(e.to_string()))?;
+    let tls = timeout(connector.connect(name, tcp)).await?.map_err(|e| tls_error(&e))?;
     if let Some(token) = token {
         let exported = tls.get_ref().1.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None);
         hello.token_proof = Some(tls::token_proof(&exported.map_err(|e| HandshakeError::Tls(e.to_string()))?, token));
@@ -63,33 +121,89 @@ pub async fn dial(
     Ok(wire)
 }
 
+/// A failed TLS handshake: [`HandshakeError::NotTls`] when the peer answered with something that is not TLS
+/// or hung up before answering (an agent of protocol 1), else [`HandshakeError::Tls`] (a wrong key above all).
+fn tls_error(e: &std::io::Error) -> HandshakeError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let garbled = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }));
+    if garbled || matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe) {
+        HandshakeError::NotTls(e.to_string())
+    } else {
+        HandshakeError::Tls(e.to_string())
+    }
+}
+
 async fn timeout<T>(f: impl Future<Output = T>) -> Result<T, HandshakeError> {
     tokio::time::timeout(CONNECT_TIMEOUT, f).await.map_err(|_| HandshakeError::TimedOut)
 }
 
-/// An inbound connection whose dialer proved its node id, upgraded, and not yet answered.
+/// An inbound connection whose dialer proved its node id, and not yet answered.
 pub struct Inbound {
     pub node_id: String,
     pub hello: Hello,
     pub wire: Wire,
-    exported: [u8; 32],
+    /// 1 or 2.
+    pub protocol: u8,
+    proof: Proof,
+}
+
+enum Proof {
+    /// Protocol 2: what this connection's TLS exports, which a token proof is computed over.
+    Exported([u8; 32]),
+    /// Protocol 1: the bearer header and what the welcome signs.
+    V1(Box<crate::legacy::Pending>),
 }
 
 impl Inbound {
-    /// Whether the dialer proved it knows `token` on this connection.
+    /// Whether the dialer showed it knows `token`: a proof bound to this connection (2), the token (1).
     pub fn proves(&self, token: &str) -> bool {
-        self.hello.token_proof.as_deref().is_some_and(|p| tls::proof_ok(&self.exported, token, p))
+        match &self.proof {
+            Proof::Exported(x) => self.hello.token_proof.as_deref().is_some_and(|p| tls::proof_ok(x, token, p)),
+            Proof::V1(pending) => token_ok(Some(token), pending.bearer.as_deref()),
+        }
+    }
+
+    /// Admits the dialer.
+    pub async fn welcome(&mut self) -> Result<(), HandshakeError> {
+        match &self.proof {
+            Proof::Exported(_) => handshake::welcome(&mut self.wire).await,
+            Proof::V1(pending) => crate::legacy::welcome(&mut self.wire, pending).await,
+        }
+    }
+
+    /// Turns the dialer away with `why`'s close code.
+    pub async fn refuse(self, why: Refusal) {
+        handshake::refuse(self.wire, why).await
     }
 }
 
-/// Runs the TLS handshake on an accepted connection, then [`upgrade`].
+/// Accepts a link in protocol 2: the TLS handshake, then [`upgrade`].
 pub async fn accept(tcp: TcpStream, creds: &Credentials) -> Result<Inbound, HandshakeError> {
     let tls = timeout(TlsAcceptor::from(creds.server()).accept(tcp)).await?;
     upgrade(tls.map_err(|e| HandshakeError::Tls(e.to_string()))?).await
 }
 
-/// Reads the dialer's node id and hello from a TLS connection and completes the WebSocket upgrade. Reads
-/// no frame: the caller answers ([`handshake::welcome`] or [`handshake::refuse`]).
+/// Accepts a link in one of `protocols`: protocol 2 starts with a TLS record, anything else is 1.
+pub async fn accept_in(tcp: TcpStream, creds: &Credentials, protocols: Protocols) -> Result<Inbound, HandshakeError> {
+    if protocols.v1 {
+        let mut first = [0u8; 1];
+        let peeked = timeout(tcp.peek(&mut first)).await?.map_err(|e| HandshakeError::Wire(e.to_string()))?;
+        if !protocols.v2 || peeked == 0 || first[0] != TLS_HANDSHAKE_RECORD {
+            let (node_id, hello, wire, pending) = crate::legacy::accept(tcp, creds.key()).await?;
+            return Ok(Inbound { node_id, hello, wire, protocol: 1, proof: Proof::V1(Box::new(pending)) });
+        }
+    }
+    accept(tcp, creds).await
+}
+
+/// The first byte of every TLS connection (a handshake record).
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Reads the dialer's node id and hello from a protocol-2 TLS connection and completes the WebSocket
+/// upgrade. Reads no frame: the caller answers ([`Inbound::welcome`] or [`Inbound::refuse`]).
 pub async fn upgrade(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Result<Inbound, HandshakeError> {
     let conn = tls.get_ref().1;
     let node_id = tls::peer_id(conn).ok_or_else(|| HandshakeError::Tls("no node certificate".into()))?;
@@ -104,7 +218,7 @@ pub async fn upgrade(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Result<
     };
     let ws = timeout(tokio_tungstenite::accept_hdr_async_with_config(tls, read, Some(wire::config()))).await?;
     let wire = wire::from_tungstenite(ws.map_err(|e| HandshakeError::Wire(e.to_string()))?);
-    Ok(Inbound { node_id, hello, wire, exported })
+    Ok(Inbound { node_id, hello, wire, protocol: 2, proof: Proof::Exported(exported) })
 }
 
 /// Bounds the connections that have not finished their handshake: at most `total` at once, and at most

@@ -37,7 +37,7 @@ struct Args {
     /// Where mesh links are accepted.
     #[arg(long, default_value = "0.0.0.0:3001")]
     listen: SocketAddr,
-    /// The URL other agents dial (default: wss://LISTEN/crdt-sync).
+    /// The URL other agents dial (default: wss://LISTEN/crdt-sync; ws:// while --link-protocols has 1).
     #[arg(long)]
     advertise: Option<String>,
     /// Where /metrics and the test API are served.
@@ -82,6 +82,10 @@ struct Args {
     seed_delay: Duration,
     #[arg(long, value_parser = duration, default_value = "60s")]
     seed_scan: Duration,
+    /// Link protocols: `2` (mutual TLS); `1,2` while a fleet upgrades from agents before TLS (it also speaks
+    /// their plaintext protocol 1 and advertises ws:// so they can dial it); `1` is what those agents did.
+    #[arg(long, default_value = "2", value_parser = agent_mesh::transport::Protocols::parse)]
+    link_protocols: agent_mesh::transport::Protocols,
     /// How often each link says it is alive (100ms to 5s: peers close a link silent for 20 s).
     #[arg(long, value_parser = heartbeat, default_value = "5s")]
     heartbeat: Duration,
@@ -132,13 +136,15 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     let mesh_addr = listener.local_addr()?;
+    let scheme = args.link_protocols.scheme();
     let mut config =
-        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("wss://{mesh_addr}/crdt-sync")));
+        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("{scheme}://{mesh_addr}/crdt-sync")));
     config.hostname = args.hostname;
     config.rendezvous =
         args.rendezvous.zip(args.rendezvous_node_id).map(|(url, node_id)| agent_mesh::Pinned { url, node_id });
     config.join_token = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     config.heartbeat = args.heartbeat;
+    config.protocols = args.link_protocols;
     let selection = match args.peer_selection {
         PeerSelection::Operator => {
             Selection::Planned(agent_mesh::source::watch_file(args.assignment_file, args.poll_interval))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_mesh::doc::Doc;
-use agent_mesh::handshake::{self, Refusal};
+use agent_mesh::handshake::Refusal;
 use agent_mesh::identity::Identity;
 use agent_mesh::presence::{Entry, NODES};
 use agent_mesh::tls::Credentials;
@@ -87,7 +87,7 @@ impl Hub {
 
 /// One agent's session, from its admitted handshake to its end. The hub admits any node that proves the
 /// join token (when one is set) and announces an address.
-pub async fn session(state: Shared, inbound: Inbound) {
+pub async fn session(state: Shared, mut inbound: Inbound) {
     let (token, doc, down) = {
         let st = state.lock().unwrap();
         (st.token.clone(), st.hub.doc.clone(), st.fail == crate::FailMode::Down)
@@ -96,11 +96,11 @@ pub async fn session(state: Shared, inbound: Inbound) {
         return;
     }
     if token.is_some_and(|t| !inbound.proves(&t)) {
-        return handshake::refuse(inbound.wire, Refusal::Unauthenticated).await;
+        return inbound.refuse(Refusal::Unauthenticated).await;
     }
-    let Inbound { node_id, hello, mut wire, .. } = inbound;
+    let (node_id, hello) = (inbound.node_id.clone(), inbound.hello.clone());
     let Some(address) = hello.address.clone().filter(|a| a.len() <= 2048) else {
-        return handshake::refuse(wire, Refusal::NotPlanned).await;
+        return inbound.refuse(Refusal::NotPlanned).await;
     };
     let (close, closed) = oneshot::channel();
     let session = {
@@ -118,10 +118,10 @@ pub async fn session(state: Shared, inbound: Inbound) {
         hub.connected.insert(node_id.clone(), entry);
         session
     };
-    if handshake::welcome(&mut wire).await.is_ok() {
+    if inbound.welcome().await.is_ok() {
         let touch = || touch(&state, &node_id, session);
         let link = agent_mesh::mesh::next_link();
-        agent_mesh::transport::run_link(wire, doc, link, false, closed, HEARTBEAT, touch).await;
+        agent_mesh::transport::run_link(inbound.wire, doc, link, false, closed, HEARTBEAT, touch).await;
     }
     let mut st = state.lock().unwrap();
     st.hub.sessions.remove(&session);

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_mesh::transport::{self, Gate, Pass};
+use agent_mesh::transport::{self, Gate, Pass, Protocols, TLS_HANDSHAKE_RECORD};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -91,6 +91,9 @@ pub struct SimState {
     pub raw_body: Option<Arc<Vec<u8>>>,
     /// The sync hub: real agents' sessions and the document.
     pub hub: Hub,
+    /// The link protocols the hub speaks (both during an upgrade from agents before TLS).
+    #[serde(skip)]
+    pub protocols: Protocols,
 }
 
 pub type Shared = Arc<Mutex<SimState>>;
@@ -109,6 +112,7 @@ pub fn new_state(identity: agent_mesh::identity::Identity, server_node_id: Optio
         bearer_requests: 0,
         raw_body: None,
         hub,
+        protocols: Protocols::V2,
     }));
     tokio::spawn(hub::write_presence(state.clone()));
     state
@@ -338,15 +342,19 @@ impl Sorter {
     }
 
     async fn one(&self, tcp: TcpStream, addr: SocketAddr, pass: Pass) -> Result<(), String> {
-        let creds = self.state.lock().unwrap().hub.creds.clone();
+        let (creds, protocols) = {
+            let st = self.state.lock().unwrap();
+            (st.hub.creds.clone(), st.protocols)
+        };
         let Some(https) = self.https.clone() else {
-            let mut first = [0u8; 1];
-            let peeked = tokio::time::timeout(HANDSHAKE, tcp.peek(&mut first)).await;
-            if !matches!(peeked, Ok(Ok(1))) || first[0] != TLS_HANDSHAKE_RECORD {
-                drop(pass);
-                return self.http.send((Io::Plain(tcp), addr)).await.map_err(|e| e.to_string());
-            }
-            let inbound = transport::accept(tcp, &creds).await.map_err(|e| e.to_string())?;
+            let speaks = match what_it_speaks(&tcp, protocols).await {
+                Some(speaks) => speaks,
+                None => {
+                    drop(pass);
+                    return self.http.send((Io::Plain(tcp), addr)).await.map_err(|e| e.to_string());
+                }
+            };
+            let inbound = transport::accept_in(tcp, &creds, speaks).await.map_err(|e| e.to_string())?;
             drop(pass);
             hub::session(self.state.clone(), inbound).await;
             return Ok(());
@@ -372,8 +380,25 @@ impl Sorter {
     }
 }
 
-/// The first byte of a TLS connection (a handshake record); HTTP starts with a method's letter.
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The link protocol a plain-port connection speaks, or None for HTTP: a TLS record is protocol 2, and
+/// during an upgrade a WebSocket request for `/crdt-sync` is protocol 1.
+async fn what_it_speaks(tcp: &TcpStream, protocols: Protocols) -> Option<Protocols> {
+    const V1_REQUEST: &[u8] = b"GET /crdt-sync";
+    let mut first = [0u8; V1_REQUEST.len()];
+    let peek = async {
+        loop {
+            match tcp.peek(&mut first).await {
+                Ok(n) if n > 0 && first[0] == TLS_HANDSHAKE_RECORD => return Some(Protocols::V2),
+                Ok(n) if n >= V1_REQUEST.len() || n == 0 || !V1_REQUEST.starts_with(&first[..n]) => {
+                    return (protocols.v1 && first == V1_REQUEST).then_some(Protocols::V1);
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE, peek).await.ok().flatten()
+}
 /// A connection must show what it is, and finish its TLS handshake, within this.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 

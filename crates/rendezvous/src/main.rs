@@ -17,6 +17,10 @@ struct Args {
     /// Serve https with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
+    /// Link protocols spoken with agents: `2`, or `1,2` while agents from before TLS (protocol 1, plaintext
+    /// at /crdt-sync) are being replaced.
+    #[arg(long, default_value = "2", value_parser = agent_mesh::transport::Protocols::parse)]
+    link_protocols: agent_mesh::transport::Protocols,
     /// The PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
@@ -42,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let node = identity.node_id();
     let state = rendezvous::new_state(identity, args.server_node_id.as_deref());
+    state.lock().unwrap().protocols = args.link_protocols;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {} node={node}", listener.local_addr()?);
     Ok(rendezvous::serve(listener, state, tls).await?)

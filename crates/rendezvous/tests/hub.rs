@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use agent_mesh::identity::Identity;
 use agent_mesh::mesh::Selection;
+use agent_mesh::transport::Protocols;
 use serde_json::Value;
 
 async fn hub() -> (String, rendezvous::Shared) {
@@ -16,11 +17,17 @@ async fn hub() -> (String, rendezvous::Shared) {
 }
 
 async fn agent(hub: &str, state: &rendezvous::Shared, token: Option<&str>) -> agent_mesh::Agent {
+    agent_speaking(hub, state, token, Protocols::V2).await
+}
+
+async fn agent_speaking(hub: &str, state: &rendezvous::Shared, token: Option<&str>, p: Protocols) -> agent_mesh::Agent {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let advertise = format!("wss://{}/crdt-sync", listener.local_addr().unwrap());
+    let advertise = format!("{}://{}/crdt-sync", p.scheme(), listener.local_addr().unwrap());
     let mut config = agent_mesh::Config::new(4, advertise);
+    config.protocols = p;
     let node_id = state.lock().unwrap().hub.identity.node_id();
-    config.rendezvous = Some(agent_mesh::Pinned { url: format!("wss://{hub}/crdt-sync"), node_id });
+    let url = format!("{}://{hub}/crdt-sync", p.scheme());
+    config.rendezvous = Some(agent_mesh::Pinned { url, node_id });
     config.hostname = Some("agent-7".into());
     config.join_token = token.map(str::to_string);
     config.heartbeat = Duration::from_secs(3600);
@@ -107,4 +114,19 @@ async fn presence_with_token(hub: &str) -> String {
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.unwrap();
     raw
+}
+
+#[tokio::test]
+async fn during_an_upgrade_agents_before_tls_and_tls_agents_share_the_hub() {
+    let (addr, state) = hub().await;
+    state.lock().unwrap().protocols = Protocols::UPGRADE;
+    state.lock().unwrap().token = Some("t".into());
+    let old = agent_speaking(&addr, &state, Some("t"), Protocols::V1).await;
+    let new = agent(&addr, &state, Some("t")).await;
+    wait_until("both agents on the hub", async || {
+        old.metrics.rendezvous_connected.get() == 1 && new.metrics.rendezvous_connected.get() == 1
+    })
+    .await;
+    let body = presence_with_token(&addr).await;
+    assert!(body.contains(&old.identity.node_id()) && body.contains(&new.identity.node_id()));
 }
