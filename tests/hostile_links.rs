@@ -1,6 +1,7 @@
 //! Hostile bytes from a peer the plan admits, at real `mesh-agent` and `rendezvous` processes
-//! (docs/design.md §3.4 rule 7): a value nested 8,000 deep, count bombs in a state vector, an update and an
-//! awareness message, and a flood of SyncStep1 requests against a 1 MiB document. Each process lives, the
+//! (docs/design.md §3.4 rule 7): a value nested 8,000 deep, 5,000 maps nested in one another, count bombs
+//! in a state vector, an update and an awareness message, and a flood of SyncStep1 requests against a 1 MiB
+//! document. Each process lives, the
 //! offending link is closed, resident memory grows by less than 64 MiB, and a legitimate update still
 //! arrives. Needs only Rust: the binaries are built by the test.
 mod support;
@@ -25,14 +26,37 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![0, sub];
-    let mut len = body.len();
-    while len >= 0x80 {
-        m.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    m.push(len as u8);
+    varint(body.len(), &mut m);
     m.extend_from_slice(body);
     m
+}
+
+/// `n` maps, each inside the one before (client 1): small, but deleting the outermost recurses n deep in yrs.
+fn nested_maps(n: usize) -> Vec<u8> {
+    let mut u = vec![1];
+    varint(n, &mut u);
+    u.extend([1, 0]);
+    for i in 0..n {
+        // A type (7) with a key (0x20), under the root "m" or the map before it, itself a map (1).
+        u.push(0x27);
+        if i == 0 {
+            u.extend([1, 1, b'm']);
+        } else {
+            u.extend([0, 1]);
+            varint(i - 1, &mut u);
+        }
+        u.extend([1, b'k', 1]);
+    }
+    u.push(0);
+    sync(2, &u)
+}
+
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }
 
 fn bombs() -> Vec<(&'static str, Vec<u8>)> {
@@ -45,6 +69,7 @@ fn bombs() -> Vec<(&'static str, Vec<u8>)> {
         ("a state vector of 2^28 entries (7 bytes)", vec![0, 0, 4, 255, 255, 255, 122]),
         ("a client of 2^28 blocks", sync(2, &[1, 0x80, 0x80, 0x80, 0x80, 0x01, 1, 0])),
         ("an awareness update of 2^28 clients", vec![1, 5, 0x80, 0x80, 0x80, 0x80, 0x01]),
+        ("5,000 maps nested in one another", nested_maps(5_000)),
     ]
 }
 
@@ -138,7 +163,7 @@ async fn hostile_messages_cost_their_link_and_neither_agent_nor_hub_more() {
     // Both still serve, and a legitimate update still crosses the mesh link.
     let key = friend.append().await;
     arrives(&victim, &key).await;
-    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 6.0);
+    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 7.0);
     assert!(victim.metric("agentmesh_sync_requests_dropped_total", "").await >= 1.0);
     assert!(rss_kib(victim.pid()) > 0 && rss_kib(hub_pid) > 0);
 }

@@ -330,6 +330,7 @@ class Agent:
         conn = SSL.Connection(tls_context(self.identity, True), None)
         conn.set_accept_state()
         tls = Tls(reader, writer, conn)
+        peer, sock = None, None
         try:
             await asyncio.wait_for(tls.handshake(), 5)
             peer = node_id_of(conn.get_peer_certificate())
@@ -337,13 +338,18 @@ class Agent:
             request = await asyncio.wait_for(sock.event(), 5)
             if not isinstance(request, Request):
                 return tls.close()
-            await sock.send(AcceptConnection())
             why = self.admit(peer)
             if why:
+                await sock.send(AcceptConnection())
                 await sock.send(CloseConnection(code=CODE[why]))
                 return tls.close()
+            # The slot is taken before anything is awaited, so two dialers cannot both pass the cap.
+            self.links[(peer, "accepted")] = sock
+            await sock.send(AcceptConnection())
             await sock.send(TextMessage(data=WELCOME))
         except (asyncio.TimeoutError, ConnectionError, OSError, SSL.Error):
+            if self.links.get((peer, "accepted")) is sock:
+                del self.links[(peer, "accepted")]
             return tls.close()
         await self.serve_link((peer, "accepted"), sock)
 

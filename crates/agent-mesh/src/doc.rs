@@ -7,8 +7,9 @@
 //! What a peer sends is bounded before it costs anything (docs/design.md §3.5): every message passes
 //! [`screen`] first; messages waiting for the document share one inbound budget; each link's unsent
 //! messages have an outbound budget, past which the link is dropped as slow; a SyncStep1, which costs a
-//! whole-document encode, is answered at most once per link per [`STEP1_INTERVAL`]. A forwarded update is
-//! one shared buffer, not a copy per link.
+//! whole-document encode, is answered at most once per link per [`STEP1_INTERVAL`]; an update that would nest
+//! shared types past `crate::nesting`'s bound is refused and closes its link. A forwarded update is one
+//! shared buffer, not a copy per link.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,6 +26,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
+use crate::nesting::Nesting;
 use crate::screen::{self, Kind, Refused};
 
 /// Updates remembered by the seen-cache.
@@ -45,7 +47,7 @@ type Edit = Box<dyn FnOnce(&yrs::Doc) -> Vec<u8> + Send>;
 type Read = Box<dyn FnOnce(&yrs::Doc) + Send>;
 
 enum Cmd {
-    Attach { link: LinkId, mesh: bool, out: Outbox },
+    Attach { link: LinkId, mesh: bool, out: Outbox, refuse: oneshot::Sender<()> },
     Detach(LinkId),
     Incoming { link: LinkId, kind: Kind, bytes: Bytes, _room: OwnedSemaphorePermit },
     Edit(Edit),
@@ -83,9 +85,11 @@ pub struct Outbox {
     queued: Arc<AtomicUsize>,
 }
 
-/// A link's end of its [`Outbox`]: the writer calls [`Inbox::sent`] once a message is on the socket.
+/// A link's end of its [`Outbox`]: the writer calls [`Inbox::sent`] once a message is on the socket. When
+/// `rx` ends, `refused` says whether the document refused something the peer sent (else it was too slow).
 pub struct Inbox {
     pub rx: mpsc::Receiver<Bytes>,
+    pub refused: oneshot::Receiver<()>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -130,8 +134,13 @@ impl Doc {
     /// Starts the document task.
     pub fn spawn(metrics: DocMetrics) -> Doc {
         let (tx, rx) = mpsc::channel(1024);
-        let relay =
-            Relay { doc: yrs::Doc::new(), links: HashMap::new(), seen: Seen::default(), metrics: metrics.clone() };
+        let relay = Relay {
+            doc: yrs::Doc::new(),
+            links: HashMap::new(),
+            seen: Seen::default(),
+            nesting: Nesting::default(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(relay.run(rx));
         Doc { tx, inbound: Arc::new(Semaphore::new(INBOUND_BUDGET)), metrics }
     }
@@ -142,8 +151,9 @@ impl Doc {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
         let out = Outbox { tx, queued: queued.clone() };
-        let _ = self.tx.send(Cmd::Attach { link, mesh, out }).await;
-        Inbox { rx, queued }
+        let (refuse, refused) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Attach { link, mesh, out, refuse }).await;
+        Inbox { rx, refused, queued }
     }
 
     pub async fn detach(&self, link: LinkId) {
@@ -202,6 +212,8 @@ impl Seen {
 
 struct Link {
     out: Outbox,
+    /// Fired when the document refuses what this link sent (the nesting bound).
+    refuse: oneshot::Sender<()>,
     mesh: bool,
     /// When this link's last SyncStep1 was answered.
     answered: Option<Instant>,
@@ -211,6 +223,7 @@ struct Relay {
     doc: yrs::Doc,
     links: HashMap<LinkId, Link>,
     seen: Seen,
+    nesting: Nesting,
     metrics: DocMetrics,
 }
 
@@ -222,10 +235,10 @@ impl Relay {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         while let Some(cmd) = rx.recv().await {
             match cmd {
-                Cmd::Attach { link, mesh, out } => {
+                Cmd::Attach { link, mesh, out, refuse } => {
                     let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
                     if out.offer(step1) {
-                        self.links.insert(link, Link { out, mesh, answered: None });
+                        self.links.insert(link, Link { out, refuse, mesh, answered: None });
                     }
                 }
                 Cmd::Detach(link) => drop(self.links.remove(&link)),
@@ -271,6 +284,15 @@ impl Relay {
     fn update(&mut self, from: LinkId, bytes: Vec<u8>) {
         if !self.seen.first_time(&bytes) {
             self.metrics.duplicates_dropped.inc();
+            return;
+        }
+        let nested = screen::items(&bytes).map_err(|e| e.to_string()).and_then(|items| self.nesting.admit(&items));
+        if let Err(why) = nested {
+            tracing::debug!(error = %why, "refused an update; closing its link");
+            self.metrics.protocol_errors.inc();
+            if let Some(link) = self.links.remove(&from) {
+                let _ = link.refuse.send(());
+            }
             return;
         }
         let doc = &self.doc;

@@ -5,7 +5,7 @@
 //! Acceptor → dialer: `{"type":"challenge","nodeId":A,"nonce":N1}`
 //! Dialer → acceptor: `{"type":"hello","nodeId":D,"nonce":N2,"signature":sig_D("dial",D,A,N1),"address"?,"hostname"?}`
 //! Acceptor → dialer: `{"type":"welcome","signature":sig_A("accept",A,D,N2)}`, or a close code ([`Refusal`]).
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -65,7 +65,7 @@ fn verify(id: &str, message: &[u8], signature: &str) -> bool {
     let key = hex::decode(id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
     let sig = hex::decode(signature).ok().and_then(|b| <[u8; 64]>::try_from(b).ok());
     match (is_node_id(id).then_some(key).flatten().and_then(|k| VerifyingKey::from_bytes(&k).ok()), sig) {
-        (Some(key), Some(sig)) => key.verify(message, &Signature::from_bytes(&sig)).is_ok(),
+        (Some(key), Some(sig)) => key.verify_strict(message, &Signature::from_bytes(&sig)).is_ok(),
         _ => false,
     }
 }

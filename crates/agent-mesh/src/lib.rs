@@ -25,6 +25,8 @@ pub mod mesh;
 #[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
+pub mod nesting;
+#[cfg(feature = "runtime")]
 pub mod presence;
 #[cfg(feature = "runtime")]
 mod rendezvous;

@@ -2,7 +2,7 @@
 //! `MeshManager` / `spawn_mesh_discovery`. One task owns the table; dials, accepted connections and open
 //! links run in their own tasks and report back as [`Event`]s, so every admission and every dial is decided
 //! against one up-to-date count.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,8 +101,6 @@ pub(crate) struct Mesh {
     table: Table,
     open: HashMap<(String, Direction), Open>,
     attempts: HashMap<String, (u32, Instant)>,
-    /// Peers that have completed protocol 2: never dialed in protocol 1 again.
-    spoke_v2: HashSet<String>,
     events: mpsc::Sender<Event>,
     status: watch::Sender<Status>,
 }
@@ -122,10 +120,12 @@ impl Mesh {
         let (status, status_rx) = watch::channel(Status::default());
         let table = Table::new(identity.node_id(), config.cap);
         let prove_token = matches!(selection, Selection::Seed { .. }) && config.join_token.is_some();
+        // Agents before TLS required the token on every inbound link; in protocol 2 only seed mode does.
+        let require_token = prove_token || config.protocols == Protocols::V1;
         let acceptor = Acceptor {
             creds: creds.clone(),
             protocols: config.protocols,
-            token: config.join_token.clone().filter(|_| prove_token),
+            token: config.join_token.clone().filter(|_| require_token),
             heartbeat: config.heartbeat,
             doc: doc.clone(),
             metrics: metrics.clone(),
@@ -142,7 +142,6 @@ impl Mesh {
             table,
             open: HashMap::new(),
             attempts: HashMap::new(),
-            spoke_v2: HashSet::new(),
             events,
             status,
         };
@@ -255,9 +254,6 @@ impl Mesh {
             (Finished::Keep, Ok((wire, protocol))) => {
                 self.metrics.links_dialed.inc();
                 self.attempts.remove(&id);
-                if protocol == 2 {
-                    self.spoke_v2.insert(id.clone());
-                }
                 let (close, rx) = oneshot::channel();
                 let open = Open { link, protocol, close: Some(close), since_ms: presence::now_ms() };
                 self.open.insert((id.clone(), Direction::Dialed), open);
@@ -303,7 +299,6 @@ impl Mesh {
                 proof_of: self.config.join_token.clone().filter(|_| self.prove_token),
                 bearer: self.config.join_token.clone(),
                 protocols: self.config.protocols,
-                spoke_v2: self.spoke_v2.contains(&id),
             };
             tokio::spawn(dial(how, id, url, self.events.clone()));
         }
@@ -358,12 +353,11 @@ struct Dial {
     proof_of: Option<String>,
     bearer: Option<String>,
     protocols: Protocols,
-    spoke_v2: bool,
 }
 
 async fn dial(how: Dial, id: String, url: String, events: mpsc::Sender<Event>) {
     let tokens = (how.proof_of.as_deref(), how.bearer.as_deref());
-    let result = transport::dial_in(&url, &how.creds, &id, Hello::default(), tokens, how.protocols, how.spoke_v2).await;
+    let result = transport::dial_in(&url, &how.creds, &id, Hello::default(), tokens, how.protocols).await;
     let _ = events.send(Event::Dialed { id, result }).await;
 }
 
@@ -390,8 +384,8 @@ async fn supervised(wire: Wire, doc: Doc, link: LinkId, close: oneshot::Receiver
 
 /// Inbound connections that have not finished their handshake, at once and from one address: a flood of
 /// connections that never finish costs at most this many sockets, and one host cannot keep others out.
-const MAX_HANDSHAKES: usize = 64;
-const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 
 struct Acceptor {
     creds: Arc<Credentials>,

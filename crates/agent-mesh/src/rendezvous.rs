@@ -11,19 +11,19 @@ use crate::handshake::{HandshakeError, Hello};
 use crate::mesh::next_link;
 use crate::metrics::Metrics;
 use crate::tls::Credentials;
+use crate::transport::Protocols;
 use crate::{Config, Pinned, transport};
 
 pub(crate) async fn run(creds: Arc<Credentials>, doc: Doc, metrics: Metrics, config: Arc<Config>, hub: Pinned) {
-    let (mut attempts, mut spoke_v2) = (0, false);
+    let mut attempts = 0;
     loop {
         let hello =
             Hello { address: Some(config.advertise.clone()), hostname: config.hostname.clone(), token_proof: None };
+        // Never a fallback to protocol 1 here: a fleet's rendezvous is upgraded before its agents.
+        let protocols = if config.protocols.v2 { Protocols::V2 } else { Protocols::V1 };
         let tokens = (config.join_token.as_deref(), config.join_token.as_deref());
-        let dialed =
-            transport::dial_in(&hub.url, &creds, &hub.node_id, hello, tokens, config.protocols, spoke_v2).await;
-        match dialed {
-            Ok((wire, protocol)) => {
-                spoke_v2 |= protocol == 2;
+        match transport::dial_in(&hub.url, &creds, &hub.node_id, hello, tokens, protocols).await {
+            Ok((wire, _)) => {
                 tracing::info!(hub = %hub.node_id.get(..12).unwrap_or(&hub.node_id), "rendezvous connected");
                 attempts = 0;
                 metrics.rendezvous_connected.set(1);

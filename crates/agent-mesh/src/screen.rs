@@ -24,9 +24,16 @@ pub const MAX_DECODED_BYTES: u64 = 24 << 20;
 /// parent and content, a block slot, an `Any`, a delete range). Checked by the hostile-frame test's
 /// counting allocator.
 const ITEM_COST: u64 = 320;
+/// A block's slot in the update and again in the document's block store.
+const BLOCK_COST: u64 = 128;
 const RANGE_COST: u64 = 48;
 const ANY_COST: u64 = 48;
 const ENTRY_COST: u64 = 64;
+/// A `String` in a JSON content (yrs reserves what the count says, then may double it).
+const JSON_STRING_COST: u64 = 96;
+/// Per byte of a string yrs parses as JSON into an `Any` (embeds and formats): `[0,0,…]` is one value
+/// every two bytes.
+const PARSED_JSON_BYTE_COST: u64 = 32;
 
 /// The kind of a message that passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +74,12 @@ pub enum Refused {
 
 /// Checks one link message (a binary WebSocket frame).
 pub fn screen(bytes: &[u8]) -> Result<Kind, Refused> {
-    let mut r = Reader { bytes, at: 0, end: bytes.len(), cost: 0 };
+    estimate(bytes).map(|(kind, _)| kind)
+}
+
+/// [`screen`], with what yrs is estimated to allocate decoding the message.
+pub fn estimate(bytes: &[u8]) -> Result<(Kind, u64), Refused> {
+    let mut r = Reader { bytes, at: 0, end: bytes.len(), cost: 0, items: None };
     let tag = r.var()?;
     if tag != 0 {
         return Err(Refused::NotSync(tag));
@@ -80,7 +92,7 @@ pub fn screen(bytes: &[u8]) -> Result<Kind, Refused> {
     };
     let inner = r.buf()?.len();
     r.end()?;
-    let mut body = Reader { bytes, at: r.at - inner, end: r.at, cost: 0 };
+    let mut body = Reader { bytes, at: r.at - inner, end: r.at, cost: 0, items: None };
     match kind {
         Kind::Step1 => body.state_vector()?,
         Kind::Step2 | Kind::Update => body.update()?,
@@ -89,7 +101,37 @@ pub fn screen(bytes: &[u8]) -> Result<Kind, Refused> {
     if body.cost > MAX_DECODED_BYTES {
         return Err(Refused::TooLarge { estimate: body.cost });
     }
-    Ok(kind)
+    Ok((kind, body.cost))
+}
+
+/// An item of an update, as far as nesting goes (`crate::nesting`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// (client, clock) of its first unit.
+    pub id: Id,
+    pub len: u32,
+    pub parent: Parent,
+    /// Whether its content is a shared type (a map, array, text or XML node).
+    pub is_type: bool,
+}
+
+pub type Id = (u64, u32);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parent {
+    /// A root type, by name.
+    Named,
+    /// The type created by the item with this id.
+    Item(Id),
+    /// The parent of the item it was inserted next to (its left origin, else its right).
+    Beside(Id),
+}
+
+/// The items of an update body (a SyncStep2's or an Update's payload) that already passed [`screen`].
+pub fn items(update: &[u8]) -> Result<Vec<Item>, Refused> {
+    let mut r = Reader { bytes: update, at: 0, end: update.len(), cost: 0, items: Some(Vec::new()) };
+    r.update()?;
+    Ok(r.items.unwrap_or_default())
 }
 
 /// Reads `bytes[at..end]`; offsets are into the whole message, so errors name the byte.
@@ -99,6 +141,8 @@ struct Reader<'a> {
     end: usize,
     /// What yrs is estimated to allocate for what was read so far.
     cost: u64,
+    /// The items read, when asked for.
+    items: Option<Vec<Item>>,
 }
 
 impl<'a> Reader<'a> {
@@ -142,10 +186,10 @@ impl<'a> Reader<'a> {
     }
 
     /// A client id: yrs takes 53 bits (a JavaScript integer) and asserts it.
-    fn client(&mut self) -> Result<(), Refused> {
+    fn client(&mut self) -> Result<u64, Refused> {
         let at = self.at;
         match self.var()? {
-            id if id >> 53 == 0 => Ok(()),
+            id if id >> 53 == 0 => Ok(id),
             id => Err(Refused::Unknown { what: "client id", value: id, at }),
         }
     }
@@ -217,12 +261,13 @@ impl<'a> Reader<'a> {
         self.cost += clients * ENTRY_COST;
         for _ in 0..clients {
             let blocks = self.count("a client's blocks", 2)?;
-            self.cost += blocks * RANGE_COST;
-            self.client()?;
+            self.cost += blocks * BLOCK_COST;
+            let client = self.client()?;
             let mut clock = u64::from(self.var_u32()?);
             for _ in 0..blocks {
                 let at = self.at;
-                clock += self.block()?;
+                // Within u32: checked after the previous block.
+                clock += self.block((client, clock as u32))?;
                 if clock > u64::from(u32::MAX) {
                     return Err(Refused::Clock { what: "a block", at });
                 }
@@ -245,8 +290,9 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// One block; returns its length in clock units (yrs refuses empty GC and skip blocks itself).
-    fn block(&mut self) -> Result<u64, Refused> {
+    /// One block, whose first unit is `id`; returns its length in clock units (yrs refuses empty GC and
+    /// skip blocks itself).
+    fn block(&mut self, id: Id) -> Result<u64, Refused> {
         const HAS_ORIGIN: u8 = 0x80;
         const HAS_RIGHT_ORIGIN: u8 = 0x40;
         const HAS_PARENT_SUB: u8 = 0x20;
@@ -255,28 +301,31 @@ impl<'a> Reader<'a> {
             return Ok(u64::from(self.var_u32()?));
         }
         self.cost += ITEM_COST;
-        if info & HAS_ORIGIN != 0 {
-            self.id()?;
-        }
-        if info & HAS_RIGHT_ORIGIN != 0 {
-            self.id()?;
-        }
-        if info & (HAS_ORIGIN | HAS_RIGHT_ORIGIN) == 0 {
-            if self.var()? == 1 {
+        let left = if info & HAS_ORIGIN != 0 { Some(self.id()?) } else { None };
+        let right = if info & HAS_RIGHT_ORIGIN != 0 { Some(self.id()?) } else { None };
+        let parent = match left.or(right) {
+            Some(beside) => Parent::Beside(beside),
+            // yrs reads this as a u32 (dropping higher bits), so it is read as one here too.
+            None if self.var_u32()? == 1 => {
                 self.string()?;
-            } else {
-                self.id()?;
+                Parent::Named
             }
-            if info & HAS_PARENT_SUB != 0 {
-                self.string()?;
-            }
+            None => Parent::Item(self.id()?),
+        };
+        if left.is_none() && right.is_none() && info & HAS_PARENT_SUB != 0 {
+            self.string()?;
         }
-        self.content(info & 0x0f)
+        let reference = info & 0x0f;
+        let len = self.content(reference)?;
+        if let Some(items) = &mut self.items {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            items.push(Item { id, len, parent, is_type: reference == 7 });
+        }
+        Ok(len)
     }
 
-    fn id(&mut self) -> Result<(), Refused> {
-        self.client()?;
-        self.var_u32().map(drop)
+    fn id(&mut self) -> Result<Id, Refused> {
+        Ok((self.client()?, self.var_u32()?))
     }
 
     /// An item's content by its reference number; returns its length in clock units.
@@ -290,6 +339,7 @@ impl<'a> Reader<'a> {
                 if n + 1 > self.left() as u64 {
                     return Err(Refused::Count { what: "a JSON content", count: n + 1, left: self.left(), at });
                 }
+                self.cost += (n + 1) * JSON_STRING_COST;
                 for _ in 0..=n {
                     self.string()?;
                 }
@@ -300,10 +350,10 @@ impl<'a> Reader<'a> {
                 Ok(1)
             }
             4 => Ok(self.string()?.len() as u64),
-            5 => self.string().map(|_| 1),
+            5 => self.json().map(|_| 1),
             6 => {
                 self.string()?;
-                self.string().map(|_| 1)
+                self.json().map(|_| 1)
             }
             7 => self.type_ref().map(|_| 1),
             8 => {
@@ -319,6 +369,13 @@ impl<'a> Reader<'a> {
             }
             other => Err(Refused::Unknown { what: "content", value: other.into(), at }),
         }
+    }
+
+    /// A string yrs parses as JSON (serde_json bounds its nesting; its size is what costs).
+    fn json(&mut self) -> Result<(), Refused> {
+        let len = self.string()?.len() as u64;
+        self.cost += len * PARSED_JSON_BYTE_COST;
+        Ok(())
     }
 
     fn type_ref(&mut self) -> Result<(), Refused> {
@@ -416,6 +473,25 @@ mod tests {
         assert!(matches!(screen(&[0; 0]), Err(Refused::Truncated { at: 0 })));
         let overflow = [0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
         assert!(matches!(screen(&overflow), Err(Refused::Overflow { .. })));
+    }
+
+    /// A parent-info varint over 32 bits: yrs drops the high bits and reads 1 (a named parent, then a
+    /// string), where a u64 reading takes an ID; the two then part ways, and the bytes the screen took for a
+    /// buffer reach yrs as values nested 150,000 deep.
+    #[test]
+    fn a_field_is_read_at_the_width_yrs_reads_it() {
+        let mut u = vec![1, 1, 1, 0, 8, 0x81, 0x80, 0x80, 0x80, 0x10, 3, 0, 1, 0x74];
+        let nested: Vec<u8> = std::iter::repeat_n([0x75u8, 1], 150_000).flatten().chain([0x7e]).collect();
+        let mut len = nested.len();
+        while len >= 0x80 {
+            u.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        u.push(len as u8);
+        u.extend(nested);
+        u.push(0);
+        let refused = screen(&sync(2, &u));
+        assert!(matches!(refused, Err(Refused::Overflow { .. })), "{refused:?}");
     }
 
     #[test]

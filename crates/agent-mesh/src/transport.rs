@@ -36,8 +36,8 @@ pub struct Protocols {
 
 impl Protocols {
     pub const V2: Protocols = Protocols { v1: false, v2: true };
-    /// During an upgrade: accept both (told apart by the first byte), dial `wss://` peers with 2 and `ws://`
-    /// peers with 2, falling back to 1 for a peer that does not answer TLS and has never spoken 2.
+    /// During an upgrade: accept both (told apart by the first byte); dial in 2, falling back to 1 only for a
+    /// `ws://` peer whose URL does not say it speaks 2 ([`V2_MARK`]) and which does not answer TLS.
     pub const UPGRADE: Protocols = Protocols { v1: true, v2: true };
     /// What agents before protocol 2 speak; for tests of an upgrade.
     pub const V1: Protocols = Protocols { v1: true, v2: false };
@@ -52,17 +52,24 @@ impl Protocols {
         }
     }
 
-    /// The scheme an agent advertises: `wss://` once it speaks only 2; `ws://` while agents of protocol 1,
-    /// which dial only `ws://`, must reach it.
-    pub fn scheme(self) -> &'static str {
-        if self.v1 { "ws" } else { "wss" }
+    /// The URL an agent listening on `addr` advertises: `wss://` once it speaks 2 alone; `ws://` while
+    /// agents of protocol 1, which dial only `ws://`, must reach it, marked if it speaks 2 as well.
+    pub fn advertise(self, addr: impl std::fmt::Display) -> String {
+        match (self.v1, self.v2) {
+            (false, _) => format!("wss://{addr}/crdt-sync"),
+            (true, true) => format!("ws://{addr}/crdt-sync?{V2_MARK}"),
+            (true, false) => format!("ws://{addr}/crdt-sync"),
+        }
     }
 }
 
+/// The query an upgrading agent's `ws://` URL carries: it speaks protocol 2, so it is never dialed in 1 (a
+/// failed TLS handshake with it is an attack or a fault, not an old agent).
+pub const V2_MARK: &str = "link=2";
+
 /// Dials `url` and completes a link only with node `expect`, in the protocol `protocols` choose for it;
-/// returns the link and its protocol. `spoke_v2`: the peer has completed protocol 2 before, so it is never
-/// dialed in 1 again. `token`: what protocol 2 proves (a proof bound to the connection, never the token)
-/// and what protocol 1 sends as a bearer header (agents before TLS require the token itself).
+/// returns the link and its protocol. `token`: what protocol 2 proves (a proof bound to the connection,
+/// never the token) and what protocol 1 sends as a bearer header (agents before TLS require the token).
 pub async fn dial_in(
     url: &str,
     creds: &Credentials,
@@ -70,13 +77,13 @@ pub async fn dial_in(
     hello: Hello,
     token: (Option<&str>, Option<&str>),
     protocols: Protocols,
-    spoke_v2: bool,
 ) -> Result<(Wire, u8), HandshakeError> {
     let (v2_token, v1_token) = token;
     let plain_url = url.starts_with("ws://");
+    let marked = url.split_once('?').is_some_and(|(_, q)| q.split('&').any(|p| p == V2_MARK));
     if protocols.v2 {
         match dial(url, creds, expect, hello.clone(), v2_token).await {
-            Err(HandshakeError::NotTls(_)) if protocols.v1 && plain_url && !spoke_v2 => {}
+            Err(HandshakeError::NotTls(_)) if protocols.v1 && plain_url && !marked => {}
             done => return done.map(|wire| (wire, 2)),
         }
     }
@@ -223,11 +230,18 @@ pub async fn upgrade(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Result<
 
 /// Bounds the connections that have not finished their handshake: at most `total` at once, and at most
 /// `per_source` from one address, so one host that opens connections and never finishes them cannot keep
-/// others out.
+/// others out (filling the gate takes `total / per_source` addresses).
 pub struct Gate {
     total: usize,
     per_source: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    /// Only sources with a connection in the gate.
+    by_source: HashMap<IpAddr, usize>,
 }
 
 /// A place in the [`Gate`], given back when dropped.
@@ -238,18 +252,17 @@ pub struct Pass {
 
 impl Gate {
     pub fn new(total: usize, per_source: usize) -> Arc<Gate> {
-        Arc::new(Gate { total, per_source, open: Mutex::new(HashMap::new()) })
+        Arc::new(Gate { total, per_source, open: Mutex::new(Open::default()) })
     }
 
     /// A place for a connection from `source`, if there is one.
     pub fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Pass> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = open.values().sum();
-        let mine = open.entry(source).or_default();
-        if total >= self.total || *mine >= self.per_source {
+        if open.total >= self.total || open.by_source.get(&source).is_some_and(|n| *n >= self.per_source) {
             return None;
         }
-        *mine += 1;
+        open.total += 1;
+        *open.by_source.entry(source).or_default() += 1;
         Some(Pass { gate: self.clone(), source })
     }
 }
@@ -257,10 +270,11 @@ impl Gate {
 impl Drop for Pass {
     fn drop(&mut self) {
         let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.source) {
+        open.total -= 1;
+        if let Some(n) = open.by_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.source);
+                open.by_source.remove(&self.source);
             }
         }
     }
@@ -316,7 +330,10 @@ pub async fn run_link(
             m = out.rx.recv() => {
                 // The document let go of this link (over its budget), or the queue to the socket is full:
                 // a peer that does not keep up is dropped (it resyncs on redial).
-                let Some(bytes) = m else { why = Some(Refusal::Slow); break };
+                let Some(bytes) = m else {
+                    why = Some(if out.refused.try_recv().is_ok() { Refusal::Malformed } else { Refusal::Slow });
+                    break;
+                };
                 let len = bytes.len();
                 if frames.try_send(Frame::Binary(bytes)).is_err() {
                     out.sent(len);
@@ -378,6 +395,19 @@ async fn write_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_counts_places_and_forgets_sources_that_left() {
+        let gate = Gate::new(3, 2);
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let (a1, a2) = (gate.enter(a).unwrap(), gate.enter(a).unwrap());
+        assert!(gate.enter(a).is_none(), "two per source");
+        let b1 = gate.enter(b).unwrap();
+        assert!(gate.enter("10.0.0.3".parse().unwrap()).is_none(), "three in all");
+        drop((a1, a2, b1));
+        let open = gate.open.lock().unwrap();
+        assert_eq!((open.total, open.by_source.len()), (0, 0));
+    }
 
     #[test]
     fn the_token_check() {

@@ -34,10 +34,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// What handling one message of `len` bytes may allocate beyond what was held before: the screen's
-/// bound on what yrs builds, the message's own buffers a few times over, and a fixed allowance.
-fn bound(len: usize) -> usize {
-    MAX_DECODED_BYTES as usize + 4 * len + (1 << 20)
+/// What handling one message of `len` bytes may allocate beyond what was held before: what the screen
+/// estimates yrs builds (nothing, for a message it refuses), the message's own buffers a few times over,
+/// and a fixed allowance.
+fn bound(frame: &[u8]) -> usize {
+    let estimate = agent_mesh::screen::estimate(frame).map_or(0, |(_, cost)| cost);
+    assert!(estimate <= MAX_DECODED_BYTES);
+    estimate as usize + 4 * frame.len() + (1 << 20)
 }
 
 fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
@@ -104,7 +107,50 @@ fn frames() -> impl Strategy<Value = Vec<u8>> {
         u.extend([126, 0]);
         sync(sub, &u)
     });
-    prop_oneof![3 => bodies, 1 => whole, 1 => random, 1 => nested]
+    prop_oneof![3 => bodies, 1 => whole, 1 => random, 1 => nested, 1 => large()]
+}
+
+fn var(mut n: usize, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Large messages of the shapes yrs spends most on per byte: many blocks, JSON contents of many strings,
+/// `Any` contents of many values, and embedded JSON. Some pass the screen, some are refused as too large.
+fn large() -> impl Strategy<Value = Vec<u8>> {
+    (0u8..4, 1usize..400_000).prop_map(|(shape, n)| {
+        // One client, clock 0.
+        let mut u = vec![1];
+        match shape {
+            0 => {
+                var(n, &mut u);
+                u.extend([1, 0]);
+                u.extend(std::iter::repeat_n([0u8, 1], n).flatten());
+            }
+            1 => {
+                u.extend([1, 1, 0, 2, 1, 1, b'm']);
+                var(n, &mut u);
+                u.extend(std::iter::repeat_n(0u8, n + 1));
+            }
+            2 => {
+                u.extend([1, 1, 0, 8, 1, 1, b'm']);
+                var(n, &mut u);
+                u.extend(std::iter::repeat_n(126u8, n));
+            }
+            _ => {
+                u.extend([1, 1, 0, 5, 1, 1, b'm']);
+                let json: Vec<u8> =
+                    std::iter::once(b'[').chain(std::iter::repeat_n(*b"0,", n).flatten()).chain(*b"0]").collect();
+                var(json.len(), &mut u);
+                u.extend(json);
+            }
+        }
+        u.push(0);
+        sync(2, &u)
+    })
 }
 
 proptest! {
@@ -119,12 +165,12 @@ proptest! {
             doc.read(|_| ()).await;
             let before = NOW.load(Ordering::Relaxed);
             PEAK.store(before, Ordering::Relaxed);
-            let len = frame.len();
+            let (len, allowed) = (frame.len(), bound(&frame));
             let _ = doc.incoming(1, Bytes::from(frame)).await;
             doc.read(|_| ()).await;
             let spent = PEAK.load(Ordering::Relaxed).saturating_sub(before);
             while inbox.rx.try_recv().is_ok() {}
-            prop_assert!(spent <= bound(len), "{spent} bytes for a {len}-byte frame");
+            prop_assert!(spent <= allowed, "{spent} bytes for a {len}-byte frame, allowed {allowed}");
             Ok(())
         })?;
     }
@@ -160,6 +206,29 @@ async fn known_bombs() {
     }
     let (sub, update) = seeds().swap_remove(0);
     doc.incoming(1, Bytes::from(sync(sub, &update))).await.unwrap();
+    nested_types_are_refused_by_the_document().await;
     let got = doc.read(|d| d.get_or_insert_text("t").get_string(&d.transact())).await;
     assert_eq!(got.as_deref(), Some("hello"));
+}
+
+/// 5,000 maps, each inside the one before: small enough for the screen, but deleting the outermost would
+/// recurse 5,000 deep in yrs. The document refuses the update and lets go of its link, marked refused.
+async fn nested_types_are_refused_by_the_document() {
+    let doc = Doc::spawn(DocMetrics::default());
+    let mut inbox = doc.attach(7, true).await;
+    let update = {
+        let source = yrs::Doc::new();
+        let root = source.get_or_insert_map("m");
+        let mut txn = source.transact_mut();
+        let mut map = root.insert(&mut txn, "k", yrs::MapPrelim::default());
+        for _ in 0..5_000 {
+            map = map.insert(&mut txn, "k", yrs::MapPrelim::default());
+        }
+        txn.encode_update_v1()
+    };
+    doc.incoming(7, Bytes::from(sync(2, &update))).await.expect("the screen passes it");
+    while inbox.rx.recv().await.is_some() {}
+    assert!(inbox.refused.try_recv().is_ok(), "the link was let go of as refused, not as slow");
+    let depth = doc.read(|d| d.get_or_insert_map("m").len(&d.transact())).await;
+    assert_eq!(depth, Some(0), "nothing of it was applied");
 }

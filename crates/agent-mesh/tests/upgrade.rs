@@ -27,7 +27,7 @@ impl Node {
 
 async fn node(dir: &Path, name: &str, protocols: Protocols) -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("{}://{}/crdt-sync", protocols.scheme(), listener.local_addr().unwrap());
+    let url = protocols.advertise(listener.local_addr().unwrap());
     let mut config = Config::new(2, url.clone());
     config.protocols = protocols;
     // Agents before TLS require the token on every link; new ones send it to them as they did.

@@ -37,7 +37,8 @@ struct Args {
     /// Where mesh links are accepted.
     #[arg(long, default_value = "0.0.0.0:3001")]
     listen: SocketAddr,
-    /// The URL other agents dial (default: wss://LISTEN/crdt-sync; ws:// while --link-protocols has 1).
+    /// The URL other agents dial (default: wss://LISTEN/crdt-sync; ws://LISTEN/crdt-sync?link=2 during an
+    /// upgrade).
     #[arg(long)]
     advertise: Option<String>,
     /// Where /metrics and the test API are served.
@@ -136,9 +137,8 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     let mesh_addr = listener.local_addr()?;
-    let scheme = args.link_protocols.scheme();
     let mut config =
-        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(format!("{scheme}://{mesh_addr}/crdt-sync")));
+        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(args.link_protocols.advertise(mesh_addr)));
     config.hostname = args.hostname;
     config.rendezvous =
         args.rendezvous.zip(args.rendezvous_node_id).map(|(url, node_id)| agent_mesh::Pinned { url, node_id });

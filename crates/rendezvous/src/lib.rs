@@ -306,7 +306,7 @@ async fn set_fail(State(s): State<Shared>, Json(b): Json<FailBody>) -> StatusCod
 pub async fn serve(listener: TcpListener, state: Shared, https: Option<Arc<ServerConfig>>) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     let (http, rx) = mpsc::channel(64);
-    let sort = Sorter { state: state.clone(), gate: Gate::new(256, 16), https, http };
+    let sort = Sorter { state: state.clone(), gate: Gate::new(1024, 8), https, http };
     // One future: dropping it (a stopped rendezvous) closes the listener too.
     tokio::select! {
         () = sort.run(listener) => Ok(()),

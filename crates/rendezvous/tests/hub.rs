@@ -22,11 +22,11 @@ async fn agent(hub: &str, state: &rendezvous::Shared, token: Option<&str>) -> ag
 
 async fn agent_speaking(hub: &str, state: &rendezvous::Shared, token: Option<&str>, p: Protocols) -> agent_mesh::Agent {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let advertise = format!("{}://{}/crdt-sync", p.scheme(), listener.local_addr().unwrap());
+    let advertise = p.advertise(listener.local_addr().unwrap());
     let mut config = agent_mesh::Config::new(4, advertise);
     config.protocols = p;
     let node_id = state.lock().unwrap().hub.identity.node_id();
-    let url = format!("{}://{hub}/crdt-sync", p.scheme());
+    let url = format!("{}://{hub}/crdt-sync", if p.v2 { "wss" } else { "ws" });
     config.rendezvous = Some(agent_mesh::Pinned { url, node_id });
     config.hostname = Some("agent-7".into());
     config.join_token = token.map(str::to_string);
