@@ -6,13 +6,13 @@ CP := hack/control-plane.sh
 
 .PHONY: test test-kube-version lint control-plane control-plane-stop crd bench demo image-binary images
 
-# The node tier (tests/e2e_node.rs) runs last, on a real node started only for it.
+# The node tier (tests/e2e_node.rs) runs last, on a real node started only for it. The benches are not
+# built here (a release build of their own): `lint` type-checks them (clippy --all-targets).
 test: lint control-plane
 	hack/python-env.sh
 	@set -euo pipefail; eval "$$(MESH_CP_NODE=1 $(CP) ensure)"; \
 	  trap 'hack/node.sh stop || true; $(CP) stop; MESH_CP_DIR=$$PWD/_output/cp-faults $(CP) stop' EXIT; \
 	  cargo test --workspace --locked --features mesh-operator/e2e --no-fail-fast -- --test-threads=4 --skip on_a_real_node; \
-	  cargo bench --no-run --locked; \
 	  $(MAKE) --no-print-directory images; \
 	  hack/node.sh start; \
 	  cargo test --locked --features e2e --test e2e_node -- --nocapture on_a_real_node
