@@ -94,6 +94,7 @@ async fn bomb(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32,
         wire.send(Frame::Binary(bytes.into())).await.unwrap();
         assert_eq!(closed_with(&mut wire).await, Some(Refusal::Malformed.code()), "{what}");
         let grew = rss_kib(pid).saturating_sub(base);
+        eprintln!("{what}: link closed with 4002, resident memory {} KiB above the start", grew);
         assert!(grew < GROWTH_LIMIT_KIB, "{what}: resident memory grew by {grew} KiB");
     }
 }
@@ -109,6 +110,7 @@ async fn flood(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32
     wire.send(Frame::Binary(vec![1, 0].into())).await.unwrap();
     assert_eq!(closed_with(&mut wire).await, Some(Refusal::Malformed.code()));
     let grew = rss_kib(pid).saturating_sub(base);
+    eprintln!("5,000 SyncStep1 against a 1 MiB document: resident memory {grew} KiB above the start ({base} KiB)");
     assert!(grew < GROWTH_LIMIT_KIB, "a SyncStep1 flood: resident memory grew by {grew} KiB");
 }
 

@@ -183,8 +183,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         controllers.push(watches::controller(ctx.clone(), scope, pod_writer, policy_writer));
         contexts.push(ctx);
     }
+    let synced = contexts.clone();
     tasks.spawn(ready_once_synced(contexts, health));
-    until_shutdown(futures::future::join_all(controllers), lease_task, &shared.leadership).await;
+    let any_synced = move || synced.iter().any(|c| c.synced());
+    until_shutdown(futures::future::join_all(controllers), lease_task, &shared.leadership, any_synced).await;
     info!("shut down");
     Ok(())
 }
@@ -199,11 +201,14 @@ async fn ready_once_synced(contexts: Vec<Arc<Context>>, health: Arc<Health>) {
 }
 
 /// Runs `controllers` until they end or a signal comes; then gives them [`SHUTDOWN_GRACE`] and releases
-/// the Lease, unless writes may still be in flight.
+/// the Lease, unless writes may still be in flight. None can be before any cache has synced, since no
+/// reconcile starts before (and a controller stopped before its policy cache listed never ends by itself:
+/// kube-runtime holds its runner until that cache is ready).
 async fn until_shutdown(
     controllers: impl std::future::Future,
     mut lease_task: Option<leader::LeaseTask>,
     leadership: &Leadership,
+    any_synced: impl Fn() -> bool,
 ) {
     let forced = tokio::select! {
         _ = controllers => false,
@@ -215,7 +220,7 @@ async fn until_shutdown(
             tokio::time::sleep(SHUTDOWN_GRACE).await
         } => true,
     };
-    match (lease_task, forced) {
+    match (lease_task, forced && any_synced()) {
         // Writes may still be in flight: the Lease runs out instead, so no standby leads before they land.
         (Some(_), true) => {
             warn!(grace = ?SHUTDOWN_GRACE, "reconciles outlived the shutdown grace; not releasing the Lease")
