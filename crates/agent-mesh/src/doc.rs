@@ -245,6 +245,11 @@ impl Relay {
                 Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
                 Cmd::Edit(f) => {
                     let update = f(&self.doc);
+                    // A local edit is never refused, but what it nests counts for what peers add under it.
+                    if let Ok(items) = screen::items(&update) {
+                        let depths = self.nesting.depths(&items);
+                        self.nesting.record(&items, depths);
+                    }
                     if self.seen.first_time(&update) {
                         self.forward(None, update);
                     }
@@ -286,15 +291,18 @@ impl Relay {
             self.metrics.duplicates_dropped.inc();
             return;
         }
-        let nested = screen::items(&bytes).map_err(|e| e.to_string()).and_then(|items| self.nesting.admit(&items));
-        if let Err(why) = nested {
-            tracing::debug!(error = %why, "refused an update; closing its link");
-            self.metrics.protocol_errors.inc();
-            if let Some(link) = self.links.remove(&from) {
-                let _ = link.refuse.send(());
+        let checked = self.new_items(&bytes).and_then(|items| Ok((self.nesting.check(&items)?, items)));
+        let (depths, items) = match checked {
+            Ok(checked) => checked,
+            Err(why) => {
+                tracing::debug!(error = %why, "refused an update; closing its link");
+                self.metrics.protocol_errors.inc();
+                if let Some(link) = self.links.remove(&from) {
+                    let _ = link.refuse.send(());
+                }
+                return;
             }
-            return;
-        }
+        };
         let doc = &self.doc;
         let applied = catch_unwind(AssertUnwindSafe(|| {
             let update = Update::decode_v1(&bytes).map_err(|e| e.to_string())?;
@@ -304,8 +312,17 @@ impl Relay {
             self.metrics.protocol_errors.inc();
             return;
         }
+        self.nesting.record(&items, depths);
         self.metrics.updates_received.inc();
         self.forward(Some(from), bytes);
+    }
+
+    /// The items of an update that the document does not hold yet (yrs skips the others).
+    fn new_items(&self, update: &[u8]) -> Result<Vec<screen::Item>, String> {
+        let mut items = screen::items(update).map_err(|e| e.to_string())?;
+        let held = self.doc.transact().state_vector();
+        items.retain(|i| i.id.1 >= held.get(&yrs::ClientID::new(i.id.0)));
+        Ok(items)
     }
 
     /// Sends an update to every link but its source, one shared buffer for all; a link over its budget is

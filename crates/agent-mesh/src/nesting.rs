@@ -19,6 +19,9 @@ pub const MAX_TYPE_DEPTH: u32 = 64;
 /// Items this deep or deeper are remembered (types at any depth); others count as `RECORDED_FROM - 1`.
 pub const RECORDED_FROM: u32 = 8;
 
+/// Container depths by item, from [`Nesting::check`] or [`Nesting::depths`].
+pub struct Depths(HashMap<usize, u32>);
+
 /// The container depth of every deep item received, by its range of clocks.
 #[derive(Default)]
 pub struct Nesting {
@@ -27,27 +30,40 @@ pub struct Nesting {
 }
 
 impl Nesting {
-    /// Checks an update's items; if no type would nest past the bound, remembers its types and deep items.
-    pub fn admit(&mut self, items: &[Item]) -> Result<(), String> {
-        let mut resolved: HashMap<usize, u32> = HashMap::new();
-        let here = index(items);
-        for start in 0..items.len() {
-            let depth = self.resolve(items, &here, &mut resolved, start);
-            if items[start].is_type && depth + 1 > MAX_TYPE_DEPTH {
-                let (client, clock) = items[start].id;
+    /// Checks a received update's items (those the document does not hold yet): the depths to
+    /// [`Nesting::record`] once it applied, or why it would nest a type past the bound.
+    pub fn check(&self, items: &[Item]) -> Result<Depths, String> {
+        let depths = self.depths(items);
+        for (i, depth) in &depths.0 {
+            if items[*i].is_type && depth + 1 > MAX_TYPE_DEPTH {
+                let (client, clock) = items[*i].id;
                 return Err(format!(
                     "the type at {client}:{clock} would nest {} deep, over {MAX_TYPE_DEPTH}",
                     depth + 1
                 ));
             }
         }
-        for (i, depth) in resolved {
+        Ok(depths)
+    }
+
+    /// The container depth of each item.
+    pub fn depths(&self, items: &[Item]) -> Depths {
+        let mut resolved: HashMap<usize, u32> = HashMap::new();
+        let here = index(items);
+        for start in 0..items.len() {
+            self.resolve(items, &here, &mut resolved, start);
+        }
+        Depths(resolved)
+    }
+
+    /// Remembers the types and deep items of an applied update (or of a local edit, never refused).
+    pub fn record(&mut self, items: &[Item], depths: Depths) {
+        for (i, depth) in depths.0 {
             let item = &items[i];
             if depth >= RECORDED_FROM || item.is_type {
                 self.deep.insert(item.id, (u64::from(item.id.1) + u64::from(item.len), depth));
             }
         }
-        Ok(())
     }
 
     /// The container depth of `items[start]`, following parents and neighbours through this update and
@@ -117,6 +133,14 @@ fn covering(here: &BTreeMap<Id, usize>, items: &[Item], id: Id) -> Option<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Nesting {
+        fn admit(&mut self, items: &[Item]) -> Result<(), String> {
+            let depths = self.check(items)?;
+            self.record(items, depths);
+            Ok(())
+        }
+    }
 
     fn item(id: Id, parent: Parent, is_type: bool) -> Item {
         Item { id, len: 1, parent, is_type }

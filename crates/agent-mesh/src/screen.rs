@@ -317,7 +317,8 @@ impl<'a> Reader<'a> {
         }
         let reference = info & 0x0f;
         let len = self.content(reference)?;
-        if let Some(items) = &mut self.items {
+        // yrs drops an empty item without advancing the clock.
+        if let Some(items) = self.items.as_mut().filter(|_| len > 0) {
             let len = u32::try_from(len).unwrap_or(u32::MAX);
             items.push(Item { id, len, parent, is_type: reference == 7 });
         }
@@ -349,7 +350,8 @@ impl<'a> Reader<'a> {
                 self.cost += self.buf()?.len() as u64;
                 Ok(1)
             }
-            4 => Ok(self.string()?.len() as u64),
+            // yrs counts a string's clock units in UTF-16.
+            4 => Ok(self.string()?.encode_utf16().count() as u64),
             5 => self.json().map(|_| 1),
             6 => {
                 self.string()?;
@@ -492,6 +494,20 @@ mod tests {
         u.push(0);
         let refused = screen(&sync(2, &u));
         assert!(matches!(refused, Err(Refused::Overflow { .. })), "{refused:?}");
+    }
+
+    /// Item clocks as yrs assigns them: a string counts UTF-16 units, so a map after "中中" starts at 2.
+    #[test]
+    fn item_clocks_count_strings_in_utf16() {
+        let doc = Doc::new();
+        let (text, map) = (doc.get_or_insert_text("t"), doc.get_or_insert_map("m"));
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, "中中");
+        map.insert(&mut txn, "k", yrs::MapPrelim::default());
+        let update = txn.encode_update_v1();
+        let found = items(&update).unwrap();
+        let clocks: Vec<(u32, u32, bool)> = found.iter().map(|i| (i.id.1, i.len, i.is_type)).collect();
+        assert_eq!(clocks, [(0, 2, false), (2, 1, true)]);
     }
 
     #[test]

@@ -63,6 +63,19 @@ impl Protocols {
     }
 }
 
+impl Protocols {
+    /// An advertised URL as these protocols need it: during an upgrade a `ws://` URL carries [`V2_MARK`],
+    /// added when the operator of the agent wrote the URL without it.
+    pub fn mark(self, url: String) -> String {
+        let marked = url.split_once('?').is_some_and(|(_, q)| q.split('&').any(|p| p == V2_MARK));
+        if marked || !(self.v1 && self.v2 && url.starts_with("ws://")) {
+            return url;
+        }
+        let join = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{join}{V2_MARK}")
+    }
+}
+
 /// The query an upgrading agent's `ws://` URL carries: it speaks protocol 2, so it is never dialed in 1 (a
 /// failed TLS handshake with it is an attack or a fault, not an old agent).
 pub const V2_MARK: &str = "link=2";
@@ -407,6 +420,17 @@ mod tests {
         drop((a1, a2, b1));
         let open = gate.open.lock().unwrap();
         assert_eq!((open.total, open.by_source.len()), (0, 0));
+    }
+
+    #[test]
+    fn an_upgrading_agent_marks_its_url() {
+        let up = Protocols::UPGRADE;
+        assert_eq!(up.mark("ws://10.0.0.1:3001/crdt-sync".into()), "ws://10.0.0.1:3001/crdt-sync?link=2");
+        assert_eq!(up.mark("ws://h:1/x?a=b".into()), "ws://h:1/x?a=b&link=2");
+        assert_eq!(up.mark("ws://h:1/x?link=2".into()), "ws://h:1/x?link=2");
+        assert_eq!(up.mark(up.advertise("h:1")), up.advertise("h:1"));
+        assert_eq!(Protocols::V2.mark("wss://h:1/x".into()), "wss://h:1/x");
+        assert_eq!(Protocols::V1.mark("ws://h:1/x".into()), "ws://h:1/x");
     }
 
     #[test]

@@ -137,8 +137,13 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     let mesh_addr = listener.local_addr()?;
-    let mut config =
-        agent_mesh::Config::new(args.max_peers, args.advertise.unwrap_or(args.link_protocols.advertise(mesh_addr)));
+    let mut config = agent_mesh::Config::new(
+        args.max_peers,
+        match args.advertise {
+            Some(url) => args.link_protocols.mark(url),
+            None => args.link_protocols.advertise(mesh_addr),
+        },
+    );
     config.hostname = args.hostname;
     config.rendezvous =
         args.rendezvous.zip(args.rendezvous_node_id).map(|(url, node_id)| agent_mesh::Pinned { url, node_id });
