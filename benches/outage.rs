@@ -80,6 +80,15 @@ async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: us
     for a in live {
         max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
     }
+    let mut fewest = usize::MAX;
+    for a in live {
+        fewest = fewest.min(a.links().await.map_or(0, |l| l.len()));
+    }
+    let (refused, slow) =
+        (totals(live, "agentmesh_protocol_errors").await, totals(live, "agentmesh_slow_links_dropped").await);
+    eprintln!(
+        "{scheme} / {phase}: fewest links at a live agent {fewest}; protocol errors {refused}, slow links {slow}"
+    );
     let mut rss: Vec<f64> = live.iter().filter_map(|a| rss_mib(a.pid())).collect();
     rss.sort_by(f64::total_cmp);
     Row {
