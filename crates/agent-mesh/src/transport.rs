@@ -122,6 +122,8 @@ pub async fn dial(
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     let step = |e: String| HandshakeError::Wire(format!("{url}: {e}"));
     let tcp = timeout(TcpStream::connect((host.as_str(), port))).await?.map_err(|e| step(e.to_string()))?;
+    // Every message is a small TLS record or two: waiting to coalesce them (Nagle) costs a round trip.
+    let _ = tcp.set_nodelay(true);
     let name =
         rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| "agentmesh.invalid".try_into().unwrap());
     let connector = TlsConnector::from(creds.client(expect));
@@ -202,6 +204,7 @@ impl Inbound {
 
 /// Accepts a link in protocol 2: the TLS handshake, then [`upgrade`].
 pub async fn accept(tcp: TcpStream, creds: &Credentials) -> Result<Inbound, HandshakeError> {
+    let _ = tcp.set_nodelay(true);
     let tls = timeout(TlsAcceptor::from(creds.server()).accept(tcp)).await?;
     upgrade(tls.map_err(|e| HandshakeError::Tls(e.to_string()))?).await
 }
