@@ -99,6 +99,27 @@ async fn value(n: &Node, key: &'static str) -> Option<String> {
     n.agent.doc.read(read).await.flatten()
 }
 
+/// Agent a dials agent b through a [`Relay`]; returns once they are linked.
+async fn linked_through_a_relay(dir: &Path) -> (Node, Node, Relay) {
+    let a = planned(dir, "a").await;
+    let b = planned(dir, "b").await;
+    let relay = Relay::start(b.addr).await;
+    assign(&b, &[], &[a.id()]);
+    assign(&a, &[(b.id(), format!("wss://{}/crdt-sync", relay.addr))], &[]);
+    wait("a and b to link through the relay", || links(&b) == BTreeSet::from([a.id()])).await;
+    (a, b, relay)
+}
+
+/// Waits until `key` is in `n`'s document (the caller then checks its value).
+async fn arrives(n: &Node, key: &'static str) {
+    for _ in 0..1500 {
+        if value(n, key).await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A TCP relay to `to` that keeps every byte it passes, and flips one byte of the next dialer → acceptor
 /// chunk when `flip` is set.
 struct Relay {
@@ -218,19 +239,9 @@ async fn a_re_encrypting_proxy_is_refused_at_both_ends() {
 #[tokio::test]
 async fn a_byte_relay_carries_the_link_and_learns_neither_token_nor_update() {
     let dir = tempfile::tempdir().unwrap();
-    let a = planned(dir.path(), "a").await;
-    let b = planned(dir.path(), "b").await;
-    let relay = Relay::start(b.addr).await;
-    assign(&b, &[], &[a.id()]);
-    assign(&a, &[(b.id(), format!("wss://{}/crdt-sync", relay.addr))], &[]);
-    wait("a and b to link through the relay", || links(&b) == BTreeSet::from([a.id()])).await;
+    let (a, b, relay) = linked_through_a_relay(dir.path()).await;
     put(&a, "k", "plaintext-of-an-update-in-flight").await;
-    for _ in 0..500 {
-        if value(&b, "k").await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    arrives(&b, "k").await;
     assert_eq!(value(&b, "k").await.as_deref(), Some("plaintext-of-an-update-in-flight"));
     let seen = relay.seen();
     assert!(seen.len() > 1000, "the relay carried {} bytes", seen.len());
@@ -242,12 +253,7 @@ async fn a_byte_relay_carries_the_link_and_learns_neither_token_nor_update() {
 #[tokio::test]
 async fn a_flipped_byte_closes_the_link_and_reaches_no_document() {
     let dir = tempfile::tempdir().unwrap();
-    let a = planned(dir.path(), "a").await;
-    let b = planned(dir.path(), "b").await;
-    let relay = Relay::start(b.addr).await;
-    assign(&b, &[], &[a.id()]);
-    assign(&a, &[(b.id(), format!("wss://{}/crdt-sync", relay.addr))], &[]);
-    wait("a and b to link through the relay", || links(&b) == BTreeSet::from([a.id()])).await;
+    let (a, b, relay) = linked_through_a_relay(dir.path()).await;
     let closed = a.agent.metrics.links_closed.get();
     relay.flip.store(true, Ordering::SeqCst);
     put(&a, "k", "sent-while-a-byte-flips").await;
@@ -255,12 +261,7 @@ async fn a_flipped_byte_closes_the_link_and_reaches_no_document() {
     assert_eq!(b.agent.metrics.doc.protocol_errors.get(), 0, "a tampered message reached b's document");
     // The link comes back and carries the update intact.
     wait("a and b to link again", || links(&b) == BTreeSet::from([a.id()])).await;
-    for _ in 0..500 {
-        if value(&b, "k").await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    arrives(&b, "k").await;
     assert_eq!(value(&b, "k").await.as_deref(), Some("sent-while-a-byte-flips"));
 }
 

@@ -54,7 +54,7 @@ fn plan_ring(ring: &[&Node], gone: &[&Node]) {
 }
 
 /// Waits until every node of the ring holds exactly its two ring links, each in the protocol `protocol`
-/// says for that pair, and returns nothing; fails naming what it saw.
+/// says for that pair; fails naming what it saw.
 async fn ring_holds(ring: &[&Node], protocol: impl Fn(&Node, &Node) -> u8) {
     let want = |i: usize| {
         let n = ring.len();
