@@ -1,9 +1,12 @@
 //! Hostile bytes from a peer the plan admits, at real `mesh-agent` and `rendezvous` processes
 //! (docs/design.md §3.4 rule 7): a value nested 8,000 deep, 5,000 maps nested in one another, count bombs
-//! in a state vector, an update and an awareness message, and a flood of SyncStep1 requests against a 1 MiB
-//! document. Each process lives, the
+//! in a state vector, an update and an awareness message, types nested past the bound by levels sent
+//! deepest first or beside a collected block, and a flood of SyncStep1 requests against a 1 MiB document.
+//! Each process lives, the
 //! offending link is closed, resident memory grows by less than 64 MiB, and a legitimate update still
 //! arrives. Needs only Rust: the binaries are built by the test.
+#[path = "../crates/agent-mesh/tests/crafted/mod.rs"]
+mod crafted;
 mod support;
 
 use std::time::Duration;
@@ -59,17 +62,20 @@ fn varint(mut n: usize, out: &mut Vec<u8>) {
     out.push(n as u8);
 }
 
-fn bombs() -> Vec<(&'static str, Vec<u8>)> {
+/// Each bomb: what it is, and the messages it takes, in order.
+fn bombs() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let mut depth = vec![1, 1, 1, 0, 8, 1, 1, b'm', 1];
     depth.extend(std::iter::repeat_n([117u8, 1], 8_000).flatten());
     depth.extend([126, 0]);
     vec![
-        ("a value nested 8,000 deep", sync(2, &depth)),
-        ("a state vector of 2^28 entries", vec![0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x01]),
-        ("a state vector of 2^28 entries (7 bytes)", vec![0, 0, 4, 255, 255, 255, 122]),
-        ("a client of 2^28 blocks", sync(2, &[1, 0x80, 0x80, 0x80, 0x80, 0x01, 1, 0])),
-        ("an awareness update of 2^28 clients", vec![1, 5, 0x80, 0x80, 0x80, 0x80, 0x01]),
-        ("5,000 maps nested in one another", nested_maps(5_000)),
+        ("a value nested 8,000 deep", vec![sync(2, &depth)]),
+        ("a state vector of 2^28 entries", vec![vec![0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x01]]),
+        ("a state vector of 2^28 entries (7 bytes)", vec![vec![0, 0, 4, 255, 255, 255, 122]]),
+        ("a client of 2^28 blocks", vec![sync(2, &[1, 0x80, 0x80, 0x80, 0x80, 0x01, 1, 0])]),
+        ("an awareness update of 2^28 clients", vec![vec![1, 5, 0x80, 0x80, 0x80, 0x80, 0x01]]),
+        ("5,000 maps nested in one another", vec![nested_maps(5_000)]),
+        ("100 levels sent deepest first", crafted::reversed_chain(101, "r", 100)),
+        ("20 levels beside a collected block, 60 deep", crafted::beside_a_collected_block(201, "g", 60, 20)),
     ]
 }
 
@@ -89,9 +95,14 @@ async fn closed_with(wire: &mut Wire) -> Option<u16> {
 
 /// Sends every bomb on a fresh link from `creds` to `url` (acceptor `id`), and checks each closes it.
 async fn bomb(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32, base: u64) {
-    for (what, bytes) in bombs() {
+    for (what, messages) in bombs() {
         let mut wire = transport::dial(url, creds, id, hello.clone(), None).await.expect("the attacker is admitted");
-        wire.send(Frame::Binary(bytes.into())).await.unwrap();
+        for m in messages {
+            // The link may close before the last is sent: what closes it need not be the last.
+            if wire.send(Frame::Binary(m.into())).await.is_err() {
+                break;
+            }
+        }
         assert_eq!(closed_with(&mut wire).await, Some(Refusal::Malformed.code()), "{what}");
         let grew = rss_kib(pid).saturating_sub(base);
         eprintln!("{what}: link closed with 4002, resident memory {} KiB above the start", grew);
@@ -165,7 +176,7 @@ async fn hostile_messages_cost_their_link_and_neither_agent_nor_hub_more() {
     // Both still serve, and a legitimate update still crosses the mesh link.
     let key = friend.append().await;
     arrives(&victim, &key).await;
-    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 7.0);
+    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 9.0);
     assert!(victim.metric("agentmesh_sync_requests_dropped_total", "").await >= 1.0);
     assert!(rss_kib(victim.pid()) > 0 && rss_kib(hub_pid) > 0);
 }

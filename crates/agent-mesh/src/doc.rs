@@ -8,8 +8,9 @@
 //! [`screen`] first; messages waiting for the document share one inbound budget; each link's unsent
 //! messages have an outbound budget, past which the link is dropped as slow; a SyncStep1, which costs a
 //! whole-document encode, is answered at most once per link per [`STEP1_INTERVAL`]; an update that would nest
-//! shared types past `crate::nesting`'s bound is refused and closes its link. A forwarded update is one
-//! shared buffer, not a copy per link.
+//! shared types past `crate::nesting`'s bound is refused and closes its link; one that builds on what is
+//! not here yet is held (`crate::held`) and checked again when it is. A forwarded update is one shared
+//! buffer, not a copy per link.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -26,7 +27,8 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
-use crate::nesting::Nesting;
+use crate::held::Held;
+use crate::nesting::{Nesting, Verdict};
 use crate::screen::{self, Kind, Refused};
 
 /// Updates remembered by the seen-cache.
@@ -69,6 +71,8 @@ pub struct DocMetrics {
     pub sync_requests_dropped: Counter,
     /// Links dropped because they could not keep up.
     pub slow_links_dropped: Counter,
+    /// Updates dropped while held for what they build on: their link's budget was full, or it closed.
+    pub held_dropped: Counter,
 }
 
 /// A cheap handle to the document task.
@@ -139,6 +143,7 @@ impl Doc {
             links: HashMap::new(),
             seen: Seen::default(),
             nesting: Nesting::default(),
+            held: Held::default(),
             metrics: metrics.clone(),
         };
         tokio::spawn(relay.run(rx));
@@ -194,11 +199,19 @@ struct Seen {
 }
 
 impl Seen {
-    /// Whether `bytes` is new (and remembers it).
-    fn first_time(&mut self, bytes: &[u8]) -> bool {
+    fn key(bytes: &[u8]) -> u64 {
         let mut h = DefaultHasher::new();
         bytes.hash(&mut h);
-        let key = h.finish();
+        h.finish()
+    }
+
+    fn contains(&self, bytes: &[u8]) -> bool {
+        self.set.contains(&Self::key(bytes))
+    }
+
+    /// Whether `bytes` is new (and remembers it).
+    fn first_time(&mut self, bytes: &[u8]) -> bool {
+        let key = Self::key(bytes);
         if !self.set.insert(key) {
             return false;
         }
@@ -224,6 +237,7 @@ struct Relay {
     links: HashMap<LinkId, Link>,
     seen: Seen,
     nesting: Nesting,
+    held: Held,
     metrics: DocMetrics,
 }
 
@@ -241,18 +255,22 @@ impl Relay {
                         self.links.insert(link, Link { out, refuse, mesh, answered: None });
                     }
                 }
-                Cmd::Detach(link) => drop(self.links.remove(&link)),
+                Cmd::Detach(link) => {
+                    self.links.remove(&link);
+                    self.metrics.held_dropped.inc_by(self.held.forget(link));
+                }
                 Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
                 Cmd::Edit(f) => {
                     let update = f(&self.doc);
                     // A local edit is never refused, but what it nests counts for what peers add under it.
                     if let Ok(items) = screen::items(&update) {
-                        let depths = self.nesting.depths(&items);
+                        let (depths, _) = self.nesting.depths(&items, |_| true);
                         self.nesting.record(&items, depths);
                     }
                     if self.seen.first_time(&update) {
                         self.forward(None, update);
                     }
+                    self.release();
                 }
                 Cmd::Read(f) => f(&self.doc),
             }
@@ -287,34 +305,71 @@ impl Relay {
     }
 
     fn update(&mut self, from: LinkId, bytes: Vec<u8>) {
-        if !self.seen.first_time(&bytes) {
+        if self.seen.contains(&bytes) {
             self.metrics.duplicates_dropped.inc();
             return;
         }
-        let checked = self.new_items(&bytes).and_then(|items| Ok((self.nesting.check(&items)?, items)));
-        let (depths, items) = match checked {
-            Ok(checked) => checked,
+        if self.accept(from, bytes) {
+            self.release();
+        }
+    }
+
+    /// Applies and forwards an update whose depths are known and within the bound, holds one that builds
+    /// on what is not here yet, and refuses (closing its link) one that nests too deep. Whether it applied.
+    fn accept(&mut self, from: LinkId, bytes: Vec<u8>) -> bool {
+        let held = self.held_by_document();
+        let checked = self.new_items(&bytes).and_then(|items| Ok((self.nesting.check(&items, held)?, items)));
+        match checked {
+            Ok((Verdict::Ready(depths), items)) => {
+                let doc = &self.doc;
+                let applied = catch_unwind(AssertUnwindSafe(|| {
+                    let update = Update::decode_v1(&bytes).map_err(|e| e.to_string())?;
+                    doc.transact_mut().apply_update(update).map_err(|e| e.to_string())
+                }));
+                if !matches!(applied, Ok(Ok(()))) {
+                    self.metrics.protocol_errors.inc();
+                    return false;
+                }
+                self.nesting.record(&items, depths);
+                self.metrics.updates_received.inc();
+                self.seen.first_time(&bytes);
+                self.forward(Some(from), bytes);
+                true
+            }
+            Ok((Verdict::Waiting(anchors), _)) => {
+                self.metrics.held_dropped.inc_by(self.held.hold(from, bytes, anchors));
+                false
+            }
             Err(why) => {
                 tracing::debug!(error = %why, "refused an update; closing its link");
                 self.metrics.protocol_errors.inc();
                 if let Some(link) = self.links.remove(&from) {
                     let _ = link.refuse.send(());
                 }
-                return;
+                self.metrics.held_dropped.inc_by(self.held.forget(from));
+                false
             }
-        };
-        let doc = &self.doc;
-        let applied = catch_unwind(AssertUnwindSafe(|| {
-            let update = Update::decode_v1(&bytes).map_err(|e| e.to_string())?;
-            doc.transact_mut().apply_update(update).map_err(|e| e.to_string())
-        }));
-        if !matches!(applied, Ok(Ok(()))) {
-            self.metrics.protocol_errors.inc();
-            return;
         }
-        self.nesting.record(&items, depths);
-        self.metrics.updates_received.inc();
-        self.forward(Some(from), bytes);
+    }
+
+    /// Checks again, and applies, the held updates whose missing ids are now here, until none is left.
+    fn release(&mut self) {
+        loop {
+            let held = self.held_by_document();
+            let nesting = &self.nesting;
+            let Some((from, bytes)) = self.held.next_ready(|id| nesting.knows(id, &held)) else { return };
+            if self.seen.contains(&bytes) {
+                self.metrics.duplicates_dropped.inc();
+            } else {
+                self.accept(from, bytes);
+            }
+        }
+    }
+
+    /// Whether the document holds an id (integrated, not pending in yrs).
+    fn held_by_document(&self) -> impl Fn(screen::Id) -> bool + use<> {
+        let state = self.doc.transact().state_vector();
+        move |(client, clock)| clock < state.get(&yrs::ClientID::new(client))
     }
 
     /// The items of an update that the document does not hold yet (yrs skips the others).

@@ -6,7 +6,8 @@
 //! [`identity`] (Ed25519, node id = hex public key) → [`source`] (the assignment, read strictly) →
 //! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
 //! over [`transport`], [`tls`] and [`handshake`] (WebSocket links inside mutual TLS, each end its node key)
-//! → [`screen`] (what a peer may send) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
+//! → [`screen`] (what a peer may send) → [`nesting`] and [`held`] (how deep types nest, and updates
+//! that wait for what they build on) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
 pub mod assignment;
 pub mod downward;
 
@@ -14,6 +15,8 @@ pub mod downward;
 pub mod doc;
 #[cfg(feature = "runtime")]
 pub mod handshake;
+#[cfg(feature = "runtime")]
+pub mod held;
 #[cfg(feature = "runtime")]
 pub mod identity;
 #[cfg(feature = "runtime")]

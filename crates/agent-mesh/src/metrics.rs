@@ -62,5 +62,10 @@ impl Metrics {
             d.sync_requests_dropped.clone(),
         );
         r.register("slow_links_dropped", "Links dropped for not keeping up", d.slow_links_dropped.clone());
+        r.register(
+            "held_dropped",
+            "Updates dropped while held for what they build on: their link's budget was full, or it closed",
+            d.held_dropped.clone(),
+        );
     }
 }

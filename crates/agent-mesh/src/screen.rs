@@ -115,6 +115,13 @@ pub struct Item {
     pub is_type: bool,
 }
 
+impl Item {
+    /// The clock after its last unit.
+    fn end(&self) -> u32 {
+        self.id.1.saturating_add(self.len)
+    }
+}
+
 pub type Id = (u64, u32);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,8 +130,11 @@ pub enum Parent {
     Named,
     /// The type created by the item with this id.
     Item(Id),
-    /// The parent of the item it was inserted next to (its left origin, else its right).
-    Beside(Id),
+    /// The parent of an item it was inserted next to: yrs takes its left neighbour's parent, or its right
+    /// neighbour's when the left one is collected or missing; at least one is named.
+    Beside { left: Option<Id>, right: Option<Id> },
+    /// None: a collected (GC) block, which holds no content and parents nothing.
+    Collected,
 }
 
 /// The items of an update body (a SyncStep2's or an Update's payload) that already passed [`screen`].
@@ -298,19 +308,30 @@ impl<'a> Reader<'a> {
         const HAS_PARENT_SUB: u8 = 0x20;
         let info = self.u8()?;
         if info == 0 || info == 10 {
-            return Ok(u64::from(self.var_u32()?));
+            let len = self.var_u32()?;
+            // A collected block can be an item's neighbour; a skipped one is not in the update at all.
+            // Adjacent collected blocks are listed as one, so listing them costs less than yrs's blocks.
+            if let Some(items) = self.items.as_mut().filter(|_| info == 0 && len > 0) {
+                match items.last_mut() {
+                    Some(last) if last.parent == Parent::Collected && last.id.0 == id.0 && last.end() == id.1 => {
+                        last.len = last.len.saturating_add(len);
+                    }
+                    _ => items.push(Item { id, len, parent: Parent::Collected, is_type: false }),
+                }
+            }
+            return Ok(u64::from(len));
         }
         self.cost += ITEM_COST;
         let left = if info & HAS_ORIGIN != 0 { Some(self.id()?) } else { None };
         let right = if info & HAS_RIGHT_ORIGIN != 0 { Some(self.id()?) } else { None };
-        let parent = match left.or(right) {
-            Some(beside) => Parent::Beside(beside),
-            // yrs reads this as a u32 (dropping higher bits), so it is read as one here too.
-            None if self.var_u32()? == 1 => {
-                self.string()?;
-                Parent::Named
-            }
-            None => Parent::Item(self.id()?),
+        let parent = if left.is_some() || right.is_some() {
+            Parent::Beside { left, right }
+        // yrs reads this as a u32 (dropping higher bits), so it is read as one here too.
+        } else if self.var_u32()? == 1 {
+            self.string()?;
+            Parent::Named
+        } else {
+            Parent::Item(self.id()?)
         };
         if left.is_none() && right.is_none() && info & HAS_PARENT_SUB != 0 {
             self.string()?;

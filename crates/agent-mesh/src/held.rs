@@ -1,0 +1,89 @@
+//! Updates the relay holds until what they build on arrives (`crate::nesting`'s `Verdict::Waiting`).
+//! yrs would hold them itself and integrate them, unchecked, whenever their dependencies arrive; held
+//! here, they are checked again first. Updates arrive out of order only briefly (two paths of unequal
+//! speed), so each link may have a few held; past that its oldest are dropped, and an attacker's cost only
+//! their own link. A held update is not yet in the seen-cache: another link's copy is held (or applied)
+//! on its own, so dropping one never loses the others.
+use std::collections::{HashMap, VecDeque};
+
+use crate::doc::LinkId;
+use crate::screen::Id;
+
+/// Bytes of updates held for one link; past it the link's oldest are dropped.
+pub const HELD_BYTES_PER_LINK: usize = 1 << 20;
+/// Updates held for one link; past it the link's oldest are dropped.
+pub const HELD_UPDATES_PER_LINK: usize = 256;
+/// Missing ids remembered per held update; it is checked again once these are here (and may wait again).
+const ANCHORS_KEPT: usize = 8;
+
+struct Waiting {
+    bytes: Vec<u8>,
+    anchors: Vec<Id>,
+}
+
+#[derive(Default)]
+pub struct Held {
+    by_link: HashMap<LinkId, (VecDeque<Waiting>, usize)>,
+}
+
+impl Held {
+    /// Holds `bytes` from `link` until `anchors` are here; returns how many older updates of the link
+    /// were dropped to make room (the update itself, if it alone is over the budget).
+    pub fn hold(&mut self, link: LinkId, bytes: Vec<u8>, mut anchors: Vec<Id>) -> u64 {
+        if bytes.len() > HELD_BYTES_PER_LINK {
+            return 1;
+        }
+        anchors.truncate(ANCHORS_KEPT);
+        let (queue, size) = self.by_link.entry(link).or_default();
+        let mut dropped = 0;
+        while *size + bytes.len() > HELD_BYTES_PER_LINK || queue.len() >= HELD_UPDATES_PER_LINK {
+            let Some(old) = queue.pop_front() else { break };
+            *size -= old.bytes.len();
+            dropped += 1;
+        }
+        *size += bytes.len();
+        queue.push_back(Waiting { bytes, anchors });
+        dropped
+    }
+
+    /// Takes a held update whose anchors `here` now knows (of each link's, the oldest first).
+    pub fn next_ready(&mut self, here: impl Fn(Id) -> bool) -> Option<(LinkId, Vec<u8>)> {
+        let (link, at) = self.by_link.iter().find_map(|(link, (queue, _))| {
+            queue.iter().position(|w| w.anchors.iter().all(|&a| here(a))).map(|at| (*link, at))
+        })?;
+        let (queue, size) = self.by_link.get_mut(&link)?;
+        let waiting = queue.remove(at)?;
+        *size -= waiting.bytes.len();
+        if queue.is_empty() {
+            self.by_link.remove(&link);
+        }
+        Some((link, waiting.bytes))
+    }
+
+    /// Drops what `link` had held (it closed); returns how many.
+    pub fn forget(&mut self, link: LinkId) -> u64 {
+        self.by_link.remove(&link).map_or(0, |(queue, _)| queue.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_link_holds_within_its_budget_and_releases_what_is_ready() {
+        let mut held = Held::default();
+        for i in 0..HELD_UPDATES_PER_LINK as u32 {
+            assert_eq!(held.hold(1, vec![0; 8], vec![(9, i)]), 0);
+        }
+        assert_eq!(held.hold(1, vec![0; 8], vec![(9, 999)]), 1, "the oldest gives way");
+        assert_eq!(held.hold(2, vec![0; HELD_BYTES_PER_LINK + 1], vec![]), 1, "too large to hold at all");
+        assert_eq!(held.hold(2, vec![0; HELD_BYTES_PER_LINK], vec![(9, 0)]), 0, "another link's budget");
+        assert_eq!(held.hold(2, vec![1], vec![(9, 0)]), 1);
+        assert_eq!(held.next_ready(|id| id == (9, 1)), Some((1, vec![0; 8])));
+        assert_eq!(held.next_ready(|id| id == (9, 1)), None, "each once");
+        assert_eq!(held.next_ready(|id| id == (9, 0)), Some((2, vec![1])), "link 1's (9, 0) gave way");
+        assert_eq!(held.forget(1), HELD_UPDATES_PER_LINK as u64 - 1);
+        assert_eq!(held.next_ready(|_| true), None);
+    }
+}
