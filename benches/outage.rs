@@ -10,6 +10,9 @@
 //! (each agent's own high-water mark), inbound links refused, and mesh messages sent per update.
 //!
 //!     cargo bench --bench outage        (AGENTS=200 UPDATES=20 by default; needs the control plane)
+//!
+//! `LINK_PROTOCOLS=1` runs the agents on plaintext link protocol 1 (the hub speaking both), the same
+//! binaries otherwise, to compare with TLS; `SCHEMES=operator` skips the seed scheme.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -26,6 +29,30 @@ const DEADLINE: Duration = Duration::from_secs(15);
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Whether the agents speak plaintext protocol 1 (`LINK_PROTOCOLS=1`) rather than TLS.
+fn plaintext() -> bool {
+    std::env::var("LINK_PROTOCOLS").is_ok_and(|p| p == "1")
+}
+
+/// A hub the agents reach over the link protocol this run measures.
+async fn hub() -> HubProcess {
+    if !plaintext() {
+        return HubProcess::start().await;
+    }
+    let mut hub = HubProcess::start_with(&["--link-protocols", "1,2"]).await;
+    hub.sync.url = hub.sync.url.replacen("wss://", "ws://", 1);
+    hub
+}
+
+/// The agents' flags for the link protocol this run measures, after `extra`.
+fn agent_flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = extra.to_vec();
+    if plaintext() {
+        flags.extend(["--link-protocols", "1"]);
+    }
+    flags
 }
 
 /// The rendezvous as a process of its own, so it can be killed for real.
@@ -151,7 +178,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     install_crd(&client).await;
     let ns = namespace(&client, "outage").await;
     let dir = tempfile::tempdir().unwrap();
-    let hub = HubProcess::start().await;
+    let hub = hub().await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
     let spec = json!({
         "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": CAP, "topologyKey": "zone",
@@ -164,7 +191,8 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("agent-{i}"), format!("127.2.{}.{}", i / 250, 1 + i % 250));
-        agents.push(Some(Agent::spawn(dir.path(), &name, &ip, &ws, Mode::Operator, CAP).await));
+        let flags = agent_flags(&["--seed-delay", "1s", "--seed-scan", "2s"]);
+        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Operator, CAP, &flags).await));
         agent_pod(&client, &ns, &name, &ip, Some(&format!("zone-{}", i % ZONES))).await;
     }
     agents_follow_the_plan(&client, &ns, &agents.iter().flatten().collect::<Vec<_>>()).await;
@@ -173,13 +201,13 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
 
 async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
     let dir = tempfile::tempdir().unwrap();
-    let hub = HubProcess::start().await;
+    let hub = hub().await;
     let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("seed-{i}"), format!("127.3.{}.{}", i / 250, 1 + i % 250));
-        let seed_timing = ["--seed-delay", "10s", "--seed-scan", "60s"];
-        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Seed, CAP, &seed_timing).await));
+        let flags = agent_flags(&["--seed-delay", "10s", "--seed-scan", "60s"]);
+        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Seed, CAP, &flags).await));
     }
     wait_for("every seed agent to dial its first maxPeers peers", Duration::from_secs(300), || async {
         for a in agents.iter().flatten() {
@@ -203,10 +231,13 @@ async fn main() {
     let (n, updates) = (env("AGENTS", 200), env("UPDATES", 20));
     workspace_bins();
     let mut rows = operator_scheme(n, updates).await;
-    rows.extend(seed_scheme(n, updates).await);
+    if std::env::var("SCHEMES").map_or(true, |s| s.contains("seed")) {
+        rows.extend(seed_scheme(n, updates).await);
+    }
     println!(
-        "\n{n} agents, maxPeers {CAP}, {ZONES} zones, {updates} updates per phase, {} s deadline",
-        DEADLINE.as_secs()
+        "\n{n} agents, maxPeers {CAP}, {ZONES} zones, {updates} updates per phase, {} s deadline, links {}",
+        DEADLINE.as_secs(),
+        if plaintext() { "plaintext (protocol 1)" } else { "mutual TLS (protocol 2)" }
     );
     println!(
         "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | links refused | mesh messages per update | agent RSS median / max |"

@@ -75,8 +75,13 @@ pub struct HubProcess {
 
 impl HubProcess {
     pub async fn start() -> HubProcess {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> HubProcess {
         let mut child = tokio::process::Command::new(workspace_bins().join("rendezvous"))
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -261,11 +261,11 @@ impl Relay {
                 }
                 Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
                 Cmd::Edit(f) => {
+                    let before = self.clocks();
                     let update = f(&self.doc);
                     // A local edit is never refused, but what it nests counts for what peers add under it.
-                    if let Ok(items) = screen::items(&update) {
-                        let (depths, _) = self.nesting.depths(&items, |_| true);
-                        self.nesting.record(&items, depths);
+                    if let Ok(shape) = screen::shape(&update) {
+                        self.nesting.record_local(&shape, &before);
                     }
                     if self.seen.first_time(&update) {
                         self.forward(None, update);
@@ -315,49 +315,80 @@ impl Relay {
     }
 
     /// Applies and forwards an update whose depths are known and within the bound, holds one that builds
-    /// on what is not here yet, and refuses (closing its link) one that nests too deep. Whether it applied.
+    /// on what is not here yet, and refuses (closing its link) one that nests too deep or that yrs does
+    /// not integrate whole. Whether it applied.
     fn accept(&mut self, from: LinkId, bytes: Vec<u8>) -> bool {
-        let held = self.held_by_document();
-        let checked = self.new_items(&bytes).and_then(|items| Ok((self.nesting.check(&items, held)?, items)));
-        match checked {
-            Ok((Verdict::Ready(depths), items)) => {
+        let clocks = self.clocks();
+        let shape = screen::shape(&bytes).map_err(|e| e.to_string());
+        match shape.and_then(|shape| self.nesting.check(&shape, &clocks)) {
+            Ok(Verdict::Ready(checked)) => {
                 let doc = &self.doc;
                 let applied = catch_unwind(AssertUnwindSafe(|| {
                     let update = Update::decode_v1(&bytes).map_err(|e| e.to_string())?;
                     doc.transact_mut().apply_update(update).map_err(|e| e.to_string())
                 }));
-                if !matches!(applied, Ok(Ok(()))) {
-                    self.metrics.protocol_errors.inc();
+                let held_back = self.drop_pending();
+                let left_out = self.nesting.record(checked, self.clocks());
+                let applied = match applied {
+                    Ok(Ok(())) if !held_back && left_out == 0 => Ok(()),
+                    Ok(Ok(())) => Err(format!("yrs held back {left_out} items the check found complete")),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err("yrs panicked".to_string()),
+                };
+                if let Err(why) = applied {
+                    self.refuse(from, &why);
                     return false;
                 }
-                self.nesting.record(&items, depths);
                 self.metrics.updates_received.inc();
                 self.seen.first_time(&bytes);
                 self.forward(Some(from), bytes);
                 true
             }
-            Ok((Verdict::Waiting(anchors), _)) => {
+            Ok(Verdict::Waiting(anchors)) => {
                 self.metrics.held_dropped.inc_by(self.held.hold(from, bytes, anchors));
                 false
             }
             Err(why) => {
-                tracing::debug!(error = %why, "refused an update; closing its link");
-                self.metrics.protocol_errors.inc();
-                if let Some(link) = self.links.remove(&from) {
-                    let _ = link.refuse.send(());
-                }
-                self.metrics.held_dropped.inc_by(self.held.forget(from));
+                self.refuse(from, &why);
                 false
             }
         }
     }
 
+    /// Lets go of a link whose update was refused, and of what it had held.
+    fn refuse(&mut self, from: LinkId, why: &str) {
+        tracing::debug!(error = %why, "refused an update; closing its link");
+        self.metrics.protocol_errors.inc();
+        if let Some(link) = self.links.remove(&from) {
+            let _ = link.refuse.send(());
+        }
+        self.metrics.held_dropped.inc_by(self.held.forget(from));
+    }
+
+    /// Empties what yrs holds pending, which nothing should leave there: blocks or deletions integrated
+    /// later would be unchecked. Whether there was any.
+    fn drop_pending(&mut self) -> bool {
+        let mut txn = self.doc.transact_mut();
+        let store = yrs::WriteTxn::store_mut(&mut txn);
+        let mut found = false;
+        if let Some(pending) = store.pending_update_mut().filter(|p| !p.update.is_empty()) {
+            pending.update = Update::new();
+            pending.missing = StateVector::default();
+            found = true;
+        }
+        if let Some(ds) = store.pending_ds_mut().filter(|ds| !ds.is_empty()) {
+            *ds = yrs::IdSet::default();
+            found = true;
+        }
+        found
+    }
+
     /// Checks again, and applies, the held updates whose missing ids are now here, until none is left.
     fn release(&mut self) {
         loop {
-            let held = self.held_by_document();
-            let nesting = &self.nesting;
-            let Some((from, bytes)) = self.held.next_ready(|id| nesting.knows(id, &held)) else { return };
+            let clocks = self.clocks();
+            let here = |(client, clock): screen::Id| clock < clocks(client);
+            let Some((from, bytes)) = self.held.next_ready(here) else { return };
             if self.seen.contains(&bytes) {
                 self.metrics.duplicates_dropped.inc();
             } else {
@@ -366,18 +397,11 @@ impl Relay {
         }
     }
 
-    /// Whether the document holds an id (integrated, not pending in yrs).
-    fn held_by_document(&self) -> impl Fn(screen::Id) -> bool + use<> {
+    /// The document's clock for each client: it holds every clock below (the relay never lets it hold a
+    /// hole, so the state vector is exact).
+    fn clocks(&self) -> impl Fn(u64) -> u32 + use<> {
         let state = self.doc.transact().state_vector();
-        move |(client, clock)| clock < state.get(&yrs::ClientID::new(client))
-    }
-
-    /// The items of an update that the document does not hold yet (yrs skips the others).
-    fn new_items(&self, update: &[u8]) -> Result<Vec<screen::Item>, String> {
-        let mut items = screen::items(update).map_err(|e| e.to_string())?;
-        let held = self.doc.transact().state_vector();
-        items.retain(|i| i.id.1 >= held.get(&yrs::ClientID::new(i.id.0)));
-        Ok(items)
+        move |client| state.get(&yrs::ClientID::new(client))
     }
 
     /// Sends an update to every link but its source, one shared buffer for all; a link over its budget is

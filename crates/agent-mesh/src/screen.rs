@@ -70,6 +70,8 @@ pub enum Refused {
     TooLarge { estimate: u64 },
     #[error("{left} bytes follow the end of the message")]
     Trailing { left: usize },
+    #[error("{what} of one client are listed twice")]
+    Repeated { what: &'static str },
 }
 
 /// Checks one link message (a binary WebSocket frame).
@@ -79,7 +81,7 @@ pub fn screen(bytes: &[u8]) -> Result<Kind, Refused> {
 
 /// [`screen`], with what yrs is estimated to allocate decoding the message.
 pub fn estimate(bytes: &[u8]) -> Result<(Kind, u64), Refused> {
-    let mut r = Reader { bytes, at: 0, end: bytes.len(), cost: 0, items: None };
+    let mut r = Reader { bytes, at: 0, end: bytes.len(), cost: 0, shape: None };
     let tag = r.var()?;
     if tag != 0 {
         return Err(Refused::NotSync(tag));
@@ -92,10 +94,10 @@ pub fn estimate(bytes: &[u8]) -> Result<(Kind, u64), Refused> {
     };
     let inner = r.buf()?.len();
     r.end()?;
-    let mut body = Reader { bytes, at: r.at - inner, end: r.at, cost: 0, items: None };
+    let mut body = Reader { bytes, at: r.at - inner, end: r.at, cost: 0, shape: None };
     match kind {
         Kind::Step1 => body.state_vector()?,
-        Kind::Step2 | Kind::Update => body.update()?,
+        Kind::Step2 | Kind::Update => drop(body.update()?),
     }
     body.end()?;
     if body.cost > MAX_DECODED_BYTES {
@@ -135,13 +137,31 @@ pub enum Parent {
     Beside { left: Option<Id>, right: Option<Id> },
     /// None: a collected (GC) block, which holds no content and parents nothing.
     Collected,
+    /// None: a skipped range, which the update does not carry (a hole in its client's clocks).
+    Skipped,
 }
 
-/// The items of an update body (a SyncStep2's or an Update's payload) that already passed [`screen`].
-pub fn items(update: &[u8]) -> Result<Vec<Item>, Refused> {
-    let mut r = Reader { bytes: update, at: 0, end: update.len(), cost: 0, items: Some(Vec::new()) };
-    r.update()?;
-    Ok(r.items.unwrap_or_default())
+/// What an update body holds, as far as nesting goes: its blocks (each client's in clock order, one
+/// client after another) and its deleted ranges (first unit, length).
+#[derive(Debug, Default)]
+pub struct Shape {
+    pub items: Vec<Item>,
+    pub deleted: Vec<(Id, u32)>,
+}
+
+/// The shape of an update body (a SyncStep2's or an Update's payload) that already passed [`screen`].
+/// Refuses an update that lists a client's blocks twice: yrs would append the second list to the first,
+/// clocks restarting, which no encoder writes and nothing here models.
+pub fn shape(update: &[u8]) -> Result<Shape, Refused> {
+    let mut r = Reader { bytes: update, at: 0, end: update.len(), cost: 0, shape: Some(Shape::default()) };
+    let mut clients = r.update()?;
+    let listed = clients.len();
+    clients.sort_unstable();
+    clients.dedup();
+    if clients.len() != listed {
+        return Err(Refused::Repeated { what: "a client's blocks" });
+    }
+    Ok(r.shape.unwrap_or_default())
 }
 
 /// Reads `bytes[at..end]`; offsets are into the whole message, so errors name the byte.
@@ -151,8 +171,8 @@ struct Reader<'a> {
     end: usize,
     /// What yrs is estimated to allocate for what was read so far.
     cost: u64,
-    /// The items read, when asked for.
-    items: Option<Vec<Item>>,
+    /// What was read, when asked for.
+    shape: Option<Shape>,
 }
 
 impl<'a> Reader<'a> {
@@ -265,14 +285,19 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// An update: blocks grouped by client, then the delete set.
-    fn update(&mut self) -> Result<(), Refused> {
+    /// An update: blocks grouped by client, then the delete set. Returns the clients whose blocks it
+    /// listed, in order, when reading its shape.
+    fn update(&mut self) -> Result<Vec<u64>, Refused> {
         let clients = self.count("an update's clients", 3)?;
         self.cost += clients * ENTRY_COST;
+        let mut listed = Vec::new();
         for _ in 0..clients {
             let blocks = self.count("a client's blocks", 2)?;
             self.cost += blocks * BLOCK_COST;
             let client = self.client()?;
+            if self.shape.is_some() {
+                listed.push(client);
+            }
             let mut clock = u64::from(self.var_u32()?);
             for _ in 0..blocks {
                 let at = self.at;
@@ -286,18 +311,21 @@ impl<'a> Reader<'a> {
         let clients = self.count("a delete set's clients", 2)?;
         self.cost += clients * ENTRY_COST;
         for _ in 0..clients {
-            self.client()?;
+            let client = self.client()?;
             let ranges = self.count("a delete set's ranges", 2)?;
             self.cost += ranges * RANGE_COST;
             for _ in 0..ranges {
                 let at = self.at;
-                let end = u64::from(self.var_u32()?) + u64::from(self.var_u32()?);
-                if end > u64::from(u32::MAX) {
+                let (clock, len) = (self.var_u32()?, self.var_u32()?);
+                if u64::from(clock) + u64::from(len) > u64::from(u32::MAX) {
                     return Err(Refused::Clock { what: "a deleted range", at });
+                }
+                if let Some(shape) = self.shape.as_mut().filter(|_| len > 0) {
+                    shape.deleted.push(((client, clock), len));
                 }
             }
         }
-        Ok(())
+        Ok(listed)
     }
 
     /// One block, whose first unit is `id`; returns its length in clock units (yrs refuses empty GC and
@@ -309,14 +337,14 @@ impl<'a> Reader<'a> {
         let info = self.u8()?;
         if info == 0 || info == 10 {
             let len = self.var_u32()?;
-            // A collected block can be an item's neighbour; a skipped one is not in the update at all.
             // Adjacent collected blocks are listed as one, so listing them costs less than yrs's blocks.
-            if let Some(items) = self.items.as_mut().filter(|_| info == 0 && len > 0) {
+            let parent = if info == 0 { Parent::Collected } else { Parent::Skipped };
+            if let Some(items) = self.shape.as_mut().map(|s| &mut s.items).filter(|_| len > 0) {
                 match items.last_mut() {
-                    Some(last) if last.parent == Parent::Collected && last.id.0 == id.0 && last.end() == id.1 => {
+                    Some(last) if last.parent == parent && last.id.0 == id.0 && last.end() == id.1 => {
                         last.len = last.len.saturating_add(len);
                     }
-                    _ => items.push(Item { id, len, parent: Parent::Collected, is_type: false }),
+                    _ => items.push(Item { id, len, parent, is_type: false }),
                 }
             }
             return Ok(u64::from(len));
@@ -339,7 +367,7 @@ impl<'a> Reader<'a> {
         let reference = info & 0x0f;
         let len = self.content(reference)?;
         // yrs drops an empty item without advancing the clock.
-        if let Some(items) = self.items.as_mut().filter(|_| len > 0) {
+        if let Some(items) = self.shape.as_mut().map(|s| &mut s.items).filter(|_| len > 0) {
             let len = u32::try_from(len).unwrap_or(u32::MAX);
             items.push(Item { id, len, parent, is_type: reference == 7 });
         }
@@ -526,7 +554,7 @@ mod tests {
         text.insert(&mut txn, 0, "中中");
         map.insert(&mut txn, "k", yrs::MapPrelim::default());
         let update = txn.encode_update_v1();
-        let found = items(&update).unwrap();
+        let found = shape(&update).unwrap().items;
         let clocks: Vec<(u32, u32, bool)> = found.iter().map(|i| (i.id.1, i.len, i.is_type)).collect();
         assert_eq!(clocks, [(0, 2, false), (2, 1, true)]);
     }
@@ -587,10 +615,12 @@ mod tests {
             for op in &ops {
                 let update = apply(&doc, op);
                 prop_assert_eq!(screen(&sync(2, &update)), Ok(Kind::Update));
+                prop_assert!(shape(&update).is_ok());
             }
             let txn = doc.transact();
             let state = txn.encode_state_as_update_v1(&yrs::StateVector::default());
             prop_assert_eq!(screen(&sync(1, &state)), Ok(Kind::Step2));
+            prop_assert!(shape(&state).is_ok());
             prop_assert_eq!(screen(&sync(0, &txn.state_vector().encode_v1())), Ok(Kind::Step1));
         }
     }

@@ -83,3 +83,67 @@ pub fn array_depth(doc: &yrs::Doc, root: &str) -> usize {
     }
     deepest
 }
+
+/// Where a hand-written block goes.
+pub enum At {
+    Root(&'static str),
+    Parent((u64, u32)),
+    Beside(Option<(u64, u32)>, Option<(u64, u32)>),
+}
+
+/// A hand-written block: a string, or an empty array (a shared type).
+pub fn block(at: At, text: Option<&str>) -> Vec<u8> {
+    let mut b: Vec<u8> = Vec::new();
+    let content = if text.is_some() { 4 } else { 7 };
+    match at {
+        At::Root(name) => {
+            b.write_u8(content);
+            b.write_var(1u32);
+            b.write_string(name);
+        }
+        At::Parent((client, clock)) => {
+            b.write_u8(content);
+            b.write_var(0u32);
+            b.write_var(client);
+            b.write_var(clock);
+        }
+        At::Beside(left, right) => {
+            b.write_u8(content | if left.is_some() { 0x80 } else { 0 } | if right.is_some() { 0x40 } else { 0 });
+            for (client, clock) in left.into_iter().chain(right) {
+                b.write_var(client);
+                b.write_var(clock);
+            }
+        }
+    }
+    match text {
+        Some(s) => b.write_string(s),
+        None => b.write_var(0u32),
+    }
+    b
+}
+
+/// An update message of `client`'s `blocks` from `clock` on, with no deletions.
+pub fn raw(client: u64, clock: u32, blocks: &[Vec<u8>]) -> Vec<u8> {
+    let mut u: Vec<u8> = Vec::new();
+    u.write_var(1u32);
+    u.write_var(blocks.len() as u32);
+    u.write_var(client);
+    u.write_var(clock);
+    for b in blocks {
+        u.extend_from_slice(b);
+    }
+    u.write_var(0u32);
+    update(u)
+}
+
+/// `n` arrays on `client`, each inside the one before, the first in the root array `root`, as one update;
+/// the deepest is `(client, n - 1)`, `n` deep.
+pub fn chain(client: u64, root: &str, n: usize) -> Vec<u8> {
+    let source = yrs::Doc::with_client_id(client);
+    let mut at: ArrayRef = source.get_or_insert_array(root);
+    let mut txn = source.transact_mut();
+    for _ in 0..n {
+        at = at.push_back(&mut txn, ArrayPrelim::default());
+    }
+    update(txn.encode_update_v1())
+}
