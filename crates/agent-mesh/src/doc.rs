@@ -230,6 +230,8 @@ struct Link {
     mesh: bool,
     /// When this link's last SyncStep1 was answered.
     answered: Option<Instant>,
+    /// When this document last sent the link a SyncStep1 because an update from it had to wait.
+    asked: Option<Instant>,
 }
 
 struct Relay {
@@ -252,7 +254,7 @@ impl Relay {
                 Cmd::Attach { link, mesh, out, refuse } => {
                     let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
                     if out.offer(step1) {
-                        self.links.insert(link, Link { out, refuse, mesh, answered: None });
+                        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: None });
                     }
                 }
                 Cmd::Detach(link) => {
@@ -346,12 +348,27 @@ impl Relay {
             }
             Ok(Verdict::Waiting(anchors)) => {
                 self.metrics.held_dropped.inc_by(self.held.hold(from, bytes, anchors));
+                self.ask(from);
                 false
             }
             Err(why) => {
                 self.refuse(from, &why);
                 false
             }
+        }
+    }
+
+    /// Sends a link whose update must wait this document's state (SyncStep1), at most once per
+    /// [`STEP1_INTERVAL`]: its answer brings what the update builds on, and what any update of it that
+    /// was dropped while held carried.
+    fn ask(&mut self, link: LinkId) {
+        if self.links.get(&link).is_none_or(|l| l.asked.is_some_and(|at| at.elapsed() < STEP1_INTERVAL)) {
+            return;
+        }
+        let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
+        if let Some(l) = self.links.get_mut(&link) {
+            l.asked = Some(Instant::now());
+            l.out.offer(step1);
         }
     }
 

@@ -13,12 +13,20 @@ use crate::screen::Id;
 pub const HELD_BYTES_PER_LINK: usize = 1 << 20;
 /// Updates held for one link; past it the link's oldest are dropped.
 pub const HELD_UPDATES_PER_LINK: usize = 256;
-/// Missing ids remembered per held update; it is checked again once these are here (and may wait again).
-const ANCHORS_KEPT: usize = 8;
+/// Missing ids (the latest per client) remembered per held update; it is checked again once these are
+/// here, and may wait again. Each counts 16 bytes against the link's budget.
+const ANCHORS_KEPT: usize = 1024;
+const ANCHOR_BYTES: usize = 16;
 
 struct Waiting {
     bytes: Vec<u8>,
     anchors: Vec<Id>,
+}
+
+impl Waiting {
+    fn cost(&self) -> usize {
+        self.bytes.len() + self.anchors.len() * ANCHOR_BYTES
+    }
 }
 
 #[derive(Default)]
@@ -30,18 +38,19 @@ impl Held {
     /// Holds `bytes` from `link` until `anchors` are here; returns how many older updates of the link
     /// were dropped to make room (the update itself, if it alone is over the budget).
     pub fn hold(&mut self, link: LinkId, bytes: Vec<u8>, mut anchors: Vec<Id>) -> u64 {
-        if bytes.len() > HELD_BYTES_PER_LINK {
+        anchors.truncate(ANCHORS_KEPT);
+        let cost = bytes.len() + anchors.len() * ANCHOR_BYTES;
+        if cost > HELD_BYTES_PER_LINK {
             return 1;
         }
-        anchors.truncate(ANCHORS_KEPT);
         let (queue, size) = self.by_link.entry(link).or_default();
         let mut dropped = 0;
-        while *size + bytes.len() > HELD_BYTES_PER_LINK || queue.len() >= HELD_UPDATES_PER_LINK {
+        while *size + cost > HELD_BYTES_PER_LINK || queue.len() >= HELD_UPDATES_PER_LINK {
             let Some(old) = queue.pop_front() else { break };
-            *size -= old.bytes.len();
+            *size -= old.cost();
             dropped += 1;
         }
-        *size += bytes.len();
+        *size += cost;
         queue.push_back(Waiting { bytes, anchors });
         dropped
     }
@@ -53,7 +62,7 @@ impl Held {
         })?;
         let (queue, size) = self.by_link.get_mut(&link)?;
         let waiting = queue.remove(at)?;
-        *size -= waiting.bytes.len();
+        *size -= waiting.cost();
         if queue.is_empty() {
             self.by_link.remove(&link);
         }
@@ -78,7 +87,8 @@ mod tests {
         }
         assert_eq!(held.hold(1, vec![0; 8], vec![(9, 999)]), 1, "the oldest gives way");
         assert_eq!(held.hold(2, vec![0; HELD_BYTES_PER_LINK + 1], vec![]), 1, "too large to hold at all");
-        assert_eq!(held.hold(2, vec![0; HELD_BYTES_PER_LINK], vec![(9, 0)]), 0, "another link's budget");
+        let most = HELD_BYTES_PER_LINK - ANCHOR_BYTES;
+        assert_eq!(held.hold(2, vec![0; most], vec![(9, 0)]), 0, "another link's budget");
         assert_eq!(held.hold(2, vec![1], vec![(9, 0)]), 1);
         assert_eq!(held.next_ready(|id| id == (9, 1)), Some((1, vec![0; 8])));
         assert_eq!(held.next_ready(|id| id == (9, 1)), None, "each once");

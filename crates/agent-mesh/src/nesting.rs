@@ -14,7 +14,8 @@
 //! only updates it integrates completely, in the order modelled here, and nothing it would hold pending
 //! and integrate later, unchecked:
 //! - the part of an update the document already holds is cut off as yrs cuts it (a block the document
-//!   holds the start of continues beside its last held unit);
+//!   holds the start of continues in the list of its last held unit, whatever parent it names, so the
+//!   deeper of the two counts);
 //! - every block must continue its client's clocks (no hole before it, no skipped range the document
 //!   lacks), every id an item builds on must be in the update or held, and so must every deleted range;
 //!   otherwise the verdict is [`Verdict::Waiting`] for those ids, and the relay holds the update;
@@ -32,6 +33,10 @@ use crate::screen::{Id, Item, Parent, Shape};
 pub const MAX_TYPE_DEPTH: u32 = 64;
 /// Items this deep or deeper are remembered (types at any depth); others count as `RECORDED_FROM - 1`.
 pub const RECORDED_FROM: u32 = 8;
+/// Records kept before neighbouring ones of a client are merged, at the deeper depth. yrs collects
+/// the contents of deleted types into few blocks, so without this the records could outgrow the
+/// document; merged, they stay within this or one per client (as yrs's own blocks do).
+pub const MAX_RECORDS: usize = 1 << 18;
 
 /// An update's items that the document does not hold yet, cut where it holds their start, with their
 /// container depths: what to [`Nesting::record`] once it applied.
@@ -44,7 +49,7 @@ pub struct Checked {
 pub enum Verdict {
     /// Every item's depth is known and within the bound, and yrs can integrate all of it.
     Ready(Checked),
-    /// The update builds on these ids, neither in it nor held by the document yet.
+    /// The update builds on these ids (the latest per client), neither in it nor held by the document yet.
     Waiting(Vec<Id>),
 }
 
@@ -77,8 +82,16 @@ impl Nesting {
                 ));
             }
         }
+        // The document holds a client's clocks up to some point, so the latest missing one per client
+        // stands for all of them.
         missing.sort_unstable();
-        missing.dedup();
+        missing.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                *earlier = *later;
+            }
+            same
+        });
         Ok(if missing.is_empty() { Verdict::Ready(Checked { items, depths }) } else { Verdict::Waiting(missing) })
     }
 
@@ -106,7 +119,32 @@ impl Nesting {
                 self.deep.insert(item.id, (u64::from(item.id.1) + u64::from(item.len), depth));
             }
         }
+        if self.deep.len() > MAX_RECORDS {
+            self.coarsen();
+        }
         left_out
+    }
+
+    /// Merges each pair of neighbouring records of one client into one covering both (and the
+    /// unrecorded items between them), at the deeper depth: depths only grow, so the bound still holds.
+    fn coarsen(&mut self) {
+        let mut merged = BTreeMap::new();
+        let mut pending: Option<(Id, (u64, u32))> = None;
+        for (id, (end, depth)) in std::mem::take(&mut self.deep) {
+            pending = match pending {
+                Some((first, (_, d))) if first.0 == id.0 => {
+                    merged.insert(first, (end, d.max(depth).max(RECORDED_FROM - 1)));
+                    None
+                }
+                Some((first, value)) => {
+                    merged.insert(first, value);
+                    Some((id, (end, depth)))
+                }
+                None => Some((id, (end, depth))),
+            };
+        }
+        merged.extend(pending);
+        self.deep = merged;
     }
 
     /// The container depth of an item outside the update: None unless the document holds it; then
@@ -141,11 +179,14 @@ fn unheld(shape: &Shape, clock: impl Fn(u64) -> u32) -> (Vec<Item>, Vec<Id>) {
         }
         let mut item = item.clone();
         if start < held {
+            let left = (client, held - 1);
+            item.parent = match item.parent {
+                Parent::Item(parent) => Parent::Cut { parent: Some(parent), left, right: None },
+                Parent::Beside { right, .. } => Parent::Cut { parent: None, left, right },
+                _ => Parent::Cut { parent: None, left, right: None },
+            };
             item.len = end - held;
             item.id = (client, held);
-            if let Parent::Beside { right, .. } = item.parent {
-                item.parent = Parent::Beside { left: Some((client, held - 1)), right };
-            }
         }
         items.push(item);
     }
@@ -166,12 +207,15 @@ fn deleted_beyond<'a>(shape: &'a Shape, items: &'a [Item], clock: impl Fn(u64) -
 
 /// The ids an item's container follows, each with whether it is the parent itself (a level deeper).
 fn edges(parent: &Parent) -> impl Iterator<Item = (Id, bool)> {
-    let (a, b) = match *parent {
-        Parent::Named | Parent::Collected | Parent::Skipped => (None, None),
-        Parent::Item(id) => (Some((id, true)), None),
-        Parent::Beside { left, right } => (left.map(|l| (l, false)), right.map(|r| (r, false))),
+    let (a, b, c) = match *parent {
+        Parent::Named | Parent::Collected | Parent::Skipped => (None, None, None),
+        Parent::Item(id) => (Some((id, true)), None, None),
+        Parent::Beside { left, right } => (left.map(|l| (l, false)), right.map(|r| (r, false)), None),
+        Parent::Cut { parent, left, right } => {
+            (parent.map(|p| (p, true)), Some((left, false)), right.map(|r| (r, false)))
+        }
     };
-    a.into_iter().chain(b)
+    a.into_iter().chain(b).chain(c)
 }
 
 /// One depth computation over an update's items: a depth-first walk with an explicit stack (a chain of
@@ -362,6 +406,8 @@ mod tests {
         assert_eq!(waits_for(d.check(&skipped, &[])), [(1, 0)]);
         let deletes = [((1, 0), 1), ((77, 99), 2), ((5, 3), 2)];
         assert_eq!(waits_for(d.check(&chain(1, 0, 1, Parent::Named), &deletes)), [(5, 4), (77, 100)]);
+        let two = [item((1, 0), Parent::Item((2, 4)), false), item((1, 1), Parent::Item((2, 9)), false)];
+        assert_eq!(waits_for(d.check(&two, &[])), [(2, 9)], "the latest per client");
     }
 
     /// yrs integrates a client's blocks in clock order: an item whose neighbour is a later block of its
@@ -390,6 +436,25 @@ mod tests {
         let inside =
             vec![longer, item((5, 2), beside(Some((5, 1)), None), true), item((5, 3), Parent::Item((5, 2)), true)];
         assert!(d.admit(&inside).is_err(), "5:1 continues 5:0, under the deepest type");
+        // The same with a root named as the parent: yrs still links 5:1 after 5:0.
+        let named = Item { id: (5, 0), len: 2, parent: Parent::Named, is_type: false };
+        let inside =
+            vec![named, item((5, 2), beside(Some((5, 1)), None), true), item((5, 3), Parent::Item((5, 2)), true)];
+        assert!(d.admit(&inside).is_err(), "5:1 continues 5:0 though the update names a root");
+    }
+
+    /// Past the bound on records, neighbouring records of a client merge at the deeper depth: fewer
+    /// records, and no depth shallower than before.
+    #[test]
+    fn records_past_their_bound_merge_and_only_deepen() {
+        let mut n = Nesting::default();
+        let items: Vec<Item> = (0..MAX_RECORDS as u32 + 2).map(|i| item((1, 2 * i), Parent::Named, true)).collect();
+        let depths = (0..items.len() as u32).map(|i| i % 3).collect();
+        n.record(Checked { items, depths }, |_| u32::MAX);
+        assert!(n.deep.len() <= MAX_RECORDS / 2 + 2);
+        let clock = |_| u32::MAX;
+        assert_eq!(n.outside((1, 0), clock), Some(RECORDED_FROM - 1), "a type at 0 and one at 1 merged, at 7");
+        assert_eq!(n.outside((1, 1), clock), Some(RECORDED_FROM - 1), "so is the unrecorded item between them");
     }
 
     /// An item the document holds but this relay did not record counts as just under the recording

@@ -139,6 +139,10 @@ pub enum Parent {
     Collected,
     /// None: a skipped range, which the update does not carry (a hole in its client's clocks).
     Skipped,
+    /// A block cut where the document holds its start (made by `crate::nesting`, never read): yrs links
+    /// its rest after the last held unit, `left`, whatever parent the update named (`parent`: a type, or
+    /// None for a root) or right neighbour it gave.
+    Cut { parent: Option<Id>, left: Id, right: Option<Id> },
 }
 
 /// What an update body holds, as far as nesting goes: its blocks (each client's in clock order, one

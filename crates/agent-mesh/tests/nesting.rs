@@ -46,7 +46,7 @@ async fn a_type_beside_a_collected_block_counts_as_deep_as_its_right_neighbour()
 async fn updates_that_arrive_before_what_they_build_on_apply_once_it_arrives() {
     let metrics = DocMetrics::default();
     let doc = Doc::spawn(metrics.clone());
-    let _from = doc.attach(1, true).await;
+    let mut from = doc.attach(1, true).await;
     let mut onward = doc.attach(2, true).await;
     onward.rx.recv().await.expect("the SyncStep1 every link starts with");
     send(&doc, 1, crafted::reversed_chain(301, "o", 10)).await;
@@ -57,12 +57,19 @@ async fn updates_that_arrive_before_what_they_build_on_apply_once_it_arrives() {
         forwarded += 1;
     }
     assert_eq!(forwarded, 10, "each level was forwarded once it applied");
+    let mut asked = 0;
+    while let Ok(m) = from.rx.try_recv() {
+        from.sent(m.len());
+        asked += 1;
+    }
+    assert_eq!(asked, 2, "the SyncStep1 of the attach, and one asking for what the first held update lacked");
     assert_eq!(metrics.updates_received.get(), 10);
     assert_eq!(metrics.protocol_errors.get(), 0);
 }
 
-/// Four more ways around the bound a second review found, each by where yrs's picture of an update
-/// differs from the check's: a block the document holds the start of, an update yrs integrates only in
+/// Four more ways around the bound a second review found, each where yrs's picture of an update differs
+/// from the check's: a block the document holds the start of (and a variant under a root), an update yrs
+/// integrates only in
 /// part, an item that names a later block of its own client, and a block after a hole in its client's
 /// clocks (which yrs integrates, while its state vector stops at the hole). Under each, 10 more arrays.
 #[tokio::test]
@@ -90,6 +97,16 @@ async fn updates_yrs_would_read_otherwise_than_the_check_nest_no_deeper_than_the
     attack(vec![
         raw(5, 0, &[block(At::Parent(deepest), Some("a"))]),
         raw(5, 0, &[block(At::Parent(deepest), Some("ab"))]),
+        raw(6, 0, &[block(At::Beside(Some((5, 1)), None), None)]),
+        under((6, 0), 7),
+    ])
+    .await;
+    // The same, the longer block naming a root. A review expected yrs to link its new unit after the
+    // held one; it does not (this passes on the code before the check counted both), but the check now
+    // counts the deeper of the two, as yrs could.
+    attack(vec![
+        raw(5, 0, &[block(At::Parent(deepest), Some("a"))]),
+        raw(5, 0, &[block(At::Root("p"), Some("ab"))]),
         raw(6, 0, &[block(At::Beside(Some((5, 1)), None), None)]),
         under((6, 0), 7),
     ])
@@ -132,7 +149,7 @@ async fn updates_yrs_would_read_otherwise_than_the_check_nest_no_deeper_than_the
         under((12, 10), 13),
     ])
     .await;
-    assert_eq!(depths, [MAX_TYPE_DEPTH as usize; 4]);
+    assert_eq!(depths, [MAX_TYPE_DEPTH as usize; 5]);
 }
 
 /// What the check must never do: refuse, drop or hold forever an honest update. Three documents edit
