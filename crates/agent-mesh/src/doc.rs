@@ -41,6 +41,8 @@ pub const LINK_OUT_BUDGET: usize = 16 << 20;
 pub const INBOUND_BUDGET: usize = 32 << 20;
 /// A link's SyncStep1 is answered at most once in this long; later ones in the interval are dropped.
 pub const STEP1_INTERVAL: Duration = Duration::from_secs(3);
+/// A link whose held update has waited this long is asked for what this document lacks.
+const ASK_AFTER: Duration = Duration::from_secs(1);
 
 /// Identifies one attached link for the lifetime of the process.
 pub type LinkId = u64;
@@ -347,8 +349,14 @@ impl Relay {
                 true
             }
             Ok(Verdict::Waiting(anchors)) => {
-                self.metrics.held_dropped.inc_by(self.held.hold(from, bytes, anchors));
-                self.ask(from);
+                // Out of order for a moment is normal; a link whose updates wait longer, or overflow
+                // what it may hold, is asked for what this document lacks.
+                let waited = self.held.oldest(from).is_some_and(|t| t >= ASK_AFTER);
+                let dropped = self.held.hold(from, bytes, anchors);
+                self.metrics.held_dropped.inc_by(dropped);
+                if waited || dropped > 0 {
+                    self.ask(from);
+                }
                 false
             }
             Err(why) => {
@@ -358,9 +366,9 @@ impl Relay {
         }
     }
 
-    /// Sends a link whose update must wait this document's state (SyncStep1), at most once per
-    /// [`STEP1_INTERVAL`]: its answer brings what the update builds on, and what any update of it that
-    /// was dropped while held carried.
+    /// Sends a link whose updates wait this document's state (SyncStep1), at most once per
+    /// [`STEP1_INTERVAL`]: its answer brings what they build on, and what any of them that was dropped
+    /// while held carried.
     fn ask(&mut self, link: LinkId) {
         if self.links.get(&link).is_none_or(|l| l.asked.is_some_and(|at| at.elapsed() < STEP1_INTERVAL)) {
             return;
@@ -387,16 +395,9 @@ impl Relay {
     fn drop_pending(&mut self) -> bool {
         let mut txn = self.doc.transact_mut();
         let store = yrs::WriteTxn::store_mut(&mut txn);
-        let mut found = false;
-        if let Some(pending) = store.pending_update_mut().filter(|p| !p.update.is_empty()) {
-            pending.update = Update::new();
-            pending.missing = StateVector::default();
-            found = true;
-        }
-        if let Some(ds) = store.pending_ds_mut().filter(|ds| !ds.is_empty()) {
-            *ds = yrs::IdSet::default();
-            found = true;
-        }
+        let found = store.pending_update().is_some_and(|p| !p.update.is_empty())
+            || store.pending_ds().is_some_and(|ds| !ds.is_empty());
+        yrs::WriteTxn::prune_pending(&mut txn);
         found
     }
 

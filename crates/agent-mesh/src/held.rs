@@ -5,6 +5,9 @@
 //! their own link. A held update is not yet in the seen-cache: another link's copy is held (or applied)
 //! on its own, so dropping one never loses the others.
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::doc::LinkId;
 use crate::screen::Id;
@@ -20,12 +23,23 @@ const ANCHOR_BYTES: usize = 16;
 
 struct Waiting {
     bytes: Vec<u8>,
+    /// Sorted; those before `cursor` are here already (clocks only grow, so they stay here).
     anchors: Vec<Id>,
+    cursor: usize,
+    since: Instant,
 }
 
 impl Waiting {
     fn cost(&self) -> usize {
         self.bytes.len() + self.anchors.len() * ANCHOR_BYTES
+    }
+
+    /// Whether every anchor is here, looking at each at most once after it arrived.
+    fn ready(&mut self, here: impl Fn(Id) -> bool) -> bool {
+        while self.anchors.get(self.cursor).is_some_and(|&a| here(a)) {
+            self.cursor += 1;
+        }
+        self.cursor == self.anchors.len()
     }
 }
 
@@ -51,15 +65,16 @@ impl Held {
             dropped += 1;
         }
         *size += cost;
-        queue.push_back(Waiting { bytes, anchors });
+        queue.push_back(Waiting { bytes, anchors, cursor: 0, since: Instant::now() });
         dropped
     }
 
     /// Takes a held update whose anchors `here` now knows (of each link's, the oldest first).
     pub fn next_ready(&mut self, here: impl Fn(Id) -> bool) -> Option<(LinkId, Vec<u8>)> {
-        let (link, at) = self.by_link.iter().find_map(|(link, (queue, _))| {
-            queue.iter().position(|w| w.anchors.iter().all(|&a| here(a))).map(|at| (*link, at))
-        })?;
+        let (link, at) = self
+            .by_link
+            .iter_mut()
+            .find_map(|(link, (queue, _))| queue.iter_mut().position(|w| w.ready(&here)).map(|at| (*link, at)))?;
         let (queue, size) = self.by_link.get_mut(&link)?;
         let waiting = queue.remove(at)?;
         *size -= waiting.cost();
@@ -67,6 +82,11 @@ impl Held {
             self.by_link.remove(&link);
         }
         Some((link, waiting.bytes))
+    }
+
+    /// How long the oldest update `link` holds has waited.
+    pub fn oldest(&self, link: LinkId) -> Option<Duration> {
+        self.by_link.get(&link)?.0.front().map(|w| w.since.elapsed())
     }
 
     /// Drops what `link` had held (it closed); returns how many.

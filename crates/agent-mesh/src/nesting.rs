@@ -33,10 +33,6 @@ use crate::screen::{Id, Item, Parent, Shape};
 pub const MAX_TYPE_DEPTH: u32 = 64;
 /// Items this deep or deeper are remembered (types at any depth); others count as `RECORDED_FROM - 1`.
 pub const RECORDED_FROM: u32 = 8;
-/// Records kept before neighbouring ones of a client are merged, at the deeper depth. yrs collects
-/// the contents of deleted types into few blocks, so without this the records could outgrow the
-/// document; merged, they stay within this or one per client (as yrs's own blocks do).
-pub const MAX_RECORDS: usize = 1 << 18;
 
 /// An update's items that the document does not hold yet, cut where it holds their start, with their
 /// container depths: what to [`Nesting::record`] once it applied.
@@ -116,35 +112,23 @@ impl Nesting {
             if item.id.1.saturating_add(item.len) > clock(item.id.0) {
                 left_out += 1;
             } else if depth >= RECORDED_FROM || item.is_type {
-                self.deep.insert(item.id, (u64::from(item.id.1) + u64::from(item.len), depth));
+                self.insert(item.id, u64::from(item.id.1) + u64::from(item.len), depth);
             }
-        }
-        if self.deep.len() > MAX_RECORDS {
-            self.coarsen();
         }
         left_out
     }
 
-    /// Merges each pair of neighbouring records of one client into one covering both (and the
-    /// unrecorded items between them), at the deeper depth: depths only grow, so the bound still holds.
-    fn coarsen(&mut self) {
-        let mut merged = BTreeMap::new();
-        let mut pending: Option<(Id, (u64, u32))> = None;
-        for (id, (end, depth)) in std::mem::take(&mut self.deep) {
-            pending = match pending {
-                Some((first, (_, d))) if first.0 == id.0 => {
-                    merged.insert(first, (end, d.max(depth).max(RECORDED_FROM - 1)));
-                    None
-                }
-                Some((first, value)) => {
-                    merged.insert(first, value);
-                    Some((id, (end, depth)))
-                }
-                None => Some((id, (end, depth))),
-            };
+    /// Records `[id, end)` at `depth`, extending the record before it when that one ends where this
+    /// starts at the same depth (a run of siblings, the common case, costs one record).
+    fn insert(&mut self, id: Id, end: u64, depth: u32) {
+        if let Some((_, (before_end, d))) = self.deep.range_mut(..id).next_back().filter(|(k, _)| k.0 == id.0)
+            && *before_end == u64::from(id.1)
+            && *d == depth
+        {
+            *before_end = end;
+            return;
         }
-        merged.extend(pending);
-        self.deep = merged;
+        self.deep.insert(id, (end, depth));
     }
 
     /// The container depth of an item outside the update: None unless the document holds it; then
@@ -443,18 +427,22 @@ mod tests {
         assert!(d.admit(&inside).is_err(), "5:1 continues 5:0 though the update names a root");
     }
 
-    /// Past the bound on records, neighbouring records of a client merge at the deeper depth: fewer
-    /// records, and no depth shallower than before.
+    /// A run of siblings is one record; a neighbour at another depth, or after a gap, is a record of
+    /// its own, so no depth is ever counted other than it is.
     #[test]
-    fn records_past_their_bound_merge_and_only_deepen() {
+    fn siblings_in_a_run_share_one_record() {
         let mut n = Nesting::default();
-        let items: Vec<Item> = (0..MAX_RECORDS as u32 + 2).map(|i| item((1, 2 * i), Parent::Named, true)).collect();
-        let depths = (0..items.len() as u32).map(|i| i % 3).collect();
+        let mut items: Vec<Item> = (0..100).map(|i| item((1, i), Parent::Named, true)).collect();
+        items.push(item((1, 100), Parent::Item((1, 99)), true));
+        items.push(item((1, 102), Parent::Named, true));
+        let depths = (0..100).map(|_| 0).chain([1, 0]).collect();
         n.record(Checked { items, depths }, |_| u32::MAX);
-        assert!(n.deep.len() <= MAX_RECORDS / 2 + 2);
+        assert_eq!(n.deep.len(), 3);
         let clock = |_| u32::MAX;
-        assert_eq!(n.outside((1, 0), clock), Some(RECORDED_FROM - 1), "a type at 0 and one at 1 merged, at 7");
-        assert_eq!(n.outside((1, 1), clock), Some(RECORDED_FROM - 1), "so is the unrecorded item between them");
+        assert_eq!(n.outside((1, 99), clock), Some(0));
+        assert_eq!(n.outside((1, 100), clock), Some(1));
+        assert_eq!(n.outside((1, 101), clock), Some(RECORDED_FROM - 1), "unrecorded");
+        assert_eq!(n.outside((1, 102), clock), Some(0));
     }
 
     /// An item the document holds but this relay did not record counts as just under the recording
