@@ -46,6 +46,12 @@ pub enum Exclusion {
         node_id: String,
         pods: Vec<String>,
     },
+    /// Two presence entries match the Pod equally well (same key, liveness and heartbeat): `by` says
+    /// how the Pod was matched (node id, hostname or IP), `node_ids` names both.
+    AmbiguousPresence {
+        by: &'static str,
+        node_ids: [String; 2],
+    },
     /// Carries, or is linked from, another policy's assignment: it joins once that policy let it go.
     OtherPolicy(String),
     /// Arrived while others were arriving: joins with them once arrivals pause (see `admission`).
@@ -78,6 +84,9 @@ impl std::fmt::Display for Exclusion {
             ),
             Self::DuplicateNodeId { node_id, pods } => {
                 write!(f, "node id {node_id} is claimed by Pods {}", pods.join(", "))
+            }
+            Self::AmbiguousPresence { by, node_ids: [a, b] } => {
+                write!(f, "presence entries {a} and {b} match the Pod's {by} equally (both as alive, same heartbeat)")
             }
         }
     }
@@ -148,14 +157,15 @@ pub fn decide(
 ) -> Membership {
     // Hostname and IP matching serve Pods without the node-id annotation: indexed only when one exists.
     let fallback = pods.iter().any(|p| p.annotation(rules.node_id_annotation).is_none());
+    let nodes = snapshot.nodes.iter();
     let index = Index {
-        by_id: snapshot.nodes.iter().map(|n| (n.node_id.as_str(), n)).collect(),
+        by_id: pick(nodes.clone().map(|n| (n.node_id.as_str(), n))),
         by_host: match fallback {
-            true => snapshot.nodes.iter().filter_map(|n| n.hostname.as_deref().map(|h| (h, n))).collect(),
+            true => pick(nodes.clone().filter_map(|n| n.hostname.as_deref().map(|h| (h, n)))),
             false => Default::default(),
         },
         by_ip: match fallback {
-            true => snapshot.nodes.iter().filter_map(|n| address_host(&n.address).map(|h| (h, n))).collect(),
+            true => pick(nodes.filter_map(|n| address_host(&n.address).map(|h| (h, n)))),
             false => Default::default(),
         },
         addresses: Default::default(),
@@ -196,11 +206,48 @@ pub fn decide(
     out
 }
 
+/// The presence entry for one key (node id, hostname or IP). Several can share a key: an agent
+/// recreated with a new key under its old hostname leaves its dead entry behind until the rendezvous
+/// forgets it. The rule: an alive entry beats a dead one, then the later heartbeat wins; two entries with
+/// different node ids that tie on both are ambiguous, and a Pod matched by that key is excluded.
+#[derive(Clone, Copy)]
+enum Entry<'a> {
+    One(&'a Node),
+    Tie(&'a Node, &'a Node),
+}
+
+impl<'a> Entry<'a> {
+    fn rank(n: &Node) -> (bool, f64) {
+        (n.alive, n.heartbeat_ms().unwrap_or(f64::NEG_INFINITY))
+    }
+
+    fn with(self, n: &'a Node) -> Entry<'a> {
+        let best = match self {
+            Entry::One(b) | Entry::Tie(b, _) => b,
+        };
+        match Self::rank(n).partial_cmp(&Self::rank(best)) {
+            Some(std::cmp::Ordering::Greater) => Entry::One(n),
+            Some(std::cmp::Ordering::Equal) if n.node_id != best.node_id && matches!(self, Entry::One(_)) => {
+                Entry::Tie(best, n)
+            }
+            _ => self,
+        }
+    }
+}
+
+fn pick<'a, K: std::hash::Hash + Eq>(entries: impl Iterator<Item = (K, &'a Node)>) -> foldhash::HashMap<K, Entry<'a>> {
+    let mut by: foldhash::HashMap<K, Entry<'a>> = Default::default();
+    for (key, node) in entries {
+        by.entry(key).and_modify(|e| *e = e.with(node)).or_insert(Entry::One(node));
+    }
+    by
+}
+
 /// Presence entries by node id, hostname and IP, and each advertised address parsed once.
 struct Index<'a> {
-    by_id: foldhash::HashMap<&'a str, &'a Node>,
-    by_host: foldhash::HashMap<&'a str, &'a Node>,
-    by_ip: foldhash::HashMap<String, &'a Node>,
+    by_id: foldhash::HashMap<&'a str, Entry<'a>>,
+    by_host: foldhash::HashMap<&'a str, Entry<'a>>,
+    by_ip: foldhash::HashMap<String, Entry<'a>>,
     /// Agents often advertise one address template (`ws://0.0.0.0:3001/…`): each is parsed once.
     addresses: std::cell::RefCell<foldhash::HashMap<&'a str, Option<url::Url>>>,
 }
@@ -229,12 +276,16 @@ fn candidate<'a>(
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let annotated = pod.annotation(rules.node_id_annotation);
-    let node: &'a Node = annotated
-        .and_then(|id| index.by_id.get(id))
-        .or_else(|| if annotated.is_none() { index.by_host.get(name) } else { None })
-        .or_else(|| if annotated.is_none() { index.by_ip.get(ip) } else { None })
-        .copied()
-        .ok_or(Exclusion::NoPresence)?;
+    let found = match annotated {
+        Some(id) => index.by_id.get(id).map(|e| ("node id", *e)),
+        None => index.by_host.get(name).map(|e| ("hostname", *e)).or_else(|| index.by_ip.get(ip).map(|e| ("IP", *e))),
+    };
+    let node: &'a Node = match found.ok_or(Exclusion::NoPresence)? {
+        (_, Entry::One(node)) => node,
+        (by, Entry::Tie(a, b)) => {
+            return Err(Exclusion::AmbiguousPresence { by, node_ids: [a.node_id.clone(), b.node_id.clone()] });
+        }
+    };
     if snapshot.server_node_id.as_deref() == Some(node.node_id.as_str()) {
         return Err(Exclusion::IsRendezvous);
     }
@@ -387,6 +438,40 @@ mod tests {
         let want = Exclusion::DuplicateNodeId { node_id: "aa".into(), pods: vec!["p1".into(), "p2".into()] };
         assert_eq!(m.excluded["p1"], want);
         assert_eq!(m.excluded["p2"], want);
+    }
+
+    /// An agent recreated with a new key under its old hostname: its dead entry, listed before or after
+    /// the live one, never wins; two equally fresh live entries exclude the Pod and name both.
+    #[test]
+    fn entries_sharing_a_hostname_or_ip_resolve_to_the_freshest_alive_one() {
+        let mut dead = node("old", "ws://127.0.0.2:1/", Some("agent-b"), 0.0);
+        dead.alive = false;
+        let live = node("new", "ws://127.0.0.2:1/", Some("agent-b"), 5_000.0);
+        let pods = [pod("agent-b", "127.0.0.2", true, json!({})), pod("agent-c", "127.0.0.3", true, json!({}))];
+        let refs: Vec<&CachedPod> = pods.iter().collect();
+        for nodes in [vec![dead.clone(), live.clone()], vec![live.clone(), dead.clone()]] {
+            let snap = Snapshot { now_ms: Some(1_000_000.0), nodes, ..Default::default() };
+            let m = decide(&refs, &snap, &rules(), &|_| None);
+            assert_eq!(m.agents.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["new"]);
+        }
+        // Of two live entries the later heartbeat wins; two that tie exclude the Pod, naming both.
+        let older = node("older", "ws://127.0.0.3:1/", Some("agent-c"), 9_000.0);
+        let newer = node("newer", "ws://127.0.0.3:1/", Some("agent-c"), 1_000.0);
+        let twin = node("twin", "ws://127.0.0.3:1/", Some("agent-c"), 1_000.0);
+        let snap =
+            Snapshot { now_ms: Some(1_000_000.0), nodes: vec![older.clone(), newer.clone()], ..Default::default() };
+        assert_eq!(decide(&refs, &snap, &rules(), &|_| None).agents[0].node_id, "newer");
+        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![newer, older, twin], ..Default::default() };
+        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let want = Exclusion::AmbiguousPresence { by: "hostname", node_ids: ["newer".into(), "twin".into()] };
+        assert_eq!(m.excluded["agent-c"], want);
+        assert!(want.to_string().contains("newer") && want.to_string().contains("twin"));
+        // By IP, for Pods whose hostname matches nothing.
+        let by_ip = [node("x", "ws://127.0.0.7:1/", None, 0.0), node("y", "ws://127.0.0.7:1/", None, 0.0)];
+        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: by_ip.to_vec(), ..Default::default() };
+        let lone = [pod("agent-z", "127.0.0.7", true, json!({}))];
+        let m = decide(&lone.iter().collect::<Vec<_>>(), &snap, &rules(), &|_| None);
+        assert!(matches!(&m.excluded["agent-z"], Exclusion::AmbiguousPresence { by: "IP", .. }));
     }
 
     #[test]
