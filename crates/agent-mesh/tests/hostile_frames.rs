@@ -118,10 +118,49 @@ fn var(mut n: usize, out: &mut Vec<u8>) {
     out.push(n as u8);
 }
 
+/// `n` subdocuments in a row under the root map "m" (client 0 from clock 0): each builds a document.
+fn subdocuments(n: usize, u: &mut Vec<u8>) {
+    var(n, u);
+    u.extend([0, 0]);
+    u.extend([9, 1, 1, b'm', 0, 126]);
+    for i in 1..n {
+        u.extend([0x89, 0]);
+        var(i - 1, u);
+        u.extend([0, 126]);
+    }
+}
+
+/// Subdocuments cost what the screen estimates (without their own cost, 20,000 took 22.8 MB where the
+/// estimate allowed 11.5 MB); 50,000 are over the 24 MiB estimate and refused.
+#[test]
+fn subdocuments_cost_no_more_than_estimated() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for n in [1_000, 15_000, 50_000] {
+            let mut u = vec![1];
+            subdocuments(n, &mut u);
+            u.push(0);
+            let frame = sync(2, &u);
+            let doc = Doc::spawn(DocMetrics::default());
+            let _inbox = doc.attach(1, true).await;
+            doc.read(|_| ()).await;
+            let before = NOW.load(Ordering::Relaxed);
+            PEAK.store(before, Ordering::Relaxed);
+            let allowed = bound(&frame);
+            let passed = doc.incoming(1, Bytes::from(frame)).await.is_ok();
+            doc.read(|_| ()).await;
+            let spent = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+            eprintln!("{n} subdocuments: screen passed {passed}, {spent} bytes, allowed {allowed}");
+            assert!(spent <= allowed, "{n} subdocuments: {spent} bytes, allowed {allowed}");
+        }
+    });
+}
+
 /// Large messages of the shapes yrs spends most on per byte: many blocks, JSON contents of many strings,
 /// `Any` contents of many values, and embedded JSON. Some pass the screen, some are refused as too large.
 fn large() -> impl Strategy<Value = Vec<u8>> {
-    (0u8..4, 1usize..400_000).prop_map(|(shape, n)| {
+    (0u8..5, 1usize..400_000).prop_map(|(shape, n)| {
         // One client, clock 0.
         let mut u = vec![1];
         match shape {
@@ -140,6 +179,7 @@ fn large() -> impl Strategy<Value = Vec<u8>> {
                 var(n, &mut u);
                 u.extend(std::iter::repeat_n(126u8, n));
             }
+            3 => subdocuments(n, &mut u),
             _ => {
                 u.extend([1, 1, 0, 5, 1, 1, b'm']);
                 let json: Vec<u8> =
