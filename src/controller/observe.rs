@@ -7,8 +7,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
-use super::decide::PodState;
 use super::pods::CachedPod;
+use super::pods::PodState;
 use super::policy::ValidPolicy;
 use crate::api::MeshPolicy;
 use crate::assignment::Assignment;

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use super::decide::PodState;
 use super::membership::{self, Membership};
+use super::pods::PodState;
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
 
@@ -239,7 +239,7 @@ mod tests {
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),
-            keys: crate::controller::decide::Keys::new(BTreeMap::from([(
+            keys: crate::controller::pods::Keys::new(BTreeMap::from([(
                 crate::assignment::POLICY.to_string(),
                 "p".to_string(),
             )])),

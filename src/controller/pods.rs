@@ -13,8 +13,8 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 
-use super::decide::Keys;
 use crate::api::MeshPolicy;
+use crate::assignment::{self, Assignment};
 
 /// A Pod as the cache keeps it: its identity, labels, the annotations the controller reads, and the
 /// three status facts membership needs.
@@ -280,6 +280,112 @@ impl Relists {
     }
 }
 
+/// One Pod as the decision sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodState {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    /// Its agent's node id, when known.
+    pub node_id: Option<String>,
+    /// The `agentmesh.dev/*` annotations it carries, shared with the Pod cache.
+    pub keys: Keys,
+}
+
+impl PodState {
+    /// A Pod carrying `keys` (parsed here; the controller's cache parses each Pod once, when it changes).
+    pub fn with_keys(keys: BTreeMap<String, String>) -> Self {
+        Self { keys: Keys::new(keys), ..Default::default() }
+    }
+
+    /// Whether the Pod carries exactly `want`.
+    pub fn carries(&self, want: &Assignment) -> bool {
+        self.keys.exact().map(Arc::as_ref) == Some(want)
+    }
+
+    /// The assignment it carries if it is `policy`'s: named so, or (when `stray_is_ours`) naming no policy
+    /// at all while carrying some of the keys, as a Pod created with them does.
+    pub fn carried(&self, policy: &str, stray_is_ours: bool) -> Option<Arc<Assignment>> {
+        match self.keys.policy() {
+            Some(p) if p == policy => self.keys.lenient(),
+            None if stray_is_ours && !self.keys.is_empty() => self.keys.stray_as(policy),
+            _ => None,
+        }
+    }
+}
+
+/// The `agentmesh.dev/*` annotations of a Pod. Well-formed ones (as an agent reads them, see
+/// [`Assignment::from_annotations_strict`]) are kept parsed only: a target equal to them needs no write,
+/// and their JSON would double the Pod cache. Anything else is kept as written, for what a lenient read
+/// recovers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Keys {
+    #[default]
+    None,
+    Exact(Arc<Assignment>),
+    Raw(Arc<BTreeMap<String, String>>),
+}
+
+impl Keys {
+    pub fn new(keys: BTreeMap<String, String>) -> Self {
+        if keys.is_empty() {
+            return Keys::None;
+        }
+        match Assignment::from_annotations_strict(&keys) {
+            Ok(Some(a)) => Keys::Exact(Arc::new(a)),
+            _ => Keys::Raw(Arc::new(keys)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Keys::None)
+    }
+
+    /// The well-formed assignment they carry.
+    pub fn exact(&self) -> Option<&Arc<Assignment>> {
+        match self {
+            Keys::Exact(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The policy they name (a well-formed assignment always names one).
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Keys::None => None,
+            Keys::Exact(a) => Some(&a.policy),
+            Keys::Raw(keys) => keys.get(assignment::POLICY).map(String::as_str),
+        }
+    }
+
+    /// What they say when they name a policy, read leniently (see [`Assignment::from_annotations`]).
+    pub fn lenient(&self) -> Option<Arc<Assignment>> {
+        match self {
+            Keys::None => None,
+            Keys::Exact(a) => Some(a.clone()),
+            Keys::Raw(keys) => Assignment::from_annotations(keys).map(Arc::new),
+        }
+    }
+
+    /// What they say read as `policy`'s (for keys that name no policy).
+    fn stray_as(&self, policy: &str) -> Option<Arc<Assignment>> {
+        let Keys::Raw(keys) = self else { return self.lenient() };
+        let mut keys = (**keys).clone();
+        keys.insert(assignment::POLICY.into(), policy.into());
+        Assignment::from_annotations(&keys).map(Arc::new)
+    }
+
+    /// The same keys without the policy name (never well-formed, so kept as written).
+    pub fn without_policy(&self) -> Keys {
+        let mut keys: BTreeMap<String, String> = match self {
+            Keys::None => return Keys::None,
+            Keys::Exact(a) => a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            Keys::Raw(keys) => (**keys).clone(),
+        };
+        keys.remove(assignment::POLICY);
+        Keys::new(keys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +461,32 @@ mod tests {
         assert_ne!(one, Interest::of(&[]));
         let moved = Interest::of(&[policy("a", sel, "example.com/id")]).widen(Some(&one));
         assert!(moved.keeps("agentmesh.dev/node-id") && moved.keeps("example.com/id"), "annotations are only added");
+    }
+
+    #[test]
+    fn keys_are_kept_parsed_when_well_formed_and_as_written_otherwise() {
+        let a = Assignment::new(
+            vec![assignment::Peer { node_id: "n1".into(), url: "ws://n1/".into() }],
+            ["n2".to_string()],
+            "p".into(),
+        );
+        let written = |a: &Assignment| -> BTreeMap<String, String> {
+            a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        };
+        let exact = Keys::new(written(&a));
+        assert_eq!(exact, Keys::Exact(Arc::new(a.clone())));
+        assert_eq!((exact.policy(), exact.lenient().as_deref()), (Some("p"), Some(&a)));
+        let mut bad_count = written(&a);
+        bad_count.insert(assignment::LINKS.into(), "9".into());
+        let raw = Keys::new(bad_count);
+        assert!(matches!(raw, Keys::Raw(_)) && raw.exact().is_none());
+        assert_eq!((raw.policy(), raw.lenient().as_deref()), (Some("p"), Some(&a)), "read leniently, as before");
+        let unnamed = exact.without_policy();
+        assert!(matches!(unnamed, Keys::Raw(_)) && unnamed.policy().is_none());
+        let stray = PodState { keys: unnamed, ..Default::default() };
+        assert_eq!(stray.carried("q", true).as_deref(), Some(&Assignment { policy: "q".into(), ..a.clone() }));
+        assert_eq!(stray.carried("q", false), None);
+        assert_eq!(Keys::new(BTreeMap::new()), Keys::None);
+        assert_eq!(Keys::None.without_policy(), Keys::None);
     }
 }

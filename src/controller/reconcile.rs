@@ -215,7 +215,7 @@ async fn write(ctx: &Context, ns: &str, waves: &Waves) -> Outcome {
 fn released(
     ctx: &Context,
     object: &MeshPolicy,
-) -> (std::collections::BTreeMap<String, super::decide::PodState>, Targets) {
+) -> (std::collections::BTreeMap<String, super::pods::PodState>, Targets) {
     let mut observed = match ValidPolicy::new(object) {
         Ok(policy) => observe::gather(ctx, &policy),
         Err(_) => observe::naming(ctx, object),
