@@ -23,6 +23,9 @@ use crate::{Shared, now_ms};
 const DOC_REFRESH_MS: f64 = 30_000.0;
 /// How often the hub tells each agent it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long the hub remembers an agent after its session ended (longer than any sensible
+/// `heartbeatTimeout`): a fleet that churns, or a token holder minting keys, cannot grow it forever.
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// An agent known from a session.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -54,6 +57,9 @@ pub struct Hub {
     next: u64,
     #[serde(skip)]
     written: HashMap<String, (bool, f64)>,
+    /// See [`FORGET_AFTER`].
+    #[serde(skip)]
+    pub forget_after: Duration,
 }
 
 impl Hub {
@@ -68,6 +74,7 @@ impl Hub {
             sessions: HashMap::new(),
             next: 0,
             written: HashMap::new(),
+            forget_after: FORGET_AFTER,
         }
     }
 
@@ -136,20 +143,31 @@ fn touch(state: &Shared, id: &str, session: u64) {
     }
 }
 
-/// Writes presence into the document whenever an agent's liveness changes, and refreshes each entry at
-/// least every [`DOC_REFRESH_MS`].
+/// Writes presence into the document whenever an agent's liveness changes, refreshes each live agent's
+/// entry at least every [`DOC_REFRESH_MS`], and forgets agents gone longer than `forget_after` (from the
+/// presence list and the document).
 pub async fn write_presence(state: Shared) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let (doc, changed) = {
+        let (doc, changed, forgotten) = {
             let mut st = state.lock().unwrap();
             let now = now_ms();
             let hub = &mut st.hub;
+            let forget_after = hub.forget_after.as_secs_f64() * 1000.0;
+            let gone = |c: &Connected| !c.alive && now - c.last_seen_ms >= forget_after;
+            let forgotten: Vec<String> =
+                hub.connected.iter().filter(|(_, c)| gone(c)).map(|(id, _)| id.clone()).collect();
+            for id in &forgotten {
+                hub.connected.remove(id);
+                hub.written.remove(id);
+            }
             let mut changed = Vec::new();
             for (id, c) in &hub.connected {
-                let stale =
-                    hub.written.get(id).is_none_or(|(alive, at)| *alive != c.alive || now - at > DOC_REFRESH_MS);
+                let stale = hub
+                    .written
+                    .get(id)
+                    .is_none_or(|(alive, at)| *alive != c.alive || (c.alive && now - at > DOC_REFRESH_MS));
                 if stale {
                     changed.push(Entry {
                         node_id: id.clone(),
@@ -164,9 +182,9 @@ pub async fn write_presence(state: Shared) {
             for e in &changed {
                 hub.written.insert(e.node_id.clone(), (e.alive, now));
             }
-            (hub.doc.clone(), changed)
+            (hub.doc.clone(), changed, forgotten)
         };
-        if changed.is_empty() {
+        if changed.is_empty() && forgotten.is_empty() {
             continue;
         }
         doc.edit(move |d| {
@@ -174,6 +192,9 @@ pub async fn write_presence(state: Shared) {
             let mut txn = d.transact_mut();
             for e in changed {
                 map.insert(&mut txn, e.node_id.clone(), serde_json::to_string(&e).expect("entries serialize"));
+            }
+            for id in forgotten {
+                map.remove(&mut txn, &id);
             }
             txn.encode_update_v1()
         })

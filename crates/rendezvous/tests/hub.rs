@@ -94,6 +94,38 @@ async fn presence_follows_the_sessions() {
     wait_until("the agent to reconnect", async || a.metrics.rendezvous_connected.get() == 1).await;
 }
 
+/// An agent whose session ended is forgotten after `forget_after`: from the presence list and from the
+/// document's `nodes` map. Until then (and while it stays gone) its entry is not rewritten.
+#[tokio::test]
+async fn agents_gone_long_enough_are_forgotten() {
+    let (addr, state) = hub().await;
+    let a = agent(&addr, &state, None).await;
+    let id = a.identity.node_id();
+    let doc = state.lock().unwrap().hub.doc.clone();
+    let in_doc = async |id: &str| {
+        let id = id.to_string();
+        doc.read(move |d| {
+            use yrs::{Map, Transact};
+            d.get_or_insert_map(agent_mesh::presence::NODES).get(&d.transact(), &id).is_some()
+        })
+        .await
+        .unwrap()
+    };
+    wait_until("the agent in the document", async || in_doc(&id).await).await;
+    {
+        let mut st = state.lock().unwrap();
+        st.fail = rendezvous::FailMode::Down;
+        st.hub.forget_after = Duration::ZERO;
+        st.hub.kick_all(false);
+    }
+    wait_until("the agent forgotten", async || {
+        !state.lock().unwrap().hub.connected.contains_key(&id) && !in_doc(&id).await
+    })
+    .await;
+    state.lock().unwrap().fail = rendezvous::FailMode::None;
+    wait_until("the agent back once it reconnects", async || alive(&presence(&addr, None).await.2, &id)).await;
+}
+
 #[tokio::test]
 async fn a_session_without_the_join_token_is_refused() {
     let (addr, state) = hub().await;
