@@ -1,7 +1,7 @@
 //! A full plan (no previous plan) for N ∈ {1k, 10k, 20k} × k ∈ {4, 8, 16}, the same over three zones at
 //! N = 10k, and a replan after one join.
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use mesh_operator::planner::{self, Assignment, Member};
+use mesh_operator::planner::{self, Dials, Member};
 
 fn members(n: usize, zones: usize) -> Vec<Member> {
     (0..n)
@@ -19,7 +19,7 @@ fn full_plan(c: &mut Criterion) {
         for k in [4u32, 8, 16] {
             group.throughput(Throughput::Elements((n * k as usize) as u64));
             group.bench_with_input(BenchmarkId::new(format!("k{k}"), n), &m, |b, m| {
-                b.iter(|| planner::plan(m, k, "bench", &Assignment::new()).unwrap())
+                b.iter(|| planner::plan(m, k, "bench", &Dials::new()).unwrap())
             });
         }
     }
@@ -32,7 +32,7 @@ fn full_plan_three_zones(c: &mut Criterion) {
     let m = members(10_000, 3);
     for k in [3u32, 4, 8] {
         group.bench_with_input(BenchmarkId::new(format!("k{k}"), 10_000), &m, |b, m| {
-            b.iter(|| planner::plan(m, k, "bench", &Assignment::new()).unwrap())
+            b.iter(|| planner::plan(m, k, "bench", &Dials::new()).unwrap())
         });
     }
     group.finish();
@@ -40,7 +40,7 @@ fn full_plan_three_zones(c: &mut Criterion) {
 
 fn replan_after_join(c: &mut Criterion) {
     let m = members(10_000, 0);
-    let previous = planner::plan(&m, 8, "bench", &Assignment::new()).unwrap().assignment();
+    let previous = planner::plan(&m, 8, "bench", &Dials::new()).unwrap().dials();
     let mut joined = m.clone();
     joined.push(Member { node_id: "f".repeat(64), domain: None });
     c.bench_function("replan_join/k8/10000", |b| b.iter(|| planner::plan(&joined, 8, "bench", &previous).unwrap()));

@@ -1,7 +1,7 @@
 //! Churn of one join and one leave over 40 fleets (mean and worst case), with and without zones:
 //!
 //!     cargo run --release --example churn -- 5000 3 4      (agents, zones, k)
-use mesh_operator::planner::{self, Assignment, Member, analysis};
+use mesh_operator::planner::{self, Dials, Member, analysis};
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
@@ -16,19 +16,19 @@ fn main() {
             })
             .collect();
         let seed = format!("s{t}");
-        let p0 = planner::plan(&members, k, &seed, &Assignment::new()).unwrap().assignment();
-        let again = planner::plan(&members, k, &seed, &p0).unwrap().assignment();
+        let p0 = planner::plan(&members, k, &seed, &Dials::new()).unwrap().dials();
+        let again = planner::plan(&members, k, &seed, &p0).unwrap().dials();
         let c = analysis::churn(&p0, &again);
         assert_eq!(c.links_changed + c.dial_lists_changed, 0, "replanning a plan reproduces it");
         let mut joined = members.clone();
         joined.push(Member { node_id: format!("joiner{t}"), domain: (zones > 1).then(|| "z0".to_string()) });
-        let p1 = planner::plan(&joined, k, &seed, &p0).unwrap().assignment();
+        let p1 = planner::plan(&joined, k, &seed, &p0).unwrap().dials();
         let c = analysis::churn(&p0, &p1);
         jl.push(c.links_changed);
         jd.push(c.dial_lists_changed);
         let mut left = members.clone();
         left.remove((t as usize * 37) % n);
-        let p2 = planner::plan(&left, k, &seed, &p0).unwrap().assignment();
+        let p2 = planner::plan(&left, k, &seed, &p0).unwrap().dials();
         let c = analysis::churn(&p0, &p2);
         ll.push(c.links_changed);
         ld.push(c.dial_lists_changed);

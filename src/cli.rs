@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::planner::{self, Assignment, Member, analysis};
+use crate::planner::{self, Dials, Member, analysis};
 use crate::{api, duration, presence, simulate};
 
 #[derive(Parser, Debug)]
@@ -153,7 +153,7 @@ pub fn main() -> ExitCode {
             print!("{}", api::crd_yaml());
             Ok(())
         }
-        Command::Plan(args) => plan(&args),
+        Command::Plan(args) => plan_command(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Run(args) => return run(args),
     };
@@ -268,11 +268,11 @@ struct PlanMetrics {
     diameter: u32,
 }
 
-fn plan(args: &PlanArgs) -> Result<(), InputError> {
+fn plan_command(args: &PlanArgs) -> Result<(), InputError> {
     let path = args.input.display().to_string();
     let body = read_input(&args.input)?;
     let members = members_from(&path, &body, args.heartbeat_timeout)?;
-    let plan = planner::plan(&members, args.max_peers, &args.seed, &Assignment::new())
+    let plan = planner::plan(&members, args.max_peers, &args.seed, &Dials::new())
         .map_err(|source| InputError::Plan { path: path.clone(), source })?;
     let adj = analysis::adjacency(&plan.dial_lists());
     let degrees = analysis::links(&adj);

@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::planner::{self, Assignment, Member, analysis};
+use crate::planner::{self, Dials, Member, analysis};
 
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -61,16 +61,16 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
     let joiner = Member { node_id: random_id(&mut rng), domain: members.first().and_then(|m| m.domain.clone()) };
     let seed = format!("simulate-{}", s.seed);
 
-    let planned = |m: &[Member], prev: &Assignment| planner::plan(m, s.max_peers, &seed, prev);
-    let baseline = |m: &[Member]| -> Assignment {
-        let dials = planner::baseline::plan(m.len(), s.max_peers as usize);
-        to_assignment(m, &dials)
+    let planned = |m: &[Member], prev: &Dials| planner::plan(m, s.max_peers, &seed, prev);
+    let baseline = |m: &[Member]| -> Dials {
+        let dials = planner::baseline::dials(m.len(), s.max_peers as usize);
+        to_dials(m, &dials)
     };
 
-    let plan = planned(&members, &Assignment::new())?;
+    let plan = planned(&members, &Dials::new())?;
     let reports = [
-        ("planner", plan.dial_lists(), plan.assignment()),
-        ("seed-baseline", planner::baseline::plan(members.len(), s.max_peers as usize), baseline(&members)),
+        ("planner", plan.dial_lists(), plan.dials()),
+        ("seed-baseline", planner::baseline::dials(members.len(), s.max_peers as usize), baseline(&members)),
     ];
     let mut out = Vec::new();
     for (scheme, dials, before) in reports {
@@ -101,7 +101,7 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
             left.remove(hub);
         }
         let (after_join, after_leave) = match scheme {
-            "planner" => (planned(&joined, &before)?.assignment(), planned(&left, &before)?.assignment()),
+            "planner" => (planned(&joined, &before)?.dials(), planned(&left, &before)?.dials()),
             _ => (baseline(&joined), baseline(&left)),
         };
         let join = analysis::churn(&before, &after_join);
@@ -129,7 +129,7 @@ fn random_id(rng: &mut ChaCha8Rng) -> String {
     (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
 }
 
-fn to_assignment(members: &[Member], dials: &[Vec<u32>]) -> Assignment {
+fn to_dials(members: &[Member], dials: &[Vec<u32>]) -> Dials {
     members
         .iter()
         .zip(dials)

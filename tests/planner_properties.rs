@@ -1,7 +1,7 @@
 //! Property tests of the planner: one per row of the table in docs/design.md §4.
 use std::collections::{BTreeSet, VecDeque};
 
-use mesh_operator::planner::{self, Assignment, Member, Plan, analysis};
+use mesh_operator::planner::{self, Dials, Member, Plan, analysis};
 use proptest::prelude::*;
 
 fn members(n: usize, zones: usize, salt: u64) -> Vec<Member> {
@@ -14,7 +14,7 @@ fn members(n: usize, zones: usize, salt: u64) -> Vec<Member> {
 }
 
 fn plan(m: &[Member], k: u32, seed: &str) -> Plan {
-    planner::plan(m, k, seed, &Assignment::new()).unwrap()
+    planner::plan(m, k, seed, &Dials::new()).unwrap()
 }
 
 fn adjacency(p: &Plan) -> Vec<Vec<u32>> {
@@ -149,9 +149,9 @@ proptest! {
         let mut shuffled = m.clone();
         shuffled.reverse();
         shuffled.rotate_left(n / 3);
-        let a = plan(&m, k, "seed").assignment();
-        prop_assert_eq!(&a, &plan(&m, k, "seed").assignment());
-        prop_assert_eq!(&a, &plan(&shuffled, k, "seed").assignment());
+        let a = plan(&m, k, "seed").dials();
+        prop_assert_eq!(&a, &plan(&m, k, "seed").dials());
+        prop_assert_eq!(&a, &plan(&shuffled, k, "seed").dials());
     }
 
     #[test]
@@ -178,8 +178,8 @@ proptest! {
     #[test]
     fn replanning_a_plan_changes_nothing(n in 2usize..800, k in 0u32..=10, zones in 0usize..4, salt: u64) {
         let m = members(n, zones, salt);
-        let before = plan(&m, k, "uid").assignment();
-        let again = planner::plan(&m, k, "uid", &before).unwrap().assignment();
+        let before = plan(&m, k, "uid").dials();
+        let again = planner::plan(&m, k, "uid", &before).unwrap().dials();
         prop_assert_eq!(analysis::churn(&before, &again), analysis::Churn { links_changed: 0, dial_lists_changed: 0 });
     }
 
@@ -189,7 +189,7 @@ proptest! {
     #[test]
     fn join_and_leave_with_zones_keep_every_rule(n in 300usize..1200, k in 2u32..=8, zones in 2usize..5, salt: u64, victim in any::<prop::sample::Index>()) {
         let m = members(n, zones, salt);
-        let before = plan(&m, k, "uid").assignment();
+        let before = plan(&m, k, "uid").dials();
         let mut joined = m.clone();
         joined.push(Member { node_id: format!("new-{salt:x}"), domain: Some("zone-0".into()) });
         let mut left = m.clone();
@@ -201,19 +201,19 @@ proptest! {
                 let own = &after[i].domain;
                 prop_assert!(nbrs.iter().any(|&v| &after[v as usize].domain != own), "{what}: agent {i} links only inside {own:?}");
             }
-            let c = analysis::churn(&before, &p.assignment());
+            let c = analysis::churn(&before, &p.dials());
             // Typically 1.5k–2.5k (README, Known limitations); a change can cascade through neighbouring
             // switches, which with two zones and k = 4 (a quarter of the agents need one) reached 26.
             prop_assert!(c.links_changed <= 8 * k as usize + 8, "{what} changed {} links (k = {k})", c.links_changed);
-            let again = planner::plan(&after, k, "uid", &p.assignment()).unwrap().assignment();
-            prop_assert_eq!(analysis::churn(&p.assignment(), &again).links_changed, 0, "{} replanned", what);
+            let again = planner::plan(&after, k, "uid", &p.dials()).unwrap().dials();
+            prop_assert_eq!(analysis::churn(&p.dials(), &again).links_changed, 0, "{} replanned", what);
             let mut shuffled = after.clone();
             shuffled.reverse();
             shuffled.rotate_left(n / 3);
-            let reordered = planner::plan(&shuffled, k, "uid", &before).unwrap().assignment();
-            prop_assert_eq!(&reordered, &p.assignment(), "{} depends on the members' order", what);
+            let reordered = planner::plan(&shuffled, k, "uid", &before).unwrap().dials();
+            prop_assert_eq!(&reordered, &p.dials(), "{} depends on the members' order", what);
             // Every link claimed by both its ends (Pods can claim anything): still a valid plan.
-            let both: Assignment = before.iter().map(|(a, peers)| {
+            let both: Dials = before.iter().map(|(a, peers)| {
                 let mut all = peers.clone();
                 all.extend(before.iter().filter(|(_, p)| p.contains(a)).map(|(b, _)| b.clone()));
                 (a.clone(), all)
@@ -242,19 +242,19 @@ proptest! {
         for (i, x) in m.iter_mut().enumerate() {
             x.domain = Some(if i % every == 0 { "zone-1" } else { "zone-0" }.into());
         }
-        let before = plan(&m, k, "uid").assignment();
-        let again = planner::plan(&m, k, "uid", &before).unwrap().assignment();
+        let before = plan(&m, k, "uid").dials();
+        let again = planner::plan(&m, k, "uid", &before).unwrap().dials();
         prop_assert_eq!(analysis::churn(&before, &again), analysis::Churn { links_changed: 0, dial_lists_changed: 0 });
     }
 
     #[test]
     fn join_and_leave_change_o_k_links(n in 200usize..1200, k in 2u32..=12, salt: u64, victim in any::<prop::sample::Index>()) {
         let m = members(n, 0, salt);
-        let before = plan(&m, k, "uid").assignment();
+        let before = plan(&m, k, "uid").dials();
         // join
         let mut joined = m.clone();
         joined.push(Member { node_id: format!("new-{salt:x}"), domain: None });
-        let after = planner::plan(&joined, k, "uid", &before).unwrap().assignment();
+        let after = planner::plan(&joined, k, "uid", &before).unwrap().dials();
         let c = analysis::churn(&before, &after);
         let k = k as usize;
         prop_assert!(c.links_changed <= 4 * k + 4, "join changed {} links (k = {k})", c.links_changed);
@@ -262,7 +262,7 @@ proptest! {
         // leave
         let mut left = m.clone();
         left.remove(victim.index(n));
-        let after = planner::plan(&left, k as u32, "uid", &before).unwrap().assignment();
+        let after = planner::plan(&left, k as u32, "uid", &before).unwrap().dials();
         let c = analysis::churn(&before, &after);
         prop_assert!(c.links_changed <= 4 * k + 4, "leave changed {} links (k = {k})", c.links_changed);
         prop_assert!(c.dial_lists_changed <= 3 * k + 3, "leave changed {} dial lists", c.dial_lists_changed);
@@ -304,9 +304,9 @@ fn small_fleets_and_edge_cases() {
     assert_eq!(plan(&members(30, 0, 1), 0, "s").graph().edge_count(), 0, "k = 0 plans nothing");
     assert_eq!(plan(&members(5, 0, 1), 4, "s").graph().edge_count(), 10, "N = k+1 is complete");
     let dup = vec![members(1, 0, 1)[0].clone(); 2];
-    assert!(matches!(planner::plan(&dup, 2, "s", &Assignment::new()), Err(planner::PlanError::DuplicateNodeId(_))));
+    assert!(matches!(planner::plan(&dup, 2, "s", &Dials::new()), Err(planner::PlanError::DuplicateNodeId(_))));
     assert!(matches!(
-        planner::plan(&members(3, 0, 1), 65, "s", &Assignment::new()),
+        planner::plan(&members(3, 0, 1), 65, "s", &Dials::new()),
         Err(planner::PlanError::CapOutOfRange(65))
     ));
 }
@@ -398,15 +398,15 @@ impl planner::Previous for Links {
 fn a_link_both_ends_claim_gets_one_dialer_whatever_the_order() {
     let m = members(40, 0, 7);
     let mut links: Vec<(String, String)> = plan(&m, 4, "uid")
-        .assignment()
+        .dials()
         .into_iter()
         .flat_map(|(a, peers)| peers.into_iter().map(move |b| (a.clone(), b)))
         .collect();
     let reversed: Vec<(String, String)> = links.iter().map(|(a, b)| (b.clone(), a.clone())).collect();
     links.extend(reversed);
-    let forward = planner::plan(&m, 4, "uid", &Links(links.clone())).unwrap().assignment();
+    let forward = planner::plan(&m, 4, "uid", &Links(links.clone())).unwrap().dials();
     links.reverse();
-    let backward = planner::plan(&m, 4, "uid", &Links(links)).unwrap().assignment();
+    let backward = planner::plan(&m, 4, "uid", &Links(links)).unwrap().dials();
     assert_eq!(forward, backward);
 }
 
@@ -416,12 +416,12 @@ fn a_link_both_ends_claim_gets_one_dialer_whatever_the_order() {
 fn a_replan_after_a_join_does_not_depend_on_the_members_order() {
     let (n, k, salt) = (881, 7, 17882558337731700255);
     let m = members(n, 2, salt);
-    let before = plan(&m, k, "uid").assignment();
+    let before = plan(&m, k, "uid").dials();
     let mut joined = m.clone();
     joined.push(Member { node_id: format!("new-{salt:x}"), domain: Some("zone-0".into()) });
     let mut shuffled = joined.clone();
     shuffled.reverse();
     shuffled.rotate_left(n / 3);
-    let a = planner::plan(&joined, k, "uid", &before).unwrap().assignment();
-    assert_eq!(a, planner::plan(&shuffled, k, "uid", &before).unwrap().assignment());
+    let a = planner::plan(&joined, k, "uid", &before).unwrap().dials();
+    assert_eq!(a, planner::plan(&shuffled, k, "uid", &before).unwrap().dials());
 }

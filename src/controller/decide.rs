@@ -55,7 +55,7 @@ pub fn decide(
     }
     let planned = members
         .as_ref()
-        .map(|m| plan::plan(m, policy.max_peers, &policy.uid, &policy.name, &observed.carried, &observed.pods));
+        .map(|m| plan::targets(m, policy.max_peers, &policy.uid, &policy.name, &observed.carried, &observed.pods));
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),

@@ -142,14 +142,14 @@ pub fn of_policy(
         fallback_now_ms: confirmed_ms,
     };
     let selected: Vec<&CachedPod> = o.selected.iter().map(|p| p.as_ref()).collect();
-    let mut m = decide(&selected, snap, &rules, node_domain);
+    let mut m = of_pods(&selected, snap, &rules, node_domain);
     exclude_foreign(&mut m, &o.foreign_pods, &o.foreign_ids);
     m
 }
 
 /// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`
 /// label of a Node by name.
-pub fn decide(
+pub fn of_pods(
     pods: &[&CachedPod],
     snapshot: &Snapshot,
     rules: &Rules,
@@ -405,7 +405,7 @@ mod tests {
             pod("agent-x", "127.0.0.4", false, json!({})),
         ];
         let refs: Vec<&CachedPod> = pods.iter().collect();
-        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let m = of_pods(&refs, &snap, &rules(), &|_| None);
         let got: Vec<(&str, &str, &str)> =
             m.agents.iter().map(|a| (a.pod.as_str(), a.node_id.as_str(), a.url.as_str())).collect();
         assert_eq!(
@@ -433,7 +433,7 @@ mod tests {
             pod("p2", "127.0.0.2", true, json!({"agentmesh.dev/node-id": "aa"})),
         ];
         let refs: Vec<&CachedPod> = pods.iter().collect();
-        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let m = of_pods(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         let want = Exclusion::DuplicateNodeId { node_id: "aa".into(), pods: vec!["p1".into(), "p2".into()] };
         assert_eq!(m.excluded["p1"], want);
@@ -451,7 +451,7 @@ mod tests {
         let refs: Vec<&CachedPod> = pods.iter().collect();
         for nodes in [vec![dead.clone(), live.clone()], vec![live.clone(), dead.clone()]] {
             let snap = Snapshot { now_ms: Some(1_000_000.0), nodes, ..Default::default() };
-            let m = decide(&refs, &snap, &rules(), &|_| None);
+            let m = of_pods(&refs, &snap, &rules(), &|_| None);
             assert_eq!(m.agents.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["new"]);
         }
         // Of two live entries the later heartbeat wins; two that tie exclude the Pod, naming both.
@@ -460,9 +460,9 @@ mod tests {
         let twin = node("twin", "ws://127.0.0.3:1/", Some("agent-c"), 1_000.0);
         let snap =
             Snapshot { now_ms: Some(1_000_000.0), nodes: vec![older.clone(), newer.clone()], ..Default::default() };
-        assert_eq!(decide(&refs, &snap, &rules(), &|_| None).agents[0].node_id, "newer");
+        assert_eq!(of_pods(&refs, &snap, &rules(), &|_| None).agents[0].node_id, "newer");
         let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![newer, older, twin], ..Default::default() };
-        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let m = of_pods(&refs, &snap, &rules(), &|_| None);
         let want = Exclusion::AmbiguousPresence { by: "hostname", node_ids: ["newer".into(), "twin".into()] };
         assert_eq!(m.excluded["agent-c"], want);
         assert!(want.to_string().contains("newer") && want.to_string().contains("twin"));
@@ -470,7 +470,7 @@ mod tests {
         let by_ip = [node("x", "ws://127.0.0.7:1/", None, 0.0), node("y", "ws://127.0.0.7:1/", None, 0.0)];
         let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: by_ip.to_vec(), ..Default::default() };
         let lone = [pod("agent-z", "127.0.0.7", true, json!({}))];
-        let m = decide(&lone.iter().collect::<Vec<_>>(), &snap, &rules(), &|_| None);
+        let m = of_pods(&lone.iter().collect::<Vec<_>>(), &snap, &rules(), &|_| None);
         assert!(matches!(&m.excluded["agent-z"], Exclusion::AmbiguousPresence { by: "IP", .. }));
     }
 
@@ -494,7 +494,7 @@ mod tests {
             pod("unknown", "127.0.0.4", true, json!({"agentmesh.dev/node-id": "zz"})),
         ];
         let refs: Vec<&CachedPod> = pods.iter().collect();
-        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let m = of_pods(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         assert_eq!(m.excluded["stale"], Exclusion::StaleHeartbeat);
         assert_eq!(m.excluded["dead"], Exclusion::NotAlive);
@@ -519,7 +519,7 @@ mod tests {
             pod("long-address", "127.0.0.3", true, json!({})),
         ];
         let refs: Vec<&CachedPod> = pods.iter().collect();
-        let m = decide(&refs, &snap, &rules(), &|_| None);
+        let m = of_pods(&refs, &snap, &rules(), &|_| None);
         assert!(m.agents.is_empty());
         assert_eq!(m.excluded["empty"], Exclusion::BadNodeId(0));
         assert_eq!(m.excluded["long-id"], Exclusion::BadNodeId(300));

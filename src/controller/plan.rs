@@ -62,7 +62,7 @@ impl Target<'_> {
 /// Plans `m`'s agents with at most `cap` links each, seeded by `seed`. `carried` holds what each Pod
 /// carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods` what each
 /// carries exactly: only the targets that differ from it are built.
-pub fn plan(
+pub fn targets(
     m: &Membership,
     cap: u32,
     seed: &str,
@@ -210,7 +210,7 @@ mod tests {
     fn every_link_is_on_one_dialer_and_the_other_end_accepts_it() {
         let m = Membership { agents: (0..9).map(agent).collect(), ..Default::default() };
         let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
-        let out = plan(&m, 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
+        let out = targets(&m, 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
         assert_eq!(out.targets["gone"], None);
         let published: BTreeMap<String, Assignment> = m
             .agents

@@ -151,7 +151,7 @@ fn duplicate_ids(m: &Membership) -> Vec<String> {
 }
 
 /// The counts and the plan's shape (all but the conditions), from `prev`. An agent counts as assigned once
-/// it carries its target: already (see [`super::plan::plan`]), or once its write reached it.
+/// it carries its target: already (see [`super::plan::targets`]), or once its write reached it.
 pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Outcome, now: &Time) -> MeshPolicyStatus {
     let mut new = MeshPolicyStatus { selected: o.selected.len() as u32, ..prev.clone() };
     let carries = |pod: &String, a: &crate::assignment::Assignment| o.pods.get(pod).is_some_and(|s| s.carries(a));

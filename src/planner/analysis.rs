@@ -3,7 +3,7 @@
 //! that is two links, as it is two sockets.
 use std::collections::{BTreeSet, VecDeque};
 
-use super::Assignment;
+use super::Dials;
 
 /// Undirected adjacency (both directions of every dial; a mutual pair appears twice).
 pub fn adjacency(dials: &[Vec<u32>]) -> Vec<Vec<u32>> {
@@ -134,9 +134,9 @@ pub struct Churn {
     pub dial_lists_changed: usize,
 }
 
-pub fn churn(before: &Assignment, after: &Assignment) -> Churn {
+pub fn churn(before: &Dials, after: &Dials) -> Churn {
     // Undirected: a link whose dialer flipped is the same link (it shows in the dial lists instead).
-    let link_set = |a: &Assignment| -> BTreeSet<(String, String)> {
+    let link_set = |a: &Dials| -> BTreeSet<(String, String)> {
         a.iter()
             .flat_map(|(u, vs)| {
                 vs.iter().map(move |v| if u < v { (u.clone(), v.clone()) } else { (v.clone(), u.clone()) })
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn churn_counts_links_and_dial_lists() {
-        let before: Assignment = [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec![])]
+        let before: Dials = [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec![])]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
             .collect();

@@ -3,7 +3,7 @@
 //! bounds only what an agent dials, so the first k agents accept a link from everyone else.
 
 /// Dial lists by member index for members given in presence-list order.
-pub fn plan(n: usize, k: usize) -> Vec<Vec<u32>> {
+pub fn dials(n: usize, k: usize) -> Vec<Vec<u32>> {
     (0..n as u32).map(|u| (0..n as u32).filter(|&v| v != u).take(k).collect()).collect()
 }
 
@@ -11,7 +11,7 @@ pub fn plan(n: usize, k: usize) -> Vec<Vec<u32>> {
 mod tests {
     #[test]
     fn everyone_dials_the_head_of_the_list() {
-        let dials = super::plan(5, 2);
+        let dials = super::dials(5, 2);
         assert_eq!(dials, vec![vec![1, 2], vec![0, 2], vec![0, 1], vec![0, 1], vec![0, 1]]);
     }
 }

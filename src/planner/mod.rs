@@ -31,7 +31,7 @@ pub struct Member {
 
 /// Node id → the node ids it dials, sorted. The published form of a plan, and what a replanning takes as
 /// the previous plan so that surviving edges keep their dialer.
-pub type Assignment = BTreeMap<String, Vec<String>>;
+pub type Dials = BTreeMap<String, Vec<String>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
@@ -43,7 +43,7 @@ pub enum PlanError {
     EmptyNodeId(usize),
 }
 
-/// What a replanning keeps of the previous plan: who dialed whom, and whom it knew. An [`Assignment`] is one;
+/// What a replanning keeps of the previous plan: who dialed whom, and whom it knew. A [`Dials`] is one;
 /// the controller reads it straight from what the Pods carry, without building one.
 pub trait Previous {
     /// Every (dialer, peer) link of the previous plan.
@@ -52,7 +52,7 @@ pub trait Previous {
     fn knew(&self, node_id: &str) -> bool;
 }
 
-impl Previous for Assignment {
+impl Previous for Dials {
     fn links(&self) -> impl Iterator<Item = (&str, &str)> {
         self.iter().flat_map(|(a, peers)| peers.iter().map(move |b| (a.as_str(), b.as_str())))
     }
@@ -91,7 +91,7 @@ impl Plan {
         ids
     }
 
-    pub fn assignment(&self) -> Assignment {
+    pub fn dials(&self) -> Dials {
         (0..self.members.len())
             .map(|i| (self.members[i].node_id.clone(), self.dial_ids(i).into_iter().map(str::to_owned).collect()))
             .collect()
