@@ -67,12 +67,10 @@ pub struct Context {
     pub fetcher: Arc<Fetcher>,
     /// The join-token Secrets the policies name, watched.
     pub tokens: token::Tokens,
-    /// Per policy UID: its own lock, so a slow rendezvous holds up only the policies that use it.
-    pub presence: std::sync::Mutex<HashMap<String, Arc<Mutex<PresenceState>>>>,
+    /// What the controller keeps about each policy between reconciles, by UID.
+    pub policy_states: std::sync::Mutex<HashMap<String, Arc<PolicyState>>>,
     pub leadership: Arc<Leadership>,
     pub expectations: apply::Expectations,
-    /// Per policy UID: its newcomers held back during a burst.
-    pub admissions: std::sync::Mutex<HashMap<String, admission::Admission>>,
     /// Per namespace: held from a reconcile's decision to its last write.
     pub namespace_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Set once this controller's Pod and policy caches, and the shared Node cache, hold a full list.
@@ -98,9 +96,9 @@ impl Context {
         self.cache_interest.read().expect("cache interest lock").as_ref().is_some_and(|i| i.keeps(key))
     }
 
-    /// The presence state of the policy with UID `uid`, created on first use.
-    pub fn presence_state(&self, uid: &str) -> Arc<Mutex<PresenceState>> {
-        self.presence.lock().expect("presence map lock").entry(uid.to_owned()).or_default().clone()
+    /// What the controller keeps about the policy with UID `uid`, created on first use.
+    pub fn policy_state(&self, uid: &str) -> Arc<PolicyState> {
+        self.policy_states.lock().expect("policy state map lock").entry(uid.to_owned()).or_default().clone()
     }
 
     pub fn namespace_lock(&self, ns: &str) -> Arc<Mutex<()>> {
@@ -109,8 +107,7 @@ impl Context {
 
     /// Drops what the controller keeps about a deleted policy.
     pub fn forget(&self, policy: &MeshPolicy) {
-        self.presence.lock().expect("presence map lock").remove(&policy.uid().unwrap_or_default());
-        self.admissions.lock().expect("admission map lock").remove(&policy.uid().unwrap_or_default());
+        self.policy_states.lock().expect("policy state map lock").remove(&policy.uid().unwrap_or_default());
         let label = crate::telemetry::PolicyLabel {
             namespace: policy.namespace().unwrap_or_default(),
             policy: policy.name_any(),
@@ -121,6 +118,15 @@ impl Context {
             self.fetcher.forget(ca);
         }
     }
+}
+
+/// What the controller keeps about one policy between reconciles.
+#[derive(Default)]
+pub struct PolicyState {
+    /// Presence polling, under its own lock: a slow rendezvous holds up only the policies that use it.
+    pub presence: Mutex<PresenceState>,
+    /// Newcomers held back during a burst of arrivals.
+    pub admission: std::sync::Mutex<admission::Admission>,
 }
 
 pub struct Settings {
@@ -287,10 +293,9 @@ impl Shared {
             policies,
             fetcher: self.fetcher.clone(),
             tokens: token::Tokens::new(self.client.clone(), self.metrics.clone()),
-            presence: Default::default(),
+            policy_states: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),
-            admissions: Default::default(),
             namespace_locks: Default::default(),
             caches_synced: AtomicBool::new(false),
             cache_interest: Default::default(),

@@ -227,8 +227,8 @@ pub fn carry_absent(
 /// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. The
 /// read is taken in (see [`take`]) against the same observation the reconcile decides on.
 pub async fn fetch(ctx: &Context, policy: &ValidPolicy) -> Option<Attempt> {
-    let state = ctx.presence_state(&policy.uid);
-    let mut state = state.lock().await;
+    let kept = ctx.policy_state(&policy.uid);
+    let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
     let now = Instant::now();
     let fresh = || {
@@ -272,8 +272,8 @@ pub async fn take(
     o: &Observed,
     attempt: Option<Attempt>,
 ) -> (Read, Option<Membership>) {
-    let state = ctx.presence_state(&policy.uid);
-    let mut state = state.lock().await;
+    let kept = ctx.policy_state(&policy.uid);
+    let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
     let Some(attempt) = attempt else { return (state.read(), None) };
     let node_domain = |node: &str| node_domain(ctx, policy, node);
@@ -304,7 +304,7 @@ pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
         .filter(|(_, e)| **e == membership::Exclusion::NoPresence)
         .map(|(pod, _)| pod.clone())
         .collect();
-    match ctx.presence_state(&policy.uid).try_lock() {
+    match ctx.policy_state(&policy.uid).presence.try_lock() {
         Ok(mut state) => state.awaiting(&unmatched, Instant::now()),
         Err(_) => false,
     }

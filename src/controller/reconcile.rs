@@ -148,12 +148,11 @@ fn decision(
         .snapshot
         .as_deref()
         .map(|snap| members.unwrap_or_else(|| membership::of_policy(policy, o, snap, read.confirmed_ms, &node_domain)));
-    let mut admission = ctx.admissions.lock().expect("admission map lock").remove(&policy.uid).unwrap_or_default();
+    let kept = ctx.policy_state(&policy.uid);
+    let mut admission = kept.admission.lock().expect("admission lock");
     let now = Instant::now();
     admission.cache_blind_until(ctx.pod_sight.blind_until(now));
-    let decision = decide::decide(policy, o, members, (&mut admission, now));
-    ctx.admissions.lock().expect("admission map lock").insert(policy.uid.clone(), admission);
-    decision
+    decide::decide(policy, o, members, (&mut admission, now))
 }
 
 /// When to reconcile again, with no event: soon after failed writes, promptly (`prompt`) while a Ready Pod
