@@ -106,17 +106,16 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     // same cache could each give a Pod moving between them links the other does not see.
     let lock = ctx.namespace_lock(&policy.namespace);
     let writing = lock.lock().await;
-    if !observe::caught_up(ctx, &policy.namespace) {
-        // A read made is taken in all the same: dropped, its failure (or its news) would wait a poll interval.
-        if attempt.is_some() {
-            presence::take(ctx, &policy, &observe::gather(ctx, &policy), attempt).await;
-        }
-        return Ok(Action::requeue(CACHE_WAIT));
-    }
+    let caught_up = observe::caught_up(ctx, &policy.namespace);
     steps.done("wait");
     let mut observed = observe::gather(ctx, &policy);
     steps.done("gather");
+    // A read made is taken in even on a cache behind our writes: dropped, its failure (or its news) would
+    // wait a poll interval. Nothing is decided on that cache.
     let (read, members) = presence::take(ctx, &policy, &observed, attempt).await;
+    if !caught_up {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     let decision = decision(ctx, &policy, &mut observed, &read, members);
     let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
