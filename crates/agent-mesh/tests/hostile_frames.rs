@@ -130,8 +130,8 @@ fn subdocuments(n: usize, u: &mut Vec<u8>) {
     }
 }
 
-/// Subdocuments cost what the screen estimates (without their own cost, 20,000 took 22.8 MB where the
-/// estimate allowed 11.5 MB); 50,000 are over the 24 MiB estimate and refused.
+/// Subdocuments cost what the screen estimates (yrs builds a whole document for each); 50,000 are over the
+/// 24 MiB estimate and refused.
 #[test]
 fn subdocuments_cost_no_more_than_estimated() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,8 +1,8 @@
 //! Ways around the nesting bound (docs/design.md §3.4 rule 7) that no single message shows, each against
-//! the document and real yrs: levels sent deepest first, which wait in the document until their parents
-//! arrive, and a type placed beside a collected block, which yrs files under its right neighbour's parent.
-//! Also the legitimate case the first guard must keep working: updates that arrive before what they
-//! build on are applied, and forwarded, once it arrives.
+//! the document and real yrs, which measures the depth it really built: levels sent deepest first, a type
+//! beside a collected block, and updates yrs integrates otherwise than their items say. Also what the
+//! guard must keep working: honest updates, in any order, all apply; a link whose waiting updates
+//! overflow is asked for what they lacked.
 mod crafted;
 
 use agent_mesh::doc::{Doc, DocMetrics};
@@ -80,9 +80,8 @@ async fn updates_that_arrive_before_what_they_build_on_apply_once_it_arrives() {
     assert_eq!(metrics.protocol_errors.get(), 0);
 }
 
-/// Four more ways around the bound a second review found, each where yrs's picture of an update differs
-/// from the check's: a block the document holds the start of (and a variant under a root), an update yrs
-/// integrates only in
+/// Updates yrs reads otherwise than a check of their items alone would: a block the document holds the
+/// start of (its rest said to be beside another item, or under a root), an update yrs integrates only in
 /// part, an item that names a later block of its own client, and a block after a hole in its client's
 /// clocks (which yrs integrates, while its state vector stops at the hole). Under each, 10 more arrays.
 #[tokio::test]
@@ -114,9 +113,8 @@ async fn updates_yrs_would_read_otherwise_than_the_check_nest_no_deeper_than_the
         under((6, 0), 7),
     ])
     .await;
-    // The same, the longer block naming a root. A review expected yrs to link its new unit after the
-    // held one; it does not (this passes on the code before the check counted both), but the check now
-    // counts the deeper of the two, as yrs could.
+    // The same, the longer block naming a root: yrs files its new unit under the root, and the check
+    // counts the deeper of that and the held unit's place.
     attack(vec![
         raw(5, 0, &[block(At::Parent(deepest), Some("a"))]),
         raw(5, 0, &[block(At::Root("p"), Some("ab"))]),
