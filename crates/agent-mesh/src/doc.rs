@@ -264,21 +264,24 @@ impl Relay {
                     self.metrics.held_dropped.inc_by(self.held.forget(link));
                 }
                 Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
-                Cmd::Edit(f) => {
-                    let before = self.clocks();
-                    let update = f(&self.doc);
-                    // A local edit is never refused, but what it nests counts for what peers add under it.
-                    if let Ok(shape) = screen::shape(&update) {
-                        self.nesting.record_local(&shape, &before);
-                    }
-                    if self.seen.first_time(&update) {
-                        self.forward(None, update);
-                    }
-                    self.release();
-                }
+                Cmd::Edit(f) => self.edit(f),
                 Cmd::Read(f) => f(&self.doc),
             }
         }
+    }
+
+    /// A local edit: never refused, but what it nests counts for what peers add under it.
+    fn edit(&mut self, f: Edit) {
+        let before = self.clocks();
+        let update = f(&self.doc);
+        let deepest = screen::shape(&update).ok().and_then(|shape| self.nesting.record_local(&shape, &before));
+        if let Some(depth) = deepest {
+            tracing::warn!(depth, "a local edit nests shared types past the bound: every peer will refuse it");
+        }
+        if self.seen.first_time(&update) {
+            self.forward(None, update);
+        }
+        self.release();
     }
 
     /// A screened message. yrs is not known to panic on screened input; a panic must still cost only the

@@ -92,15 +92,17 @@ impl Nesting {
     }
 
     /// Records a local edit (never refused, and integrated by construction), given the document's clocks
-    /// before it.
-    pub fn record_local(&mut self, shape: &Shape, clock: impl Fn(u64) -> u32) {
+    /// before it. Returns the deepest type it made, when that is past the bound: peers will refuse it.
+    pub fn record_local(&mut self, shape: &Shape, clock: impl Fn(u64) -> u32) -> Option<u32> {
         let (items, _) = unheld(shape, &clock);
         let mut walk = Walk::new(&items);
         for start in 0..items.len() {
             let _ = walk.resolve(start, |id| Some(self.outside(id, &clock).unwrap_or(RECORDED_FROM - 1)));
         }
-        let depths = walk.depth.into_iter().map(|d| d.unwrap_or(0)).collect();
+        let depths: Vec<u32> = walk.depth.into_iter().map(|d| d.unwrap_or(0)).collect();
+        let deepest = items.iter().zip(&depths).filter(|(i, _)| i.is_type).map(|(_, d)| d + 1).max();
         self.record(Checked { items, depths }, |_| u32::MAX);
+        deepest.filter(|d| *d > MAX_TYPE_DEPTH)
     }
 
     /// Remembers the types and deep items of an update handed to yrs, of those it integrated: the
@@ -443,6 +445,16 @@ mod tests {
         assert_eq!(n.outside((1, 100), clock), Some(1));
         assert_eq!(n.outside((1, 101), clock), Some(RECORDED_FROM - 1), "unrecorded");
         assert_eq!(n.outside((1, 102), clock), Some(0));
+    }
+
+    /// A local edit is recorded whatever it nests, and says when it nests past the bound.
+    #[test]
+    fn a_local_edit_past_the_bound_is_recorded_and_reported() {
+        let mut n = Nesting::default();
+        let shape = |items: Vec<Item>| Shape { items, deleted: vec![] };
+        assert_eq!(n.record_local(&shape(chain(1, 0, MAX_TYPE_DEPTH, Parent::Named)), |_| 0), None);
+        let deeper = shape(chain(1, MAX_TYPE_DEPTH, 2, Parent::Item((1, MAX_TYPE_DEPTH - 1))));
+        assert_eq!(n.record_local(&deeper, |c| if c == 1 { MAX_TYPE_DEPTH } else { 0 }), Some(MAX_TYPE_DEPTH + 2));
     }
 
     /// An item the document holds but this relay did not record counts as just under the recording
