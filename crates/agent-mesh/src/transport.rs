@@ -362,7 +362,15 @@ pub async fn run_link(
                 match f {
                     Some(Ok(Frame::Binary(bytes))) => {
                         touch();
-                        if let Err(e) = doc.incoming(link, bytes).await {
+                        // Waiting for room in the inbound budget must not keep a close from being heard.
+                        let taken = tokio::select! {
+                            taken = doc.incoming(link, bytes) => taken,
+                            reason = &mut close => {
+                                why = reason.ok();
+                                break;
+                            }
+                        };
+                        if let Err(e) = taken {
                             tracing::debug!(error = %e, "refused a message; closing the link");
                             why = Some(Refusal::Malformed);
                             break;
@@ -411,6 +419,63 @@ async fn write_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::doc::{DocMetrics, INBOUND_BUDGET};
+    use crate::wire::WireError;
+    use futures::SinkExt;
+
+    /// A valid update message of about `len` bytes (one long string).
+    fn big_update(len: usize) -> bytes::Bytes {
+        use yrs::updates::encoder::Encode;
+        use yrs::{Text, Transact};
+        let doc = yrs::Doc::new();
+        let text = doc.get_or_insert_text("t");
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, &"x".repeat(len));
+        let update = txn.encode_update_v1();
+        yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(update)).encode_v1().into()
+    }
+
+    /// While the document is too busy to take what links received (the inbound budget spent), a link
+    /// whose own message waits for room still hears that it must close, and ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_waiting_for_the_inbound_budget_still_closes() {
+        let doc = Doc::spawn(DocMetrics::default());
+        // Holds the document task until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, busy_now) = oneshot::channel();
+        let busy = doc.clone();
+        tokio::spawn(async move {
+            busy.read(move |_| {
+                let _ = entered.send(());
+                let _ = held.recv();
+            })
+            .await
+        });
+        busy_now.await.unwrap();
+        let message = big_update(7 << 20);
+        for _ in 0..INBOUND_BUDGET / message.len() {
+            doc.incoming(1, message.clone()).await.unwrap();
+        }
+        let (frames_in, rx) = futures::channel::mpsc::unbounded::<Result<Frame, WireError>>();
+        let (tx, _frames_out) = futures::channel::mpsc::unbounded::<Frame>();
+        // Says when the link took the frame: from then on it waits for room in the budget.
+        let (taken, took) = oneshot::channel();
+        let mut taken = Some(taken);
+        let rx = rx.inspect(move |_| {
+            if let Some(t) = taken.take() {
+                let _ = t.send(());
+            }
+        });
+        let wire = Wire { tx: Box::pin(tx.sink_map_err(|e| WireError(e.to_string()))), rx: Box::pin(rx) };
+        let (close, closed) = oneshot::channel();
+        let link = tokio::spawn(run_link(wire, doc.clone(), 2, true, closed, MIN_HEARTBEAT, || ()));
+        frames_in.unbounded_send(Ok(Frame::Binary(message))).unwrap();
+        took.await.unwrap();
+        let _ = close.send(Refusal::Unplanned);
+        let ended = tokio::time::timeout(Duration::from_secs(60), link).await;
+        let _ = release.send(());
+        assert!(ended.is_ok(), "the link ended while the document was still busy");
+    }
 
     #[test]
     fn the_gate_counts_places_and_forgets_sources_that_left() {
