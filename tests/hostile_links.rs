@@ -17,6 +17,7 @@ use agent_mesh::identity::Identity;
 use agent_mesh::tls::Credentials;
 use agent_mesh::wire::{Frame, Wire};
 use agent_mesh::{downward, transport};
+use crafted::{sync, var};
 use support::agents::{Agent, HubProcess, Mode};
 
 const GROWTH_LIMIT_KIB: u64 = 64 << 10;
@@ -27,17 +28,10 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![0, sub];
-    varint(body.len(), &mut m);
-    m.extend_from_slice(body);
-    m
-}
-
 /// `n` maps, each inside the one before (client 1): small, but deleting the outermost recurses n deep in yrs.
 fn nested_maps(n: usize) -> Vec<u8> {
     let mut u = vec![1];
-    varint(n, &mut u);
+    var(n, &mut u);
     u.extend([1, 0]);
     for i in 0..n {
         // A type (7) with a key (0x20), under the root "m" or the map before it, itself a map (1).
@@ -46,20 +40,12 @@ fn nested_maps(n: usize) -> Vec<u8> {
             u.extend([1, 1, b'm']);
         } else {
             u.extend([0, 1]);
-            varint(i - 1, &mut u);
+            var(i - 1, &mut u);
         }
         u.extend([1, b'k', 1]);
     }
     u.push(0);
     sync(2, &u)
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
 }
 
 /// Each bomb: what it is, and the messages it takes, in order.

@@ -486,6 +486,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use yrs::encoding::write::Write;
     use yrs::updates::encoder::Encode;
     use yrs::{Any, Array, Doc, Map, ReadTxn, Text, Transact, XmlFragment};
 
@@ -493,13 +494,7 @@ mod tests {
 
     fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![0, sub];
-        let mut len = body.len();
-        while len >= 0x80 {
-            m.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        m.push(len as u8);
-        m.extend_from_slice(body);
+        m.write_buf(body);
         m
     }
 
@@ -541,13 +536,7 @@ mod tests {
     fn a_field_is_read_at_the_width_yrs_reads_it() {
         let mut u = vec![1, 1, 1, 0, 8, 0x81, 0x80, 0x80, 0x80, 0x10, 3, 0, 1, 0x74];
         let nested: Vec<u8> = std::iter::repeat_n([0x75u8, 1], 150_000).flatten().chain([0x7e]).collect();
-        let mut len = nested.len();
-        while len >= 0x80 {
-            u.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        u.push(len as u8);
-        u.extend(nested);
+        u.write_buf(&nested);
         u.push(0);
         let refused = screen(&sync(2, &u));
         assert!(matches!(refused, Err(Refused::Overflow { .. })), "{refused:?}");
@@ -572,12 +561,8 @@ mod tests {
         // A million GC blocks of one clock each: two bytes each on the wire, far more decoded.
         let n: usize = 1 << 20;
         let mut u = vec![1];
-        let mut len = n;
-        while len >= 0x80 {
-            u.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        u.extend([len as u8, 1, 0]);
+        u.write_var(n);
+        u.extend([1, 0]);
         u.extend(std::iter::repeat_n([0u8, 1], n).flatten());
         u.push(0);
         assert!(matches!(screen(&sync(2, &u)), Err(Refused::TooLarge { .. })));

@@ -1,12 +1,15 @@
 //! Hostile bytes on the message path: every frame a peer could send goes through `Doc::incoming` (the
 //! screen, then yrs) under a counting allocator. No input may panic, abort (a stack overflow would end this
 //! process), or make the agent allocate more than the stated bound while it is handled.
+mod crafted;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use agent_mesh::doc::{Doc, DocMetrics};
 use agent_mesh::screen::MAX_DECODED_BYTES;
 use bytes::Bytes;
+use crafted::{sync, var};
 use proptest::prelude::*;
 use yrs::updates::encoder::Encode;
 use yrs::{GetString, Map, ReadTxn, Text, Transact};
@@ -41,18 +44,6 @@ fn bound(frame: &[u8]) -> usize {
     let estimate = agent_mesh::screen::estimate(frame).map_or(0, |(_, cost)| cost);
     assert!(estimate <= MAX_DECODED_BYTES);
     estimate as usize + 4 * frame.len() + (1 << 20)
-}
-
-fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![0, sub];
-    let mut len = body.len();
-    while len >= 0x80 {
-        m.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    m.push(len as u8);
-    m.extend_from_slice(body);
-    m
 }
 
 /// Valid message bodies of a small document, with their sync type: one update, its state, a state vector.
@@ -108,14 +99,6 @@ fn frames() -> impl Strategy<Value = Vec<u8>> {
         sync(sub, &u)
     });
     prop_oneof![3 => bodies, 1 => whole, 1 => random, 1 => nested, 1 => large()]
-}
-
-fn var(mut n: usize, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
 }
 
 /// `n` subdocuments in a row under the root map "m" (client 0 from clock 0): each builds a document.

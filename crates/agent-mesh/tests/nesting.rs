@@ -5,7 +5,7 @@
 //! overflow is asked for what they lacked.
 mod crafted;
 
-use agent_mesh::doc::{Doc, DocMetrics};
+use agent_mesh::doc::{Doc, DocMetrics, Inbox};
 use agent_mesh::nesting::MAX_TYPE_DEPTH;
 use bytes::Bytes;
 
@@ -19,14 +19,29 @@ async fn depth(doc: &Doc, root: &'static str) -> usize {
     doc.read(move |d| crafted::array_depth(d, root)).await.unwrap()
 }
 
+/// Waits until the document lets go of the link, and says whether it did so as refused.
+async fn let_go_as_refused(mut inbox: Inbox) -> bool {
+    while inbox.rx.recv().await.is_some() {}
+    inbox.refused.try_recv().is_ok()
+}
+
+/// Takes what the document has queued for a link, counting the messages `which` picks.
+fn drain(inbox: &mut Inbox, which: impl Fn(&[u8]) -> bool) -> usize {
+    let mut n = 0;
+    while let Ok(m) = inbox.rx.try_recv() {
+        inbox.sent(m.len());
+        n += usize::from(which(&m));
+    }
+    n
+}
+
 #[tokio::test]
 async fn levels_sent_deepest_first_nest_no_deeper_than_the_bound() {
     let doc = Doc::spawn(DocMetrics::default());
-    let mut inbox = doc.attach(1, true).await;
+    let inbox = doc.attach(1, true).await;
     send(&doc, 1, crafted::reversed_chain(101, "r", 100)).await;
     assert_eq!(depth(&doc, "r").await, MAX_TYPE_DEPTH as usize, "the levels up to the bound apply, no more");
-    while inbox.rx.recv().await.is_some() {}
-    assert!(inbox.refused.try_recv().is_ok(), "the link was let go of as refused");
+    assert!(let_go_as_refused(inbox).await, "the link was let go of as refused");
 }
 
 /// A link that sends more waiting updates than it may hold loses the oldest, and is asked (SyncStep1)
@@ -39,11 +54,7 @@ async fn a_link_whose_held_updates_overflow_is_asked_for_what_they_lacked() {
     let levels = agent_mesh::held::HELD_UPDATES_PER_LINK + 10;
     send(&doc, 1, crafted::reversed_chain(401, "h", levels + 1).into_iter().take(levels).collect()).await;
     doc.read(|_| ()).await;
-    let mut step1 = 0;
-    while let Ok(m) = inbox.rx.try_recv() {
-        inbox.sent(m.len());
-        step1 += usize::from(m.starts_with(&[0, 0]));
-    }
+    let step1 = drain(&mut inbox, |m| m.starts_with(&[0, 0]));
     assert!(step1 >= 2, "the SyncStep1 of the attach, and one asking for what the dropped updates lacked");
     assert_eq!(metrics.held_dropped.get(), 10);
 }
@@ -51,14 +62,13 @@ async fn a_link_whose_held_updates_overflow_is_asked_for_what_they_lacked() {
 #[tokio::test]
 async fn a_type_beside_a_collected_block_counts_as_deep_as_its_right_neighbour() {
     let doc = Doc::spawn(DocMetrics::default());
-    let mut inbox = doc.attach(1, true).await;
+    let inbox = doc.attach(1, true).await;
     let [legit, attack] = <[_; 2]>::try_from(crafted::beside_a_collected_block(201, "g", 60, 20)).unwrap();
     send(&doc, 1, vec![legit]).await;
     assert_eq!(depth(&doc, "g").await, 60);
     send(&doc, 1, vec![attack]).await;
     assert_eq!(depth(&doc, "g").await, 60, "nothing of the attack applied");
-    while inbox.rx.recv().await.is_some() {}
-    assert!(inbox.refused.try_recv().is_ok(), "the link was let go of as refused");
+    assert!(let_go_as_refused(inbox).await, "the link was let go of as refused");
 }
 
 #[tokio::test]
@@ -70,12 +80,7 @@ async fn updates_that_arrive_before_what_they_build_on_apply_once_it_arrives() {
     onward.rx.recv().await.expect("the SyncStep1 every link starts with");
     send(&doc, 1, crafted::reversed_chain(301, "o", 10)).await;
     assert_eq!(depth(&doc, "o").await, 10);
-    let mut forwarded = 0;
-    while let Ok(m) = onward.rx.try_recv() {
-        onward.sent(m.len());
-        forwarded += 1;
-    }
-    assert_eq!(forwarded, 10, "each level was forwarded once it applied");
+    assert_eq!(drain(&mut onward, |_| true), 10, "each level was forwarded once it applied");
     assert_eq!(metrics.updates_received.get(), 10);
     assert_eq!(metrics.protocol_errors.get(), 0);
 }

@@ -1,15 +1,26 @@
-//! Updates crafted to nest shared types past the bound by ways the screen cannot see in one message. Each
-//! is a list of sync messages, in the order a hostile peer sends them. Shared by the document tests here
-//! and the process tests (`tests/hostile_links.rs`).
+//! Hostile messages for the tests: sync messages around any body, and updates crafted to nest shared
+//! types past the bound by ways the screen cannot see in one message (each a list of sync messages, in
+//! the order a hostile peer sends them). Shared by the document tests here and the process tests
+//! (`tests/hostile_links.rs`).
 #![allow(dead_code)] // each test binary uses some of these
 
 use yrs::encoding::write::Write;
-use yrs::sync::{Message, SyncMessage};
-use yrs::updates::encoder::Encode;
 use yrs::{Array, ArrayPrelim, ArrayRef, Transact};
 
+/// A sync message of type `sub` (0 SyncStep1, 1 SyncStep2, 2 Update) around `body`, whatever `body` is.
+pub fn sync(sub: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0, sub];
+    m.write_buf(body);
+    m
+}
+
+/// `n` as a lib0 varint, appended to `out`.
+pub fn var(n: usize, out: &mut Vec<u8>) {
+    out.write_var(n);
+}
+
 pub fn update(body: Vec<u8>) -> Vec<u8> {
-    Message::Sync(SyncMessage::Update(body)).encode_v1()
+    sync(2, &body)
 }
 
 /// `n` arrays on `client`, each inside the one before (the first in the root array `root`), one update
