@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use mesh_operator::api::MeshPolicy;
 use rendezvous::FailMode;
 use serde_json::json;
 use support::agents::{Agent, Kubelet, LinkSampler, Mode, agent_pod, agents_follow_the_plan};
@@ -124,6 +125,55 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
         let max = a.metric("agentmesh_max_open_links", "").await;
         assert!(max <= CAP as f64, "{} held {max} links at once, over the cap {CAP}", a.name);
     }
+    history.assert_clean();
+}
+
+/// `maxPeers` lowered from 4 to 2 under real agents whose own `--max-peers` is 4: each agent comes to hold
+/// the policy's cap of 2 and follows the new plan; at no sample does an agent hold more links (other than
+/// ones being closed) than the cap it holds then, and at no event do the Pods publish more than the cap
+/// each carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lowering_max_peers_lowers_the_cap_at_every_agent() {
+    let (client, ns, rv) = setup("lowered").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = rv.hub();
+    let history = History::start(&client, &ns, CAP).await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;
+    let _op = Operator::start(&ns, "op-lowered", false).await;
+    let mut agents = Vec::new();
+    for i in 0..10 {
+        let name = format!("agent-{i}");
+        agents.push(Agent::spawn(dir.path(), &name, &ip(80 + i), &hub, Mode::Operator, CAP).await);
+        agent_pod(&client, &ns, &name, &ip(80 + i), None).await;
+    }
+    let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
+    let sampler = LinkSampler::start(apis, CAP);
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    let caps = || async {
+        let mut caps = BTreeSet::new();
+        for a in &agents {
+            caps.insert(a.status().await?["cap"].as_u64()?);
+        }
+        Some(caps)
+    };
+    assert_eq!(caps().await, Some(BTreeSet::from([4])), "the policy's cap and the agents' own are both 4");
+
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns)
+        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"maxPeers": 2}})))
+        .await
+        .unwrap();
+    wait_for("every agent to hold the policy's new cap", WAIT, || async {
+        (caps().await? == BTreeSet::from([2])).then_some(())
+    })
+    .await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    everyone_has(&agents, &agents[3].append().await).await;
+    for a in &agents {
+        assert!(a.links().await.unwrap().len() <= 2, "{} holds more than the new cap", a.name);
+        assert_eq!(a.metric("agentmesh_link_cap", "").await, 2.0, "{}", a.name);
+    }
+    assert!(sampler.assert_clean() > 20, "the sampler ran");
     history.assert_clean();
 }
 

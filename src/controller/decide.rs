@@ -193,8 +193,10 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str)
                     .map(|n| n.intersect(want))
                     .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
                 let drops = ids(now).len() > ids(Some(&kept)).len();
+                // A lowered cap reaches the agent before any peer may count on it.
+                let lowers = now.is_some_and(|n| n.lowers_cap_to(want));
                 // Stray keys without a policy must go before the agent may gain anything.
-                let shrink = drops || (now.is_some() && pod.keys.policy().is_none());
+                let shrink = drops || lowers || (now.is_some() && pod.keys.policy().is_none());
                 // The Pod does not carry `want` (checked above): it gets it, unless the shrink already writes it.
                 let grow = !(shrink && kept == **want);
                 if shrink {
@@ -264,7 +266,8 @@ mod tests {
         assert!(!gone.waves.shrink.is_empty() && gone.waves.grow.is_empty());
     }
 
-    /// A random oriented graph over `members` with every degree ≤ `cap`, as each member's assignment.
+    /// A random oriented graph over `members` with every degree ≤ `cap`, as each member's assignment
+    /// carrying `cap`.
     fn graph(members: &[u8], candidates: &[(u8, u8, bool)], cap: usize) -> BTreeMap<String, Assignment> {
         let mut deg: BTreeMap<u8, usize> = BTreeMap::new();
         let mut edges: BTreeSet<(u8, u8)> = BTreeSet::new();
@@ -283,7 +286,7 @@ mod tests {
             .map(|&v| {
                 let peers = edges.iter().filter(|e| e.0 == v).map(|e| peer(e.1)).collect();
                 let accepts = edges.iter().filter(|e| e.1 == v).map(|e| id(e.0));
-                (id(v), Assignment::new(peers, accepts, "p".into()))
+                (id(v), Assignment::new(peers, accepts, "p".into()).with_max_peers(cap))
             })
             .collect()
     }
@@ -318,10 +321,12 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         /// Rule 1 in the API: at every prefix of the writes, in any order, whichever of them fail, no agent
-        /// is over the cap, no link is dialed from both ends; and with no failure the Pods end on the plan.
+        /// is over its cap, no link is dialed from both ends; and with no failure the Pods end on the plan.
+        /// The cap may change between the two plans (`maxPeers` edited), and each agent is judged by the one
+        /// it carries (see [`first_violation`]).
         #[test]
         fn waves_keep_the_cap_at_every_prefix_whatever_fails(
-            n in 2u8..24, cap in 1usize..5,
+            n in 2u8..24, cap_before in 1usize..5, cap_after in 1usize..5,
             before_edges in prop::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 0..80),
             after_edges in prop::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 0..80),
             in_before in prop::collection::vec(any::<bool>(), 24),
@@ -331,8 +336,10 @@ mod tests {
         ) {
             let before_members: Vec<u8> = (0..n).filter(|&v| in_before[v as usize]).collect();
             let after_members: Vec<u8> = (0..n).filter(|&v| in_after[v as usize]).collect();
-            let before = if before_members.is_empty() { BTreeMap::new() } else { graph(&before_members, &before_edges, cap) };
-            let after = if after_members.is_empty() { BTreeMap::new() } else { graph(&after_members, &after_edges, cap) };
+            let before = if before_members.is_empty() { BTreeMap::new() } else { graph(&before_members, &before_edges, cap_before) };
+            let after = if after_members.is_empty() { BTreeMap::new() } else { graph(&after_members, &after_edges, cap_after) };
+            // The agents' own cap (`--max-peers`) is above both: the carried caps are what is judged.
+            let cap = 4;
             let mut pods: BTreeMap<String, PodState> = (0..n).map(|v| (id(v), state(before.get(&id(v)), v))).collect();
             let targets: Targets = (0..n).map(|v| (id(v), after.get(&id(v)).cloned().map(Arc::new))).collect();
             let waves = waves(&pods, &targets, "p");
@@ -374,6 +381,20 @@ mod tests {
         assert_eq!(w.grow[0].to.as_deref(), Some(&want));
         let (safe, held) = w.grow_after(&HashSet::from([id(0)]));
         assert!(safe.is_empty() && held == vec![id(0).as_str()], "a failed shrink holds its own grow");
+    }
+
+    #[test]
+    fn a_lowered_cap_is_written_before_anything_grows() {
+        let now = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(4);
+        let want = Assignment::new(vec![peer(1), peer(2)], [], "p".into()).with_max_peers(2);
+        let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p");
+        assert_eq!(w.shrink.len(), 1, "the cap drops in the shrink wave, though no link does");
+        assert_eq!(w.shrink[0].to.as_deref(), Some(&Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2)));
+        assert_eq!(w.grow[0].to.as_deref(), Some(&want));
+        let same_links = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2);
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(same_links)))]), "p");
+        assert_eq!((w.shrink.len(), w.grow.len()), (1, 0), "one write lowers the cap alone");
     }
 
     #[test]

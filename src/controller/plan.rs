@@ -40,15 +40,18 @@ impl planner::Previous for Carried<'_> {
     }
 }
 
-/// One agent's target, borrowed from the plan: its peers (node id, URL) and accepts, sorted.
+/// One agent's target, borrowed from the plan: its peers (node id, URL) and accepts, sorted, under the
+/// policy's cap.
 struct Target<'a> {
     peers: Vec<(&'a str, &'a str)>,
     accepts: Vec<&'a str>,
+    cap: u32,
 }
 
 impl Target<'_> {
     fn is(&self, a: &Assignment, policy: &str) -> bool {
         a.policy == policy
+            && a.max_peers == Some(self.cap as usize)
             && a.peers.iter().map(|p| (p.node_id.as_str(), p.url.as_str())).eq(self.peers.iter().copied())
             && a.accepts.iter().map(String::as_str).eq(self.accepts.iter().copied())
     }
@@ -56,6 +59,7 @@ impl Target<'_> {
     fn to_assignment(&self, policy: &str) -> Assignment {
         let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.to_owned(), url: url.to_owned() });
         Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.to_owned()), policy.to_owned())
+            .with_max_peers(self.cap as usize)
     }
 }
 
@@ -83,7 +87,7 @@ pub fn targets(
         let mut accepts: Vec<&str> = g.accepted(i as u32).map(id).collect();
         peers.sort_unstable();
         accepts.sort_unstable();
-        Target { peers, accepts }
+        Target { peers, accepts, cap }
     };
     let mut out = PlanOutcome {
         targets: Targets::new(),
@@ -122,9 +126,9 @@ fn adjacency(g: &planner::Graph) -> Vec<Vec<u32>> {
     (0..g.len() as u32).map(|u| g.neighbors(u).to_vec()).collect()
 }
 
-/// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone; every
-/// other Pod carrying ours gets `None`, and so does one whose keys name no policy (nobody planned them) or
-/// that carries more than `cap` links. A peer is gone when its node id is that of a Pod that does not stay
+/// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone, under
+/// `cap`; every other Pod carrying ours gets `None`, and so does one whose keys name no policy (nobody
+/// planned them) or that carries more than `cap` links. A peer is gone when its node id is that of a Pod that does not stay
 /// (its node-id annotation), or when its URL names an IP that no Pod of `live_ips` has.
 pub fn adopt(
     carried: &BTreeMap<String, Arc<Assignment>>,
@@ -156,7 +160,7 @@ pub fn adopt(
             let target = planned(pod, a.as_ref()).then(|| {
                 let peers = a.peers.iter().filter(|p| !gone.contains(p.node_id.as_str())).cloned().collect();
                 let accepts = a.accepts.iter().filter(|id| !gone.contains(id.as_str())).cloned();
-                Arc::new(Assignment::new(peers, accepts, a.policy.clone()))
+                Arc::new(Assignment::new(peers, accepts, a.policy.clone()).with_max_peers(cap as usize))
             });
             (pod.clone(), target)
         })
@@ -190,6 +194,7 @@ impl Digest {
             self.field(id.as_bytes());
         }
         self.field(policy.as_bytes());
+        self.field(&t.cap.to_le_bytes());
     }
 
     fn finish(&self) -> String {
@@ -230,7 +235,7 @@ mod tests {
     fn adopting_keeps_what_stays_and_drops_what_is_gone() {
         let a = |peers: &[(&str, &str)], accepts: &[&str]| {
             let peers = peers.iter().map(|(id, ip)| Peer { node_id: id.to_string(), url: format!("ws://{ip}:1/") });
-            Assignment::new(peers.collect(), accepts.iter().map(|s| s.to_string()), "p".into())
+            Assignment::new(peers.collect(), accepts.iter().map(|s| s.to_string()), "p".into()).with_max_peers(4)
         };
         let carried = BTreeMap::from([
             ("x".to_string(), Arc::new(a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"]))),
@@ -259,6 +264,12 @@ mod tests {
             "deleted Pods' IPs"
         );
         assert_eq!(adopt(&carried, &pods, &staying, &live_ips, 2)["x"], None, "over the cap: nobody planned it");
+        let lowered = adopt(&carried, &pods, &staying, &live_ips, 2);
+        assert_eq!(
+            lowered["y"].as_deref(),
+            Some(&a(&[], &[]).with_max_peers(2)),
+            "x released; y kept under the new cap"
+        );
         let mut stray = pods.clone();
         stray.get_mut("y").unwrap().keys = Default::default();
         assert_eq!(adopt(&carried, &stray, &staying, &live_ips, 4)["y"], None, "stray keys are not adopted");

@@ -308,8 +308,10 @@ class Agent:
             await asyncio.sleep(0.1)
 
     def cap(self):
-        # The rendezvous link is not a mesh link.
-        return self.args.max_peers + (1 if ("rendezvous", "dialed") in self.links else 0)
+        # The lower of our own cap and the assignment's; the rendezvous link is not a mesh link.
+        planned = (self.assignment or {}).get("max_peers")
+        cap = self.args.max_peers if planned is None else min(planned, self.args.max_peers)
+        return cap + (1 if ("rendezvous", "dialed") in self.links else 0)
 
     async def dial(self, peer, url):
         try:
@@ -476,10 +478,13 @@ def read_assignment(path):
                 return None
             annotations[key] = unquote(quoted[1:-1])
         if "agentmesh.dev/peers" not in annotations:
-            return {"peers": {}, "accepts": set()}
+            return {"peers": {}, "accepts": set(), "max_peers": None}
         peers = {p["nodeId"]: p["url"] for p in json.loads(annotations["agentmesh.dev/peers"])}
         accepts = set(json.loads(annotations["agentmesh.dev/accepts"]))
-        return {"peers": peers, "accepts": accepts}
+        max_peers = annotations.get("agentmesh.dev/max-peers")
+        if max_peers is not None and not (max_peers.isdigit() and len(peers) + len(accepts) <= int(max_peers) <= 64):
+            return None
+        return {"peers": peers, "accepts": accepts, "max_peers": None if max_peers is None else int(max_peers)}
     except (OSError, ValueError, KeyError, IndexError):
         return None
 

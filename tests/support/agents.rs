@@ -385,7 +385,10 @@ impl Drop for Kubelet {
     }
 }
 
-/// Samples every agent's open links until dropped, recording the first sample over the cap.
+/// Samples every agent's open links until dropped, recording the first sample over a cap: all its sockets
+/// over `cap` (the agents' `--max-peers`), or its links not being closed over the cap the agent holds now
+/// (the lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being
+/// closed keep their slots until gone, so they count against the old cap only).
 pub struct LinkSampler {
     pub violation: Arc<Mutex<Option<String>>>,
     pub samples: Arc<Mutex<u64>>,
@@ -402,10 +405,11 @@ impl LinkSampler {
                 let agents = apis.lock().unwrap().clone();
                 for (name, api) in agents {
                     let Some(status) = http_get(&format!("http://{api}/status")).await else { continue };
-                    let links = status["links"].as_array().map_or(0, Vec::len);
                     *n.lock().unwrap() += 1;
-                    if links > cap && v.lock().unwrap().is_none() {
-                        *v.lock().unwrap() = Some(format!("{name} held {links} links, over the cap {cap}: {status}"));
+                    if let Some(why) = over_a_cap(&status, cap)
+                        && v.lock().unwrap().is_none()
+                    {
+                        *v.lock().unwrap() = Some(format!("{name} {why}: {status}"));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -420,6 +424,17 @@ impl LinkSampler {
         }
         *self.samples.lock().unwrap()
     }
+}
+
+/// How an agent's `/status` breaks a cap, if it does: `own` is its `--max-peers`.
+fn over_a_cap(status: &serde_json::Value, own: usize) -> Option<String> {
+    let links = status["links"].as_array().map_or(&[][..], Vec::as_slice);
+    let held = links.iter().filter(|l| l["closing"] != serde_json::json!(true)).count();
+    let now = status["cap"].as_u64().map_or(own, |c| c as usize);
+    if links.len() > own {
+        return Some(format!("held {} links, over the cap {own}", links.len()));
+    }
+    (held > now).then(|| format!("held {held} links not being closed, over the cap {now} it holds now"))
 }
 
 impl Drop for LinkSampler {

@@ -17,8 +17,15 @@ pub const ACCEPTS: &str = "agentmesh.dev/accepts";
 pub const LINKS: &str = "agentmesh.dev/links";
 /// The owning MeshPolicy's name.
 pub const POLICY: &str = "agentmesh.dev/policy";
+/// The policy's cap (`maxPeers`) when the assignment was written. Optional: an assignment written before
+/// the key existed carries none, and its agent holds its own `--max-peers` alone.
+pub const MAX_PEERS: &str = "agentmesh.dev/max-peers";
 /// Every key the controller writes, and removes when a Pod stops being an agent.
-pub const KEYS: [&str; 4] = [PEERS, ACCEPTS, LINKS, POLICY];
+pub const KEYS: [&str; 5] = [PEERS, ACCEPTS, LINKS, POLICY, MAX_PEERS];
+/// The keys every assignment carries.
+const REQUIRED: [&str; 4] = [PEERS, ACCEPTS, LINKS, POLICY];
+/// No policy may allow more (the CRD's bound on `maxPeers`); a larger value is malformed.
+pub const MAX_PEERS_LIMIT: usize = 64;
 
 /// One entry of the `agentmesh.dev/peers` annotation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -36,6 +43,8 @@ pub struct Assignment {
     /// Sorted.
     pub accepts: Vec<String>,
     pub policy: String,
+    /// The policy's cap: the agent holds the lower of it and its own. `None` when written without one.
+    pub max_peers: Option<usize>,
 }
 
 impl Assignment {
@@ -44,7 +53,17 @@ impl Assignment {
         peers.sort();
         peers.dedup_by(|a, b| a.node_id == b.node_id);
         let accepts: BTreeSet<String> = accepts.into_iter().collect();
-        Self { peers, accepts: accepts.into_iter().collect(), policy }
+        Self { peers, accepts: accepts.into_iter().collect(), policy, max_peers: None }
+    }
+
+    /// The same assignment, carrying the policy's cap.
+    pub fn with_max_peers(self, max_peers: usize) -> Self {
+        Self { max_peers: Some(max_peers), ..self }
+    }
+
+    /// The cap an agent whose own is `own` holds under this assignment.
+    pub fn cap(&self, own: usize) -> usize {
+        self.max_peers.map_or(own, |m| m.min(own))
     }
 
     /// Links this assignment gives its agent: the distinct node ids it dials or accepts.
@@ -58,21 +77,34 @@ impl Assignment {
     }
 
     /// What both `self` and `other` allow: the assignment an agent can move to from either without
-    /// gaining a link (a peer whose URL changed counts as a different peer).
+    /// gaining a link (a peer whose URL changed counts as a different peer), under the lower cap.
     pub fn intersect(&self, other: &Assignment) -> Assignment {
         let peers = self.peers.iter().filter(|p| other.peers.contains(p)).cloned().collect();
         let accepts = self.accepts.iter().filter(|a| other.accepts.contains(a)).cloned();
-        Assignment::new(peers, accepts, self.policy.clone())
+        let max_peers = match (self.max_peers, other.max_peers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Assignment { max_peers, ..Assignment::new(peers, accepts, self.policy.clone()) }
+    }
+
+    /// Whether an agent moving from `self` to `other` may hold fewer links: its cap drops.
+    pub fn lowers_cap_to(&self, other: &Assignment) -> bool {
+        other.max_peers.is_some_and(|o| self.max_peers.is_none_or(|s| o < s))
     }
 
     /// The annotations that carry it.
     pub fn to_annotations(&self) -> BTreeMap<&'static str, String> {
-        BTreeMap::from([
+        let mut annotations = BTreeMap::from([
             (PEERS, serde_json::to_string(&self.peers).expect("peers serialize")),
             (ACCEPTS, serde_json::to_string(&self.accepts).expect("accepts serialize")),
             (LINKS, self.links().to_string()),
             (POLICY, self.policy.clone()),
-        ])
+        ]);
+        if let Some(m) = self.max_peers {
+            annotations.insert(MAX_PEERS, m.to_string());
+        }
+        annotations
     }
 
     /// The assignment in `annotations`, if they name a policy. Unparseable peers or accepts count as none
@@ -82,16 +114,20 @@ impl Assignment {
         let peers = annotations.get(PEERS).and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default();
         let accepts: Vec<String> =
             annotations.get(ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
-        Some(Assignment { peers, accepts, policy })
+        let max_peers = annotations.get(MAX_PEERS).and_then(|m| m.parse().ok());
+        Some(Assignment { peers, accepts, policy, max_peers })
     }
 
     /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the keys
-    /// (the agent is not assigned: it holds no links); an error when they carry some but not all, or a value
-    /// that does not parse, or a link count that disagrees with the lists. A half-written or tampered
-    /// assignment is reported and never applied.
+    /// (the agent is not assigned: it holds no links); an error when they carry some but not all required
+    /// ones, or a value that does not parse, or a link count that disagrees with the lists or exceeds the
+    /// cap. A half-written or tampered assignment is reported and never applied.
     pub fn from_annotations_strict(annotations: &BTreeMap<String, String>) -> Result<Option<Assignment>, Malformed> {
         if !KEYS.iter().any(|k| annotations.contains_key(*k)) {
             return Ok(None);
+        }
+        if let Some(missing) = REQUIRED.iter().find(|k| !annotations.contains_key(**k)) {
+            return Err(Malformed::Missing(missing));
         }
         let get = |key: &'static str| annotations.get(key).ok_or(Malformed::Missing(key));
         let json = |key: &'static str, e: serde_json::Error| Malformed::Value { key, error: e.to_string() };
@@ -102,7 +138,12 @@ impl Assignment {
         if links.parse::<usize>().ok() != Some(a.links()) {
             return Err(Malformed::LinkCount { written: links.chars().take(32).collect(), counted: a.links() });
         }
-        Ok(Some(a))
+        let Some(written) = annotations.get(MAX_PEERS) else { return Ok(Some(a)) };
+        let cap = written.parse::<usize>().ok().filter(|m| *m <= MAX_PEERS_LIMIT);
+        match cap {
+            Some(m) if a.links() <= m => Ok(Some(a.with_max_peers(m))),
+            _ => Err(Malformed::Cap { written: written.chars().take(32).collect(), counted: a.links() }),
+        }
     }
 }
 
@@ -115,14 +156,18 @@ pub enum Malformed {
     Value { key: &'static str, error: String },
     #[error("annotation agentmesh.dev/links is {written:?} but the lists hold {counted} distinct peers")]
     LinkCount { written: String, counted: usize },
+    #[error("annotation agentmesh.dev/max-peers is {written:?}: not a cap of 0 to 64 that {counted} links fit under")]
+    Cap { written: String, counted: usize },
 }
 
-/// The first way the published assignments (node id → what its Pod carries) break the cap rule, if any:
-/// an agent whose links from the published dial lists (what it dials plus who dials it) exceed `cap`; an
-/// agent allowed more than `cap` links by its own annotations (dials plus accepts); a link dialed from
-/// both ends; an agent that dials or accepts itself. The history checker of the end-to-end tests and the
-/// decide step's property tests both judge by this one function.
-pub fn first_violation(published: &BTreeMap<String, Assignment>, cap: usize) -> Option<String> {
+/// The first way the published assignments (node id → what its Pod carries) break the cap rule, if any.
+/// Each agent's cap is the lower of `own` (the agents' `--max-peers`) and the cap its assignment carries.
+/// A violation is: an agent allowed more than its cap by its own annotations (dials plus accepts); an
+/// agent whose links in the published dial lists (what it dials plus who dials it) exceed its cap, or the
+/// cap of a dialer that still lists it (a dialer on an older plan lists a link of that plan, which that
+/// plan's cap bounds); a link dialed from both ends; an agent that dials or accepts itself. The history
+/// checker of the end-to-end tests and the decide step's property tests both judge by this one function.
+pub fn first_violation(published: &BTreeMap<String, Assignment>, own: usize) -> Option<String> {
     let mut inbound: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (id, a) in published {
         for p in &a.peers {
@@ -130,19 +175,22 @@ pub fn first_violation(published: &BTreeMap<String, Assignment>, cap: usize) -> 
         }
     }
     for (id, a) in published {
-        let own = a.linked_ids();
-        if own.contains(id.as_str()) {
+        let linked = a.linked_ids();
+        let cap = a.cap(own);
+        if linked.contains(id.as_str()) {
             return Some(format!("{id} dials or accepts itself"));
         }
-        if own.len() > cap {
-            return Some(format!("{id} may hold {} links (dials + accepts) over the cap {cap}", own.len()));
+        if linked.len() > cap {
+            return Some(format!("{id} may hold {} links (dials + accepts) over the cap {cap}", linked.len()));
         }
+        let dialers = inbound.get(id.as_str());
         let mut links: BTreeSet<&str> = a.peers.iter().map(|p| p.node_id.as_str()).collect();
-        links.extend(inbound.get(id.as_str()).into_iter().flatten());
-        if links.len() > cap {
-            return Some(format!("{id} has {} links in the published dial lists, over the cap {cap}", links.len()));
+        links.extend(dialers.into_iter().flatten());
+        let bound = dialers.into_iter().flatten().map(|d| published[*d].cap(own)).fold(cap, usize::max);
+        if links.len() > bound {
+            return Some(format!("{id} has {} links in the published dial lists, over the cap {bound}", links.len()));
         }
-        if let Some(p) = a.peers.iter().find(|p| inbound.get(id.as_str()).is_some_and(|i| i.contains(&*p.node_id))) {
+        if let Some(p) = a.peers.iter().find(|p| dialers.is_some_and(|i| i.contains(&*p.node_id))) {
             return Some(format!("the link {id} – {} is dialed from both ends", p.node_id));
         }
     }
@@ -198,6 +246,29 @@ mod tests {
         assert!(first_violation(&greedy, 1).unwrap().contains("dials + accepts"));
         let selfish = BTreeMap::from([("a".to_string(), a(&[], &["a"]))]);
         assert!(first_violation(&selfish, 4).unwrap().contains("itself"));
+        let lowered = BTreeMap::from([("a".to_string(), a(&["b"], &["c"]).with_max_peers(1))]);
+        assert!(first_violation(&lowered, 4).unwrap().contains("over the cap 1"), "the carried cap counts");
+        let raised = BTreeMap::from([("a".to_string(), a(&["b"], &["c"]).with_max_peers(8))]);
+        assert!(first_violation(&raised, 1).unwrap().contains("over the cap 1"), "never above the agent's own");
+    }
+
+    #[test]
+    fn a_dialer_on_an_older_plan_is_judged_by_that_plans_cap() {
+        let a = |peers: &[&str], accepts: &[&str], cap: usize| {
+            let peers = peers.iter().map(|p| peer(p)).collect();
+            Assignment::new(peers, accepts.iter().map(|s| s.to_string()), "p".into()).with_max_peers(cap)
+        };
+        // h moved to cap 1 (keeping only x); a and b, still on the cap-4 plan, list it.
+        let mut fleet = BTreeMap::from([
+            ("h".to_string(), a(&[], &["x"], 1)),
+            ("a".to_string(), a(&["h"], &[], 4)),
+            ("b".to_string(), a(&["h"], &[], 4)),
+        ]);
+        assert_eq!(first_violation(&fleet, 4), None);
+        // Once both dialers are on the cap-1 plan, h's dial-list links count against 1.
+        fleet.insert("a".into(), a(&["h"], &[], 1));
+        fleet.insert("b".into(), a(&["h"], &[], 1));
+        assert!(first_violation(&fleet, 4).unwrap().contains("h has 2 links"), "{:?}", first_violation(&fleet, 4));
     }
 
     #[test]
@@ -212,9 +283,35 @@ mod tests {
         let mut lying = full.clone();
         lying.insert(LINKS.into(), "1".into());
         assert!(matches!(Assignment::from_annotations_strict(&lying), Err(Malformed::LinkCount { counted: 2, .. })));
-        let mut garbage = full;
+        let mut garbage = full.clone();
         garbage.insert(PEERS.into(), "[{".into());
         assert!(matches!(Assignment::from_annotations_strict(&garbage), Err(Malformed::Value { key: PEERS, .. })));
+        let mut only_a_cap = BTreeMap::new();
+        only_a_cap.insert(MAX_PEERS.to_string(), "4".to_string());
+        assert_eq!(Assignment::from_annotations_strict(&only_a_cap), Err(Malformed::Missing(PEERS)));
+        for bad in ["1", "65", "-1", "two", ""] {
+            let mut capped = full.clone();
+            capped.insert(MAX_PEERS.into(), bad.into());
+            let read = Assignment::from_annotations_strict(&capped);
+            assert!(matches!(read, Err(Malformed::Cap { counted: 2, .. })), "max-peers {bad:?}: {read:?}");
+        }
+    }
+
+    #[test]
+    fn the_cap_travels_with_the_assignment_and_the_lower_one_wins() {
+        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into()).with_max_peers(2);
+        let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        assert_eq!(ann[MAX_PEERS], "2");
+        assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
+        assert_eq!(Assignment::from_annotations(&ann), Some(a.clone()));
+        assert_eq!((a.cap(4), a.cap(1)), (2, 1), "the lower of the policy's and the agent's own");
+        let uncapped = Assignment::new(vec![peer("b")], [], "p".into());
+        assert_eq!(uncapped.cap(3), 3);
+        let four = a.clone().with_max_peers(4);
+        assert_eq!(four.intersect(&a).max_peers, Some(2));
+        assert_eq!(uncapped.intersect(&a).max_peers, Some(2));
+        assert!(four.lowers_cap_to(&a) && uncapped.lowers_cap_to(&a));
+        assert!(!a.lowers_cap_to(&four) && !a.lowers_cap_to(&uncapped));
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! The link table: which links an agent holds, which it should dial next, and whether it admits an inbound
 //! one. Pure; the mesh task feeds it events and carries out what it returns.
 //!
+//! The cap is the lower of the agent's own (`--max-peers`) and the one its assignment carries, so lowering
+//! a policy's `maxPeers` lowers it at every agent that reads the new assignment.
+//!
 //! Invariants, in planned mode (property-tested below, after every event, whatever the order):
-//! - **cap**: sockets (links held, links being closed, dials in flight) ≤ `cap`;
+//! - **cap**: held links ≤ the cap; a socket opens (a dial starts, an inbound link is admitted) only while
+//!   sockets (links held, links being closed, dials in flight) are under the cap. So sockets ≤ the cap,
+//!   except just after the cap was lowered, when the links being closed still count until they are gone;
 //! - **only planned**: every held link is with a peer the current assignment names (dialed or accepted);
 //! - **one link per peer** (held, being closed or being dialed).
 //!
@@ -25,8 +30,9 @@ pub enum Direction {
 /// What the agent wants to hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Wanted {
-    /// The operator's plan: dial these (node id → URL), accept those; nothing else.
-    Planned { dial: BTreeMap<String, String>, accept: BTreeSet<String> },
+    /// The operator's plan: dial these (node id → URL), accept those, nothing else, and hold no more than
+    /// `cap` (when the assignment carries one).
+    Planned { dial: BTreeMap<String, String>, accept: BTreeSet<String>, cap: Option<usize> },
     /// The seed's scheme: the alive peers of the presence list, in its order (node id, URL).
     Seed { alive: Vec<(String, String)> },
 }
@@ -34,7 +40,7 @@ pub enum Wanted {
 impl Wanted {
     /// No assignment: no links.
     pub fn nothing() -> Self {
-        Wanted::Planned { dial: BTreeMap::new(), accept: BTreeSet::new() }
+        Wanted::Planned { dial: BTreeMap::new(), accept: BTreeSet::new(), cap: None }
     }
 
     pub fn from_assignment(a: Option<&Assignment>) -> Self {
@@ -43,13 +49,14 @@ impl Wanted {
             Some(a) => Wanted::Planned {
                 dial: a.peers.iter().map(|p| (p.node_id.clone(), p.url.clone())).collect(),
                 accept: a.accepts.iter().cloned().collect(),
+                cap: a.max_peers,
             },
         }
     }
 
     fn keeps(&self, id: &str, dir: Direction) -> bool {
         match self {
-            Wanted::Planned { dial, accept } => dial.contains_key(id) || accept.contains(id),
+            Wanted::Planned { dial, accept, .. } => dial.contains_key(id) || accept.contains(id),
             Wanted::Seed { alive } => dir == Direction::Accepted || alive.iter().any(|(a, _)| a == id),
         }
     }
@@ -60,7 +67,8 @@ impl Wanted {
 pub enum Finished {
     /// Keep it: the link is wanted.
     Keep,
-    /// It opened but is no longer wanted: close it (it holds its slot until [`Table::closed`]).
+    /// It opened but is no longer wanted, or the cap was lowered meanwhile: close it (it holds its slot
+    /// until [`Table::closed`]).
     Close,
     /// It failed: nothing to do.
     Failed,
@@ -71,7 +79,8 @@ pub enum Finished {
 #[derive(Debug)]
 pub struct Table {
     me: String,
-    cap: usize,
+    /// The agent's own cap; the wish may lower it.
+    own: usize,
     wanted: Wanted,
     held: BTreeSet<(String, Direction)>,
     closing: BTreeSet<(String, Direction)>,
@@ -79,19 +88,32 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(me: String, cap: usize) -> Self {
+    pub fn new(me: String, own: usize) -> Self {
         let (held, closing, dialing) = Default::default();
-        Self { me, cap, wanted: Wanted::nothing(), held, closing, dialing }
+        Self { me, own, wanted: Wanted::nothing(), held, closing, dialing }
+    }
+
+    /// The cap now: the agent's own, or the wish's when that is lower.
+    pub fn cap(&self) -> usize {
+        match self.wanted {
+            Wanted::Planned { cap: Some(c), .. } => c.min(self.own),
+            _ => self.own,
+        }
     }
 
     /// Adopts a new wish. Returns the held links to close now; they hold their slots until closed, and
     /// nothing new is dialed into them before. A dial in flight that is no longer wanted is closed when it
-    /// ends ([`Table::dial_finished`]).
+    /// ends ([`Table::dial_finished`]). Under a lowered cap, held links past it are closed too (an
+    /// assignment the strict reader accepts never names more links than its cap, so only a wish built
+    /// otherwise meets this).
     pub fn want(&mut self, wanted: Wanted) -> Vec<(String, Direction)> {
         self.wanted = wanted;
         let wanted = &self.wanted;
-        let gone: Vec<(String, Direction)> =
+        let mut gone: Vec<(String, Direction)> =
             self.held.iter().filter(|(id, d)| !wanted.keeps(id, *d)).cloned().collect();
+        let kept = self.held.len() - gone.len();
+        let over = kept.saturating_sub(self.cap());
+        gone.extend(self.held.iter().filter(|(id, d)| wanted.keeps(id, *d)).rev().take(over).cloned());
         for link in &gone {
             self.held.remove(link);
             self.closing.insert(link.clone());
@@ -123,7 +145,7 @@ impl Table {
         let seed = matches!(self.wanted, Wanted::Seed { .. });
         let mut out = Vec::new();
         for (id, url) in candidates {
-            let room = if seed { self.dialed() < self.cap } else { self.count() < self.cap };
+            let room = if seed { self.dialed() < self.own } else { self.count() < self.cap() };
             if !room {
                 break;
             }
@@ -147,7 +169,8 @@ impl Table {
             return Finished::Failed;
         }
         let link = (id.to_string(), Direction::Dialed);
-        if self.wanted.keeps(id, Direction::Dialed) {
+        // A dial started under a higher cap may end after it was lowered.
+        if self.wanted.keeps(id, Direction::Dialed) && self.held.len() < self.cap() {
             self.held.insert(link);
             Finished::Keep
         } else {
@@ -164,7 +187,7 @@ impl Table {
         match &self.wanted {
             Wanted::Planned { accept, .. } if !accept.contains(id) => return Err(Refusal::NotPlanned),
             Wanted::Planned { .. } if self.holds(id) => return Err(Refusal::Duplicate),
-            Wanted::Planned { .. } if self.count() >= self.cap => return Err(Refusal::AtCap),
+            Wanted::Planned { .. } if self.count() >= self.cap() => return Err(Refusal::AtCap),
             Wanted::Seed { .. } if self.held.contains(&(id.to_string(), Direction::Accepted)) => {
                 return Err(Refusal::Duplicate);
             }
@@ -190,6 +213,11 @@ impl Table {
     pub fn held(&self) -> impl Iterator<Item = &(String, Direction)> {
         self.held.iter()
     }
+
+    /// Whether the link is held (open and wanted, not being closed).
+    pub fn holds_link(&self, id: &str, dir: Direction) -> bool {
+        self.held.contains(&(id.to_string(), dir))
+    }
 }
 
 #[cfg(test)]
@@ -198,9 +226,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn planned(dial: &[&str], accept: &[&str]) -> Wanted {
+        capped(dial, accept, None)
+    }
+
+    fn capped(dial: &[&str], accept: &[&str], cap: Option<usize>) -> Wanted {
         Wanted::Planned {
             dial: dial.iter().map(|d| (d.to_string(), format!("ws://{d}/"))).collect(),
             accept: accept.iter().map(|a| a.to_string()).collect(),
+            cap,
         }
     }
 
@@ -269,6 +302,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_cap_opens_nothing_until_the_sockets_are_under_it() {
+        let mut t = Table::new("me".into(), 4);
+        t.want(capped(&["a", "b"], &["c", "d"], Some(4)));
+        assert_eq!(t.dials(|_| true).len(), 2);
+        t.dial_finished("a", true);
+        t.dial_finished("b", true);
+        t.admit("c").unwrap();
+        t.admit("d").unwrap();
+        // The policy's maxPeers goes from 4 to 2: a and c stay planned, b and d go.
+        let gone = t.want(capped(&["a", "e"], &["c"], Some(2)));
+        assert_eq!(gone.len(), 2);
+        assert_eq!(t.cap(), 2);
+        assert_eq!(t.admit("c"), Err(Refusal::Duplicate));
+        t.closed("b", Direction::Dialed);
+        assert!(t.dials(|_| true).is_empty(), "a, c and d's closing socket fill the cap of 2");
+        t.closed("d", Direction::Accepted);
+        assert!(t.dials(|_| true).is_empty(), "a and c are the cap");
+        // The agent's own cap bounds a raised one.
+        let mut t = Table::new("me".into(), 1);
+        t.want(capped(&["a", "b"], &[], Some(8)));
+        assert_eq!((t.cap(), t.dials(|_| true).len()), (1, 1));
+    }
+
+    #[test]
     fn seed_mode_dials_the_first_alive_and_accepts_everyone() {
         let mut t = Table::new("me".into(), 2);
         let alive = ["me", "p", "q", "r"].iter().map(|i| (i.to_string(), format!("ws://{i}/"))).collect();
@@ -283,7 +340,7 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Want(Vec<u8>, Vec<u8>),
+        Want(Vec<u8>, Vec<u8>, Option<usize>),
         Dial,
         Finish(u8, bool),
         Admit(u8),
@@ -293,7 +350,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let ids = || proptest::collection::vec(0u8..8, 0..6);
         prop_oneof![
-            (ids(), ids()).prop_map(|(d, a)| Op::Want(d, a)),
+            (ids(), ids(), proptest::option::of(0usize..5)).prop_map(|(d, a, c)| Op::Want(d, a, c)),
             Just(Op::Dial),
             (0u8..8, any::<bool>()).prop_map(|(i, ok)| Op::Finish(i, ok)),
             (0u8..8).prop_map(Op::Admit),
@@ -304,26 +361,30 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
-        fn the_cap_and_the_plan_hold_after_every_event(cap in 0usize..5, ops in proptest::collection::vec(op(), 1..60)) {
+        fn the_cap_and_the_plan_hold_after_every_event(own in 0usize..5, ops in proptest::collection::vec(op(), 1..60)) {
             let name = |i: &u8| format!("n{i}");
-            let mut t = Table::new("n0".into(), cap);
+            let mut t = Table::new("n0".into(), own);
             let mut planned_ids: BTreeSet<String> = BTreeSet::new();
             for op in ops {
+                let before = t.count();
                 match &op {
-                    Op::Want(d, a) => {
+                    Op::Want(d, a, cap) => {
                         let dial: Vec<String> = d.iter().map(name).collect();
                         let accept: Vec<String> = a.iter().map(name).collect();
                         planned_ids = dial.iter().chain(&accept).cloned().collect();
                         let dial: Vec<&str> = dial.iter().map(String::as_str).collect();
                         let accept: Vec<&str> = accept.iter().map(String::as_str).collect();
-                        t.want(planned(&dial, &accept));
+                        t.want(capped(&dial, &accept, *cap));
                     }
                     Op::Dial => { t.dials(|_| true); }
                     Op::Finish(i, ok) => { t.dial_finished(&name(i), *ok); }
                     Op::Admit(i) => { let _ = t.admit(&name(i)); }
                     Op::Close(i, d) => t.closed(&name(i), if *d { Direction::Dialed } else { Direction::Accepted }),
                 }
-                prop_assert!(t.count() <= cap, "over the cap after {:?}: {:?}", op, t);
+                let cap = t.cap();
+                prop_assert!(cap <= own);
+                prop_assert!(t.held.len() <= cap, "more links held than the cap after {:?}: {:?}", op, t);
+                prop_assert!(t.count() <= cap || t.count() <= before, "a socket opened over the cap after {:?}: {:?}", op, t);
                 for (id, _) in t.held() {
                     prop_assert!(planned_ids.contains(id), "{} held but not planned after {:?}", id, op);
                     prop_assert_ne!(id.as_str(), "n0");

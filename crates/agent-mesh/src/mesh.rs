@@ -55,6 +55,8 @@ pub struct Status {
     pub planned: Option<Vec<String>>,
     /// Why the latest assignment reading was refused (the links follow the last good one meanwhile).
     pub assignment_error: Option<String>,
+    /// The cap held now: the agent's own, or its assignment's when lower.
+    pub cap: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -65,6 +67,8 @@ pub struct OpenLink {
     pub since_ms: f64,
     /// The link protocol: 2 (TLS), or 1 during an upgrade.
     pub protocol: u8,
+    /// Being closed (no longer planned, or over a lowered cap): it holds its slot until its socket is gone.
+    pub closing: bool,
 }
 
 type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
@@ -313,14 +317,19 @@ impl Mesh {
                 direction: *dir,
                 since_ms: o.since_ms,
                 protocol: o.protocol,
+                closing: !self.table.holds_link(id, *dir),
             })
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         self.metrics.set_open(links.len());
+        let cap = self.table.cap();
+        self.metrics.cap.set(cap as i64);
         self.status.send_if_modified(|s| {
-            let changed =
-                s.links.len() != links.len() || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id);
+            let changed = s.cap != cap
+                || s.links.len() != links.len()
+                || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id || a.closing != b.closing);
             s.links = links;
+            s.cap = cap;
             changed
         });
     }

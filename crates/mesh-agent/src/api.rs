@@ -1,6 +1,7 @@
 //! The agent's HTTP API: `/metrics` (Prometheus), `/healthz`, and the test API:
-//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs}], planned, assignmentError,
-//!   rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment, null before one);
+//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs, protocol, closing}], planned, assignmentError,
+//!   cap, rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment, null before one;
+//!   `cap`: the cap held now);
 //! - `POST /updates` `{"value"?: string}`: appends an update (a new key in the document's `updates` map,
 //!   `<node id prefix>-<n>`, holding `{origin, writtenAtMs, value}`); answers `{key}`;
 //! - `GET /updates`: every update this agent has, `[{key, origin, value, writtenAtMs, firstSeenMs}]`, where
@@ -82,6 +83,7 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
         "nodeId": app.agent.identity.node_id(),
         "links": s.links,
         "planned": s.planned,
+        "cap": s.cap,
         "assignmentError": s.assignment_error,
         "rendezvousConnected": m.rendezvous_connected.get() == 1,
         "maxOpenLinks": m.max_open_links.get(),
