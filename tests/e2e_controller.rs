@@ -600,47 +600,60 @@ fn send_sigterm(pid: i32) -> i32 {
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().code().unwrap_or(-1)
 }
 
-/// A write carries the UID of the Pod the plan saw: a Pod deleted since is not re-created by server-side
-/// apply, and one recreated under the same name does not get its predecessor's peers.
+/// A write carries the UID and resourceVersion of the Pod the plan saw: a Pod deleted since is not
+/// re-created by server-side apply, one recreated under the same name does not get its predecessor's
+/// peers, and a Pod changed since (or a write repeated) is refused, to be decided again.
 #[tokio::test]
-async fn writes_reach_only_the_pod_the_plan_saw() {
+async fn writes_reach_only_the_pod_version_the_plan_saw() {
     let client = client().await;
     let ns = namespace(&client, "uid").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let old = create_pod(&client, &ns, "agent-0", json!({"app": "agent"}), json!({})).await;
-    let stale_uid = old.metadata.uid.clone();
     pods.delete("agent-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
     wait_for("agent-0 to be gone", WAIT, || async { pods.get_opt("agent-0").await.unwrap().is_none().then_some(()) })
         .await;
     let to = Assignment::new(vec![Peer { node_id: "ab".into(), url: "ws://127.0.0.9:1/".into() }], [], "mesh".into());
-    let write = decide::Write {
+    let to = std::sync::Arc::new(to.with_max_peers(4));
+    let write = |pod: &Pod| decide::Write {
         pod: "agent-0".into(),
-        uid: stale_uid,
-        resource_version: None,
-        to: Some(std::sync::Arc::new(to)),
+        uid: pod.metadata.uid.clone(),
+        resource_version: pod.metadata.resource_version.clone(),
+        to: Some(to.clone()),
         from: None,
         node_id: None,
     };
-    let waves = decide::Waves { shrink: vec![], grow: vec![write] };
+    let waves = |pod: &Pod| decide::Waves { shrink: vec![], grow: vec![write(pod)] };
     let exp = apply::Expectations::default();
     let counter = Default::default();
     let unelected = leader::Leadership::new(false);
-    let outcome = apply::apply(&pods, &waves, 4, &unelected, &exp, &counter).await;
-    assert!(outcome.failed.is_empty(), "{outcome:?}");
+    let outcome = apply::apply(&pods, &waves(&old), 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed.values().all(apply::WriteError::is_stale) && outcome.written.is_empty(), "{outcome:?}");
     assert!(pods.get_opt("agent-0").await.unwrap().is_none(), "server-side apply re-created a deleted Pod");
 
-    create_pod(&client, &ns, "agent-0", json!({"app": "agent"}), json!({})).await;
-    let outcome = apply::apply(&pods, &waves, 4, &unelected, &exp, &counter).await;
-    assert!(outcome.failed.is_empty(), "{outcome:?}");
-    let fresh = pods.get("agent-0").await.unwrap();
+    let fresh = create_pod(&client, &ns, "agent-0", json!({"app": "agent"}), json!({})).await;
+    let outcome = apply::apply(&pods, &waves(&old), 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed["agent-0"].is_stale(), "{outcome:?}");
     assert_eq!(
-        Assignment::from_annotations(fresh.annotations()),
+        Assignment::from_annotations(pods.get("agent-0").await.unwrap().annotations()),
         None,
         "the recreated Pod got its predecessor's assignment"
     );
+
+    // A Pod changed since the decision read it (here by the kubelet) refuses the write.
+    set_pod_status(&client, &ns, "agent-0", "127.0.0.9", true).await;
+    let outcome = apply::apply(&pods, &waves(&fresh), 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed["agent-0"].is_stale(), "{outcome:?}");
+    assert_eq!(Assignment::from_annotations(pods.get("agent-0").await.unwrap().annotations()), None);
+    // Decided on the Pod as it is, it lands; the same write again is refused.
+    let current = pods.get("agent-0").await.unwrap();
+    let outcome = apply::apply(&pods, &waves(&current), 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed.is_empty() && outcome.patched == 1, "{outcome:?}");
+    let outcome = apply::apply(&pods, &waves(&current), 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed["agent-0"].is_stale(), "a repeated write landed: {outcome:?}");
+    assert_eq!(Assignment::from_annotations(pods.get("agent-0").await.unwrap().annotations()).as_ref(), Some(&*to));
     // And a leader that lost its fence writes nothing at all.
     let standby = leader::Leadership::new(true);
-    let outcome = apply::apply(&pods, &waves, 4, &standby, &exp, &counter).await;
+    let outcome = apply::apply(&pods, &waves(&current), 4, &standby, &exp, &counter).await;
     assert!(outcome.lost_leadership && outcome.patched == 0);
 }
 

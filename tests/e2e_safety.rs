@@ -3,15 +3,18 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
+use mesh_operator::controller::leader;
 use rendezvous::SimAgent;
 use serde_json::json;
 use support::*;
@@ -321,6 +324,217 @@ async fn a_leader_cut_off_from_its_lease_stops_writing_before_a_standby_leads() 
     a.kill().await;
     b.kill().await;
     assert!(history.assert_clean() > 0);
+}
+
+/// Rule 5 with the clocks and the network against it. Replica A leads; replica B's clock runs
+/// [`leader::SKEW_TOLERANCE`] ahead (libfaketime). A is cut off from its Lease while the fleet keeps
+/// changing, so A writes until its fence ends: every write A made lands before the Lease names B (etcd's
+/// revisions order both). Some of A's writes after the cut are held in the network; once B leads and the
+/// chart's leader fence is installed they arrive, and the API server refuses each: it refuses A's writes
+/// and takes B's.
+#[tokio::test]
+async fn a_skewed_standby_and_late_writes_never_overlap_the_leader() {
+    let (client, ns, rv) = setup("skew").await;
+    let history = History::start(&client, &ns, 4).await;
+    grant_replicas(&client, &ns).await;
+    let wire = Wire::default();
+    let config = replica_config(&ns, "op-a").await;
+    let a_client = kube::client::ClientBuilder::try_from(config).unwrap().with_layer(&wire).build();
+    let a = Operator::start_as(a_client, &ns, "op-a", true).await;
+    wait_for("op-a to lead", WAIT, || async { (a.metrics.leader.get() == 1).then_some(()) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = replica_kubeconfig(dir.path(), &ns, "op-b");
+    let mut b = operator_command(&kubeconfig, &ns, "op-b", &dir.path().join("op-b.log"), "info", &[]);
+    b.env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", format!("+{}s", leader::SKEW_TOLERANCE.as_secs()))
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let _b = b.spawn().unwrap();
+    fleet(&client, &ns, &rv, 8, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 8).await;
+
+    let takeover = tokio::spawn(takeover_version(client.clone(), ns.clone(), "op-b"));
+    let churn = tokio::spawn(churn_readiness(client.clone(), ns.clone(), ["agent-6", "agent-7"]));
+    wait_for("op-a to write for the churn", WAIT, || async { (!wire.written().is_empty()).then_some(()) }).await;
+    let before_cut = wire.written().len();
+    wire.cut.store(true, Ordering::SeqCst);
+    let took = tokio::time::timeout(Duration::from_secs(90), takeover).await.expect("op-b to take the Lease").unwrap();
+    wait_for("op-a to stop leading", WAIT, || async { (a.metrics.leader.get() == 0).then_some(()) }).await;
+    churn.abort();
+    let written = wire.written();
+    assert!(written.len() > before_cut, "op-a wrote nothing between the cut and its fence's end");
+    let last = written.iter().max().copied().unwrap();
+    assert!(last < took, "op-a's write at revision {last} landed after op-b took the Lease at {took}");
+
+    install_leader_fence(&client, &ns).await;
+    let as_a = Client::try_from(replica_config(&ns, "op-a").await).unwrap();
+    let as_b = Client::try_from(replica_config(&ns, "op-b").await).unwrap();
+    wait_for("the API server to refuse op-a's writes", WAIT, || async { refused(&as_a, &ns).await.then_some(()) })
+        .await;
+    assert!(!refused(&as_b, &ns).await, "the leader's write was refused");
+    let held = std::mem::take(&mut *wire.held.lock().unwrap());
+    assert!(!held.is_empty(), "no write of op-a was held in the network");
+    for late in held {
+        let path = late.uri().path().to_string();
+        let answer = as_a.send(late).await.unwrap();
+        assert!(!answer.status().is_success(), "op-a's late write to {path} landed after op-b took over");
+    }
+    // op-b leads through the fence: the churned Pods ready again, every agent is planned.
+    for pod in ["agent-6", "agent-7"] {
+        let ip = Api::<Pod>::namespaced(client.clone(), &ns).get(pod).await.unwrap().status.unwrap().pod_ip.unwrap();
+        set_pod_status(&client, &ns, pod, &ip, true).await;
+    }
+    wait_assigned(&client, &ns, 8).await;
+    a.kill().await;
+    assert!(history.assert_clean() > 0);
+}
+
+/// libfaketime's library, from Debian's `libfaketime` package (`.ci/run` installs it).
+fn libfaketime() -> String {
+    let found = std::fs::read_dir("/usr/lib").unwrap().filter_map(Result::ok).find_map(|d| {
+        let lib = d.path().join("faketime/libfaketime.so.1");
+        lib.exists().then(|| lib.display().to_string())
+    });
+    found.expect("libfaketime (apt-get install libfaketime)")
+}
+
+/// The resourceVersion of the first Lease event naming `holder`: etcd orders it against every Pod write.
+async fn takeover_version(client: Client, ns: String, holder: &'static str) -> u64 {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let leases = Api::<Lease>::namespaced(client, &ns);
+    let mut events = watcher(leases, watcher::Config::default()).applied_objects().boxed();
+    while let Some(lease) = events.next().await {
+        let Ok(lease) = lease else { continue };
+        if lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(holder) {
+            return lease.resource_version().unwrap().parse().unwrap();
+        }
+    }
+    unreachable!("the Lease watch ended")
+}
+
+/// Flips the readiness of `pods` in turn, every 300 ms: every flip changes the plan.
+async fn churn_readiness(client: Client, ns: String, pods: [&str; 2]) {
+    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    for i in 0usize.. {
+        let pod = api.get(pods[i % 2]).await.unwrap();
+        let ip = pod.status.and_then(|s| s.pod_ip).unwrap();
+        set_pod_status(&client, &ns, pods[i % 2], &ip, (i / 2) % 2 == 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Whether the API server refuses a (dry-run) Pod write from `client` as not the leader's.
+async fn refused(client: &Client, ns: &str) -> bool {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let params = PatchParams { dry_run: true, ..Default::default() };
+    let probe = json!({"metadata": {"annotations": {"agentmesh.dev/probe": "x"}}});
+    match pods.patch("agent-0", &params, &Patch::Merge(&probe)).await {
+        Err(kube::Error::Api(s)) => s.code == 403 && s.message.contains("does not hold the leader Lease"),
+        _ => false,
+    }
+}
+
+/// Replica A's network: it can cut A off from Leases, records the resourceVersion each of A's Pod writes
+/// produced, and once `cut`, holds every other Pod write in the network (A sees its connection reset, so
+/// it keeps writing) for the test to deliver late.
+#[derive(Clone, Default)]
+struct Wire {
+    cut: Arc<AtomicBool>,
+    written: Arc<Mutex<Vec<u64>>>,
+    held: Arc<Mutex<Vec<http::Request<kube::client::Body>>>>,
+    writes: Arc<AtomicUsize>,
+}
+
+impl Wire {
+    fn written(&self) -> Vec<u64> {
+        self.written.lock().unwrap().clone()
+    }
+}
+
+#[derive(Clone)]
+struct Wired<S> {
+    inner: S,
+    wire: Wire,
+}
+
+impl<S> tower::Layer<S> for Wire {
+    type Service = Wired<S>;
+
+    fn layer(&self, inner: S) -> Wired<S> {
+        Wired { inner, wire: self.clone() }
+    }
+}
+
+type Answer<B> = http::Response<http_body_util::Either<Cuttable<B>, http_body_util::Full<bytes::Bytes>>>;
+
+/// A response body that fails once its Lease request is cut off: a watch opened before the cut delivers
+/// nothing after it, as for a replica partitioned from the API server.
+struct Cuttable<B> {
+    inner: B,
+    cut: Option<Arc<AtomicBool>>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Cuttable<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        if self.cut.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
+
+impl<S, B> tower::Service<http::Request<kube::client::Body>> for Wired<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = Answer<B>;
+    type Error = tower::BoxError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Answer<B>, tower::BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), tower::BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        use http_body_util::{BodyExt, Either, Full};
+        let wire = self.wire.clone();
+        let cut = wire.cut.load(Ordering::SeqCst);
+        let lease = req.uri().path().contains("/leases");
+        if cut && lease {
+            return Box::pin(async { Err("cut off from the API server".into()) });
+        }
+        let pod_write = req.method() == http::Method::PATCH && req.uri().path().contains("/pods/");
+        if pod_write && cut && wire.writes.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            wire.held.lock().unwrap().push(req);
+            return Box::pin(async { Err("connection reset (the request is still in the network)".into()) });
+        }
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let answer = answer.await.map_err(Into::into)?;
+            if !pod_write || !answer.status().is_success() {
+                let cut = lease.then(|| wire.cut.clone());
+                return Ok(answer.map(|inner| Either::Left(Cuttable { inner, cut })));
+            }
+            let (parts, body) = answer.into_parts();
+            let bytes = body.collect().await.map_err(Into::into)?.to_bytes();
+            let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|pod| pod["metadata"]["resourceVersion"].as_str()?.parse::<u64>().ok());
+            wire.written.lock().unwrap().extend(version);
+            Ok(http::Response::from_parts(parts, Either::Right(Full::new(bytes))))
+        })
+    }
 }
 
 /// A client whose requests to Leases fail while `cut` is set: a replica partitioned from the API server

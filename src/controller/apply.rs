@@ -19,6 +19,9 @@ use super::decide::{Waves, Write};
 use super::leader::Leadership;
 use crate::assignment::{self, Assignment};
 
+/// What the chart's leader fence (a ValidatingAdmissionPolicy) says when it refuses a write.
+const FENCED: &str = "does not hold the leader Lease";
+
 /// What applying the waves did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -90,6 +93,18 @@ pub enum WriteError {
 }
 
 impl WriteError {
+    /// Refused because the Pod is no longer the version its decision read (a 409; a 422 on the immutable
+    /// UID when it was replaced under the same name): not a failure to report, only a decision to take
+    /// again.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Self::Rejected(kube::Error::Api(s)) if s.code == 409 || uid_mismatch(s))
+    }
+
+    /// Refused by the chart's leader fence: the API server's Lease names another replica.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Self::Rejected(kube::Error::Api(s)) if s.code == 403 && s.message.contains(FENCED))
+    }
+
     /// Whether the write may still have been applied.
     fn ambiguous(&self) -> bool {
         match self {
@@ -113,7 +128,7 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 async move {
                     let Some(left) = left else { return (i, Err(WriteError::NotStarted)) };
                     // Only the written version is kept: a wave of 10,000 answers would otherwise hold 10,000 Pods.
-                    let result = match tokio::time::timeout(left, patch(&api, &w)).await {
+                    let result = match tokio::time::timeout(left, patch(&api, &w, left)).await {
                         Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(WriteError::Rejected),
                         Err(_) => Err(WriteError::TimedOut),
                     };
@@ -139,7 +154,8 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 }
             }
             Err(error) => {
-                out.lost_leadership |= matches!(error, WriteError::NotStarted) || !ctx.leadership.may_write();
+                out.lost_leadership |=
+                    matches!(error, WriteError::NotStarted) || error.is_fenced() || !ctx.leadership.may_write();
                 if error.ambiguous() {
                     unsettled.push(w);
                 }
@@ -181,26 +197,46 @@ impl Written {
     }
 }
 
-/// One write. `Ok(None)` when the Pod the decision saw is gone (404, 409 on the UID precondition) or
-/// was replaced (422 on the immutable UID): it needs nothing, and its successor's watch event replans.
-async fn patch(api: &Api<Pod>, w: &Write) -> Result<Option<Pod>, kube::Error> {
-    let result = match &w.to {
+/// One write, fenced by what its decision read: the Pod's UID and resourceVersion. A Pod that changed
+/// since (a kubelet status update, another writer, a replacement under the same name) refuses it with a
+/// 409, and the next reconcile decides again on the newer Pod; a late or repeated write is refused the
+/// same way. `left` is the fence's time left, sent as the API server's own timeout for the request, so
+/// a write this replica abandons is abandoned there too. `Ok(None)` when the Pod is gone (404): it needs
+/// nothing, and the watch event replans.
+async fn patch(api: &Api<Pod>, w: &Write, left: Duration) -> Result<Option<Pod>, kube::Error> {
+    let mut meta = json!({"name": w.pod});
+    for (key, value) in [("uid", &w.uid), ("resourceVersion", &w.resource_version)] {
+        if let Some(v) = value {
+            meta[key] = json!(v);
+        }
+    }
+    let request = kube::core::Request::new(api.resource_url());
+    let built = match &w.to {
         Some(a) => {
-            let body = json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": w.pod, "uid": w.uid, "annotations": a.to_annotations()}});
-            api.patch(&w.pod, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await
+            let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta});
+            body["metadata"]["annotations"] = json!(a.to_annotations());
+            request.patch(&w.pod, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
         }
         None => {
             let removed: serde_json::Map<String, serde_json::Value> =
                 assignment::KEYS.iter().map(|k| (k.to_string(), serde_json::Value::Null)).collect();
-            let body = json!({"metadata": {"uid": w.uid, "annotations": removed}});
+            let mut body = json!({"metadata": meta});
+            body["metadata"]["annotations"] = serde_json::Value::Object(removed);
             let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-            api.patch(&w.pod, &params, &Patch::Merge(&body)).await
+            request.patch(&w.pod, &params, &Patch::Merge(&body))
         }
     };
-    match result {
+    let mut req = built.map_err(kube::Error::BuildRequest)?;
+    let uri = req.uri().to_string();
+    let separator = if uri.contains('?') { '&' } else { '?' };
+    let uri = format!("{uri}{separator}timeout={}ms", left.as_millis().max(1));
+    let invalid =
+        |e: http::uri::InvalidUri| kube::Error::BuildRequest(kube::core::request::Error::BuildRequest(e.into()));
+    *req.uri_mut() = uri.parse().map_err(invalid)?;
+    req.extensions_mut().insert("patch");
+    match api.clone().into_client().request::<Pod>(req).await {
         Ok(pod) => Ok(Some(pod)),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || uid_mismatch(&s) => Ok(None),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(e) => Err(e),
     }
 }

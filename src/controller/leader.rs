@@ -5,6 +5,13 @@
 //! API would go on writing after a standby took over. The fence expires on our clock, renewals or not,
 //! [`LEASE_SECONDS`] − [`FENCE`] before a standby may take the Lease.
 //!
+//! Clocks: the leader times its fence from `renewTime`, which it wrote from its own clock, so its skew
+//! does not matter; a standby takes the Lease when `renewTime` + [`LEASE_SECONDS`] has passed on *its*
+//! clock. A standby whose clock runs ahead by δ takes over δ early. Each write is abandoned at the
+//! fence's end, by us and (through the request's `timeout`) by the API server, so writes end
+//! [`LEASE_SECONDS`] − [`FENCE`] − δ before a standby may write. [`SKEW_TOLERANCE`] is the δ we promise to
+//! absorb; the rest of that margin is for a write's trip to the API server.
+//!
 //! One source, one order: the fence is updated before the term moves, and the term moving is what
 //! re-runs every policy, so a new leader never reconciles while it still reads itself as a standby.
 use std::sync::Arc;
@@ -24,11 +31,18 @@ use super::Settings;
 use crate::telemetry::Metrics;
 
 /// The Lease duration: a standby takes over at most this long (plus up to a second) after the last renewal.
-pub const LEASE_SECONDS: u64 = 10;
-/// kube-lease-manager renews this long before the Lease would expire.
-pub const GRACE_SECONDS: u64 = 4;
-/// How long after a renewal the leader may still start a write wave.
+pub const LEASE_SECONDS: u64 = 15;
+/// kube-lease-manager renews this long before the Lease would expire: every 5 s.
+pub const GRACE_SECONDS: u64 = 10;
+/// How long after a renewal the leader may still start a write wave: the 5 s renewal period plus 3 s for
+/// a renewal to land before writes pause.
 pub const FENCE: Duration = Duration::from_secs(8);
+/// How far ahead of the leader's clock a standby's may run without both writing at once.
+pub const SKEW_TOLERANCE: Duration = Duration::from_secs(5);
+/// The part of the margin left for a write's trip to the API server.
+const TRIP: Duration = Duration::from_secs(2);
+const _: () = assert!(FENCE.as_secs() + SKEW_TOLERANCE.as_secs() + TRIP.as_secs() <= LEASE_SECONDS);
+const _: () = assert!(FENCE.as_secs() > LEASE_SECONDS - GRACE_SECONDS, "the fence outlasts a renewal period");
 
 /// The longest a single write may take when no fence bounds it.
 pub const UNFENCED_WRITE: Duration = Duration::from_secs(30);

@@ -35,7 +35,8 @@ use crate::telemetry;
 /// How soon a reconcile that found the caches behind (not synced yet, or older than our own writes) runs
 /// again.
 const CACHE_WAIT: Duration = Duration::from_millis(200);
-/// How soon a reconcile whose writes failed, or were cut short by a lost leadership, runs again.
+/// How soon a reconcile whose writes failed, or were cut short by a lost leadership, runs again (one
+/// whose writes were only refused as stale runs again after [`CACHE_WAIT`]).
 const WRITE_RETRY: Duration = Duration::from_secs(2);
 
 pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -157,8 +158,10 @@ fn decision(
 /// When to reconcile again, with no event: soon after failed writes, promptly (`prompt`) while a Ready Pod
 /// waits for its presence entry, when held-back newcomers may join, else at the next poll.
 fn next_run(policy: &ValidPolicy, d: &Decision, outcome: &Outcome, prompt: bool) -> Duration {
-    let again = if !outcome.failed.is_empty() || outcome.lost_leadership {
+    let again = if outcome.lost_leadership || outcome.failed.values().any(|e| !e.is_stale()) {
         WRITE_RETRY
+    } else if !outcome.failed.is_empty() {
+        CACHE_WAIT
     } else if prompt {
         PROMPT_FETCH_INTERVAL
     } else {

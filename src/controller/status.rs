@@ -65,7 +65,14 @@ impl Findings {
             suspect: read.suspect.clone(),
             conflicted: o.conflicted.clone(),
             plan_error: d.plan_error.clone(),
-            write_failures: outcome.failed.iter().map(|(pod, e)| (pod.clone(), e.to_string())).collect(),
+            // A write refused because its Pod changed since the decision is decided again at once; one
+            // refused by the leader fence belongs to the leader.
+            write_failures: outcome
+                .failed
+                .iter()
+                .filter(|(_, e)| !e.is_stale() && !e.is_fenced())
+                .map(|(pod, e)| (pod.clone(), e.to_string()))
+                .collect(),
             held: outcome.held.len(),
             arriving: members.map_or(0, |m| m.excluded.values().filter(|e| **e == Exclusion::Arriving).count()),
             duplicate_ids: members.map(duplicate_ids).unwrap_or_default(),

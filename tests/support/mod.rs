@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use serde::Deserialize;
 use serde_json::json;
 
 pub mod agents;
@@ -65,6 +66,87 @@ pub async fn config() -> Config {
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(mesh_operator::controller::READ_TIMEOUT);
     config
+}
+
+/// The user the chart's replicas act as (its ServiceAccount, for a release `mesh-operator` in `ns`).
+pub fn replica_user(ns: &str) -> String {
+    format!("system:serviceaccount:{ns}:mesh-operator")
+}
+
+/// A config acting as the chart's replica in Pod `identity` of `ns`: its ServiceAccount user, with the
+/// Pod name the API server puts in such a token's extra (by impersonation; see [`install_leader_fence`]).
+pub async fn replica_config(ns: &str, identity: &str) -> Config {
+    let mut config = config().await;
+    config.auth_info.impersonate = Some(replica_user(ns));
+    config.auth_info.impersonate_user_extra =
+        Some([(POD_NAME_EXTRA.to_string(), vec![identity.to_string()])].into_iter().collect());
+    config
+}
+
+/// The same, as a kubeconfig file in `dir` (for the operator binary).
+pub fn replica_kubeconfig(dir: &Path, ns: &str, identity: &str) -> PathBuf {
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
+    for user in kc["users"].as_sequence_mut().expect("kubeconfig users") {
+        user["user"]["as"] = replica_user(ns).into();
+        let extra: serde_yaml::Mapping =
+            [(POD_NAME_EXTRA.into(), vec![identity.to_string()].into())].into_iter().collect();
+        user["user"]["as-user-extra"] = extra.into();
+    }
+    let path = dir.join(format!("{identity}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    path
+}
+
+/// Where a ServiceAccount token bound to a Pod carries the Pod's name.
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+
+/// The chart's leader fence for replicas in `ns`: its `-leader` ValidatingAdmissionPolicy and binding, as
+/// `helm template` renders them for a release `mesh-operator` in `ns` (renamed after `ns`, since they are
+/// cluster-scoped).
+pub async fn install_leader_fence(client: &Client, ns: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let chart = format!("{REPO}/deploy/helm/mesh-operator");
+    let args = ["template", "mesh-operator", &chart, "--kube-version", "1.36.0", "--namespace", ns];
+    let out = tool("helm", &[&args[..], &["--show-only", "templates/admissionpolicy.yaml"]].concat());
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let renamed = format!("mesh-operator-leader-{ns}");
+    let pp = PatchParams::apply("mesh-operator-tests").force();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+        if v["metadata"]["name"] != "mesh-operator-leader" {
+            continue;
+        }
+        v["metadata"]["name"] = json!(renamed);
+        if v["kind"] == "ValidatingAdmissionPolicy" {
+            let policy: ValidatingAdmissionPolicy = serde_json::from_value(v).unwrap();
+            Api::<ValidatingAdmissionPolicy>::all(client.clone())
+                .patch(&renamed, &pp, &Patch::Apply(&policy))
+                .await
+                .unwrap();
+        } else {
+            v["spec"]["policyName"] = json!(renamed);
+            let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(v).unwrap();
+            Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+                .patch(&renamed, &pp, &Patch::Apply(&binding))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Lets the replicas' user of `ns` (see [`replica_config`]) do anything, as the chart's RBAC would let it
+/// do what it needs.
+pub async fn grant_replicas(client: &Client, ns: &str) {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let name = format!("mesh-operator-replicas-{ns}");
+    let admin: ClusterRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": replica_user(ns)}]}))
+    .unwrap();
+    let pp = PatchParams::apply("mesh-operator-tests").force();
+    Api::<ClusterRoleBinding>::all(client.clone()).patch(&name, &pp, &Patch::Apply(&admin)).await.unwrap();
 }
 
 /// A client that authenticates with a bearer `token` (a ServiceAccount's) instead of the admin certificate.
