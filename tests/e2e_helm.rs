@@ -55,12 +55,23 @@ fn chart_lints_and_renders() {
             "Service",
             "ServiceAccount",
             "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "ValidatingAdmissionPolicyBinding"
         ]
     );
-    let vap = docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicy").unwrap();
-    let who = vap["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
-    assert!(who.contains("system:serviceaccount:ops:mo'"), "{who}");
+    for vap in docs.iter().filter(|d| d["kind"] == "ValidatingAdmissionPolicy") {
+        let who = vap["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
+        assert!(who.contains("system:serviceaccount:ops:mo'"), "{who}");
+    }
+    let fence =
+        docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding" && d["metadata"]["name"] == "mo-leader");
+    let lease = &fence.expect("the leader fence's binding")["spec"]["paramRef"];
+    assert_eq!(
+        (&lease["name"], &lease["namespace"]),
+        (&"mo".into(), &"ops".into()),
+        "the fence reads the replicas' Lease"
+    );
     let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(deploy["spec"]["replicas"], 2);
@@ -201,7 +212,7 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
     }
 
     // The controller, authenticated as that ServiceAccount, runs a basic scenario.
-    let token = ok(tool("kubectl", &["create", "token", sa, "-n", &ns, "--duration", "1h"]), "kubectl create token");
+    let token = replica_token(&admin, &ns, sa, "chart-sa").await;
     let sa_client = client_with_token(&token).await;
     let rv = Rendezvous::start().await;
     rv.state.lock().unwrap().token = Some("join".into());
@@ -213,7 +224,7 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         .await
         .unwrap();
     let history = History::start(&admin, &ns, 3).await;
-    let op = Operator::start_as(sa_client, &ns, "chart-sa", true).await;
+    let op = Operator::start_watching(sa_client, (&release, &ns), &[&ns], "chart-sa", true).await;
     fleet(&admin, &ns, &rv, 6, |_| None).await;
     let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
         "metadata": {"name": "mesh"}, "spec": {"selector": {"matchLabels": {"app": "agent"}}, "maxPeers": 3,
@@ -298,11 +309,11 @@ async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narro
         assert_eq!(can_i(&ops, &release, &args), allowed, "can-i {args:?}");
     }
 
-    let token = ok(tool("kubectl", &["create", "token", &release, "-n", &ops, "--duration", "1h"]), "create token");
+    let token = replica_token(&admin, &ops, &release, "chart-sa").await;
     let sa_client = client_with_token(&token).await;
     let rv = Rendezvous::start().await;
     let histories = [History::start(&admin, &ci_a, 2).await, History::start(&admin, &ci_b, 2).await];
-    let op = Operator::start_watching(sa_client.clone(), &ops, &[&ci_a, &ci_b], "chart-sa", true).await;
+    let op = Operator::start_watching(sa_client.clone(), (&release, &ops), &[&ci_a, &ci_b], "chart-sa", true).await;
     for ns in [&ci_a, &ci_b] {
         fleet(&admin, ns, &rv, 5, |_| None).await;
         let mp: MeshPolicy = serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1",
@@ -349,6 +360,15 @@ async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narro
     pods.patch("agent-0", &pp, &merge(json!({"metadata": {"annotations": {"agentmesh.dev/links": "2"}}})))
         .await
         .expect("its own annotation");
+    // The leader fence: the same write from a replica in another Pod, which the Lease does not name.
+    let other = client_with_token(&replica_token(&admin, &ops, &release, "chart-sb").await).await;
+    let refused = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(other, &ci_a)
+        .patch("agent-0", &pp, &merge(json!({"metadata": {"annotations": {"agentmesh.dev/links": "3"}}})))
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("does not hold the leader Lease")),
+        "a replica the Lease does not name wrote a Pod: {refused:?}"
+    );
     let policies: Api<MeshPolicy> = Api::namespaced(sa_client, &ci_a);
     let spec_change = policies.patch("mesh", &pp, &merge(json!({"spec": {"maxPeers": 8}}))).await;
     assert!(

@@ -515,7 +515,7 @@ where
             return Box::pin(async { Err("cut off from the API server".into()) });
         }
         let pod_write = req.method() == http::Method::PATCH && req.uri().path().contains("/pods/");
-        if pod_write && cut && wire.writes.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if pod_write && cut && wire.writes.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             wire.held.lock().unwrap().push(req);
             return Box::pin(async { Err("connection reset (the request is still in the network)".into()) });
         }

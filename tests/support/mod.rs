@@ -68,6 +68,21 @@ pub async fn config() -> Config {
     config
 }
 
+/// A token of ServiceAccount `sa` in `ns` bound to a Pod named `pod` (created here, never scheduled), like
+/// the token of a chart replica running in that Pod: the API server names the Pod in the token's user
+/// extra, which the chart's leader policy compares with the Lease holder.
+pub async fn replica_token(client: &Client, ns: &str, sa: &str, pod: &str) -> String {
+    let placeholder: Pod = serde_json::from_value(json!({"metadata": {"name": pod}, "spec": {
+        "serviceAccountName": sa, "containers": [{"name": "operator", "image": "mesh-operator:dev"}]}}))
+    .unwrap();
+    let created = Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &placeholder).await;
+    let uid = created.expect("creating the replica's Pod").metadata.uid.unwrap();
+    let args = ["create", "token", sa, "-n", ns, "--duration", "1h", "--bound-object-kind", "Pod"];
+    let out = tool("kubectl", &[&args[..], &["--bound-object-name", pod, "--bound-object-uid", &uid]].concat());
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The user the chart's replicas act as (its ServiceAccount, for a release `mesh-operator` in `ns`).
 pub fn replica_user(ns: &str) -> String {
     format!("system:serviceaccount:{ns}:mesh-operator")
@@ -339,13 +354,13 @@ impl Operator {
 
     /// Runs the controller with `client`'s credentials (for example a ServiceAccount token).
     pub async fn start_as(client: Client, ns: &str, identity: &str, leader_elect: bool) -> Self {
-        Self::start_watching(client, ns, &[ns], identity, leader_elect).await
+        Self::start_watching(client, ("mesh-operator", ns), &[ns], identity, leader_elect).await
     }
 
-    /// Runs the controller over `namespaces`, its Lease in `lease_ns`.
+    /// Runs the controller over `namespaces`, its Lease `lease` (name, namespace).
     pub async fn start_watching(
         client: Client,
-        lease_ns: &str,
+        (lease_name, lease_ns): (&str, &str),
         namespaces: &[&str],
         identity: &str,
         leader_elect: bool,
@@ -355,7 +370,7 @@ impl Operator {
             metrics_addr,
             leader_elect,
             lease_namespace: lease_ns.into(),
-            lease_name: "mesh-operator".into(),
+            lease_name: lease_name.into(),
             identity: identity.into(),
             max_presence_bytes: mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES,
             apply_concurrency: 16,
