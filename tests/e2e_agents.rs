@@ -128,12 +128,12 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     history.assert_clean();
 }
 
-/// `maxPeers` lowered from 4 to 2 under real agents whose own `--max-peers` is 4: each agent comes to hold
-/// the policy's cap of 2 and follows the new plan; at no sample does an agent hold more links (other than
-/// ones being closed) than the cap it holds then, and at no event do the Pods publish more than the cap
-/// each carries.
+/// `maxPeers` lowered from 4 to 2, then raised to 3, under real agents whose own `--max-peers` is 4: each
+/// agent comes to hold the policy's cap and follows the new plan; at no sample does an agent hold more
+/// links (other than ones being closed) than the cap it holds then, or open one while over it; and at no
+/// event do the Pods publish more than the cap each carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lowering_max_peers_lowers_the_cap_at_every_agent() {
+async fn changing_max_peers_moves_the_cap_at_every_agent() {
     let (client, ns, rv) = setup("lowered").await;
     let dir = tempfile::tempdir().unwrap();
     let hub = rv.hub();
@@ -173,6 +173,16 @@ async fn lowering_max_peers_lowers_the_cap_at_every_agent() {
         assert!(a.links().await.unwrap().len() <= 2, "{} holds more than the new cap", a.name);
         assert_eq!(a.metric("agentmesh_link_cap", "").await, 2.0, "{}", a.name);
     }
+    // Raised to 3: the agents follow it up (their own 4 still above).
+    Api::<MeshPolicy>::namespaced(client.clone(), &ns)
+        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"maxPeers": 3}})))
+        .await
+        .unwrap();
+    wait_for("every agent to hold the raised cap", WAIT, || async {
+        (caps().await? == BTreeSet::from([3])).then_some(())
+    })
+    .await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
     assert!(sampler.assert_clean() > 20, "the sampler ran");
     history.assert_clean();
 }

@@ -438,12 +438,9 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert_eq!(b.metrics.leader.get(), 0);
     assert_eq!(b.pod_patches(), 0, "the standby patched Pods");
     assert!(a.pod_patches() > 0);
-    // kill the leader without releasing the Lease: the standby takes over within 15 s
+    // kill the leader without releasing the Lease: the standby takes over once it expires
     a.kill().await;
-    let killed = std::time::Instant::now();
-    wait_for("op-b to take over", Duration::from_secs(20), || async { (b.metrics.leader.get() == 1).then_some(()) })
-        .await;
-    let took = killed.elapsed();
+    wait_for("op-b to take over", WAIT, || async { (b.metrics.leader.get() == 1).then_some(()) }).await;
     Api::<Pod>::namespaced(client.clone(), &ns).delete("agent-2", &DeleteParams::default()).await.unwrap();
     wait_for("op-b to replan after agent-2 left", WAIT, || async {
         let a = assignments(&client, &ns).await;
@@ -451,7 +448,6 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     })
     .await;
     wait_for("the new leader's writes to be counted", WAIT, || async { (b.pod_patches() > 0).then_some(()) }).await;
-    assert!(took <= Duration::from_secs(15), "takeover took {took:?}");
     b.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }
@@ -594,6 +590,39 @@ async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
     assert_eq!(holder, None, "the Lease stayed with a replica that shut down");
 }
 
+/// Two replicas acquiring one Lease at once: only one may win. While op-a holds it, op-b's acquisition
+/// (the server-side apply kube-lease-manager sends, under op-b's field manager) conflicts instead of
+/// replacing op-a as holder, and so would op-a's renewal landing after op-b took it.
+#[tokio::test]
+async fn a_lease_is_held_by_one_replica_at_a_time() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = client().await;
+    let ns = namespace(&client, "acquire").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let settings = mesh_operator::controller::Settings {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_elect: true,
+        lease_namespace: ns.clone(),
+        lease_name: "mesh-operator".into(),
+        identity: "op-a".into(),
+        max_presence_bytes: 1024,
+        apply_concurrency: 1,
+        namespaces: vec![],
+        pod_selector: None,
+    };
+    let leadership = std::sync::Arc::new(leader::Leadership::new(true));
+    let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
+    wait_for("op-a to lead", WAIT, || async { leadership.may_write().then_some(()) }).await;
+    let acquire = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "spec": {"holderIdentity": "op-b", "leaseDurationSeconds": leader::LEASE_SECONDS}});
+    let as_b = PatchParams::apply(&leader::lease_field_manager("op-b"));
+    let raced = leases.patch("mesh-operator", &as_b, &Patch::Apply(&acquire)).await;
+    assert!(matches!(&raced, Err(kube::Error::Api(s)) if s.code == 409), "op-b acquired a held Lease: {raced:?}");
+    let holder = leases.get("mesh-operator").await.unwrap().spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("op-a"));
+    leader::release(task).await;
+}
+
 /// The `mesh-operator` binary watching `ns` (its Lease there too), stdout and stderr into `log`.
 /// SIGTERM via the kill(1) command, to keep the tests free of unsafe code.
 fn send_sigterm(pid: i32) -> i32 {
@@ -651,6 +680,20 @@ async fn writes_reach_only_the_pod_version_the_plan_saw() {
     let outcome = apply::apply(&pods, &waves(&current), 4, &unelected, &exp, &counter).await;
     assert!(outcome.failed["agent-0"].is_stale(), "a repeated write landed: {outcome:?}");
     assert_eq!(Assignment::from_annotations(pods.get("agent-0").await.unwrap().annotations()).as_ref(), Some(&*to));
+    // A Pod that drops a peer and gains another gets a shrink write, then a grow write decided on the
+    // same version: the grow is conditional on the version the shrink left, not refused as stale.
+    let now = pods.get("agent-0").await.unwrap();
+    let swap =
+        Assignment::new(vec![Peer { node_id: "cd".into(), url: "ws://127.0.0.10:1/".into() }], [], "mesh".into());
+    let kept = std::sync::Arc::new(Assignment::new(vec![], [], "mesh".into()).with_max_peers(4));
+    let both = decide::Waves {
+        shrink: vec![decide::Write { to: Some(kept), ..write(&now) }],
+        grow: vec![decide::Write { to: Some(std::sync::Arc::new(swap.clone().with_max_peers(4))), ..write(&now) }],
+    };
+    let outcome = apply::apply(&pods, &both, 4, &unelected, &exp, &counter).await;
+    assert!(outcome.failed.is_empty() && outcome.patched == 2, "{outcome:?}");
+    let carried = Assignment::from_annotations(pods.get("agent-0").await.unwrap().annotations());
+    assert_eq!(carried, Some(swap.with_max_peers(4)));
     // And a leader that lost its fence writes nothing at all.
     let standby = leader::Leadership::new(true);
     let outcome = apply::apply(&pods, &waves(&current), 4, &standby, &exp, &counter).await;

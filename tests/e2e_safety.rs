@@ -353,25 +353,32 @@ async fn a_skewed_standby_and_late_writes_never_overlap_the_leader() {
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     wait_assigned(&client, &ns, 8).await;
 
-    let takeover = tokio::spawn(takeover_version(client.clone(), ns.clone(), "op-b"));
-    let churn = tokio::spawn(churn_readiness(client.clone(), ns.clone(), ["agent-6", "agent-7"]));
-    wait_for("op-a to write for the churn", WAIT, || async { (!wire.written().is_empty()).then_some(()) }).await;
-    let before_cut = wire.written().len();
+    let takeover = tokio::spawn(takeover(client.clone(), ns.clone(), "op-b"));
+    let churn = tokio::spawn(churn_readiness(client.clone(), ns.clone(), "agent-7"));
+    let settled = wire.written().len();
+    wait_for("op-a to write for the churn", WAIT, || async { (wire.written().len() > settled).then_some(()) }).await;
     wire.cut.store(true, Ordering::SeqCst);
-    let took = tokio::time::timeout(Duration::from_secs(90), takeover).await.expect("op-b to take the Lease").unwrap();
+    let renewed = renewed(&client, &ns).await;
+    let (took, ahead) = tokio::time::timeout(Duration::from_secs(90), takeover).await.expect("op-b to lead").unwrap();
+    assert!(ahead >= leader::SKEW_TOLERANCE.as_secs_f64() - 1.0, "op-b's clock is {ahead} s ahead: libfaketime?");
     wait_for("op-a to stop leading", WAIT, || async { (a.metrics.leader.get() == 0).then_some(()) }).await;
     churn.abort();
-    let written = wire.written();
-    assert!(written.len() > before_cut, "op-a wrote nothing between the cut and its fence's end");
-    let last = written.iter().max().copied().unwrap();
+    let last = wire.written().into_iter().max().expect("op-a's writes");
     assert!(last < took, "op-a's write at revision {last} landed after op-b took the Lease at {took}");
+    let last_write = *wire.times.lock().unwrap().iter().max().unwrap();
+    assert!(
+        last_write >= renewed + Duration::from_secs(5),
+        "op-a stopped writing before the last 3 s of its fence: the check above proves nothing"
+    );
 
     install_leader_fence(&client, &ns).await;
     let as_a = Client::try_from(replica_config(&ns, "op-a").await).unwrap();
     let as_b = Client::try_from(replica_config(&ns, "op-b").await).unwrap();
-    wait_for("the API server to refuse op-a's writes", WAIT, || async { refused(&as_a, &ns).await.then_some(()) })
-        .await;
-    assert!(!refused(&as_b, &ns).await, "the leader's write was refused");
+    wait_for("the API server to refuse op-a's writes", WAIT, || async {
+        fenced(probe(&as_a, &ns).await).then_some(())
+    })
+    .await;
+    assert_eq!(probe(&as_b, &ns).await.map_err(|s| s.message), Ok(()), "the leader's write was refused");
     let held = std::mem::take(&mut *wire.held.lock().unwrap());
     assert!(!held.is_empty(), "no write of op-a was held in the network");
     for late in held {
@@ -398,41 +405,57 @@ fn libfaketime() -> String {
     found.expect("libfaketime (apt-get install libfaketime)")
 }
 
-/// The resourceVersion of the first Lease event naming `holder`: etcd orders it against every Pod write.
-async fn takeover_version(client: Client, ns: String, holder: &'static str) -> u64 {
+/// The first Lease event naming `holder`: its resourceVersion (etcd orders it against every Pod write),
+/// and how far ahead of ours the holder's clock was when it wrote `renewTime`, in seconds.
+async fn takeover(client: Client, ns: String, holder: &'static str) -> (u64, f64) {
     use k8s_openapi::api::coordination::v1::Lease;
     use kube::runtime::{WatchStreamExt, watcher};
     let leases = Api::<Lease>::namespaced(client, &ns);
     let mut events = watcher(leases, watcher::Config::default()).applied_objects().boxed();
     while let Some(lease) = events.next().await {
         let Ok(lease) = lease else { continue };
-        if lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(holder) {
-            return lease.resource_version().unwrap().parse().unwrap();
+        let spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() == Some(holder) {
+            let renewed = spec.renew_time.expect("a renewTime").0;
+            let ahead = renewed.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs_f64();
+            return (lease.resource_version().unwrap().parse().unwrap(), ahead);
         }
     }
     unreachable!("the Lease watch ended")
 }
 
-/// Flips the readiness of `pods` in turn, every 300 ms: every flip changes the plan.
-async fn churn_readiness(client: Client, ns: String, pods: [&str; 2]) {
-    let api = Api::<Pod>::namespaced(client.clone(), &ns);
+/// When the Lease was last renewed, as a time on our clock (the leader's, which wrote it).
+async fn renewed(client: &Client, ns: &str) -> std::time::SystemTime {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease = Api::<Lease>::namespaced(client.clone(), ns).get("mesh-operator").await.unwrap();
+    std::time::SystemTime::from(lease.spec.unwrap().renew_time.unwrap().0)
+}
+
+/// Flips the readiness of `pod` every 1.2 s: every flip changes the plan (a lone Pod, returning more than
+/// the 1 s that ends a burst after it left, so admission never holds it back).
+async fn churn_readiness(client: Client, ns: String, pod: &str) {
+    let ip = Api::<Pod>::namespaced(client.clone(), &ns).get(pod).await.unwrap().status.unwrap().pod_ip.unwrap();
     for i in 0usize.. {
-        let pod = api.get(pods[i % 2]).await.unwrap();
-        let ip = pod.status.and_then(|s| s.pod_ip).unwrap();
-        set_pod_status(&client, &ns, pods[i % 2], &ip, (i / 2) % 2 == 1).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        set_pod_status(&client, &ns, pod, &ip, i % 2 == 1).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
     }
 }
 
-/// Whether the API server refuses a (dry-run) Pod write from `client` as not the leader's.
-async fn refused(client: &Client, ns: &str) -> bool {
+/// A dry-run Pod write from `client`: the API server's answer.
+async fn probe(client: &Client, ns: &str) -> Result<(), kube::core::Status> {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let params = PatchParams { dry_run: true, ..Default::default() };
     let probe = json!({"metadata": {"annotations": {"agentmesh.dev/probe": "x"}}});
     match pods.patch("agent-0", &params, &Patch::Merge(&probe)).await {
-        Err(kube::Error::Api(s)) => s.code == 403 && s.message.contains("does not hold the leader Lease"),
-        _ => false,
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) => Err(*s),
+        Err(e) => panic!("the probe write got no answer: {e}"),
     }
+}
+
+/// Whether the answer is the chart's leader fence refusing the write.
+fn fenced(answer: Result<(), kube::core::Status>) -> bool {
+    answer.is_err_and(|s| s.code == 403 && s.message.contains("does not hold the leader Lease"))
 }
 
 /// Replica A's network: it can cut A off from Leases, records the resourceVersion each of A's Pod writes
@@ -441,7 +464,10 @@ async fn refused(client: &Client, ns: &str) -> bool {
 #[derive(Clone, Default)]
 struct Wire {
     cut: Arc<AtomicBool>,
+    /// Each of A's Pod writes: the resourceVersion it produced.
     written: Arc<Mutex<Vec<u64>>>,
+    /// When each was answered.
+    times: Arc<Mutex<Vec<std::time::SystemTime>>>,
     held: Arc<Mutex<Vec<http::Request<kube::client::Body>>>>,
     writes: Arc<AtomicUsize>,
 }
@@ -531,7 +557,10 @@ where
             let version = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|pod| pod["metadata"]["resourceVersion"].as_str()?.parse::<u64>().ok());
-            wire.written.lock().unwrap().extend(version);
+            if let Some(version) = version {
+                wire.written.lock().unwrap().push(version);
+                wire.times.lock().unwrap().push(std::time::SystemTime::now());
+            }
             Ok(http::Response::from_parts(parts, Either::Right(Full::new(bytes))))
         })
     }

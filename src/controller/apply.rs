@@ -34,6 +34,9 @@ pub struct Outcome {
     pub held: Vec<String>,
     /// Leadership was lost before a wave: nothing more was written.
     pub lost_leadership: bool,
+    /// The resourceVersion each of our writes left its Pod at: a grow write to a Pod its shrink write
+    /// just changed is conditional on that version, not on the one the decision read.
+    versions: HashMap<String, String>,
 }
 
 /// Applies `waves`: every shrink write, then the grow writes that stay safe given which shrink writes
@@ -121,9 +124,13 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
     // Owned futures (a stream of futures borrowing from here would not be `Send` for every lifetime), each
     // with its own copy of its write while in flight; the answers name their write by index, so a wave of
     // 10,000 never holds 10,000 copies.
+    let ours = &out.versions;
     let results: Vec<(usize, Result<Option<Written>, WriteError>)> =
         futures::stream::iter(writes.clone().into_iter().cloned().enumerate())
-            .map(|(i, w)| {
+            .map(|(i, mut w)| {
+                if let Some(rv) = ours.get(&w.pod) {
+                    w.resource_version = Some(rv.clone());
+                }
                 let (api, patched, left) = (ctx.api.clone(), ctx.patched.clone(), ctx.leadership.time_left());
                 async move {
                     let Some(left) = left else { return (i, Err(WriteError::NotStarted)) };
@@ -150,6 +157,9 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 out.patched += 1;
                 out.written.insert(w.pod.clone());
                 if let Some(written) = pod {
+                    if let Some(rv) = written.resource_version {
+                        out.versions.insert(w.pod.clone(), rv.to_string());
+                    }
                     ctx.expectations.wrote(written);
                 }
             }
@@ -158,6 +168,9 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                     matches!(error, WriteError::NotStarted) || error.is_fenced() || !ctx.leadership.may_write();
                 if error.ambiguous() {
                     unsettled.push(w);
+                } else if error.is_stale() {
+                    // The Pod changed since the decision: the next one waits until the cache shows it.
+                    ctx.expectations.newer_than(ctx.api.namespace(), w);
                 }
                 out.failed.insert(w.pod.clone(), error);
             }

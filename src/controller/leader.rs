@@ -8,9 +8,12 @@
 //! Clocks: the leader times its fence from `renewTime`, which it wrote from its own clock, so its skew
 //! does not matter; a standby takes the Lease when `renewTime` + [`LEASE_SECONDS`] has passed on *its*
 //! clock. A standby whose clock runs ahead by δ takes over δ early. Each write is abandoned at the
-//! fence's end, by us and (through the request's `timeout`) by the API server, so writes end
-//! [`LEASE_SECONDS`] − [`FENCE`] − δ before a standby may write. [`SKEW_TOLERANCE`] is the δ we promise to
-//! absorb; the rest of that margin is for a write's trip to the API server.
+//! fence's end, by us and (through the request's `timeout`, counted from its arrival) by the API server,
+//! so writes end [`LEASE_SECONDS`] − [`FENCE`] − δ before a standby may write, provided each reaches the
+//! API server within the rest. [`SKEW_TOLERANCE`] is the δ we promise to absorb. What the timing cannot
+//! cover (a write delayed longer on its way, a renewal that lands late) the API server refuses: every
+//! write is conditional on the version its decision read (`apply`), and the chart's leader policy
+//! refuses writes from a replica the Lease does not name.
 //!
 //! One source, one order: the fence is updated before the term moves, and the term moving is what
 //! re-runs every policy, so a new leader never reconciles while it still reads itself as a standby.
@@ -142,6 +145,14 @@ impl Drop for LeaseTask {
     }
 }
 
+/// The field manager a replica acquires and renews the Lease under: its own, so two replicas applying
+/// `holderIdentity` at once conflict and one of them fails (under one shared manager both would succeed,
+/// the last write winning while each believed it led), and a renewal landing after another replica took
+/// the Lease is refused instead of taking it back.
+pub fn lease_field_manager(identity: &str) -> String {
+    format!("{}/{identity}", super::FIELD_MANAGER).chars().take(128).collect()
+}
+
 /// Starts competing for the Lease and following it into `leadership`.
 pub async fn elect(
     client: Client,
@@ -154,7 +165,7 @@ pub async fn elect(
         .with_identity(&settings.identity)
         .with_duration(LEASE_SECONDS)
         .with_grace(GRACE_SECONDS)
-        .with_field_manager(super::FIELD_MANAGER)
+        .with_field_manager(lease_field_manager(&settings.identity))
         .build()
         .await?;
     let (manager_rx, manager) = manager.watch().await;

@@ -239,6 +239,10 @@ async fn cleanup(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let (pods, targets) = released(ctx, object);
     let waves = decide::waves(&pods, &targets, &name);
     let outcome = write(ctx, &ns, &waves).await;
+    if !outcome.failed.is_empty() && outcome.failed.values().all(apply::WriteError::is_stale) {
+        // Refused only because Pods changed since: decided again once the cache shows them.
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     let failed = outcome.failed.len();
     if let Some((pod, source)) = outcome.failed.into_iter().next() {
         let e = CleanupError::Write { failed, pod, source };

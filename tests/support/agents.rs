@@ -386,9 +386,9 @@ impl Drop for Kubelet {
 }
 
 /// Samples every agent's open links until dropped, recording the first sample over a cap: all its sockets
-/// over `cap` (the agents' `--max-peers`), or its links not being closed over the cap the agent holds now
-/// (the lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being
-/// closed keep their slots until gone, so they count against the old cap only).
+/// over `cap` (the agents' `--max-peers`); its links not being closed over the cap the agent holds now (the
+/// lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being closed
+/// keep their slots until gone); or more sockets than at the previous sample while over that cap.
 pub struct LinkSampler {
     pub violation: Arc<Mutex<Option<String>>>,
     pub samples: Arc<Mutex<u64>>,
@@ -401,12 +401,14 @@ impl LinkSampler {
         let samples = Arc::new(Mutex::new(0));
         let (v, n) = (violation.clone(), samples.clone());
         let task = tokio::spawn(async move {
+            let mut last: HashMap<String, usize> = HashMap::new();
             loop {
                 let agents = apis.lock().unwrap().clone();
                 for (name, api) in agents {
                     let Some(status) = http_get(&format!("http://{api}/status")).await else { continue };
                     *n.lock().unwrap() += 1;
-                    if let Some(why) = over_a_cap(&status, cap)
+                    let before = last.insert(name.clone(), sockets(&status)).unwrap_or(0);
+                    if let Some(why) = over_a_cap(&status, cap, before)
                         && v.lock().unwrap().is_none()
                     {
                         *v.lock().unwrap() = Some(format!("{name} {why}: {status}"));
@@ -426,13 +428,21 @@ impl LinkSampler {
     }
 }
 
-/// How an agent's `/status` breaks a cap, if it does: `own` is its `--max-peers`.
-fn over_a_cap(status: &serde_json::Value, own: usize) -> Option<String> {
+fn sockets(status: &serde_json::Value) -> usize {
+    status["links"].as_array().map_or(0, Vec::len)
+}
+
+/// How an agent's `/status` breaks a cap, if it does: `own` is its `--max-peers`, `before` its open links
+/// at the previous sample.
+fn over_a_cap(status: &serde_json::Value, own: usize, before: usize) -> Option<String> {
     let links = status["links"].as_array().map_or(&[][..], Vec::as_slice);
     let held = links.iter().filter(|l| l["closing"] != serde_json::json!(true)).count();
     let now = status["cap"].as_u64().map_or(own, |c| c as usize);
     if links.len() > own {
         return Some(format!("held {} links, over the cap {own}", links.len()));
+    }
+    if links.len() > now && links.len() > before {
+        return Some(format!("opened a link while over the cap {now} it holds now ({before} → {})", links.len()));
     }
     (held > now).then(|| format!("held {held} links not being closed, over the cap {now} it holds now"))
 }

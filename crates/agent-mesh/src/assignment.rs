@@ -118,12 +118,14 @@ impl Assignment {
         Some(Assignment { peers, accepts, policy, max_peers })
     }
 
-    /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the keys
-    /// (the agent is not assigned: it holds no links); an error when they carry some but not all required
-    /// ones, or a value that does not parse, or a link count that disagrees with the lists or exceeds the
+    /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the four
+    /// required keys (the agent is not assigned: it holds no links); an error when they carry some but not
+    /// all, or a value that does not parse, or a link count that disagrees with the lists or exceeds the
     /// cap. A half-written or tampered assignment is reported and never applied.
     pub fn from_annotations_strict(annotations: &BTreeMap<String, String>) -> Result<Option<Assignment>, Malformed> {
-        if !KEYS.iter().any(|k| annotations.contains_key(*k)) {
+        // A cap alone assigns nothing: an older operator, which knows only the four keys, leaves it when it
+        // releases the Pod.
+        if !REQUIRED.iter().any(|k| annotations.contains_key(*k)) {
             return Ok(None);
         }
         if let Some(missing) = REQUIRED.iter().find(|k| !annotations.contains_key(**k)) {
@@ -288,7 +290,7 @@ mod tests {
         assert!(matches!(Assignment::from_annotations_strict(&garbage), Err(Malformed::Value { key: PEERS, .. })));
         let mut only_a_cap = BTreeMap::new();
         only_a_cap.insert(MAX_PEERS.to_string(), "4".to_string());
-        assert_eq!(Assignment::from_annotations_strict(&only_a_cap), Err(Malformed::Missing(PEERS)));
+        assert_eq!(Assignment::from_annotations_strict(&only_a_cap), Ok(None), "a stranded cap assigns nothing");
         for bad in ["1", "65", "-1", "two", ""] {
             let mut capped = full.clone();
             capped.insert(MAX_PEERS.into(), bad.into());

@@ -67,9 +67,9 @@ impl Wanted {
 pub enum Finished {
     /// Keep it: the link is wanted.
     Keep,
-    /// It opened but is no longer wanted, or the cap was lowered meanwhile: close it (it holds its slot
-    /// until [`Table::closed`]).
-    Close,
+    /// It opened but is no longer wanted (`Unplanned`), or the cap was lowered meanwhile and the other
+    /// sockets fill it (`AtCap`): close it, saying why (it holds its slot until [`Table::closed`]).
+    Close(Refusal),
     /// It failed: nothing to do.
     Failed,
 }
@@ -169,14 +169,18 @@ impl Table {
             return Finished::Failed;
         }
         let link = (id.to_string(), Direction::Dialed);
-        // A dial started under a higher cap may end after it was lowered.
-        if self.wanted.keeps(id, Direction::Dialed) && self.held.len() < self.cap() {
-            self.held.insert(link);
-            Finished::Keep
+        // A dial started under a higher cap may end after it was lowered: it opens only into a free slot
+        // (counting every other socket; this one left `dialing` above).
+        let why = if !self.wanted.keeps(id, Direction::Dialed) {
+            Refusal::Unplanned
+        } else if self.count() >= self.cap() {
+            Refusal::AtCap
         } else {
-            self.closing.insert(link);
-            Finished::Close
-        }
+            self.held.insert(link);
+            return Finished::Keep;
+        };
+        self.closing.insert(link);
+        Finished::Close(why)
     }
 
     /// Admits an inbound link from `id`, or says why not.
@@ -287,7 +291,11 @@ mod tests {
         t.dials(|_| true);
         t.want(planned(&["b"], &[]));
         assert!(t.dials(|_| true).is_empty(), "b dialed while the dial to a may still open a socket");
-        assert_eq!(t.dial_finished("a", true), Finished::Close, "an opened, unwanted dial is closed");
+        assert_eq!(
+            t.dial_finished("a", true),
+            Finished::Close(Refusal::Unplanned),
+            "an opened, unwanted dial is closed"
+        );
         assert!(t.dials(|_| true).is_empty(), "its socket is still open");
         t.closed("a", Direction::Dialed);
         assert_eq!(t.dials(|_| true).len(), 1);
@@ -319,6 +327,15 @@ mod tests {
         assert!(t.dials(|_| true).is_empty(), "a, c and d's closing socket fill the cap of 2");
         t.closed("d", Direction::Accepted);
         assert!(t.dials(|_| true).is_empty(), "a and c are the cap");
+        // A dial in flight when the cap drops opens only into a free slot.
+        let mut t = Table::new("me".into(), 4);
+        t.want(capped(&["a", "b", "c", "d"], &[], Some(4)));
+        assert_eq!(t.dials(|_| true).len(), 4);
+        for id in ["a", "b", "c"] {
+            t.dial_finished(id, true);
+        }
+        t.want(capped(&["a", "d"], &[], Some(2)));
+        assert_eq!(t.dial_finished("d", true), Finished::Close(Refusal::AtCap), "a, b and c's sockets fill the cap");
         // The agent's own cap bounds a raised one.
         let mut t = Table::new("me".into(), 1);
         t.want(capped(&["a", "b"], &[], Some(8)));
@@ -366,7 +383,7 @@ mod tests {
             let mut t = Table::new("n0".into(), own);
             let mut planned_ids: BTreeSet<String> = BTreeSet::new();
             for op in ops {
-                let before = t.count();
+                let (before, held_before) = (t.count(), t.held.len());
                 match &op {
                     Op::Want(d, a, cap) => {
                         let dial: Vec<String> = d.iter().map(name).collect();
@@ -385,6 +402,7 @@ mod tests {
                 prop_assert!(cap <= own);
                 prop_assert!(t.held.len() <= cap, "more links held than the cap after {:?}: {:?}", op, t);
                 prop_assert!(t.count() <= cap || t.count() <= before, "a socket opened over the cap after {:?}: {:?}", op, t);
+                prop_assert!(t.held.len() <= held_before || t.count() <= cap, "a link opened while over the cap after {:?}: {:?}", op, t);
                 for (id, _) in t.held() {
                     prop_assert!(planned_ids.contains(id), "{} held but not planned after {:?}", id, op);
                     prop_assert_ne!(id.as_str(), "n0");

@@ -263,11 +263,11 @@ impl Mesh {
                 self.open.insert((id.clone(), Direction::Dialed), open);
                 tokio::spawn(run_then_report(wire, self.doc.clone(), link, rx, id, self.config.heartbeat, events));
             }
-            (Finished::Close, Ok((wire, protocol))) => {
+            (Finished::Close(why), Ok((wire, protocol))) => {
                 let open = Open { link, protocol, close: None, since_ms: presence::now_ms() };
                 self.open.insert((id.clone(), Direction::Dialed), open);
                 tokio::spawn(async move {
-                    handshake::refuse(wire, Refusal::Unplanned).await;
+                    handshake::refuse(wire, why).await;
                     let _ = events.send(Event::Closed { id, dir: Direction::Dialed, link }).await;
                 });
             }
