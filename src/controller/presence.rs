@@ -265,7 +265,8 @@ async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Res
 }
 
 /// Takes in `attempt` (see [`PresenceState::take`] for what is kept and trusted) and returns what presence
-/// says now, with the membership it gives `o` when that was already worked out on the way.
+/// says now, with the membership it gives `o` (`None` without presence). The one place membership is
+/// worked out: judging a read needs it, and the decision takes the one judged.
 pub async fn take(
     ctx: &Context,
     policy: &ValidPolicy,
@@ -275,12 +276,17 @@ pub async fn take(
     let kept = ctx.policy_state(&policy.uid);
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
-    let Some(attempt) = attempt else { return (state.read(), None) };
     let node_domain = |node: &str| node_domain(ctx, policy, node);
+    let of = |snap: &Snapshot, clock: f64| membership::of_policy(policy, o, snap, clock, &node_domain);
+    let Some(attempt) = attempt else {
+        let read = state.read();
+        let members = read.snapshot.as_deref().map(|snap| of(snap, read.confirmed_ms));
+        return (read, members);
+    };
     // Each membership worked out while judging the read, by snapshot: the one taken in is decided on next.
     let worked: std::cell::RefCell<Vec<(Arc<Snapshot>, f64, Membership)>> = Default::default();
     let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
-        let m = membership::of_policy(policy, o, snap, clock, &node_domain);
+        let m = of(snap, clock);
         let eligible = m.agents.iter().map(|a| (a.pod.clone(), a.node_id.clone())).collect();
         worked.borrow_mut().push((snap.clone(), clock, m));
         eligible
@@ -289,9 +295,10 @@ pub async fn take(
         o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
     state.take(attempt, &eligible, &assigned);
     let read = state.read();
-    let membership = read.snapshot.as_ref().and_then(|taken| {
+    let membership = read.snapshot.as_ref().map(|taken| {
         let worked = worked.into_inner().into_iter();
-        worked.filter(|(snap, clock, _)| Arc::ptr_eq(snap, taken) && *clock == read.confirmed_ms).map(|w| w.2).last()
+        let judged = worked.filter(|(snap, clock, _)| Arc::ptr_eq(snap, taken) && *clock == read.confirmed_ms);
+        judged.map(|w| w.2).last().unwrap_or_else(|| of(taken, read.confirmed_ms))
     });
     (read, membership)
 }

@@ -4,7 +4,7 @@
 //! (the caches) → [`membership`](super::membership) → [`decide`](super::decide) (admission, [`plan`](super::plan),
 //! waves) → [`apply`](super::apply) → [`status`](super::status) and [`report`](super::report).
 //!
-//! Each step hands the next a typed value: a [`ValidPolicy`], an [`Observed`], a [`Read`] with the
+//! Each step hands the next a typed value: a [`ValidPolicy`], an [`Observed`], a [`Read`](super::presence::Read) with the
 //! membership it gives, a [`Decision`], an [`Outcome`], and the [`Findings`] the status is built from.
 //! Validate, observe, membership, decide and status are pure.
 use std::sync::Arc;
@@ -21,11 +21,11 @@ use tracing::{debug, info, warn};
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
 use super::error::{CleanupError, finalizer_patch_refused};
-use super::membership::{self, Membership};
+use super::membership::Membership;
 use super::observe::{self, Observed};
 use super::plan::Targets;
 use super::policy::ValidPolicy;
-use super::presence::{self, PROMPT_FETCH_INTERVAL, Read};
+use super::presence::{self, PROMPT_FETCH_INTERVAL};
 use super::report::{self, Reconciled};
 use super::status::Findings;
 use super::{Context, Error, FINALIZER};
@@ -117,7 +117,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     if !caught_up {
         return Ok(Action::requeue(CACHE_WAIT));
     }
-    let decision = decision(ctx, &policy, &mut observed, &read, members);
+    let decision = decision(ctx, &policy, &mut observed, members);
     let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
@@ -134,20 +134,8 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(next_run(&policy, &decision, &outcome, prompt)))
 }
 
-/// The decide step with its inputs from the context: the membership (worked out now unless presence
-/// already did), and the policy's admission state.
-fn decision(
-    ctx: &Context,
-    policy: &ValidPolicy,
-    o: &mut Observed,
-    read: &Read,
-    members: Option<Membership>,
-) -> Decision {
-    let node_domain = |node: &str| observe::node_domain(ctx, policy, node);
-    let members = read
-        .snapshot
-        .as_deref()
-        .map(|snap| members.unwrap_or_else(|| membership::of_policy(policy, o, snap, read.confirmed_ms, &node_domain)));
+/// The decide step with the policy's admission state from the context.
+fn decision(ctx: &Context, policy: &ValidPolicy, o: &mut Observed, members: Option<Membership>) -> Decision {
     let kept = ctx.policy_state(&policy.uid);
     let mut admission = kept.admission.lock().expect("admission lock");
     let now = Instant::now();
