@@ -137,17 +137,16 @@ fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
 }
 
 fn presence_of(n: usize) -> Snapshot {
-    let nodes = (0..n)
+    let nodes: Vec<Node> = (0..n)
         .map(|i| Node {
-            node_id: node_id(i),
+            node_id: node_id(i).into(),
             address: "ws://0.0.0.0:3001/crdt-sync".into(),
             alive: true,
-            last_seen: None,
             last_seen_ms: Some(NOW_MS),
-            hostname: Some(format!("agent-{i}")),
+            hostname: Some(format!("agent-{i}").into()),
         })
         .collect();
-    Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes }
+    Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes: nodes.into() }
 }
 
 /// One reconcile's pure part over `pods`, with presence `snapshot`, at `at`.

@@ -242,7 +242,7 @@ pub fn members_from(path: &str, body: &[u8], heartbeat_timeout: Duration) -> Res
         .nodes
         .iter()
         .filter(|n| snap.is_live(n, heartbeat_timeout, presence::unix_ms()))
-        .map(|n| Member { node_id: n.node_id.clone(), domain: None })
+        .map(|n| Member { node_id: n.node_id.to_string(), domain: None })
         .collect())
 }
 

@@ -2,6 +2,7 @@
 //! the seed agents use (alive, an address, a heartbeat younger than the timeout, judged on the
 //! rendezvous' clock when it sends one).
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -11,28 +12,51 @@ pub fn unix_ms() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
-/// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence.
+/// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence. Kept compact (72
+/// bytes plus its strings): a body at `--max-presence-bytes` can list over half a million entries.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "RawNode")]
 pub struct Node {
-    pub node_id: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
+    pub node_id: Box<str>,
+    pub address: Box<str>,
     pub alive: bool,
-    /// Seconds since the epoch.
-    #[serde(default)]
-    pub last_seen: Option<f64>,
-    /// Milliseconds since the epoch; preferred over `last_seen`.
-    #[serde(default)]
+    /// Milliseconds since the epoch: `last_seen_ms` as sent, else `last_seen` (seconds) × 1000.
     pub last_seen_ms: Option<f64>,
+    pub hostname: Option<Box<str>>,
+}
+
+/// A node as the body spells it.
+#[derive(Deserialize)]
+struct RawNode {
+    node_id: String,
     #[serde(default)]
-    pub hostname: Option<String>,
+    address: String,
+    #[serde(default)]
+    alive: bool,
+    #[serde(default)]
+    last_seen: Option<f64>,
+    #[serde(default)]
+    last_seen_ms: Option<f64>,
+    #[serde(default)]
+    hostname: Option<String>,
+}
+
+impl From<RawNode> for Node {
+    fn from(raw: RawNode) -> Self {
+        Node {
+            node_id: raw.node_id.into_boxed_str(),
+            address: raw.address.into_boxed_str(),
+            alive: raw.alive,
+            last_seen_ms: raw.last_seen_ms.or(raw.last_seen.map(|s| s * 1000.0)),
+            hostname: raw.hostname.map(String::into_boxed_str),
+        }
+    }
 }
 
 impl Node {
-    /// The heartbeat in milliseconds: `last_seen_ms`, else `last_seen` × 1000.
+    /// The heartbeat in milliseconds, when it is a number.
     pub fn heartbeat_ms(&self) -> Option<f64> {
-        self.last_seen_ms.or(self.last_seen.map(|s| s * 1000.0)).filter(|t| t.is_finite())
+        self.last_seen_ms.filter(|t| t.is_finite())
     }
 }
 
@@ -43,7 +67,8 @@ pub struct Snapshot {
     pub server_node_id: Option<String>,
     /// The rendezvous' clock when it answered.
     pub now_ms: Option<f64>,
-    pub nodes: Vec<Node>,
+    /// Shared: policies reading one body share its list, and a snapshot aged by a `304` copies none of it.
+    pub nodes: Arc<Vec<Node>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +96,22 @@ struct Envelope {
 /// Parses either body shape. Errors carry serde's line and column and the offending field.
 pub fn parse(body: &[u8]) -> Result<Snapshot, ParseError> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace()).ok_or(ParseError::Empty)?;
-    match body[start] {
-        b'[' => Ok(Snapshot { nodes: serde_json::from_slice(body)?, ..Snapshot::default() }),
+    let (server_node_id, now_ms, mut nodes) = match body[start] {
+        b'[' => (None, None, serde_json::from_slice::<Vec<Node>>(body)?),
         b'{' => {
             let e: Envelope = serde_json::from_slice(body)?;
-            Ok(Snapshot { server_node_id: e.server_node_id, now_ms: e.now_ms, nodes: e.nodes })
+            (e.server_node_id, e.now_ms, e.nodes)
         }
         other => {
             let before = &body[..start];
             let line = before.iter().filter(|b| **b == b'\n').count() + 1;
             let column = start - before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
-            Err(ParseError::Shape { found: other as char, line, column })
+            return Err(ParseError::Shape { found: other as char, line, column });
         }
-    }
+    };
+    // The list grew by doubling: kept as long as the snapshot is, its spare half would be memory for nothing.
+    nodes.shrink_to_fit();
+    Ok(Snapshot { server_node_id, now_ms, nodes: Arc::new(nodes) })
 }
 
 impl Snapshot {
@@ -93,7 +121,7 @@ impl Snapshot {
         let now = self.now_ms.filter(|t| t.is_finite()).unwrap_or(fallback_now_ms);
         node.alive
             && !node.address.is_empty()
-            && self.server_node_id.as_deref() != Some(node.node_id.as_str())
+            && self.server_node_id.as_deref() != Some(&*node.node_id)
             && node.heartbeat_ms().is_some_and(|seen| now - seen < timeout.as_millis() as f64)
     }
 }
@@ -114,6 +142,23 @@ mod tests {
         assert_eq!(wrapped.server_node_id.as_deref(), Some("9f"));
         assert_eq!(wrapped.nodes[0].hostname.as_deref(), Some("agent-7"));
         assert_eq!(wrapped.nodes[0].heartbeat_ms(), Some(1763999990123.0));
+    }
+
+    #[tokio::test]
+    async fn one_body_read_by_two_policies_is_one_snapshot() {
+        let fetcher = Fetcher::new(1 << 20);
+        let body = format!("[{NODE}]");
+        let url = "http://rv/presence";
+        let first = fetcher.parse_shared(url, body.as_bytes()).await.unwrap();
+        let again = fetcher.parse_shared(url, body.as_bytes()).await.unwrap();
+        assert!(Arc::ptr_eq(&first.nodes, &again.nodes), "the same body is parsed once and shared");
+        let elsewhere = fetcher.parse_shared("http://other/presence", body.as_bytes()).await.unwrap();
+        assert!(!Arc::ptr_eq(&first.nodes, &elsewhere.nodes), "shared per URL");
+        let changed = fetcher.parse_shared(url, b"[]").await.unwrap();
+        assert!(changed.nodes.is_empty(), "a new body is parsed");
+        let weak = Arc::downgrade(&changed.nodes);
+        drop(changed);
+        assert_eq!(weak.strong_count(), 0, "the fetcher holds no snapshot itself");
     }
 
     #[test]
@@ -139,14 +184,13 @@ mod tests {
         dead.alive = false;
         assert!(!snap.is_live(&dead, ten_min, 0.0));
         let mut no_addr = node.clone();
-        no_addr.address.clear();
+        no_addr.address = "".into();
         assert!(!snap.is_live(&no_addr, ten_min, 0.0));
         let mut server = node.clone();
         server.node_id = "9f".into();
         assert!(!snap.is_live(&server, ten_min, 0.0), "the rendezvous is never a peer");
-        let mut seconds_only = node.clone();
-        seconds_only.last_seen_ms = None;
-        assert_eq!(seconds_only.heartbeat_ms(), Some(1763999990000.0));
+        let seconds_only = parse(br#"[{"node_id":"ab","last_seen":1763999990.0}]"#).unwrap();
+        assert_eq!(seconds_only.nodes[0].heartbeat_ms(), Some(1763999990000.0), "seconds when no milliseconds");
     }
 }
 
@@ -213,12 +257,27 @@ fn bundle_certs(pem: &str) -> Result<Vec<reqwest::Certificate>, FetchError> {
 pub struct Fetcher {
     max_bytes: usize,
     clients: std::sync::Mutex<HashMap<Option<String>, reqwest::Client>>,
+    /// One body parsed at a time: each parse briefly needs about twice the snapshot it builds, and
+    /// policies polling together must not add those peaks up.
+    parsing: tokio::sync::Mutex<()>,
+    /// The last body read from each URL (by its hash) and the snapshot parsed from it, while a policy
+    /// still holds it: policies reading one rendezvous share one snapshot, and an unchanged body is not
+    /// parsed again.
+    recent: std::sync::Mutex<HashMap<String, Recent>>,
+}
+
+/// What [`Fetcher::recent`] keeps of one URL's last body: its hash and its snapshot, the list held weakly.
+struct Recent {
+    hash: u128,
+    server_node_id: Option<String>,
+    now_ms: Option<f64>,
+    nodes: Weak<Vec<Node>>,
 }
 
 impl Fetcher {
     pub fn new(max_bytes: usize) -> Self {
         install_crypto_provider();
-        Self { max_bytes, clients: Default::default() }
+        Self { max_bytes, clients: Default::default(), parsing: Default::default(), recent: Default::default() }
     }
 
     fn client(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, FetchError> {
@@ -279,15 +338,38 @@ impl Fetcher {
             return Err(FetchError::TooLarge { limit: self.max_bytes });
         }
         let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let mut body = Vec::new();
+        let mut body = Vec::with_capacity(resp.content_length().map_or(0, |len| len as usize));
         while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Other(root_cause(&e)))? {
             if body.len() + chunk.len() > self.max_bytes {
                 return Err(FetchError::TooLarge { limit: self.max_bytes });
             }
             body.extend_from_slice(&chunk);
         }
-        let snapshot = parse(&body)?;
+        let snapshot = self.parse_shared(req.url, &body).await?;
         Ok(Fetched::New { snapshot, etag, bytes: body.len() })
+    }
+
+    /// `body` (read from `url`) parsed, or the snapshot already parsed from the same body.
+    async fn parse_shared(&self, url: &str, body: &[u8]) -> Result<Snapshot, ParseError> {
+        let hash = xxhash_rust::xxh3::xxh3_128(body);
+        let _one = self.parsing.lock().await;
+        if let Some(snapshot) = self.reuse(url, hash) {
+            return Ok(snapshot);
+        }
+        let snapshot = parse(body)?;
+        let (server_node_id, now_ms) = (snapshot.server_node_id.clone(), snapshot.now_ms);
+        let entry = Recent { hash, server_node_id, now_ms, nodes: Arc::downgrade(&snapshot.nodes) };
+        let mut recent = self.recent.lock().expect("recent bodies lock");
+        recent.retain(|_, r| r.nodes.strong_count() > 0);
+        recent.insert(url.to_owned(), entry);
+        Ok(snapshot)
+    }
+
+    /// The snapshot parsed from `url`'s last body, if that body hashed to `hash` and a policy still holds it.
+    fn reuse(&self, url: &str, hash: u128) -> Option<Snapshot> {
+        let recent = self.recent.lock().expect("recent bodies lock");
+        let r = recent.get(url).filter(|r| r.hash == hash)?;
+        Some(Snapshot { server_node_id: r.server_node_id.clone(), now_ms: r.now_ms, nodes: r.nodes.upgrade()? })
     }
 }
 

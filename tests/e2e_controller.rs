@@ -592,7 +592,7 @@ async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
 
 /// Two replicas acquiring one Lease at once: only one may win. While op-a holds it, op-b's acquisition
 /// (the server-side apply kube-lease-manager sends, under op-b's field manager) conflicts instead of
-/// replacing op-a as holder, and so would op-a's renewal landing after op-b took it.
+/// replacing op-a as holder.
 #[tokio::test]
 async fn a_lease_is_held_by_one_replica_at_a_time() {
     use k8s_openapi::api::coordination::v1::Lease;

@@ -358,18 +358,16 @@ async fn a_skewed_standby_and_late_writes_never_overlap_the_leader() {
     let settled = wire.written().len();
     wait_for("op-a to write for the churn", WAIT, || async { (wire.written().len() > settled).then_some(()) }).await;
     wire.cut.store(true, Ordering::SeqCst);
-    let renewed = renewed(&client, &ns).await;
+    let at_cut = wire.written().len();
     let (took, ahead) = tokio::time::timeout(Duration::from_secs(90), takeover).await.expect("op-b to lead").unwrap();
-    assert!(ahead >= leader::SKEW_TOLERANCE.as_secs_f64() - 1.0, "op-b's clock is {ahead} s ahead: libfaketime?");
+    // `ahead` also loses the time op-b's write took to reach us.
+    assert!(ahead > leader::SKEW_TOLERANCE.as_secs_f64() / 2.0, "op-b's clock is {ahead} s ahead: libfaketime?");
     wait_for("op-a to stop leading", WAIT, || async { (a.metrics.leader.get() == 0).then_some(()) }).await;
     churn.abort();
-    let last = wire.written().into_iter().max().expect("op-a's writes");
+    let written = wire.written();
+    assert!(written.len() > at_cut, "op-a wrote nothing after the cut: the check below would prove nothing");
+    let last = written.into_iter().max().expect("op-a's writes");
     assert!(last < took, "op-a's write at revision {last} landed after op-b took the Lease at {took}");
-    let last_write = *wire.times.lock().unwrap().iter().max().unwrap();
-    assert!(
-        last_write >= renewed + Duration::from_secs(5),
-        "op-a stopped writing before the last 3 s of its fence: the check above proves nothing"
-    );
 
     install_leader_fence(&client, &ns).await;
     let as_a = Client::try_from(replica_config(&ns, "op-a").await).unwrap();
@@ -424,13 +422,6 @@ async fn takeover(client: Client, ns: String, holder: &'static str) -> (u64, f64
     unreachable!("the Lease watch ended")
 }
 
-/// When the Lease was last renewed, as a time on our clock (the leader's, which wrote it).
-async fn renewed(client: &Client, ns: &str) -> std::time::SystemTime {
-    use k8s_openapi::api::coordination::v1::Lease;
-    let lease = Api::<Lease>::namespaced(client.clone(), ns).get("mesh-operator").await.unwrap();
-    std::time::SystemTime::from(lease.spec.unwrap().renew_time.unwrap().0)
-}
-
 /// Flips the readiness of `pod` every 1.2 s: every flip changes the plan (a lone Pod, returning more than
 /// the 1 s that ends a burst after it left, so admission never holds it back).
 async fn churn_readiness(client: Client, ns: String, pod: &str) {
@@ -466,8 +457,6 @@ struct Wire {
     cut: Arc<AtomicBool>,
     /// Each of A's Pod writes: the resourceVersion it produced.
     written: Arc<Mutex<Vec<u64>>>,
-    /// When each was answered.
-    times: Arc<Mutex<Vec<std::time::SystemTime>>>,
     held: Arc<Mutex<Vec<http::Request<kube::client::Body>>>>,
     writes: Arc<AtomicUsize>,
 }
@@ -557,10 +546,7 @@ where
             let version = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|pod| pod["metadata"]["resourceVersion"].as_str()?.parse::<u64>().ok());
-            if let Some(version) = version {
-                wire.written.lock().unwrap().push(version);
-                wire.times.lock().unwrap().push(std::time::SystemTime::now());
-            }
+            wire.written.lock().unwrap().extend(version);
             Ok(http::Response::from_parts(parts, Either::Right(Full::new(bytes))))
         })
     }
@@ -634,27 +620,34 @@ async fn a_policy_deleted_while_the_operator_was_down_releases_its_pods() {
 }
 
 /// Finding 9: a presence body at the default `--max-presence-bytes`, made of the smallest entries JSON
-/// allows, keeps the operator's peak memory under the chart's 256 Mi limit.
+/// allows (`{"node_id":""}`, about 559,000 of them), read by two policies on one rendezvous, keeps the
+/// operator's peak memory under the chart's 256 Mi limit.
 #[tokio::test]
 async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
     let (client, ns, rv) = setup("memory").await;
     fleet(&client, &ns, &rv, 3, |_| None).await;
     let limit = mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES;
+    let entry = br#"{"node_id":""},"#;
     let mut body = b"[".to_vec();
-    let mut i = 0u64;
-    while body.len() + 80 < limit {
-        body.extend_from_slice(format!("{{\"node_id\":\"{i:x}\",\"alive\":true}},").as_bytes());
-        i += 1;
+    while body.len() + 2 * entry.len() <= limit {
+        body.extend_from_slice(entry);
     }
-    body.extend_from_slice(b"{\"node_id\":\"last\"}]");
+    body.extend_from_slice(br#"{"node_id":""}]"#);
+    let entries = body.len() / entry.len();
     assert!(body.len() <= limit);
     rv.state.lock().unwrap().raw_body = Some(Arc::new(body));
     let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
     let mut op = operator_binary(&ns, "op-mem", &log, "info");
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
-    wait_for("three reads of the big body", WAIT, || async { (rv.state.lock().unwrap().requests >= 3).then_some(()) })
-        .await;
-    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let other = json!({"selector": {"matchLabels": {"app": "other"}}});
+    create_policy(&client, &ns, "other", spec(&rv, other)).await;
+    wait_for("three reads of the big body each", WAIT, || async {
+        (rv.state.lock().unwrap().requests >= 6).then_some(())
+    })
+    .await;
+    for policy in ["mesh", "other"] {
+        wait_condition(&client, &ns, policy, "RendezvousReachable", "True", "PresenceRead").await;
+    }
     let pid = op.id().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let peak_kib: u64 = status
@@ -662,7 +655,10 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
-    eprintln!("operator peak RSS with a {limit}-byte body of {i} entries: {} MiB", peak_kib / 1024);
+    eprintln!(
+        "operator peak RSS, two policies reading a {limit}-byte body of {entries} entries: {} MiB",
+        peak_kib / 1024
+    );
     op.kill().await.unwrap();
     assert!(peak_kib < 256 * 1024, "peak RSS {} MiB exceeds the chart's 256 Mi limit", peak_kib / 1024);
 }

@@ -51,7 +51,7 @@ async fn admin_api_changes_what_presence_reports() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let snap = snapshot(&fetcher, &presence, None).await;
     assert_eq!(snap.server_node_id.as_deref(), Some("rv"));
-    let by_id = |id: &str| snap.nodes.iter().find(|n| n.node_id == id).unwrap().clone();
+    let by_id = |id: &str| snap.nodes.iter().find(|n| &*n.node_id == id).unwrap().clone();
     let (a1, a2, a3) = (by_id("a1"), by_id("a2"), by_id("a3"));
     assert!(a1.alive && !a2.alive && a3.alive);
     assert_eq!(a1.hostname.as_deref(), Some("pod-a1"));

@@ -19,6 +19,9 @@ use super::decide::{Waves, Write};
 use super::leader::Leadership;
 use crate::assignment::{self, Assignment};
 
+/// How the API server words a refused resourceVersion or UID precondition.
+const PRECONDITIONS: [&str; 3] = ["the object has been modified", "Precondition failed: UID", "uid mismatch"];
+
 /// What the chart's leader fence (a ValidatingAdmissionPolicy) says when it refuses a write.
 const FENCED: &str = "does not hold the leader Lease";
 
@@ -96,11 +99,13 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// Refused because the Pod is no longer the version its decision read (a 409; a 422 on the immutable
-    /// UID when it was replaced under the same name): not a failure to report, only a decision to take
-    /// again.
+    /// Refused by the API server's own preconditions because the Pod is no longer the one its decision
+    /// read (a 409 on the resourceVersion or UID; a 422 on the immutable UID when it was replaced under the
+    /// same name): not a failure to report, only a decision to take again. A 409 from anything else (an
+    /// admission webhook) is a failure.
     pub fn is_stale(&self) -> bool {
-        matches!(self, Self::Rejected(kube::Error::Api(s)) if s.code == 409 || uid_mismatch(s))
+        let precondition = |s: &kube::core::Status| PRECONDITIONS.iter().any(|p| s.message.contains(p));
+        matches!(self, Self::Rejected(kube::Error::Api(s)) if (s.code == 409 && precondition(s)) || uid_mismatch(s))
     }
 
     /// Refused by the chart's leader fence: the API server's Lease names another replica.
@@ -157,7 +162,7 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 out.patched += 1;
                 out.written.insert(w.pod.clone());
                 if let Some(written) = pod {
-                    if let Some(rv) = written.resource_version {
+                    if let Some(rv) = written.resource_version.filter(|_| written.uid == w.uid) {
                         out.versions.insert(w.pod.clone(), rv.to_string());
                     }
                     ctx.expectations.wrote(written);
@@ -169,8 +174,10 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                 if error.ambiguous() {
                     unsettled.push(w);
                 } else if error.is_stale() {
-                    // The Pod changed since the decision: the next one waits until the cache shows it.
-                    ctx.expectations.newer_than(ctx.api.namespace(), w);
+                    // The Pod changed since the version this write was conditional on (the decision's, or
+                    // the one our shrink write left): the next decision waits until the cache shows it.
+                    let sent = out.versions.get(&w.pod).or(w.resource_version.as_ref());
+                    ctx.expectations.newer_than(ctx.api.namespace(), w, sent.map(String::as_str));
                 }
                 out.failed.insert(w.pod.clone(), error);
             }
@@ -187,7 +194,7 @@ async fn settle(ctx: &WaveContext<'_>, w: &Write) {
     match tokio::time::timeout(Duration::from_secs(5), ctx.api.get_opt(&w.pod)).await {
         Ok(Ok(Some(pod))) if pod.uid() == w.uid => ctx.expectations.wrote(Written::of(&pod)),
         Ok(Ok(_)) => {}
-        _ => ctx.expectations.newer_than(ns.as_deref(), w),
+        _ => ctx.expectations.newer_than(ns.as_deref(), w, w.resource_version.as_deref()),
     }
 }
 
@@ -289,9 +296,9 @@ impl Expectations {
     /// rather than stall the policy (the API server's resourceVersions are not ours to rely on forever).
     const PATIENCE: Duration = Duration::from_secs(30);
 
-    /// Expects the cache to show `w`'s Pod newer than the decision saw it.
-    fn newer_than(&self, namespace: Option<&str>, w: &Write) {
-        let Some(rv) = w.resource_version.as_deref().and_then(|rv| rv.parse::<u64>().ok()) else { return };
+    /// Expects the cache to show `w`'s Pod newer than `seen`.
+    fn newer_than(&self, namespace: Option<&str>, w: &Write, seen: Option<&str>) {
+        let Some(rv) = seen.and_then(|rv| rv.parse::<u64>().ok()) else { return };
         let expected = Expected { uid: w.uid.clone(), resource_version: rv + 1, at: Instant::now() };
         let key = (namespace.unwrap_or_default().to_owned(), w.pod.clone());
         self.pending.lock().expect("expectations lock").insert(key, expected);

@@ -37,12 +37,11 @@ pub fn agent(i: usize, carries: Option<&Assignment>) -> Arc<CachedPod> {
 /// Presence listing agents `0..n`, all alive and just seen.
 pub fn presence(n: usize) -> Snapshot {
     let node = |i: usize| Node {
-        node_id: format!("n{i}"),
+        node_id: format!("n{i}").into(),
         address: "ws://0.0.0.0:3001/crdt-sync".into(),
         alive: true,
-        last_seen: None,
         last_seen_ms: Some(NOW_MS - 1_000.0),
         hostname: None,
     };
-    Snapshot { now_ms: Some(NOW_MS), nodes: (0..n).map(node).collect(), ..Default::default() }
+    Snapshot { now_ms: Some(NOW_MS), nodes: std::sync::Arc::new((0..n).map(node).collect()), ..Default::default() }
 }

@@ -145,10 +145,9 @@ impl Drop for LeaseTask {
     }
 }
 
-/// The field manager a replica acquires and renews the Lease under: its own, so two replicas applying
+/// The field manager a replica acquires the Lease under: its own, so two replicas applying
 /// `holderIdentity` at once conflict and one of them fails (under one shared manager both would succeed,
-/// the last write winning while each believed it led), and a renewal landing after another replica took
-/// the Lease is refused instead of taking it back.
+/// the last write winning while each believed it led).
 pub fn lease_field_manager(identity: &str) -> String {
     format!("{}/{identity}", super::FIELD_MANAGER).chars().take(128).collect()
 }
@@ -238,7 +237,7 @@ async fn give_up_if_ours(task: &LeaseTask) {
     }
     let clear = serde_json::json!({
         "metadata": {"resourceVersion": lease.metadata.resource_version},
-        "spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null},
+        "spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null},
     });
     let params = kube::api::PatchParams::default();
     match task.leases.patch(&task.name, &params, &kube::api::Patch::Merge(clear)).await {

@@ -155,18 +155,29 @@ pub fn of_pods(
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Membership {
-    // Hostname and IP matching serve Pods without the node-id annotation: indexed only when one exists.
-    let fallback = pods.iter().any(|p| p.annotation(rules.node_id_annotation).is_none());
+    // Only the keys some Pod looks up are indexed: a presence list can be far longer than the fleet.
+    // Hostname and IP matching serve Pods without the node-id annotation.
+    let mut wanted = Keys::default();
+    for pod in pods {
+        match pod.annotation(rules.node_id_annotation) {
+            Some(id) => _ = wanted.ids.insert(id),
+            None => {
+                wanted.hosts.extend(pod.metadata.name.as_deref());
+                wanted.ips.extend(pod.pod_ip.as_deref());
+            }
+        }
+    }
     let nodes = snapshot.nodes.iter();
     let index = Index {
-        by_id: pick(nodes.clone().map(|n| (n.node_id.as_str(), n))),
-        by_host: match fallback {
-            true => pick(nodes.clone().filter_map(|n| n.hostname.as_deref().map(|h| (h, n)))),
-            false => Default::default(),
-        },
-        by_ip: match fallback {
-            true => pick(nodes.filter_map(|n| address_host(&n.address).map(|h| (h, n)))),
-            false => Default::default(),
+        by_id: pick(nodes.clone().map(|n| (&*n.node_id, n)).filter(|(id, _)| wanted.ids.contains(id))),
+        by_host: pick(
+            nodes.clone().filter_map(|n| Some((n.hostname.as_deref()?, n))).filter(|(h, _)| wanted.hosts.contains(h)),
+        ),
+        by_ip: match wanted.ips.is_empty() {
+            false => pick(nodes.filter_map(|n| {
+                address_host(&n.address).filter(|ip| wanted.ips.contains(ip.as_str())).map(|ip| (ip, n))
+            })),
+            true => Default::default(),
         },
         addresses: Default::default(),
     };
@@ -244,6 +255,14 @@ fn pick<'a, K: std::hash::Hash + Eq>(entries: impl Iterator<Item = (K, &'a Node)
 }
 
 /// Presence entries by node id, hostname and IP, and each advertised address parsed once.
+/// The presence keys the Pods look up.
+#[derive(Default)]
+struct Keys<'p> {
+    ids: foldhash::HashSet<&'p str>,
+    hosts: foldhash::HashSet<&'p str>,
+    ips: foldhash::HashSet<&'p str>,
+}
+
 struct Index<'a> {
     by_id: foldhash::HashMap<&'a str, Entry<'a>>,
     by_host: foldhash::HashMap<&'a str, Entry<'a>>,
@@ -254,8 +273,7 @@ struct Index<'a> {
 
 impl<'a> Index<'a> {
     fn dial_url(&self, node: &'a Node, pod_ip: &str) -> Option<String> {
-        let url =
-            self.addresses.borrow_mut().entry(node.address.as_str()).or_insert_with(|| ws_url(&node.address)).clone();
+        let url = self.addresses.borrow_mut().entry(&*node.address).or_insert_with(|| ws_url(&node.address)).clone();
         with_host(url?, pod_ip)
     }
 }
@@ -283,10 +301,10 @@ fn candidate<'a>(
     let node: &'a Node = match found.ok_or(Exclusion::NoPresence)? {
         (_, Entry::One(node)) => node,
         (by, Entry::Tie(a, b)) => {
-            return Err(Exclusion::AmbiguousPresence { by, node_ids: [a.node_id.clone(), b.node_id.clone()] });
+            return Err(Exclusion::AmbiguousPresence { by, node_ids: [a.node_id.to_string(), b.node_id.to_string()] });
         }
     };
-    if snapshot.server_node_id.as_deref() == Some(node.node_id.as_str()) {
+    if snapshot.server_node_id.as_deref() == Some(&*node.node_id) {
         return Err(Exclusion::IsRendezvous);
     }
     if node.node_id.is_empty() || node.node_id.len() > MAX_NODE_ID_BYTES {
@@ -304,7 +322,7 @@ fn candidate<'a>(
     if node.address.len() > MAX_ADDRESS_BYTES {
         return Err(Exclusion::AddressTooLong(node.address.len()));
     }
-    let url = index.dial_url(node, ip).ok_or_else(|| Exclusion::BadAddress(node.address.clone()))?;
+    let url = index.dial_url(node, ip).ok_or_else(|| Exclusion::BadAddress(node.address.to_string()))?;
     // Percent-encoding can grow an address: the bound is on what lands in the annotations.
     if url.len() > MAX_ADDRESS_BYTES {
         return Err(Exclusion::AddressTooLong(url.len()));
@@ -312,7 +330,7 @@ fn candidate<'a>(
     let domain = rules
         .topology_key
         .and_then(|key| pod.labels().get(key).cloned().or_else(|| pod.node_name.as_deref().and_then(node_domain)));
-    Ok(Agent { pod: name.to_owned(), node_id: node.node_id.clone(), url, domain })
+    Ok(Agent { pod: name.to_owned(), node_id: node.node_id.to_string(), url, domain })
 }
 
 /// The advertised URL with an unspecified host (`0.0.0.0`, `::`, `localhost`, empty) replaced by the Pod IP;
@@ -370,7 +388,6 @@ mod tests {
             node_id: id.into(),
             address: address.into(),
             alive: true,
-            last_seen: None,
             last_seen_ms: Some(1_000_000.0 - age_ms),
             hostname: hostname.map(Into::into),
         }
@@ -395,7 +412,8 @@ mod tests {
                 node("bb", "ws://0.0.0.0:3001/crdt-sync", Some("agent-b"), 0.0),
                 node("cc", "ws://127.0.0.3:3001/crdt-sync", None, 0.0),
                 node("rv", "ws://127.0.0.9:3001/crdt-sync", Some("agent-rv"), 0.0),
-            ],
+            ]
+            .into(),
         };
         let pods = [
             pod("agent-a", "127.0.0.1", true, json!({"agentmesh.dev/node-id": "aa"})),
@@ -425,7 +443,7 @@ mod tests {
     fn duplicate_claims_exclude_both_and_name_them() {
         let snap = Snapshot {
             now_ms: Some(1_000_000.0),
-            nodes: vec![node("aa", "ws://0.0.0.0:1/", None, 0.0)],
+            nodes: vec![node("aa", "ws://0.0.0.0:1/", None, 0.0)].into(),
             ..Default::default()
         };
         let pods = [
@@ -450,7 +468,7 @@ mod tests {
         let pods = [pod("agent-b", "127.0.0.2", true, json!({})), pod("agent-c", "127.0.0.3", true, json!({}))];
         let refs: Vec<&CachedPod> = pods.iter().collect();
         for nodes in [vec![dead.clone(), live.clone()], vec![live.clone(), dead.clone()]] {
-            let snap = Snapshot { now_ms: Some(1_000_000.0), nodes, ..Default::default() };
+            let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: nodes.into(), ..Default::default() };
             let m = of_pods(&refs, &snap, &rules(), &|_| None);
             assert_eq!(m.agents.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["new"]);
         }
@@ -458,17 +476,20 @@ mod tests {
         let older = node("older", "ws://127.0.0.3:1/", Some("agent-c"), 9_000.0);
         let newer = node("newer", "ws://127.0.0.3:1/", Some("agent-c"), 1_000.0);
         let twin = node("twin", "ws://127.0.0.3:1/", Some("agent-c"), 1_000.0);
-        let snap =
-            Snapshot { now_ms: Some(1_000_000.0), nodes: vec![older.clone(), newer.clone()], ..Default::default() };
+        let snap = Snapshot {
+            now_ms: Some(1_000_000.0),
+            nodes: vec![older.clone(), newer.clone()].into(),
+            ..Default::default()
+        };
         assert_eq!(of_pods(&refs, &snap, &rules(), &|_| None).agents[0].node_id, "newer");
-        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![newer, older, twin], ..Default::default() };
+        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![newer, older, twin].into(), ..Default::default() };
         let m = of_pods(&refs, &snap, &rules(), &|_| None);
         let want = Exclusion::AmbiguousPresence { by: "hostname", node_ids: ["newer".into(), "twin".into()] };
         assert_eq!(m.excluded["agent-c"], want);
         assert!(want.to_string().contains("newer") && want.to_string().contains("twin"));
         // By IP, for Pods whose hostname matches nothing.
         let by_ip = [node("x", "ws://127.0.0.7:1/", None, 0.0), node("y", "ws://127.0.0.7:1/", None, 0.0)];
-        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: by_ip.to_vec(), ..Default::default() };
+        let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: by_ip.to_vec().into(), ..Default::default() };
         let lone = [pod("agent-z", "127.0.0.7", true, json!({}))];
         let m = of_pods(&lone.iter().collect::<Vec<_>>(), &snap, &rules(), &|_| None);
         assert!(matches!(&m.excluded["agent-z"], Exclusion::AmbiguousPresence { by: "IP", .. }));
@@ -484,7 +505,8 @@ mod tests {
                 node("ss", "ws://0.0.0.0:1/", None, 61_000.0),
                 dead,
                 node("hh", "http://0.0.0.0:1/", None, 0.0),
-            ],
+            ]
+            .into(),
             ..Default::default()
         };
         let pods = [
@@ -510,7 +532,8 @@ mod tests {
                 node("", "ws://0.0.0.0:1/", Some("empty"), 0.0),
                 node(&"x".repeat(300), "ws://0.0.0.0:1/", Some("long-id"), 0.0),
                 node("ok", &format!("ws://0.0.0.0:1/{}", "a".repeat(300_000)), Some("long-address"), 0.0),
-            ],
+            ]
+            .into(),
             ..Default::default()
         };
         let pods = [

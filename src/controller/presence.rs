@@ -210,17 +210,21 @@ pub fn carry_absent(
     heartbeat_timeout: Duration,
     fallback_now_ms: f64,
 ) -> Snapshot {
-    let listed: HashSet<&str> = next.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    // Only the kept ids are looked up: a set of every id listed would cost as much as the list.
+    let listed: HashSet<&str> = next.nodes.iter().map(|n| &*n.node_id).filter(|id| keep.contains(*id)).collect();
     let now = next.now_ms.filter(|t| t.is_finite()).unwrap_or(fallback_now_ms);
     let limit = heartbeat_timeout.as_millis() as f64;
     let carried: Vec<_> = old
         .nodes
         .iter()
-        .filter(|n| keep.contains(&n.node_id) && !listed.contains(n.node_id.as_str()))
+        .filter(|n| keep.contains(&*n.node_id) && !listed.contains(&*n.node_id))
         .filter(|n| n.heartbeat_ms().is_some_and(|seen| seen <= now && now - seen < limit))
         .cloned()
         .collect();
-    next.nodes.extend(carried);
+    if !carried.is_empty() {
+        // Shared with other policies reading the same body: the carried entries are this policy's alone.
+        Arc::make_mut(&mut next.nodes).extend(carried);
+    }
     next
 }
 
@@ -337,9 +341,13 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
     if candidates.is_empty() {
         return false;
     }
-    let ids: HashSet<&str> = snap.nodes.iter().map(|n| n.node_id.as_str()).collect();
     // Pods matched by hostname or IP instead are left to the prompt reads.
-    candidates.iter().any(|p| p.annotation(&policy.node_id_annotation).is_some_and(|id| !ids.contains(id)))
+    let mut unmatched: HashSet<&str> =
+        candidates.iter().filter_map(|p| p.annotation(&policy.node_id_annotation)).collect();
+    for node in snap.nodes.iter() {
+        unmatched.remove(&*node.node_id);
+    }
+    !unmatched.is_empty()
 }
 
 fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchError>) {
@@ -370,7 +378,6 @@ mod tests {
             node_id: id.into(),
             address: "ws://0.0.0.0:1/".into(),
             alive: true,
-            last_seen: None,
             last_seen_ms: Some(seen_ms),
             hostname: None,
         }
@@ -379,7 +386,7 @@ mod tests {
     fn snap(now: f64, ids: &[&str]) -> Snapshot {
         Snapshot {
             now_ms: Some(now),
-            nodes: ids.iter().map(|id| node(id, now - 1_000.0)).collect(),
+            nodes: Arc::new(ids.iter().map(|id| node(id, now - 1_000.0)).collect()),
             ..Default::default()
         }
     }
@@ -387,7 +394,7 @@ mod tests {
     /// Eligible = live on the given clock, with a 60 s timeout; each node its own Pod.
     fn eligible(s: &Arc<Snapshot>, fallback: f64) -> BTreeMap<String, String> {
         let live = s.nodes.iter().filter(|n| s.is_live(n, Duration::from_secs(60), fallback));
-        live.map(|n| (n.node_id.clone(), n.node_id.clone())).collect()
+        live.map(|n| (n.node_id.to_string(), n.node_id.to_string())).collect()
     }
 
     fn take(st: &mut PresenceState, a: Attempt) {
@@ -435,7 +442,7 @@ mod tests {
         let mut st = PresenceState::default();
         take(&mut st, ok(snap(1e9, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"])));
         let mut dead = snap(1e9 + 2_000.0, &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]);
-        dead.nodes[0].alive = false;
+        Arc::make_mut(&mut dead.nodes)[0].alive = false;
         take(&mut st, ok(dead));
         let read = st.read();
         assert!(read.suspect.is_none(), "one agent going is news, not suspicion");
@@ -447,7 +454,7 @@ mod tests {
         let mut st = PresenceState::default();
         take(&mut st, ok(snap(1e9, &["a", "b", "c"])));
         let mut all_dead = snap(1e9 + 1_000.0, &["a", "b", "c"]);
-        all_dead.nodes.iter_mut().for_each(|n| n.alive = false);
+        Arc::make_mut(&mut all_dead.nodes).iter_mut().for_each(|n| n.alive = false);
         take(&mut st, ok(all_dead.clone()));
         assert!(st.read().suspect.is_some());
         st.suspect.as_mut().unwrap().0 -= Duration::from_secs(61);
@@ -481,10 +488,10 @@ mod tests {
     fn only_eligible_agents_are_carried_and_never_from_the_future() {
         let old = snap(1e9, &["a", "b", "c"]);
         let mut future = old.clone();
-        future.nodes[2].last_seen_ms = Some(2e9);
+        Arc::make_mut(&mut future.nodes)[2].last_seen_ms = Some(2e9);
         let keep: HashSet<String> = ["a".to_string(), "c".to_string()].into();
         let merged = carry_absent(&future, snap(1e9 + 1.0, &[]), &keep, Duration::from_secs(60), 0.0);
-        let ids: Vec<&str> = merged.nodes.iter().map(|n| n.node_id.as_str()).collect();
+        let ids: Vec<&str> = merged.nodes.iter().map(|n| &*n.node_id).collect();
         assert_eq!(ids, vec!["a"], "b matched no Pod; c claims a heartbeat from the future");
     }
 

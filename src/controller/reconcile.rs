@@ -228,8 +228,9 @@ async fn cleanup(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let waves = decide::waves(&pods, &targets, &name);
     let outcome = write(ctx, &ns, &waves).await;
     if !outcome.failed.is_empty() && outcome.failed.values().all(apply::WriteError::is_stale) {
-        // Refused only because Pods changed since: decided again once the cache shows them.
-        return Ok(Action::requeue(CACHE_WAIT));
+        // Refused only because Pods changed since: no Warning, but an error all the same (the finalizer
+        // goes only once every Pod is released), and released once the cache shows them.
+        return Err(CleanupError::CacheBehind.into());
     }
     let failed = outcome.failed.len();
     if let Some((pod, source)) = outcome.failed.into_iter().next() {
