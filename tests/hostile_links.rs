@@ -79,10 +79,25 @@ async fn closed_with(wire: &mut Wire) -> Option<u16> {
     tokio::time::timeout(Duration::from_secs(30), end).await.expect("the link to close")
 }
 
+/// A new link from `creds` to `url`. The acceptor counts the previous link's socket until its task has
+/// reported it gone, and refuses a second one from the same peer meanwhile (`duplicate`): dial again then.
+async fn admitted(url: &str, id: &str, creds: &Credentials, hello: &Hello) -> Wire {
+    for _ in 0..1500 {
+        match transport::dial(url, creds, id, hello.clone(), None).await {
+            Ok(wire) => return wire,
+            Err(agent_mesh::handshake::HandshakeError::Refused(Refusal::Duplicate, _)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the attacker is not admitted: {e}"),
+        }
+    }
+    panic!("the attacker's previous link never went away");
+}
+
 /// Sends every bomb on a fresh link from `creds` to `url` (acceptor `id`), and checks each closes it.
 async fn bomb(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32, base: u64) {
     for (what, messages) in bombs() {
-        let mut wire = transport::dial(url, creds, id, hello.clone(), None).await.expect("the attacker is admitted");
+        let mut wire = admitted(url, id, creds, hello).await;
         for m in messages {
             // The link may close before the last is sent: what closes it need not be the last.
             if wire.send(Frame::Binary(m.into())).await.is_err() {
@@ -99,7 +114,7 @@ async fn bomb(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32,
 /// 5,000 SyncStep1 requests on one link whose peer never reads (each would be answered with the whole
 /// document), then a malformed message: the link closing on it shows the requests before it were handled.
 async fn flood(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32, base: u64) {
-    let mut wire = transport::dial(url, creds, id, hello.clone(), None).await.expect("the attacker is admitted");
+    let mut wire = admitted(url, id, creds, hello).await;
     let step1 = Frame::Binary(sync(0, &[0]).into());
     for _ in 0..5_000 {
         wire.send(step1.clone()).await.expect("the flood is read");
