@@ -309,14 +309,24 @@ impl Fetcher {
         self.clients.lock().expect("client cache lock").remove(&Some(ca_bundle.to_owned()));
     }
 
+    /// One read: the request and the body within `req.timeout`, then the parse (which may wait for
+    /// another policy's, and must not count against this rendezvous' time).
     pub async fn fetch(&self, req: &Request<'_>) -> Result<Fetched, FetchError> {
         let client = self.client(req.ca_bundle)?;
-        tokio::time::timeout(req.timeout, self.fetch_inner(&client, req))
+        let read = tokio::time::timeout(req.timeout, self.read(&client, req))
             .await
-            .unwrap_or(Err(FetchError::Timeout(req.timeout)))
+            .unwrap_or(Err(FetchError::Timeout(req.timeout)))?;
+        let Some((body, etag)) = read else { return Ok(Fetched::NotModified) };
+        let snapshot = self.parse_shared(req.url, &body).await?;
+        Ok(Fetched::New { snapshot, etag, bytes: body.len() })
     }
 
-    async fn fetch_inner(&self, client: &reqwest::Client, req: &Request<'_>) -> Result<Fetched, FetchError> {
+    /// The body and its ETag, or `None` when unchanged since `req.etag`.
+    async fn read(
+        &self,
+        client: &reqwest::Client,
+        req: &Request<'_>,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
         let mut r = client.get(req.url).header(reqwest::header::ACCEPT, "application/json");
         if let Some(token) = req.token {
             r = r.bearer_auth(token);
@@ -329,7 +339,7 @@ impl Fetcher {
         })?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_MODIFIED && req.etag.is_some() {
-            return Ok(Fetched::NotModified);
+            return Ok(None);
         }
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
@@ -345,14 +355,17 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        let snapshot = self.parse_shared(req.url, &body).await?;
-        Ok(Fetched::New { snapshot, etag, bytes: body.len() })
+        Ok(Some((body, etag)))
     }
 
     /// `body` (read from `url`) parsed, or the snapshot already parsed from the same body.
     async fn parse_shared(&self, url: &str, body: &[u8]) -> Result<Snapshot, ParseError> {
         let hash = xxhash_rust::xxh3::xxh3_128(body);
+        if let Some(snapshot) = self.reuse(url, hash) {
+            return Ok(snapshot);
+        }
         let _one = self.parsing.lock().await;
+        // Another policy may have parsed the same body while this one waited.
         if let Some(snapshot) = self.reuse(url, hash) {
             return Ok(snapshot);
         }

@@ -620,29 +620,34 @@ async fn a_policy_deleted_while_the_operator_was_down_releases_its_pods() {
 }
 
 /// Finding 9: a presence body at the default `--max-presence-bytes`, made of the smallest entries JSON
-/// allows (`{"node_id":""}`, about 559,000 of them), read by two policies on one rendezvous, keeps the
-/// operator's peak memory under the chart's 256 Mi limit.
+/// allows that still cost an allocation each (`{"node_id":"0"}`, about 524,000 of them), read by two
+/// policies from two rendezvous (so nothing is shared), keeps the operator's peak memory under the chart's
+/// 256 Mi limit.
 #[tokio::test]
 async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
     let (client, ns, rv) = setup("memory").await;
+    let other_rv = Rendezvous::start().await;
     fleet(&client, &ns, &rv, 3, |_| None).await;
     let limit = mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES;
-    let entry = br#"{"node_id":""},"#;
+    let entry = br#"{"node_id":"0"},"#;
     let mut body = b"[".to_vec();
     while body.len() + 2 * entry.len() <= limit {
         body.extend_from_slice(entry);
     }
-    body.extend_from_slice(br#"{"node_id":""}]"#);
+    body.extend_from_slice(br#"{"node_id":"0"}]"#);
     let entries = body.len() / entry.len();
     assert!(body.len() <= limit);
-    rv.state.lock().unwrap().raw_body = Some(Arc::new(body));
+    let body = Arc::new(body);
+    rv.state.lock().unwrap().raw_body = Some(body.clone());
+    other_rv.state.lock().unwrap().raw_body = Some(body);
     let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
     let mut op = operator_binary(&ns, "op-mem", &log, "info");
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     let other = json!({"selector": {"matchLabels": {"app": "other"}}});
-    create_policy(&client, &ns, "other", spec(&rv, other)).await;
-    wait_for("three reads of the big body each", WAIT, || async {
-        (rv.state.lock().unwrap().requests >= 6).then_some(())
+    create_policy(&client, &ns, "other", spec(&other_rv, other)).await;
+    wait_for("three reads of the big body at each rendezvous", WAIT, || async {
+        let reads = |r: &Rendezvous| r.state.lock().unwrap().requests;
+        (reads(&rv) >= 3 && reads(&other_rv) >= 3).then_some(())
     })
     .await;
     for policy in ["mesh", "other"] {
@@ -656,7 +661,7 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     eprintln!(
-        "operator peak RSS, two policies reading a {limit}-byte body of {entries} entries: {} MiB",
+        "operator peak RSS, two policies each reading a {limit}-byte body of {entries} entries: {} MiB",
         peak_kib / 1024
     );
     op.kill().await.unwrap();

@@ -170,9 +170,15 @@ pub fn of_pods(
     let nodes = snapshot.nodes.iter();
     let index = Index {
         by_id: pick(nodes.clone().map(|n| (&*n.node_id, n)).filter(|(id, _)| wanted.ids.contains(id))),
-        by_host: pick(
-            nodes.clone().filter_map(|n| Some((n.hostname.as_deref()?, n))).filter(|(h, _)| wanted.hosts.contains(h)),
-        ),
+        by_host: match wanted.hosts.is_empty() {
+            false => pick(
+                nodes
+                    .clone()
+                    .filter_map(|n| Some((n.hostname.as_deref()?, n)))
+                    .filter(|(h, _)| wanted.hosts.contains(h)),
+            ),
+            true => Default::default(),
+        },
         by_ip: match wanted.ips.is_empty() {
             false => pick(nodes.filter_map(|n| {
                 address_host(&n.address).filter(|ip| wanted.ips.contains(ip.as_str())).map(|ip| (ip, n))
@@ -254,7 +260,6 @@ fn pick<'a, K: std::hash::Hash + Eq>(entries: impl Iterator<Item = (K, &'a Node)
     by
 }
 
-/// Presence entries by node id, hostname and IP, and each advertised address parsed once.
 /// The presence keys the Pods look up.
 #[derive(Default)]
 struct Keys<'p> {
@@ -263,6 +268,7 @@ struct Keys<'p> {
     ips: foldhash::HashSet<&'p str>,
 }
 
+/// Presence entries by node id, hostname and IP, and each advertised address parsed once.
 struct Index<'a> {
     by_id: foldhash::HashMap<&'a str, Entry<'a>>,
     by_host: foldhash::HashMap<&'a str, Entry<'a>>,
