@@ -567,19 +567,7 @@ async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
         .unwrap()
     };
     leases.create(&PostParams::default(), &held_by("op-a")).await.unwrap();
-    let settings = mesh_operator::controller::Settings {
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        leader_elect: true,
-        lease_namespace: ns.clone(),
-        lease_name: "mesh-operator".into(),
-        identity: "op-b".into(),
-        max_presence_bytes: 1024,
-        apply_concurrency: 1,
-        namespaces: vec![],
-        pod_selector: None,
-    };
-    let leadership = std::sync::Arc::new(leader::Leadership::new(true));
-    let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
+    let (_, task) = elect(&client, &ns, "op-b").await;
     wait_for("op-b to see op-a lead", WAIT, || async { leases.get_opt("mesh-operator").await.ok()?.map(|_| ()) }).await;
     // op-b's acquire lands on the server, and op-b shuts down before it has read the answer.
     let mut won = leases.get("mesh-operator").await.unwrap();
@@ -588,6 +576,28 @@ async fn release_gives_up_a_lease_won_by_an_acquire_in_flight() {
     leader::release(task).await;
     let holder = leases.get("mesh-operator").await.unwrap().spec.and_then(|s| s.holder_identity);
     assert_eq!(holder, None, "the Lease stayed with a replica that shut down");
+}
+
+/// Leader election alone (no controller) for `identity` on the Lease `mesh-operator` in `ns`.
+async fn elect(
+    client: &kube::Client,
+    ns: &str,
+    identity: &str,
+) -> (std::sync::Arc<leader::Leadership>, leader::LeaseTask) {
+    let settings = mesh_operator::controller::Settings {
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        leader_elect: true,
+        lease_namespace: ns.into(),
+        lease_name: "mesh-operator".into(),
+        identity: identity.into(),
+        max_presence_bytes: 1024,
+        apply_concurrency: 1,
+        namespaces: vec![],
+        pod_selector: None,
+    };
+    let leadership = std::sync::Arc::new(leader::Leadership::new(true));
+    let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
+    (leadership, task)
 }
 
 /// Two replicas acquiring one Lease at once: only one may win. While op-a holds it, op-b's acquisition
@@ -599,19 +609,7 @@ async fn a_lease_is_held_by_one_replica_at_a_time() {
     let client = client().await;
     let ns = namespace(&client, "acquire").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let settings = mesh_operator::controller::Settings {
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        leader_elect: true,
-        lease_namespace: ns.clone(),
-        lease_name: "mesh-operator".into(),
-        identity: "op-a".into(),
-        max_presence_bytes: 1024,
-        apply_concurrency: 1,
-        namespaces: vec![],
-        pod_selector: None,
-    };
-    let leadership = std::sync::Arc::new(leader::Leadership::new(true));
-    let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
+    let (leadership, task) = elect(&client, &ns, "op-a").await;
     wait_for("op-a to lead", WAIT, || async { leadership.may_write().then_some(()) }).await;
     let acquire = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "spec": {"holderIdentity": "op-b", "leaseDurationSeconds": leader::LEASE_SECONDS}});

@@ -467,7 +467,6 @@ impl Wire {
     }
 }
 
-#[derive(Clone)]
 struct Wired<S> {
     inner: S,
     wire: Wire,

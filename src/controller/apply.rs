@@ -233,17 +233,16 @@ async fn patch(api: &Api<Pod>, w: &Write, left: Duration) -> Result<Option<Pod>,
     let request = kube::core::Request::new(api.resource_url());
     let built = match &w.to {
         Some(a) => {
-            let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta});
-            body["metadata"]["annotations"] = json!(a.to_annotations());
+            meta["annotations"] = json!(a.to_annotations());
+            let body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta});
             request.patch(&w.pod, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
         }
         None => {
             let removed: serde_json::Map<String, serde_json::Value> =
                 assignment::KEYS.iter().map(|k| (k.to_string(), serde_json::Value::Null)).collect();
-            let mut body = json!({"metadata": meta});
-            body["metadata"]["annotations"] = serde_json::Value::Object(removed);
+            meta["annotations"] = serde_json::Value::Object(removed);
             let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-            request.patch(&w.pod, &params, &Patch::Merge(&body))
+            request.patch(&w.pod, &params, &Patch::Merge(&json!({"metadata": meta})))
         }
     };
     let mut req = built.map_err(kube::Error::BuildRequest)?;
