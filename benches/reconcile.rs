@@ -136,7 +136,7 @@ fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
     CachedPod::from_pod(pod)
 }
 
-fn presence_of(n: usize) -> Snapshot {
+fn presence_of(n: usize) -> Arc<Snapshot> {
     let nodes: Vec<Node> = (0..n)
         .map(|i| Node {
             node_id: node_id(i).into(),
@@ -146,24 +146,24 @@ fn presence_of(n: usize) -> Snapshot {
             hostname: Some(format!("agent-{i}").into()),
         })
         .collect();
-    Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes: nodes.into() }
+    Arc::new(Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes: nodes.into() })
 }
 
 /// One reconcile's pure part over `pods`, with presence `snapshot`, at `at`.
 fn pass(
     policy: &ValidPolicy,
     pods: &[Arc<CachedPod>],
-    snapshot: &Snapshot,
+    snapshot: &Arc<Snapshot>,
     admission: &mut Admission,
     at: Instant,
 ) -> Decision {
-    let mut observed = observe::observe(policy, pods, &[]);
+    let observed = observe::observe(policy, pods, &[]);
     let members = membership::of_policy(policy, &observed, snapshot, NOW_MS, &|_| None);
-    decide::decide(policy, &mut observed, Some(members), (admission, at))
+    decide::decide(policy, &observed, Some(members), (admission, at))
 }
 
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
-fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Snapshot) {
+fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, Arc<Snapshot>) {
     let snapshot = presence_of(n);
     let bare = new_agents(n);
     // All n arrive at once: admission holds them, and plans them together once arrivals pause.

@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// carrying an assignment must match it too, or they cannot be cleaned up.
     #[arg(long, value_parser = parse_pod_selector)]
     pub pod_selector: Option<String>,
+    /// Check, on every reconcile, the view each policy keeps between reconciles against one built from
+    /// scratch; a difference is logged and counted in `mesh_operator_incremental_mismatches_total`. For
+    /// tests and debugging: it costs a full pass per reconcile.
+    #[arg(long)]
+    pub check_incremental: bool,
     #[arg(long, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
 }
@@ -183,6 +188,7 @@ fn run(args: RunArgs) -> ExitCode {
         apply_concurrency: args.apply_concurrency as usize,
         namespaces: args.namespaces,
         pod_selector: args.pod_selector,
+        check_incremental: args.check_incremental,
     };
     crate::memory::limit_arenas();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub presence_bytes: Counter,
     pub presence_errors: Family<KindLabel, Counter>,
     pub pod_patches: Counter,
+    pub incremental_mismatches: Counter,
     pub watch_errors: Family<WatchLabel, Counter>,
     pub agents: Family<PolicyLabel, Gauge>,
     pub eligible: Family<PolicyLabel, Gauge>,
@@ -90,6 +91,7 @@ impl Default for Metrics {
             presence_bytes: Counter::default(),
             presence_errors: Family::default(),
             pod_patches: Counter::default(),
+            incremental_mismatches: Counter::default(),
             watch_errors: Family::default(),
             agents: Family::default(),
             eligible: Family::default(),
@@ -111,6 +113,11 @@ impl Default for Metrics {
         registry.register("presence_bytes", "Presence body bytes read", m.presence_bytes.clone());
         registry.register("presence_errors", "Presence fetch errors by reason", m.presence_errors.clone());
         registry.register("pod_patches", "Pod annotation patches sent", m.pod_patches.clone());
+        registry.register(
+            "incremental_mismatches",
+            "Reconciles whose kept view differed from one built from scratch (checked with --check-incremental)",
+            m.incremental_mismatches.clone(),
+        );
         registry.register(
             "watch_errors",
             "Watch errors by watch and kind (expired: a 410 that forces a relist)",

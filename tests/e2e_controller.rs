@@ -594,6 +594,7 @@ async fn elect(
         apply_concurrency: 1,
         namespaces: vec![],
         pod_selector: None,
+        check_incremental: false,
     };
     let leadership = std::sync::Arc::new(leader::Leadership::new(true));
     let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();

@@ -16,8 +16,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::ResourceExt;
-
 use super::admission::Admission;
 use super::membership::{Exclusion, Membership};
 use super::observe::Observed;
@@ -43,16 +41,11 @@ pub struct Decision {
 /// [`super::membership::of_policy`]): admission, the plan, the targets and the writes that reach them.
 pub fn decide(
     policy: &ValidPolicy,
-    observed: &mut Observed,
+    observed: &Observed,
     mut members: Option<Membership>,
     (admission, now): (&mut Admission, Instant),
 ) -> Decision {
     let recheck = members.as_mut().and_then(|m| admit(m, observed, admission, now));
-    for agent in members.iter().flat_map(|m| &m.agents) {
-        if let Some(state) = observed.pods.get_mut(&agent.pod) {
-            state.node_id = Some(agent.node_id.clone());
-        }
-    }
     let planned = members
         .as_ref()
         .map(|m| plan::targets(m, policy.max_peers, &policy.uid, &policy.name, &observed.carried, &observed.pods));
@@ -65,7 +58,8 @@ pub fn decide(
         Some(p) => std::mem::take(&mut p.targets),
         None => adopted(observed, members.is_some(), policy.max_peers),
     };
-    let waves = waves(&observed.pods, &wanted, &policy.name);
+    let node_of = |pod: &str| Some(members.as_ref()?.agent(pod)?.node_id.clone());
+    let waves = waves(&observed.pods, &wanted, &policy.name, &node_of);
     Decision { members, plan, plan_error, wanted, waves, recheck }
 }
 
@@ -87,9 +81,9 @@ fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
         return Targets::new();
     }
     let staying: HashSet<String> =
-        o.selected.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
+        o.selected.iter().filter(|(_, p)| !p.terminating()).map(|(n, _)| n.clone()).collect();
     let live_ips: HashSet<String> =
-        o.namespace_pods.iter().filter(|p| !p.terminating()).filter_map(|p| p.pod_ip.clone()).collect();
+        o.namespace_pods.values().filter(|p| !p.terminating()).filter_map(|p| p.pod_ip.clone()).collect();
     plan::adopt(&o.carried, &o.pods, &staying, &live_ips, cap)
 }
 
@@ -163,8 +157,14 @@ impl Waves {
 }
 
 /// The waves that take every Pod in `targets` from what it carries (as `policy`'s, see
-/// [`PodState::carried`]) to its target; Pods already there get no write.
-pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str) -> Waves {
+/// [`PodState::carried`]) to its target; Pods already there get no write. `node_of` gives an agent's
+/// node id where membership matched it (else the Pod's node-id annotation stands).
+pub fn waves(
+    pods: &BTreeMap<String, PodState>,
+    targets: &Targets,
+    policy: &str,
+    node_of: &dyn Fn(&str) -> Option<String>,
+) -> Waves {
     let mut waves = Waves::default();
     for (name, target) in targets {
         let Some(pod) = pods.get(name) else { continue };
@@ -182,7 +182,7 @@ pub fn waves(pods: &BTreeMap<String, PodState>, targets: &Targets, policy: &str)
             resource_version: pod.resource_version.clone(),
             to,
             from: from.clone(),
-            node_id: pod.node_id.clone(),
+            node_id: node_of(name).or_else(|| pod.node_id.clone()),
         };
         let now = from.as_deref();
         match target {
@@ -230,14 +230,14 @@ mod tests {
         use super::super::{fixtures, membership, observe};
         let policy = fixtures::policy(2);
         let run = |pods: &[Arc<super::super::pods::CachedPod>],
-                   snap: Option<&crate::presence::Snapshot>,
+                   snap: Option<&Arc<crate::presence::Snapshot>>,
                    admission: &mut Admission,
                    at: Instant| {
-            let mut o = observe::observe(&policy, pods, &[]);
+            let o = observe::observe(&policy, pods, &[]);
             let m = snap.map(|s| membership::of_policy(&policy, &o, s, fixtures::NOW_MS, &|_| None));
-            decide(&policy, &mut o, m, (admission, at))
+            decide(&policy, &o, m, (admission, at))
         };
-        let (t0, snap) = (Instant::now(), fixtures::presence(6));
+        let (t0, snap) = (Instant::now(), Arc::new(fixtures::presence(6)));
         let bare: Vec<_> = (0..6).map(|i| fixtures::agent(i, None)).collect();
         let mut admission = Admission::default();
 
@@ -342,7 +342,7 @@ mod tests {
             let cap = 4;
             let mut pods: BTreeMap<String, PodState> = (0..n).map(|v| (id(v), state(before.get(&id(v)), v))).collect();
             let targets: Targets = (0..n).map(|v| (id(v), after.get(&id(v)).cloned().map(Arc::new))).collect();
-            let waves = waves(&pods, &targets, "p");
+            let waves = waves(&pods, &targets, "p", &|_| None);
             prop_assert_eq!(first_violation(&published(&pods), cap), None);
 
             let shuffled = |ws: Vec<&Write>, salt: usize| -> Vec<Write> {
@@ -365,7 +365,7 @@ mod tests {
             }
             if !any_failed {
                 prop_assert_eq!(published(&pods), after);
-                prop_assert!(super::waves(&pods, &targets, "p").is_empty(), "a second pass writes nothing");
+                prop_assert!(super::waves(&pods, &targets, "p", &|_| None).is_empty(), "a second pass writes nothing");
             }
         }
     }
@@ -375,7 +375,7 @@ mod tests {
         let now = Assignment::new(vec![peer(1), peer(2)], [], "p".into());
         let want = Assignment::new(vec![peer(1), peer(3)], [], "p".into());
         let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p");
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p", &|_| None);
         assert_eq!(w.shrink.len(), 1, "the old code wrote the whole new list in the removal wave");
         assert_eq!(w.shrink[0].to.as_ref().unwrap().peers, vec![peer(1)]);
         assert_eq!(w.grow[0].to.as_deref(), Some(&want));
@@ -388,12 +388,12 @@ mod tests {
         let now = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(4);
         let want = Assignment::new(vec![peer(1), peer(2)], [], "p".into()).with_max_peers(2);
         let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p");
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p", &|_| None);
         assert_eq!(w.shrink.len(), 1, "the cap drops in the shrink wave, though no link does");
         assert_eq!(w.shrink[0].to.as_deref(), Some(&Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2)));
         assert_eq!(w.grow[0].to.as_deref(), Some(&want));
         let same_links = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(same_links)))]), "p");
+        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(same_links)))]), "p", &|_| None);
         assert_eq!((w.shrink.len(), w.grow.len()), (1, 0), "one write lowers the cap alone");
     }
 
@@ -404,7 +404,7 @@ mod tests {
         let pods = BTreeMap::from([("stray".to_string(), stray), ("theirs".to_string(), theirs)]);
         let mine = Assignment::new(vec![peer(2)], [], "p".into());
         let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(Arc::new(mine)))]);
-        let w = waves(&pods, &targets, "p");
+        let w = waves(&pods, &targets, "p", &|_| None);
         assert_eq!(w.shrink.iter().map(|w| w.pod.as_str()).collect::<Vec<_>>(), vec!["stray"]);
     }
 }

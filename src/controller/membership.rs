@@ -1,11 +1,16 @@
 //! Membership (docs/design.md §3.3): which selected Pods are eligible agents, matched to which presence entry, and
-//! at which URL their peers dial them. Pure: Pods and a snapshot in, a verdict per Pod out.
-use std::collections::{BTreeMap, HashMap};
+//! at which URL their peers dial them. Pure: Pods and a snapshot in, a verdict per Pod out, kept between
+//! reconciles ([`Verdicts`]) so that a Pod event costs that Pod's verdict, not the fleet's.
+use std::cell::{OnceCell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::time::Duration;
 
+use hashbrown::hash_table::{self, HashTable};
 use kube::ResourceExt;
 
-use super::observe::Observed;
+use super::observe::{Foreign, Observed};
 use super::pods::CachedPod;
 use super::policy::ValidPolicy;
 
@@ -100,6 +105,12 @@ pub struct Membership {
     pub excluded: BTreeMap<String, Exclusion>,
 }
 
+impl Membership {
+    pub fn agent(&self, pod: &str) -> Option<&Agent> {
+        self.agents.binary_search_by(|a| a.pod.as_str().cmp(pod)).ok().map(|i| &self.agents[i])
+    }
+}
+
 pub struct Rules<'a> {
     pub node_id_annotation: &'a str,
     pub topology_key: Option<&'a str>,
@@ -108,186 +119,269 @@ pub struct Rules<'a> {
     pub fallback_now_ms: f64,
 }
 
-/// Moves out of `m` every agent whose Pod carries another policy's assignment (`foreign_pods`: Pod → that
-/// policy) or whose node id another policy's Pods dial or accept (`foreign_ids`: node id → that policy):
-/// two policies never share an agent, so neither can fill it past the cap while the other still links it.
-pub fn exclude_foreign(
-    m: &mut Membership,
-    foreign_pods: &HashMap<String, String>,
-    foreign_ids: &HashMap<String, String>,
-) {
-    let (kept, moved): (Vec<Agent>, Vec<Agent>) = std::mem::take(&mut m.agents)
-        .into_iter()
-        .partition(|a| !foreign_pods.contains_key(&a.pod) && !foreign_ids.contains_key(&a.node_id));
-    m.agents = kept;
-    for a in moved {
-        let policy = foreign_pods.get(&a.pod).or_else(|| foreign_ids.get(&a.node_id)).cloned().unwrap_or_default();
-        m.excluded.insert(a.pod, Exclusion::OtherPolicy(policy));
+impl<'a> Rules<'a> {
+    pub fn of(policy: &'a ValidPolicy, fallback_now_ms: f64) -> Self {
+        Rules {
+            node_id_annotation: &policy.node_id_annotation,
+            topology_key: policy.topology_key.as_deref(),
+            heartbeat_timeout: policy.heartbeat_timeout,
+            fallback_now_ms,
+        }
     }
 }
 
 /// The eligible agents of `policy` under `snap` judged on `confirmed_ms`, without those another policy
-/// still holds. `node_domain` is a Node's `topologyKey` label.
+/// still holds, worked out from scratch. `node_domain` is a Node's `topologyKey` label.
 pub fn of_policy(
     policy: &ValidPolicy,
     o: &Observed,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     confirmed_ms: f64,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Membership {
-    let rules = Rules {
-        node_id_annotation: &policy.node_id_annotation,
-        topology_key: policy.topology_key.as_deref(),
-        heartbeat_timeout: policy.heartbeat_timeout,
-        fallback_now_ms: confirmed_ms,
-    };
-    let selected: Vec<&CachedPod> = o.selected.iter().map(|p| p.as_ref()).collect();
-    let mut m = of_pods(&selected, snap, &rules, node_domain);
-    exclude_foreign(&mut m, &o.foreign_pods, &o.foreign_ids);
-    m
+    let mut verdicts = Verdicts::default();
+    verdicts.update(o, snap, &Rules::of(policy, confirmed_ms), node_domain, &Dirty::default());
+    verdicts.membership()
 }
 
-/// Decides membership for `pods` (already selected by the policy). `node_domain` gives the `topologyKey`
-/// label of a Node by name.
-pub fn of_pods(
-    pods: &[&CachedPod],
-    snapshot: &Snapshot,
-    rules: &Rules,
-    node_domain: &dyn Fn(&str) -> Option<String>,
-) -> Membership {
-    // Only the keys some Pod looks up are indexed: a presence list can be far longer than the fleet.
-    // Hostname and IP matching serve Pods without the node-id annotation.
-    let mut wanted = Keys::default();
-    for pod in pods {
-        match pod.annotation(rules.node_id_annotation) {
-            Some(id) => _ = wanted.ids.insert(id),
-            None => {
-                wanted.hosts.extend(pod.metadata.name.as_deref());
-                wanted.ips.extend(pod.pod_ip.as_deref());
-            }
-        }
-    }
-    let nodes = snapshot.nodes.iter();
-    let index = Index {
-        by_id: pick(nodes.clone().map(|n| (&*n.node_id, n)).filter(|(id, _)| wanted.ids.contains(id))),
-        by_host: match wanted.hosts.is_empty() {
-            false => pick(
-                nodes
-                    .clone()
-                    .filter_map(|n| Some((n.hostname.as_deref()?, n)))
-                    .filter(|(h, _)| wanted.hosts.contains(h)),
-            ),
-            true => Default::default(),
-        },
-        by_ip: match wanted.ips.is_empty() {
-            false => pick(nodes.filter_map(|n| {
-                address_host(&n.address).filter(|ip| wanted.ips.contains(ip.as_str())).map(|ip| (ip, n))
-            })),
-            true => Default::default(),
-        },
-        addresses: Default::default(),
-    };
-
-    let mut out = Membership::default();
-    let mut candidates: Vec<Agent> = Vec::new();
-    for pod in pods {
-        let name = pod.name_any();
-        match candidate(pod, &index, snapshot, rules, node_domain) {
-            Ok(agent) => candidates.push(agent),
-            Err(why) => {
-                out.excluded.insert(name, why);
-            }
-        }
-    }
-    // Two Pods claiming one node id: neither can be trusted to be the one presence describes.
-    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for a in &candidates {
-        claims.entry(a.node_id.as_str()).or_default().push(a.pod.as_str());
-    }
-    let duplicates: BTreeMap<String, Vec<String>> = claims
-        .into_iter()
-        .filter(|(_, pods)| pods.len() > 1)
-        .map(|(id, pods)| (id.to_owned(), pods.into_iter().map(str::to_owned).collect()))
-        .collect();
-    for a in candidates {
-        match duplicates.get(&a.node_id) {
-            Some(pods) => {
-                let mut pods = pods.clone();
-                pods.sort();
-                out.excluded.insert(a.pod.clone(), Exclusion::DuplicateNodeId { node_id: a.node_id.clone(), pods });
-            }
-            None => out.agents.push(a),
-        }
-    }
-    out.agents.sort_by(|a, b| a.pod.cmp(&b.pod));
-    out
+/// What changed in an [`Observed`] since verdicts were last brought up to date: Pods filed again, and
+/// node ids another policy's Pods began or stopped linking.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub pods: BTreeSet<String>,
+    pub ids: BTreeSet<String>,
 }
 
-/// The presence entry for one key (node id, hostname or IP). Several can share a key: an agent
-/// recreated with a new key under its old hostname leaves its dead entry behind until the rendezvous
-/// forgets it. The rule: an alive entry beats a dead one, then the later heartbeat wins; two entries with
-/// different node ids that tie on both are ambiguous, and a Pod matched by that key is excluded.
-#[derive(Clone, Copy)]
-enum Entry<'a> {
-    One(&'a Node),
-    Tie(&'a Node, &'a Node),
+/// Every selected Pod's verdict under one snapshot and clock, kept so that a Pod event judges that Pod
+/// alone (and the Pods sharing its node id): a new snapshot or clock judges every Pod again.
+///
+/// A Pod's verdict is its own ([`candidate`]: its state and its presence entry); then two Pods claiming
+/// one node id exclude each other, and an agent another policy holds is moved out. So a changed Pod
+/// touches its own verdict and those of the Pods claiming the node ids it left and took; a changed
+/// foreign Pod those claiming the ids it links.
+#[derive(Default)]
+pub struct Verdicts {
+    index: Option<Index>,
+    clock: f64,
+    judged: BTreeMap<String, Result<Agent, Exclusion>>,
+    /// Node id → the Pods whose own verdict made them its agent.
+    claims: BTreeMap<String, BTreeSet<String>>,
+    agents: BTreeMap<String, Agent>,
+    excluded: BTreeMap<String, Exclusion>,
 }
 
-impl<'a> Entry<'a> {
+impl Verdicts {
+    /// Brings the verdicts up to date with `o`: every selected Pod judged again when `snap` or the
+    /// rules' clock differ from the last update's, else only what `dirty` names.
+    pub fn update(
+        &mut self,
+        o: &Observed,
+        snap: &Arc<Snapshot>,
+        rules: &Rules,
+        node_domain: &dyn Fn(&str) -> Option<String>,
+        dirty: &Dirty,
+    ) {
+        let same = self.index.as_ref().is_some_and(|i| Arc::ptr_eq(&i.snapshot, snap))
+            && self.clock.to_bits() == rules.fallback_now_ms.to_bits();
+        let mut touched = BTreeSet::new();
+        let judge: Vec<String> = if same {
+            dirty.pods.iter().cloned().collect()
+        } else {
+            (self.index, self.clock) = (Some(Index::new(snap.clone())), rules.fallback_now_ms);
+            (self.agents, self.excluded) = Default::default();
+            touched.extend(self.judged.keys().cloned());
+            self.judged.keys().chain(o.selected.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
+        };
+        for pod in judge {
+            self.judge(pod, o, rules, node_domain, &mut touched);
+        }
+        for id in &dirty.ids {
+            touched.extend(self.claims.get(id).into_iter().flatten().cloned());
+        }
+        for pod in &touched {
+            self.settle(pod, &o.foreign);
+        }
+    }
+
+    fn judge(
+        &mut self,
+        pod: String,
+        o: &Observed,
+        rules: &Rules,
+        node_domain: &dyn Fn(&str) -> Option<String>,
+        touched: &mut BTreeSet<String>,
+    ) {
+        if let Some(Ok(old)) = self.judged.remove(&pod) {
+            let claimants = self.claims.entry(old.node_id.clone()).or_default();
+            claimants.remove(&pod);
+            touched.extend(claimants.iter().cloned());
+            if claimants.is_empty() {
+                self.claims.remove(&old.node_id);
+            }
+        }
+        touched.insert(pod.clone());
+        let (Some(cached), Some(index)) = (o.selected.get(&pod), self.index.as_ref()) else { return };
+        let verdict = candidate(cached, index, rules, node_domain);
+        if let Ok(agent) = &verdict {
+            let claimants = self.claims.entry(agent.node_id.clone()).or_default();
+            claimants.insert(pod.clone());
+            touched.extend(claimants.iter().cloned());
+        }
+        self.judged.insert(pod, verdict);
+    }
+
+    /// Pod `pod`'s place in the membership, from its own verdict, the other claims on its node id, and
+    /// `foreign`.
+    fn settle(&mut self, pod: &str, foreign: &Foreign) {
+        self.agents.remove(pod);
+        self.excluded.remove(pod);
+        let why = match self.judged.get(pod) {
+            None => return,
+            Some(Err(why)) => why.clone(),
+            Some(Ok(agent)) => {
+                let claimants = self.claims.get(&agent.node_id).map_or(0, BTreeSet::len);
+                let owner = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id));
+                if claimants > 1 {
+                    let pods = self.claims[&agent.node_id].iter().cloned().collect();
+                    Exclusion::DuplicateNodeId { node_id: agent.node_id.clone(), pods }
+                } else if let Some(owner) = owner {
+                    Exclusion::OtherPolicy(owner.to_owned())
+                } else {
+                    self.agents.insert(pod.to_owned(), agent.clone());
+                    return;
+                }
+            }
+        };
+        self.excluded.insert(pod.to_owned(), why);
+    }
+
+    pub fn membership(&self) -> Membership {
+        Membership { agents: self.agents.values().cloned().collect(), excluded: self.excluded.clone() }
+    }
+}
+
+/// The presence entry for one key (node id, hostname or IP), as a position in the snapshot's list.
+/// Several entries can share a key: an agent recreated with a new key under its old hostname leaves its
+/// dead entry behind until the rendezvous forgets it. The rule: an alive entry beats a dead one, then the
+/// later heartbeat wins; two entries with different node ids that tie on both are ambiguous, and a Pod
+/// matched by that key is excluded.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    One(u32),
+    Tie(u32, u32),
+}
+
+impl Slot {
+    fn first(self) -> u32 {
+        match self {
+            Slot::One(i) | Slot::Tie(i, _) => i,
+        }
+    }
+
     fn rank(n: &Node) -> (bool, f64) {
         (n.alive, n.heartbeat_ms().unwrap_or(f64::NEG_INFINITY))
     }
 
-    fn with(self, n: &'a Node) -> Entry<'a> {
-        let best = match self {
-            Entry::One(b) | Entry::Tie(b, _) => b,
-        };
+    fn with(self, i: u32, nodes: &[Node]) -> Slot {
+        let (n, best) = (&nodes[i as usize], &nodes[self.first() as usize]);
         match Self::rank(n).partial_cmp(&Self::rank(best)) {
-            Some(std::cmp::Ordering::Greater) => Entry::One(n),
-            Some(std::cmp::Ordering::Equal) if n.node_id != best.node_id && matches!(self, Entry::One(_)) => {
-                Entry::Tie(best, n)
+            Some(std::cmp::Ordering::Greater) => Slot::One(i),
+            Some(std::cmp::Ordering::Equal) if n.node_id != best.node_id && matches!(self, Slot::One(_)) => {
+                Slot::Tie(self.first(), i)
             }
             _ => self,
         }
     }
 }
 
-fn pick<'a, K: std::hash::Hash + Eq>(entries: impl Iterator<Item = (K, &'a Node)>) -> foldhash::HashMap<K, Entry<'a>> {
-    let mut by: foldhash::HashMap<K, Entry<'a>> = Default::default();
-    for (key, node) in entries {
-        by.entry(key).and_modify(|e| *e = e.with(node)).or_insert(Entry::One(node));
-    }
-    by
-}
-
-/// The presence keys the Pods look up.
-#[derive(Default)]
-struct Keys<'p> {
-    ids: foldhash::HashSet<&'p str>,
-    hosts: foldhash::HashSet<&'p str>,
-    ips: foldhash::HashSet<&'p str>,
-}
-
-/// Presence entries by node id, hostname and IP, and each advertised address parsed once.
-struct Index<'a> {
-    by_id: foldhash::HashMap<&'a str, Entry<'a>>,
-    by_host: foldhash::HashMap<&'a str, Entry<'a>>,
-    by_ip: foldhash::HashMap<String, Entry<'a>>,
+/// A snapshot's entries by node id; by hostname and by IP only once a Pod without the node-id annotation
+/// needs them. Positions, not copies: an index costs a few bytes per entry however long the ids.
+struct Index {
+    snapshot: Arc<Snapshot>,
+    hasher: foldhash::fast::RandomState,
+    by_id: HashTable<Slot>,
+    by_host: OnceCell<HashTable<Slot>>,
+    by_ip: OnceCell<HashTable<(Box<str>, Slot)>>,
     /// Agents often advertise one address template (`ws://0.0.0.0:3001/…`): each is parsed once.
-    addresses: std::cell::RefCell<foldhash::HashMap<&'a str, Option<url::Url>>>,
+    addresses: RefCell<foldhash::HashMap<Box<str>, Option<url::Url>>>,
 }
 
-impl<'a> Index<'a> {
-    fn dial_url(&self, node: &'a Node, pod_ip: &str) -> Option<String> {
-        let url = self.addresses.borrow_mut().entry(&*node.address).or_insert_with(|| ws_url(&node.address)).clone();
+impl Index {
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let by_id = slots(&snapshot.nodes, &hasher, |n| Some(&*n.node_id));
+        Index {
+            snapshot,
+            hasher,
+            by_id,
+            by_host: OnceCell::new(),
+            by_ip: OnceCell::new(),
+            addresses: Default::default(),
+        }
+    }
+
+    fn node(&self, i: u32) -> &Node {
+        &self.snapshot.nodes[i as usize]
+    }
+
+    fn by_id(&self, id: &str) -> Option<Slot> {
+        self.by_id.find(self.hasher.hash_one(id), |s| &*self.node(s.first()).node_id == id).copied()
+    }
+
+    fn by_host(&self, host: &str) -> Option<Slot> {
+        let table = self.by_host.get_or_init(|| slots(&self.snapshot.nodes, &self.hasher, |n| n.hostname.as_deref()));
+        table.find(self.hasher.hash_one(host), |s| self.node(s.first()).hostname.as_deref() == Some(host)).copied()
+    }
+
+    fn by_ip(&self, ip: &str) -> Option<Slot> {
+        let table = self.by_ip.get_or_init(|| {
+            let mut t: HashTable<(Box<str>, Slot)> = HashTable::new();
+            for (i, n) in self.snapshot.nodes.iter().enumerate() {
+                let Some(ip) = address_host(&n.address) else { continue };
+                let h = self.hasher.hash_one(ip.as_str());
+                match t.entry(h, |(k, _)| **k == *ip, |(k, _)| self.hasher.hash_one(&**k)) {
+                    hash_table::Entry::Occupied(mut e) => {
+                        e.get_mut().1 = e.get().1.with(i as u32, &self.snapshot.nodes)
+                    }
+                    hash_table::Entry::Vacant(e) => _ = e.insert((ip.into(), Slot::One(i as u32))),
+                }
+            }
+            t
+        });
+        table.find(self.hasher.hash_one(ip), |(k, _)| **k == *ip).map(|(_, s)| *s)
+    }
+
+    fn dial_url(&self, node: &Node, pod_ip: &str) -> Option<String> {
+        let mut addresses = self.addresses.borrow_mut();
+        let url = match addresses.get(&*node.address) {
+            Some(url) => url.clone(),
+            None => addresses.entry(node.address.clone()).or_insert_with(|| ws_url(&node.address)).clone(),
+        };
         with_host(url?, pod_ip)
     }
 }
 
-fn candidate<'a>(
+/// `nodes` by the key `key` gives each (those without one left out), ties resolved as [`Slot`] says.
+fn slots(
+    nodes: &[Node],
+    hasher: &foldhash::fast::RandomState,
+    key: impl for<'n> Fn(&'n Node) -> Option<&'n str>,
+) -> HashTable<Slot> {
+    let mut table: HashTable<Slot> = HashTable::new();
+    let key_of = |s: &Slot| key(&nodes[s.first() as usize]).unwrap_or_default();
+    for (i, n) in nodes.iter().enumerate() {
+        let Some(k) = key(n) else { continue };
+        match table.entry(hasher.hash_one(k), |s| key_of(s) == k, |s| hasher.hash_one(key_of(s))) {
+            hash_table::Entry::Occupied(mut e) => *e.get_mut() = e.get().with(i as u32, nodes),
+            hash_table::Entry::Vacant(e) => _ = e.insert(Slot::One(i as u32)),
+        }
+    }
+    table
+}
+
+fn candidate(
     pod: &CachedPod,
-    index: &Index<'a>,
-    snapshot: &Snapshot,
+    index: &Index,
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Agent, Exclusion> {
@@ -299,17 +393,18 @@ fn candidate<'a>(
     }
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
     let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let annotated = pod.annotation(rules.node_id_annotation);
-    let found = match annotated {
-        Some(id) => index.by_id.get(id).map(|e| ("node id", *e)),
-        None => index.by_host.get(name).map(|e| ("hostname", *e)).or_else(|| index.by_ip.get(ip).map(|e| ("IP", *e))),
+    let found = match pod.annotation(rules.node_id_annotation) {
+        Some(id) => index.by_id(id).map(|e| ("node id", e)),
+        None => index.by_host(name).map(|e| ("hostname", e)).or_else(|| index.by_ip(ip).map(|e| ("IP", e))),
     };
-    let node: &'a Node = match found.ok_or(Exclusion::NoPresence)? {
-        (_, Entry::One(node)) => node,
-        (by, Entry::Tie(a, b)) => {
-            return Err(Exclusion::AmbiguousPresence { by, node_ids: [a.node_id.to_string(), b.node_id.to_string()] });
+    let node = match found.ok_or(Exclusion::NoPresence)? {
+        (_, Slot::One(i)) => index.node(i),
+        (by, Slot::Tie(a, b)) => {
+            let node_ids = [index.node(a).node_id.to_string(), index.node(b).node_id.to_string()];
+            return Err(Exclusion::AmbiguousPresence { by, node_ids });
         }
     };
+    let snapshot = &index.snapshot;
     if snapshot.server_node_id.as_deref() == Some(&*node.node_id) {
         return Err(Exclusion::IsRendezvous);
     }
@@ -397,6 +492,19 @@ mod tests {
             last_seen_ms: Some(1_000_000.0 - age_ms),
             hostname: hostname.map(Into::into),
         }
+    }
+
+    fn of_pods(
+        pods: &[&CachedPod],
+        snap: &Snapshot,
+        rules: &Rules,
+        node_domain: &dyn Fn(&str) -> Option<String>,
+    ) -> Membership {
+        let selected = pods.iter().map(|p| (p.name_any(), Arc::new((*p).clone()))).collect();
+        let o = Observed { selected, ..Default::default() };
+        let mut verdicts = Verdicts::default();
+        verdicts.update(&o, &Arc::new(snap.clone()), rules, node_domain, &Dirty::default());
+        verdicts.membership()
     }
 
     fn rules() -> Rules<'static> {
@@ -557,14 +665,19 @@ mod tests {
 
     #[test]
     fn agents_of_another_policy_are_moved_out() {
-        let agent =
-            |pod: &str, id: &str| Agent { pod: pod.into(), node_id: id.into(), url: String::new(), domain: None };
-        let mut m =
-            Membership { agents: vec![agent("a", "1"), agent("b", "2"), agent("c", "3")], ..Default::default() };
-        let pods = HashMap::from([("a".to_string(), "other".to_string())]);
-        let ids = HashMap::from([("2".to_string(), "third".to_string())]);
-        exclude_foreign(&mut m, &pods, &ids);
-        assert_eq!(m.agents, vec![agent("c", "3")]);
+        let nodes: Vec<Node> = ["1", "2", "3"].iter().map(|id| node(id, "ws://0.0.0.0:1/", None, 0.0)).collect();
+        let snap = Arc::new(Snapshot { now_ms: Some(1_000_000.0), nodes: nodes.into(), ..Default::default() });
+        let mut o = Observed::default();
+        for (name, id) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            let p = pod(name, "127.0.0.1", true, json!({"agentmesh.dev/node-id": id}));
+            o.selected.insert(name.into(), Arc::new(p));
+        }
+        o.foreign.insert("a", "other", vec![]);
+        o.foreign.insert("x", "third", vec!["2".into()]);
+        let mut verdicts = Verdicts::default();
+        verdicts.update(&o, &snap, &rules(), &|_| None, &Dirty::default());
+        let m = verdicts.membership();
+        assert_eq!(m.agents.iter().map(|a| a.pod.as_str()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(m.excluded["a"], Exclusion::OtherPolicy("other".into()));
         assert_eq!(m.excluded["b"], Exclusion::OtherPolicy("third".into()));
     }

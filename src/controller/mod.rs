@@ -22,6 +22,7 @@ use crate::telemetry::{Health, Metrics};
 pub mod admission;
 pub mod apply;
 pub mod decide;
+pub mod fleet;
 pub mod membership;
 pub mod observe;
 pub mod plan;
@@ -31,7 +32,8 @@ pub mod reconcile;
 pub mod report;
 pub mod status;
 pub mod token;
-// What the steps share: the Pod cache, the Lease, the errors.
+// What the steps share: the Pod cache and its changes, the Lease, the errors.
+pub mod changes;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
@@ -62,6 +64,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub pods: Store<CachedPod>,
+    /// Which Pods changed, recorded as the Pod cache takes each event.
+    pub pod_changes: changes::Changes,
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub policies: Store<MeshPolicy>,
     pub fetcher: Arc<Fetcher>,
@@ -82,6 +86,8 @@ pub struct Context {
     pub nodes_synced: Arc<AtomicBool>,
     pub apply_concurrency: usize,
     pub pod_selector: Option<String>,
+    /// Whether every reconcile checks the policy's kept view against one built from scratch.
+    pub check_incremental: bool,
 }
 
 impl Context {
@@ -127,6 +133,8 @@ pub struct PolicyState {
     pub presence: Mutex<PresenceState>,
     /// Newcomers held back during a burst of arrivals.
     pub admission: std::sync::Mutex<admission::Admission>,
+    /// The policy's view of its namespace, held by the reconcile that updates and reads it.
+    pub fleet: Mutex<fleet::Fleet>,
 }
 
 pub struct Settings {
@@ -141,6 +149,8 @@ pub struct Settings {
     pub namespaces: Vec<String>,
     /// A label selector the Pod watch sends to the API server: Pods it excludes are never read at all.
     pub pod_selector: Option<String>,
+    /// Check every reconcile's kept view against one built from scratch (for tests: it costs a full pass).
+    pub check_incremental: bool,
 }
 
 /// How long the controllers get to finish their reconciles after SIGTERM/SIGINT before they are dropped:
@@ -177,6 +187,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         leadership,
         apply_concurrency: settings.apply_concurrency,
         pod_selector: settings.pod_selector.clone(),
+        check_incremental: settings.check_incremental,
     };
     let scopes = scopes(&settings.namespaces);
     if let Some(selector) = &settings.pod_selector {
@@ -279,6 +290,7 @@ struct Shared {
     leadership: Arc<Leadership>,
     apply_concurrency: usize,
     pod_selector: Option<String>,
+    check_incremental: bool,
 }
 
 impl Shared {
@@ -289,6 +301,7 @@ impl Shared {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             pods,
+            pod_changes: Default::default(),
             nodes: self.nodes.clone(),
             policies,
             fetcher: self.fetcher.clone(),
@@ -303,6 +316,7 @@ impl Shared {
             nodes_synced: self.nodes_synced.clone(),
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),
+            check_incremental: self.check_incremental,
         })
     }
 }

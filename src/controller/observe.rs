@@ -1,9 +1,11 @@
-//! Observe: what the caches say about one policy's namespace, as the later steps read it. The cache read
-//! ([`gather`]) is separate from the pure step ([`observe`]), which is unit-tested without a cluster.
-use std::collections::{BTreeMap, HashMap, HashSet};
+//! Observe: what the caches say about one policy's namespace, as the later steps read it. Each Pod is
+//! filed on its own ([`Observed::file`]), so a view can be kept up to date one changed Pod at a time (see
+//! [`super::fleet`]); [`observe`] files a whole namespace at once. Pure, unit-tested without a cluster.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
@@ -14,67 +16,146 @@ use crate::api::MeshPolicy;
 use crate::assignment::Assignment;
 
 /// What the caches say about one policy's namespace.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     /// Pods the policy selects and owns (no older policy selects them).
-    pub selected: Vec<Arc<CachedPod>>,
+    pub selected: BTreeMap<String, Arc<CachedPod>>,
     /// Pods it selects that an older policy owns.
-    pub conflicted: Vec<String>,
+    pub conflicted: BTreeSet<String>,
     /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
     pub pods: BTreeMap<String, PodState>,
     /// What each Pod carries as this policy's.
     pub carried: BTreeMap<String, Arc<Assignment>>,
-    /// Pods carrying another policy's assignment, and the node ids those link: Pod/id → that policy.
-    pub foreign_pods: HashMap<String, String>,
-    pub foreign_ids: HashMap<String, String>,
-    /// Every Pod of the namespace (for the IPs of those not terminating, read only without presence).
-    pub namespace_pods: Vec<Arc<CachedPod>>,
+    /// Pods carrying another policy's assignment, and the node ids those link.
+    pub foreign: Foreign,
+    /// Every cached Pod of the namespace (for the IPs of those not terminating, read only without presence).
+    pub namespace_pods: BTreeMap<String, Arc<CachedPod>>,
+}
+
+/// Pods carrying another policy's assignment (Pod → that policy), and the node ids they dial or accept.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Foreign {
+    pods: BTreeMap<String, (String, Vec<String>)>,
+    /// Node id → the foreign Pods linking it.
+    ids: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Foreign {
+    /// The policy whose assignment Pod `pod` carries, if another's.
+    pub fn pod(&self, pod: &str) -> Option<&str> {
+        self.pods.get(pod).map(|(owner, _)| owner.as_str())
+    }
+
+    /// The policy whose Pods link node id `id` (of several, the one whose Pod sorts first).
+    pub fn id(&self, id: &str) -> Option<&str> {
+        self.pod(self.ids.get(id)?.first()?)
+    }
+
+    pub fn insert(&mut self, pod: &str, owner: &str, ids: Vec<String>) {
+        for id in &ids {
+            self.ids.entry(id.clone()).or_default().insert(pod.to_owned());
+        }
+        self.pods.insert(pod.to_owned(), (owner.to_owned(), ids));
+    }
+
+    /// Forgets Pod `pod`; the node ids it linked.
+    fn remove(&mut self, pod: &str) -> Vec<String> {
+        let Some((_, ids)) = self.pods.remove(pod) else { return Vec::new() };
+        for id in &ids {
+            if let Some(linking) = self.ids.get_mut(id) {
+                linking.remove(pod);
+                if linking.is_empty() {
+                    self.ids.remove(id);
+                }
+            }
+        }
+        ids
+    }
+}
+
+/// What filing a Pod depends on besides the Pod: the policy, and its namespace's other policies.
+pub struct Filing<'a> {
+    policy: &'a ValidPolicy,
+    older: Vec<Selector>,
+    existing: HashSet<String>,
+}
+
+impl<'a> Filing<'a> {
+    pub fn new(policy: &'a ValidPolicy, policies: &[Arc<MeshPolicy>]) -> Self {
+        let existing =
+            policies.iter().filter(|p| p.uid().as_deref() != Some(&policy.uid)).map(|p| p.name_any()).collect();
+        Self { policy, older: policy.older_selectors(policies), existing }
+    }
+
+    /// Every Pod of `pods` filed.
+    pub fn observe(&self, pods: &[Arc<CachedPod>]) -> Observed {
+        let mut o = Observed::default();
+        for pod in pods {
+            o.file(self, pod);
+        }
+        o
+    }
 }
 
 /// Reads the Pod and policy caches of the policy's namespace.
 pub fn gather(ctx: &Context, policy: &ValidPolicy) -> Observed {
     let ns = Some(policy.namespace.as_str());
     let pods: Vec<Arc<CachedPod>> = ctx.pods.state().into_iter().filter(|p| p.namespace().as_deref() == ns).collect();
-    let policies: Vec<Arc<MeshPolicy>> =
-        ctx.policies.state().into_iter().filter(|p| p.namespace().as_deref() == ns).collect();
-    observe(policy, &pods, &policies)
+    observe(policy, &pods, &namespace_policies(ctx, &policy.namespace))
+}
+
+/// The policies of namespace `ns`, from the cache.
+pub fn namespace_policies(ctx: &Context, ns: &str) -> Vec<Arc<MeshPolicy>> {
+    ctx.policies.state().into_iter().filter(|p| p.namespace().as_deref() == Some(ns)).collect()
 }
 
 /// What `pods` and `policies` (of `policy`'s namespace) say about `policy`. Pure.
 pub fn observe(policy: &ValidPolicy, pods: &[Arc<CachedPod>], policies: &[Arc<MeshPolicy>]) -> Observed {
-    let older = policy.older_selectors(policies);
-    let existing: HashSet<String> =
-        policies.iter().filter(|p| p.uid().as_deref() != Some(&policy.uid)).map(|p| p.name_any()).collect();
-    let mut o = Observed { namespace_pods: pods.to_vec(), ..Default::default() };
-    for pod in pods {
-        let pod_name = pod.name_any();
+    Filing::new(policy, policies).observe(pods)
+}
+
+impl Observed {
+    /// Files `pod` where the ownership rules put it; the node ids it makes another policy's. Any earlier
+    /// filing of a Pod of that name must be undone first ([`Observed::unfile`]).
+    pub fn file(&mut self, f: &Filing, pod: &Arc<CachedPod>) -> Vec<String> {
+        let (policy, name) = (f.policy, pod.name_any());
+        self.namespace_pods.insert(name.clone(), pod.clone());
         let selected = policy.selects(pod.labels());
         if selected {
-            match older.iter().any(|s| kube::core::SelectorExt::matches(s, pod.labels())) {
-                true => o.conflicted.push(pod_name.clone()),
-                false => o.selected.push(pod.clone()),
+            match f.older.iter().any(|s| s.matches(pod.labels())) {
+                true => _ = self.conflicted.insert(name.clone()),
+                false => _ = self.selected.insert(name.clone(), pod.clone()),
             }
         }
         let mut state = pod_state(pod, &policy.node_id_annotation);
         // Keys naming a policy that does not exist (any more) are strays, not another policy's Pod.
-        if state.keys.policy().is_some_and(|p| p != policy.name && !existing.contains(p)) {
+        if state.keys.policy().is_some_and(|p| p != policy.name && !f.existing.contains(p)) {
             state.keys = state.keys.without_policy();
         }
         if let Some(owner) = state.keys.policy().filter(|owner| *owner != policy.name) {
             let theirs = state.keys.lenient().unwrap_or_default();
-            o.foreign_ids.extend(theirs.linked_ids().into_iter().map(|id| (id.to_owned(), owner.to_owned())));
-            o.foreign_pods.insert(pod_name, owner.to_owned());
-            continue;
+            let ids: Vec<String> = theirs.linked_ids().into_iter().map(str::to_owned).collect();
+            self.foreign.insert(&name, owner, ids.clone());
+            return ids;
         }
         if let Some(a) = state.carried(&policy.name, selected) {
-            o.carried.insert(pod_name.clone(), a);
+            self.carried.insert(name.clone(), a);
         }
         if selected || !state.keys.is_empty() {
-            o.pods.insert(pod_name, state);
+            self.pods.insert(name, state);
         }
+        Vec::new()
     }
-    o.conflicted.sort();
-    o
+
+    /// Undoes the filing of Pod `name`; the node ids it made another policy's.
+    pub fn unfile(&mut self, name: &str) -> Vec<String> {
+        self.namespace_pods.remove(name);
+        self.selected.remove(name);
+        self.conflicted.remove(name);
+        self.pods.remove(name);
+        self.carried.remove(name);
+        self.foreign.remove(name)
+    }
 }
 
 /// The Pods of `policy`'s namespace whose keys name it, without reading its spec: for a policy deleted
@@ -159,18 +240,18 @@ mod tests {
         let pods: Vec<_> = rows.iter().map(|(n, l, a, _)| pod(n, l.clone(), a.clone())).collect();
         let o = observe(&valid, &pods, &[old, mesh.clone()]);
         for (name, _, _, want) in rows {
-            let selected = o.selected.iter().any(|p| p.name_any() == name);
+            let selected = o.selected.contains_key(name);
             let got = match () {
-                _ if o.conflicted.iter().any(|p| p == name) => "conflicted",
+                _ if o.conflicted.contains(name) => "conflicted",
                 _ if selected && o.carried.contains_key(name) => "selected+carried",
                 _ if selected => "selected",
-                _ if o.foreign_pods.contains_key(name) => "foreign",
+                _ if o.foreign.pod(name).is_some() => "foreign",
                 _ if o.pods.contains_key(name) => "tracked",
                 _ => "ignored",
             };
             assert_eq!(got, want, "Pod {name}");
         }
-        assert_eq!(o.foreign_ids.get("n7").map(String::as_str), Some("old"), "the ids another policy links");
+        assert_eq!(o.foreign.id("n7"), Some("old"), "the ids another policy links");
         assert!(o.pods["stray"].keys.policy().is_none(), "keys naming a deleted policy are strays");
         assert_eq!(o.namespace_pods.len(), 6);
     }

@@ -18,8 +18,9 @@ use kube::core::SelectorExt;
 use tracing::info;
 
 use super::Context;
+use super::fleet::Fleet;
 use super::membership::{self, Membership};
-use super::observe::{Observed, node_domain};
+use super::observe::node_domain;
 use super::policy::ValidPolicy;
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms};
 use crate::telemetry;
@@ -269,42 +270,36 @@ async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Res
 }
 
 /// Takes in `attempt` (see [`PresenceState::take`] for what is kept and trusted) and returns what presence
-/// says now, with the membership it gives `o` (`None` without presence). The one place membership is
-/// worked out: judging a read needs it, and the decision takes the one judged.
+/// says now, with the membership it gives the policy's view `fleet` (`None` without presence). The one
+/// place membership is worked out: judging a read needs it, and the decision takes the one judged.
 pub async fn take(
     ctx: &Context,
     policy: &ValidPolicy,
-    o: &Observed,
+    fleet: &mut Fleet,
     attempt: Option<Attempt>,
 ) -> (Read, Option<Membership>) {
     let kept = ctx.policy_state(&policy.uid);
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
     let node_domain = |node: &str| node_domain(ctx, policy, node);
-    let of = |snap: &Snapshot, clock: f64| membership::of_policy(policy, o, snap, clock, &node_domain);
-    let Some(attempt) = attempt else {
-        let read = state.read();
-        let members = read.snapshot.as_deref().map(|snap| of(snap, read.confirmed_ms));
-        return (read, members);
+    // The view keeps the verdicts of the snapshot it was last asked about: asked again, it costs nothing.
+    let fleet = std::cell::RefCell::new(fleet);
+    let of = |snap: &Arc<Snapshot>, clock: f64| {
+        fleet.borrow_mut().membership(snap, &membership::Rules::of(policy, clock), &node_domain)
     };
-    // Each membership worked out while judging the read, by snapshot: the one taken in is decided on next.
-    let worked: std::cell::RefCell<Vec<(Arc<Snapshot>, f64, Membership)>> = Default::default();
-    let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
-        let m = of(snap, clock);
-        let eligible = m.agents.iter().map(|a| (a.pod.clone(), a.node_id.clone())).collect();
-        worked.borrow_mut().push((snap.clone(), clock, m));
-        eligible
-    };
-    let assigned: BTreeSet<String> =
-        o.selected.iter().map(|p| p.name_any()).filter(|p| o.carried.contains_key(p)).collect();
-    state.take(attempt, &eligible, &assigned);
+    if let Some(attempt) = attempt {
+        let assigned: BTreeSet<String> = {
+            let o = &fleet.borrow().observed;
+            o.selected.keys().filter(|p| o.carried.contains_key(*p)).cloned().collect()
+        };
+        let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
+            of(snap, clock).agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
+        };
+        state.take(attempt, &eligible, &assigned);
+    }
     let read = state.read();
-    let membership = read.snapshot.as_ref().map(|taken| {
-        let worked = worked.into_inner().into_iter();
-        let judged = worked.filter(|(snap, clock, _)| Arc::ptr_eq(snap, taken) && *clock == read.confirmed_ms);
-        judged.map(|w| w.2).last().unwrap_or_else(|| of(taken, read.confirmed_ms))
-    });
-    (read, membership)
+    let members = read.snapshot.as_ref().map(|snap| of(snap, read.confirmed_ms));
+    (read, members)
 }
 
 /// Whether a Ready Pod without presence began waiting recently (worth a prompt re-read).

@@ -16,16 +16,18 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
 use super::error::{CleanupError, finalizer_patch_refused};
-use super::membership::Membership;
-use super::observe::{self, Observed};
+use super::fleet::{self, Fleet};
+use super::membership::{Membership, Rules};
+use super::observe::{self, Filing, Observed};
 use super::plan::Targets;
+use super::pods::CachedPod;
 use super::policy::ValidPolicy;
-use super::presence::{self, PROMPT_FETCH_INTERVAL};
+use super::presence::{self, PROMPT_FETCH_INTERVAL, Read};
 use super::report::{self, Reconciled};
 use super::status::Findings;
 use super::{Context, Error, FINALIZER};
@@ -109,15 +111,23 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     let writing = lock.lock().await;
     let caught_up = observe::caught_up(ctx, &policy.namespace);
     steps.done("wait");
-    let mut observed = observe::gather(ctx, &policy);
+    let kept = ctx.policy_state(&policy.uid);
+    let mut fleet = kept.fleet.lock().await;
+    let policies = observe::namespace_policies(ctx, &policy.namespace);
+    let filing = Filing::new(&policy, &policies);
+    let all = fleet::refresh(ctx, &policy, &filing, &policies, &mut fleet);
     steps.done("gather");
     // A read made is taken in even on a cache behind our writes: dropped, its failure (or its news) would
     // wait a poll interval. Nothing is decided on that cache.
-    let (read, members) = presence::take(ctx, &policy, &observed, attempt).await;
+    let (read, members) = presence::take(ctx, &policy, &mut fleet, attempt).await;
+    if let Some(all) = all {
+        check(ctx, &policy, &filing, &mut fleet, &all, &read);
+    }
     if !caught_up {
         return Ok(Action::requeue(CACHE_WAIT));
     }
-    let decision = decision(ctx, &policy, &mut observed, members);
+    let observed = &fleet.observed;
+    let decision = decision(ctx, &policy, observed, members);
     let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
@@ -126,16 +136,31 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     };
     drop(writing);
     steps.done("write");
-    let findings = Findings::of(&policy, &observed, &read, &decision, &outcome);
-    let reconciled = Reconciled { observed: &observed, decision: &decision, outcome: &outcome, findings };
+    let findings = Findings::of(&policy, observed, &read, &decision, &outcome);
+    let reconciled = Reconciled { observed, decision: &decision, outcome: &outcome, findings };
     report::report(ctx, object, reconciled).await?;
     steps.done("status");
     debug!(policy = policy.name, namespace = policy.namespace, patched = outcome.patched, steps = %steps, "reconciled");
     Ok(Action::requeue(next_run(&policy, &decision, &outcome, prompt)))
 }
 
+/// With `--check-incremental`: the policy's kept view against one built from scratch from `all`.
+fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet, all: &[Arc<CachedPod>], read: &Read) {
+    let node_domain = |node: &str| observe::node_domain(ctx, policy, node);
+    let rules = read.snapshot.as_ref().map(|snap| (snap, Rules::of(policy, read.confirmed_ms)));
+    if let Err(difference) = fleet.check(filing, all, rules.as_ref().map(|(s, r)| (*s, r)), &node_domain) {
+        error!(
+            policy = policy.name,
+            namespace = policy.namespace,
+            difference,
+            "the kept view differs from one built from scratch"
+        );
+        ctx.metrics.incremental_mismatches.inc();
+    }
+}
+
 /// The decide step with the policy's admission state from the context.
-fn decision(ctx: &Context, policy: &ValidPolicy, o: &mut Observed, members: Option<Membership>) -> Decision {
+fn decision(ctx: &Context, policy: &ValidPolicy, o: &Observed, members: Option<Membership>) -> Decision {
     let kept = ctx.policy_state(&policy.uid);
     let mut admission = kept.admission.lock().expect("admission lock");
     let now = Instant::now();
@@ -225,7 +250,7 @@ async fn cleanup(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
         return Err(CleanupError::CacheBehind.into());
     }
     let (pods, targets) = released(ctx, object);
-    let waves = decide::waves(&pods, &targets, &name);
+    let waves = decide::waves(&pods, &targets, &name, &|_| None);
     let outcome = write(ctx, &ns, &waves).await;
     if !outcome.failed.is_empty() && outcome.failed.values().all(apply::WriteError::is_stale) {
         // Refused only because Pods changed since: no Warning, but an error all the same (the finalizer

@@ -63,7 +63,7 @@ impl Findings {
             has_presence: read.snapshot.is_some(),
             unreachable: read.failure.clone(),
             suspect: read.suspect.clone(),
-            conflicted: o.conflicted.clone(),
+            conflicted: o.conflicted.iter().cloned().collect(),
             plan_error: d.plan_error.clone(),
             // A write refused because its Pod changed since the decision is decided again at once; one
             // refused by the leader fence belongs to the leader.
@@ -229,12 +229,12 @@ mod tests {
         use super::super::{decide, fixtures, membership, observe};
         use std::time::Instant;
         let policy = fixtures::policy(2);
-        let (t0, snap) = (Instant::now(), fixtures::presence(4));
+        let (t0, snap) = (Instant::now(), std::sync::Arc::new(fixtures::presence(4)));
         let mut admission = Admission::default();
         let mut decide_on = |pods: &[std::sync::Arc<super::super::pods::CachedPod>], at: Instant| {
-            let mut o = observe::observe(&policy, pods, &[]);
+            let o = observe::observe(&policy, pods, &[]);
             let m = membership::of_policy(&policy, &o, &snap, fixtures::NOW_MS, &|_| None);
-            let d = decide::decide(&policy, &mut o, Some(m), (&mut admission, at));
+            let d = decide::decide(&policy, &o, Some(m), (&mut admission, at));
             (o, d)
         };
         let bare: Vec<_> = (0..4).map(|i| fixtures::agent(i, None)).collect();

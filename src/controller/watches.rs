@@ -93,7 +93,7 @@ pub async fn controller(
 fn pod_events(
     ctx: &Arc<Context>,
     api: Api<Pod>,
-    writer: reflector::store::Writer<CachedPod>,
+    mut writer: reflector::store::Writer<CachedPod>,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
 ) -> impl Stream<Item = Result<CachedPod, watcher::Error>> + Send + use<> {
     let mut config = watch_config();
@@ -102,13 +102,14 @@ fn pod_events(
     }
     let listing: Arc<std::sync::Mutex<Option<Arc<Interest>>>> = Default::default();
     let (listing_in, listed_ctx, metrics) = (listing.clone(), ctx.clone(), ctx.metrics.clone());
+    let recording = ctx.clone();
     pods::watch(api, config, interest)
         .inspect_err(move |e| metrics.watch_failed("pods", e))
         .map_ok(move |(event, interest)| {
             *listing_in.lock().expect("listing lock") = Some(interest);
             event
         })
-        .reflect(writer)
+        .inspect_ok(move |event| recording.pod_changes.apply(&mut writer, event))
         .inspect_ok(move |event| match event {
             watcher::Event::Init => listed_ctx.pod_sight.listing(),
             watcher::Event::InitDone => {

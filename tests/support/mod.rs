@@ -376,6 +376,7 @@ impl Operator {
             apply_concurrency: 16,
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             pod_selector: None,
+            check_incremental: true,
         };
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());
