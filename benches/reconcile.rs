@@ -1,8 +1,11 @@
 //! The pure part of one reconcile (observe the cache → membership → plan → targets → writes) on synthetic
 //! fleets of N ∈ {1k, 10k, 20k} agents with k = 4, no cluster: the CPU a Pod event costs the operator.
 //!
-//! * `settled`: every Pod already carries its plan (the steady state; no writes).
-//! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes).
+//! * `settled`: every Pod already carries its plan (the steady state; no writes), from scratch.
+//! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes), from scratch:
+//!   what the oracle of `--check-incremental` costs.
+//! * `kept_*`: the same as the controller does it, on the policy's view kept between reconciles (see
+//!   [`kept`]).
 //! * `presence_parse`: reading the rendezvous' presence body for N agents (every changed read costs it).
 //!
 //! First it prints where the bytes go at each N, counted by the allocator: the Pod cache, a presence
@@ -17,10 +20,14 @@ use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{reflector, watcher};
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
+use mesh_operator::controller::changes::Changes;
 use mesh_operator::controller::decide::{self, Decision};
+use mesh_operator::controller::fleet::{Basis, Fleet};
+use mesh_operator::controller::observe::Filing;
 use mesh_operator::controller::pods::CachedPod;
 use mesh_operator::controller::policy::ValidPolicy;
 use mesh_operator::controller::{membership, observe};
@@ -195,12 +202,95 @@ fn decide(c: &mut Criterion) {
                 b.iter(|| pass(&policy, pods, &snapshot, &mut admission, Instant::now()))
             });
         }
+        kept(&mut group, &policy, n);
         let body = presence_body(&presence_of(n));
         group.bench_with_input(BenchmarkId::new("presence_parse", n), &body, |b, body| {
             b.iter(|| mesh_operator::presence::parse(body).unwrap())
         });
     }
     group.finish();
+}
+
+/// What the controller does per event: the policy's view kept between reconciles takes in the changed
+/// Pods alone. `kept_view_join`: one agent joins and the view takes it in (observe and membership);
+/// `kept_join`: the same, then the decide step; `kept_settled`: a reconcile with nothing changed. The
+/// join is undone, untimed, after each.
+fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>, policy: &ValidPolicy, n: usize) {
+    let (pods, snapshot) = fleet(policy, n, 1);
+    let (joining, settled) = pods.split_last().unwrap();
+    let view = View::new(policy, settled, snapshot);
+    let mut admission = Admission::default();
+    let d = view.reconcile(&mut admission);
+    assert!(d.waves.is_empty(), "settled at {n}");
+    let join = |view: &View, admission: &mut Admission, decide: bool| {
+        view.apply(watcher::Event::Apply(CachedPod::clone(joining)));
+        let timed = Instant::now();
+        if decide {
+            let d = view.reconcile(admission);
+            assert!(!d.waves.is_empty(), "the join is written at {n}");
+        } else {
+            view.take_in();
+        }
+        let took = timed.elapsed();
+        view.apply(watcher::Event::Delete(CachedPod::clone(joining)));
+        view.reconcile(admission);
+        took
+    };
+    group.bench_function(BenchmarkId::new("kept_view_join", n), |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut admission, false)).sum())
+    });
+    group.bench_function(BenchmarkId::new("kept_join", n), |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut admission, true)).sum())
+    });
+    group.bench_function(BenchmarkId::new("kept_settled", n), |b| b.iter(|| view.reconcile(&mut admission)));
+}
+
+/// A policy's view as the controller keeps it, over a Pod cache written through its changelog.
+struct View<'a> {
+    policy: &'a ValidPolicy,
+    store: reflector::Store<CachedPod>,
+    writer: std::cell::RefCell<reflector::store::Writer<CachedPod>>,
+    changes: Changes,
+    fleet: std::cell::RefCell<Fleet>,
+    snapshot: Arc<Snapshot>,
+}
+
+impl<'a> View<'a> {
+    fn new(policy: &'a ValidPolicy, pods: &[Arc<CachedPod>], snapshot: Arc<Snapshot>) -> Self {
+        let (store, writer) = reflector::store();
+        let view = View {
+            policy,
+            store,
+            writer: writer.into(),
+            changes: Changes::default(),
+            fleet: Default::default(),
+            snapshot,
+        };
+        view.apply(watcher::Event::Init);
+        for p in pods {
+            view.apply(watcher::Event::InitApply(CachedPod::clone(p)));
+        }
+        view.apply(watcher::Event::InitDone);
+        view
+    }
+
+    fn apply(&self, event: watcher::Event<CachedPod>) {
+        self.changes.apply(&mut self.writer.borrow_mut(), &event);
+    }
+
+    fn take_in(&self) -> membership::Membership {
+        let filing = Filing::new(self.policy, &[]);
+        let basis = Basis::of(self.policy, &[], std::iter::empty());
+        let mut fleet = self.fleet.borrow_mut();
+        let batch = self.changes.read(&self.store, &self.policy.namespace, fleet.cursor(), false);
+        fleet.update(&filing, basis, batch.since, batch.cursor);
+        fleet.membership(&self.snapshot, &membership::Rules::of(self.policy, NOW_MS), &|_| None)
+    }
+
+    fn reconcile(&self, admission: &mut Admission) -> Decision {
+        let members = self.take_in();
+        decide::decide(self.policy, &self.fleet.borrow().observed, Some(members), (admission, Instant::now()))
+    }
 }
 
 /// The body a rendezvous serves for `s`.

@@ -400,9 +400,20 @@ impl Operator {
     }
 
     /// Ends the controller abruptly, as a crash would: the Lease is not released.
-    pub async fn kill(self) {
+    pub async fn kill(mut self) {
         self.task.abort();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Every reconcile checked its kept view against one built from scratch (`check_incremental`): none may
+/// have differed.
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let mismatches = self.metrics.incremental_mismatches.get();
+        if mismatches > 0 && !std::thread::panicking() {
+            panic!("{mismatches} reconciles kept a view that differs from one built from scratch (see the log)");
+        }
     }
 }
 
