@@ -5,7 +5,7 @@
 //! * `join`: the settled fleet plus one new agent Ready with presence (a handful of writes), from scratch:
 //!   what the oracle of `--check-incremental` costs.
 //! * `kept_*`: the same as the controller does it, on the policy's view kept between reconciles (see
-//!   [`kept`]).
+//!   [`kept`]); `kept_view_presence`: that view taking in a changed presence read.
 //! * `presence_parse`: reading the rendezvous' presence body for N agents (every changed read costs it).
 //!
 //! First it prints where the bytes go at each N, counted by the allocator: the Pod cache, a presence
@@ -222,8 +222,11 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     let mut admission = Admission::default();
     let d = view.reconcile(&mut admission);
     assert!(d.waves.is_empty(), "settled at {n}");
+    // Each join with admission as in a settled fleet: the same agent joining again and again would be a
+    // burst, and held.
     let join = |view: &View, admission: &mut Admission, decide: bool| {
         view.apply(watcher::Event::Apply(CachedPod::clone(joining)));
+        *admission = Admission::default();
         let timed = Instant::now();
         if decide {
             let d = view.reconcile(admission);
@@ -243,6 +246,14 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
         b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut admission, true)).sum())
     });
     group.bench_function(BenchmarkId::new("kept_settled", n), |b| b.iter(|| view.reconcile(&mut admission)));
+    // A changed presence read judges every Pod again (here: the same entries in a new snapshot).
+    group.bench_function(BenchmarkId::new("kept_view_presence", n), |b| {
+        b.iter(|| {
+            let again = Arc::new(Snapshot::clone(&view.snapshot.borrow()));
+            *view.snapshot.borrow_mut() = again;
+            view.take_in()
+        })
+    });
 }
 
 /// A policy's view as the controller keeps it, over a Pod cache written through its changelog.
@@ -252,7 +263,7 @@ struct View<'a> {
     writer: std::cell::RefCell<reflector::store::Writer<CachedPod>>,
     changes: Changes,
     fleet: std::cell::RefCell<Fleet>,
-    snapshot: Arc<Snapshot>,
+    snapshot: std::cell::RefCell<Arc<Snapshot>>,
 }
 
 impl<'a> View<'a> {
@@ -264,7 +275,7 @@ impl<'a> View<'a> {
             writer: writer.into(),
             changes: Changes::default(),
             fleet: Default::default(),
-            snapshot,
+            snapshot: snapshot.into(),
         };
         view.apply(watcher::Event::Init);
         for p in pods {
@@ -284,7 +295,7 @@ impl<'a> View<'a> {
         let mut fleet = self.fleet.borrow_mut();
         let batch = self.changes.read(&self.store, &self.policy.namespace, fleet.cursor(), false);
         fleet.update(&filing, basis, batch.since, batch.cursor);
-        fleet.membership(&self.snapshot, &membership::Rules::of(self.policy, NOW_MS), &|_| None)
+        fleet.membership(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS), &|_| None)
     }
 
     fn reconcile(&self, admission: &mut Admission) -> Decision {

@@ -254,6 +254,9 @@ mod tests {
         /// A Pod created or changed (a join, a relabel, a write landing or not, readiness).
         Apply(u8, PodDraw),
         Delete(u8),
+        /// Only a Pod's keys change (a write landing), or only its readiness.
+        Keys(u8, u8, Vec<u8>),
+        Ready(u8, bool),
         Presence(Vec<Node>),
         Clock(bool),
         /// The policy's spec edited: (selects web too, other node-id annotation, topology key, short heartbeat).
@@ -270,6 +273,8 @@ mod tests {
         prop_oneof![
             6 => (0u8..8, pod_draw()).prop_map(|(i, p)| Event::Apply(i, p)),
             2 => (0u8..8).prop_map(Event::Delete),
+            3 => (0u8..8, 0u8..5, prop::collection::vec(0u8..6, 0..3)).prop_map(|(i, k, l)| Event::Keys(i, k, l)),
+            1 => (0u8..8, any::<bool>()).prop_map(|(i, r)| Event::Ready(i, r)),
             1 => prop::collection::vec(node_draw(), 0..12).prop_map(Event::Presence),
             1 => any::<bool>().prop_map(Event::Clock),
             1 => (any::<bool>(), prop::bool::weighted(0.1), any::<bool>(), prop::bool::weighted(0.2)).prop_map(|(a, b, c, d)| Event::Edit(a, b, c, d)),
@@ -348,6 +353,7 @@ mod tests {
         snapshot: Arc<Snapshot>,
         clock: f64,
         zones: BTreeMap<String, String>,
+        drawn: BTreeMap<u8, PodDraw>,
     }
 
     impl World {
@@ -363,6 +369,7 @@ mod tests {
                 snapshot: Default::default(),
                 clock: NOW_MS,
                 zones: Default::default(),
+                drawn: Default::default(),
             };
             w.changes.apply(&mut w.writer, &watcher::Event::InitDone);
             w
@@ -395,8 +402,22 @@ mod tests {
 
         fn act(&mut self, e: &Event) {
             match e.clone() {
-                Event::Apply(i, d) => self.changes.apply(&mut self.writer, &watcher::Event::Apply(pod(i, &d))),
+                Event::Apply(i, d) => {
+                    self.changes.apply(&mut self.writer, &watcher::Event::Apply(pod(i, &d)));
+                    self.drawn.insert(i, d);
+                }
+                Event::Keys(i, keys, links) => {
+                    if let Some(d) = self.drawn.get(&i).cloned() {
+                        self.act(&Event::Apply(i, PodDraw { keys, links, ..d }));
+                    }
+                }
+                Event::Ready(i, ready) => {
+                    if let Some(d) = self.drawn.get(&i).cloned() {
+                        self.act(&Event::Apply(i, PodDraw { ready, ..d }));
+                    }
+                }
                 Event::Delete(i) => {
+                    self.drawn.remove(&i);
                     let gone = CachedPod::from_pod(
                         serde_json::from_value(json!({"metadata": {"name": format!("p{i}"), "namespace": "ci"}}))
                             .unwrap(),

@@ -183,13 +183,13 @@ impl Verdicts {
     ) {
         let same = self.index.as_ref().is_some_and(|i| Arc::ptr_eq(&i.snapshot, snap))
             && self.clock.to_bits() == rules.fallback_now_ms.to_bits();
-        let mut touched = BTreeSet::new();
+        // A Pod filed again is settled again even if its verdict stands: whether another policy holds it
+        // may have changed.
+        let mut touched: BTreeSet<String> = dirty.pods.clone();
         let judge: Vec<String> = if same {
             dirty.pods.iter().cloned().collect()
         } else {
             (self.index, self.clock) = (Some(Index::new(snap.clone())), rules.fallback_now_ms);
-            (self.agents, self.excluded) = Default::default();
-            touched.extend(self.judged.keys().cloned());
             self.judged.keys().chain(o.selected.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
         };
         for pod in judge {
@@ -203,6 +203,8 @@ impl Verdicts {
         }
     }
 
+    /// Judges Pod `pod` again; when its verdict changes, it and the Pods claiming the node ids it left or
+    /// took go into `touched`.
     fn judge(
         &mut self,
         pod: String,
@@ -211,6 +213,13 @@ impl Verdicts {
         node_domain: &dyn Fn(&str) -> Option<String>,
         touched: &mut BTreeSet<String>,
     ) {
+        let verdict = match (o.selected.get(&pod), self.index.as_ref()) {
+            (Some(cached), Some(index)) => Some(candidate(cached, index, rules, node_domain)),
+            _ => None,
+        };
+        if self.judged.get(&pod) == verdict.as_ref() {
+            return;
+        }
         if let Some(Ok(old)) = self.judged.remove(&pod) {
             let claimants = self.claims.entry(old.node_id.clone()).or_default();
             claimants.remove(&pod);
@@ -220,14 +229,14 @@ impl Verdicts {
             }
         }
         touched.insert(pod.clone());
-        let (Some(cached), Some(index)) = (o.selected.get(&pod), self.index.as_ref()) else { return };
-        let verdict = candidate(cached, index, rules, node_domain);
-        if let Ok(agent) = &verdict {
+        if let Some(Ok(agent)) = &verdict {
             let claimants = self.claims.entry(agent.node_id.clone()).or_default();
             claimants.insert(pod.clone());
             touched.extend(claimants.iter().cloned());
         }
-        self.judged.insert(pod, verdict);
+        if let Some(verdict) = verdict {
+            self.judged.insert(pod, verdict);
+        }
     }
 
     /// Pod `pod`'s place in the membership, from its own verdict, the other claims on its node id, and
