@@ -86,12 +86,18 @@ fn memory(policy: &ValidPolicy, n: usize) {
     let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut admission, Instant::now()));
     drop(decision);
     let (burst_kept, burst_peak) = burst_memory(policy, n);
+    // The policy's view kept between reconciles, beside the cache it files.
+    let view = View::new(policy, &cache, snapshot.clone());
+    let ((), view_bytes, view_peak) = measure(|| drop(view.take_in()));
     println!(
-        "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, one join's pass: peak {}, decision \
-         kept {}; a burst's pass (all {n} new): peak {}, decision kept {}",
+        "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, the kept view {} (built with a \
+         peak of {}); from scratch, one join's pass: peak {}, decision kept {}; a burst's pass (all {n} new): peak \
+         {}, decision kept {}",
         mib(cache_bytes),
         cache_bytes / n,
         mib(snapshot_bytes),
+        mib(view_bytes),
+        mib(view_peak),
         mib(peak),
         mib(kept),
         mib(burst_peak),
@@ -295,7 +301,7 @@ impl<'a> View<'a> {
         let mut fleet = self.fleet.borrow_mut();
         let batch = self.changes.read(&self.store, &self.policy.namespace, fleet.cursor(), false);
         fleet.update(&filing, basis, batch.since, batch.cursor);
-        fleet.membership(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS), &|_| None)
+        fleet.membership(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS))
     }
 
     fn reconcile(&self, admission: &mut Admission) -> Decision {

@@ -628,17 +628,23 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
     let other_rv = Rendezvous::start().await;
     fleet(&client, &ns, &rv, 3, |_| None).await;
     let limit = mesh_operator::cli::DEFAULT_MAX_PRESENCE_BYTES;
-    let entry = br#"{"node_id":"0"},"#;
-    let mut body = b"[".to_vec();
-    while body.len() + 2 * entry.len() <= limit {
-        body.extend_from_slice(entry);
-    }
-    body.extend_from_slice(br#"{"node_id":"0"}]"#);
-    let entries = body.len() / entry.len();
-    assert!(body.len() <= limit);
-    let body = Arc::new(body);
-    rv.state.lock().unwrap().raw_body = Some(body.clone());
-    other_rv.state.lock().unwrap().raw_body = Some(body);
+    // One rendezvous lists one id over and over (the most entries a body can hold), the other distinct
+    // ids (each indexed by the policy's view).
+    let body = |distinct: bool| {
+        let entry = |i: usize| format!(r#"{{"node_id":"{}"}},"#, if distinct { format!("{i:x}") } else { "0".into() });
+        let mut body = b"[".to_vec();
+        let mut i = 0;
+        while body.len() + 2 * entry(i).len() <= limit {
+            body.extend_from_slice(entry(i).as_bytes());
+            i += 1;
+        }
+        body.extend_from_slice(br#"{"node_id":"end"}]"#);
+        assert!(body.len() <= limit);
+        (Arc::new(body), i + 1)
+    };
+    let ((same, entries), (distinct, distinct_entries)) = (body(false), body(true));
+    rv.state.lock().unwrap().raw_body = Some(same);
+    other_rv.state.lock().unwrap().raw_body = Some(distinct);
     let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
     let mut op = operator_binary(&ns, "op-mem", &log, "info");
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
@@ -660,7 +666,8 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     eprintln!(
-        "operator peak RSS, two policies each reading a {limit}-byte body of {entries} entries: {} MiB",
+        "operator peak RSS, two policies each reading a {limit}-byte body ({entries} entries of one id; \
+         {distinct_entries} distinct ids): {} MiB",
         peak_kib / 1024
     );
     op.kill().await.unwrap();

@@ -22,6 +22,9 @@ use super::policy::ValidPolicy;
 use crate::api::MeshPolicy;
 use crate::presence::Snapshot;
 
+/// Changed Pods remembered for the verdicts (past this and the namespace's Pods, they are judged anew).
+const DIRTY_LIMIT: usize = 1024;
+
 #[derive(Default)]
 pub struct Fleet {
     /// Where the next read of the changes starts; `None` (before the first update, or after one that did
@@ -40,8 +43,9 @@ pub struct Basis {
     policy: String,
     /// The namespace's policies: (UID, name, generation), sorted.
     policies: Vec<(String, String, Option<i64>)>,
-    /// A digest of the Nodes' topology labels, when the policy spreads by one.
-    nodes: u64,
+    /// The Nodes' topology labels (Node → value), when the policy spreads by one. The verdicts read them
+    /// from here, not from the Node cache, so a view never mixes two versions of them.
+    zones: BTreeMap<String, String>,
 }
 
 impl Basis {
@@ -55,14 +59,11 @@ impl Basis {
         let mut others: Vec<_> =
             policies.iter().map(|p| (p.uid().unwrap_or_default(), p.name_any(), p.metadata.generation)).collect();
         others.sort();
-        // Order-free, so the Node cache's iteration order does not matter.
-        let nodes = match policy.topology_key {
-            Some(_) => {
-                nodes.map(|n| xxhash_rust::xxh3::xxh3_64(format!("{n:?}").as_bytes())).fold(0, u64::wrapping_add)
-            }
-            None => 0,
+        let zones = match policy.topology_key {
+            Some(_) => nodes.filter_map(|(node, zone)| Some((node.to_owned(), zone?.to_owned()))).collect(),
+            None => BTreeMap::new(),
         };
-        Basis { policy: format!("{spec:?} {:?}", policy.heartbeat_timeout), policies: others, nodes }
+        Basis { policy: format!("{spec:?} {:?}", policy.heartbeat_timeout), policies: others, zones }
     }
 }
 
@@ -97,6 +98,11 @@ impl Fleet {
                     }
                     self.dirty.pods.insert(name);
                 }
+                // Without presence nothing takes the changes in: past a bound, judging every Pod again
+                // costs less than remembering them.
+                if self.dirty.pods.len() > DIRTY_LIMIT.max(self.observed.namespace_pods.len()) {
+                    (self.verdicts, self.dirty) = Default::default();
+                }
             }
         }
         self.basis = Some(basis);
@@ -109,13 +115,13 @@ impl Fleet {
     }
 
     /// The membership under `snap` on the clock `rules` carry.
-    pub fn membership(
-        &mut self,
-        snap: &Arc<Snapshot>,
-        rules: &Rules,
-        node_domain: &dyn Fn(&str) -> Option<String>,
-    ) -> Membership {
-        self.verdicts.update(&self.observed, snap, rules, node_domain, &std::mem::take(&mut self.dirty));
+    pub fn membership(&mut self, snap: &Arc<Snapshot>, rules: &Rules) -> Membership {
+        // Unset while the verdicts change, as in `update`.
+        let cursor = self.cursor.take();
+        let zones = self.basis.as_ref().map(|b| &b.zones);
+        let node_domain = |node: &str| zones?.get(node).cloned();
+        self.verdicts.update(&self.observed, snap, rules, &node_domain, &std::mem::take(&mut self.dirty));
+        self.cursor = cursor;
         self.verdicts.membership()
     }
 
@@ -126,7 +132,6 @@ impl Fleet {
         filing: &Filing,
         all: &[Arc<CachedPod>],
         presence: Option<(&Arc<Snapshot>, &Rules)>,
-        node_domain: &dyn Fn(&str) -> Option<String>,
     ) -> Result<(), String> {
         let fresh = filing.observe(all);
         let (a, b) = (&self.observed, &fresh);
@@ -142,9 +147,10 @@ impl Fleet {
             ));
         }
         let Some((snap, rules)) = presence else { return Ok(()) };
-        let kept = self.membership(snap, rules, node_domain);
+        let kept = self.membership(snap, rules);
+        let zones = self.basis.as_ref().map(|b| &b.zones);
         let mut verdicts = Verdicts::default();
-        verdicts.update(&fresh, snap, rules, node_domain, &Dirty::default());
+        verdicts.update(&fresh, snap, rules, &|node| zones?.get(node).cloned(), &Dirty::default());
         let fresh = verdicts.membership();
         let by_pod = |m: &Membership| m.agents.iter().map(|a| (a.pod.clone(), a.clone())).collect::<BTreeMap<_, _>>();
         differ("agents", &by_pod(&kept), &by_pod(&fresh))?;
@@ -459,10 +465,9 @@ mod tests {
             let basis = Basis::of(&policy, &policies, zones);
             let batch = self.changes.read(&self.store, "ci", fleet.cursor(), true);
             fleet.update(&filing, basis, batch.since, batch.cursor);
-            let node_domain = |node: &str| self.zones.get(node).cloned();
             let rules = Rules::of(&policy, self.clock);
-            fleet.membership(&self.snapshot, &rules, &node_domain);
-            fleet.check(&filing, &batch.all.unwrap(), Some((&self.snapshot, &rules)), &node_domain)
+            fleet.membership(&self.snapshot, &rules);
+            fleet.check(&filing, &batch.all.unwrap(), Some((&self.snapshot, &rules)))
         }
     }
 

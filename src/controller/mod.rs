@@ -107,6 +107,17 @@ impl Context {
         self.policy_states.lock().expect("policy state map lock").entry(uid.to_owned()).or_default().clone()
     }
 
+    /// Drops what the controller keeps about policies no longer in the cache (deleted while this replica
+    /// was a standby, or released by another replica): their views would otherwise stay forever.
+    pub fn retain_policy_states(&self) {
+        let mut states = self.policy_states.lock().expect("policy state map lock");
+        if states.len() > self.policies.state().len() {
+            let live: std::collections::HashSet<String> =
+                self.policies.state().iter().filter_map(|p| p.uid()).collect();
+            states.retain(|uid, _| live.contains(uid));
+        }
+    }
+
     pub fn namespace_lock(&self, ns: &str) -> Arc<Mutex<()>> {
         self.namespace_locks.lock().expect("namespace lock map").entry(ns.to_owned()).or_default().clone()
     }

@@ -189,13 +189,6 @@ pub fn caught_up(ctx: &Context, ns: &str) -> bool {
     })
 }
 
-/// The `topologyKey` label of Node `node`, from the Node cache.
-pub fn node_domain(ctx: &Context, policy: &ValidPolicy, node: &str) -> Option<String> {
-    let key = policy.topology_key.as_deref()?;
-    let meta = ctx.nodes.get(&ObjectRef::new(node))?;
-    meta.labels().get(key).cloned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

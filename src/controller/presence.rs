@@ -20,7 +20,6 @@ use tracing::info;
 use super::Context;
 use super::fleet::Fleet;
 use super::membership::{self, Membership};
-use super::observe::node_domain;
 use super::policy::ValidPolicy;
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms};
 use crate::telemetry;
@@ -281,12 +280,10 @@ pub async fn take(
     let kept = ctx.policy_state(&policy.uid);
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
-    let node_domain = |node: &str| node_domain(ctx, policy, node);
     // The view keeps the verdicts of the snapshot it was last asked about: asked again, it costs nothing.
     let fleet = std::cell::RefCell::new(fleet);
-    let of = |snap: &Arc<Snapshot>, clock: f64| {
-        fleet.borrow_mut().membership(snap, &membership::Rules::of(policy, clock), &node_domain)
-    };
+    let of =
+        |snap: &Arc<Snapshot>, clock: f64| fleet.borrow_mut().membership(snap, &membership::Rules::of(policy, clock));
     if let Some(attempt) = attempt {
         let assigned: BTreeSet<String> = {
             let o = &fleet.borrow().observed;

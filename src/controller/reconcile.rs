@@ -42,6 +42,7 @@ const CACHE_WAIT: Duration = Duration::from_millis(200);
 const WRITE_RETRY: Duration = Duration::from_secs(2);
 
 pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.retain_policy_states();
     if !ctx.leadership.may_write() {
         // Standbys keep their caches warm and write nothing; becoming leader re-runs every policy.
         return Ok(Action::await_change());
@@ -146,9 +147,8 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
 
 /// With `--check-incremental`: the policy's kept view against one built from scratch from `all`.
 fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet, all: &[Arc<CachedPod>], read: &Read) {
-    let node_domain = |node: &str| observe::node_domain(ctx, policy, node);
     let rules = read.snapshot.as_ref().map(|snap| (snap, Rules::of(policy, read.confirmed_ms)));
-    if let Err(difference) = fleet.check(filing, all, rules.as_ref().map(|(s, r)| (*s, r)), &node_domain) {
+    if let Err(difference) = fleet.check(filing, all, rules.as_ref().map(|(s, r)| (*s, r))) {
         error!(
             policy = policy.name,
             namespace = policy.namespace,
