@@ -164,9 +164,11 @@ pub struct Verdicts {
     index: Option<Index>,
     clock: f64,
     judged: BTreeMap<String, Result<Agent, Exclusion>>,
-    /// Node id → the Pods whose own verdict made them its agent.
-    claims: BTreeMap<String, BTreeSet<String>>,
-    agents: BTreeMap<String, Agent>,
+    /// (node id, Pod) for every Pod whose own verdict made it that id's agent: one tree, since most ids
+    /// have one claimant.
+    claims: BTreeSet<(String, String)>,
+    /// The Pods that are agents (their `Agent` is their verdict).
+    agents: BTreeSet<String>,
     excluded: BTreeMap<String, Exclusion>,
 }
 
@@ -196,7 +198,7 @@ impl Verdicts {
             self.judge(pod, o, rules, node_domain, &mut touched);
         }
         for id in &dirty.ids {
-            touched.extend(self.claims.get(id).into_iter().flatten().cloned());
+            touched.extend(self.claimants(id).map(str::to_owned));
         }
         for pod in &touched {
             self.settle(pod, &o.foreign);
@@ -221,22 +223,23 @@ impl Verdicts {
             return;
         }
         if let Some(Ok(old)) = self.judged.remove(&pod) {
-            let claimants = self.claims.entry(old.node_id.clone()).or_default();
-            claimants.remove(&pod);
-            touched.extend(claimants.iter().cloned());
-            if claimants.is_empty() {
-                self.claims.remove(&old.node_id);
-            }
+            self.claims.remove(&(old.node_id.clone(), pod.clone()));
+            touched.extend(self.claimants(&old.node_id).map(str::to_owned));
         }
         touched.insert(pod.clone());
         if let Some(Ok(agent)) = &verdict {
-            let claimants = self.claims.entry(agent.node_id.clone()).or_default();
-            claimants.insert(pod.clone());
-            touched.extend(claimants.iter().cloned());
+            self.claims.insert((agent.node_id.clone(), pod.clone()));
+            touched.extend(self.claimants(&agent.node_id).map(str::to_owned));
         }
         if let Some(verdict) = verdict {
             self.judged.insert(pod, verdict);
         }
+    }
+
+    /// The Pods claiming node id `id`, in name order.
+    fn claimants<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a str> {
+        let from = (id.to_owned(), String::new());
+        self.claims.range(from..).take_while(move |(claimed, _)| claimed == id).map(|(_, pod)| pod.as_str())
     }
 
     /// Pod `pod`'s place in the membership, from its own verdict, the other claims on its node id, and
@@ -248,15 +251,14 @@ impl Verdicts {
             None => return,
             Some(Err(why)) => why.clone(),
             Some(Ok(agent)) => {
-                let claimants = self.claims.get(&agent.node_id).map_or(0, BTreeSet::len);
-                let owner = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id));
-                if claimants > 1 {
-                    let pods = self.claims[&agent.node_id].iter().cloned().collect();
+                let claimants: Vec<&str> = self.claimants(&agent.node_id).take(2).collect();
+                if claimants.len() > 1 {
+                    let pods = self.claimants(&agent.node_id).map(str::to_owned).collect();
                     Exclusion::DuplicateNodeId { node_id: agent.node_id.clone(), pods }
-                } else if let Some(owner) = owner {
+                } else if let Some(owner) = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id)) {
                     Exclusion::OtherPolicy(owner.to_owned())
                 } else {
-                    self.agents.insert(pod.to_owned(), agent.clone());
+                    self.agents.insert(pod.to_owned());
                     return;
                 }
             }
@@ -265,7 +267,8 @@ impl Verdicts {
     }
 
     pub fn membership(&self) -> Membership {
-        Membership { agents: self.agents.values().cloned().collect(), excluded: self.excluded.clone() }
+        let agents = self.agents.iter().filter_map(|pod| self.judged.get(pod)?.as_ref().ok().cloned()).collect();
+        Membership { agents, excluded: self.excluded.clone() }
     }
 }
 
