@@ -25,9 +25,10 @@ use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
 use mesh_operator::controller::changes::Changes;
-use mesh_operator::controller::decide::{self, Decision};
+use mesh_operator::controller::decide::{self, Decision, Waves};
 use mesh_operator::controller::fleet::{Basis, Fleet};
 use mesh_operator::controller::observe::Filing;
+use mesh_operator::controller::plan::Targets;
 use mesh_operator::controller::pods::CachedPod;
 use mesh_operator::controller::policy::ValidPolicy;
 use mesh_operator::controller::{membership, observe};
@@ -88,7 +89,7 @@ fn memory(policy: &ValidPolicy, n: usize) {
     let (burst_kept, burst_peak) = burst_memory(policy, n);
     // The policy's view kept between reconciles, beside the cache it files.
     let view = View::new(policy, &cache, snapshot.clone());
-    let ((), view_bytes, view_peak) = measure(|| drop(view.take_in()));
+    let ((), view_bytes, view_peak) = measure(|| view.take_in());
     println!(
         "memory at {n} agents: Pod cache {} ({} B per Pod), presence snapshot {}, the kept view {} (built with a \
          peak of {}); from scratch, one join's pass: peak {}, decision kept {}; a burst's pass (all {n} new): peak \
@@ -169,10 +170,22 @@ fn pass(
     snapshot: &Arc<Snapshot>,
     admission: &mut Admission,
     at: Instant,
-) -> Decision {
+) -> Passed {
     let observed = observe::observe(policy, pods, &[]);
     let members = membership::of_policy(policy, &observed, snapshot, NOW_MS, &|_| None);
-    decide::decide(policy, &observed, Some(members), (admission, at))
+    Passed::from(decide::decide(policy, &observed, Some(&members), (admission, at)))
+}
+
+/// What a pass keeps of its decision: the targets and the writes.
+struct Passed {
+    wanted: Targets,
+    waves: Waves,
+}
+
+impl From<Decision<'_>> for Passed {
+    fn from(d: Decision) -> Self {
+        Passed { wanted: d.wanted, waves: d.waves }
+    }
 }
 
 /// `n` agents carrying the plan for the first `n` of them, and presence for `n + extra`.
@@ -295,18 +308,20 @@ impl<'a> View<'a> {
         self.changes.apply(&mut self.writer.borrow_mut(), &event);
     }
 
-    fn take_in(&self) -> membership::Membership {
+    fn take_in(&self) {
         let filing = Filing::new(self.policy, &[]);
         let basis = Basis::of(self.policy, &[], std::iter::empty());
         let mut fleet = self.fleet.borrow_mut();
         let batch = self.changes.read(&self.store, &self.policy.namespace, fleet.cursor(), false);
         fleet.update(&filing, basis, batch.since, batch.cursor);
-        fleet.membership(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS))
+        fleet.judge(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS));
     }
 
-    fn reconcile(&self, admission: &mut Admission) -> Decision {
-        let members = self.take_in();
-        decide::decide(self.policy, &self.fleet.borrow().observed, Some(members), (admission, Instant::now()))
+    fn reconcile(&self, admission: &mut Admission) -> Passed {
+        self.take_in();
+        let fleet = self.fleet.borrow();
+        let now = Instant::now();
+        Passed::from(decide::decide(self.policy, &fleet.observed, Some(fleet.membership()), (admission, now)))
     }
 }
 

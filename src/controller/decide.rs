@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::admission::Admission;
-use super::membership::{Exclusion, Membership};
+use super::membership::Membership;
 use super::observe::Observed;
 use super::plan::{self, PlanOutcome, Targets};
 use super::pods::PodState;
@@ -25,8 +25,11 @@ use super::policy::ValidPolicy;
 use crate::assignment::Assignment;
 
 /// What one reconcile decides, before any write.
-pub struct Decision {
-    pub members: Option<Membership>,
+pub struct Decision<'m> {
+    /// The membership presence gives (the policy's view's), `None` without presence.
+    pub members: Option<&'m Membership>,
+    /// Agents admission holds back for now (see [`super::admission`]): not in the plan yet.
+    pub held: BTreeSet<String>,
     pub plan: Option<PlanOutcome>,
     pub plan_error: Option<String>,
     /// The targets of the Pods not carrying theirs: the plan's, or without one what the Pods carry (see
@@ -39,16 +42,15 @@ pub struct Decision {
 
 /// The decision from the membership presence gives (`None` without presence; see
 /// [`super::membership::of_policy`]): admission, the plan, the targets and the writes that reach them.
-pub fn decide(
+pub fn decide<'m>(
     policy: &ValidPolicy,
     observed: &Observed,
-    mut members: Option<Membership>,
+    members: Option<&'m Membership>,
     (admission, now): (&mut Admission, Instant),
-) -> Decision {
-    let recheck = members.as_mut().and_then(|m| admit(m, observed, admission, now));
-    let planned = members
-        .as_ref()
-        .map(|m| plan::targets(m, policy.max_peers, &policy.uid, &policy.name, &observed.carried, &observed.pods));
+) -> Decision<'m> {
+    let (held, recheck) = members.map(|m| admit(m, observed, admission, now)).unwrap_or_default();
+    let (o, cap) = (observed, policy.max_peers);
+    let planned = members.map(|m| plan::targets(m, &held, cap, &policy.uid, &policy.name, &o.carried, &o.pods));
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),
@@ -58,20 +60,21 @@ pub fn decide(
         Some(p) => std::mem::take(&mut p.targets),
         None => adopted(observed, members.is_some(), policy.max_peers),
     };
-    let node_of = |pod: &str| Some(members.as_ref()?.agent(pod)?.node_id.clone());
+    let node_of = |pod: &str| Some(members.filter(|_| !held.contains(pod))?.agent(pod)?.node_id.clone());
     let waves = waves(&observed.pods, &wanted, &policy.name, &node_of);
-    Decision { members, plan, plan_error, wanted, waves, recheck }
+    Decision { members, held, plan, plan_error, wanted, waves, recheck }
 }
 
-/// Holds back the newcomers of a burst (see [`super::admission`]); when to look again.
-fn admit(m: &mut Membership, o: &Observed, admission: &mut Admission, now: Instant) -> Option<Duration> {
-    let eligible: Vec<&str> = m.agents.iter().map(|a| a.pod.as_str()).collect();
+/// The newcomers of a burst to hold back (see [`super::admission`]); when to look again.
+fn admit(
+    m: &Membership,
+    o: &Observed,
+    admission: &mut Admission,
+    now: Instant,
+) -> (BTreeSet<String>, Option<Duration>) {
+    let eligible: Vec<&str> = m.agents.keys().map(String::as_str).collect();
     let (held, recheck) = admission.hold(&eligible, &|pod| o.carried.contains_key(pod), now);
-    if !held.is_empty() {
-        m.agents.retain(|a| !held.contains(&a.pod));
-        m.excluded.extend(held.into_iter().map(|pod| (pod, Exclusion::Arriving)));
-    }
-    recheck
+    (held.into_iter().collect(), recheck)
 }
 
 /// With no presence, what the Pods already carry stays, minus what is gone; with presence but no plan (the
@@ -222,6 +225,16 @@ mod tests {
     use crate::assignment::{Peer, first_violation};
     use proptest::prelude::*;
 
+    /// What a test reads of a [`Decision`], without the membership it borrows.
+    struct Seen {
+        members: bool,
+        held: BTreeSet<String>,
+        plan: Option<PlanOutcome>,
+        wanted: Targets,
+        waves: Waves,
+        recheck: Option<Duration>,
+    }
+
     /// A small fleet in each state a reconcile meets, through the pure steps in turn (observe →
     /// membership → decide): what it plans, and which writes it asks for.
     #[test]
@@ -235,19 +248,26 @@ mod tests {
                    at: Instant| {
             let o = observe::observe(&policy, pods, &[]);
             let m = snap.map(|s| membership::of_policy(&policy, &o, s, fixtures::NOW_MS, &|_| None));
-            decide(&policy, &o, m, (admission, at))
+            let d = decide(&policy, &o, m.as_ref(), (admission, at));
+            Seen {
+                members: d.members.is_some(),
+                held: d.held,
+                plan: d.plan,
+                wanted: d.wanted,
+                waves: d.waves,
+                recheck: d.recheck,
+            }
         };
         let (t0, snap) = (Instant::now(), Arc::new(fixtures::presence(6)));
         let bare: Vec<_> = (0..6).map(|i| fixtures::agent(i, None)).collect();
         let mut admission = Admission::default();
 
         let no_presence = run(&bare, None, &mut admission, t0);
-        assert!(no_presence.members.is_none() && no_presence.plan.is_none() && no_presence.waves.is_empty());
+        assert!(!no_presence.members && no_presence.plan.is_none() && no_presence.waves.is_empty());
 
         let burst = run(&bare, Some(&snap), &mut admission, t0);
         assert!(burst.waves.is_empty() && burst.recheck.is_some(), "a burst waits for arrivals to pause");
-        let arriving = burst.members.as_ref().unwrap().excluded.values().filter(|e| **e == Exclusion::Arriving);
-        assert_eq!(arriving.count(), 6);
+        assert_eq!(burst.held.len(), 6);
 
         let planned = run(&bare, Some(&snap), &mut admission, t0 + 2 * QUIET);
         assert_eq!(planned.wanted.values().flatten().count(), 6, "every agent gets a target");

@@ -114,14 +114,19 @@ impl Fleet {
         (self.verdicts, self.dirty) = Default::default();
     }
 
-    /// The membership under `snap` on the clock `rules` carry.
-    pub fn membership(&mut self, snap: &Arc<Snapshot>, rules: &Rules) -> Membership {
+    /// Judges the view's Pods under `snap` on the clock `rules` carry (see [`Verdicts`]); the result is
+    /// [`Fleet::membership`].
+    pub fn judge(&mut self, snap: &Arc<Snapshot>, rules: &Rules) {
         // Unset while the verdicts change, as in `update`.
         let cursor = self.cursor.take();
         let zones = self.basis.as_ref().map(|b| &b.zones);
         let node_domain = |node: &str| zones?.get(node).cloned();
         self.verdicts.update(&self.observed, snap, rules, &node_domain, &std::mem::take(&mut self.dirty));
         self.cursor = cursor;
+    }
+
+    /// The membership as last judged.
+    pub fn membership(&self) -> &Membership {
         self.verdicts.membership()
     }
 
@@ -147,13 +152,12 @@ impl Fleet {
             ));
         }
         let Some((snap, rules)) = presence else { return Ok(()) };
-        let kept = self.membership(snap, rules);
+        self.judge(snap, rules);
         let zones = self.basis.as_ref().map(|b| &b.zones);
         let mut verdicts = Verdicts::default();
         verdicts.update(&fresh, snap, rules, &|node| zones?.get(node).cloned(), &Dirty::default());
-        let fresh = verdicts.membership();
-        let by_pod = |m: &Membership| m.agents.iter().map(|a| (a.pod.clone(), a.clone())).collect::<BTreeMap<_, _>>();
-        differ("agents", &by_pod(&kept), &by_pod(&fresh))?;
+        let (kept, fresh) = (self.membership(), verdicts.membership());
+        differ("agents", &kept.agents, &fresh.agents)?;
         differ("excluded", &kept.excluded, &fresh.excluded)
     }
 }
@@ -466,7 +470,7 @@ mod tests {
             let batch = self.changes.read(&self.store, "ci", fleet.cursor(), true);
             fleet.update(&filing, basis, batch.since, batch.cursor);
             let rules = Rules::of(&policy, self.clock);
-            fleet.membership(&self.snapshot, &rules);
+            fleet.judge(&self.snapshot, &rules);
             fleet.check(&filing, &batch.all.unwrap(), Some((&self.snapshot, &rules)))
         }
     }

@@ -99,15 +99,15 @@ impl std::fmt::Display for Exclusion {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Membership {
-    /// Eligible agents, sorted by Pod name.
-    pub agents: Vec<Agent>,
+    /// Eligible agents by Pod name (shared with their verdicts).
+    pub agents: BTreeMap<String, Arc<Agent>>,
     /// Every selected Pod that is not an agent, with the reason.
     pub excluded: BTreeMap<String, Exclusion>,
 }
 
 impl Membership {
     pub fn agent(&self, pod: &str) -> Option<&Agent> {
-        self.agents.binary_search_by(|a| a.pod.as_str().cmp(pod)).ok().map(|i| &self.agents[i])
+        self.agents.get(pod).map(Arc::as_ref)
     }
 }
 
@@ -141,7 +141,7 @@ pub fn of_policy(
 ) -> Membership {
     let mut verdicts = Verdicts::default();
     verdicts.update(o, snap, &Rules::of(policy, confirmed_ms), node_domain, &Dirty::default());
-    verdicts.membership()
+    verdicts.members
 }
 
 /// What changed in an [`Observed`] since verdicts were last brought up to date: Pods filed again, and
@@ -163,13 +163,11 @@ pub struct Dirty {
 pub struct Verdicts {
     index: Option<Index>,
     clock: f64,
-    judged: BTreeMap<String, Result<Agent, Exclusion>>,
+    judged: BTreeMap<String, Result<Arc<Agent>, Exclusion>>,
     /// (node id, Pod) for every Pod whose own verdict made it that id's agent: one tree, since most ids
     /// have one claimant.
     claims: BTreeSet<(String, String)>,
-    /// The Pods that are agents (their `Agent` is their verdict).
-    agents: BTreeSet<String>,
-    excluded: BTreeMap<String, Exclusion>,
+    members: Membership,
 }
 
 impl Verdicts {
@@ -216,7 +214,7 @@ impl Verdicts {
         touched: &mut BTreeSet<String>,
     ) {
         let verdict = match (o.selected.get(&pod), self.index.as_ref()) {
-            (Some(cached), Some(index)) => Some(candidate(cached, index, rules, node_domain)),
+            (Some(cached), Some(index)) => Some(candidate(cached, index, rules, node_domain).map(Arc::new)),
             _ => None,
         };
         if self.judged.get(&pod) == verdict.as_ref() {
@@ -245,8 +243,8 @@ impl Verdicts {
     /// Pod `pod`'s place in the membership, from its own verdict, the other claims on its node id, and
     /// `foreign`.
     fn settle(&mut self, pod: &str, foreign: &Foreign) {
-        self.agents.remove(pod);
-        self.excluded.remove(pod);
+        self.members.agents.remove(pod);
+        self.members.excluded.remove(pod);
         let why = match self.judged.get(pod) {
             None => return,
             Some(Err(why)) => why.clone(),
@@ -258,17 +256,16 @@ impl Verdicts {
                 } else if let Some(owner) = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id)) {
                     Exclusion::OtherPolicy(owner.to_owned())
                 } else {
-                    self.agents.insert(pod.to_owned());
+                    self.members.agents.insert(pod.to_owned(), agent.clone());
                     return;
                 }
             }
         };
-        self.excluded.insert(pod.to_owned(), why);
+        self.members.excluded.insert(pod.to_owned(), why);
     }
 
-    pub fn membership(&self) -> Membership {
-        let agents = self.agents.iter().filter_map(|pod| self.judged.get(pod)?.as_ref().ok().cloned()).collect();
-        Membership { agents, excluded: self.excluded.clone() }
+    pub fn membership(&self) -> &Membership {
+        &self.members
     }
 }
 
@@ -516,7 +513,7 @@ mod tests {
         let o = Observed { selected, ..Default::default() };
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &Arc::new(snap.clone()), rules, node_domain, &Dirty::default());
-        verdicts.membership()
+        verdicts.members
     }
 
     fn rules() -> Rules<'static> {
@@ -551,7 +548,7 @@ mod tests {
         let refs: Vec<&CachedPod> = pods.iter().collect();
         let m = of_pods(&refs, &snap, &rules(), &|_| None);
         let got: Vec<(&str, &str, &str)> =
-            m.agents.iter().map(|a| (a.pod.as_str(), a.node_id.as_str(), a.url.as_str())).collect();
+            m.agents.values().map(|a| (a.pod.as_str(), a.node_id.as_str(), a.url.as_str())).collect();
         assert_eq!(
             got,
             vec![
@@ -560,7 +557,7 @@ mod tests {
                 ("agent-c", "cc", "ws://127.0.0.3:3001/crdt-sync"),
             ]
         );
-        assert_eq!(m.agents[0].domain.as_deref(), Some("z1"));
+        assert_eq!(m.agents["agent-a"].domain.as_deref(), Some("z1"));
         assert_eq!(m.excluded["agent-rv"], Exclusion::IsRendezvous);
         assert_eq!(m.excluded["agent-x"], Exclusion::NotReady);
     }
@@ -596,7 +593,7 @@ mod tests {
         for nodes in [vec![dead.clone(), live.clone()], vec![live.clone(), dead.clone()]] {
             let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: nodes.into(), ..Default::default() };
             let m = of_pods(&refs, &snap, &rules(), &|_| None);
-            assert_eq!(m.agents.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["new"]);
+            assert_eq!(m.agents.values().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["new"]);
         }
         // Of two live entries the later heartbeat wins; two that tie exclude the Pod, naming both.
         let older = node("older", "ws://127.0.0.3:1/", Some("agent-c"), 9_000.0);
@@ -607,7 +604,7 @@ mod tests {
             nodes: vec![older.clone(), newer.clone()].into(),
             ..Default::default()
         };
-        assert_eq!(of_pods(&refs, &snap, &rules(), &|_| None).agents[0].node_id, "newer");
+        assert_eq!(of_pods(&refs, &snap, &rules(), &|_| None).agents["agent-c"].node_id, "newer");
         let snap = Snapshot { now_ms: Some(1_000_000.0), nodes: vec![newer, older, twin].into(), ..Default::default() };
         let m = of_pods(&refs, &snap, &rules(), &|_| None);
         let want = Exclusion::AmbiguousPresence { by: "hostname", node_ids: ["newer".into(), "twin".into()] };
@@ -689,7 +686,7 @@ mod tests {
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &snap, &rules(), &|_| None, &Dirty::default());
         let m = verdicts.membership();
-        assert_eq!(m.agents.iter().map(|a| a.pod.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(m.agents.keys().map(String::as_str).collect::<Vec<_>>(), ["c"]);
         assert_eq!(m.excluded["a"], Exclusion::OtherPolicy("other".into()));
         assert_eq!(m.excluded["b"], Exclusion::OtherPolicy("third".into()));
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use super::membership::{self, Membership};
+use super::membership::{self, Agent, Membership};
 use super::pods::PodState;
 use crate::assignment::{Assignment, Peer};
 use crate::planner::{self, PlanError, analysis};
@@ -63,27 +63,30 @@ impl Target<'_> {
     }
 }
 
-/// Plans `m`'s agents with at most `cap` links each, seeded by `seed`. `carried` holds what each Pod
-/// carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods` what each
-/// carries exactly: only the targets that differ from it are built.
+/// Plans `m`'s agents but those `held` with at most `cap` links each, seeded by `seed`. `carried` holds
+/// what each Pod carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods`
+/// what each carries exactly: only the targets that differ from it are built.
 pub fn targets(
     m: &Membership,
+    held: &BTreeSet<String>,
     cap: u32,
     seed: &str,
     policy: &str,
     carried: &BTreeMap<String, Arc<Assignment>>,
     pods: &BTreeMap<String, PodState>,
 ) -> Result<PlanOutcome, PlanError> {
+    // Sorted by Pod name, as the map is.
+    let agents: Vec<&Agent> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| &**a).collect();
     let members: Vec<planner::Member> =
-        m.agents.iter().map(|a| planner::Member { node_id: a.node_id.clone(), domain: a.domain.clone() }).collect();
+        agents.iter().map(|a| planner::Member { node_id: a.node_id.clone(), domain: a.domain.clone() }).collect();
     let previous =
-        Carried(m.agents.iter().filter_map(|a| Some((a.node_id.as_str(), carried.get(&a.pod)?.as_ref()))).collect());
+        Carried(agents.iter().filter_map(|a| Some((a.node_id.as_str(), carried.get(&a.pod)?.as_ref()))).collect());
     let plan = planner::plan(&members, cap, seed, &previous)?;
     let g = plan.graph();
-    let id = |v: u32| m.agents[v as usize].node_id.as_str();
+    let id = |v: u32| agents[v as usize].node_id.as_str();
     let target = |i: usize| {
         let mut peers: Vec<(&str, &str)> =
-            g.dialed(i as u32).map(|v| (id(v), m.agents[v as usize].url.as_str())).collect();
+            g.dialed(i as u32).map(|v| (id(v), agents[v as usize].url.as_str())).collect();
         let mut accepts: Vec<&str> = g.accepted(i as u32).map(id).collect();
         peers.sort_unstable();
         accepts.sort_unstable();
@@ -99,8 +102,8 @@ pub fn targets(
         hash: String::new(),
     };
     let mut digest = Digest::default();
-    let mut gone = carried.keys().filter(|pod| m.agents.binary_search_by(|a| a.pod.cmp(pod)).is_err()).peekable();
-    for (i, agent) in m.agents.iter().enumerate() {
+    let mut gone = carried.keys().filter(|pod| agents.binary_search_by(|a| a.pod.cmp(pod)).is_err()).peekable();
+    for (i, agent) in agents.iter().enumerate() {
         while let Some(pod) = gone.next_if(|pod| **pod < agent.pod) {
             digest.target(pod, None, policy);
             out.targets.insert(pod.clone(), None);
@@ -213,13 +216,16 @@ mod tests {
 
     #[test]
     fn every_link_is_on_one_dialer_and_the_other_end_accepts_it() {
-        let m = Membership { agents: (0..9).map(agent).collect(), ..Default::default() };
+        let m = Membership {
+            agents: (0..9).map(|i| (format!("p{i}"), Arc::new(agent(i)))).collect(),
+            ..Default::default()
+        };
         let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
-        let out = targets(&m, 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
+        let out = targets(&m, &BTreeSet::new(), 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
         assert_eq!(out.targets["gone"], None);
         let published: BTreeMap<String, Assignment> = m
             .agents
-            .iter()
+            .values()
             .map(|a| (a.node_id.clone(), Assignment::clone(out.targets[&a.pod].as_deref().unwrap())))
             .collect();
         assert_eq!(crate::assignment::first_violation(&published, 4), None);

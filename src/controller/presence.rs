@@ -269,34 +269,33 @@ async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Res
 }
 
 /// Takes in `attempt` (see [`PresenceState::take`] for what is kept and trusted) and returns what presence
-/// says now, with the membership it gives the policy's view `fleet` (`None` without presence). The one
-/// place membership is worked out: judging a read needs it, and the decision takes the one judged.
-pub async fn take(
-    ctx: &Context,
-    policy: &ValidPolicy,
-    fleet: &mut Fleet,
-    attempt: Option<Attempt>,
-) -> (Read, Option<Membership>) {
+/// says now, leaving the policy's view `fleet` judged on it (its [`Fleet::membership`]). The one place
+/// membership is worked out: judging a read needs it, and the decision takes the one judged.
+pub async fn take(ctx: &Context, policy: &ValidPolicy, fleet: &mut Fleet, attempt: Option<Attempt>) -> Read {
     let kept = ctx.policy_state(&policy.uid);
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
-    // The view keeps the verdicts of the snapshot it was last asked about: asked again, it costs nothing.
+    // The view keeps the verdicts of the snapshot it was last judged on: judged on it again, it costs nothing.
     let fleet = std::cell::RefCell::new(fleet);
-    let of =
-        |snap: &Arc<Snapshot>, clock: f64| fleet.borrow_mut().membership(snap, &membership::Rules::of(policy, clock));
+    let judge =
+        |snap: &Arc<Snapshot>, clock: f64| fleet.borrow_mut().judge(snap, &membership::Rules::of(policy, clock));
     if let Some(attempt) = attempt {
         let assigned: BTreeSet<String> = {
             let o = &fleet.borrow().observed;
             o.selected.keys().filter(|p| o.carried.contains_key(*p)).cloned().collect()
         };
         let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
-            of(snap, clock).agents.into_iter().map(|a| (a.pod, a.node_id)).collect()
+            judge(snap, clock);
+            let fleet = fleet.borrow();
+            fleet.membership().agents.iter().map(|(pod, a)| (pod.clone(), a.node_id.clone())).collect()
         };
         state.take(attempt, &eligible, &assigned);
     }
     let read = state.read();
-    let members = read.snapshot.as_ref().map(|snap| of(snap, read.confirmed_ms));
-    (read, members)
+    if let Some(snap) = &read.snapshot {
+        judge(snap, read.confirmed_ms);
+    }
+    read
 }
 
 /// Whether a Ready Pod without presence began waiting recently (worth a prompt re-read).

@@ -120,16 +120,16 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     steps.done("gather");
     // A read made is taken in even on a cache behind our writes: dropped, its failure (or its news) would
     // wait a poll interval. Nothing is decided on that cache.
-    let (read, members) = presence::take(ctx, &policy, &mut fleet, attempt).await;
+    let read = presence::take(ctx, &policy, &mut fleet, attempt).await;
     if let Some(all) = all {
         check(ctx, &policy, &filing, &mut fleet, &all, &read);
     }
     if !caught_up {
         return Ok(Action::requeue(CACHE_WAIT));
     }
-    let observed = &fleet.observed;
+    let (observed, members) = (&fleet.observed, read.snapshot.as_ref().map(|_| fleet.membership()));
     let decision = decision(ctx, &policy, observed, members);
-    let prompt = decision.members.as_ref().is_some_and(|m| presence::awaiting(ctx, &policy, m));
+    let prompt = decision.members.is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
         Mode::Enforce => write(ctx, &policy.namespace, &decision.waves).await,
@@ -160,7 +160,7 @@ fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet
 }
 
 /// The decide step with the policy's admission state from the context.
-fn decision(ctx: &Context, policy: &ValidPolicy, o: &Observed, members: Option<Membership>) -> Decision {
+fn decision<'m>(ctx: &Context, policy: &ValidPolicy, o: &Observed, members: Option<&'m Membership>) -> Decision<'m> {
     let kept = ctx.policy_state(&policy.uid);
     let mut admission = kept.admission.lock().expect("admission lock");
     let now = Instant::now();

@@ -18,7 +18,7 @@ use crate::telemetry;
 /// What one reconcile hands the report.
 pub struct Reconciled<'a> {
     pub observed: &'a super::observe::Observed,
-    pub decision: &'a Decision,
+    pub decision: &'a Decision<'a>,
     pub outcome: &'a Outcome,
     pub findings: Findings,
 }
@@ -28,11 +28,12 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
     ctx.metrics.agents.get_or_create(&label).set(r.observed.selected.len() as i64);
     let prev = policy.status.clone().unwrap_or_default();
     let new = status::counts(&prev, r.observed, r.decision, r.outcome, &Time(Timestamp::now()));
-    if let (Some(m), Some(plan)) = (&r.decision.members, &r.decision.plan) {
+    if let (Some(m), Some(plan)) = (r.decision.members, &r.decision.plan) {
+        let eligible = m.agents.len() - r.decision.held.len();
         if prev.plan_hash != new.plan_hash {
             let note = format!(
                 "{} agents, {} links, degree {}..{}, {} Pods patched{}",
-                m.agents.len(),
+                eligible,
                 plan.links,
                 plan.min_degree,
                 plan.max_degree,
@@ -41,7 +42,7 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
             );
             publish(ctx, policy, EventType::Normal, "PlanChanged", &note).await;
         }
-        ctx.metrics.eligible.get_or_create(&label).set(m.agents.len() as i64);
+        ctx.metrics.eligible.get_or_create(&label).set(eligible as i64);
         ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
         ctx.metrics.max_links.get_or_create(&label).set(plan.max_degree as i64);
     }

@@ -57,7 +57,7 @@ pub struct Findings {
 impl Findings {
     /// What one reconcile found.
     pub fn of(policy: &ValidPolicy, o: &Observed, read: &Read, d: &Decision, outcome: &Outcome) -> Self {
-        let members = d.members.as_ref();
+        let members = d.members;
         Self {
             mode: policy.mode,
             has_presence: read.snapshot.is_some(),
@@ -74,7 +74,7 @@ impl Findings {
                 .map(|(pod, e)| (pod.clone(), e.to_string()))
                 .collect(),
             held: outcome.held.len(),
-            arriving: members.map_or(0, |m| m.excluded.values().filter(|e| **e == Exclusion::Arriving).count()),
+            arriving: d.held.len(),
             duplicate_ids: members.map(duplicate_ids).unwrap_or_default(),
             disconnected: d.plan.as_ref().is_some_and(|p| p.components > 1 && policy.max_peers >= 2),
         }
@@ -165,16 +165,22 @@ pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Out
     let reached =
         d.wanted.iter().filter(|(pod, t)| t.as_ref().is_some_and(|a| carries(pod, a) || outcome.reached(pod)));
     new.assigned = d.plan.as_ref().map_or(0, |p| p.settled) + reached.count() as u32;
-    let (Some(m), Some(plan)) = (&d.members, &d.plan) else { return new };
-    new.eligible = m.agents.len() as u32;
+    let (Some(m), Some(plan)) = (d.members, &d.plan) else { return new };
+    new.eligible = (m.agents.len() - d.held.len()) as u32;
     new.links = plan.links;
     new.max_degree = plan.max_degree;
     new.min_degree = plan.min_degree;
     new.components = plan.components;
     new.plan_hash = Some(plan.hash.clone());
-    let excluded = m.excluded.iter().take(100);
-    new.excluded =
-        excluded.map(|(pod, why)| ExcludedPod { pod: pod.clone(), reason: truncate(&why.to_string(), 256) }).collect();
+    // The first 100 by name, the agents admission holds among them.
+    let arriving = d.held.iter().take(100).map(|pod| (pod, Exclusion::Arriving));
+    let excluded: BTreeMap<&String, Exclusion> =
+        m.excluded.iter().take(100).map(|(pod, why)| (pod, why.clone())).chain(arriving).collect();
+    new.excluded = excluded
+        .into_iter()
+        .take(100)
+        .map(|(pod, why)| ExcludedPod { pod: pod.clone(), reason: truncate(&why.to_string(), 256) })
+        .collect();
     if prev.plan_hash != new.plan_hash {
         new.last_plan_time = Some(now.clone());
     }
@@ -231,15 +237,15 @@ mod tests {
         let policy = fixtures::policy(2);
         let (t0, snap) = (Instant::now(), std::sync::Arc::new(fixtures::presence(4)));
         let mut admission = Admission::default();
-        let mut decide_on = |pods: &[std::sync::Arc<super::super::pods::CachedPod>], at: Instant| {
+        let judge = |pods: &[std::sync::Arc<super::super::pods::CachedPod>]| {
             let o = observe::observe(&policy, pods, &[]);
             let m = membership::of_policy(&policy, &o, &snap, fixtures::NOW_MS, &|_| None);
-            let d = decide::decide(&policy, &o, Some(m), (&mut admission, at));
-            (o, d)
+            (o, m)
         };
         let bare: Vec<_> = (0..4).map(|i| fixtures::agent(i, None)).collect();
-        decide_on(&bare, t0);
-        let (o, d) = decide_on(&bare, t0 + 2 * QUIET);
+        let (o, m) = judge(&bare);
+        decide::decide(&policy, &o, Some(&m), (&mut admission, t0));
+        let d = decide::decide(&policy, &o, Some(&m), (&mut admission, t0 + 2 * QUIET));
         let (before, now) =
             (MeshPolicyStatus::default(), Time(k8s_openapi::jiff::Timestamp::from_second(100).unwrap()));
         let mut written = Outcome::default();
@@ -251,7 +257,8 @@ mod tests {
         assert_eq!(counts(&before, &o, &d, &written, &now).assigned, 1, "a failed write does not count");
 
         let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_deref())).collect();
-        let (o, settled) = decide_on(&carrying, t0 + 3 * QUIET);
+        let (o, m) = judge(&carrying);
+        let settled = decide::decide(&policy, &o, Some(&m), (&mut admission, t0 + 3 * QUIET));
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());
         let status = counts(&unwritten, &o, &settled, &Outcome::default(), &later);
         assert_eq!(status.assigned, 4, "agents carrying their plan count without a write");
