@@ -70,9 +70,15 @@ impl MeshPolicy {
     /// selects nothing.
     pub fn selects(&self, pod: &impl kube::Resource) -> bool {
         use kube::ResourceExt;
+        self.selects_labels(pod.namespace().as_deref(), pod.labels())
+    }
+
+    /// Whether this policy selects a Pod of namespace `ns` with `labels`.
+    pub fn selects_labels(&self, ns: Option<&str>, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        use kube::ResourceExt;
         use kube::core::{Selector, SelectorExt};
-        self.namespace() == pod.namespace()
-            && Selector::try_from(self.spec.selector.clone()).is_ok_and(|s| s.matches(pod.labels()))
+        self.namespace().as_deref() == ns
+            && Selector::try_from(self.spec.selector.clone()).is_ok_and(|s| s.matches(labels))
     }
 }
 

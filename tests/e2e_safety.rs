@@ -129,17 +129,13 @@ async fn an_empty_node_id_is_an_exclusion_not_a_crash() {
     rv.state.lock().unwrap().agents.insert(String::new(), entry);
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     wait_assigned(&client, &ns, 5).await;
-    let p = wait_for("nameless to be excluded with its reason", WAIT, || async {
-        let p = policy(&client, &ns, "mesh").await;
-        p.status
-            .as_ref()?
-            .excluded
-            .iter()
-            .any(|e| e.pod == "nameless" && e.reason.contains("empty node_id"))
-            .then_some(p)
+    // The status of the reconcile that wrote the plan lands after its writes: wait for it, not for them.
+    wait_for("nameless to be excluded with its reason, beside 5 eligible agents", WAIT, || async {
+        let status = policy(&client, &ns, "mesh").await.status?;
+        let excluded = status.excluded.iter().any(|e| e.pod == "nameless" && e.reason.contains("empty node_id"));
+        (excluded && status.eligible == 5).then_some(())
     })
     .await;
-    assert_eq!(p.status.unwrap().eligible, 5);
     // Still alive and reconciling: a new agent joins.
     let id = format!("{:064x}", 0xfeed);
     create_pod(&client, &ns, "late", json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hashbrown::hash_table::{self, HashTable};
-use kube::ResourceExt;
 
 use super::observe::{Foreign, Observed};
 use super::pods::CachedPod;
@@ -509,7 +508,7 @@ mod tests {
         rules: &Rules,
         node_domain: &dyn Fn(&str) -> Option<String>,
     ) -> Membership {
-        let selected = pods.iter().map(|p| (p.name_any(), Arc::new((*p).clone()))).collect();
+        let selected = pods.iter().map(|p| (kube::ResourceExt::name_any(*p), Arc::new((*p).clone()))).collect();
         let o = Observed { selected, ..Default::default() };
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &Arc::new(snap.clone()), rules, node_domain, &Dirty::default());

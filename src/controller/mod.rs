@@ -102,6 +102,13 @@ impl Context {
         self.cache_interest.read().expect("cache interest lock").as_ref().is_some_and(|i| i.keeps(key))
     }
 
+    /// Whether the Pod cache keeps every label key in `keys` (see [`Context::cache_keeps`]): a selector
+    /// read on a cache without its keys would select the wrong Pods.
+    pub fn cache_keeps_labels<'k>(&self, mut keys: impl Iterator<Item = &'k str>) -> bool {
+        let interest = self.cache_interest.read().expect("cache interest lock");
+        interest.as_ref().is_some_and(|i| keys.all(|k| i.keeps_label(k)))
+    }
+
     /// What the controller keeps about the policy with UID `uid`, created on first use.
     pub fn policy_state(&self, uid: &str) -> Arc<PolicyState> {
         self.policy_states.lock().expect("policy state map lock").entry(uid.to_owned()).or_default().clone()

@@ -16,7 +16,7 @@ use kube::{Api, Resource, ResourceExt};
 use crate::api::MeshPolicy;
 use crate::assignment::{self, Assignment};
 
-/// A Pod as the cache keeps it: its identity, labels, the annotations the controller reads, and the
+/// A Pod as the cache keeps it: its identity, the labels and annotations the controller reads, and the
 /// three status facts membership needs.
 #[derive(Clone, Debug, Default, PartialEq, Resource, serde::Deserialize, serde::Serialize)]
 #[resource(inherit = Pod)]
@@ -33,12 +33,35 @@ pub struct CachedPod {
     /// here: kept apart from `metadata.annotations`, so each reconcile shares them instead of copying them.
     #[serde(skip)]
     pub keys: Keys,
+    /// The labels a policy's selector or `topologyKey` reads (see [`Interest::keeps_label`]), shared by
+    /// the Pods that have the same ones: in `metadata`, a map per Pod would weigh more than the Pod.
+    #[serde(skip)]
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 impl CachedPod {
-    /// Keeps of `pod` what the controller reads: the assignment's keys, and of its other annotations
-    /// those `keep` accepts.
-    pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
+    /// Keeps of `pod` what the controller reads: the assignment's keys, of its other annotations those
+    /// `keep` accepts, and of its labels those `keep_label` accepts (shared through `shared`).
+    pub fn new(
+        pod: Pod,
+        keep: &dyn Fn(&str) -> bool,
+        keep_label: &dyn Fn(&str) -> bool,
+        shared: &mut LabelSets,
+    ) -> Self {
+        let mut pod = pod;
+        let labels = pod.metadata.labels.take().unwrap_or_default();
+        let mut cached = Self::kept(pod, keep);
+        cached.labels = shared.share(labels.into_iter().filter(|(k, _)| keep_label(k)).collect());
+        cached
+    }
+
+    /// The labels kept (see [`CachedPod::labels`]); they stand in for `ResourceExt::labels`, which would
+    /// read the empty `metadata.labels`.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    fn kept(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
         let m = pod.metadata;
         let (mut keys, mut annotations) = (BTreeMap::new(), Vec::new());
         for (k, v) in m.annotations.unwrap_or_default() {
@@ -53,7 +76,6 @@ impl CachedPod {
             namespace: m.namespace,
             uid: m.uid,
             resource_version: m.resource_version,
-            labels: m.labels,
             deletion_timestamp: m.deletion_timestamp,
             ..Default::default()
         };
@@ -66,6 +88,7 @@ impl CachedPod {
             ready,
             annotations,
             keys: Keys::new(keys),
+            labels: Arc::new(m.labels.unwrap_or_default()),
         }
     }
 
@@ -74,9 +97,9 @@ impl CachedPod {
         self.annotations.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    /// Every annotation kept (for Pods read from the API rather than the cache).
+    /// Every annotation and label kept (for Pods read from the API rather than the cache).
     pub fn from_pod(pod: Pod) -> Self {
-        Self::new(pod, &|_| true)
+        Self::kept(pod, &|_| true)
     }
 
     pub fn terminating(&self) -> bool {
@@ -100,11 +123,45 @@ pub struct Interest {
     key: Vec<(String, String)>,
     selectors: BTreeMap<String, Vec<Selector>>,
     annotations: BTreeSet<String>,
+    /// The label keys the policies' selectors and topology keys read; only ever added, as annotations.
+    labels: BTreeSet<String>,
 }
 
 impl PartialEq for Interest {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key && self.annotations == other.annotations
+        self.key == other.key && self.annotations == other.annotations && self.labels == other.labels
+    }
+}
+
+/// The label keys policy `p` reads of a Pod: its selector's and its `topologyKey`.
+pub fn label_keys(p: &MeshPolicy) -> impl Iterator<Item = &str> {
+    let selector = &p.spec.selector;
+    let matched = selector.match_labels.iter().flat_map(|m| m.keys());
+    let expressions = selector.match_expressions.iter().flatten().map(|e| &e.key);
+    matched.chain(expressions).chain(&p.spec.topology_key).map(String::as_str)
+}
+
+/// Label maps shared by the cached Pods that have the same ones.
+#[derive(Debug, Default)]
+pub struct LabelSets {
+    sets: std::collections::HashMap<BTreeMap<String, String>, std::sync::Weak<BTreeMap<String, String>>>,
+    added: usize,
+}
+
+impl LabelSets {
+    fn share(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        if let Some(shared) = self.sets.get(&labels).and_then(std::sync::Weak::upgrade) {
+            return shared;
+        }
+        // Sets no Pod holds any more are swept now and then: the table stays near the live sets.
+        self.added += 1;
+        if self.added > 1024 && self.added > self.sets.len() {
+            self.sets.retain(|_, set| set.strong_count() > 0);
+            self.added = 0;
+        }
+        let shared = Arc::new(labels.clone());
+        self.sets.insert(labels, Arc::downgrade(&shared));
+        shared
     }
 }
 
@@ -120,6 +177,7 @@ impl Interest {
                 out.selectors.entry(ns).or_default().push(s);
             }
             out.annotations.insert(p.spec.identity.node_id_annotation.clone());
+            out.labels.extend(label_keys(p).map(str::to_owned));
         }
         out.key.sort();
         out
@@ -128,7 +186,14 @@ impl Interest {
     /// This interest, also keeping every annotation `earlier` kept.
     pub fn widen(mut self, earlier: Option<&Interest>) -> Self {
         self.annotations.extend(earlier.iter().flat_map(|e| e.annotations.iter().cloned()));
+        self.labels.extend(earlier.iter().flat_map(|e| e.labels.iter().cloned()));
         self
+    }
+
+    /// Whether the cache keeps the label `key` of its Pods: one a policy's selector or `topologyKey` reads.
+    /// Like annotations, a key once kept stays kept.
+    pub fn keeps_label(&self, key: &str) -> bool {
+        self.labels.contains(key)
     }
 
     /// Whether an annotation (besides the assignment's keys, always kept) is read by the controller: a
@@ -149,13 +214,14 @@ impl Interest {
 
     /// `event` as the cache takes it: an uninteresting Pod is dropped from the initial list, and an
     /// update that makes a Pod uninteresting removes it.
-    fn filter(&self, event: watcher::Event<Pod>) -> Option<watcher::Event<CachedPod>> {
+    fn filter(&self, event: watcher::Event<Pod>, shared: &mut LabelSets) -> Option<watcher::Event<CachedPod>> {
         use watcher::Event::*;
-        let keep = |k: &str| self.keeps(k);
+        let (keep, keep_label) = (|k: &str| self.keeps(k), |k: &str| self.keeps_label(k));
+        let mut cached = |pod| CachedPod::new(pod, &keep, &keep_label, shared);
         Some(match event {
-            Apply(pod) if self.wants(&pod) => Apply(CachedPod::new(pod, &keep)),
-            Apply(pod) | Delete(pod) => Delete(CachedPod::new(pod, &keep)),
-            InitApply(pod) if self.wants(&pod) => InitApply(CachedPod::new(pod, &keep)),
+            Apply(pod) if self.wants(&pod) => Apply(cached(pod)),
+            Apply(pod) | Delete(pod) => Delete(cached(pod)),
+            InitApply(pod) if self.wants(&pod) => InitApply(cached(pod)),
             InitApply(_) => return None,
             Init => Init,
             InitDone => InitDone,
@@ -209,7 +275,8 @@ pub fn watch(
     config: watcher::Config,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
 ) -> impl Stream<Item = Result<(watcher::Event<CachedPod>, Arc<Interest>), watcher::Error>> + Send {
-    let state = Relists { inner: None, interest, open: true, last_start: None, restart_at: None };
+    let state =
+        Relists { inner: None, interest, open: true, last_start: None, restart_at: None, labels: Default::default() };
     futures::stream::unfold(state, move |mut st| {
         let (api, config) = (api.clone(), config.clone());
         async move {
@@ -232,7 +299,7 @@ pub fn watch(
                     item = next => match item? {
                         Ok(event) => {
                             let current = st.inner.as_ref().expect("an item comes from a started watch").1.clone();
-                            if let Some(event) = current.filter(event) {
+                            if let Some(event) = current.filter(event, &mut st.labels) {
                                 return Some((Ok((event, current)), st));
                             }
                         }
@@ -254,6 +321,7 @@ struct Relists {
     open: bool,
     last_start: Option<tokio::time::Instant>,
     restart_at: Option<tokio::time::Instant>,
+    labels: LabelSets,
 }
 
 impl Relists {
@@ -418,7 +486,16 @@ mod tests {
         let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
         let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "agentmesh.dev/node-id": "n0",
             "agentmesh.dev/other": "x", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
-        let p = CachedPod::new(pod("a", json!({"app": "agent"}), annotations), &|k| interest.keeps(k));
+        let mut shared = LabelSets::default();
+        let labels = json!({"app": "agent", "pod-template-hash": "5d8f", "zone": "z1"});
+        let cached = |shared: &mut LabelSets| {
+            let p = pod("a", labels.clone(), annotations.clone());
+            CachedPod::new(p, &|k| interest.keeps(k), &|k| interest.keeps_label(k), shared)
+        };
+        let (p, twin) = (cached(&mut shared), cached(&mut shared));
+        assert_eq!(*p.labels, BTreeMap::from([("app".to_string(), "agent".to_string())]), "only what a selector reads");
+        assert!(Arc::ptr_eq(&p.labels, &twin.labels), "equal label sets are shared");
+        assert!(p.metadata.labels.is_none(), "not kept twice");
         let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             kept,
@@ -444,23 +521,30 @@ mod tests {
         for (ns, labels, annotations, want) in cases {
             let p = pod(ns, labels.clone(), annotations.clone());
             assert_eq!(interest.wants(&p), want, "{ns} {labels} {annotations}");
-            let listed = interest.filter(watcher::Event::InitApply(p.clone()));
+            let listed = interest.filter(watcher::Event::InitApply(p.clone()), &mut LabelSets::default());
             assert_eq!(listed.is_some(), want, "listed: {ns} {labels}");
-            let applied = interest.filter(watcher::Event::Apply(p));
+            let applied = interest.filter(watcher::Event::Apply(p), &mut LabelSets::default());
             assert_eq!(matches!(applied, Some(watcher::Event::Apply(_))), want, "applied: {ns} {labels}");
         }
     }
 
     #[test]
-    fn interests_differ_only_when_selectors_or_annotations_do() {
+    fn interests_differ_only_when_selectors_annotations_or_label_keys_do() {
         let sel = json!({"matchLabels": {"app": "agent"}});
         let one = Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]);
         assert_eq!(one, Interest::of(&[policy("a", sel.clone(), "agentmesh.dev/node-id")]));
         assert_ne!(one, Interest::of(&[policy("a", sel.clone(), "example.com/id")]));
         assert_ne!(one, Interest::of(&[policy("b", sel.clone(), "agentmesh.dev/node-id")]));
         assert_ne!(one, Interest::of(&[]));
-        let moved = Interest::of(&[policy("a", sel, "example.com/id")]).widen(Some(&one));
+        assert_ne!(one, Interest::of(&[policy("a", json!({"matchLabels": {"tier": "ci"}}), "agentmesh.dev/node-id")]));
+        let moved = Interest::of(&[policy(
+            "a",
+            json!({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}),
+            "example.com/id",
+        )])
+        .widen(Some(&one));
         assert!(moved.keeps("agentmesh.dev/node-id") && moved.keeps("example.com/id"), "annotations are only added");
+        assert!(moved.keeps_label("app") && moved.keeps_label("tier"), "label keys are only added");
     }
 
     #[test]

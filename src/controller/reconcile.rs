@@ -25,7 +25,7 @@ use super::fleet::{self, Fleet};
 use super::membership::{Membership, Rules};
 use super::observe::{self, Filing, Observed};
 use super::plan::Targets;
-use super::pods::CachedPod;
+use super::pods::{self, CachedPod};
 use super::policy::ValidPolicy;
 use super::presence::{self, PROMPT_FETCH_INTERVAL, Read};
 use super::report::{self, Reconciled};
@@ -99,8 +99,10 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
             return report::invalid(ctx, object, invalid.to_string()).await.map(|()| Action::await_change());
         }
     };
-    if !ctx.cache_keeps(&policy.node_id_annotation) {
-        debug!(policy = policy.name, "the Pod cache is being listed for this node-id annotation");
+    let policies = observe::namespace_policies(ctx, &policy.namespace);
+    let labels = policies.iter().flat_map(|p| pods::label_keys(p));
+    if !ctx.cache_keeps(&policy.node_id_annotation) || !ctx.cache_keeps_labels(labels) {
+        debug!(policy = policy.name, "the Pod cache is being listed for this node-id annotation or these labels");
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let mut steps = Steps::start(ctx);

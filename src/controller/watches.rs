@@ -179,7 +179,38 @@ fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<Object
         .state()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| named == Some(p.name_any().as_str()) || p.selects(pod))
+        // The cached Pod's own labels: `metadata.labels` is empty in the cache.
+        .filter(|p| named == Some(p.name_any().as_str()) || p.selects_labels(Some(&ns), pod.labels()))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A Pod event reaches the policies that select the Pod as the cache keeps it (its labels apart from
+    /// `metadata`), and the policy it names.
+    #[test]
+    fn a_cached_pod_event_reaches_the_policies_that_select_it() {
+        let policy = |name: &str, app: &str| -> MeshPolicy {
+            serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
+                "metadata": {"name": name, "namespace": "ci"},
+                "spec": {"selector": {"matchLabels": {"app": app}}, "rendezvous": {"url": "http://rv"}}}))
+            .unwrap()
+        };
+        let (store, mut writer) = reflector::store::<MeshPolicy>();
+        for p in [policy("agents", "agent"), policy("web", "web"), policy("named", "none")] {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let interest = Interest::of(&store.state());
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "ci",
+            "labels": {"app": "agent"}, "annotations": {"agentmesh.dev/policy": "named"}}}))
+        .unwrap();
+        let cached = CachedPod::new(pod, &|k| interest.keeps(k), &|k| interest.keeps_label(k), &mut Default::default());
+        let mut reached: Vec<String> = policies_for_pod(&cached, &store).into_iter().map(|r| r.name).collect();
+        reached.sort();
+        assert_eq!(reached, ["agents", "named"]);
+    }
 }
