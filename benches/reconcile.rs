@@ -29,7 +29,7 @@ use mesh_operator::controller::decide::{self, Decision, Waves};
 use mesh_operator::controller::fleet::{Basis, Fleet};
 use mesh_operator::controller::observe::Filing;
 use mesh_operator::controller::plan::Targets;
-use mesh_operator::controller::pods::CachedPod;
+use mesh_operator::controller::pods::{CachedPod, LabelSets};
 use mesh_operator::controller::policy::ValidPolicy;
 use mesh_operator::controller::{membership, observe};
 use mesh_operator::presence::{Node, Snapshot};
@@ -147,7 +147,9 @@ fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
     .unwrap();
     let annotations = pod.metadata.annotations.get_or_insert_default();
     annotations.extend(assignment.iter().flat_map(|a| a.to_annotations()).map(|(k, v)| (k.to_owned(), v)));
-    CachedPod::from_pod(pod)
+    // As the controller's cache keeps it for the bench's policy: the labels its selector reads, shared.
+    thread_local!(static SHARED: std::cell::RefCell<LabelSets> = Default::default());
+    SHARED.with(|shared| CachedPod::new(pod, &|_| true, &|k| k == "app", &mut shared.borrow_mut()))
 }
 
 fn presence_of(n: usize) -> Arc<Snapshot> {
