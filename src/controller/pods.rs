@@ -145,7 +145,8 @@ pub fn label_keys(p: &MeshPolicy) -> impl Iterator<Item = &str> {
 #[derive(Debug, Default)]
 pub struct LabelSets {
     sets: std::collections::HashMap<BTreeMap<String, String>, std::sync::Weak<BTreeMap<String, String>>>,
-    added: usize,
+    /// The sets some Pod held at the last sweep.
+    live: usize,
 }
 
 impl LabelSets {
@@ -153,11 +154,11 @@ impl LabelSets {
         if let Some(shared) = self.sets.get(&labels).and_then(std::sync::Weak::upgrade) {
             return shared;
         }
-        // Sets no Pod holds any more are swept now and then: the table stays near the live sets.
-        self.added += 1;
-        if self.added > 1024 && self.added > self.sets.len() {
+        // Sets no Pod holds any more are swept once the table doubles past the live ones: Pods with
+        // ever new label values cannot grow it without bound.
+        if self.sets.len() >= 2 * self.live + 1024 {
             self.sets.retain(|_, set| set.strong_count() > 0);
-            self.added = 0;
+            self.live = self.sets.len();
         }
         let shared = Arc::new(labels.clone());
         self.sets.insert(labels, Arc::downgrade(&shared));
@@ -220,7 +221,8 @@ impl Interest {
         let mut cached = |pod| CachedPod::new(pod, &keep, &keep_label, shared);
         Some(match event {
             Apply(pod) if self.wants(&pod) => Apply(cached(pod)),
-            Apply(pod) | Delete(pod) => Delete(cached(pod)),
+            // Not kept: its labels serve only to find the policies the event concerns, unshared.
+            Apply(pod) | Delete(pod) => Delete(CachedPod::new(pod, &keep, &keep_label, &mut LabelSets::default())),
             InitApply(pod) if self.wants(&pod) => InitApply(cached(pod)),
             InitApply(_) => return None,
             Init => Init,
@@ -506,6 +508,20 @@ mod tests {
         assert_eq!(p.keys, Keys::Raw(Arc::new(peers_only)), "half an assignment is kept as written");
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
         assert!(p.metadata.managed_fields.is_none() && p.metadata.owner_references.is_none());
+    }
+
+    /// Pods with ever new label values (a kept key under churn, or a hostile creator) cannot grow the
+    /// shared label table without bound: sets no Pod holds are swept.
+    #[test]
+    fn the_shared_label_table_stays_near_the_live_sets() {
+        let mut shared = LabelSets::default();
+        let set = |i: usize| BTreeMap::from([("app".to_string(), format!("v{i}"))]);
+        let held: Vec<_> = (0..300).map(|i| shared.share(set(i))).collect();
+        for i in 300..20_000 {
+            drop(shared.share(set(i)));
+            assert!(shared.sets.len() <= 2 * 300 + 1024 + 1, "{} sets after {i}", shared.sets.len());
+        }
+        assert!(Arc::ptr_eq(&held[7], &shared.share(set(7))), "live sets stay shared");
     }
 
     #[test]

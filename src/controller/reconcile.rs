@@ -99,10 +99,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
             return report::invalid(ctx, object, invalid.to_string()).await.map(|()| Action::await_change());
         }
     };
-    let policies = observe::namespace_policies(ctx, &policy.namespace);
-    let labels = policies.iter().flat_map(|p| pods::label_keys(p));
-    if !ctx.cache_keeps(&policy.node_id_annotation) || !ctx.cache_keeps_labels(labels) {
-        debug!(policy = policy.name, "the Pod cache is being listed for this node-id annotation or these labels");
+    if !cache_keeps(ctx, &policy, &observe::namespace_policies(ctx, &policy.namespace)) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let mut steps = Steps::start(ctx);
@@ -116,7 +113,11 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     steps.done("wait");
     let kept = ctx.policy_state(&policy.uid);
     let mut fleet = kept.fleet.lock().await;
+    // The policies the filing reads, checked again: one may have changed while this one waited.
     let policies = observe::namespace_policies(ctx, &policy.namespace);
+    if !cache_keeps(ctx, &policy, &policies) {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     let filing = Filing::new(&policy, &policies);
     let all = fleet::refresh(ctx, &policy, &filing, &policies, &mut fleet);
     steps.done("gather");
@@ -145,6 +146,18 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     steps.done("status");
     debug!(policy = policy.name, namespace = policy.namespace, patched = outcome.patched, steps = %steps, "reconciled");
     Ok(Action::requeue(next_run(&policy, &decision, &outcome, prompt)))
+}
+
+/// Whether the Pod cache keeps what the namespace's `policies` read of a Pod: this policy's node-id
+/// annotation, and the label keys their selectors and topology keys read. A cache listed for less would
+/// file Pods by labels it dropped.
+fn cache_keeps(ctx: &Context, policy: &ValidPolicy, policies: &[Arc<MeshPolicy>]) -> bool {
+    let labels = policies.iter().flat_map(|p| pods::label_keys(p));
+    let keeps = ctx.cache_keeps(&policy.node_id_annotation) && ctx.cache_keeps_labels(labels);
+    if !keeps {
+        debug!(policy = policy.name, "the Pod cache is being listed for this node-id annotation or these labels");
+    }
+    keeps
 }
 
 /// With `--check-incremental`: the policy's kept view against one built from scratch from `all`.
@@ -248,7 +261,9 @@ async fn cleanup(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let (name, ns) = (object.name_any(), object.namespace().unwrap_or_default());
     let lock = ctx.namespace_lock(&ns);
     let _writing = lock.lock().await;
-    if !observe::caught_up(ctx, &ns) {
+    let policies = observe::namespace_policies(ctx, &ns);
+    let labels_kept = ctx.cache_keeps_labels(policies.iter().flat_map(|p| pods::label_keys(p)));
+    if !observe::caught_up(ctx, &ns) || !labels_kept {
         return Err(CleanupError::CacheBehind.into());
     }
     let (pods, targets) = released(ctx, object);
