@@ -119,9 +119,8 @@ impl Fleet {
     pub fn judge(&mut self, snap: &Arc<Snapshot>, rules: &Rules) {
         // Unset while the verdicts change, as in `update`.
         let cursor = self.cursor.take();
-        let zones = self.basis.as_ref().map(|b| &b.zones);
-        let node_domain = |node: &str| zones?.get(node).cloned();
-        self.verdicts.update(&self.observed, snap, rules, &node_domain, &std::mem::take(&mut self.dirty));
+        let dirty = std::mem::take(&mut self.dirty);
+        self.verdicts.update(&self.observed, snap, rules, &zone_of(&self.basis), &dirty);
         self.cursor = cursor;
     }
 
@@ -153,13 +152,17 @@ impl Fleet {
         }
         let Some((snap, rules)) = presence else { return Ok(()) };
         self.judge(snap, rules);
-        let zones = self.basis.as_ref().map(|b| &b.zones);
         let mut verdicts = Verdicts::default();
-        verdicts.update(&fresh, snap, rules, &|node| zones?.get(node).cloned(), &Dirty::default());
+        verdicts.update(&fresh, snap, rules, &zone_of(&self.basis), &Dirty::default());
         let (kept, fresh) = (self.membership(), verdicts.membership());
         differ("agents", &kept.agents, &fresh.agents)?;
         differ("excluded", &kept.excluded, &fresh.excluded)
     }
+}
+
+/// A Node's zone as `basis` has it.
+fn zone_of(basis: &Option<Basis>) -> impl Fn(&str) -> Option<String> + '_ {
+    move |node| basis.as_ref()?.zones.get(node).cloned()
 }
 
 /// The first key at which `kept` and `fresh` differ, as an error naming `what`.

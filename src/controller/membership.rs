@@ -185,11 +185,11 @@ impl Verdicts {
         // A Pod filed again is settled again even if its verdict stands: whether another policy holds it
         // may have changed.
         let mut touched: BTreeSet<String> = dirty.pods.clone();
-        let judge: Vec<String> = if same {
-            dirty.pods.iter().cloned().collect()
+        let judge: BTreeSet<String> = if same {
+            dirty.pods.clone()
         } else {
             (self.index, self.clock) = (Some(Index::new(snap.clone())), rules.fallback_now_ms);
-            self.judged.keys().chain(o.selected.keys()).cloned().collect::<BTreeSet<_>>().into_iter().collect()
+            self.judged.keys().chain(o.selected.keys()).cloned().collect()
         };
         for pod in judge {
             self.judge(pod, o, rules, node_domain, &mut touched);
@@ -248,8 +248,7 @@ impl Verdicts {
             None => return,
             Some(Err(why)) => why.clone(),
             Some(Ok(agent)) => {
-                let claimants: Vec<&str> = self.claimants(&agent.node_id).take(2).collect();
-                if claimants.len() > 1 {
+                if self.claimants(&agent.node_id).nth(1).is_some() {
                     let pods = self.claimants(&agent.node_id).map(str::to_owned).collect();
                     Exclusion::DuplicateNodeId { node_id: agent.node_id.clone(), pods }
                 } else if let Some(owner) = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id)) {

@@ -102,10 +102,11 @@ impl Context {
         self.cache_interest.read().expect("cache interest lock").as_ref().is_some_and(|i| i.keeps(key))
     }
 
-    /// Whether the Pod cache keeps every label key in `keys` (see [`Context::cache_keeps`]): a selector
-    /// read on a cache without its keys would select the wrong Pods.
-    pub fn cache_keeps_labels<'k>(&self, mut keys: impl Iterator<Item = &'k str>) -> bool {
+    /// Whether the Pod cache keeps every label key `policies` read (see [`Context::cache_keeps`]): a
+    /// selector read on a cache without its keys would select the wrong Pods.
+    pub fn cache_keeps_labels(&self, policies: &[Arc<MeshPolicy>]) -> bool {
         let interest = self.cache_interest.read().expect("cache interest lock");
+        let mut keys = policies.iter().flat_map(|p| pods::label_keys(p));
         interest.as_ref().is_some_and(|i| keys.all(|k| i.keeps_label(k)))
     }
 
@@ -118,9 +119,9 @@ impl Context {
     /// was a standby, or released by another replica): their views would otherwise stay forever.
     pub fn retain_policy_states(&self) {
         let mut states = self.policy_states.lock().expect("policy state map lock");
-        if states.len() > self.policies.state().len() {
-            let live: std::collections::HashSet<String> =
-                self.policies.state().iter().filter_map(|p| p.uid()).collect();
+        let policies = self.policies.state();
+        if states.len() > policies.len() {
+            let live: std::collections::HashSet<String> = policies.iter().filter_map(|p| p.uid()).collect();
             states.retain(|uid, _| live.contains(uid));
         }
     }

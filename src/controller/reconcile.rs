@@ -25,7 +25,7 @@ use super::fleet::{self, Fleet};
 use super::membership::{Membership, Rules};
 use super::observe::{self, Filing, Observed};
 use super::plan::Targets;
-use super::pods::{self, CachedPod};
+use super::pods::CachedPod;
 use super::policy::ValidPolicy;
 use super::presence::{self, PROMPT_FETCH_INTERVAL, Read};
 use super::report::{self, Reconciled};
@@ -99,6 +99,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
             return report::invalid(ctx, object, invalid.to_string()).await.map(|()| Action::await_change());
         }
     };
+    // A first look before the presence read; the filing's own copy of the policies is checked again below.
     if !cache_keeps(ctx, &policy, &observe::namespace_policies(ctx, &policy.namespace)) {
         return Ok(Action::requeue(CACHE_WAIT));
     }
@@ -152,8 +153,7 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
 /// annotation, and the label keys their selectors and topology keys read. A cache listed for less would
 /// file Pods by labels it dropped.
 fn cache_keeps(ctx: &Context, policy: &ValidPolicy, policies: &[Arc<MeshPolicy>]) -> bool {
-    let labels = policies.iter().flat_map(|p| pods::label_keys(p));
-    let keeps = ctx.cache_keeps(&policy.node_id_annotation) && ctx.cache_keeps_labels(labels);
+    let keeps = ctx.cache_keeps(&policy.node_id_annotation) && ctx.cache_keeps_labels(policies);
     if !keeps {
         debug!(policy = policy.name, "the Pod cache is being listed for this node-id annotation or these labels");
     }
@@ -261,8 +261,7 @@ async fn cleanup(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
     let (name, ns) = (object.name_any(), object.namespace().unwrap_or_default());
     let lock = ctx.namespace_lock(&ns);
     let _writing = lock.lock().await;
-    let policies = observe::namespace_policies(ctx, &ns);
-    let labels_kept = ctx.cache_keeps_labels(policies.iter().flat_map(|p| pods::label_keys(p)));
+    let labels_kept = ctx.cache_keeps_labels(&observe::namespace_policies(ctx, &ns));
     if !observe::caught_up(ctx, &ns) || !labels_kept {
         return Err(CleanupError::CacheBehind.into());
     }
