@@ -25,7 +25,7 @@ use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
 use mesh_operator::controller::changes::Changes;
-use mesh_operator::controller::decide::{self, Decision, Waves};
+use mesh_operator::controller::decide::{self, Decision, Memory, Waves};
 use mesh_operator::controller::fleet::{Basis, Fleet};
 use mesh_operator::controller::observe::Filing;
 use mesh_operator::controller::plan::Targets;
@@ -83,8 +83,8 @@ fn memory(policy: &ValidPolicy, n: usize) {
     });
     let cache: Vec<Arc<CachedPod>> = store.into_values().collect();
     let (snapshot, snapshot_bytes, _) = measure(|| presence_of(n + 1));
-    let mut admission = Admission::default();
-    let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut admission, Instant::now()));
+    let mut memory = Memory::default();
+    let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut memory, Instant::now()));
     drop(decision);
     let (burst_kept, burst_peak) = burst_memory(policy, n);
     // The policy's view kept between reconciles, beside the cache it files.
@@ -109,10 +109,10 @@ fn memory(policy: &ValidPolicy, n: usize) {
 /// What the pass that plans a whole burst (n new agents, no assignment yet) holds at its peak, and keeps.
 fn burst_memory(policy: &ValidPolicy, n: usize) -> (usize, usize) {
     let (bare, snapshot) = (new_agents(n), presence_of(n));
-    let (mut admission, now) = (Admission::default(), Instant::now());
-    pass(policy, &bare, &snapshot, &mut admission, now);
+    let (mut memory, now) = (Memory::default(), Instant::now());
+    pass(policy, &bare, &snapshot, &mut memory, now);
     let later = now + 2 * mesh_operator::controller::admission::QUIET;
-    let (decision, kept, peak) = measure(|| pass(policy, &bare, &snapshot, &mut admission, later));
+    let (decision, kept, peak) = measure(|| pass(policy, &bare, &snapshot, &mut memory, later));
     assert_eq!(decision.waves.grow.len(), n, "every agent of the burst gets a write");
     (kept, peak)
 }
@@ -170,12 +170,12 @@ fn pass(
     policy: &ValidPolicy,
     pods: &[Arc<CachedPod>],
     snapshot: &Arc<Snapshot>,
-    admission: &mut Admission,
+    memory: &mut Memory,
     at: Instant,
 ) -> Passed {
     let observed = observe::observe(policy, pods, &[]);
     let members = membership::of_policy(policy, &observed, snapshot, NOW_MS, &|_| None);
-    Passed::from(decide::decide(policy, &observed, Some(&members), (admission, at)))
+    Passed::from(decide::decide(policy, &observed, Some(&members), memory, at))
 }
 
 /// What a pass keeps of its decision: the targets and the writes.
@@ -195,10 +195,10 @@ fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, 
     let snapshot = presence_of(n);
     let bare = new_agents(n);
     // All n arrive at once: admission holds them, and plans them together once arrivals pause.
-    let (mut admission, now) = (Admission::default(), Instant::now());
-    assert!(pass(policy, &bare, &snapshot, &mut admission, now).wanted.is_empty(), "a burst waits");
+    let (mut memory, now) = (Memory::default(), Instant::now());
+    assert!(pass(policy, &bare, &snapshot, &mut memory, now).wanted.is_empty(), "a burst waits");
     let later = now + 2 * mesh_operator::controller::admission::QUIET;
-    let decision = pass(policy, &bare, &snapshot, &mut admission, later);
+    let decision = pass(policy, &bare, &snapshot, &mut memory, later);
     let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_deref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
@@ -215,12 +215,12 @@ fn decide(c: &mut Criterion) {
         for (case, extra) in [("settled", 0), ("join", 1)] {
             let (pods, snapshot) = fleet(&policy, n, extra);
             // Admission as in a settled fleet: nobody else arriving.
-            let mut admission = Admission::default();
-            let d = pass(&policy, &pods, &snapshot, &mut admission, Instant::now());
+            let mut memory = Memory::default();
+            let d = pass(&policy, &pods, &snapshot, &mut memory, Instant::now());
             let writes = d.waves.shrink.len() + d.waves.grow.len();
             assert_eq!(writes == 0, extra == 0, "{case} at {n}: {writes} writes");
             group.bench_with_input(BenchmarkId::new(case, n), &pods, |b, pods| {
-                b.iter(|| pass(&policy, pods, &snapshot, &mut admission, Instant::now()))
+                b.iter(|| pass(&policy, pods, &snapshot, &mut memory, Instant::now()))
             });
         }
         kept(&mut group, &policy, n);
@@ -240,33 +240,33 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     let (pods, snapshot) = fleet(policy, n, 1);
     let (joining, settled) = pods.split_last().unwrap();
     let view = View::new(policy, settled, snapshot);
-    let mut admission = Admission::default();
-    let d = view.reconcile(&mut admission);
+    let mut memory = Memory::default();
+    let d = view.reconcile(&mut memory);
     assert!(d.waves.is_empty(), "settled at {n}");
     // Each join with admission as in a settled fleet: the same agent joining again and again would be a
     // burst, and held.
-    let join = |view: &View, admission: &mut Admission, decide: bool| {
+    let join = |view: &View, memory: &mut Memory, decide: bool| {
         view.apply(watcher::Event::Apply(CachedPod::clone(joining)));
-        *admission = Admission::default();
+        memory.admission = Admission::default();
         let timed = Instant::now();
         if decide {
-            let d = view.reconcile(admission);
+            let d = view.reconcile(memory);
             assert!(!d.waves.is_empty(), "the join is written at {n}");
         } else {
             view.take_in();
         }
         let took = timed.elapsed();
         view.apply(watcher::Event::Delete(CachedPod::clone(joining)));
-        view.reconcile(admission);
+        view.reconcile(memory);
         took
     };
     group.bench_function(BenchmarkId::new("kept_view_join", n), |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut admission, false)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut memory, false)).sum())
     });
     group.bench_function(BenchmarkId::new("kept_join", n), |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut admission, true)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut memory, true)).sum())
     });
-    group.bench_function(BenchmarkId::new("kept_settled", n), |b| b.iter(|| view.reconcile(&mut admission)));
+    group.bench_function(BenchmarkId::new("kept_settled", n), |b| b.iter(|| view.reconcile(&mut memory)));
     // A changed presence read judges every Pod again (here: the same entries in a new snapshot).
     group.bench_function(BenchmarkId::new("kept_view_presence", n), |b| {
         b.iter(|| {
@@ -319,11 +319,11 @@ impl<'a> View<'a> {
         fleet.judge(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS));
     }
 
-    fn reconcile(&self, admission: &mut Admission) -> Passed {
+    fn reconcile(&self, memory: &mut Memory) -> Passed {
         self.take_in();
         let fleet = self.fleet.borrow();
         let now = Instant::now();
-        Passed::from(decide::decide(self.policy, &fleet.observed, Some(fleet.membership()), (admission, now)))
+        Passed::from(decide::decide(self.policy, &fleet.observed, Some(fleet.membership()), memory, now))
     }
 }
 

@@ -84,7 +84,16 @@ impl Admission {
 
     fn admit(&mut self, eligible: &[&str]) -> (HashSet<String>, Option<Duration>) {
         self.waiting.clear();
-        self.planned = eligible.iter().map(|p| (*p).to_owned()).collect();
+        // Brought up to date rather than built again: a join or leave costs a lookup per agent, not a copy.
+        for p in eligible {
+            if !self.planned.contains(*p) {
+                self.planned.insert((*p).to_owned());
+            }
+        }
+        if self.planned.len() > eligible.len() {
+            let eligible: HashSet<&str> = eligible.iter().copied().collect();
+            self.planned.retain(|p| eligible.contains(p.as_str()));
+        }
         (HashSet::new(), None)
     }
 }

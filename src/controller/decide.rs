@@ -40,17 +40,28 @@ pub struct Decision<'m> {
     pub recheck: Option<Duration>,
 }
 
+/// What the decide step keeps of one policy between reconciles.
+#[derive(Default)]
+pub struct Memory {
+    pub admission: Admission,
+    pub plan: plan::Kept,
+}
+
 /// The decision from the membership presence gives (`None` without presence; see
 /// [`super::membership::of_policy`]): admission, the plan, the targets and the writes that reach them.
+/// `memory` is what the step keeps of the policy between reconciles.
 pub fn decide<'m>(
     policy: &ValidPolicy,
     observed: &Observed,
     members: Option<&'m Membership>,
-    (admission, now): (&mut Admission, Instant),
+    memory: &mut Memory,
+    now: Instant,
 ) -> Decision<'m> {
+    let Memory { admission, plan: kept } = memory;
     let (held, recheck) = members.map(|m| admit(m, observed, admission, now)).unwrap_or_default();
     let (o, cap) = (observed, policy.max_peers);
-    let planned = members.map(|m| plan::targets(m, &held, cap, &policy.uid, &policy.name, &o.carried, &o.pods));
+    let made_for = (cap, policy.uid.as_str(), policy.name.as_str());
+    let planned = members.map(|m| plan::targets(m, &held, made_for, &o.carried, &o.pods, kept));
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),
@@ -244,11 +255,11 @@ mod tests {
         let policy = fixtures::policy(2);
         let run = |pods: &[Arc<super::super::pods::CachedPod>],
                    snap: Option<&Arc<crate::presence::Snapshot>>,
-                   admission: &mut Admission,
+                   memory: &mut Memory,
                    at: Instant| {
             let o = observe::observe(&policy, pods, &[]);
             let m = snap.map(|s| membership::of_policy(&policy, &o, s, fixtures::NOW_MS, &|_| None));
-            let d = decide(&policy, &o, m.as_ref(), (admission, at));
+            let d = decide(&policy, &o, m.as_ref(), memory, at);
             Seen {
                 members: d.members.is_some(),
                 held: d.held,
@@ -260,28 +271,28 @@ mod tests {
         };
         let (t0, snap) = (Instant::now(), Arc::new(fixtures::presence(6)));
         let bare: Vec<_> = (0..6).map(|i| fixtures::agent(i, None)).collect();
-        let mut admission = Admission::default();
+        let mut memory = Memory::default();
 
-        let no_presence = run(&bare, None, &mut admission, t0);
+        let no_presence = run(&bare, None, &mut memory, t0);
         assert!(!no_presence.members && no_presence.plan.is_none() && no_presence.waves.is_empty());
 
-        let burst = run(&bare, Some(&snap), &mut admission, t0);
+        let burst = run(&bare, Some(&snap), &mut memory, t0);
         assert!(burst.waves.is_empty() && burst.recheck.is_some(), "a burst waits for arrivals to pause");
         assert_eq!(burst.held.len(), 6);
 
-        let planned = run(&bare, Some(&snap), &mut admission, t0 + 2 * QUIET);
+        let planned = run(&bare, Some(&snap), &mut memory, t0 + 2 * QUIET);
         assert_eq!(planned.wanted.values().flatten().count(), 6, "every agent gets a target");
         assert_eq!((planned.waves.shrink.len(), planned.waves.grow.len()), (0, 6), "growing from nothing");
         assert!(planned.wanted.values().flatten().all(|a| a.links() <= 2), "within the cap");
 
         let carrying: Vec<_> =
             (0..6).map(|i| fixtures::agent(i, planned.wanted[&format!("agent-{i}")].as_deref())).collect();
-        let settled = run(&carrying, Some(&snap), &mut admission, t0 + 3 * QUIET);
+        let settled = run(&carrying, Some(&snap), &mut memory, t0 + 3 * QUIET);
         assert!(settled.waves.is_empty() && settled.wanted.is_empty(), "a settled fleet writes nothing");
         assert_eq!(settled.plan.as_ref().map(|p| p.settled), Some(6));
 
         // Without presence, a Pod that is gone is released by the others, and nothing grows.
-        let gone = run(&carrying[1..], None, &mut Admission::default(), t0);
+        let gone = run(&carrying[1..], None, &mut Memory::default(), t0);
         assert!(gone.wanted.values().flatten().all(|a| !a.linked_ids().contains("n0")), "n0 is gone");
         assert!(!gone.waves.shrink.is_empty() && gone.waves.grow.is_empty());
     }

@@ -150,8 +150,8 @@ impl Context {
 pub struct PolicyState {
     /// Presence polling, under its own lock: a slow rendezvous holds up only the policies that use it.
     pub presence: Mutex<PresenceState>,
-    /// Newcomers held back during a burst of arrivals.
-    pub admission: std::sync::Mutex<admission::Admission>,
+    /// What the decide step keeps: newcomers held back during a burst of arrivals, the last plan.
+    pub decide: std::sync::Mutex<decide::Memory>,
     /// The policy's view of its namespace, held by the reconcile that updates and reads it.
     pub fleet: Mutex<fleet::Fleet>,
 }

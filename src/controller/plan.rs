@@ -2,18 +2,20 @@
 //! eligible agents (each link on the dialer's `peers` and the other end's `accepts`); without any presence
 //! (a replica that leads for the first time during a rendezvous outage), the assignments the Pods already
 //! carry, minus the Pods that are gone (docs/design.md §3.4 rule 2).
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use super::membership::{self, Agent, Membership};
 use super::pods::PodState;
 use crate::assignment::{Assignment, Peer};
-use crate::planner::{self, PlanError, analysis};
+use crate::planner::{self, PlanError};
 
 /// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
 pub type Targets = BTreeMap<String, Option<Arc<Assignment>>>;
 
 /// A plan in the form the controller publishes.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PlanOutcome {
     /// The targets of the Pods that do not carry theirs (taken by the decision: empty after).
     pub targets: Targets,
@@ -25,19 +27,6 @@ pub struct PlanOutcome {
     pub components: u32,
     /// A digest of every Pod's target, for `status.planHash`.
     pub hash: String,
-}
-
-/// What the Pods carry, read as the planner's previous plan without copying it.
-struct Carried<'a>(foldhash::HashMap<&'a str, &'a Assignment>);
-
-impl planner::Previous for Carried<'_> {
-    fn links(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().flat_map(|(&a, carried)| carried.peers.iter().map(move |p| (a, p.node_id.as_str())))
-    }
-
-    fn knew(&self, node_id: &str) -> bool {
-        self.0.contains_key(node_id)
-    }
 }
 
 /// One agent's target, borrowed from the plan: its peers (node id, URL) and accepts, sorted, under the
@@ -63,70 +52,317 @@ impl Target<'_> {
     }
 }
 
+impl planner::Node for Arc<Agent> {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn domain(&self) -> Option<&str> {
+        self.domain.as_deref()
+    }
+}
+
+/// The plan step's memory between reconciles, kept in the policy's view: the last plan's agents (sorted
+/// by Pod), each with its links in the plan and what its Pod carried. An agent whose `Arc` (its verdict),
+/// planned neighbours and Pod keys are the very ones of the last plan keeps its target, its digest and
+/// whether it carries it, so a join or leave costs the planner's graph and the targets it changed, not a
+/// string comparison per agent. Holding the `Arc`s keeps their addresses from being reused while they
+/// are compared. A plan made from an empty memory is the oracle (`--check-incremental`).
+#[derive(Default)]
+pub struct Kept {
+    /// The (cap, seed, policy) the targets were made for.
+    made_for: Option<(u32, String, String)>,
+    agents: Vec<KeptAgent>,
+    /// Each kept agent's carried peers, and whom it dials and who dials it, as indices into `agents` (see
+    /// [`Span`]): one allocation for the fleet.
+    indices: Vec<u32>,
+    /// How many targets the last plan built rather than kept.
+    built: usize,
+}
+
+impl Kept {
+    /// How many targets the last plan built rather than kept: a join into a settled fleet builds the
+    /// joiner's and its new neighbours'.
+    pub fn built(&self) -> usize {
+        self.built
+    }
+}
+
+struct KeptAgent {
+    agent: Arc<Agent>,
+    /// What its Pod carried as the policy's (`Observed::carried`) and exactly (`Keys::exact`).
+    carried: Option<Arc<Assignment>>,
+    exact: Option<Arc<Assignment>>,
+    /// The node ids it carries that were no agent's.
+    strangers: Vec<String>,
+    span: Span,
+    /// Whether its Pod carries its target, and that target's share of the digest. The target itself is
+    /// not kept: only the few Pods not yet carrying theirs need it again.
+    settled: bool,
+    hash: u64,
+}
+
+/// Where an agent's indices sit in [`Kept::indices`]: `carried` of them from `at`; `dials` then
+/// `accepts` from `links_at`; each run sorted.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    at: usize,
+    carried: u32,
+    links_at: usize,
+    dials: u32,
+    accepts: u32,
+}
+
+impl Span {
+    fn carried(self, indices: &[u32]) -> &[u32] {
+        &indices[self.at..self.at + self.carried as usize]
+    }
+
+    fn links(self, indices: &[u32]) -> &[u32] {
+        &indices[self.links_at..self.links_at + (self.dials + self.accepts) as usize]
+    }
+}
+
 /// Plans `m`'s agents but those `held` with at most `cap` links each, seeded by `seed`. `carried` holds
 /// what each Pod carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods`
-/// what each carries exactly: only the targets that differ from it are built.
+/// what each carries exactly: only the targets that differ from it are built. `kept` is the last plan's
+/// memory (see [`Kept`]); it is brought up to date.
 pub fn targets(
     m: &Membership,
     held: &BTreeSet<String>,
-    cap: u32,
-    seed: &str,
-    policy: &str,
+    (cap, seed, policy): (u32, &str, &str),
     carried: &BTreeMap<String, Arc<Assignment>>,
     pods: &BTreeMap<String, PodState>,
+    kept: &mut Kept,
 ) -> Result<PlanOutcome, PlanError> {
+    let made_for = Some((cap, seed.to_owned(), policy.to_owned()));
+    let old = if kept.made_for == made_for { std::mem::take(kept) } else { Kept::default() };
     // Sorted by Pod name, as the map is.
-    let agents: Vec<&Agent> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| &**a).collect();
-    let members: Vec<planner::Member> =
-        agents.iter().map(|a| planner::Member { node_id: a.node_id.clone(), domain: a.domain.clone() }).collect();
-    let previous =
-        Carried(agents.iter().filter_map(|a| Some((a.node_id.as_str(), carried.get(&a.pod)?.as_ref()))).collect());
-    let plan = planner::plan(&members, cap, seed, &previous)?;
-    let g = plan.graph();
-    let id = |v: u32| agents[v as usize].node_id.as_str();
-    let target = |i: usize| {
-        let mut peers: Vec<(&str, &str)> =
-            g.dialed(i as u32).map(|v| (id(v), agents[v as usize].url.as_str())).collect();
-        let mut accepts: Vec<&str> = g.accepted(i as u32).map(id).collect();
-        peers.sort_unstable();
-        accepts.sort_unstable();
-        Target { peers, accepts, cap }
-    };
+    let agents: Vec<&Arc<Agent>> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| a).collect();
+    let pass = Pass::new(&old, &agents);
+    let (mut fresh, previous) = pass.previous(pod_keys(&agents, carried, pods));
+    let g = planner::graph(&agents, cap, seed, previous)?;
     let mut out = PlanOutcome {
         targets: Targets::new(),
         settled: 0,
         links: g.edge_count() as u32,
         max_degree: (0..g.len() as u32).map(|u| g.degree(u)).max().unwrap_or(0) as u32,
         min_degree: (0..g.len() as u32).map(|u| g.degree(u)).min().unwrap_or(0) as u32,
-        components: analysis::component_sizes(&adjacency(g), &vec![false; g.len()]).len() as u32,
+        components: g.components() as u32,
         hash: String::new(),
     };
-    let mut digest = Digest::default();
-    let mut gone = carried.keys().filter(|pod| agents.binary_search_by(|a| a.pod.cmp(pod)).is_err()).peekable();
-    for (i, agent) in agents.iter().enumerate() {
-        while let Some(pod) = gone.next_if(|pod| **pod < agent.pod) {
-            digest.target(pod, None, policy);
-            out.targets.insert(pod.clone(), None);
+    let mut digest = 0u64;
+    for (j, agent) in agents.iter().enumerate() {
+        let (target, hash) = pass.target(&mut fresh, j, &g, (cap, policy));
+        match target {
+            None => out.settled += 1,
+            Some(t) => drop(out.targets.insert(agent.pod.clone(), Some(t))),
         }
-        let t = target(i);
-        digest.target(&agent.pod, Some(&t), policy);
-        match pods.get(&agent.pod).and_then(|p| p.keys.exact()) {
-            Some(now) if t.is(now, policy) => out.settled += 1,
-            _ => {
-                out.targets.insert(agent.pod.clone(), Some(Arc::new(t.to_assignment(policy))));
-            }
-        }
+        digest = digest.wrapping_add(hash);
     }
-    for pod in gone {
-        digest.target(pod, None, policy);
+    for pod in gone(carried, &agents) {
+        digest = digest.wrapping_add(pod_hash(pod, None, policy));
         out.targets.insert(pod.clone(), None);
     }
-    out.hash = digest.finish();
+    out.hash = format!("{digest:016x}");
+    *kept = Kept { made_for, ..fresh };
     Ok(out)
 }
 
-fn adjacency(g: &planner::Graph) -> Vec<Vec<u32>> {
-    (0..g.len() as u32).map(|u| g.neighbors(u).to_vec()).collect()
+/// One plan's pass against the kept one: the agents matched by identity, and node ids looked up.
+struct Pass<'a> {
+    old: &'a Kept,
+    agents: &'a [&'a Arc<Agent>],
+    /// New agent → kept index, and kept → new, for the agents matched.
+    old_of: Vec<Option<u32>>,
+    new_of: Vec<Option<u32>>,
+    /// Node id → new agent index, built only by a pass that looks one up.
+    by_id: OnceCell<foldhash::HashMap<&'a str, u32>>,
+}
+
+impl<'a> Pass<'a> {
+    /// Matches kept and new agents by identity (same Pod, same verdict `Arc`). Both lists are sorted by
+    /// Pod, so this is one merge.
+    fn new(old: &'a Kept, agents: &'a [&'a Arc<Agent>]) -> Self {
+        let (mut old_of, mut new_of) = (vec![None; agents.len()], vec![None; old.agents.len()]);
+        let (mut i, mut j) = (0, 0);
+        while i < old.agents.len() && j < agents.len() {
+            if Arc::ptr_eq(&old.agents[i].agent, agents[j]) {
+                (old_of[j], new_of[i]) = (Some(i as u32), Some(j as u32));
+                (i, j) = (i + 1, j + 1);
+            } else if old.agents[i].agent.pod < agents[j].pod {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        Self { old, agents, old_of, new_of, by_id: OnceCell::new() }
+    }
+
+    fn id_of(&self, id: &str) -> Option<u32> {
+        let map =
+            self.by_id.get_or_init(|| self.agents.iter().enumerate().map(|(j, a)| (&*a.node_id, j as u32)).collect());
+        map.get(id).copied()
+    }
+
+    fn was(&self, j: usize) -> Option<&'a KeptAgent> {
+        Some(&self.old.agents[self.old_of[j]? as usize])
+    }
+
+    /// The new memory with each agent's carried peers, and the previous plan they make for the planner:
+    /// an agent carrying what was kept maps its kept indices; any other looks its peers up by node id.
+    fn previous(&self, now: Vec<Now>) -> (Kept, planner::Indexed) {
+        let mut fresh = Kept { agents: Vec::with_capacity(self.agents.len()), ..Kept::default() };
+        let mut previous = planner::Indexed { links: Vec::new(), known: Vec::with_capacity(self.agents.len()) };
+        for (j, now) in now.into_iter().enumerate() {
+            let at = fresh.indices.len();
+            let strangers = match self.was(j).filter(|w| same(&w.carried, &now.carried)) {
+                Some(w) => {
+                    let moved = |&p: &u32| self.new_of[p as usize].ok_or(&*self.old.agents[p as usize].agent.node_id);
+                    let strangers = w.strangers.iter().map(|id| Err(id.as_str()));
+                    self.resolve(
+                        w.span.carried(&self.old.indices).iter().map(moved).chain(strangers),
+                        &mut fresh.indices,
+                    )
+                }
+                None => {
+                    let ids = now.carried.iter().flat_map(|c| c.peers.iter().map(|p| Err(p.node_id.as_str())));
+                    self.resolve(ids, &mut fresh.indices)
+                }
+            };
+            previous.links.extend(fresh.indices[at..].iter().map(|&p| (j as u32, p)));
+            previous.known.push(now.carried.is_some());
+            let span = Span { at, carried: (fresh.indices.len() - at) as u32, ..Span::default() };
+            let (carried, exact, agent) = (now.carried, now.exact, Arc::clone(self.agents[j]));
+            fresh.agents.push(KeptAgent { agent, carried, exact, strangers, span, settled: false, hash: 0 });
+        }
+        (fresh, previous)
+    }
+
+    /// Appends carried peers to `indices` as agent indices, each given as one (`Ok`) or as a node id to
+    /// look up (`Err`), sorted; returns the node ids that are no agent's, kept for a later plan.
+    fn resolve<'s>(&self, carried: impl Iterator<Item = Result<u32, &'s str>>, indices: &mut Vec<u32>) -> Vec<String> {
+        let (at, mut strangers) = (indices.len(), Vec::new());
+        for p in carried {
+            match p.or_else(|id| self.id_of(id).ok_or(id)) {
+                Ok(p) => indices.push(p),
+                Err(id) => strangers.push(id.to_owned()),
+            }
+        }
+        indices[at..].sort_unstable();
+        strangers
+    }
+
+    /// Agent `j`'s target in `g` (`None` when its Pod carries it) and its share of the digest, kept when
+    /// its Pod keys and neighbours are the kept ones; recorded in `fresh`.
+    fn target(
+        &self,
+        fresh: &mut Kept,
+        j: usize,
+        g: &planner::Graph,
+        (cap, policy): (u32, &str),
+    ) -> (Option<Arc<Assignment>>, u64) {
+        let from = fresh.indices.len();
+        fresh.indices.extend(g.dialed(j as u32));
+        let dials = fresh.indices.len() - from;
+        fresh.indices[from..].sort_unstable();
+        fresh.indices.extend(g.accepted(j as u32));
+        fresh.indices[from + dials..].sort_unstable();
+        let links = &fresh.indices[from..];
+        let kept = &mut fresh.agents[j];
+        let was = self.was(j).filter(|w| {
+            let (old, span) = (w.span.links(&self.old.indices), w.span);
+            same(&w.exact, &kept.exact)
+                && span.dials as usize == dials
+                && old.len() == links.len()
+                && old.iter().zip(links).all(|(&p, &q)| self.new_of[p as usize] == Some(q))
+        });
+        kept.span = Span { links_at: from, dials: dials as u32, accepts: (links.len() - dials) as u32, ..kept.span };
+        if let Some(w) = was.filter(|w| w.settled) {
+            (kept.settled, kept.hash) = (true, w.hash);
+            return (None, w.hash);
+        }
+        let t = target(self.agents, links, dials, cap);
+        fresh.built += usize::from(was.is_none());
+        (kept.settled, kept.hash) = match was {
+            Some(w) => (false, w.hash),
+            None => {
+                let settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy));
+                (settled, pod_hash(&self.agents[j].pod, Some(&t), policy))
+            }
+        };
+        ((!kept.settled).then(|| Arc::new(t.to_assignment(policy))), kept.hash)
+    }
+}
+
+/// The first difference between two plans, for `--check-incremental`.
+pub fn difference(kept: &PlanOutcome, fresh: &PlanOutcome) -> Option<String> {
+    let (a, b) = (&kept.targets, &fresh.targets);
+    if let Some(pod) = a.keys().chain(b.keys()).find(|p| a.get(*p) != b.get(*p)) {
+        return Some(format!("Pod {pod}: kept {:?}, from scratch {:?}", a.get(pod), b.get(pod)));
+    }
+    let summary = |p: &PlanOutcome| (p.settled, p.links, p.max_degree, p.min_degree, p.components, p.hash.clone());
+    let (a, b) = (summary(kept), summary(fresh));
+    (a != b).then(|| format!("(settled, links, degrees, components, digest): kept {a:?}, from scratch {b:?}"))
+}
+
+/// Whether two shared values are the same allocation (and so equal): a cheap test that may say no to
+/// equal values, never yes to different ones while both are held.
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// What one agent's Pod carries: as the policy's, and exactly.
+struct Now {
+    carried: Option<Arc<Assignment>>,
+    exact: Option<Arc<Assignment>>,
+}
+
+/// Each agent's [`Now`], read along the sorted maps rather than looked up in them.
+fn pod_keys(
+    agents: &[&Arc<Agent>],
+    carried: &BTreeMap<String, Arc<Assignment>>,
+    pods: &BTreeMap<String, PodState>,
+) -> Vec<Now> {
+    let (mut carried, mut pods) = (carried.iter().peekable(), pods.iter().peekable());
+    agents
+        .iter()
+        .map(|a| {
+            let pod = a.pod.as_str();
+            while carried.next_if(|(p, _)| p.as_str() < pod).is_some() {}
+            while pods.next_if(|(p, _)| p.as_str() < pod).is_some() {}
+            Now {
+                carried: carried.next_if(|(p, _)| p.as_str() == pod).map(|(_, c)| Arc::clone(c)),
+                exact: pods.next_if(|(p, _)| p.as_str() == pod).and_then(|(_, s)| s.keys.exact().cloned()),
+            }
+        })
+        .collect()
+}
+
+/// Agent `links`' target: the first `dials` of `links` are whom it dials, the rest who dial it.
+fn target<'a>(agents: &[&'a Arc<Agent>], links: &[u32], dials: usize, cap: u32) -> Target<'a> {
+    let agent = |v: &u32| agents[*v as usize];
+    let mut peers: Vec<(&str, &str)> = links[..dials].iter().map(agent).map(|a| (&*a.node_id, &*a.url)).collect();
+    let mut accepts: Vec<&str> = links[dials..].iter().map(agent).map(|a| &*a.node_id).collect();
+    peers.sort_unstable();
+    accepts.sort_unstable();
+    Target { peers, accepts, cap }
+}
+
+/// The Pods carrying the policy's assignment that are not agents in the plan.
+fn gone<'a>(
+    carried: &'a BTreeMap<String, Arc<Assignment>>,
+    agents: &'a [&Arc<Agent>],
+) -> impl Iterator<Item = &'a String> + 'a {
+    let mut agents = agents.iter().peekable();
+    carried.keys().filter(move |pod| {
+        while agents.next_if(|a| a.pod < **pod).is_some() {}
+        agents.peek().is_none_or(|a| a.pod != **pod)
+    })
 }
 
 /// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone, under
@@ -170,45 +406,41 @@ pub fn adopt(
         .collect()
 }
 
-/// A short, stable digest of every Pod's target, for `status.planHash`, fed in Pod name order. Every field
-/// ends in a byte no field can hold (0xff is never UTF-8), and each list in its length, so different
-/// targets hash differently.
-#[derive(Default)]
-struct Digest(xxhash_rust::xxh3::Xxh3);
-
-impl Digest {
-    fn field(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-        self.0.update(&[0xff]);
-    }
-
-    fn target(&mut self, pod: &str, target: Option<&Target>, policy: &str) {
-        self.field(pod.as_bytes());
-        let Some(t) = target else {
-            return self.field(b"-");
-        };
-        self.field(&t.peers.len().to_le_bytes());
-        for (id, url) in &t.peers {
-            self.field(id.as_bytes());
-            self.field(url.as_bytes());
+/// One Pod's share of `status.planHash`: the digest is the sum of every Pod's, so a plan that changes a
+/// few targets changes a few terms. Every field ends in a byte no field can hold (0xff is never UTF-8),
+/// and each list in its length, so different targets hash differently.
+fn pod_hash(pod: &str, target: Option<&Target>, policy: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut field = |bytes: &[u8]| {
+        h.update(bytes);
+        h.update(&[0xff]);
+    };
+    field(pod.as_bytes());
+    match target {
+        None => field(b"-"),
+        Some(t) => {
+            field(&t.peers.len().to_le_bytes());
+            for (id, url) in &t.peers {
+                field(id.as_bytes());
+                field(url.as_bytes());
+            }
+            field(&t.accepts.len().to_le_bytes());
+            for id in &t.accepts {
+                field(id.as_bytes());
+            }
+            field(policy.as_bytes());
+            field(&t.cap.to_le_bytes());
         }
-        self.field(&t.accepts.len().to_le_bytes());
-        for id in &t.accepts {
-            self.field(id.as_bytes());
-        }
-        self.field(policy.as_bytes());
-        self.field(&t.cap.to_le_bytes());
     }
-
-    fn finish(&self) -> String {
-        format!("{:016x}", self.0.digest())
-    }
+    h.digest()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::assignment;
     use crate::controller::membership::Agent;
+    use crate::controller::pods::Keys;
 
     fn agent(i: usize) -> Agent {
         Agent { pod: format!("p{i}"), node_id: format!("n{i}"), url: format!("ws://10.0.0.{i}:1/"), domain: None }
@@ -221,7 +453,8 @@ mod tests {
             ..Default::default()
         };
         let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
-        let out = targets(&m, &BTreeSet::new(), 4, "seed", "p", &carried, &BTreeMap::new()).unwrap();
+        let out = targets(&m, &BTreeSet::new(), (4, "seed", "p"), &carried, &BTreeMap::new(), &mut Kept::default());
+        let out = out.unwrap();
         assert_eq!(out.targets["gone"], None);
         let published: BTreeMap<String, Assignment> = m
             .agents
@@ -233,6 +466,117 @@ mod tests {
             assert_eq!(a.links(), 4);
             for p in &a.peers {
                 assert!(published[&p.node_id].accepts.contains(id), "{} accepts {id}", p.node_id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_into_a_settled_fleet_builds_only_the_targets_it_changes() {
+        let mut world = World { cap: 4, ..Default::default() };
+        for i in 0..40 {
+            world.event((0, i, 1), &Targets::new());
+        }
+        let mut kept = Kept::default();
+        let planned = world.plan(&mut kept).unwrap().0;
+        world.event((4, 0, 0), &planned);
+        assert_eq!(world.plan(&mut kept).unwrap().1[0], 40, "every agent carries its target");
+        assert_eq!(kept.built(), 40, "each Pod's keys changed");
+        world.event((0, 40, 1), &Targets::new());
+        let joined = world.plan(&mut kept).unwrap().0;
+        assert!((1..=12).contains(&kept.built()), "built {} of 41 targets", kept.built());
+        assert!(joined.len() <= kept.built(), "{} writes", joined.len());
+    }
+
+    /// What a test compares of two plans: everything but the memory.
+    fn seen(out: PlanOutcome) -> (Targets, [u32; 5], String) {
+        (out.targets, [out.settled, out.links, out.max_degree, out.min_degree, out.components], out.hash)
+    }
+
+    /// A fleet of up to 24 agents the property test below changes one event at a time.
+    #[derive(Default)]
+    struct World {
+        agents: BTreeMap<String, Arc<Agent>>,
+        held: BTreeSet<String>,
+        carried: BTreeMap<String, Arc<Assignment>>,
+        pods: BTreeMap<String, PodState>,
+        cap: u32,
+    }
+
+    impl World {
+        /// The Pod carries `keys`, as a write or a user would leave them (read as the Pod cache would).
+        fn carry(&mut self, pod: &str, keys: Keys) {
+            match keys.lenient() {
+                Some(a) => self.carried.insert(pod.to_owned(), a),
+                None => self.carried.remove(pod),
+            };
+            self.pods.insert(pod.to_owned(), PodState { keys, ..Default::default() });
+        }
+
+        fn event(&mut self, (kind, i, j): (u8, usize, usize), last: &Targets) {
+            let pod = format!("p{i:02}");
+            match kind % 8 {
+                0 | 1 => {
+                    let url = format!("ws://10.0.0.{}:1/", i + 24 * (j % 2));
+                    let domain = (j % 3 == 0).then(|| format!("zone-{}", j % 2));
+                    let node_id = format!("n{:02}", if j % 7 == 0 { j % 24 } else { i });
+                    self.agents.insert(pod.clone(), Arc::new(Agent { pod, node_id, url, domain }));
+                }
+                2 => drop(self.agents.remove(&pod)),
+                3 => {
+                    if !self.held.remove(&pod) {
+                        self.held.insert(pod);
+                    }
+                }
+                // Some of the last plan's writes land.
+                4 | 5 => {
+                    for (pod, target) in last.iter().filter(|(p, _)| p.len() % 2 == j % 2 || j % 3 == 0) {
+                        self.carry(pod, target.clone().map_or(Keys::None, Keys::Exact));
+                    }
+                }
+                // By hand: nothing, a well-formed assignment, or keys read only leniently (repeated,
+                // unsorted, naming the Pod's own node id).
+                6 => {
+                    let peer = |v: usize| Peer { node_id: format!("n{v:02}"), url: format!("ws://10.0.0.{v}:1/") };
+                    let keys = match j % 3 {
+                        0 => Keys::None,
+                        1 => Keys::Exact(Arc::new(Assignment::new(vec![peer(j)], [], "p".into()))),
+                        _ => Keys::new(BTreeMap::from([
+                            (assignment::POLICY.to_owned(), "p".to_owned()),
+                            (
+                                assignment::PEERS.to_owned(),
+                                serde_json::to_string(&[peer(j), peer(i), peer(j)]).unwrap(),
+                            ),
+                        ])),
+                    };
+                    self.carry(&pod, keys);
+                }
+                _ => self.cap = (j % 6) as u32,
+            }
+        }
+
+        fn plan(&self, kept: &mut Kept) -> Result<(Targets, [u32; 5], String), PlanError> {
+            let m = Membership { agents: self.agents.clone(), ..Default::default() };
+            targets(&m, &self.held, (self.cap, "seed", "p"), &self.carried, &self.pods, kept).map(seen)
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// The plan made with the last plan's memory equals the plan made without, after every event:
+        /// joins, leaves, new verdicts (a moved URL, a node id another Pod had), holds, writes landing
+        /// or failing, Pods rewritten by hand, a changed cap.
+        #[test]
+        fn the_kept_plan_equals_one_made_from_scratch(
+            events in proptest::collection::vec((0u8..8, 0usize..24, 0usize..24), 1..60),
+        ) {
+            let mut world = World { cap: 4, ..Default::default() };
+            let (mut kept, mut last) = (Kept::default(), Targets::new());
+            for e in events {
+                world.event(e, &last);
+                let fresh = world.plan(&mut Kept::default());
+                let incremental = world.plan(&mut kept);
+                proptest::prop_assert_eq!(&incremental, &fresh, "after {:?}", e);
+                last = fresh.map(|f| f.0).unwrap_or_default();
             }
         }
     }

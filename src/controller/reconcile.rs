@@ -24,7 +24,7 @@ use super::error::{CleanupError, finalizer_patch_refused};
 use super::fleet::{self, Fleet};
 use super::membership::{Membership, Rules};
 use super::observe::{self, Filing, Observed};
-use super::plan::Targets;
+use super::plan::{self, PlanOutcome, Targets};
 use super::pods::CachedPod;
 use super::policy::ValidPolicy;
 use super::presence::{self, PROMPT_FETCH_INTERVAL, Read};
@@ -133,6 +133,9 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, 
     }
     let (observed, members) = (&fleet.observed, read.snapshot.as_ref().map(|_| fleet.membership()));
     let decision = decision(ctx, &policy, observed, members);
+    if ctx.check_incremental {
+        check_plan(ctx, &policy, observed, &decision);
+    }
     let prompt = decision.members.is_some_and(|m| presence::awaiting(ctx, &policy, m));
     steps.done("decide");
     let outcome = match policy.mode {
@@ -174,13 +177,35 @@ fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet
     }
 }
 
-/// The decide step with the policy's admission state from the context.
+/// With `--check-incremental`: the plan made with the last plan's memory against one made without.
+fn check_plan(ctx: &Context, policy: &ValidPolicy, o: &Observed, d: &Decision) {
+    let (Some(m), Some(kept)) = (d.members, &d.plan) else { return };
+    let made_for = (policy.max_peers, policy.uid.as_str(), policy.name.as_str());
+    let fresh = plan::targets(m, &d.held, made_for, &o.carried, &o.pods, &mut plan::Kept::default());
+    let kept = PlanOutcome { targets: d.wanted.clone(), ..kept.clone() };
+    let difference = match fresh {
+        Ok(fresh) => match plan::difference(&kept, &fresh) {
+            None => return,
+            Some(difference) => difference,
+        },
+        Err(e) => format!("from scratch, the planner refused: {e}"),
+    };
+    error!(
+        policy = policy.name,
+        namespace = policy.namespace,
+        difference,
+        "the kept plan differs from one made from scratch"
+    );
+    ctx.metrics.incremental_mismatches.inc();
+}
+
+/// The decide step with what it keeps of the policy from the context.
 fn decision<'m>(ctx: &Context, policy: &ValidPolicy, o: &Observed, members: Option<&'m Membership>) -> Decision<'m> {
     let kept = ctx.policy_state(&policy.uid);
-    let mut admission = kept.admission.lock().expect("admission lock");
+    let mut memory = kept.decide.lock().expect("decide lock");
     let now = Instant::now();
-    admission.cache_blind_until(ctx.pod_sight.blind_until(now));
-    decide::decide(policy, o, members, (&mut admission, now))
+    memory.admission.cache_blind_until(ctx.pod_sight.blind_until(now));
+    decide::decide(policy, o, members, &mut memory, now)
 }
 
 /// When to reconcile again, with no event: soon after failed writes, promptly (`prompt`) while a Ready Pod

@@ -231,12 +231,12 @@ mod tests {
     /// The counts a reconcile reports, as the fleet moves from unplanned to written to settled.
     #[test]
     fn assigned_counts_only_agents_that_carry_or_were_just_given_their_plan() {
-        use super::super::admission::{Admission, QUIET};
+        use super::super::admission::QUIET;
         use super::super::{decide, fixtures, membership, observe};
         use std::time::Instant;
         let policy = fixtures::policy(2);
         let (t0, snap) = (Instant::now(), std::sync::Arc::new(fixtures::presence(4)));
-        let mut admission = Admission::default();
+        let mut memory = decide::Memory::default();
         let judge = |pods: &[std::sync::Arc<super::super::pods::CachedPod>]| {
             let o = observe::observe(&policy, pods, &[]);
             let m = membership::of_policy(&policy, &o, &snap, fixtures::NOW_MS, &|_| None);
@@ -244,8 +244,8 @@ mod tests {
         };
         let bare: Vec<_> = (0..4).map(|i| fixtures::agent(i, None)).collect();
         let (o, m) = judge(&bare);
-        decide::decide(&policy, &o, Some(&m), (&mut admission, t0));
-        let d = decide::decide(&policy, &o, Some(&m), (&mut admission, t0 + 2 * QUIET));
+        decide::decide(&policy, &o, Some(&m), &mut memory, t0);
+        let d = decide::decide(&policy, &o, Some(&m), &mut memory, t0 + 2 * QUIET);
         let (before, now) =
             (MeshPolicyStatus::default(), Time(k8s_openapi::jiff::Timestamp::from_second(100).unwrap()));
         let mut written = Outcome::default();
@@ -258,7 +258,7 @@ mod tests {
 
         let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_deref())).collect();
         let (o, m) = judge(&carrying);
-        let settled = decide::decide(&policy, &o, Some(&m), (&mut admission, t0 + 3 * QUIET));
+        let settled = decide::decide(&policy, &o, Some(&m), &mut memory, t0 + 3 * QUIET);
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());
         let status = counts(&unwritten, &o, &settled, &Outcome::default(), &later);
         assert_eq!(status.assigned, 4, "agents carrying their plan count without a write");

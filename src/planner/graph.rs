@@ -88,6 +88,28 @@ impl Graph {
         (0..self.len() as u32).flat_map(move |u| self.dialed(u).map(move |v| (u, v)))
     }
 
+    /// How many connected components the graph has.
+    pub fn components(&self) -> usize {
+        let mut seen = vec![false; self.len()];
+        let mut stack = Vec::new();
+        let mut count = 0;
+        for s in 0..self.len() as u32 {
+            if std::mem::replace(&mut seen[s as usize], true) {
+                continue;
+            }
+            count += 1;
+            stack.push(s);
+            while let Some(u) = stack.pop() {
+                for &v in self.neighbors(u) {
+                    if !std::mem::replace(&mut seen[v as usize], true) {
+                        stack.push(v);
+                    }
+                }
+            }
+        }
+        count
+    }
+
     pub fn edge_count(&self) -> usize {
         self.deg.iter().map(|d| *d as usize).sum::<usize>() / 2
     }

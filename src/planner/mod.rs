@@ -103,6 +103,42 @@ impl Plan {
     }
 }
 
+/// What the planner reads of a member: its node id and failure domain. [`Member`] is one; the controller's
+/// agents are another, so a pass over 10,000 of them copies no string.
+pub trait Node {
+    fn node_id(&self) -> &str;
+    /// Its failure domain (the `topologyKey` label's value); `None` when unknown or not spread.
+    fn domain(&self) -> Option<&str>;
+}
+
+impl<N: Node + ?Sized> Node for &N {
+    fn node_id(&self) -> &str {
+        (**self).node_id()
+    }
+
+    fn domain(&self) -> Option<&str> {
+        (**self).domain()
+    }
+}
+
+impl Node for Member {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn domain(&self) -> Option<&str> {
+        self.domain.as_deref()
+    }
+}
+
+/// A previous plan in member indices: its links (dialer, peer), sorted by their ends' ranks once
+/// [`graph`] has them, and which members it had.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Indexed {
+    pub links: Vec<(u32, u32)>,
+    pub known: Vec<bool>,
+}
+
 /// Plans the mesh for `members` with at most `cap` links each, keyed by `seed` (the policy's UID, so two
 /// policies get unrelated graphs and every replica the same one). Edges present in `previous` keep their
 /// dialer, and the odd-k matching keeps its pairs, so a replan after a join or leave changes O(k) links.
@@ -112,37 +148,58 @@ impl Plan {
 /// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
 /// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
 pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, previous: &P) -> Result<Plan, PlanError> {
-    if cap > MAX_CAP {
-        return Err(PlanError::CapOutOfRange(cap));
-    }
     let mut seen = foldhash::HashMap::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
-        if m.node_id.is_empty() {
-            return Err(PlanError::EmptyNodeId(i));
-        }
-        if seen.insert(m.node_id.as_str(), i as u32).is_some() {
-            return Err(PlanError::DuplicateNodeId(m.node_id.clone()));
-        }
+        seen.insert(m.node_id.as_str(), i as u32);
     }
-    let mut edges: Vec<(u32, u32)> =
-        previous.links().filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?))).filter(|(a, b)| a != b).collect();
-    // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
-    // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
-    // their ends' node ids, compared as ranks.
-    let rank = id_ranks(members);
-    edges.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
+    let links = previous.links().filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?))).collect();
     let known = members.iter().map(|m| previous.knew(&m.node_id)).collect();
-    let graph = rings::build(members, cap as usize, seed, &rings::Previous { edges, known });
+    let graph = graph(members, cap, seed, Indexed { links, known })?;
     Ok(Plan { members: members.to_vec(), graph })
 }
 
-/// Each member's position in node-id order.
-fn id_ranks(members: &[Member]) -> Vec<u32> {
+/// [`plan`]'s graph over member indices, for a caller that has the previous plan in those indices. Links
+/// naming no member are ignored, and members `known` does not cover are new.
+pub fn graph<M: Node>(members: &[M], cap: u32, seed: &str, mut previous: Indexed) -> Result<Graph, PlanError> {
+    if cap > MAX_CAP {
+        return Err(PlanError::CapOutOfRange(cap));
+    }
+    let rank = id_ranks(members).ok_or_else(|| first_bad_id(members))?;
+    let n = members.len() as u32;
+    previous.links.retain(|&(a, b)| a != b && a < n && b < n);
+    previous.known.resize(members.len(), false);
+    // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
+    // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
+    // their ends' node ids, compared as ranks.
+    previous.links.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
+    Ok(rings::build(members, cap as usize, seed, &previous))
+}
+
+/// Each member's position in node-id order; `None` when a node id is empty or appears twice.
+fn id_ranks<M: Node>(members: &[M]) -> Option<Vec<u32>> {
     let mut order: Vec<u32> = (0..members.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| members[a as usize].node_id.cmp(&members[b as usize].node_id));
+    order.sort_unstable_by(|&a, &b| members[a as usize].node_id().cmp(members[b as usize].node_id()));
+    let id = |i: &u32| members[*i as usize].node_id();
+    if order.first().is_some_and(|i| id(i).is_empty()) || order.windows(2).any(|w| id(&w[0]) == id(&w[1])) {
+        return None;
+    }
     let mut rank = vec![0; members.len()];
     for (r, &i) in order.iter().enumerate() {
         rank[i as usize] = r as u32;
     }
-    rank
+    Some(rank)
+}
+
+/// The first member, in input order, whose node id is empty or was seen before (given there is one).
+fn first_bad_id<M: Node>(members: &[M]) -> PlanError {
+    let mut seen = std::collections::HashSet::new();
+    for (i, m) in members.iter().enumerate() {
+        if m.node_id().is_empty() {
+            return PlanError::EmptyNodeId(i);
+        }
+        if !seen.insert(m.node_id()) {
+            return PlanError::DuplicateNodeId(m.node_id().to_owned());
+        }
+    }
+    unreachable!("id_ranks refuses only an empty or repeated node id")
 }

@@ -24,7 +24,7 @@
 //! for k ≥ 2, and since each domain is one arc of it, losing a whole domain leaves a path through the rest.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::{Graph, Member};
+use super::{Graph, Indexed as Previous, Node};
 
 /// Below `DENSE_LIMIT × k` members the circulant replaces random rings.
 pub const DENSE_LIMIT: usize = 4;
@@ -34,13 +34,7 @@ const NO_MATE: u32 = u32::MAX;
 /// Ring index of the auxiliary order used by the odd-k matching and by repair searches.
 const AUX: u64 = 0xA0A0;
 
-/// The previous plan in member indices: its links (dialer, peer) and which members it knew.
-pub struct Previous {
-    pub edges: Vec<(u32, u32)>,
-    pub known: Vec<bool>,
-}
-
-pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> Graph {
+pub fn build<M: Node>(members: &[M], k: usize, seed: &str, previous: &Previous) -> Graph {
     let n = members.len();
     let g = Graph::new(n, k);
     if k == 0 || n < 2 {
@@ -88,7 +82,7 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
     if b.domains > 1 && !b.keep_switches(previous) {
         b.spread_domains(&backbone);
     }
-    for &(u, v) in &previous.edges {
+    for &(u, v) in &previous.links {
         if b.g.has_edge(u, v) {
             b.g.set_dialer(u, v);
         }
@@ -98,21 +92,21 @@ pub fn build(members: &[Member], k: usize, seed: &str, previous: &Previous) -> G
 }
 
 /// Per-member hashes and domain ranks: everything the orders are computed from.
-struct Ctx<'a> {
-    members: &'a [Member],
+struct Ctx<'a, M> {
+    members: &'a [M],
     hash: Vec<u64>,
     dom: Vec<u32>,
     domains: u32,
 }
 
-impl<'a> Ctx<'a> {
-    fn new(members: &'a [Member], seed: &str) -> Self {
+impl<'a, M: Node> Ctx<'a, M> {
+    fn new(members: &'a [M], seed: &str) -> Self {
         let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
-        let hash = members.iter().map(|m| xxh3_64_with_seed(m.node_id.as_bytes(), seed)).collect();
-        let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain.as_deref()).collect();
+        let hash = members.iter().map(|m| xxh3_64_with_seed(m.node_id().as_bytes(), seed)).collect();
+        let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain()).collect();
         names.sort_unstable();
         names.dedup();
-        let dom = members.iter().map(|m| names.binary_search(&m.domain.as_deref()).unwrap() as u32).collect();
+        let dom = members.iter().map(|m| names.binary_search(&m.domain()).unwrap() as u32).collect();
         Self { members, hash, dom, domains: names.len() as u32 }
     }
 
@@ -125,7 +119,7 @@ impl<'a> Ctx<'a> {
         keyed.sort_unstable_by(|a, b| {
             (a.0, a.1)
                 .cmp(&(b.0, b.1))
-                .then_with(|| self.members[a.2 as usize].node_id.cmp(&self.members[b.2 as usize].node_id))
+                .then_with(|| self.members[a.2 as usize].node_id().cmp(self.members[b.2 as usize].node_id()))
         });
         keyed.into_iter().map(|(_, _, i)| i).collect()
     }
@@ -243,7 +237,7 @@ impl Builder {
         let by_aux =
             |(a, b): (u32, u32)| if self.pos_aux[a as usize] <= self.pos_aux[b as usize] { (a, b) } else { (b, a) };
         let mut kept: Vec<(u32, u32)> =
-            previous.edges.iter().filter(|&&(a, b)| !split_by_join(a, b)).map(|&e| by_aux(e)).collect();
+            previous.links.iter().filter(|&&(a, b)| !split_by_join(a, b)).map(|&e| by_aux(e)).collect();
         kept.sort_unstable_by_key(|&(a, b)| (self.pos_aux[a as usize], self.pos_aux[b as usize]));
         kept.dedup();
         self.mate = vec![NO_MATE; n];
@@ -407,11 +401,11 @@ impl Builder {
     /// Only with random rings and no matching (odd k keeps its own pairs instead). Returns whether the
     /// graph is now exactly the previous plan.
     fn keep_switches(&mut self, previous: &Previous) -> bool {
-        if self.rings.is_empty() || !self.mate.is_empty() || previous.edges.is_empty() {
+        if self.rings.is_empty() || !self.mate.is_empty() || previous.links.is_empty() {
             return false;
         }
         let mut had: Vec<Vec<u32>> = vec![Vec::new(); self.n];
-        for &(a, b) in &previous.edges {
+        for &(a, b) in &previous.links {
             had[a as usize].push(b);
             had[b as usize].push(a);
         }
