@@ -78,6 +78,8 @@ pub struct Kept {
     indices: Vec<u32>,
     /// How many targets the last plan built rather than kept.
     built: usize,
+    /// The last plan's graph, over `agents`' indices.
+    graph: Option<planner::Graph>,
 }
 
 impl Kept {
@@ -136,12 +138,21 @@ pub fn targets(
     kept: &mut Kept,
 ) -> Result<PlanOutcome, PlanError> {
     let made_for = Some((cap, seed.to_owned(), policy.to_owned()));
-    let old = if kept.made_for == made_for { std::mem::take(kept) } else { Kept::default() };
+    let mut old = if kept.made_for == made_for { std::mem::take(kept) } else { Kept::default() };
+    let old_graph = old.graph.take();
     // Sorted by Pod name, as the map is.
     let agents: Vec<&Arc<Agent>> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| a).collect();
     let pass = Pass::new(&old, &agents);
     let (mut fresh, previous) = pass.previous(pod_keys(&agents, carried, pods));
-    let g = planner::graph(&agents, cap, seed, previous)?;
+    // The planner's inputs are the agents (their node ids and domains) and what their Pods carry: when
+    // every one is the very one planned last time, so is the graph.
+    let unchanged = old.agents.len() == agents.len()
+        && pass.old_of.iter().all(Option::is_some)
+        && fresh.agents.iter().zip(&old.agents).all(|(f, o)| same(&f.carried, &o.carried));
+    let g = match old_graph.filter(|_| unchanged) {
+        Some(g) => g,
+        None => planner::graph(&agents, cap, seed, previous)?,
+    };
     let mut out = PlanOutcome {
         targets: Targets::new(),
         settled: 0,
@@ -165,7 +176,7 @@ pub fn targets(
         out.targets.insert(pod.clone(), None);
     }
     out.hash = format!("{digest:016x}");
-    *kept = Kept { made_for, ..fresh };
+    *kept = Kept { made_for, graph: Some(g), ..fresh };
     Ok(out)
 }
 
