@@ -48,8 +48,10 @@ struct Log {
     epoch: u64,
     /// The sequence number of the next record.
     seq: u64,
-    /// The last [`LOG_LIMIT`] records: (namespace, Pod name), the oldest at `seq - records.len()`.
-    records: VecDeque<(String, String)>,
+    /// The last [`LOG_LIMIT`] records: (namespace, Pod name), the oldest at `seq - records.len()`. A
+    /// record shares its namespace with the one before when they match: a full log of copies would weigh
+    /// megabytes.
+    records: VecDeque<(Arc<str>, Box<str>)>,
 }
 
 impl Changes {
@@ -62,7 +64,12 @@ impl Changes {
                 if log.records.len() == LOG_LIMIT {
                     log.records.pop_front();
                 }
-                log.records.push_back((pod.namespace().unwrap_or_default(), pod.name_any()));
+                let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+                let ns = match log.records.back() {
+                    Some((last, _)) if **last == *ns => Arc::clone(last),
+                    _ => Arc::from(ns),
+                };
+                log.records.push_back((ns, pod.name_any().into_boxed_str()));
                 log.seq += 1;
             }
             watcher::Event::InitDone => {
@@ -84,7 +91,7 @@ impl Changes {
             Some(c) if c.epoch == log.epoch && c.seq >= oldest => {
                 let skip = (c.seq - oldest) as usize;
                 let names: BTreeSet<&str> =
-                    log.records.iter().skip(skip).filter(|(n, _)| n == ns).map(|(_, name)| name.as_str()).collect();
+                    log.records.iter().skip(skip).filter(|(n, _)| **n == *ns).map(|(_, name)| &**name).collect();
                 let get = |name: &str| store.get(&ObjectRef::new(name).within(ns));
                 Since::Pods(names.into_iter().map(|name| (name.to_owned(), get(name))).collect())
             }

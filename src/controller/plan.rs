@@ -76,15 +76,15 @@ pub struct Kept {
     /// Each kept agent's carried peers, and whom it dials and who dials it, as indices into `agents` (see
     /// [`Span`]): one allocation for the fleet.
     indices: Vec<u32>,
-    /// How many targets the last plan built rather than kept.
+    /// How many targets the last plan built (see [`Kept::built`]).
     built: usize,
     /// The last plan's graph, over `agents`' indices.
     graph: Option<planner::Graph>,
 }
 
 impl Kept {
-    /// How many targets the last plan built rather than kept: a join into a settled fleet builds the
-    /// joiner's and its new neighbours'.
+    /// How many targets the last plan built: those that changed, and those Pods do not carry yet. A join
+    /// into a settled fleet builds the joiner's and its new neighbours'.
     pub fn built(&self) -> usize {
         self.built
     }
@@ -294,7 +294,7 @@ impl<'a> Pass<'a> {
             return (None, w.hash);
         }
         let t = target(self.agents, links, dials, cap);
-        fresh.built += usize::from(was.is_none());
+        fresh.built += 1;
         (kept.settled, kept.hash) = match was {
             Some(w) => (false, w.hash),
             None => {
@@ -317,11 +317,11 @@ pub fn difference(kept: &PlanOutcome, fresh: &PlanOutcome) -> Option<String> {
     (a != b).then(|| format!("(settled, links, degrees, components, digest): kept {a:?}, from scratch {b:?}"))
 }
 
-/// Whether two shared values are the same allocation (and so equal): a cheap test that may say no to
-/// equal values, never yes to different ones while both are held.
-fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+/// Whether two Pod keys are equal: the same allocation, the common case, answers without reading them.
+/// The cache parses a Pod's keys again on every event, so equal keys often come in a new allocation.
+fn same(a: &Option<Arc<Assignment>>, b: &Option<Arc<Assignment>>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
         (None, None) => true,
         _ => false,
     }
@@ -492,6 +492,12 @@ mod tests {
         world.event((4, 0, 0), &planned);
         assert_eq!(world.plan(&mut kept).unwrap().1[0], 40, "every agent carries its target");
         assert_eq!(kept.built(), 40, "each Pod's keys changed");
+        // The cache parses keys again on every Pod event: equal keys in new allocations change nothing.
+        for (pod, a) in world.carried.clone() {
+            world.carry(&pod, Keys::Exact(Arc::new(Assignment::clone(&a))));
+        }
+        assert_eq!(world.plan(&mut kept).unwrap().1[0], 40);
+        assert_eq!(kept.built(), 0, "re-parsed keys rebuild nothing");
         world.event((0, 40, 1), &Targets::new());
         let joined = world.plan(&mut kept).unwrap().0;
         assert!((1..=12).contains(&kept.built()), "built {} of 41 targets", kept.built());
