@@ -13,24 +13,23 @@
 //!
 //!     cargo bench --bench reconcile
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use mesh_operator::api::MeshPolicy;
 use mesh_operator::assignment::Assignment;
 use mesh_operator::controller::admission::Admission;
-use mesh_operator::controller::changes::Changes;
 use mesh_operator::controller::decide::{self, Decision, Memory, Waves};
 use mesh_operator::controller::fleet::{Basis, Fleet};
 use mesh_operator::controller::observe::Filing;
 use mesh_operator::controller::plan::Targets;
 use mesh_operator::controller::pods::{CachedPod, LabelSets};
 use mesh_operator::controller::policy::ValidPolicy;
+use mesh_operator::controller::store::PodStore;
 use mesh_operator::controller::{membership, observe};
 use mesh_operator::presence::{Node, Snapshot};
 use serde_json::json;
@@ -76,12 +75,17 @@ fn mib(bytes: usize) -> String {
 /// Where the bytes go at `n` agents: per structure, as the allocator counts them.
 fn memory(policy: &ValidPolicy, n: usize) {
     let ((pods, _), _, _) = measure(|| fleet(policy, n, 1));
-    // Built afresh, as the reflector's store holds them: keyed by object reference.
+    // Built afresh, as the controller's store holds them.
     let (store, cache_bytes, _) = measure(|| {
-        let pods = pods.iter().enumerate().map(|(i, p)| Arc::new(agent_pod(i, p.keys.exact().map(Arc::as_ref))));
-        pods.map(|p| (kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()), p)).collect::<HashMap<_, _>>()
+        let store = PodStore::default();
+        store.apply(&watcher::Event::Init);
+        for (i, p) in pods.iter().enumerate() {
+            store.apply(&watcher::Event::InitApply(agent_pod(i, p.keys.exact().map(Arc::as_ref))));
+        }
+        store.apply(&watcher::Event::InitDone);
+        store
     });
-    let cache: Vec<Arc<CachedPod>> = store.into_values().collect();
+    let cache: Vec<Arc<CachedPod>> = store.namespace(&policy.namespace);
     let (snapshot, snapshot_bytes, _) = measure(|| presence_of(n + 1));
     let mut memory = Memory::default();
     let (decision, kept, peak) = measure(|| pass(policy, &cache, &snapshot, &mut memory, Instant::now()));
@@ -280,24 +284,14 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
 /// A policy's view as the controller keeps it, over a Pod cache written through its changelog.
 struct View<'a> {
     policy: &'a ValidPolicy,
-    store: reflector::Store<CachedPod>,
-    writer: std::cell::RefCell<reflector::store::Writer<CachedPod>>,
-    changes: Changes,
+    store: PodStore,
     fleet: std::cell::RefCell<Fleet>,
     snapshot: std::cell::RefCell<Arc<Snapshot>>,
 }
 
 impl<'a> View<'a> {
     fn new(policy: &'a ValidPolicy, pods: &[Arc<CachedPod>], snapshot: Arc<Snapshot>) -> Self {
-        let (store, writer) = reflector::store();
-        let view = View {
-            policy,
-            store,
-            writer: writer.into(),
-            changes: Changes::default(),
-            fleet: Default::default(),
-            snapshot: snapshot.into(),
-        };
+        let view = View { policy, store: PodStore::default(), fleet: Default::default(), snapshot: snapshot.into() };
         view.apply(watcher::Event::Init);
         for p in pods {
             view.apply(watcher::Event::InitApply(CachedPod::clone(p)));
@@ -307,14 +301,14 @@ impl<'a> View<'a> {
     }
 
     fn apply(&self, event: watcher::Event<CachedPod>) {
-        self.changes.apply(&mut self.writer.borrow_mut(), &event);
+        self.store.apply(&event);
     }
 
     fn take_in(&self) {
         let filing = Filing::new(self.policy, &[]);
         let basis = Basis::of(self.policy, &[], std::iter::empty());
         let mut fleet = self.fleet.borrow_mut();
-        let batch = self.changes.read(&self.store, &self.policy.namespace, fleet.cursor(), false);
+        let batch = self.store.read(&self.policy.namespace, fleet.cursor(), false);
         fleet.update(&filing, basis, batch.since, batch.cursor);
         fleet.judge(&self.snapshot.borrow(), &membership::Rules::of(self.policy, NOW_MS));
     }

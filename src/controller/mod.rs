@@ -31,9 +31,9 @@ pub mod presence;
 pub mod reconcile;
 pub mod report;
 pub mod status;
+pub mod store;
 pub mod token;
 // What the steps share: the Pod cache and its changes, the Lease, the errors.
-pub mod changes;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
@@ -43,7 +43,6 @@ pub mod watches;
 
 pub use error::Error;
 use leader::Leadership;
-use pods::CachedPod;
 use presence::PresenceState;
 
 pub const FIELD_MANAGER: &str = "mesh-operator";
@@ -63,9 +62,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    pub pods: Store<CachedPod>,
-    /// Which Pods changed, recorded as the Pod cache takes each event.
-    pub pod_changes: changes::Changes,
+    /// The Pod cache, with which Pods changed (see [`store`]).
+    pub pods: store::PodStore,
     pub nodes: Store<PartialObjectMeta<Node>>,
     pub policies: Store<MeshPolicy>,
     pub fetcher: Arc<Fetcher>,
@@ -214,9 +212,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     }
     let (mut contexts, mut controllers) = (Vec::new(), Vec::new());
     for scope in scopes {
-        let ((pods, pod_writer), (policies, policy_writer)) = (reflector::store(), reflector::store());
-        let ctx = shared.context(pods, policies);
-        controllers.push(watches::controller(ctx.clone(), scope, pod_writer, policy_writer));
+        let (policies, policy_writer) = reflector::store();
+        let ctx = shared.context(policies);
+        controllers.push(watches::controller(ctx.clone(), scope, policy_writer));
         contexts.push(ctx);
     }
     let synced = contexts.clone();
@@ -314,13 +312,12 @@ struct Shared {
 
 impl Shared {
     /// The context of one controller, over its own Pod and policy caches.
-    fn context(&self, pods: Store<CachedPod>, policies: Store<MeshPolicy>) -> Arc<Context> {
+    fn context(&self, policies: Store<MeshPolicy>) -> Arc<Context> {
         Arc::new(Context {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
-            pods,
-            pod_changes: Default::default(),
+            pods: Default::default(),
             nodes: self.nodes.clone(),
             policies,
             fetcher: self.fetcher.clone(),

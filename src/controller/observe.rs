@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
-use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::pods::CachedPod;
@@ -99,8 +98,7 @@ impl<'a> Filing<'a> {
 
 /// Reads the Pod and policy caches of the policy's namespace.
 pub fn gather(ctx: &Context, policy: &ValidPolicy) -> Observed {
-    let ns = Some(policy.namespace.as_str());
-    let pods: Vec<Arc<CachedPod>> = ctx.pods.state().into_iter().filter(|p| p.namespace().as_deref() == ns).collect();
+    let pods = ctx.pods.namespace(&policy.namespace);
     observe(policy, &pods, &namespace_policies(ctx, &policy.namespace))
 }
 
@@ -161,9 +159,9 @@ impl Observed {
 /// The Pods of `policy`'s namespace whose keys name it, without reading its spec: for a policy deleted
 /// with a spec the controller refuses.
 pub fn naming(ctx: &Context, policy: &MeshPolicy) -> Observed {
-    let (name, ns) = (policy.name_any(), policy.namespace());
+    let (name, ns) = (policy.name_any(), policy.namespace().unwrap_or_default());
     let mut o = Observed::default();
-    for pod in ctx.pods.state().iter().filter(|p| p.namespace() == ns && p.keys.policy() == Some(name.as_str())) {
+    for pod in ctx.pods.namespace(&ns).iter().filter(|p| p.keys.policy() == Some(name.as_str())) {
         let state = pod_state(pod, crate::assignment::NODE_ID);
         o.carried.extend(state.carried(&name, false).map(|a| (pod.name_any(), a)));
         o.pods.insert(pod.name_any(), state);
@@ -184,7 +182,7 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
 /// undo a write it does not see.
 pub fn caught_up(ctx: &Context, ns: &str) -> bool {
     ctx.expectations.caught_up(ns, &|pod| {
-        let cached = ctx.pods.get(&ObjectRef::new(pod).within(ns))?;
+        let cached = ctx.pods.get(ns, pod)?;
         Some((cached.uid(), cached.resource_version()))
     })
 }

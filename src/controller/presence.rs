@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::ResourceExt;
 use kube::core::SelectorExt;
 use tracing::info;
 
@@ -318,14 +317,13 @@ const FRESH_FETCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Whether a selected, Ready Pod without an assignment, not yet known to wait, has no entry in `snap`.
 fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting: &HashMap<String, Instant>) -> bool {
-    let ns = Some(policy.namespace.as_str());
     // Pods an older policy owns are never this one's agents: they must not read presence again and again.
     let older = policy.older_selectors(&ctx.policies.state());
     let candidates: Vec<Arc<super::pods::CachedPod>> = ctx
         .pods
-        .state()
+        .namespace(&policy.namespace)
         .into_iter()
-        .filter(|p| p.namespace().as_deref() == ns && p.ready && !p.terminating() && p.keys.exact().is_none())
+        .filter(|p| p.ready && !p.terminating() && p.keys.exact().is_none())
         .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
         .filter(|p| policy.selects(p.labels()) && !older.iter().any(|o| o.matches(p.labels())))
         .collect();

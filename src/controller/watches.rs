@@ -41,12 +41,7 @@ pub fn nodes(
 
 /// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It sets
 /// `caches_synced` once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
-pub async fn controller(
-    ctx: Arc<Context>,
-    scope: Option<String>,
-    pod_writer: reflector::store::Writer<CachedPod>,
-    policy_writer: reflector::store::Writer<MeshPolicy>,
-) {
+pub async fn controller(ctx: Arc<Context>, scope: Option<String>, policy_writer: reflector::store::Writer<MeshPolicy>) {
     let client = ctx.client.clone();
     let (policy_api, pod_api): (Api<MeshPolicy>, Api<Pod>) = match &scope {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
@@ -54,16 +49,16 @@ pub async fn controller(
     };
     let (interest_tx, interest) = tokio::sync::watch::channel(None);
     let (policies_synced_tx, mut policies_synced) = tokio::sync::watch::channel(false);
-    let pod_stream = pod_events(&ctx, pod_api, pod_writer, interest);
+    let pod_stream = pod_events(&ctx, pod_api, interest);
     let policy_stream = policy_events(&ctx, policy_api, policy_writer, interest_tx, policies_synced_tx);
     // No debounce: under a steady stream of Pod events a debounce postpones the reconcile until the stream
     // stops. Batching comes from the scheduler instead: events that arrive while a policy reconciles merge
     // into one pending run, so each run takes in everything that changed during the previous one.
     let controller = Controller::for_stream(policy_stream, ctx.policies.clone())
         .with_config(controller::Config::default().concurrency(8));
-    let (pods, ready_ctx) = (ctx.pods.clone(), ctx.clone());
+    let ready_ctx = ctx.clone();
     let ready = async move {
-        let _ = pods.wait_until_ready().await;
+        ready_ctx.pods.listed().await;
         let _ = policies_synced.wait_for(|synced| *synced).await;
         tracing::debug!(namespace = ?scope, "pod and policy caches synced");
         ready_ctx.caches_synced.store(true, Ordering::SeqCst);
@@ -93,7 +88,6 @@ pub async fn controller(
 fn pod_events(
     ctx: &Arc<Context>,
     api: Api<Pod>,
-    mut writer: reflector::store::Writer<CachedPod>,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
 ) -> impl Stream<Item = Result<CachedPod, watcher::Error>> + Send + use<> {
     let mut config = watch_config();
@@ -109,7 +103,7 @@ fn pod_events(
             *listing_in.lock().expect("listing lock") = Some(interest);
             event
         })
-        .inspect_ok(move |event| recording.pod_changes.apply(&mut writer, event))
+        .inspect_ok(move |event| recording.pods.apply(event))
         .inspect_ok(move |event| match event {
             watcher::Event::Init => listed_ctx.pod_sight.listing(),
             watcher::Event::InitDone => {
