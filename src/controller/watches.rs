@@ -84,7 +84,7 @@ pub async fn controller(ctx: Arc<Context>, scope: Option<String>, policy_writer:
 }
 
 /// The Pods into the cache (see [`pods::watch`]); the cache's interest becomes the one its list was made
-/// with once the reflector has swapped that list in.
+/// with once the store has swapped that list in.
 fn pod_events(
     ctx: &Arc<Context>,
     api: Api<Pod>,

@@ -188,7 +188,8 @@ async fn an_impostor_at_a_planned_address_is_refused_before_any_byte_of_the_link
     let impostor = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = impostor.local_addr().unwrap();
     let creds = Credentials::new(&Identity::generate());
-    let received = Arc::new(Mutex::new((0usize, 0usize)));
+    // (connections, handshakes completed, handshakes ended either way)
+    let received = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
     let count = received.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = impostor.accept().await {
@@ -197,12 +198,18 @@ async fn an_impostor_at_a_planned_address_is_refused_before_any_byte_of_the_link
             let mut raw = [0u8; 1];
             let _ = tcp.peek(&mut raw).await;
             let accepted = transport::accept(tcp, &creds).await;
-            count.lock().unwrap().1 += usize::from(accepted.is_ok());
+            let mut r = count.lock().unwrap();
+            (r.1, r.2) = (r.1 + usize::from(accepted.is_ok()), r.2 + 1);
         }
     });
     assign(&a, &[(b.id(), format!("wss://{at}/crdt-sync"))], &[]);
     wait("a to fail its dial on the impostor's key", || counter(&a, "dial", "tls") >= 2).await;
-    let (tries, handshakes) = *received.lock().unwrap();
+    wait("the impostor's side of each handshake to end", || {
+        let r = *received.lock().unwrap();
+        r.2 >= 2 && r.2 == r.0
+    })
+    .await;
+    let (tries, handshakes, _) = *received.lock().unwrap();
     assert!(tries >= 2, "the impostor saw {tries} connections");
     assert_eq!(handshakes, 0, "a finished a TLS handshake with the impostor");
     assert!(links(&a).is_empty());
