@@ -23,8 +23,9 @@ pub const BURST_SHARE: f64 = 0.25;
 pub struct Admission {
     /// Newcomers held back, with when each was first seen eligible.
     waiting: HashMap<String, Instant>,
-    /// Agents in the last plan: not newcomers any more.
-    planned: HashSet<String>,
+    /// Agents in the last plan: not newcomers any more. Looked up for every agent on every pass, so hashed
+    /// with foldhash rather than the default SipHash.
+    planned: foldhash::HashSet<String>,
     /// The current burst: when its last newcomer arrived, how many have, and the fleet it began in.
     last_arrival: Option<Instant>,
     arrivals: usize,
