@@ -59,9 +59,8 @@ pub fn decide<'m>(
 ) -> Decision<'m> {
     let Memory { admission, plan: kept } = memory;
     let (held, recheck) = members.map(|m| admit(m, observed, admission, now)).unwrap_or_default();
-    let (o, cap) = (observed, policy.max_peers);
-    let made_for = (cap, policy.uid.as_str(), policy.name.as_str());
-    let planned = members.map(|m| plan::targets(m, &held, made_for, &o.carried, &o.pods, kept));
+    let o = observed;
+    let planned = members.map(|m| plan::targets(m, &held, made_for(policy), &o.carried, &o.pods, kept));
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),
@@ -74,6 +73,11 @@ pub fn decide<'m>(
     let node_of = |pod: &str| Some(members.filter(|_| !held.contains(pod))?.agent(pod)?.node_id.clone());
     let waves = waves(&observed.pods, &wanted, &policy.name, &node_of);
     Decision { members, held, plan, plan_error, wanted, waves, recheck }
+}
+
+/// What a plan is made for: the policy's cap, its seed (the UID) and its name.
+pub fn made_for(policy: &ValidPolicy) -> (u32, &str, &str) {
+    (policy.max_peers, &policy.uid, &policy.name)
 }
 
 /// The newcomers of a burst to hold back (see [`super::admission`]); when to look again.

@@ -167,21 +167,14 @@ fn cache_keeps(ctx: &Context, policy: &ValidPolicy, policies: &[Arc<MeshPolicy>]
 fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet, all: &[Arc<CachedPod>], read: &Read) {
     let rules = read.snapshot.as_ref().map(|snap| (snap, Rules::of(policy, read.confirmed_ms)));
     if let Err(difference) = fleet.check(filing, all, rules.as_ref().map(|(s, r)| (*s, r))) {
-        error!(
-            policy = policy.name,
-            namespace = policy.namespace,
-            difference,
-            "the kept view differs from one built from scratch"
-        );
-        ctx.metrics.incremental_mismatches.inc();
+        mismatch(ctx, policy, "view", difference);
     }
 }
 
 /// With `--check-incremental`: the plan made with the last plan's memory against one made without.
 fn check_plan(ctx: &Context, policy: &ValidPolicy, o: &Observed, d: &Decision) {
     let (Some(m), Some(kept)) = (d.members, &d.plan) else { return };
-    let made_for = (policy.max_peers, policy.uid.as_str(), policy.name.as_str());
-    let fresh = plan::targets(m, &d.held, made_for, &o.carried, &o.pods, &mut plan::Kept::default());
+    let fresh = plan::targets(m, &d.held, decide::made_for(policy), &o.carried, &o.pods, &mut plan::Kept::default());
     let kept = PlanOutcome { targets: d.wanted.clone(), ..kept.clone() };
     let difference = match fresh {
         Ok(fresh) => match plan::difference(&kept, &fresh) {
@@ -190,12 +183,12 @@ fn check_plan(ctx: &Context, policy: &ValidPolicy, o: &Observed, d: &Decision) {
         },
         Err(e) => format!("from scratch, the planner refused: {e}"),
     };
-    error!(
-        policy = policy.name,
-        namespace = policy.namespace,
-        difference,
-        "the kept plan differs from one made from scratch"
-    );
+    mismatch(ctx, policy, "plan", difference);
+}
+
+/// Logs and counts a difference `--check-incremental` found in the kept `what`.
+fn mismatch(ctx: &Context, policy: &ValidPolicy, what: &str, difference: String) {
+    error!(policy = policy.name, namespace = policy.namespace, what, difference, "kept state differs from scratch");
     ctx.metrics.incremental_mismatches.inc();
 }
 
