@@ -237,11 +237,15 @@ pub struct Request<'a> {
     pub timeout: Duration,
     /// The ETag of the last good answer, for a conditional GET.
     pub etag: Option<&'a str>,
+    /// Asks the rendezvous to hold its answer until the list changes, for this long at most (a long
+    /// poll: `Prefer: wait`, docs/presence-api.md). The request may then take this long plus `timeout`.
+    pub wait: Option<Duration>,
 }
 
+/// An answer. `waits`: the rendezvous said it honours `Prefer: wait` (`Preference-Applied`).
 pub enum Fetched {
-    New { snapshot: Snapshot, etag: Option<String>, bytes: usize },
-    NotModified,
+    New { snapshot: Snapshot, etag: Option<String>, bytes: usize, waits: bool },
+    NotModified { waits: bool },
 }
 
 fn bundle_certs(pem: &str) -> Result<Vec<reqwest::Certificate>, FetchError> {
@@ -313,20 +317,21 @@ impl Fetcher {
     /// another policy's, and must not count against this rendezvous' time).
     pub async fn fetch(&self, req: &Request<'_>) -> Result<Fetched, FetchError> {
         let client = self.client(req.ca_bundle)?;
-        let read = tokio::time::timeout(req.timeout, self.read(&client, req))
-            .await
-            .unwrap_or(Err(FetchError::Timeout(req.timeout)))?;
-        let Some((body, etag)) = read else { return Ok(Fetched::NotModified) };
+        let limit = req.timeout + req.wait.unwrap_or_default();
+        let (read, waits) =
+            tokio::time::timeout(limit, self.read(&client, req)).await.unwrap_or(Err(FetchError::Timeout(limit)))?;
+        let Some((body, etag)) = read else { return Ok(Fetched::NotModified { waits }) };
         let snapshot = self.parse_shared(req.url, &body).await?;
-        Ok(Fetched::New { snapshot, etag, bytes: body.len() })
+        Ok(Fetched::New { snapshot, etag, bytes: body.len(), waits })
     }
 
-    /// The body and its ETag, or `None` when unchanged since `req.etag`.
+    /// The body and its ETag, or `None` when unchanged since `req.etag`; whether the rendezvous honours
+    /// `Prefer: wait`.
     async fn read(
         &self,
         client: &reqwest::Client,
         req: &Request<'_>,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, FetchError> {
+    ) -> Result<(Option<(Vec<u8>, Option<String>)>, bool), FetchError> {
         let mut r = client.get(req.url).header(reqwest::header::ACCEPT, "application/json");
         if let Some(token) = req.token {
             r = r.bearer_auth(token);
@@ -334,12 +339,18 @@ impl Fetcher {
         if let Some(etag) = req.etag {
             r = r.header(reqwest::header::IF_NONE_MATCH, etag);
         }
+        if let Some(wait) = req.wait {
+            r = r.header("prefer", format!("wait={}", wait.as_secs()));
+        }
         let mut resp = r.send().await.map_err(|e| {
             if e.is_connect() { FetchError::Connect(root_cause(&e)) } else { FetchError::Other(root_cause(&e)) }
         })?;
         let status = resp.status();
+        let applied = resp.headers().get_all("preference-applied").iter().filter_map(|v| v.to_str().ok());
+        let waits =
+            req.wait.is_some() && applied.flat_map(|v| v.split([',', ';'])).any(|p| p.trim().starts_with("wait"));
         if status == reqwest::StatusCode::NOT_MODIFIED && req.etag.is_some() {
-            return Ok(None);
+            return Ok((None, waits));
         }
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
@@ -355,7 +366,7 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Some((body, etag)))
+        Ok((Some((body, etag)), waits))
     }
 
     /// `body` (read from `url`) parsed, or the snapshot already parsed from the same body.

@@ -792,3 +792,32 @@ async fn a_finalizer_patch_from_a_stale_read_is_told_from_a_refusal() {
     let stored = api.get("mesh").await.unwrap().resource_version();
     assert!(!reconcile::changed_since(&api, "mesh", stored.as_deref()).await, "a refusal of the current version");
 }
+
+/// An agent Pod Ready before its presence entry: the operator holds a long poll at the rendezvous while
+/// it waits, and the entry's arrival answers it (docs/presence-api.md). The poll interval is long, so
+/// only the held read or the prompt polls can find the entry soon; `held` shows which.
+#[tokio::test]
+async fn a_ready_pod_waiting_for_presence_is_served_by_a_long_poll() {
+    let (client, ns, rv) = setup("longpoll").await;
+    let history = History::start(&client, &ns, 4).await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 4, |_| None).await;
+    let slow = json!({"rendezvous": {"pollInterval": "20s"}, "heartbeatTimeout": "60s"});
+    create_policy(&client, &ns, "mesh", spec(&rv, slow)).await;
+    wait_assigned(&client, &ns, 4).await;
+    let id = format!("{:064x}", 0xfeed_u128);
+    create_pod(&client, &ns, "late", json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
+    set_pod_status(&client, &ns, "late", "127.0.9.9", true).await;
+    wait_for("the operator to hold a read at the rendezvous", WAIT, || async {
+        (rv.state.lock().unwrap().held > 0).then_some(())
+    })
+    .await;
+    rv.add(&id);
+    wait_for("the late agent's assignment", WAIT, || async {
+        assignments(&client, &ns).await.get("late").cloned().flatten().map(|_| ())
+    })
+    .await;
+    assert!(rv.state.lock().unwrap().released > 0, "no held read was answered by the new entry");
+    op.kill().await;
+    assert!(history.assert_clean() > 0, "the history checker saw no event");
+}

@@ -18,7 +18,7 @@ async fn serve(app: Router) -> String {
 }
 
 fn request(url: &str) -> Request<'_> {
-    Request { url, token: None, ca_bundle: None, timeout: Duration::from_secs(2), etag: None }
+    Request { url, token: None, ca_bundle: None, timeout: Duration::from_secs(2), etag: None, wait: None }
 }
 
 const BODY: &str = r#"{"serverNodeId":"rv","nowMs":1000,"nodes":[{"node_id":"aa","address":"ws://0.0.0.0:1/","alive":true,"last_seen_ms":999}]}"#;
@@ -47,10 +47,12 @@ async fn conditional_get_and_bearer_token() {
     let fetcher = Fetcher::new(1 << 20);
     let mut req = request(&url);
     req.token = Some("t0k");
-    let Fetched::New { snapshot, etag, bytes } = fetcher.fetch(&req).await.unwrap() else { panic!("expected a body") };
+    let Fetched::New { snapshot, etag, bytes, .. } = fetcher.fetch(&req).await.unwrap() else {
+        panic!("expected a body")
+    };
     assert_eq!((snapshot.nodes.len(), etag.as_deref(), bytes), (1, Some("\"v1\""), BODY.len()));
     req.etag = etag.as_deref();
-    assert!(matches!(fetcher.fetch(&req).await.unwrap(), Fetched::NotModified));
+    assert!(matches!(fetcher.fetch(&req).await.unwrap(), Fetched::NotModified { .. }));
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen[0], (Some("Bearer t0k".into()), None));
     assert_eq!(seen[1], (Some("Bearer t0k".into()), Some("\"v1\"".into())));

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use mesh_operator::presence::{Fetched, Fetcher, Request, Snapshot};
-use rendezvous::{new_state, serve, tls_config};
+use rendezvous::{new_state, now_ms, serve, tls_config};
 use serde_json::{Value, json};
 
 async fn start(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> String {
@@ -17,14 +17,14 @@ async fn start(tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> String {
 }
 
 fn request<'a>(url: &'a str, ca_bundle: Option<&'a str>) -> Request<'a> {
-    Request { url, token: None, ca_bundle, timeout: Duration::from_secs(3), etag: None }
+    Request { url, token: None, ca_bundle, timeout: Duration::from_secs(3), etag: None, wait: None }
 }
 
 async fn snapshot(fetcher: &Fetcher, url: &str, token: Option<&str>) -> Snapshot {
     let req = Request { token, ..request(url, None) };
     match fetcher.fetch(&req).await {
         Ok(Fetched::New { snapshot, .. }) => snapshot,
-        Ok(Fetched::NotModified) => panic!("no ETag was sent"),
+        Ok(Fetched::NotModified { .. }) => panic!("no ETag was sent"),
         Err(e) => panic!("presence from {url}: {e}"),
     }
 }
@@ -96,4 +96,46 @@ async fn https_presence_needs_the_right_ca_bundle() {
     // A server certificate is not a key, and a key is not a certificate.
     assert!(tls_config(key.as_bytes(), key.as_bytes()).unwrap_err().contains("certificate"));
     assert!(tls_config(cert.as_bytes(), cert.as_bytes()).unwrap_err().contains("key"));
+}
+
+/// A long poll (`Prefer: wait`) is held while the list is unchanged and answered as soon as an agent
+/// joins, saying it honoured the wait; a request without the preference is answered at once.
+#[tokio::test]
+async fn a_long_poll_is_held_until_the_list_changes() {
+    let base = start(None).await;
+    mesh_operator::presence::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let (fetcher, presence) = (Fetcher::new(1 << 20), format!("{base}/presence"));
+    let Ok(Fetched::New { etag: Some(etag), waits: false, .. }) = fetcher.fetch(&request(&presence, None)).await else {
+        panic!("a first answer with an ETag, and no wait asked for");
+    };
+    let state = || async {
+        let body = http.get(format!("{base}/admin/state")).send().await.unwrap().text().await.unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let held = {
+        let (fetcher, presence, etag) = (Fetcher::new(1 << 20), presence.clone(), etag.clone());
+        tokio::spawn(async move {
+            let req = Request { etag: Some(&etag), wait: Some(Duration::from_secs(60)), ..request(&presence, None) };
+            fetcher.fetch(&req).await
+        })
+    };
+    while state().await["held"] != 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!held.is_finished(), "answered with nothing changed");
+    // A frozen heartbeat: the body then stays the same between reads.
+    let agent = json!({"nodeId": "a1", "address": "ws://0.0.0.0:3001/crdt-sync", "frozenAtMs": now_ms()});
+    let add = http.post(format!("{base}/admin/agents")).header("content-type", "application/json");
+    add.body(agent.to_string()).send().await.unwrap();
+    match held.await.unwrap() {
+        Ok(Fetched::New { snapshot, waits: true, .. }) => assert_eq!(&*snapshot.nodes[0].node_id, "a1"),
+        _ => panic!("the held read answered with the new agent, honouring the wait"),
+    }
+    assert_eq!(state().await["released"], 1);
+    // Nothing changed since: a short wait ends in 304, still honoured.
+    let req = Request { etag: Some(&etag), wait: Some(Duration::from_secs(1)), ..request(&presence, None) };
+    let Ok(Fetched::New { etag: Some(now), .. }) = fetcher.fetch(&req).await else { panic!("the list changed") };
+    let req = Request { etag: Some(&now), wait: Some(Duration::from_secs(1)), ..request(&presence, None) };
+    assert!(matches!(fetcher.fetch(&req).await, Ok(Fetched::NotModified { waits: true })));
 }

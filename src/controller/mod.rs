@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt, core::PartialObjectMeta};
 use tokio::sync::Mutex;
@@ -86,6 +86,8 @@ pub struct Context {
     pub pod_selector: Option<String>,
     /// Whether every reconcile checks the policy's kept view against one built from scratch.
     pub check_incremental: bool,
+    /// Runs a policy's reconcile from outside the watches (a long poll's answer).
+    pub wakeups: futures::channel::mpsc::UnboundedSender<ObjectRef<MeshPolicy>>,
 }
 
 impl Context {
@@ -106,6 +108,11 @@ impl Context {
         let interest = self.cache_interest.read().expect("cache interest lock");
         let mut keys = policies.iter().flat_map(|p| pods::label_keys(p));
         interest.as_ref().is_some_and(|i| keys.all(|k| i.keeps_label(k)))
+    }
+
+    /// Runs the reconcile of policy `name` in `namespace` soon (or never, once the controller has ended).
+    pub fn wake(&self, name: &str, namespace: &str) {
+        let _ = self.wakeups.unbounded_send(ObjectRef::new(name).within(namespace));
     }
 
     /// What the controller keeps about the policy with UID `uid`, created on first use.
@@ -142,6 +149,9 @@ impl Context {
         }
     }
 }
+
+/// The policies to reconcile again that no watch event names.
+pub type Wakeups = futures::channel::mpsc::UnboundedReceiver<ObjectRef<MeshPolicy>>;
 
 /// What the controller keeps about one policy between reconciles.
 #[derive(Default)]
@@ -213,8 +223,8 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let (mut contexts, mut controllers) = (Vec::new(), Vec::new());
     for scope in scopes {
         let (policies, policy_writer) = reflector::store();
-        let ctx = shared.context(policies);
-        controllers.push(watches::controller(ctx.clone(), scope, policy_writer));
+        let (ctx, woken) = shared.context(policies);
+        controllers.push(watches::controller(ctx.clone(), scope, policy_writer, woken));
         contexts.push(ctx);
     }
     let synced = contexts.clone();
@@ -311,9 +321,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// The context of one controller, over its own Pod and policy caches.
-    fn context(&self, policies: Store<MeshPolicy>) -> Arc<Context> {
-        Arc::new(Context {
+    /// The context of one controller, over its own Pod and policy caches, and the wakeups it sends.
+    fn context(&self, policies: Store<MeshPolicy>) -> (Arc<Context>, Wakeups) {
+        let (wakeups, woken) = futures::channel::mpsc::unbounded();
+        let ctx = Arc::new(Context {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
@@ -333,7 +344,9 @@ impl Shared {
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),
             check_incremental: self.check_incremental,
-        })
+            wakeups,
+        });
+        (ctx, woken)
     }
 }
 

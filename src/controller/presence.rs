@@ -46,6 +46,19 @@ pub struct PresenceState {
     pub suspect: Option<(Instant, String)>,
     /// Ready Pods without a presence entry, and when each was first seen so.
     pub waiting: HashMap<String, Instant>,
+    pub long_poll: LongPoll,
+}
+
+/// A read the rendezvous holds until its list changes (`Prefer: wait`, docs/presence-api.md), made beside
+/// the reconciles while Ready Pods wait for their entries: a new entry then arrives as soon as the
+/// rendezvous has it, not at the next prompt poll. Its answer is taken in by the next reconcile.
+#[derive(Default)]
+pub struct LongPoll {
+    /// The rendezvous answered one without honouring the wait: prompt polls serve instead.
+    pub refused: bool,
+    pub in_flight: bool,
+    /// The answer, with the URL it came from, for the next reconcile.
+    pub answer: Option<(String, Attempt)>,
 }
 
 /// What a reconcile learns of presence.
@@ -95,6 +108,12 @@ impl PresenceState {
         self.waiting.values().any(|&since| now.saturating_duration_since(since) < Self::PROMPT_WINDOW)
     }
 
+    /// Whether a prompt read may be a long poll: the rendezvous has not refused one, and the last good read
+    /// gave an ETag to hold against (a read after a failure or a suspect one is answered at once).
+    fn may_long_poll(&self) -> bool {
+        !self.long_poll.refused && self.etag.is_some() && self.failure.is_none() && self.suspect.is_none()
+    }
+
     /// Whether a read is due `since` the last attempt.
     pub fn due(&self, poll_interval: Duration, prompt: bool, now: Instant) -> bool {
         match self.last_attempt.map(|t| now.saturating_duration_since(t)) {
@@ -125,7 +144,7 @@ impl PresenceState {
                 (Arc::new(merged), etag)
             }
             // Unchanged body, later time: the heartbeats age by the time that passed.
-            Ok(Fetched::NotModified) => match &self.snapshot {
+            Ok(Fetched::NotModified { .. }) => match &self.snapshot {
                 Some(old) => {
                     let mut aged = (**old).clone();
                     aged.now_ms = aged.now_ms.map(|t| t + (now_ms - self.confirmed_ms));
@@ -227,30 +246,72 @@ pub fn carry_absent(
     next
 }
 
-/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry. The
-/// read is taken in (see [`take`]) against the same observation the reconcile decides on.
-pub async fn fetch(ctx: &Context, policy: &ValidPolicy) -> Option<Attempt> {
+/// Reads presence when due: every poll interval, and promptly while a Ready Pod waits for its entry (then
+/// as a long poll, where the rendezvous honours one). The read is taken in (see [`take`]) against the same
+/// observation the reconcile decides on.
+pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> {
     let kept = ctx.policy_state(&policy.uid);
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
     let now = Instant::now();
-    let fresh = || {
-        let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
-        since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
-            && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting))
-    };
-    if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh()) {
+    if let Some((url, attempt)) = state.long_poll.answer.take() {
+        // Read from a URL the policy no longer names: not this policy's presence any more.
+        if url == policy.rendezvous.presence_url {
+            state.last_attempt = Some(now);
+            return Some(attempt);
+        }
+    }
+    if state.long_poll.in_flight {
+        return None;
+    }
+    let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
+    let fresh = since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
+        && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting));
+    let prompt = state.prompt(now) && since.is_none_or(|s| s >= PROMPT_FETCH_INTERVAL);
+    if (prompt || fresh) && state.may_long_poll() {
+        state.long_poll.in_flight = true;
+        state.last_attempt = Some(now);
+        let etag = state.etag.clone().unwrap_or_default();
+        tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, state.term));
+        return None;
+    }
+    if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh) {
         return None;
     }
     state.last_attempt = Some(Instant::now());
     let started = Instant::now();
-    let result = request(ctx, policy, state.etag.as_deref()).await;
+    let result = request(ctx, policy, state.etag.as_deref(), None).await;
     ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
     count(ctx, policy, &result);
     Some(Attempt { result, heartbeat_timeout: policy.heartbeat_timeout })
 }
 
-async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Result<Fetched, FetchError> {
+/// One long poll (see [`LongPoll`]): its answer goes to the policy's next reconcile, which it wakes.
+async fn long_poll(ctx: Arc<Context>, policy: ValidPolicy, kept: Arc<super::PolicyState>, etag: String, term: u64) {
+    // A held read also serves as the regular poll, so it waits no longer than one.
+    let wait = policy.rendezvous.poll_interval.clamp(Duration::from_secs(1), PresenceState::PROMPT_WINDOW);
+    let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
+    count(&ctx, &policy, &result);
+    let mut state = kept.presence.lock().await;
+    // Another term's state: this read is not ours to trust.
+    if state.term != term {
+        return;
+    }
+    let waits = matches!(result, Ok(Fetched::New { waits: true, .. } | Fetched::NotModified { waits: true }));
+    state.long_poll.refused |= result.is_ok() && !waits;
+    state.long_poll.in_flight = false;
+    let attempt = Attempt { result, heartbeat_timeout: policy.heartbeat_timeout };
+    state.long_poll.answer = Some((policy.rendezvous.presence_url.clone(), attempt));
+    drop(state);
+    ctx.wake(&policy.name, &policy.namespace);
+}
+
+async fn request(
+    ctx: &Context,
+    policy: &ValidPolicy,
+    etag: Option<&str>,
+    wait: Option<Duration>,
+) -> Result<Fetched, FetchError> {
     ctx.tokens.retain(&ctx.policies.state());
     let rv = &policy.rendezvous;
     let token = match &rv.join_token {
@@ -263,6 +324,7 @@ async fn request(ctx: &Context, policy: &ValidPolicy, etag: Option<&str>) -> Res
         ca_bundle: policy.rendezvous.ca_bundle.as_deref(),
         timeout: policy.rendezvous.timeout,
         etag,
+        wait,
     };
     ctx.fetcher.fetch(&req).await
 }
@@ -306,7 +368,8 @@ pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
         .map(|(pod, _)| pod.clone())
         .collect();
     match ctx.policy_state(&policy.uid).presence.try_lock() {
-        Ok(mut state) => state.awaiting(&unmatched, Instant::now()),
+        // A long poll in flight wakes the policy when it is answered.
+        Ok(mut state) => state.awaiting(&unmatched, Instant::now()) && !state.long_poll.in_flight,
         Err(_) => false,
     }
 }
@@ -346,7 +409,7 @@ fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchErro
             ctx.metrics.presence_bytes.inc_by(*bytes as u64);
             ctx.metrics.presence_fetches.get_or_create(&label("ok")).inc();
         }
-        Ok(Fetched::NotModified) => {
+        Ok(Fetched::NotModified { .. }) => {
             ctx.metrics.presence_fetches.get_or_create(&label("not_modified")).inc();
         }
         Err(e) => {
@@ -392,7 +455,7 @@ mod tests {
 
     fn ok(s: Snapshot) -> Attempt {
         Attempt {
-            result: Ok(Fetched::New { snapshot: s, etag: None, bytes: 0 }),
+            result: Ok(Fetched::New { snapshot: s, etag: None, bytes: 0, waits: false }),
             heartbeat_timeout: Duration::from_secs(60),
         }
     }
@@ -468,7 +531,10 @@ mod tests {
         let mut st = PresenceState::default();
         take(&mut st, ok(snap(1e9, &["a", "b", "c"])));
         st.confirmed_ms -= 120_000.0; // two heartbeat timeouts pass with the body unchanged
-        take(&mut st, Attempt { result: Ok(Fetched::NotModified), heartbeat_timeout: Duration::from_secs(60) });
+        take(
+            &mut st,
+            Attempt { result: Ok(Fetched::NotModified { waits: false }), heartbeat_timeout: Duration::from_secs(60) },
+        );
         assert!(st.read().suspect.is_some());
         assert_eq!(eligible(st.read().snapshot.as_ref().unwrap(), 0.0).len(), 3);
     }

@@ -92,7 +92,7 @@ pub fn error_policy(_policy: Arc<MeshPolicy>, error: &Error, ctx: Arc<Context>) 
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile_policy(object: &MeshPolicy, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_policy(object: &MeshPolicy, ctx: &Arc<Context>) -> Result<Action, Error> {
     let policy = match ValidPolicy::new(object) {
         Ok(p) => p,
         Err(invalid) => {

@@ -40,8 +40,14 @@ pub fn nodes(
 }
 
 /// One controller over the MeshPolicies and Pods of `scope` (a namespace, or all). It sets
-/// `caches_synced` once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT.
-pub async fn controller(ctx: Arc<Context>, scope: Option<String>, policy_writer: reflector::store::Writer<MeshPolicy>) {
+/// `caches_synced` once its Pod and policy caches hold a full list, and ends on SIGTERM/SIGINT. `woken` runs
+/// policies again that no event names.
+pub async fn controller(
+    ctx: Arc<Context>,
+    scope: Option<String>,
+    policy_writer: reflector::store::Writer<MeshPolicy>,
+    woken: super::Wakeups,
+) {
     let client = ctx.client.clone();
     let (policy_api, pod_api): (Api<MeshPolicy>, Api<Pod>) = match &scope {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
@@ -67,6 +73,7 @@ pub async fn controller(ctx: Arc<Context>, scope: Option<String>, policy_writer:
     let run = controller
         .watches_stream(pod_stream, move |pod| policies_for_pod(&pod, &mapper_store))
         .reconcile_all_on(leadership_gained(&ctx))
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|res| async move {

@@ -324,11 +324,15 @@ impl Rendezvous {
             alive: true,
             frozen_at_ms: None,
         };
-        self.state.lock().unwrap().agents.insert(node_id.into(), agent);
+        let mut st = self.state.lock().unwrap();
+        st.agents.insert(node_id.into(), agent);
+        st.changed();
     }
 
     pub fn set_fail(&self, mode: rendezvous::FailMode) {
-        self.state.lock().unwrap().fail = mode;
+        let mut st = self.state.lock().unwrap();
+        st.fail = mode;
+        st.changed();
     }
 }
 

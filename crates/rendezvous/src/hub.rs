@@ -123,6 +123,7 @@ pub async fn session(state: Shared, mut inbound: Inbound) {
         let hostname = hello.hostname.clone().filter(|h| h.len() <= 253);
         let entry = Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, session };
         hub.connected.insert(node_id.clone(), entry);
+        st.changed();
         session
     };
     if inbound.welcome().await.is_ok() {
@@ -134,6 +135,7 @@ pub async fn session(state: Shared, mut inbound: Inbound) {
     st.hub.sessions.remove(&session);
     if let Some(c) = st.hub.connected.get_mut(&node_id).filter(|c| c.session == session) {
         c.alive = false;
+        st.changed();
     }
 }
 
@@ -151,7 +153,8 @@ pub async fn write_presence(state: Shared) {
     loop {
         tick.tick().await;
         let (doc, changed, forgotten) = {
-            let mut st = state.lock().unwrap();
+            let mut guard = state.lock().unwrap();
+            let st = &mut *guard;
             let now = now_ms();
             let hub = &mut st.hub;
             let forget_after = hub.forget_after.as_secs_f64() * 1000.0;
@@ -161,6 +164,9 @@ pub async fn write_presence(state: Shared) {
             for id in &forgotten {
                 hub.connected.remove(id);
                 hub.written.remove(id);
+            }
+            if !forgotten.is_empty() {
+                st.changes.send_replace(());
             }
             let mut changed = Vec::new();
             for (id, c) in &hub.connected {

@@ -1,7 +1,9 @@
 //! The rendezvous for mesh-operator's tests, benchmarks and demo. A real sync hub for real agents
 //! ([`hub`]: agent links, TLS with the hub's node key, on the same port as the HTTP API; the Yjs document
 //! relayed between them, presence derived from the sessions), plus simulated agents (for scale) and failure modes (for outages), all served by the
-//! presence API the operator reads (`GET /presence`, with `nowMs` and an ETag).
+//! presence API the operator reads (`GET /presence`, with `nowMs` and an ETag). A presence request with
+//! `Prefer: wait=<s>` and a current `If-None-Match` is held until an agent is added, removed or changes in more
+//! than its heartbeat, or for that many seconds (60 at most), and answered with `Preference-Applied`.
 //!
 //! Admin API (JSON): `POST /admin/agents` `{nodeId, address, hostname?}` adds or replaces an agent;
 //! `DELETE /admin/agents/{id}` removes it; `POST /admin/agents/{id}/kill` marks it not alive;
@@ -21,8 +23,10 @@ use agent_mesh::transport::{self, Gate, Pass, Protocols, TLS_HANDSHAKE_RECORD};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rustls::ServerConfig;
@@ -91,6 +95,12 @@ pub struct SimState {
     pub raw_body: Option<Arc<Vec<u8>>>,
     /// The sync hub: real agents' sessions and the document.
     pub hub: Hub,
+    /// Told of changes made through the admin API and the hub: held presence requests look again at once.
+    #[serde(skip)]
+    pub changes: tokio::sync::watch::Sender<()>,
+    /// Presence requests held (`Prefer: wait`), and how many of them a change let go before their wait.
+    pub held: u64,
+    pub released: u64,
     /// The link protocols the hub speaks (both during an upgrade from agents before TLS).
     #[serde(skip)]
     pub protocols: Protocols,
@@ -112,15 +122,36 @@ pub fn new_state(identity: agent_mesh::identity::Identity, server_node_id: Optio
         bearer_requests: 0,
         raw_body: None,
         hub,
+        changes: tokio::sync::watch::Sender::new(()),
+        held: 0,
+        released: 0,
         protocols: Protocols::V2,
     }));
     tokio::spawn(hub::write_presence(state.clone()));
     state
 }
 
+impl SimState {
+    /// Has held presence requests look at the list again: it may have changed.
+    pub fn changed(&self) {
+        self.changes.send_replace(());
+    }
+}
+
 pub fn router(state: Shared) -> Router {
-    Router::new()
-        .route("/presence", get(presence))
+    // Every admin write may change the list: each lets held presence requests go.
+    let changes = axum::middleware::from_fn_with_state(
+        state.clone(),
+        |State(s): State<Shared>, req: Request, next: Next| async move {
+            let write = req.method() != axum::http::Method::GET;
+            let response = next.run(req).await;
+            if write {
+                s.lock().unwrap().changed();
+            }
+            response
+        },
+    );
+    let admin = Router::new()
         .route("/admin/restart-empty", post(restart_empty))
         .route("/admin/state", get(|State(s): State<Shared>| async move { Json(json!(*s.lock().unwrap())) }))
         .route("/admin/agents", post(add_agent))
@@ -130,11 +161,87 @@ pub fn router(state: Shared) -> Router {
         .route("/admin/agents/{id}/zone", post(set_zone))
         .route("/admin/token", post(set_token))
         .route("/admin/fail", post(set_fail))
-        .with_state(state)
+        .route_layer(changes);
+    Router::new().route("/presence", get(presence)).merge(admin).with_state(state)
 }
 
+/// The longest hold a presence request may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
 async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    let (fail, nodes, server) = {
+    let wait = requested_wait(&headers);
+    if let Some(wait) = wait {
+        hold(&s, &headers, wait).await;
+    }
+    let mut response = answer(&s, &headers).await;
+    if let Some(wait) = wait.filter(|_| !response.status().is_server_error()) {
+        let applied = header::HeaderValue::from_str(&format!("wait={}", wait.as_secs())).expect("a header value");
+        response.headers_mut().insert("preference-applied", applied);
+    }
+    response
+}
+
+/// The wait a request prefers (RFC 7240 `Prefer: wait=<seconds>`), at most [`MAX_WAIT`].
+fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
+    let prefer = headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok());
+    let wait = prefer.flat_map(|v| v.split([',', ';'])).find_map(|p| p.trim().strip_prefix("wait=")?.parse().ok());
+    wait.map(|s: u64| Duration::from_secs(s).min(MAX_WAIT))
+}
+
+/// How often a held request looks at the list without being told of a change (for edits made to the state
+/// directly, as tests make).
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// Holds a request whose `If-None-Match` names the list as it is until the list changes in more than
+/// heartbeats, or for `wait`.
+async fn hold(s: &Shared, headers: &HeaderMap, wait: Duration) {
+    let Some(seen) = headers.get(header::IF_NONE_MATCH).and_then(|v| membership_of(v.to_str().ok()?)) else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = s.lock().unwrap().changes.subscribe();
+    let mut held = false;
+    loop {
+        {
+            let mut st = s.lock().unwrap();
+            if membership(&st) != seen || st.fail != FailMode::None || st.raw_body.is_some() {
+                st.released += u64::from(held);
+                return;
+            }
+            st.held += u64::from(!held);
+            held = true;
+        }
+        let look_again = deadline.min(tokio::time::Instant::now() + RECHECK);
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep_until(look_again) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+/// The list without its heartbeats, hashed: what a held request waits to see change.
+fn membership(st: &SimState) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for a in st.agents.values() {
+        (&a.node_id, &a.address, a.alive, &a.hostname, &a.zone, a.frozen_at_ms.map(f64::to_bits)).hash(&mut h);
+    }
+    for (id, c) in &st.hub.connected {
+        (id, &c.address, c.alive, &c.hostname).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The membership hash an ETag of ours names (`"<membership>-<body>"`).
+fn membership_of(etag: &str) -> Option<u64> {
+    u64::from_str_radix(etag.trim_matches('"').split_once('-')?.0, 16).ok()
+}
+
+async fn answer(s: &Shared, headers: &HeaderMap) -> Response {
+    let (fail, nodes, server, membership) = {
         let mut st = s.lock().unwrap();
         st.requests += 1;
         if headers.contains_key(header::AUTHORIZATION) {
@@ -150,11 +257,11 @@ async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
             return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec()))
                 .into_response();
         }
-        (st.fail, nodes(&st), st.server_node_id.clone())
+        (st.fail, nodes(&st), st.server_node_id.clone(), membership(&st))
     };
     match fail {
         FailMode::None => {
-            let etag = format!("\"{:x}\"", hash(nodes.as_bytes()));
+            let etag = format!("\"{membership:x}-{:x}\"", hash(nodes.as_bytes()));
             if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
                 return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
             }
