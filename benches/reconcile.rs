@@ -27,7 +27,7 @@ use mesh_operator::controller::decide::{self, Decision, Memory, Waves};
 use mesh_operator::controller::fleet::{Basis, Fleet};
 use mesh_operator::controller::observe::Filing;
 use mesh_operator::controller::plan::Targets;
-use mesh_operator::controller::pods::{CachedPod, LabelSets};
+use mesh_operator::controller::pods::{CachedPod, Shared};
 use mesh_operator::controller::policy::ValidPolicy;
 use mesh_operator::controller::store::PodStore;
 use mesh_operator::controller::{membership, observe};
@@ -80,7 +80,7 @@ fn memory(policy: &ValidPolicy, n: usize) {
         let store = PodStore::default();
         store.apply(&watcher::Event::Init);
         for (i, p) in pods.iter().enumerate() {
-            store.apply(&watcher::Event::InitApply(agent_pod(i, p.keys.exact().map(Arc::as_ref))));
+            store.apply(&watcher::Event::InitApply(Arc::new(agent_pod(i, p.keys.exact().map(Arc::as_ref)))));
         }
         store.apply(&watcher::Event::InitDone);
         store
@@ -152,7 +152,7 @@ fn agent_pod(i: usize, assignment: Option<&Assignment>) -> CachedPod {
     let annotations = pod.metadata.annotations.get_or_insert_default();
     annotations.extend(assignment.iter().flat_map(|a| a.to_annotations()).map(|(k, v)| (k.to_owned(), v)));
     // As the controller's cache keeps it for the bench's policy: the labels its selector reads, shared.
-    thread_local!(static SHARED: std::cell::RefCell<LabelSets> = Default::default());
+    thread_local!(static SHARED: std::cell::RefCell<Shared> = Default::default());
     SHARED.with(|shared| CachedPod::new(pod, &|_| true, &|k| k == "app", &mut shared.borrow_mut()))
 }
 
@@ -250,7 +250,7 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     // Each join with admission as in a settled fleet: the same agent joining again and again would be a
     // burst, and held.
     let join = |view: &View, memory: &mut Memory, decide: bool| {
-        view.apply(watcher::Event::Apply(CachedPod::clone(joining)));
+        view.apply(watcher::Event::Apply(Arc::new(CachedPod::clone(joining))));
         memory.admission = Admission::default();
         let timed = Instant::now();
         if decide {
@@ -260,7 +260,7 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
             view.take_in();
         }
         let took = timed.elapsed();
-        view.apply(watcher::Event::Delete(CachedPod::clone(joining)));
+        view.apply(watcher::Event::Delete(Arc::new(CachedPod::clone(joining))));
         view.reconcile(memory);
         took
     };
@@ -294,13 +294,13 @@ impl<'a> View<'a> {
         let view = View { policy, store: PodStore::default(), fleet: Default::default(), snapshot: snapshot.into() };
         view.apply(watcher::Event::Init);
         for p in pods {
-            view.apply(watcher::Event::InitApply(CachedPod::clone(p)));
+            view.apply(watcher::Event::InitApply(Arc::new(CachedPod::clone(p))));
         }
         view.apply(watcher::Event::InitDone);
         view
     }
 
-    fn apply(&self, event: watcher::Event<CachedPod>) {
+    fn apply(&self, event: watcher::Event<Arc<CachedPod>>) {
         self.store.apply(&event);
     }
 

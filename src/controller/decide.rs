@@ -98,10 +98,13 @@ fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
     if has_presence {
         return Targets::new();
     }
-    let staying: HashSet<String> =
-        o.selected.iter().filter(|(_, p)| !p.terminating()).map(|(n, _)| n.clone()).collect();
-    let live_ips: HashSet<String> =
-        o.namespace_pods.values().filter(|p| !p.terminating()).filter_map(|p| p.pod_ip.clone()).collect();
+    let staying: HashSet<String> = o.selected.iter().filter(|(_, p)| !p.terminating).map(|(n, _)| n.clone()).collect();
+    let live_ips: HashSet<String> = o
+        .namespace_pods
+        .values()
+        .filter(|p| !p.terminating)
+        .filter_map(|p| p.pod_ip.as_deref().map(str::to_owned))
+        .collect();
     plan::adopt(&o.carried, &o.pods, &staying, &live_ips, cap)
 }
 

@@ -411,7 +411,7 @@ mod tests {
         fn act(&mut self, e: &Event) {
             match e.clone() {
                 Event::Apply(i, d) => {
-                    self.store.apply(&watcher::Event::Apply(pod(i, &d)));
+                    self.store.apply(&watcher::Event::Apply(Arc::new(pod(i, &d))));
                     self.drawn.insert(i, d);
                 }
                 Event::Keys(i, keys, links) => {
@@ -430,7 +430,7 @@ mod tests {
                         serde_json::from_value(json!({"metadata": {"name": format!("p{i}"), "namespace": "ci"}}))
                             .unwrap(),
                     );
-                    self.store.apply(&watcher::Event::Delete(gone));
+                    self.store.apply(&watcher::Event::Delete(Arc::new(gone)));
                 }
                 Event::Presence(nodes) => {
                     self.snapshot =
@@ -447,7 +447,9 @@ mod tests {
                     };
                 }
                 Event::Relist => {
-                    let pods: Vec<_> = self.store.namespace("ci").iter().map(|p| CachedPod::clone(p)).collect();
+                    // New objects, as a relist makes.
+                    let pods: Vec<_> =
+                        self.store.namespace("ci").iter().map(|p| Arc::new(CachedPod::clone(p))).collect();
                     self.store.apply(&watcher::Event::Init);
                     for p in pods {
                         self.store.apply(&watcher::Event::InitApply(p));

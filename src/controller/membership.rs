@@ -392,14 +392,14 @@ fn candidate(
     rules: &Rules,
     node_domain: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Agent, Exclusion> {
-    if pod.terminating() {
+    if pod.terminating {
         return Err(Exclusion::Terminating);
     }
     if !pod.ready {
         return Err(Exclusion::NotReady);
     }
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let name = &*pod.name;
     let found = match pod.annotation(rules.node_id_annotation) {
         Some(id) => index.by_id(id).map(|e| ("node id", e)),
         None => index.by_host(name).map(|e| ("hostname", e)).or_else(|| index.by_ip(ip).map(|e| ("IP", e))),
@@ -507,7 +507,7 @@ mod tests {
         rules: &Rules,
         node_domain: &dyn Fn(&str) -> Option<String>,
     ) -> Membership {
-        let selected = pods.iter().map(|p| (kube::ResourceExt::name_any(*p), Arc::new((*p).clone()))).collect();
+        let selected = pods.iter().map(|p| (p.name.to_string(), Arc::new((*p).clone()))).collect();
         let o = Observed { selected, ..Default::default() };
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &Arc::new(snap.clone()), rules, node_domain, &Dirty::default());

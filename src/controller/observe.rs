@@ -9,7 +9,7 @@ use kube::core::{Selector, SelectorExt};
 
 use super::Context;
 use super::pods::CachedPod;
-use super::pods::PodState;
+use super::pods::{self, PodState};
 use super::policy::ValidPolicy;
 use crate::api::MeshPolicy;
 use crate::assignment::Assignment;
@@ -116,7 +116,7 @@ impl Observed {
     /// Files `pod` where the ownership rules put it; the node ids it makes another policy's. Any earlier
     /// filing of a Pod of that name must be undone first ([`Observed::unfile`]).
     pub fn file(&mut self, f: &Filing, pod: &Arc<CachedPod>) -> Vec<String> {
-        let (policy, name) = (f.policy, pod.name_any());
+        let (policy, name) = (f.policy, pod.name.to_string());
         self.namespace_pods.insert(name.clone(), pod.clone());
         let selected = policy.selects(pod.labels());
         if selected {
@@ -163,16 +163,16 @@ pub fn naming(ctx: &Context, policy: &MeshPolicy) -> Observed {
     let mut o = Observed::default();
     for pod in ctx.pods.namespace(&ns).iter().filter(|p| p.keys.policy() == Some(name.as_str())) {
         let state = pod_state(pod, crate::assignment::NODE_ID);
-        o.carried.extend(state.carried(&name, false).map(|a| (pod.name_any(), a)));
-        o.pods.insert(pod.name_any(), state);
+        o.carried.extend(state.carried(&name, false).map(|a| (pod.name.to_string(), a)));
+        o.pods.insert(pod.name.to_string(), state);
     }
     o
 }
 
 fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
     PodState {
-        uid: pod.uid(),
-        resource_version: pod.resource_version(),
+        uid: pods::nonempty(&pod.uid),
+        resource_version: pods::nonempty(&pod.resource_version),
         node_id: pod.annotation(node_id_annotation).map(str::to_owned),
         keys: pod.keys.clone(),
     }
@@ -183,7 +183,7 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
 pub fn caught_up(ctx: &Context, ns: &str) -> bool {
     ctx.expectations.caught_up(ns, &|pod| {
         let cached = ctx.pods.get(ns, pod)?;
-        Some((cached.uid(), cached.resource_version()))
+        Some((pods::nonempty(&cached.uid), pods::nonempty(&cached.resource_version)))
     })
 }
 

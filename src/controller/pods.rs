@@ -8,103 +8,89 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use crate::api::MeshPolicy;
 use crate::assignment::{self, Assignment};
 
 /// A Pod as the cache keeps it: its identity, the labels and annotations the controller reads, and the
-/// three status facts membership needs.
-#[derive(Clone, Debug, Default, PartialEq, Resource, serde::Deserialize, serde::Serialize)]
-#[resource(inherit = Pod)]
+/// three status facts membership needs. No `ObjectMeta`: its sixteen optional fields would weigh more
+/// than the five kept.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedPod {
-    pub metadata: ObjectMeta,
-    pub node_name: Option<String>,
-    pub pod_ip: Option<String>,
+    pub name: Box<str>,
+    /// Shared by the Pods of a namespace (see [`Sharing`]).
+    pub namespace: Arc<str>,
+    pub uid: Box<str>,
+    pub resource_version: Box<str>,
+    pub terminating: bool,
+    pub node_name: Option<Box<str>>,
+    pub pod_ip: Option<Box<str>>,
     pub ready: bool,
     /// The other annotations it keeps (the policies' node-id annotations, see [`Interest::keeps`]), as
     /// (key, value): a map per Pod would weigh more than the one or two entries it holds.
-    #[serde(skip)]
-    pub annotations: Vec<(String, String)>,
+    pub annotations: Vec<(Box<str>, Box<str>)>,
     /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`), parsed once
-    /// here: kept apart from `metadata.annotations`, so each reconcile shares them instead of copying them.
-    #[serde(skip)]
+    /// here, so each reconcile shares them instead of copying them.
     pub keys: Keys,
     /// The labels a policy's selector or `topologyKey` reads (see [`Interest::keeps_label`]), shared by
-    /// the Pods that have the same ones: in `metadata`, a map per Pod would weigh more than the Pod.
-    #[serde(skip)]
+    /// the Pods that have the same ones: a map per Pod would weigh more than the Pod.
     pub labels: Arc<BTreeMap<String, String>>,
 }
 
 impl CachedPod {
     /// Keeps of `pod` what the controller reads: the assignment's keys, of its other annotations those
     /// `keep` accepts, and of its labels those `keep_label` accepts (shared through `shared`).
-    pub fn new(
-        pod: Pod,
-        keep: &dyn Fn(&str) -> bool,
-        keep_label: &dyn Fn(&str) -> bool,
-        shared: &mut LabelSets,
-    ) -> Self {
-        let mut pod = pod;
-        let labels = pod.metadata.labels.take().unwrap_or_default();
-        let mut cached = Self::kept(pod, keep);
-        cached.labels = shared.share(labels.into_iter().filter(|(k, _)| keep_label(k)).collect());
-        cached
-    }
-
-    /// The labels kept (see [`CachedPod::labels`]); they stand in for `ResourceExt::labels`, which would
-    /// read the empty `metadata.labels`.
-    pub fn labels(&self) -> &BTreeMap<String, String> {
-        &self.labels
-    }
-
-    fn kept(pod: Pod, keep: &dyn Fn(&str) -> bool) -> Self {
+    pub fn new(pod: Pod, keep: &dyn Fn(&str) -> bool, keep_label: &dyn Fn(&str) -> bool, shared: &mut Shared) -> Self {
         let m = pod.metadata;
         let (mut keys, mut annotations) = (BTreeMap::new(), Vec::new());
         for (k, v) in m.annotations.unwrap_or_default() {
             if crate::assignment::KEYS.contains(&k.as_str()) {
                 keys.insert(k, v);
             } else if keep(&k) {
-                annotations.push((k, v));
+                annotations.push((k.into(), v.into()));
             }
         }
-        let metadata = ObjectMeta {
-            name: m.name,
-            namespace: m.namespace,
-            uid: m.uid,
-            resource_version: m.resource_version,
-            deletion_timestamp: m.deletion_timestamp,
-            ..Default::default()
-        };
+        let labels: BTreeMap<String, String> =
+            m.labels.unwrap_or_default().into_iter().filter(|(k, _)| keep_label(k)).collect();
         let status = pod.status.unwrap_or_default();
         let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
         Self {
-            metadata,
-            node_name: pod.spec.and_then(|s| s.node_name),
-            pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()),
+            name: m.name.unwrap_or_default().into(),
+            namespace: shared.namespaces.share(m.namespace.as_deref().unwrap_or_default()),
+            uid: m.uid.unwrap_or_default().into(),
+            resource_version: m.resource_version.unwrap_or_default().into(),
+            terminating: m.deletion_timestamp.is_some(),
+            node_name: pod.spec.and_then(|s| s.node_name).map(Into::into),
+            pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()).map(Into::into),
             ready,
             annotations,
             keys: Keys::new(keys),
-            labels: Arc::new(m.labels.unwrap_or_default()),
+            labels: shared.labels.share(labels),
         }
+    }
+
+    /// The labels kept (see [`CachedPod::labels`]).
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
     }
 
     /// The value of a kept annotation (see [`CachedPod::annotations`]).
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.annotations.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
     }
 
     /// Every annotation and label kept (for Pods read from the API rather than the cache).
     pub fn from_pod(pod: Pod) -> Self {
-        Self::kept(pod, &|_| true)
+        Self::new(pod, &|_| true, &|_| true, &mut Shared::default())
     }
+}
 
-    pub fn terminating(&self) -> bool {
-        self.metadata.deletion_timestamp.is_some()
-    }
+/// A kept string as the API's optional field: `None` when empty.
+pub fn nonempty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
 }
 
 /// Whether the annotation key is one of ours.
@@ -141,27 +127,44 @@ pub fn label_keys(p: &MeshPolicy) -> impl Iterator<Item = &str> {
     matched.chain(expressions).chain(&p.spec.topology_key).map(String::as_str)
 }
 
-/// Label maps shared by the cached Pods that have the same ones.
+/// What cached Pods share: one label map per distinct set kept, one string per namespace.
 #[derive(Debug, Default)]
-pub struct LabelSets {
-    sets: std::collections::HashMap<BTreeMap<String, String>, std::sync::Weak<BTreeMap<String, String>>>,
-    /// The sets some Pod held at the last sweep.
+pub struct Shared {
+    labels: Sharing<BTreeMap<String, String>>,
+    namespaces: Sharing<str>,
+}
+
+/// Values shared by the cached Pods that have equal ones.
+#[derive(Debug)]
+struct Sharing<T: ?Sized> {
+    values: std::collections::HashSet<Arc<T>>,
+    /// The values some Pod held at the last sweep.
     live: usize,
 }
 
-impl LabelSets {
-    fn share(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        if let Some(shared) = self.sets.get(&labels).and_then(std::sync::Weak::upgrade) {
-            return shared;
+impl<T: ?Sized> Default for Sharing<T> {
+    fn default() -> Self {
+        Self { values: Default::default(), live: 0 }
+    }
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Sharing<T> {
+    fn share<Q>(&mut self, value: Q) -> Arc<T>
+    where
+        Q: std::borrow::Borrow<T>,
+        Arc<T>: From<Q>,
+    {
+        if let Some(shared) = self.values.get(value.borrow()) {
+            return shared.clone();
         }
-        // Sets no Pod holds any more are swept once the table doubles past the live ones: Pods with
-        // ever new label values cannot grow it without bound.
-        if self.sets.len() >= 2 * self.live + 1024 {
-            self.sets.retain(|_, set| set.strong_count() > 0);
-            self.live = self.sets.len();
+        // Values no Pod holds any more are swept once the table doubles past the live ones: Pods with
+        // ever new label values (or namespaces) cannot grow it without bound.
+        if self.values.len() >= 2 * self.live + 1024 {
+            self.values.retain(|v| Arc::strong_count(v) > 1);
+            self.live = self.values.len();
         }
-        let shared = Arc::new(labels.clone());
-        self.sets.insert(labels, Arc::downgrade(&shared));
+        let shared: Arc<T> = Arc::from(value);
+        self.values.insert(shared.clone());
         shared
     }
 }
@@ -215,14 +218,13 @@ impl Interest {
 
     /// `event` as the cache takes it: an uninteresting Pod is dropped from the initial list, and an
     /// update that makes a Pod uninteresting removes it.
-    fn filter(&self, event: watcher::Event<Pod>, shared: &mut LabelSets) -> Option<watcher::Event<CachedPod>> {
+    fn filter(&self, event: watcher::Event<Pod>, shared: &mut Shared) -> Option<watcher::Event<Arc<CachedPod>>> {
         use watcher::Event::*;
         let (keep, keep_label) = (|k: &str| self.keeps(k), |k: &str| self.keeps_label(k));
-        let mut cached = |pod| CachedPod::new(pod, &keep, &keep_label, shared);
+        let mut cached = |pod| Arc::new(CachedPod::new(pod, &keep, &keep_label, shared));
         Some(match event {
             Apply(pod) if self.wants(&pod) => Apply(cached(pod)),
-            // Not kept: its labels serve only to find the policies the event concerns, unshared.
-            Apply(pod) | Delete(pod) => Delete(CachedPod::new(pod, &keep, &keep_label, &mut LabelSets::default())),
+            Apply(pod) | Delete(pod) => Delete(cached(pod)),
             InitApply(pod) if self.wants(&pod) => InitApply(cached(pod)),
             InitApply(_) => return None,
             Init => Init,
@@ -276,9 +278,9 @@ pub fn watch(
     api: Api<Pod>,
     config: watcher::Config,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
-) -> impl Stream<Item = Result<(watcher::Event<CachedPod>, Arc<Interest>), watcher::Error>> + Send {
+) -> impl Stream<Item = Result<(watcher::Event<Arc<CachedPod>>, Arc<Interest>), watcher::Error>> + Send {
     let state =
-        Relists { inner: None, interest, open: true, last_start: None, restart_at: None, labels: Default::default() };
+        Relists { inner: None, interest, open: true, last_start: None, restart_at: None, shared: Default::default() };
     futures::stream::unfold(state, move |mut st| {
         let (api, config) = (api.clone(), config.clone());
         async move {
@@ -301,7 +303,7 @@ pub fn watch(
                     item = next => match item? {
                         Ok(event) => {
                             let current = st.inner.as_ref().expect("an item comes from a started watch").1.clone();
-                            if let Some(event) = current.filter(event, &mut st.labels) {
+                            if let Some(event) = current.filter(event, &mut st.shared) {
                                 return Some((Ok((event, current)), st));
                             }
                         }
@@ -323,7 +325,7 @@ struct Relists {
     open: bool,
     last_start: Option<tokio::time::Instant>,
     restart_at: Option<tokio::time::Instant>,
-    labels: LabelSets,
+    shared: Shared,
 }
 
 impl Relists {
@@ -488,17 +490,17 @@ mod tests {
         let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "example.com/id")]);
         let annotations = json!({"example.com/id": "n1", "agentmesh.dev/peers": "[]", "agentmesh.dev/node-id": "n0",
             "agentmesh.dev/other": "x", "kubectl.kubernetes.io/last-applied-configuration": "{…}"});
-        let mut shared = LabelSets::default();
+        let mut shared = Shared::default();
         let labels = json!({"app": "agent", "pod-template-hash": "5d8f", "zone": "z1"});
-        let cached = |shared: &mut LabelSets| {
+        let cached = |shared: &mut Shared| {
             let p = pod("a", labels.clone(), annotations.clone());
             CachedPod::new(p, &|k| interest.keeps(k), &|k| interest.keeps_label(k), shared)
         };
         let (p, twin) = (cached(&mut shared), cached(&mut shared));
         assert_eq!(*p.labels, BTreeMap::from([("app".to_string(), "agent".to_string())]), "only what a selector reads");
         assert!(Arc::ptr_eq(&p.labels, &twin.labels), "equal label sets are shared");
-        assert!(p.metadata.labels.is_none(), "not kept twice");
-        let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(Arc::ptr_eq(&p.namespace, &twin.namespace), "a namespace is shared");
+        let kept: Vec<&str> = p.annotations.iter().map(|(k, _)| &**k).collect();
         assert_eq!(
             kept,
             ["agentmesh.dev/node-id", "example.com/id"],
@@ -507,19 +509,18 @@ mod tests {
         let peers_only = BTreeMap::from([("agentmesh.dev/peers".to_string(), "[]".to_string())]);
         assert_eq!(p.keys, Keys::Raw(Arc::new(peers_only)), "half an assignment is kept as written");
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
-        assert!(p.metadata.managed_fields.is_none() && p.metadata.owner_references.is_none());
     }
 
     /// Pods with ever new label values (a kept key under churn, or a hostile creator) cannot grow the
     /// shared label table without bound: sets no Pod holds are swept.
     #[test]
     fn the_shared_label_table_stays_near_the_live_sets() {
-        let mut shared = LabelSets::default();
+        let mut shared = Sharing::default();
         let set = |i: usize| BTreeMap::from([("app".to_string(), format!("v{i}"))]);
         let held: Vec<_> = (0..300).map(|i| shared.share(set(i))).collect();
         for i in 300..20_000 {
             drop(shared.share(set(i)));
-            assert!(shared.sets.len() <= 2 * 300 + 1024 + 1, "{} sets after {i}", shared.sets.len());
+            assert!(shared.values.len() <= 2 * 300 + 1024 + 1, "{} sets after {i}", shared.values.len());
         }
         assert!(Arc::ptr_eq(&held[7], &shared.share(set(7))), "live sets stay shared");
     }
@@ -537,9 +538,9 @@ mod tests {
         for (ns, labels, annotations, want) in cases {
             let p = pod(ns, labels.clone(), annotations.clone());
             assert_eq!(interest.wants(&p), want, "{ns} {labels} {annotations}");
-            let listed = interest.filter(watcher::Event::InitApply(p.clone()), &mut LabelSets::default());
+            let listed = interest.filter(watcher::Event::InitApply(p.clone()), &mut Shared::default());
             assert_eq!(listed.is_some(), want, "listed: {ns} {labels}");
-            let applied = interest.filter(watcher::Event::Apply(p), &mut LabelSets::default());
+            let applied = interest.filter(watcher::Event::Apply(p), &mut Shared::default());
             assert_eq!(matches!(applied, Some(watcher::Event::Apply(_))), want, "applied: {ns} {labels}");
         }
     }

@@ -56,9 +56,18 @@ pub struct PresenceState {
 pub struct LongPoll {
     /// The rendezvous answered one without honouring the wait: prompt polls serve instead.
     pub refused: bool,
-    pub in_flight: bool,
+    /// The one in flight: its number and the URL it reads.
+    pub in_flight: Option<(u64, String)>,
+    started: u64,
     /// The answer, with the URL it came from, for the next reconcile.
     pub answer: Option<(String, Attempt)>,
+}
+
+impl LongPoll {
+    /// Whether one reading `url` is in flight: then its answer is this policy's next read.
+    fn reading(&self, url: &str) -> bool {
+        self.in_flight.as_ref().is_some_and(|(_, u)| u == url)
+    }
 }
 
 /// What a reconcile learns of presence.
@@ -261,7 +270,7 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
             return Some(attempt);
         }
     }
-    if state.long_poll.in_flight {
+    if state.long_poll.reading(&policy.rendezvous.presence_url) {
         return None;
     }
     let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
@@ -269,10 +278,12 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
         && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting));
     let prompt = state.prompt(now) && since.is_none_or(|s| s >= PROMPT_FETCH_INTERVAL);
     if (prompt || fresh) && state.may_long_poll() {
-        state.long_poll.in_flight = true;
+        state.long_poll.started += 1;
+        let number = state.long_poll.started;
+        state.long_poll.in_flight = Some((number, policy.rendezvous.presence_url.clone()));
         state.last_attempt = Some(now);
         let etag = state.etag.clone().unwrap_or_default();
-        tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, state.term));
+        tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number)));
         return None;
     }
     if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh) {
@@ -287,19 +298,28 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
 }
 
 /// One long poll (see [`LongPoll`]): its answer goes to the policy's next reconcile, which it wakes.
-async fn long_poll(ctx: Arc<Context>, policy: ValidPolicy, kept: Arc<super::PolicyState>, etag: String, term: u64) {
+/// `started` names it: the leadership term and its number within it.
+async fn long_poll(
+    ctx: Arc<Context>,
+    policy: ValidPolicy,
+    kept: Arc<super::PolicyState>,
+    etag: String,
+    started: (u64, u64),
+) {
     // A held read also serves as the regular poll, so it waits no longer than one.
     let wait = policy.rendezvous.poll_interval.clamp(Duration::from_secs(1), PresenceState::PROMPT_WINDOW);
     let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
     count(&ctx, &policy, &result);
     let mut state = kept.presence.lock().await;
     // Another term's state: this read is not ours to trust.
-    if state.term != term {
+    if state.term != started.0 {
         return;
     }
     let waits = matches!(result, Ok(Fetched::New { waits: true, .. } | Fetched::NotModified { waits: true }));
     state.long_poll.refused |= result.is_ok() && !waits;
-    state.long_poll.in_flight = false;
+    if state.long_poll.in_flight.as_ref().is_some_and(|(n, _)| *n == started.1) {
+        state.long_poll.in_flight = None;
+    }
     let attempt = Attempt { result, heartbeat_timeout: policy.heartbeat_timeout };
     state.long_poll.answer = Some((policy.rendezvous.presence_url.clone(), attempt));
     drop(state);
@@ -369,7 +389,9 @@ pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
         .collect();
     match ctx.policy_state(&policy.uid).presence.try_lock() {
         // A long poll in flight wakes the policy when it is answered.
-        Ok(mut state) => state.awaiting(&unmatched, Instant::now()) && !state.long_poll.in_flight,
+        Ok(mut state) => {
+            state.awaiting(&unmatched, Instant::now()) && !state.long_poll.reading(&policy.rendezvous.presence_url)
+        }
         Err(_) => false,
     }
 }
@@ -386,8 +408,8 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
         .pods
         .namespace(&policy.namespace)
         .into_iter()
-        .filter(|p| p.ready && !p.terminating() && p.keys.exact().is_none())
-        .filter(|p| !waiting.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
+        .filter(|p| p.ready && !p.terminating && p.keys.exact().is_none())
+        .filter(|p| !waiting.contains_key(&*p.name))
         .filter(|p| policy.selects(p.labels()) && !older.iter().any(|o| o.matches(p.labels())))
         .collect();
     if candidates.is_empty() {

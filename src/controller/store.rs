@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use kube::ResourceExt;
 use kube::runtime::watcher;
 
 use super::pods::CachedPod;
@@ -74,46 +73,35 @@ struct Log {
     records: VecDeque<(Arc<str>, Box<str>)>,
 }
 
-/// Puts `pod` into `pods` when `keep`, else takes out the entry of its name. Returns its namespace,
-/// shared with the store's key or else with `last` (the previous record's): a log of copies would weigh
-/// megabytes, and most events of uninteresting Pods name a namespace the store does not hold.
-fn put(pods: &mut Namespaces, pod: &CachedPod, keep: bool, last: Option<&Arc<str>>) -> Arc<str> {
-    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let shared = match (pods.get_key_value(ns), last) {
-        (Some((shared, _)), _) => Arc::clone(shared),
-        (None, Some(last)) if **last == *ns => Arc::clone(last),
-        (None, _) => Arc::from(ns),
-    };
-    let name: Box<str> = pod.name_any().into();
+/// Puts `pod` into `pods` when `keep`, else takes out the entry of its name.
+fn put(pods: &mut Namespaces, pod: &Arc<CachedPod>, keep: bool) {
     if keep {
-        pods.entry(Arc::clone(&shared)).or_default().insert(name, Arc::new(pod.clone()));
-    } else if let Some(names) = pods.get_mut(ns) {
-        names.remove(&name);
+        pods.entry(Arc::clone(&pod.namespace)).or_default().insert(pod.name.clone(), Arc::clone(pod));
+    } else if let Some(names) = pods.get_mut(&*pod.namespace) {
+        names.remove(&pod.name);
         if names.is_empty() {
-            pods.remove(ns);
+            pods.remove(&*pod.namespace);
         }
     }
-    shared
 }
 
 impl PodStore {
     /// Applies `event` to the store and records the Pod it changed, as one step.
-    pub fn apply(&self, event: &watcher::Event<CachedPod>) {
+    pub fn apply(&self, event: &watcher::Event<Arc<CachedPod>>) {
         let mut inner = self.inner.lock().expect("pod store lock");
         let inner = &mut *inner;
         match event {
             watcher::Event::Apply(pod) | watcher::Event::Delete(pod) => {
-                let last = inner.log.records.back().map(|(ns, _)| ns);
-                let ns = put(&mut inner.pods, pod, matches!(event, watcher::Event::Apply(_)), last);
+                put(&mut inner.pods, pod, matches!(event, watcher::Event::Apply(_)));
                 let log = &mut inner.log;
                 if log.records.len() == LOG_LIMIT {
                     log.records.pop_front();
                 }
-                log.records.push_back((ns, pod.name_any().into()));
+                log.records.push_back((Arc::clone(&pod.namespace), pod.name.clone()));
                 log.seq += 1;
             }
             watcher::Event::Init => inner.relist = Namespaces::new(),
-            watcher::Event::InitApply(pod) => drop(put(&mut inner.relist, pod, true, None)),
+            watcher::Event::InitApply(pod) => put(&mut inner.relist, pod, true),
             watcher::Event::InitDone => {
                 inner.pods = std::mem::take(&mut inner.relist);
                 inner.log.epoch += 1;
@@ -164,21 +152,39 @@ impl PodStore {
 mod tests {
     use super::*;
 
-    fn pod(name: &str, ns: &str, rv: &str) -> CachedPod {
+    fn k8s_pod(name: &str, ns: &str, rv: &str) -> k8s_openapi::api::core::v1::Pod {
         let pod = serde_json::json!({"metadata": {"name": name, "namespace": ns, "resourceVersion": rv}});
-        CachedPod::from_pod(serde_json::from_value(pod).unwrap())
+        serde_json::from_value(pod).unwrap()
+    }
+
+    fn pod(name: &str, ns: &str, rv: &str) -> Arc<CachedPod> {
+        Arc::new(CachedPod::from_pod(k8s_pod(name, ns, rv)))
+    }
+
+    fn cached(event: &watcher::Event<k8s_openapi::api::core::v1::Pod>) -> watcher::Event<Arc<CachedPod>> {
+        let pod = |p: &k8s_openapi::api::core::v1::Pod| Arc::new(CachedPod::from_pod(p.clone()));
+        match event {
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitApply(p) => watcher::Event::InitApply(pod(p)),
+            watcher::Event::InitDone => watcher::Event::InitDone,
+            watcher::Event::Apply(p) => watcher::Event::Apply(pod(p)),
+            watcher::Event::Delete(p) => watcher::Event::Delete(pod(p)),
+        }
+    }
+
+    /// A Pod's name and resource version.
+    fn id(p: &CachedPod) -> (String, String) {
+        (p.name.to_string(), p.resource_version.to_string())
     }
 
     fn names(since: &Since) -> Vec<(String, Option<String>)> {
         match since {
             Since::Everything(pods) => {
-                let mut v: Vec<_> = pods.iter().map(|p| (p.name_any(), p.resource_version())).collect();
+                let mut v: Vec<_> = pods.iter().map(|p| id(p)).map(|(n, rv)| (n, Some(rv))).collect();
                 v.sort();
                 v
             }
-            Since::Pods(pods) => {
-                pods.iter().map(|(n, p)| (n.clone(), p.as_ref().and_then(|p| p.resource_version()))).collect()
-            }
+            Since::Pods(pods) => pods.iter().map(|(n, p)| (n.clone(), p.as_deref().map(|p| id(p).1))).collect(),
         }
     }
 
@@ -229,7 +235,7 @@ mod tests {
         store.apply(&watcher::Event::InitDone);
         assert!(store.listed().now_or_never().is_some());
         store.apply(&watcher::Event::Apply(pod("b", "other", "2")));
-        assert_eq!(store.get("other", "b").and_then(|p| p.resource_version()), Some("2".into()));
+        assert_eq!(store.get("other", "b").map(|p| id(&p).1), Some("2".into()));
         store.apply(&watcher::Event::Delete(pod("b", "other", "3")));
         assert!(store.get("other", "b").is_none());
         assert_eq!(store.inner.lock().unwrap().pods.len(), 1, "only ci is left");
@@ -240,19 +246,17 @@ mod tests {
     #[derive(Default)]
     struct Replay {
         cursor: Option<Cursor>,
-        pods: BTreeMap<String, Option<String>>,
+        pods: BTreeMap<String, String>,
     }
 
     impl Replay {
         fn take(&mut self, batch: Batch) {
             match batch.since {
-                Since::Everything(pods) => {
-                    self.pods = pods.iter().map(|p| (p.name_any(), p.resource_version())).collect();
-                }
+                Since::Everything(pods) => self.pods = pods.iter().map(|p| id(p)).collect(),
                 Since::Pods(changed) => {
                     for (name, pod) in changed {
                         match pod {
-                            Some(p) => self.pods.insert(name, p.resource_version()),
+                            Some(p) => self.pods.insert(name, id(&p).1),
                             None => self.pods.remove(&name),
                         };
                     }
@@ -270,12 +274,13 @@ mod tests {
         fn the_store_holds_what_the_reflector_holds(
             events in proptest::collection::vec((0u8..5, 0usize..3, 0u8..4, 0u16..1000), 1..80),
         ) {
-            let (reference, mut writer) = kube::runtime::reflector::store::<CachedPod>();
+            use kube::ResourceExt;
+            let (reference, mut writer) = kube::runtime::reflector::store();
             let store = PodStore::default();
             let namespaces = ["a", "b", "c"];
             let mut readers: Vec<Replay> = namespaces.iter().map(|_| Replay::default()).collect();
             for (kind, ns, name, rv) in events {
-                let p = pod(&format!("p{name}"), namespaces[ns], &rv.to_string());
+                let p = k8s_pod(&format!("p{name}"), namespaces[ns], &rv.to_string());
                 let event = match kind {
                     0 => watcher::Event::Init,
                     1 => watcher::Event::InitApply(p),
@@ -284,23 +289,22 @@ mod tests {
                     _ => watcher::Event::Delete(p),
                 };
                 writer.apply_watcher_event(&event);
-                store.apply(&event);
+                store.apply(&cached(&event));
                 for (ns, reader) in namespaces.iter().zip(&mut readers) {
-                    let want: BTreeMap<String, Option<String>> = reference
+                    let want: BTreeMap<String, String> = reference
                         .state()
                         .iter()
                         .filter(|p| p.namespace().as_deref() == Some(*ns))
-                        .map(|p| (p.name_any(), p.resource_version()))
+                        .map(|p| (p.name_any(), p.resource_version().unwrap_or_default()))
                         .collect();
-                    let got: BTreeMap<_, _> =
-                        store.namespace(ns).iter().map(|p| (p.name_any(), p.resource_version())).collect();
+                    let got: BTreeMap<_, _> = store.namespace(ns).iter().map(|p| id(p)).collect();
                     proptest::prop_assert_eq!(&got, &want, "namespace {} after {:?}", ns, event);
                     reader.take(store.read(ns, reader.cursor, false));
                     proptest::prop_assert_eq!(&reader.pods, &want, "a reader of {}", ns);
                     for name in (0..4).map(|i| format!("p{i}")) {
                         let reference = reference.get(&kube::runtime::reflector::ObjectRef::new(&name).within(ns));
-                        let got = store.get(ns, &name).and_then(|p| p.resource_version());
-                        proptest::prop_assert_eq!(got, reference.and_then(|p| p.resource_version()));
+                        let got = store.get(ns, &name).map(|p| id(&p).1);
+                        proptest::prop_assert_eq!(got, reference.map(|p| p.resource_version().unwrap_or_default()));
                     }
                 }
             }

@@ -69,9 +69,8 @@ pub async fn controller(
         tracing::debug!(namespace = ?scope, "pod and policy caches synced");
         ready_ctx.caches_synced.store(true, Ordering::SeqCst);
     };
-    let mapper_store = ctx.policies.clone();
     let run = controller
-        .watches_stream(pod_stream, move |pod| policies_for_pod(&pod, &mapper_store))
+        .reconcile_on(pod_stream)
         .reconcile_all_on(leadership_gained(&ctx))
         .reconcile_on(woken)
         .shutdown_on_signal()
@@ -90,20 +89,20 @@ pub async fn controller(
     }
 }
 
-/// The Pods into the cache (see [`pods::watch`]); the cache's interest becomes the one its list was made
-/// with once the store has swapped that list in.
+/// The Pods into the cache (see [`pods::watch`]), and out as the policies each event concerns; the cache's
+/// interest becomes the one its list was made with once the store has swapped that list in.
 fn pod_events(
     ctx: &Arc<Context>,
     api: Api<Pod>,
     interest: tokio::sync::watch::Receiver<Option<Interest>>,
-) -> impl Stream<Item = Result<CachedPod, watcher::Error>> + Send + use<> {
+) -> impl Stream<Item = ObjectRef<MeshPolicy>> + Send + use<> {
     let mut config = watch_config();
     if let Some(selector) = &ctx.pod_selector {
         config = config.labels(selector);
     }
     let listing: Arc<std::sync::Mutex<Option<Arc<Interest>>>> = Default::default();
     let (listing_in, listed_ctx, metrics) = (listing.clone(), ctx.clone(), ctx.metrics.clone());
-    let recording = ctx.clone();
+    let (recording, policies) = (ctx.clone(), ctx.policies.clone());
     pods::watch(api, config, interest)
         .inspect_err(move |e| metrics.watch_failed("pods", e))
         .map_ok(move |(event, interest)| {
@@ -121,7 +120,14 @@ fn pod_events(
             }
             _ => {}
         })
-        .touched_objects()
+        .filter_map(|event| std::future::ready(event.ok()))
+        .flat_map(move |event| {
+            let pod = match event {
+                watcher::Event::Apply(pod) | watcher::Event::Delete(pod) | watcher::Event::InitApply(pod) => Some(pod),
+                watcher::Event::Init | watcher::Event::InitDone => None,
+            };
+            futures::stream::iter(pod.map(|pod| policies_for_pod(&pod, &policies)).unwrap_or_default())
+        })
 }
 
 /// The MeshPolicies into their cache. Once they are listed, every change sends the Pod watch the interest
@@ -174,14 +180,13 @@ fn leadership_gained(ctx: &Context) -> impl Stream<Item = ()> + Send + use<> {
 /// Policies a Pod event concerns: those whose selector matches it, and the one named on it (so a Pod that
 /// stopped matching is cleaned up).
 fn policies_for_pod(pod: &CachedPod, policies: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    let ns = pod.namespace().unwrap_or_default();
+    let ns = &*pod.namespace;
     let named = pod.keys.policy();
     policies
         .state()
         .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        // The cached Pod's own labels: `metadata.labels` is empty in the cache.
-        .filter(|p| named == Some(p.name_any().as_str()) || p.selects_labels(Some(&ns), pod.labels()))
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .filter(|p| named == Some(p.name_any().as_str()) || p.selects_labels(Some(ns), pod.labels()))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
