@@ -50,8 +50,9 @@ impl Admission {
         carried: &dyn Fn(&str) -> bool,
         now: Instant,
     ) -> (HashSet<String>, Option<Duration>) {
-        let newcomers: HashSet<&str> =
-            eligible.iter().copied().filter(|p| !self.planned.contains(*p) && !carried(p)).collect();
+        // One lookup per agent: those not in the plan, and of them the newcomers (not carrying one either).
+        let unplanned: Vec<&str> = eligible.iter().copied().filter(|p| !self.planned.contains(*p)).collect();
+        let newcomers: HashSet<&str> = unplanned.iter().copied().filter(|p| !carried(p)).collect();
         self.waiting.retain(|p, _| newcomers.contains(p.as_str()));
         let arrived = newcomers.iter().filter(|p| !self.waiting.contains_key(**p)).count();
         if arrived > 0 {
@@ -68,14 +69,14 @@ impl Admission {
         }
         let (Some(newest), Some(oldest)) = (self.waiting.values().max().copied(), self.waiting.values().min().copied())
         else {
-            return self.admit(eligible);
+            return self.admit(eligible, &unplanned);
         };
         let large = self.arrivals > 1 && self.arrivals as f64 >= BURST_SHARE * self.fleet as f64;
         let heard = self.blind_until.map_or(newest, |t| t.max(newest));
         let quiet = now.saturating_duration_since(heard) >= QUIET;
         let overdue = now.saturating_duration_since(oldest) >= MAX_HOLD;
         if !large || quiet || overdue {
-            return self.admit(eligible);
+            return self.admit(eligible, &unplanned);
         }
         let again = (heard + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
         let held: HashSet<String> = self.waiting.keys().cloned().collect();
@@ -83,14 +84,11 @@ impl Admission {
         (held, Some(again))
     }
 
-    fn admit(&mut self, eligible: &[&str]) -> (HashSet<String>, Option<Duration>) {
+    /// Plans every agent of `eligible`, of which `unplanned` are not in the plan yet.
+    fn admit(&mut self, eligible: &[&str], unplanned: &[&str]) -> (HashSet<String>, Option<Duration>) {
         self.waiting.clear();
         // Brought up to date rather than built again: a join or leave costs a lookup per agent, not a copy.
-        for p in eligible {
-            if !self.planned.contains(*p) {
-                self.planned.insert((*p).to_owned());
-            }
-        }
+        self.planned.extend(unplanned.iter().map(|p| (*p).to_owned()));
         if self.planned.len() > eligible.len() {
             let eligible: HashSet<&str> = eligible.iter().copied().collect();
             self.planned.retain(|p| eligible.contains(p.as_str()));

@@ -164,27 +164,32 @@ pub fn graph<M: Node>(members: &[M], cap: u32, seed: &str, mut previous: Indexed
     if cap > MAX_CAP {
         return Err(PlanError::CapOutOfRange(cap));
     }
-    let rank = id_ranks(members).ok_or_else(|| first_bad_id(members))?;
+    let hash = rings::hashes(members, seed);
+    let rank = ranks(members, &hash).ok_or_else(|| first_bad_id(members))?;
     let n = members.len() as u32;
     previous.links.retain(|&(a, b)| a != b && a < n && b < n);
     previous.known.resize(members.len(), false);
     // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
     // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
-    // their ends' node ids, compared as ranks.
+    // their ends' ranks.
     previous.links.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
-    Ok(rings::build(members, cap as usize, seed, &previous))
+    Ok(rings::build(members, hash, cap as usize, &previous))
 }
 
-/// Each member's position in node-id order; `None` when a node id is empty or appears twice.
-fn id_ranks<M: Node>(members: &[M]) -> Option<Vec<u32>> {
-    let mut order: Vec<u32> = (0..members.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| members[a as usize].node_id().cmp(members[b as usize].node_id()));
-    let id = |i: &u32| members[*i as usize].node_id();
-    if order.first().is_some_and(|i| id(i).is_empty()) || order.windows(2).any(|w| id(&w[0]) == id(&w[1])) {
+/// Each member's position in the order of its keyed hash (`hash`), then node id; `None` when a node id is
+/// empty or appears twice.
+fn ranks<M: Node>(members: &[M], hash: &[u64]) -> Option<Vec<u32>> {
+    if members.iter().any(|m| m.node_id().is_empty()) {
+        return None;
+    }
+    let mut keyed: Vec<(u64, u32)> = hash.iter().enumerate().map(|(i, &h)| (h, i as u32)).collect();
+    rings::sort_keyed(members, &mut keyed);
+    let id = |i: u32| members[i as usize].node_id();
+    if keyed.windows(2).any(|w| w[0].0 == w[1].0 && id(w[0].1) == id(w[1].1)) {
         return None;
     }
     let mut rank = vec![0; members.len()];
-    for (r, &i) in order.iter().enumerate() {
+    for (r, &(_, i)) in keyed.iter().enumerate() {
         rank[i as usize] = r as u32;
     }
     Some(rank)
@@ -201,5 +206,5 @@ fn first_bad_id<M: Node>(members: &[M]) -> PlanError {
             return PlanError::DuplicateNodeId(m.node_id().to_owned());
         }
     }
-    unreachable!("id_ranks refuses only an empty or repeated node id")
+    unreachable!("ranks refuses only an empty or repeated node id")
 }

@@ -34,13 +34,14 @@ const NO_MATE: u32 = u32::MAX;
 /// Ring index of the auxiliary order used by the odd-k matching and by repair searches.
 const AUX: u64 = 0xA0A0;
 
-pub fn build<M: Node>(members: &[M], k: usize, seed: &str, previous: &Previous) -> Graph {
+/// The graph over `members`, whose keyed hashes ([`hashes`]) are `hash`.
+pub fn build<M: Node>(members: &[M], hash: Vec<u64>, k: usize, previous: &Previous) -> Graph {
     let n = members.len();
     let g = Graph::new(n, k);
     if k == 0 || n < 2 {
         return g;
     }
-    let ctx = Ctx::new(members, seed);
+    let ctx = Ctx::new(members, hash);
     let backbone = ctx.order(0, true);
     let pos0 = positions(&backbone);
     let aux = ctx.order(AUX, false);
@@ -99,10 +100,24 @@ struct Ctx<'a, M> {
     domains: u32,
 }
 
+/// Each member's node id hashed with `seed`: the key every order starts from.
+pub fn hashes<M: Node>(members: &[M], seed: &str) -> Vec<u64> {
+    let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
+    members.iter().map(|m| xxh3_64_with_seed(m.node_id().as_bytes(), seed)).collect()
+}
+
+/// Sorts `keyed` (key, member) by key, members of equal keys (a 64-bit collision) by node id, so the
+/// order never depends on input order. Sorting the keys alone is what keeps this fast.
+pub fn sort_keyed<K: Ord + Copy, M: Node>(members: &[M], keyed: &mut [(K, u32)]) {
+    keyed.sort_unstable();
+    let id = |i: u32| members[i as usize].node_id();
+    for run in keyed.chunk_by_mut(|a, b| a.0 == b.0).filter(|run| run.len() > 1) {
+        run.sort_unstable_by(|a, b| id(a.1).cmp(id(b.1)));
+    }
+}
+
 impl<'a, M: Node> Ctx<'a, M> {
-    fn new(members: &'a [M], seed: &str) -> Self {
-        let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
-        let hash = members.iter().map(|m| xxh3_64_with_seed(m.node_id().as_bytes(), seed)).collect();
+    fn new(members: &'a [M], hash: Vec<u64>) -> Self {
         let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain()).collect();
         names.sort_unstable();
         names.dedup();
@@ -113,15 +128,11 @@ impl<'a, M: Node> Ctx<'a, M> {
     /// Members sorted by ring `c`'s key (within domain arcs when `by_domain`); ties, which need a 64-bit
     /// collision, fall back to the node id so the order never depends on input order.
     fn order(&self, c: u64, by_domain: bool) -> Vec<u32> {
-        let mut keyed: Vec<(u32, u64, u32)> = (0..self.hash.len())
-            .map(|i| (if by_domain { self.dom[i] } else { 0 }, mix(self.hash[i], c), i as u32))
+        let mut keyed: Vec<((u32, u64), u32)> = (0..self.hash.len())
+            .map(|i| ((if by_domain { self.dom[i] } else { 0 }, mix(self.hash[i], c)), i as u32))
             .collect();
-        keyed.sort_unstable_by(|a, b| {
-            (a.0, a.1)
-                .cmp(&(b.0, b.1))
-                .then_with(|| self.members[a.2 as usize].node_id().cmp(self.members[b.2 as usize].node_id()))
-        });
-        keyed.into_iter().map(|(_, _, i)| i).collect()
+        sort_keyed(self.members, &mut keyed);
+        keyed.into_iter().map(|(_, i)| i).collect()
     }
 }
 
