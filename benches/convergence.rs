@@ -309,6 +309,8 @@ async fn main() {
     row("at rest (60 s): Pod patches", format!("{}", patches().await - before));
     row("at rest: API requests per second", format!("{rate:.2}"));
     row("operator RSS at rest / peak", format!("{} / {}", rss(pid, "VmRSS:"), rss(pid, "VmHWM:")));
+    // Anonymous memory (the heap and stacks) apart from the binary's pages that were touched.
+    row("operator RSS at rest: anonymous / file", format!("{} / {}", rss(pid, "RssAnon:"), rss(pid, "RssFile:")));
 
     println!(
         "\n| {agents} agents, {unrelated} unrelated Pods{} | |\n|---|---|",

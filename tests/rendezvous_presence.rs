@@ -138,4 +138,11 @@ async fn a_long_poll_is_held_until_the_list_changes() {
     let Ok(Fetched::New { etag: Some(now), .. }) = fetcher.fetch(&req).await else { panic!("the list changed") };
     let req = Request { etag: Some(&now), wait: Some(Duration::from_secs(1)), ..request(&presence, None) };
     assert!(matches!(fetcher.fetch(&req).await, Ok(Fetched::NotModified { waits: true })));
+    assert_eq!(state().await["held"], 2);
+    // A request without the token is refused before it could be held.
+    let token = http.post(format!("{base}/admin/token")).header("content-type", "application/json");
+    token.body(json!({"token": "s3cret"}).to_string()).send().await.unwrap();
+    let req = Request { etag: Some(&now), wait: Some(Duration::from_secs(60)), ..request(&presence, None) };
+    assert_eq!(fetcher.fetch(&req).await.err().map(|e| e.reason()), Some("Unauthorized"));
+    assert_eq!(state().await["held"], 2, "held without the token");
 }

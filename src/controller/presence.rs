@@ -47,27 +47,56 @@ pub struct PresenceState {
     /// Ready Pods without a presence entry, and when each was first seen so.
     pub waiting: HashMap<String, Instant>,
     pub long_poll: LongPoll,
+    /// A read made but not taken in yet, for the next reconcile.
+    pub unread: Option<Unread>,
 }
 
 /// A read the rendezvous holds until its list changes (`Prefer: wait`, docs/presence-api.md), made beside
 /// the reconciles while Ready Pods wait for their entries: a new entry then arrives as soon as the
-/// rendezvous has it, not at the next prompt poll. Its answer is taken in by the next reconcile.
+/// rendezvous has it, not at the next prompt poll. Its answer is left [`Unread`] for the next reconcile.
 #[derive(Default)]
 pub struct LongPoll {
     /// The rendezvous answered one without honouring the wait: prompt polls serve instead.
     pub refused: bool,
-    /// The one in flight: its number and the URL it reads.
-    pub in_flight: Option<(u64, String)>,
+    pub in_flight: Option<InFlight>,
     started: u64,
-    /// The answer, with the URL it came from, for the next reconcile.
-    pub answer: Option<(String, Attempt)>,
+}
+
+pub struct InFlight {
+    number: u64,
+    source: Source,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl LongPoll {
-    /// Whether one reading `url` is in flight: then its answer is this policy's next read.
-    fn reading(&self, url: &str) -> bool {
-        self.in_flight.as_ref().is_some_and(|(_, u)| u == url)
+    /// Whether one reading `source` is in flight: then its answer is this policy's next read. A task
+    /// that ended without answering (it panicked) is not in flight, so reads go on.
+    fn reading(&self, source: &Source) -> bool {
+        self.in_flight.as_ref().is_some_and(|f| f.source == *source && !f.task.is_finished())
     }
+}
+
+impl Unread {
+    /// Whether this read is the policy's presence now: read from `source`, and if a 304, for `etag`.
+    fn fits(&self, source: &Source, etag: &Option<String>) -> bool {
+        let unmodified = matches!(self.result, Ok(Fetched::NotModified { .. }));
+        self.source == *source && (!unmodified || self.sent == *etag)
+    }
+}
+
+/// Where a read comes from: the presence URL and the CA bundle it is verified against.
+type Source = (String, Option<String>);
+
+fn source(policy: &ValidPolicy) -> Source {
+    (policy.rendezvous.presence_url.clone(), policy.rendezvous.ca_bundle.clone())
+}
+
+/// A read not taken in yet: a long poll's answer, or a read whose reconcile ended before taking it in.
+pub struct Unread {
+    source: Source,
+    /// The ETag sent with it: a 304 confirms only the snapshot that ETag names.
+    sent: Option<String>,
+    result: Result<Fetched, FetchError>,
 }
 
 /// What a reconcile learns of presence.
@@ -263,14 +292,16 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     let mut state = kept.presence.lock().await;
     state.enter_term(ctx.leadership.term());
     let now = Instant::now();
-    if let Some((url, attempt)) = state.long_poll.answer.take() {
-        // Read from a URL the policy no longer names: not this policy's presence any more.
-        if url == policy.rendezvous.presence_url {
+    let source = source(policy);
+    if let Some(unread) = state.unread.take() {
+        // Read from a rendezvous the policy no longer names, or a 304 for a snapshot no longer ours: not
+        // this policy's presence now.
+        if unread.fits(&source, &state.etag) {
             state.last_attempt = Some(now);
-            return Some(attempt);
+            return Some(Attempt { result: unread.result, heartbeat_timeout: policy.heartbeat_timeout });
         }
     }
-    if state.long_poll.reading(&policy.rendezvous.presence_url) {
+    if state.long_poll.reading(&source) {
         return None;
     }
     let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
@@ -280,10 +311,11 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     if (prompt || fresh) && state.may_long_poll() {
         state.long_poll.started += 1;
         let number = state.long_poll.started;
-        state.long_poll.in_flight = Some((number, policy.rendezvous.presence_url.clone()));
         state.last_attempt = Some(now);
         let etag = state.etag.clone().unwrap_or_default();
-        tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number)));
+        // The task finds its own entry under the lock, which is held until the entry is in place.
+        let task = tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number)));
+        state.long_poll.in_flight = Some(InFlight { number, source, task });
         return None;
     }
     if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh) {
@@ -311,19 +343,26 @@ async fn long_poll(
     let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
     count(&ctx, &policy, &result);
     let mut state = kept.presence.lock().await;
-    // Another term's state: this read is not ours to trust.
-    if state.term != started.0 {
+    // Another term's state, or a read the policy stopped waiting for (its rendezvous changed): not ours
+    // to trust.
+    if state.term != started.0 || state.long_poll.in_flight.as_ref().is_none_or(|f| f.number != started.1) {
         return;
     }
+    state.long_poll.in_flight = None;
     let waits = matches!(result, Ok(Fetched::New { waits: true, .. } | Fetched::NotModified { waits: true }));
     state.long_poll.refused |= result.is_ok() && !waits;
-    if state.long_poll.in_flight.as_ref().is_some_and(|(n, _)| *n == started.1) {
-        state.long_poll.in_flight = None;
-    }
-    let attempt = Attempt { result, heartbeat_timeout: policy.heartbeat_timeout };
-    state.long_poll.answer = Some((policy.rendezvous.presence_url.clone(), attempt));
+    state.unread = Some(Unread { source: source(&policy), sent: Some(etag), result });
     drop(state);
     ctx.wake(&policy.name, &policy.namespace);
+}
+
+/// Keeps a read that this reconcile made but will not take in, for the next one: dropped, its news (or
+/// its failure) would wait a poll interval.
+pub async fn unread(ctx: &Context, policy: &ValidPolicy, attempt: Attempt) {
+    let kept = ctx.policy_state(&policy.uid);
+    let mut state = kept.presence.lock().await;
+    let sent = state.etag.clone();
+    state.unread.get_or_insert(Unread { source: source(policy), sent, result: attempt.result });
 }
 
 async fn request(
@@ -389,9 +428,7 @@ pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
         .collect();
     match ctx.policy_state(&policy.uid).presence.try_lock() {
         // A long poll in flight wakes the policy when it is answered.
-        Ok(mut state) => {
-            state.awaiting(&unmatched, Instant::now()) && !state.long_poll.reading(&policy.rendezvous.presence_url)
-        }
+        Ok(mut state) => state.awaiting(&unmatched, Instant::now()) && !state.long_poll.reading(&source(policy)),
         Err(_) => false,
     }
 }
@@ -445,6 +482,41 @@ fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unread read serves the next reconcile only as the presence of the rendezvous the policy names
+    /// now; a 304 only for the ETag the policy holds now.
+    #[test]
+    fn an_unread_read_serves_only_the_rendezvous_and_snapshot_it_was_made_for() {
+        let (a, b) = (("http://a/presence".to_string(), None), ("http://b/presence".to_string(), None));
+        let ca = ("http://a/presence".to_string(), Some("pem".to_string()));
+        let unread = |result, sent: &str| Unread { source: a.clone(), sent: Some(sent.into()), result };
+        let body = || Ok(Fetched::New { snapshot: Snapshot::default(), etag: None, bytes: 0, waits: true });
+        let etag = Some("e1".to_string());
+        assert!(unread(body(), "e0").fits(&a, &etag), "a new body stands on its own");
+        assert!(!unread(body(), "e1").fits(&b, &etag), "another URL");
+        assert!(!unread(body(), "e1").fits(&ca, &etag), "another CA bundle");
+        assert!(unread(Ok(Fetched::NotModified { waits: true }), "e1").fits(&a, &etag));
+        assert!(!unread(Ok(Fetched::NotModified { waits: true }), "e0").fits(&a, &etag), "a 304 for another body");
+    }
+
+    /// A long poll whose task ended without answering (it panicked) does not stop the policy's reads.
+    #[tokio::test]
+    async fn a_long_poll_that_died_is_not_in_flight() {
+        let source = ("http://a/presence".to_string(), None);
+        let task = tokio::spawn(async { panic!("a long poll that dies") });
+        let poll =
+            LongPoll { in_flight: Some(InFlight { number: 1, source: source.clone(), task }), ..Default::default() };
+        while poll.in_flight.as_ref().is_some_and(|f| !f.task.is_finished()) {
+            tokio::task::yield_now().await;
+        }
+        assert!(!poll.reading(&source));
+        let alive = tokio::spawn(std::future::pending::<()>());
+        let poll = LongPoll {
+            in_flight: Some(InFlight { number: 2, source: source.clone(), task: alive }),
+            ..Default::default()
+        };
+        assert!(poll.reading(&source) && !poll.reading(&("http://b/presence".to_string(), None)));
+    }
     use crate::presence::Node;
 
     fn node(id: &str, seen_ms: f64) -> Node {

@@ -117,6 +117,9 @@ async fn reconcile_policy(object: &MeshPolicy, ctx: &Arc<Context>) -> Result<Act
     // The policies the filing reads, checked again: one may have changed while this one waited.
     let policies = observe::namespace_policies(ctx, &policy.namespace);
     if !cache_keeps(ctx, &policy, &policies) {
+        if let Some(attempt) = attempt {
+            presence::unread(ctx, &policy, attempt).await;
+        }
         return Ok(Action::requeue(CACHE_WAIT));
     }
     let filing = Filing::new(&policy, &policies);

@@ -169,12 +169,26 @@ pub fn router(state: Shared) -> Router {
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 async fn presence(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    {
+        let mut st = s.lock().unwrap();
+        st.requests += 1;
+        if headers.contains_key(header::AUTHORIZATION) {
+            st.bearer_requests += 1;
+        }
+        if !agent_mesh::transport::token_ok(
+            st.token.as_deref(),
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+        ) {
+            return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
+        }
+    }
     let wait = requested_wait(&headers);
     if let Some(wait) = wait {
         hold(&s, &headers, wait).await;
     }
     let mut response = answer(&s, &headers).await;
-    if let Some(wait) = wait.filter(|_| !response.status().is_server_error()) {
+    if let Some(wait) = wait.filter(|_| response.status().is_success() || response.status() == StatusCode::NOT_MODIFIED)
+    {
         let applied = header::HeaderValue::from_str(&format!("wait={}", wait.as_secs())).expect("a header value");
         response.headers_mut().insert("preference-applied", applied);
     }
@@ -240,19 +254,10 @@ fn membership_of(etag: &str) -> Option<u64> {
     u64::from_str_radix(etag.trim_matches('"').split_once('-')?.0, 16).ok()
 }
 
+/// The answer to an authorized presence request.
 async fn answer(s: &Shared, headers: &HeaderMap) -> Response {
     let (fail, nodes, server, membership) = {
-        let mut st = s.lock().unwrap();
-        st.requests += 1;
-        if headers.contains_key(header::AUTHORIZATION) {
-            st.bearer_requests += 1;
-        }
-        if !agent_mesh::transport::token_ok(
-            st.token.as_deref(),
-            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
-        ) {
-            return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
-        }
+        let st = s.lock().unwrap();
         if let Some(raw) = st.raw_body.clone() {
             return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from(raw.to_vec()))
                 .into_response();
