@@ -3,13 +3,14 @@
 //! (default 0: a Deployment's Pods sharing the namespace). Prints one table:
 //!
 //! * burst: all N agents created at once (32 in flight); patches per agent; every agent assigned how long
-//!   after the last became Ready with presence;
+//!   after the last became Ready with presence; the operator's write rate against the API server's apply
+//!   capacity, measured next (with U ≥ 3,000);
 //! * paced: N/10 more, one every 50 ms: per-agent latency from Ready with presence to its annotation;
 //! * one join into the settled fleet (presence first, then Ready; and Ready first, then presence); one
 //!   leave (Pod deleted → no Pod names it); patches for each;
 //! * at rest (60 s): Pod patches, and API requests per second (the API server's own count; the operator is
 //!   its only client but for this benchmark's one watch);
-//! * the operator's peak and resting RSS.
+//! * the operator's peak and resting RSS, and at rest its anonymous and file-backed RSS.
 //!
 //! ```text
 //! AGENTS=10000 UNRELATED=20000 cargo bench --bench convergence
@@ -132,6 +133,33 @@ async fn add_unrelated(client: &kube::Client, ns: &str, count: usize) {
         }
     };
     futures::stream::iter(0..count).map(create).buffer_unordered(32).collect::<Vec<()>>().await;
+}
+
+/// The API server's capacity for the operator's kind of write, measured beside the idle operator: server-side
+/// applies of one annotation to `count` of the unrelated Pods, 16 in flight. Applies per second.
+async fn apply_capacity(client: &kube::Client, ns: &str, count: usize) -> f64 {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let params = kube::api::PatchParams::apply("bench-capacity-probe").force();
+    let apply = |i: usize| {
+        let (pods, params) = (pods.clone(), params.clone());
+        async move {
+            let body = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("web-{i}"), "annotations": {"bench.example/probe": "1"}}});
+            let name = format!("web-{i}");
+            pods.patch(&name, &params, &kube::api::Patch::Apply(&body)).await.expect("a probe apply");
+        }
+    };
+    let started = Instant::now();
+    futures::stream::iter(0..count).map(apply).buffer_unordered(16).collect::<Vec<()>>().await;
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The operator's write rate over a burst: its Pod patches between the first annotation and the last.
+fn write_rate(seen: &Shared, ready: &HashMap<String, Instant>, patches: f64) -> f64 {
+    let assigned = seen.lock().unwrap().assigned.clone();
+    let times: Vec<Instant> = ready.keys().filter_map(|n| assigned.get(n).copied()).collect();
+    let (first, last) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+    patches / last.saturating_duration_since(*first).as_secs_f64().max(1e-3)
 }
 
 /// Waits (up to 5 min) until every agent in `ready` is annotated; the latency percentiles, and how long
@@ -260,7 +288,15 @@ async fn main() {
     row("burst: every agent assigned, after the last became Ready", ms(after_last));
     row("burst: Ready → annotation p50 / p99", format!("{} / {}", ms(p50), ms(p99)));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    row("burst: Pod patches per agent", format!("{:.2}", patches().await / agents as f64));
+    let burst_patches = patches().await;
+    row("burst: Pod patches per agent", format!("{:.2}", burst_patches / agents as f64));
+    if unrelated >= 3000 {
+        let (rate, capacity) = (write_rate(&seen, &ready, burst_patches), apply_capacity(&client, &ns, 3000).await);
+        row(
+            "burst: the operator's write rate / the API server's apply capacity (same run)",
+            format!("{rate:.0} / {capacity:.0} per s ({:.0} %)", 100.0 * rate / capacity),
+        );
+    }
 
     let paced = env("PACED", agents / 10);
     let before = patches().await;
