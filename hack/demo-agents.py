@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The demo's view of its agents, read from each mesh-agent's own API (agent i serves 127.0.2.(i+1):9464).
+"""The demo's view of its agents, read from each mesh-agent's test API (agent i serves 127.0.2.(i+1):9465).
 
   --links I...              each agent's open links (dialed/accepted), its high-water mark, the rendezvous link
   --check-links I...        exit 0 iff every agent holds exactly the links of its applied assignment (and some)
@@ -14,7 +14,7 @@ OUTAGE = "during the outage"
 
 
 def get(i, path):
-    with urllib.request.urlopen(f"http://127.0.2.{i + 1}:9464{path}", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.2.{i + 1}:9465{path}", timeout=5) as r:
         return json.load(r)
 
 

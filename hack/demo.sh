@@ -45,7 +45,8 @@ kubectl create namespace "$NS" >/dev/null
 kubectl create serviceaccount default -n "$NS" >/dev/null
 agent_pid=()
 for i in $(seq 0 $((AGENTS - 1))); do
-  mesh-agent --listen "127.0.2.$((i + 1)):3001" --api "127.0.2.$((i + 1)):9464" --hostname "agent-$i" \
+  mesh-agent --listen "127.0.2.$((i + 1)):3001" --metrics "127.0.2.$((i + 1)):9464" \
+    --test-api "127.0.2.$((i + 1)):9465" --hostname "agent-$i" \
     --identity "$WORK/agent-$i.key" --rendezvous "wss://$HUB/crdt-sync" --rendezvous-node-id "$HUB_ID" --max-peers 4 --heartbeat 2s \
     --assignment-file "$WORK/agent-$i.annotations" >"$WORK/agent-$i.out" 2>"$WORK/agent-$i.log" &
   pids+=($!)
@@ -126,7 +127,7 @@ wait_for "the outage to be reported" status_is '{.status.conditions[?(@.type=="R
 
 say "Writing an update at agent-10 and one at agent-29 while the rendezvous is down"
 for w in 10 29; do
-  curl -sf -X POST "http://127.0.2.$((w + 1)):9464/updates" -H 'content-type: application/json' -d '{"value":"during the outage"}'
+  curl -sf -X POST "http://127.0.2.$((w + 1)):9465/updates" -H 'content-type: application/json' -d '{"value":"during the outage"}'
   echo
 done
 wait_for "both updates at every surviving agent" agents --check-updates 2 $survivors

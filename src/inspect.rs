@@ -9,12 +9,18 @@ use crate::api::MeshPolicy;
 use crate::assignment::Assignment;
 
 /// One row of `kubectl mesh status`.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AgentRow {
     pub pod: String,
     pub node_id: String,
+    /// The Pod's Node.
+    pub node: String,
+    /// Its failure domain, from the Pod's `topologyKey` label or else its Node's, as the operator reads it.
     pub zone: String,
+    /// The agents it dials and those that dial it: Pod names where known, else short node ids.
     pub dials: Vec<String>,
+    pub accepts: Vec<String>,
     pub links: usize,
     pub eligibility: String,
 }
@@ -31,36 +37,36 @@ fn short(id: &str) -> String {
     id.chars().take(12).collect()
 }
 
-/// Rows for every Pod the policy selects, by Pod name.
-pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
+/// Rows for every Pod the policy selects, by Pod name. `node_zone` gives a Node's `topologyKey` label.
+pub fn status_rows(policy: &MeshPolicy, pods: &[Pod], node_zone: &dyn Fn(&str) -> Option<String>) -> Vec<AgentRow> {
     let excluded: BTreeMap<&str, &str> =
         policy.status.iter().flat_map(|s| s.excluded.iter()).map(|e| (e.pod.as_str(), e.reason.as_str())).collect();
     let names: BTreeMap<String, String> =
         pods.iter().map(|p| (node_id(policy, p), p.name_any())).filter(|(id, _)| id != "-").collect();
+    let name_of = |id: &str| names.get(id).cloned().unwrap_or_else(|| short(id));
     let mut rows: Vec<AgentRow> = pods
         .iter()
         .filter(|p| policy.selects(*p))
         .map(|p| {
             let name = p.name_any();
             let own = current(p).filter(|a| a.policy == policy.name_any());
-            let zone = policy.spec.topology_key.as_ref().and_then(|k| p.labels().get(k).cloned());
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+            let zone = policy
+                .spec
+                .topology_key
+                .as_ref()
+                .and_then(|k| p.labels().get(k).cloned().or_else(|| node.as_deref().and_then(node_zone)));
             let eligibility = match (&own, excluded.get(name.as_str())) {
                 (_, Some(why)) => why.to_string(),
                 (Some(_), None) => "eligible".into(),
                 (None, None) => "not assigned".into(),
             };
             AgentRow {
-                node_id: short(&node_id(policy, p)),
+                node_id: node_id(policy, p),
+                node: node.unwrap_or_else(|| "-".into()),
                 zone: zone.unwrap_or_else(|| "-".into()),
-                dials: own
-                    .as_ref()
-                    .map(|a| {
-                        a.peers
-                            .iter()
-                            .map(|x| names.get(&x.node_id).cloned().unwrap_or_else(|| short(&x.node_id)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                dials: own.iter().flat_map(|a| a.peers.iter().map(|x| name_of(&x.node_id))).collect(),
+                accepts: own.iter().flat_map(|a| a.accepts.iter().map(|x| name_of(x))).collect(),
                 links: own.as_ref().map_or(0, Assignment::links),
                 eligibility,
                 pod: name,
@@ -71,20 +77,68 @@ pub fn status_rows(policy: &MeshPolicy, pods: &[Pod]) -> Vec<AgentRow> {
     rows
 }
 
-pub fn status_table(policy: &MeshPolicy, pods: &[Pod]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "{:<24} {:<13} {:<12} {:>5}  {:<40} ELIGIBILITY", "POD", "NODE-ID", "ZONE", "LINKS", "DIALS");
-    for r in status_rows(policy, pods) {
-        let _ = writeln!(
-            out,
-            "{:<24} {:<13} {:<12} {:>5}  {:<40} {}",
-            r.pod,
-            r.node_id,
-            r.zone,
-            r.links,
-            r.dials.join(","),
-            r.eligibility
-        );
+/// The rows as a table whose columns fit their widest cell; `wide` adds the full node id, the Node and
+/// the accepts. `policy` (and `namespace`) columns come first when the rows are of several policies.
+pub fn status_table(rows: &[(String, String, AgentRow)], scope: Scope, wide: bool, headers: bool) -> String {
+    let mut head = match scope {
+        Scope::Policy => vec![],
+        Scope::Namespace => vec!["POLICY"],
+        Scope::All => vec!["NAMESPACE", "POLICY"],
+    };
+    head.extend(["POD", "NODE-ID", "ZONE", "LINKS", "DIALS"]);
+    if wide {
+        head.extend(["ACCEPTS", "NODE"]);
+    }
+    head.push("ELIGIBILITY");
+    let mut cells: Vec<Vec<String>> = vec![];
+    for (ns, policy, r) in rows {
+        let mut row = match scope {
+            Scope::Policy => vec![],
+            Scope::Namespace => vec![policy.clone()],
+            Scope::All => vec![ns.clone(), policy.clone()],
+        };
+        let id = if wide { r.node_id.clone() } else { short(&r.node_id) };
+        row.extend([r.pod.clone(), id, r.zone.clone(), r.links.to_string(), list(&r.dials)]);
+        if wide {
+            row.extend([list(&r.accepts), r.node.clone()]);
+        }
+        row.push(r.eligibility.clone());
+        cells.push(row);
+    }
+    table(&head, &cells, headers)
+}
+
+/// Which rows a status table holds: one policy's, a namespace's policies', or every namespace's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Policy,
+    Namespace,
+    All,
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() { "-".into() } else { items.join(",") }
+}
+
+/// Columns padded to their widest cell, two spaces apart, as kubectl prints them.
+fn table(head: &[&str], rows: &[Vec<String>], headers: bool) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        let padded = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i == last { c.to_string() } else { format!("{c:<w$}", w = widths[i]) });
+        padded.collect::<Vec<_>>().join("  ") + "\n"
+    };
+    let mut out = if headers { line(head.to_vec()) } else { String::new() };
+    for row in rows {
+        out += &line(row.iter().map(String::as_str).collect());
     }
     out
 }
@@ -214,7 +268,7 @@ mod tests {
     #[test]
     fn status_explain_and_graph() {
         let pods = vec![pod("a", "aa", &["cc"]), pod("b", "bb", &[]), pod("c", "cc", &[])];
-        let rows = status_rows(&policy(), &pods);
+        let rows = status_rows(&policy(), &pods, &|_| None);
         assert_eq!(rows[0].dials, vec!["c".to_string()]);
         assert_eq!(rows[0].eligibility, "eligible");
         assert_eq!(rows[1].eligibility, "Pod is not Ready");
@@ -225,5 +279,29 @@ mod tests {
         assert!(explain(&other, &[policy()]).contains("not selected"));
         assert_eq!(graph(&policy(), &pods, GraphFormat::Dot).matches("->").count(), 1);
         assert!(graph(&policy(), &pods, GraphFormat::Mermaid).contains("a[a] --> c[c]"));
+    }
+
+    /// Columns fit their widest cell however long a Pod name is; a Pod without the zone label takes its
+    /// Node's, as the operator does.
+    #[test]
+    fn tables_align_and_zones_fall_back_to_the_node() {
+        let long = "a-pod-name-longer-than-any-column-width-before";
+        let mut pods = vec![pod(long, "aa", &["cc"]), pod("c", "cc", &[])];
+        pods[1].metadata.labels = Some([("app".to_string(), "agent".to_string())].into());
+        pods[1].spec = Some(serde_json::from_value(json!({"nodeName": "n7", "containers": []})).unwrap());
+        let zone = |node: &str| (node == "n7").then(|| "z7".to_string());
+        let rows: Vec<_> = status_rows(&policy(), &pods, &zone)
+            .into_iter()
+            .map(|r| ("ci".to_string(), "mesh".to_string(), r))
+            .collect();
+        assert_eq!(rows[1].2.zone, "z7");
+        let out = status_table(&rows, Scope::Policy, false, true);
+        // The second column starts two spaces after the longest Pod name, on every line.
+        let second = |l: &str| l.as_bytes()[long.len()..long.len() + 3].to_vec();
+        assert!(out.lines().all(|l| second(l)[..2] == *b"  " && second(l)[2] != b' '), "{out}");
+        let at = |l: &str| l.find(if l.starts_with("POD") { "ZONE" } else { "z" }).unwrap();
+        assert!(out.lines().map(at).collect::<std::collections::BTreeSet<_>>().len() == 1, "{out}");
+        assert_eq!(status_table(&rows, Scope::All, true, false).lines().count(), 2, "no header");
+        assert!(status_table(&rows, Scope::All, true, true).starts_with("NAMESPACE  POLICY  POD"));
     }
 }

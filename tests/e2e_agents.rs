@@ -269,3 +269,41 @@ async fn steered_presence_gets_neither_the_token_nor_a_link() {
         assert_eq!(a.links().await, Some(BTreeSet::new()), "{} linked to the recorder", a.name);
     }
 }
+
+/// The metrics port serves metrics and health only: the test API, which writes to the document, is on
+/// a port of its own, and off unless asked for.
+#[tokio::test]
+async fn the_metrics_port_takes_no_writes_and_the_test_api_is_off_by_default() {
+    let rv = Rendezvous::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    mesh_operator::presence::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let status = |url: String| {
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let agent = Agent::spawn(dir.path(), "a", "127.0.0.1", &rv.hub(), Mode::Operator, CAP).await;
+    let write = http.post(format!("http://{}/updates", agent.metrics)).header("content-type", "application/json");
+    assert_eq!(write.body("{}").send().await.unwrap().status().as_u16(), 404, "a write on the metrics port");
+    assert_eq!(status(format!("http://{}/status", agent.metrics)).await, 404);
+    assert_eq!(status(format!("http://{}/healthz", agent.metrics)).await, 200);
+    assert_eq!(status(format!("http://{}/metrics", agent.api)).await, 404, "metrics on the test API");
+    assert!(agent.status().await.is_some(), "the test API, when asked for");
+
+    let mut plain = tokio::process::Command::new(support::agents::workspace_bins().join("mesh-agent"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--identity"])
+        .arg(dir.path().join("plain.key"))
+        .args(["--assignment-file", dir.path().join("none").to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(plain.stdout.take().unwrap()));
+    let line = lines.next_line().await.unwrap().expect("the agent's listening line");
+    assert!(line.contains(" test-api=off "), "{line}");
+    let metrics = line.split(' ').find_map(|w| w.strip_prefix("metrics=")).unwrap().to_string();
+    assert_eq!(status(format!("http://{metrics}/metrics")).await, 200);
+    let write = http.post(format!("http://{metrics}/updates")).header("content-type", "application/json");
+    assert_eq!(write.body("{}").send().await.unwrap().status().as_u16(), 404);
+    let _ = plain.kill().await;
+}

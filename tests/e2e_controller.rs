@@ -484,16 +484,21 @@ async fn health_endpoints_and_metrics() {
 }
 
 /// Runs `kubectl mesh …` the way a user does: kubectl finds the plugin binary on PATH.
-fn kubectl_mesh(args: &[&str]) -> String {
+/// `kubectl mesh ARGS` through kubectl's plugin lookup, as the test control plane's admin.
+fn kubectl_mesh_output(args: &[&str]) -> std::process::Output {
     let plugin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-mesh")).parent().unwrap().to_owned();
     let path = format!("{}:{}", plugin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let out = std::process::Command::new(tool_bin_dir().join("kubectl"))
+    std::process::Command::new(tool_bin_dir().join("kubectl"))
         .arg("mesh")
         .args(args)
         .env("KUBECONFIG", kubeconfig())
         .env("PATH", path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn kubectl_mesh(args: &[&str]) -> String {
+    let out = kubectl_mesh_output(args);
     assert!(out.status.success(), "kubectl mesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -528,8 +533,56 @@ async fn kubectl_mesh_plugin_status_explain_graph() {
     assert!(dot.starts_with("digraph") && dot.matches(" -> ").count() == 10, "5 agents × 4 links / 2: {dot}");
     let mermaid = kubectl_mesh(&["graph", "mesh", "-n", &ns, "--format", "mermaid"]);
     assert_eq!(mermaid.matches("-->").count(), 10, "{mermaid}");
+    kubectl_flags(&client, &ns).await;
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
+}
+
+/// `kubectl mesh` takes kubectl's flags: output formats, no headers, every policy of a namespace or of
+/// all namespaces, a kubeconfig and a context; it reads a zone from the Node as the operator does, and a
+/// user without rights gets a hint.
+async fn kubectl_flags(client: &kube::Client, ns: &str) {
+    let rows = kubectl_mesh(&["status", "mesh", "-n", ns, "--no-headers"]);
+    assert_eq!(rows.lines().count(), 6, "{rows}");
+    let json: serde_json::Value =
+        serde_json::from_str(&kubectl_mesh(&["status", "mesh", "-n", ns, "-o", "json"])).unwrap();
+    let items = json["items"].as_array().unwrap();
+    assert_eq!(items.len(), 6);
+    assert!(items.iter().all(|i| i["policy"] == "mesh" && i["nodeId"].as_str().unwrap().len() == 64), "{json}");
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&kubectl_mesh(&["status", "mesh", "-n", ns, "-o", "yaml"])).unwrap();
+    assert_eq!(yaml["items"].as_sequence().unwrap().len(), 6);
+    let wide = kubectl_mesh(&["status", "mesh", "-n", ns, "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("ACCEPTS"), "{wide}");
+    let all = kubectl_mesh(&["status", "-A"]);
+    assert!(all.starts_with("NAMESPACE") && all.lines().any(|l| l.starts_with(ns)), "{all}");
+    assert!(kubectl_mesh(&["status", "-n", ns]).starts_with("POLICY"));
+    assert!(kubectl_mesh(&["--version"]).contains(env!("CARGO_PKG_VERSION")));
+    let context = tool("kubectl", &["config", "current-context", "--kubeconfig", kubeconfig().to_str().unwrap()]);
+    let context = String::from_utf8(context.stdout).unwrap();
+    kubectl_mesh(&["status", "mesh", "-n", ns, "--context", context.trim()]);
+    let missing = kubectl_mesh_output(&["status", "mesh", "-n", ns, "--context", "no-such-context"]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no-such-context"));
+    // A Pod without the zone label on a Node with one.
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(json!({"metadata": {"name": format!("{ns}-node"), "labels": {"zone": "zone-n"}}}))
+            .unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "on-node", "labels": {"app": "agent"}},
+        "spec": {"nodeName": format!("{ns}-node"), "containers": [{"name": "c", "image": "agent"}]}}))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await.unwrap();
+    let status = kubectl_mesh(&["status", "mesh", "-n", ns]);
+    assert!(status.lines().any(|l| l.starts_with("on-node") && l.contains("zone-n")), "{status}");
+    nodes.delete(&format!("{ns}-node"), &DeleteParams::default()).await.unwrap();
+    // A user who may read nothing here.
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = replica_kubeconfig(dir.path(), ns, "nobody");
+    let refused = kubectl_mesh_output(&["status", "mesh", "-n", ns, "--kubeconfig", nobody.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && (stderr.contains("403") || stderr.contains("forbidden")), "{stderr}");
+    assert!(stderr.contains("hint: your user may not read this"), "{stderr}");
 }
 
 #[tokio::test]
@@ -820,4 +873,85 @@ async fn a_ready_pod_waiting_for_presence_is_served_by_a_long_poll() {
     assert!(rv.state.lock().unwrap().released > 0, "no held read was answered by the new entry");
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
+}
+
+/// A churning fleet changes its plan with every join; the PlanChanged Events sum those changes rather
+/// than report each (docs/user-guide.md): six joins in quick succession add one Event, two at most if
+/// the joins straddle an interval.
+#[tokio::test]
+async fn plan_changes_in_a_churning_fleet_are_summed_into_few_events() {
+    let (client, ns, rv) = setup("events").await;
+    let op = Operator::start(&ns, "op-a", false).await;
+    fleet(&client, &ns, &rv, 6, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 6).await;
+    let plan_events = || async {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+        let list = events.list(&Default::default()).await.unwrap();
+        let changed = list.items.iter().filter(|e| e.reason.as_deref() == Some("PlanChanged"));
+        changed.map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum::<i32>()
+    };
+    let first = wait_for("the first PlanChanged Event", WAIT, || async {
+        let n = plan_events().await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    let mut hash = policy(&client, &ns, "mesh").await.status.unwrap().plan_hash;
+    for i in 6..12 {
+        let id = format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
+        let name = format!("agent-{i}");
+        create_pod(&client, &ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
+        set_pod_status(&client, &ns, &name, &format!("127.0.1.{}", i + 1), true).await;
+        rv.add(&id);
+        hash = wait_for(&format!("{name} to change the plan"), WAIT, || async {
+            let now = policy(&client, &ns, "mesh").await.status?.plan_hash;
+            (now != hash).then_some(now)
+        })
+        .await;
+    }
+    let added = plan_events().await - first;
+    assert!(added <= 2, "six plan changes made {added} PlanChanged Events");
+    op.kill().await;
+}
+
+/// The binary's JSON logs: a presence outage is logged once at warn when it starts (not at every failed
+/// read), under the reconcile's span naming the namespace and policy, and once when it ends.
+#[tokio::test]
+async fn an_outage_is_logged_once_under_the_policy_span() {
+    let (client, ns, rv) = setup("logs").await;
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let kubeconfig = kubeconfig();
+    let mut op = operator_binary_on(kubeconfig, &ns, "op-logs", &log, "info", &["--log-format", "json"]);
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 3).await;
+    rv.set_fail(FailMode::Status500);
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "HTTPStatus").await;
+    let reads = || rv.state.lock().unwrap().requests;
+    let failing = reads();
+    wait_for("three more failed reads", WAIT, || async { (reads() >= failing + 3).then_some(()) }).await;
+    rv.set_fail(FailMode::None);
+    wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
+    let lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let said = |lines: &[serde_json::Value], what: &str| -> Vec<serde_json::Value> {
+        lines.iter().filter(|l| l["message"] == what).cloned().collect()
+    };
+    let back = wait_for("the end of the outage in the log", WAIT, || async {
+        let lines = lines();
+        (!said(&lines, "presence readable again").is_empty()).then_some(lines)
+    })
+    .await;
+    let down = said(&back, "presence unavailable; keeping the last snapshot");
+    assert_eq!(down.len(), 1, "the outage's start, once: {down:?}");
+    assert_eq!(down[0]["level"], "WARN");
+    assert_eq!(
+        (&down[0]["span"]["namespace"], &down[0]["span"]["policy"]),
+        (&json!(ns), &json!("mesh")),
+        "{}",
+        down[0]
+    );
+    op.kill().await.unwrap();
 }

@@ -112,8 +112,9 @@ async fn agent_apis(pods: &[Pod]) -> Vec<AgentApi> {
     let mut apis = Vec::new();
     for p in pods {
         let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a Pod IP");
-        let api: SocketAddr = format!("{ip}:9464").parse().unwrap();
-        let mut view = AgentApi { name: p.name_any(), node_id: String::new(), api };
+        let (api, metrics): (SocketAddr, SocketAddr) =
+            (format!("{ip}:9465").parse().unwrap(), format!("{ip}:9464").parse().unwrap());
+        let mut view = AgentApi { name: p.name_any(), node_id: String::new(), api, metrics };
         view.node_id = wait_for(&format!("{}'s node id", p.name_any()), NODE_WAIT, || async {
             view.status().await?["nodeId"].as_str().map(str::to_string)
         })
@@ -160,7 +161,7 @@ async fn agents(client: &Client, ns: &str, hub_ip: &str) {
     let (_, sc) = restricted();
     let container = json!({"name": "agent", "image": "mesh.local/mesh-agent:dev",
         "args": ["--listen", "0.0.0.0:3001", "--advertise", "wss://$(POD_IP):3001/crdt-sync",
-                 "--api", "0.0.0.0:9464", "--identity", "/var/lib/agent/agent.key",
+                 "--metrics", "0.0.0.0:9464", "--test-api", "0.0.0.0:9465", "--identity", "/var/lib/agent/agent.key",
                  "--rendezvous", format!("wss://{hub_ip}:8080/crdt-sync"), "--max-peers", CAP.to_string(),
                  "--heartbeat", "1s"],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},

@@ -162,6 +162,8 @@ pub struct PolicyState {
     pub decide: std::sync::Mutex<decide::Memory>,
     /// The policy's view of its namespace, held by the reconcile that updates and reads it.
     pub fleet: Mutex<fleet::Fleet>,
+    /// Plan changes not yet reported in an Event.
+    pub events: std::sync::Mutex<report::PlanEvents>,
 }
 
 pub struct Settings {

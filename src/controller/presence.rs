@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::core::SelectorExt;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use super::Context;
 use super::fleet::Fleet;
@@ -191,6 +191,11 @@ impl PresenceState {
                 None => return,
             },
             Err(e) => {
+                // Said once when the outage starts (and in the status for as long as it lasts).
+                match &self.failure {
+                    None => warn!(reason = e.reason(), error = %e, "presence unavailable; keeping the last snapshot"),
+                    Some(_) => debug!(reason = e.reason(), error = %e, "presence still unavailable"),
+                }
                 self.failure = Some((e.reason().to_owned(), e.to_string()));
                 // A hold lasts heartbeatTimeout of successful reads: time the rendezvous was down is
                 // not time it had to agree again.
@@ -200,7 +205,9 @@ impl PresenceState {
                 return;
             }
         };
-        self.failure = None;
+        if self.failure.take().is_some() {
+            info!("presence readable again");
+        }
         let before: BTreeSet<String> = match before {
             Some(before) => before.into_keys().collect(),
             None => assigned.clone(),
@@ -314,7 +321,8 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
         state.last_attempt = Some(now);
         let etag = state.etag.clone().unwrap_or_default();
         // The task finds its own entry under the lock, which is held until the entry is in place.
-        let task = tokio::spawn(long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number)));
+        let poll = long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number));
+        let task = tokio::spawn(tracing::Instrument::in_current_span(poll));
         state.long_poll.in_flight = Some(InFlight { number, source, task });
         return None;
     }
@@ -325,7 +333,7 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     let started = Instant::now();
     let result = request(ctx, policy, state.etag.as_deref(), None).await;
     ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
-    count(ctx, policy, &result);
+    count(ctx, &result);
     Some(Attempt { result, heartbeat_timeout: policy.heartbeat_timeout })
 }
 
@@ -341,7 +349,7 @@ async fn long_poll(
     // A held read also serves as the regular poll, so it waits no longer than one.
     let wait = policy.rendezvous.poll_interval.clamp(Duration::from_secs(1), PresenceState::PROMPT_WINDOW);
     let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
-    count(&ctx, &policy, &result);
+    count(&ctx, &result);
     let mut state = kept.presence.lock().await;
     // Another term's state, or a read the policy stopped waiting for (its rendezvous changed): not ours
     // to trust.
@@ -461,7 +469,7 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
     !unmatched.is_empty()
 }
 
-fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchError>) {
+fn count(ctx: &Context, result: &Result<Fetched, FetchError>) {
     let label = |r: &str| telemetry::ResultLabel { result: r.into() };
     match result {
         Ok(Fetched::New { bytes, .. }) => {
@@ -474,7 +482,6 @@ fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchErro
         Err(e) => {
             ctx.metrics.presence_fetches.get_or_create(&label("error")).inc();
             ctx.metrics.presence_errors.get_or_create(&telemetry::KindLabel { kind: e.reason().into() }).inc();
-            info!(policy = policy.name, reason = e.reason(), error = %e, "presence unavailable; keeping the last snapshot");
         }
     }
 }

@@ -16,7 +16,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::apply::{self, Outcome};
 use super::decide::{self, Decision, Waves};
@@ -41,7 +41,13 @@ const CACHE_WAIT: Duration = Duration::from_millis(200);
 /// whose writes were only refused as stale runs again after [`CACHE_WAIT`]).
 const WRITE_RETRY: Duration = Duration::from_secs(2);
 
+/// One reconcile, under a span naming the policy: every line it logs says which.
 pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!("reconcile", namespace = %policy.namespace().unwrap_or_default(), policy = %policy.name_any());
+    run(policy, ctx).instrument(span).await
+}
+
+async fn run(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.retain_policy_states();
     if !ctx.leadership.may_write() {
         // Standbys keep their caches warm and write nothing; becoming leader re-runs every policy.
@@ -63,7 +69,7 @@ pub async fn reconcile(policy: Arc<MeshPolicy>, ctx: Arc<Context>) -> Result<Act
     .await;
     let result = match result {
         Err(e) if finalizer_patch_refused(&e) && changed_since(&api, &name, read.as_deref()).await => {
-            info!(policy = name, error = %e, "the policy changed since the cache read it: running again");
+            info!(error = %e, "the policy changed since the cache read it: running again");
             Ok(Action::requeue(CACHE_WAIT))
         }
         other => other.map_err(Error::from),
@@ -86,8 +92,10 @@ pub async fn changed_since(api: &Api<MeshPolicy>, name: &str, read: Option<&str>
     }
 }
 
-pub fn error_policy(_policy: Arc<MeshPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    warn!(error = %error, kind = error.kind(), source = ?std::error::Error::source(error).map(ToString::to_string), "reconcile failed");
+pub fn error_policy(policy: Arc<MeshPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    let source = std::error::Error::source(error).map(ToString::to_string);
+    let (namespace, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
+    warn!(namespace, policy = name, error = %error, kind = error.kind(), source, "reconcile failed");
     ctx.metrics.reconcile_errors.get_or_create(&telemetry::KindLabel { kind: error.kind().into() }).inc();
     Action::requeue(Duration::from_secs(5))
 }

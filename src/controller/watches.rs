@@ -77,9 +77,9 @@ pub async fn controller(
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|res| async move {
             match res {
-                // Already counted and logged where the watch failed.
-                Err(controller::Error::QueueError(_)) | Ok(_) => {}
-                Err(e) => warn!(error = %e, "reconcile failed"),
+                // Already counted and logged where the watch failed, or by `error_policy`.
+                Err(controller::Error::QueueError(_) | controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => warn!(error = %e, "the controller failed"),
             }
         });
     // The readiness probe is not part of the controller's life: it ends when the controller does.

@@ -492,7 +492,8 @@ def read_assignment(path):
 async def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True)
-    p.add_argument("--api", required=True)
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--test-api", required=True)
     p.add_argument("--identity", required=True)
     p.add_argument("--rendezvous", required=True)
     p.add_argument("--rendezvous-node-id", required=True)
@@ -504,14 +505,18 @@ async def main():
     agent = Agent(args)
     host, port = args.listen.rsplit(":", 1)
     mesh = await asyncio.start_server(agent.accept, host, int(port))
-    api_host, api_port = args.api.rsplit(":", 1)
-    api = await asyncio.start_server(agent.api, api_host, int(api_port))
+    # This agent has no metrics: its metrics port answers as the test API does.
+    servers = []
+    for addr in (args.metrics, args.test_api):
+        host, port = addr.rsplit(":", 1)
+        servers.append(await asyncio.start_server(agent.api, host, int(port)))
+    metrics_addr, api_addr = ("%s:%d" % s.sockets[0].getsockname()[:2] for s in servers)
     mesh_addr = "%s:%d" % mesh.sockets[0].getsockname()[:2]
-    api_addr = "%s:%d" % api.sockets[0].getsockname()[:2]
     asyncio.create_task(agent.rendezvous(f"wss://{mesh_addr}/crdt-sync"))
     asyncio.create_task(agent.follow())
-    print(f"listening mesh={mesh_addr} api={api_addr} node={agent.identity.node_id}", flush=True)
-    await asyncio.gather(mesh.serve_forever(), api.serve_forever())
+    print(f"listening mesh={mesh_addr} metrics={metrics_addr} test-api={api_addr} node={agent.identity.node_id}",
+          flush=True)
+    await asyncio.gather(mesh.serve_forever(), *(s.serve_forever() for s in servers))
 
 
 if __name__ == "__main__":

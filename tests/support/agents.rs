@@ -104,7 +104,10 @@ pub enum Mode {
 pub struct AgentApi {
     pub name: String,
     pub node_id: String,
+    /// Its test API (`/status`, `/updates`).
     pub api: SocketAddr,
+    /// Its `/metrics`.
+    pub metrics: SocketAddr,
 }
 
 /// One `mesh-agent` process.
@@ -181,7 +184,7 @@ impl Agent {
         cap: usize,
     ) -> Agent {
         let annotations = dir.join(format!("{name}.annotations"));
-        cmd.args(["--listen", &format!("{ip}:0"), "--api", &format!("{ip}:0")])
+        cmd.args(["--listen", &format!("{ip}:0"), "--metrics", &format!("{ip}:0"), "--test-api", &format!("{ip}:0")])
             .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
             .args(["--rendezvous", &hub.url, "--rendezvous-node-id", &hub.node_id])
             .args(["--hostname", name, "--max-peers", &cap.to_string()])
@@ -195,9 +198,10 @@ impl Agent {
         let line = line.unwrap_or_else(|| panic!("{name} ended before it listened: see {name}.log"));
         let field =
             |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
-        let (api, node_id) = (field("api=").parse().unwrap(), field("node=").to_string());
-        let mesh = field("mesh=").parse().unwrap();
-        Agent { ip: ip.into(), mesh, annotations, view: AgentApi { name: name.into(), node_id, api }, child }
+        let (api, node_id) = (field("test-api=").parse().unwrap(), field("node=").to_string());
+        let (mesh, metrics) = (field("mesh=").parse().unwrap(), field("metrics=").parse().unwrap());
+        let view = AgentApi { name: name.into(), node_id, api, metrics };
+        Agent { ip: ip.into(), mesh, annotations, view, child }
     }
 
     pub fn pid(&self) -> u32 {
@@ -244,12 +248,14 @@ impl AgentApi {
 
     /// A metric's value (the sum over its label sets when `labels` is empty).
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        metric_at(self.api, name, labels).await.expect("the agent's /metrics")
+        metric_at(self.metrics, name, labels).await.expect("the agent's /metrics")
     }
 
     /// The agent's link and relay counters, for failure messages.
     pub async fn counters(&self) -> String {
-        let Ok(resp) = http().get(format!("http://{}/metrics", self.api)).send().await else { return String::new() };
+        let Ok(resp) = http().get(format!("http://{}/metrics", self.metrics)).send().await else {
+            return String::new();
+        };
         let text = resp.text().await.unwrap_or_default();
         let wanted =
             ["dials_failed", "links_refused", "links_closed", "slow_links", "protocol_errors", "assignment_errors"];

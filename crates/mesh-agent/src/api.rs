@@ -1,4 +1,5 @@
-//! The agent's HTTP API: `/metrics` (Prometheus), `/healthz`, and the test API:
+//! The agent's HTTP APIs. On the metrics port (`--metrics`): `/metrics` (Prometheus) and `/healthz`. On the
+//! test API's port (`--test-api`, off unless given; anyone who reaches it can write to the document):
 //! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs, protocol, closing}], planned, assignmentError,
 //!   cap, rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment, null before one;
 //!   `cap`: the cap held now);
@@ -41,7 +42,8 @@ struct Written {
     value: String,
 }
 
-pub async fn router(agent: Agent) -> Router {
+/// The metrics port's routes and the test API's.
+pub async fn routers(agent: Agent) -> (Router, Router) {
     let mut registry = Registry::default();
     agent.metrics.register(&mut registry);
     let first_seen = Arc::new(Mutex::new(HashMap::new()));
@@ -59,12 +61,10 @@ pub async fn router(agent: Agent) -> Router {
         })
         .await;
     let app = Arc::new(App { agent, registry, first_seen, written: AtomicU64::new(0) });
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/status", get(status))
-        .route("/updates", get(updates).post(append))
-        .with_state(app)
+    let metrics =
+        Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).with_state(app.clone());
+    let test = Router::new().route("/status", get(status)).route("/updates", get(updates).post(append)).with_state(app);
+    (metrics, test)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

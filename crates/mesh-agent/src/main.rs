@@ -4,6 +4,7 @@
 //! side-by-side measurements.
 mod api;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,9 +42,13 @@ struct Args {
     /// upgrade).
     #[arg(long)]
     advertise: Option<String>,
-    /// Where /metrics and the test API are served.
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    api: SocketAddr,
+    /// Where /metrics and /healthz are served (read-only).
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    metrics: SocketAddr,
+    /// Where the test API is served (`/status`, and `/updates`, which writes to the document); off
+    /// unless given. Bind it to a loopback address: anyone who reaches it can write.
+    #[arg(long)]
+    test_api: Option<SocketAddr>,
     /// The Ed25519 secret key (created on first start).
     #[arg(long, default_value = "agent.key")]
     identity: PathBuf,
@@ -158,9 +163,24 @@ async fn main() -> anyhow::Result<()> {
     };
     let agent = agent_mesh::start(identity, listener, config, selection);
     let node_id = agent.identity.node_id();
-    let api = tokio::net::TcpListener::bind(args.api).await.with_context(|| format!("--api {}", args.api))?;
-    println!("listening mesh={mesh_addr} api={} node={node_id}", api.local_addr()?);
-    let router = api::router(agent).await;
-    axum::serve(api, router).await?;
+    let bind = |flag: &'static str, addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--{flag} {addr}"))
+    };
+    let metrics = bind("metrics", args.metrics).await?;
+    let test_api = match args.test_api {
+        Some(addr) => Some(bind("test-api", addr).await?),
+        None => None,
+    };
+    let test_addr = test_api.as_ref().map(|l| l.local_addr()).transpose()?;
+    let shown = test_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    println!("listening mesh={mesh_addr} metrics={} test-api={shown} node={node_id}", metrics.local_addr()?);
+    let (metrics_routes, test_routes) = api::routers(agent).await;
+    let serve_metrics = axum::serve(metrics, metrics_routes).into_future();
+    match test_api {
+        Some(listener) => {
+            tokio::try_join!(serve_metrics, axum::serve(listener, test_routes).into_future()).map(drop)?
+        }
+        None => serve_metrics.await?,
+    }
     Ok(())
 }
