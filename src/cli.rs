@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// tests and debugging: it costs a full pass per reconcile.
     #[arg(long)]
     pub check_incremental: bool,
+    /// PlanChanged Events come at most this often per policy, each summing the changes since the last
+    /// (a Go duration, 1s to 24h).
+    #[arg(long, default_value = "1m", value_parser = parse_event_interval)]
+    pub plan_event_interval: std::time::Duration,
     #[arg(long, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
 }
@@ -189,6 +193,7 @@ fn run(args: RunArgs) -> ExitCode {
         namespaces: args.namespaces,
         pod_selector: args.pod_selector,
         check_incremental: args.check_incremental,
+        plan_event_interval: args.plan_event_interval,
     };
     crate::memory::limit_arenas();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -384,4 +389,13 @@ fn simulate(args: &SimulateArgs) -> Result<(), InputError> {
         let _ = writeln!(out, "{label:<58} {a:>16} {b:>16}");
     }
     Ok(())
+}
+
+fn parse_event_interval(value: &str) -> Result<std::time::Duration, String> {
+    let d = crate::duration::parse(value).map_err(|e| e.to_string())?;
+    let (min, max) = (std::time::Duration::from_secs(1), std::time::Duration::from_secs(24 * 3600));
+    if d < min || d > max {
+        return Err(format!("{value:?} is outside 1s..24h"));
+    }
+    Ok(d)
 }

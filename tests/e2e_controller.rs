@@ -648,6 +648,7 @@ async fn elect(
         namespaces: vec![],
         pod_selector: None,
         check_incremental: false,
+        plan_event_interval: Duration::from_secs(60),
     };
     let leadership = std::sync::Arc::new(leader::Leadership::new(true));
     let task = leader::elect(client.clone(), &settings, leadership.clone(), Default::default()).await.unwrap();
@@ -876,23 +877,26 @@ async fn a_ready_pod_waiting_for_presence_is_served_by_a_long_poll() {
 }
 
 /// A churning fleet changes its plan with every join; the PlanChanged Events sum those changes rather
-/// than report each (docs/user-guide.md): six joins in quick succession add one Event, two at most if
-/// the joins straddle an interval.
+/// than report each (docs/user-guide.md). With Events at most every 10 s, six joins one after another
+/// make fewer than six Events, and one of them sums several changes.
 #[tokio::test]
 async fn plan_changes_in_a_churning_fleet_are_summed_into_few_events() {
     let (client, ns, rv) = setup("events").await;
-    let op = Operator::start(&ns, "op-a", false).await;
+    let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
+    let mut op = operator_binary_on(kubeconfig(), &ns, "op-events", &log, "info", &["--plan-event-interval", "10s"]);
     fleet(&client, &ns, &rv, 6, |_| None).await;
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     wait_assigned(&client, &ns, 6).await;
-    let plan_events = || async {
+    let notes = || async {
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
         let list = events.list(&Default::default()).await.unwrap();
-        let changed = list.items.iter().filter(|e| e.reason.as_deref() == Some("PlanChanged"));
-        changed.map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum::<i32>()
+        let changed = list.items.into_iter().filter(|e| e.reason.as_deref() == Some("PlanChanged"));
+        changed
+            .flat_map(|e| vec![e.note.unwrap_or_default(); e.series.map_or(1, |s| s.count) as usize])
+            .collect::<Vec<_>>()
     };
     let first = wait_for("the first PlanChanged Event", WAIT, || async {
-        let n = plan_events().await;
+        let n = notes().await.len();
         (n > 0).then_some(n)
     })
     .await;
@@ -909,9 +913,14 @@ async fn plan_changes_in_a_churning_fleet_are_summed_into_few_events() {
         })
         .await;
     }
-    let added = plan_events().await - first;
-    assert!(added <= 2, "six plan changes made {added} PlanChanged Events");
-    op.kill().await;
+    let summed = wait_for("an Event summing several plan changes", WAIT, || async {
+        notes().await.into_iter().find(|n| n.contains("plan changes since the last"))
+    })
+    .await;
+    assert!(summed.contains("Pod writes"), "{summed}");
+    let added = notes().await.len() - first;
+    assert!(added < 6, "six plan changes made {added} PlanChanged Events");
+    op.kill().await.unwrap();
 }
 
 /// The binary's JSON logs: a presence outage is logged once at warn when it starts (not at every failed
@@ -944,7 +953,11 @@ async fn an_outage_is_logged_once_under_the_policy_span() {
         (!said(&lines, "presence readable again").is_empty()).then_some(lines)
     })
     .await;
-    let down = said(&back, "presence unavailable; keeping the last snapshot");
+    // A slow read on this busy machine may time out on its own: count the outage's failures only.
+    let down: Vec<_> = said(&back, "presence unavailable; keeping the last snapshot")
+        .into_iter()
+        .filter(|l| l["reason"] == "HTTPStatus")
+        .collect();
     assert_eq!(down.len(), 1, "the outage's start, once: {down:?}");
     assert_eq!(down[0]["level"], "WARN");
     assert_eq!(

@@ -139,12 +139,92 @@ fn chart_lints_and_renders() {
     assert_eq!(cluster_roles[0]["rules"].as_sequence().unwrap().len(), 1);
     assert_eq!(cluster_roles[0]["rules"][0]["resources"][0], "nodes");
 
+    // By default the replicas prefer different nodes; an affinity given replaces that.
+    let affinity = |docs: &[serde_yaml::Value]| {
+        docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"]["affinity"].clone()
+    };
+    let soft =
+        &affinity(&render("mo", "ops", &[]))["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
+    assert_eq!(soft[0]["podAffinityTerm"]["topologyKey"], "kubernetes.io/hostname", "{soft:?}");
+    let given = affinity(&render("mo", "ops", &["affinity.nodeAffinity.x=y"]));
+    assert!(given["podAntiAffinity"].is_null() && !given["nodeAffinity"].is_null(), "{given:?}");
+    overrides_and_extras();
+
     // values.schema.json rejects what the chart cannot honour, naming the value.
-    for (set, named) in [("replicaCount=0", "replicaCount"), ("logLevel=info debug", "logLevel")] {
+    for (set, named) in [
+        ("replicaCount=0", "replicaCount"),
+        ("logLevel=info debug", "logLevel"),
+        ("serviceMonitor.enable=true", "enable"),
+        ("metrics.prot=9000", "prot"),
+        ("extraArgs[0]=oops", "extraArgs"),
+    ] {
         let bad = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", set]);
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(!bad.status.success() && stderr.contains(named), "--set {set}: {stderr}");
     }
+}
+
+/// Names, the ServiceAccount, extra flags and environment, the metrics NetworkPolicy's peers, and the
+/// chart as a subchart.
+fn overrides_and_extras() {
+    let docs = render(
+        "mo",
+        "ops",
+        &[
+            "fullnameOverride=mesh",
+            "extraArgs[0]=--apply-concurrency=32",
+            "extraEnv[0].name=HTTPS_PROXY",
+            "extraEnv[0].value=http://proxy:3128",
+        ],
+    );
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deploy["metadata"]["name"], "mesh");
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert!(c["args"].as_sequence().unwrap().iter().any(|a| a == "--apply-concurrency=32"), "{c:?}");
+    assert!(c["env"].as_sequence().unwrap().iter().any(|e| e["name"] == "HTTPS_PROXY"), "{c:?}");
+    let docs = render("mo", "ops", &["nameOverride=mesh"]);
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deploy["metadata"]["name"], "mo-mesh");
+    assert_eq!(deploy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "mesh");
+
+    let sa = ["serviceAccount.create=false", "serviceAccount.name=ci-sa"];
+    let docs = render("mo", "ops", &sa);
+    assert!(!kinds(&docs).contains(&"ServiceAccount".to_string()), "an existing ServiceAccount is not created");
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deploy["spec"]["template"]["spec"]["serviceAccountName"], "ci-sa");
+    for binding in docs.iter().filter(|d| d["kind"].as_str().unwrap().ends_with("RoleBinding")) {
+        assert_eq!(binding["subjects"][0]["name"], "ci-sa", "{binding:?}");
+    }
+    for vap in docs.iter().filter(|d| d["kind"] == "ValidatingAdmissionPolicy") {
+        let who = vap["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
+        assert!(who.contains("system:serviceaccount:ops:ci-sa'"), "{who}");
+    }
+    let unnamed = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", sa[0]]);
+    assert!(!unnamed.status.success() && String::from_utf8_lossy(&unnamed.stderr).contains("serviceAccount.name"));
+    let docs = render("mo", "ops", &["serviceAccount.annotations.team=ci"]);
+    let account = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
+    assert_eq!(account["metadata"]["annotations"]["team"], "ci");
+
+    let docs = render("mo", "ops", &["networkPolicy.enabled=true"]);
+    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert!(np["spec"]["ingress"][0]["from"][0]["podSelector"].is_mapping(), "only its namespace's Pods: {np:?}");
+
+    // As a subchart, with global values and its own.
+    let parent = tempfile::tempdir().unwrap();
+    let charts = parent.path().join("charts");
+    std::fs::create_dir(&charts).unwrap();
+    ok(std::process::Command::new("cp").args(["-r", CHART, charts.to_str().unwrap()]).output().unwrap(), "cp -r");
+    std::fs::write(parent.path().join("Chart.yaml"), "apiVersion: v2\nname: platform\nversion: 1.0.0\n").unwrap();
+    std::fs::write(
+        parent.path().join("values.yaml"),
+        "global: {registry: example.com}\nmesh-operator: {replicaCount: 1}\n",
+    )
+    .unwrap();
+    let yaml = ok(
+        tool("helm", &["template", "p", parent.path().to_str().unwrap(), "--kube-version", "1.36.3"]),
+        "helm template of a parent chart",
+    );
+    assert!(yaml.contains("kind: Deployment") && yaml.contains("replicas: 1"), "{yaml}");
 }
 
 fn can_i(ns: &str, sa: &str, args: &[&str]) -> bool {

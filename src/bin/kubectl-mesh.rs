@@ -86,7 +86,8 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
     match e.downcast_ref::<kube::Error>()? {
         kube::Error::Api(s) if s.code == 403 => Some(
             "your user may not read this: kubectl mesh needs get and list on meshpolicies.agentmesh.dev and \
-             pods in the namespace (and, for zones from Nodes, get on nodes); see `kubectl auth can-i`",
+             pods in the namespace (in every namespace with -A; list on nodes for zones from Nodes); see \
+             `kubectl auth can-i`",
         ),
         kube::Error::Api(s) if s.code == 401 => Some("the credentials of this kubeconfig context were refused"),
         kube::Error::Api(s) if s.code == 404 => Some("is mesh-operator's MeshPolicy CRD installed in this cluster?"),
@@ -94,11 +95,14 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
+/// The client kubectl would use: the kubeconfig and context given, else $KUBECONFIG or ~/.kube/config, or
+/// in a Pod its ServiceAccount.
 async fn client(args: &Args) -> anyhow::Result<(Client, String)> {
     let options = KubeConfigOptions { context: args.context.clone(), ..Default::default() };
-    let config = match &args.kubeconfig {
-        Some(path) => Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?,
-        None => Config::from_kubeconfig(&options).await?,
+    let config = match (&args.kubeconfig, &args.context) {
+        (Some(path), _) => Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?,
+        (None, Some(_)) => Config::from_kubeconfig(&options).await?,
+        (None, None) => Config::infer().await?,
     };
     let ns = args.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     Ok((Client::try_from(config)?, ns))
@@ -140,24 +144,40 @@ async fn run(args: Args) -> anyhow::Result<String> {
     })
 }
 
-/// The Pods `policy` selects, filtered by the API server.
+/// The Pods `policy` selects, filtered by the API server; a selector the API server cannot take (the
+/// CRD does not check label syntax) falls back to every Pod of the namespace, filtered here.
 async fn selected(client: &Client, policy: &MeshPolicy) -> anyhow::Result<Vec<Pod>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &policy.namespace().unwrap_or_default());
-    let selector = Selector::try_from(policy.spec.selector.clone())
-        .map_err(|e| anyhow::anyhow!("MeshPolicy {}: spec.selector: {e}", policy.name_any()))?;
-    Ok(pods.list(&ListParams::default().labels(&selector.to_string())).await?.items)
+    let filtered = match Selector::try_from(policy.spec.selector.clone()) {
+        Ok(selector) => pods.list(&ListParams::default().labels(&selector.to_string())).await,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let all = match filtered {
+        Err(kube::Error::Api(s)) if s.code == 400 => pods.list(&Default::default()).await?,
+        other => other?,
+    };
+    Ok(all.items.into_iter().filter(|p| policy.selects(p)).collect())
 }
 
 async fn status(client: &Client, policies: &[MeshPolicy], scope: Scope, args: &Args) -> anyhow::Result<String> {
+    let zones = match policies.iter().any(|p| p.spec.topology_key.is_some()) {
+        true => node_labels(client).await,
+        false => BTreeMap::new(),
+    };
     let mut rows = Vec::new();
     for policy in policies {
-        let pods = selected(client, policy).await?;
-        let zone = match &policy.spec.topology_key {
-            Some(key) => node_labels(client, &pods, key).await,
-            None => BTreeMap::new(),
-        };
         let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
-        let of_node = |node: &str| zone.get(node).cloned();
+        let pods = match selected(client, policy).await {
+            Ok(pods) => pods,
+            // One policy's failure is not every policy's.
+            Err(e) if scope != Scope::Policy => {
+                eprintln!("warning: MeshPolicy {ns}/{name}: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let key = policy.spec.topology_key.as_deref().unwrap_or_default();
+        let of_node = |node: &str| zones.get(node)?.get(key).cloned();
         rows.extend(inspect::status_rows(policy, &pods, &of_node).into_iter().map(|r| (ns.clone(), name.clone(), r)));
     }
     Ok(match args.output {
@@ -179,19 +199,12 @@ fn json_rows(rows: &[(String, String, inspect::AgentRow)]) -> serde_json::Value 
     serde_json::json!({"items": items.collect::<Vec<_>>()})
 }
 
-/// The `key` label of the Nodes `pods` run on, where readable (a user without rights on Nodes sees the
-/// Pods' own labels only).
-async fn node_labels(client: &Client, pods: &[Pod], key: &str) -> BTreeMap<String, String> {
+/// Every Node's labels, by name, in one list of their metadata; none for a user who may not list Nodes
+/// (who then sees the Pods' own labels only).
+async fn node_labels(client: &Client) -> BTreeMap<String, BTreeMap<String, String>> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut out = BTreeMap::new();
-    let names: std::collections::BTreeSet<String> =
-        pods.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
-    for name in names {
-        if let Ok(Some(node)) = nodes.get_metadata_opt(&name).await
-            && let Some(zone) = node.labels().get(key)
-        {
-            out.insert(name, zone.clone());
-        }
+    match nodes.list_metadata(&Default::default()).await {
+        Ok(list) => list.items.into_iter().map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default())).collect(),
+        Err(_) => BTreeMap::new(),
     }
-    out
 }

@@ -62,6 +62,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Who publishes the Events (for a recorder of PlanChanged's own, see [`report`]).
+    pub reporter: Reporter,
     /// The Pod cache, with which Pods changed (see [`store`]).
     pub pods: store::PodStore,
     pub nodes: Store<PartialObjectMeta<Node>>,
@@ -86,6 +88,8 @@ pub struct Context {
     pub pod_selector: Option<String>,
     /// Whether every reconcile checks the policy's kept view against one built from scratch.
     pub check_incremental: bool,
+    /// PlanChanged Events come at most this often per policy.
+    pub plan_event_interval: std::time::Duration,
     /// Runs a policy's reconcile from outside the watches (a long poll's answer).
     pub wakeups: futures::channel::mpsc::UnboundedSender<ObjectRef<MeshPolicy>>,
 }
@@ -180,6 +184,8 @@ pub struct Settings {
     pub pod_selector: Option<String>,
     /// Check every reconcile's kept view against one built from scratch (for tests: it costs a full pass).
     pub check_incremental: bool,
+    /// PlanChanged Events come at most this often per policy.
+    pub plan_event_interval: std::time::Duration,
 }
 
 /// How long the controllers get to finish their reconciles after SIGTERM/SIGINT before they are dropped:
@@ -209,7 +215,8 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
     let shared = Shared {
         client: client.clone(),
         metrics,
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        reporter,
         nodes,
         nodes_synced,
         fetcher: Arc::new(Fetcher::new(settings.max_presence_bytes)),
@@ -217,6 +224,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, heal
         apply_concurrency: settings.apply_concurrency,
         pod_selector: settings.pod_selector.clone(),
         check_incremental: settings.check_incremental,
+        plan_event_interval: settings.plan_event_interval,
     };
     let scopes = scopes(&settings.namespaces);
     if let Some(selector) = &settings.pod_selector {
@@ -313,6 +321,7 @@ struct Shared {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
+    reporter: Reporter,
     nodes: Store<PartialObjectMeta<Node>>,
     nodes_synced: Arc<AtomicBool>,
     fetcher: Arc<Fetcher>,
@@ -320,6 +329,7 @@ struct Shared {
     apply_concurrency: usize,
     pod_selector: Option<String>,
     check_incremental: bool,
+    plan_event_interval: std::time::Duration,
 }
 
 impl Shared {
@@ -330,6 +340,7 @@ impl Shared {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
+            reporter: self.reporter.clone(),
             pods: Default::default(),
             nodes: self.nodes.clone(),
             policies,
@@ -346,6 +357,7 @@ impl Shared {
             apply_concurrency: self.apply_concurrency,
             pod_selector: self.pod_selector.clone(),
             check_incremental: self.check_incremental,
+            plan_event_interval: self.plan_event_interval,
             wakeups,
         });
         (ctx, woken)

@@ -33,24 +33,26 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
     if let (Some(m), Some(plan)) = (r.decision.members, &r.decision.plan) {
         let eligible = m.agents.len() - r.decision.held.len();
         let changed = (prev.plan_hash != new.plan_hash).then_some(r.outcome.patched);
-        let due = ctx
-            .policy_state(&policy.uid().unwrap_or_default())
-            .events
-            .lock()
-            .expect("events lock")
-            .note(changed, Instant::now());
-        if let Some((changes, patched)) = due {
+        let kept = ctx.policy_state(&policy.uid().unwrap_or_default());
+        let now = (ctx.leadership.term(), Instant::now());
+        let due = kept.events.lock().expect("events lock").note(changed, now, ctx.plan_event_interval);
+        if let Some(d) = due {
             let note = format!(
-                "{}{} agents, {} links, degree {}..{}, {} Pods patched{}",
-                if changes > 1 { format!("{changes} plan changes since the last: ") } else { String::new() },
+                "{}{} agents, {} links, degree {}..{}, {} Pod writes{}",
+                if d.changes > 1 { format!("{} plan changes since the last: ", d.changes) } else { String::new() },
                 eligible,
                 plan.links,
                 plan.min_degree,
                 plan.max_degree,
-                patched,
-                if r.findings.mode == Mode::Observe { " (Observe: none patched)" } else { "" }
+                d.writes,
+                if r.findings.mode == Mode::Observe { " (mode Observe: the plan is not written)" } else { "" }
             );
-            publish(ctx, policy, EventType::Normal, "PlanChanged", &note).await;
+            // A recorder of its own: the shared one would fold this Event into the last PlanChanged as a
+            // series, which keeps the first note, so the counts of now would never show.
+            let own = kube::runtime::events::Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+            if !publish_with(&own, policy, EventType::Normal, "PlanChanged", &note).await {
+                kept.events.lock().expect("events lock").unsent(d);
+            }
         }
         ctx.metrics.eligible.get_or_create(&label).set(eligible as i64);
         ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
@@ -60,32 +62,47 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
     write_status(ctx, policy, new, &r.findings.verdicts()).await
 }
 
-/// PlanChanged Events come at most once per this long per policy, each summing the changes since the last:
-/// in a churning fleet every join and leave changes the plan, and an Event each would flood the namespace.
-pub const PLAN_EVENT_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The plan changes not yet reported in a PlanChanged Event, and when the last was published.
+/// The plan changes of one policy not yet reported in a PlanChanged Event, and when the last was
+/// published: Events come at most once per interval (`--plan-event-interval`), each summing the changes
+/// since the last, since in a churning fleet every join and leave changes the plan. The count belongs to
+/// one leadership term: a replica that leads again starts over, and reports no other term's changes.
 #[derive(Debug, Default)]
 pub struct PlanEvents {
+    term: u64,
     last: Option<Instant>,
-    changes: u32,
-    patched: usize,
+    pending: Due,
+}
+
+/// What a PlanChanged Event reports: the plan changes it sums and their Pod writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    pub changes: u32,
+    pub writes: usize,
 }
 
 impl PlanEvents {
-    /// Takes in one reconcile at `now`: its plan change, if any (with the Pods it patched). Returns what
-    /// an Event should report now (changes, Pods patched), if one is due: the first change at once, later
-    /// ones once [`PLAN_EVENT_INTERVAL`] has passed, at the next reconcile (a poll interval at most).
-    pub fn note(&mut self, changed: Option<usize>, now: Instant) -> Option<(u32, usize)> {
-        if let Some(patched) = changed {
-            self.changes += 1;
-            self.patched += patched;
+    /// Takes in one reconcile at `(term, now)`: its plan change, if any, with its Pod writes. Returns what
+    /// an Event should report now, if one is due: the first change at once, later ones once `interval`
+    /// has passed, at the next reconcile (a poll interval at most).
+    pub fn note(&mut self, changed: Option<usize>, (term, now): (u64, Instant), interval: Duration) -> Option<Due> {
+        if self.term != term {
+            *self = PlanEvents { term, ..Default::default() };
         }
-        let due = self.last.is_none_or(|t| now.saturating_duration_since(t) >= PLAN_EVENT_INTERVAL);
-        (self.changes > 0 && due).then(|| {
+        if let Some(writes) = changed {
+            self.pending.changes += 1;
+            self.pending.writes += writes;
+        }
+        let due = self.last.is_none_or(|t| now.saturating_duration_since(t) >= interval);
+        (self.pending.changes > 0 && due).then(|| {
             self.last = Some(now);
-            (std::mem::take(&mut self.changes), std::mem::take(&mut self.patched))
+            std::mem::take(&mut self.pending)
         })
+    }
+
+    /// Puts back what an Event that could not be published was to report, for the next one.
+    pub fn unsent(&mut self, d: Due) {
+        self.pending.changes += d.changes;
+        self.pending.writes += d.writes;
     }
 }
 
@@ -142,13 +159,27 @@ async fn write_status(
     Ok(())
 }
 
-pub async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &str, note: &str) {
+/// Publishes an Event about `policy`; whether it was. The same reason again within a few minutes adds to
+/// the first Event's series (its count), keeping its note.
+pub async fn publish(ctx: &Context, policy: &MeshPolicy, type_: EventType, reason: &str, note: &str) -> bool {
+    publish_with(&ctx.recorder, policy, type_, reason, note).await
+}
+
+async fn publish_with(
+    recorder: &kube::runtime::events::Recorder,
+    policy: &MeshPolicy,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) -> bool {
     // events.k8s.io caps a note at 1 kB.
     let note = status::truncate(note, 1000);
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+    let result = recorder.publish(&event, &policy.object_ref(&())).await;
+    if let Err(e) = &result {
         warn!(error = %e, reason, "could not publish an Event");
     }
+    result.is_ok()
 }
 
 #[cfg(test)]
@@ -156,26 +187,34 @@ mod tests {
     use super::*;
 
     /// The first change is reported at once; changes within the interval are summed into the next
-    /// Event, which comes at the first reconcile after the interval, with or without a change then.
+    /// Event, which comes at the first reconcile after the interval, with or without a change then. An
+    /// Event that could not be published is summed into the next; a new leadership term starts over.
     #[test]
     fn plan_changes_are_reported_at_most_once_per_interval() {
         let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
+        let at = |s: u64| (1, t0 + Duration::from_secs(s));
+        let due = |changes, writes| Some(Due { changes, writes });
+        let minute = Duration::from_secs(60);
         let mut events = PlanEvents::default();
-        // (seconds, the plan change then with its Pods patched, the Event due then)
-        type Step = (u64, Option<usize>, Option<(u32, usize)>);
+        // (seconds, the plan change then with its Pod writes, the Event due then)
+        type Step = (u64, Option<usize>, Option<Due>);
         let steps: [Step; 8] = [
             (0, None, None),
-            (1, Some(9), Some((1, 9))),
+            (1, Some(9), due(1, 9)),
             (2, Some(8), None),
             (30, Some(9), None),
             (40, None, None),
-            (61, None, Some((2, 17))),
+            (61, None, due(2, 17)),
             (62, None, None),
-            (200, Some(1), Some((1, 1))),
+            (200, Some(1), due(1, 1)),
         ];
         for (s, changed, want) in steps {
-            assert_eq!(events.note(changed, at(s)), want, "at {s} s");
+            assert_eq!(events.note(changed, at(s), minute), want, "at {s} s");
         }
+        events.unsent(Due { changes: 1, writes: 1 });
+        assert_eq!(events.note(Some(2), at(300), minute), due(2, 3), "the unsent Event's changes come with the next");
+        assert_eq!(events.note(Some(4), at(301), minute), None);
+        assert_eq!(events.note(None, (2, t0 + Duration::from_secs(302)), minute), None, "a new term forgets the old");
+        assert_eq!(events.note(Some(5), (2, t0 + Duration::from_secs(303)), minute), due(1, 5));
     }
 }

@@ -5,8 +5,9 @@ certificate, pyOpenSSL for TLS (Python's ssl module cannot accept an unknown sel
 as a server), wsproto for WebSocket framing. It links to the pinned rendezvous, dials the peers of its
 downward-API assignment file and admits exactly its `accepts`, under its cap.
 
-It serves the same test API as mesh-agent (GET /status, GET and POST /updates) and prints
-`listening mesh=ADDR api=ADDR node=ID` once it accepts links. Run by tests/e2e_python.rs.
+It serves the same test API as mesh-agent (GET /status, GET and POST /updates) on --test-api, and /healthz
+alone on --metrics (it has no metrics), and prints `listening mesh=ADDR metrics=ADDR test-api=ADDR node=ID`
+once it accepts links. Run by tests/e2e_python.rs.
 """
 import argparse
 import asyncio
@@ -489,6 +490,21 @@ def read_assignment(path):
         return None
 
 
+async def health(reader, writer):
+    """The metrics port: /healthz, and nothing else (this agent has no metrics)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        found = head.split(b" ")[:2] == [b"GET", b"/healthz"]
+        status, body = (b"200 OK", b"ok") if found else (b"404 Not Found", b"")
+        writer.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 async def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True)
@@ -505,11 +521,10 @@ async def main():
     agent = Agent(args)
     host, port = args.listen.rsplit(":", 1)
     mesh = await asyncio.start_server(agent.accept, host, int(port))
-    # This agent has no metrics: its metrics port answers as the test API does.
     servers = []
-    for addr in (args.metrics, args.test_api):
+    for addr, serve in ((args.metrics, health), (args.test_api, agent.api)):
         host, port = addr.rsplit(":", 1)
-        servers.append(await asyncio.start_server(agent.api, host, int(port)))
+        servers.append(await asyncio.start_server(serve, host, int(port)))
     metrics_addr, api_addr = ("%s:%d" % s.sockets[0].getsockname()[:2] for s in servers)
     mesh_addr = "%s:%d" % mesh.sockets[0].getsockname()[:2]
     asyncio.create_task(agent.rendezvous(f"wss://{mesh_addr}/crdt-sync"))

@@ -381,6 +381,7 @@ impl Operator {
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             pod_selector: None,
             check_incremental: true,
+            plan_event_interval: Duration::from_secs(60),
         };
         let metrics = std::sync::Arc::new(mesh_operator::telemetry::Metrics::default());
         let health = std::sync::Arc::new(mesh_operator::telemetry::Health::default());

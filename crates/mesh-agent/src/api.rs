@@ -28,7 +28,6 @@ const UPDATES: &str = "updates";
 
 struct App {
     agent: Agent,
-    registry: Registry,
     first_seen: Arc<Mutex<HashMap<String, f64>>>,
     written: AtomicU64,
 }
@@ -42,10 +41,19 @@ struct Written {
     value: String,
 }
 
-/// The metrics port's routes and the test API's.
-pub async fn routers(agent: Agent) -> (Router, Router) {
+/// The metrics port's routes.
+pub fn metrics_router(agent: &Agent) -> Router {
     let mut registry = Registry::default();
     agent.metrics.register(&mut registry);
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(Arc::new(registry))
+}
+
+/// The test API's routes. Only an agent that serves them records when each update first arrived: that
+/// record grows with every update, which an agent in production must not pay for.
+pub async fn test_router(agent: Agent) -> Router {
     let first_seen = Arc::new(Mutex::new(HashMap::new()));
     let seen = first_seen.clone();
     agent
@@ -60,16 +68,13 @@ pub async fn routers(agent: Agent) -> (Router, Router) {
             })
         })
         .await;
-    let app = Arc::new(App { agent, registry, first_seen, written: AtomicU64::new(0) });
-    let metrics =
-        Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).with_state(app.clone());
-    let test = Router::new().route("/status", get(status)).route("/updates", get(updates).post(append)).with_state(app);
-    (metrics, test)
+    let app = Arc::new(App { agent, first_seen, written: AtomicU64::new(0) });
+    Router::new().route("/status", get(status)).route("/updates", get(updates).post(append)).with_state(app)
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &app.registry) {
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
         Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

@@ -174,11 +174,11 @@ async fn main() -> anyhow::Result<()> {
     let test_addr = test_api.as_ref().map(|l| l.local_addr()).transpose()?;
     let shown = test_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     println!("listening mesh={mesh_addr} metrics={} test-api={shown} node={node_id}", metrics.local_addr()?);
-    let (metrics_routes, test_routes) = api::routers(agent).await;
-    let serve_metrics = axum::serve(metrics, metrics_routes).into_future();
+    let serve_metrics = axum::serve(metrics, api::metrics_router(&agent)).into_future();
     match test_api {
         Some(listener) => {
-            tokio::try_join!(serve_metrics, axum::serve(listener, test_routes).into_future()).map(drop)?
+            let serve_tests = axum::serve(listener, api::test_router(agent).await).into_future();
+            tokio::try_join!(serve_metrics, serve_tests).map(drop)?
         }
         None => serve_metrics.await?,
     }

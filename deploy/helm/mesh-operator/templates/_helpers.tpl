@@ -1,9 +1,31 @@
+{{/* Objects are named after the release: fullnameOverride replaces the name, nameOverride is appended. */}}
 {{- define "mesh-operator.name" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if .Values.nameOverride -}}
+{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The app label: nameOverride, else mesh-operator. */}}
+{{- define "mesh-operator.app" -}}
+{{- .Values.nameOverride | default "mesh-operator" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The ServiceAccount the replicas run as: the chart's own (named after the release unless named), or
+an existing one, which must then be named. */}}
+{{- define "mesh-operator.serviceAccount" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "mesh-operator.name" .) -}}
+{{- else -}}
+{{- required "serviceAccount.name: name the existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "mesh-operator.labels" -}}
-app.kubernetes.io/name: mesh-operator
+app.kubernetes.io/name: {{ include "mesh-operator.app" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -11,7 +33,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "mesh-operator.selector" -}}
-app.kubernetes.io/name: mesh-operator
+app.kubernetes.io/name: {{ include "mesh-operator.app" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
