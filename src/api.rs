@@ -10,6 +10,8 @@ use crate::duration;
 
 pub const GROUP: &str = "agentmesh.dev";
 
+/// The desired mesh: which Pods are its agents, how many links each may hold, and where their presence
+/// is read.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "agentmesh.dev",
@@ -21,13 +23,17 @@ pub const GROUP: &str = "agentmesh.dev";
     namespaced,
     status = "MeshPolicyStatus",
     derive = "PartialEq",
+    doc = "A mesh of supplementary sync links between the build agents a selector chooses: mesh-operator plans it from the agents' presence at the rendezvous, with at most spec.maxPeers links per agent, and writes each agent Pod's peers into its annotations.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Cap","type":"integer","jsonPath":".spec.maxPeers"}"#,
-    printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.selected"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selected"}"#,
     printcolumn = r#"{"name":"Eligible","type":"integer","jsonPath":".status.eligible"}"#,
+    printcolumn = r#"{"name":"Assigned","type":"integer","jsonPath":".status.assigned"}"#,
     printcolumn = r#"{"name":"Links","type":"integer","jsonPath":".status.links"}"#,
-    printcolumn = r#"{"name":"Max-Deg","type":"integer","jsonPath":".status.maxDegree"}"#,
-    printcolumn = r#"{"name":"Components","type":"integer","jsonPath":".status.components"}"#,
+    printcolumn = r#"{"name":"Max-Deg","type":"integer","jsonPath":".status.maxDegree","priority":1}"#,
+    printcolumn = r#"{"name":"Components","type":"integer","jsonPath":".status.components","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -49,11 +55,13 @@ pub struct MeshPolicySpec {
     #[serde(default = "default_max_peers")]
     #[schemars(range(min = 0, max = crate::planner::MAX_CAP))]
     pub max_peers: u32,
+    /// Where the agents' presence is read: which agents are alive and where they accept links.
     pub rendezvous: Rendezvous,
     /// Presence older than this is not alive (Go duration).
     #[serde(default = "default_heartbeat_timeout")]
     #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
     pub heartbeat_timeout: String,
+    /// How an agent Pod names its node id.
     #[serde(default)]
     pub identity: Identity,
     /// A label such as `topology.kubernetes.io/zone`; when set, links are spread across its values.
@@ -101,12 +109,17 @@ pub struct Rendezvous {
          "message": "spec.rendezvous.url must be an absolute http:// or https:// URL with a host"},
     ]))]
     pub url: String,
+    /// The presence endpoint's path under `url` (docs/presence-api.md).
     #[serde(default = "default_presence_path")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^\s?#]*$"))]
     pub presence_path: String,
+    /// How often presence is read (Go duration, at least 1s). Reads are also made promptly while a Ready
+    /// agent Pod has no presence entry yet.
     #[serde(default = "default_poll_interval")]
     #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
     pub poll_interval: String,
+    /// How long one presence read may take (Go duration, 100ms to pollInterval); a slower one counts as an
+    /// outage.
     #[serde(default = "default_timeout")]
     #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
     pub timeout: String,
@@ -122,17 +135,21 @@ pub struct Rendezvous {
     pub ca_bundle: Option<String>,
 }
 
+/// A key of a Secret in the policy's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
+    /// The Secret's name.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub name: String,
+    /// The key within the Secret's data.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
+/// How an agent Pod names its node id.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
@@ -148,6 +165,7 @@ impl Default for Identity {
     }
 }
 
+/// `Enforce` writes each agent Pod's assignment; `Observe` plans and reports in status but writes nothing.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Mode {
     #[default]
@@ -220,10 +238,12 @@ fn default_node_id_annotation() -> String {
     crate::assignment::NODE_ID.into()
 }
 
+/// What the operator last planned and wrote for this policy, and why agents were left out.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = kubernetes_formats)]
 pub struct MeshPolicyStatus {
+    /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `RendezvousReachable`, `Degraded`, `Conflict`.
@@ -242,15 +262,19 @@ pub struct MeshPolicyStatus {
     /// Links in the planned graph.
     #[serde(default)]
     pub links: u32,
+    /// The most links any agent has in the planned graph (never above spec.maxPeers).
     #[serde(default)]
     pub max_degree: u32,
+    /// The fewest links any agent has in the planned graph.
     #[serde(default)]
     pub min_degree: u32,
     /// Connected components of the planned graph.
     #[serde(default)]
     pub components: u32,
+    /// A digest of the current plan: it changes when any agent's assignment does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_hash: Option<String>,
+    /// When the plan last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_plan_time: Option<Time>,
     /// Selected Pods left out of the plan and why (at most 100, by Pod name), for `kubectl mesh explain`.
@@ -259,9 +283,12 @@ pub struct MeshPolicyStatus {
     pub excluded: Vec<ExcludedPod>,
 }
 
+/// A selected Pod left out of the plan.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct ExcludedPod {
+    /// The Pod's name.
     pub pod: String,
+    /// Why it is not an agent in the plan.
     pub reason: String,
 }
 
@@ -301,6 +328,30 @@ mod tests {
         assert!(found.contains(&"date-time".to_string()), "the walk reaches the schema: {found:?}");
         let unknown: Vec<&String> = found.iter().filter(|f| !KUBERNETES_FORMATS.contains(&f.as_str())).collect();
         assert!(unknown.is_empty(), "formats kube-apiserver warns about: {unknown:?}");
+    }
+
+    /// `kubectl explain` has something to say about every field the project defines (Kubernetes' own
+    /// types, the label selector and the conditions, carry theirs).
+    #[test]
+    fn every_field_of_ours_has_a_description() {
+        fn walk(path: &str, v: &serde_json::Value, missing: &mut Vec<String>) {
+            let Some(props) = v.get("properties").and_then(|p| p.as_object()) else { return };
+            for (name, field) in props {
+                let here = format!("{path}.{name}");
+                let ours = !["metadata", "apiVersion", "kind", "selector", "conditions"].contains(&name.as_str());
+                if ours && field.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                    missing.push(here.clone());
+                }
+                walk(&here, field, missing);
+                walk(&here, field.get("items").unwrap_or(&serde_json::Value::Null), missing);
+            }
+        }
+        let crd = serde_json::to_value(MeshPolicy::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert!(!schema["description"].as_str().unwrap().starts_with("Auto-generated"), "{}", schema["description"]);
+        let mut missing = Vec::new();
+        walk("", schema, &mut missing);
+        assert!(missing.is_empty(), "fields without a description: {missing:?}");
     }
 
     #[test]

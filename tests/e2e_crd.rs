@@ -122,8 +122,19 @@ async fn every_example_is_accepted_and_kubectl_shows_the_columns() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "CAP", "AGENTS", "ELIGIBLE", "LINKS", "MAX-DEG", "COMPONENTS", "READY", "AGE"]);
+    assert_eq!(header, ["NAME", "MODE", "CAP", "SELECTED", "ELIGIBLE", "ASSIGNED", "LINKS", "READY", "AGE"]);
     assert!(stdout.contains("build-agents-zonal"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains("Observe")), "an Observe policy says so: {stdout}");
+    let wide = tool("kubectl", &["get", "mp", "-n", &ns, "-o", "wide"]);
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    for column in ["MAX-DEG", "COMPONENTS", "REASON"] {
+        assert!(header.contains(&column), "-o wide lacks {column}: {header:?}");
+    }
+    // kubectl explain reads the CRD's descriptions.
+    let explain = tool("kubectl", &["explain", "mp.spec.rendezvous.pollInterval"]);
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(explain.contains("How often presence is read"), "{explain}");
     // The category and short name resolve too.
     let out = tool("kubectl", &["get", "agentmesh", "-n", &ns, "-o", "name"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), count, "{out:?}");
