@@ -902,11 +902,8 @@ async fn plan_changes_in_a_churning_fleet_are_summed_into_few_events() {
     .await;
     let mut hash = policy(&client, &ns, "mesh").await.status.unwrap().plan_hash;
     for i in 6..12 {
-        let id = format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
         let name = format!("agent-{i}");
-        create_pod(&client, &ns, &name, json!({"app": "agent"}), json!({"agentmesh.dev/node-id": id})).await;
-        set_pod_status(&client, &ns, &name, &format!("127.0.1.{}", i + 1), true).await;
-        rv.add(&id);
+        present_agent(&client, &ns, &rv, &name, i, json!({"app": "agent"})).await;
         hash = wait_for(&format!("{name} to change the plan"), WAIT, || async {
             let now = policy(&client, &ns, "mesh").await.status?.plan_hash;
             (now != hash).then_some(now)

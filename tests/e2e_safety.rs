@@ -32,13 +32,7 @@ async fn agents(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let k = base + i;
-        let id = format!("{:064x}", (k as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
-        let name = format!("{prefix}-{i}");
-        create_pod(client, ns, &name, json!({"app": app}), json!({"agentmesh.dev/node-id": id})).await;
-        set_pod_status(client, ns, &name, &format!("127.0.{}.{}", 1 + k / 250, 1 + k % 250), true).await;
-        rv.add(&id);
-        ids.push(id);
+        ids.push(present_agent(client, ns, rv, &format!("{prefix}-{i}"), base + i, json!({"app": app})).await);
     }
     ids
 }

@@ -76,14 +76,6 @@ impl LongPoll {
     }
 }
 
-impl Unread {
-    /// Whether this read is the policy's presence now: read from `source`, and if a 304, for `etag`.
-    fn fits(&self, source: &Source, etag: &Option<String>) -> bool {
-        let unmodified = matches!(self.result, Ok(Fetched::NotModified { .. }));
-        self.source == *source && (!unmodified || self.sent == *etag)
-    }
-}
-
 /// Where a read comes from: the presence URL and the CA bundle it is verified against.
 type Source = (String, Option<String>);
 
@@ -97,6 +89,14 @@ pub struct Unread {
     /// The ETag sent with it: a 304 confirms only the snapshot that ETag names.
     sent: Option<String>,
     result: Result<Fetched, FetchError>,
+}
+
+impl Unread {
+    /// Whether this read is the policy's presence now: read from `source`, and if a 304, for `etag`.
+    fn fits(&self, source: &Source, etag: &Option<String>) -> bool {
+        let unmodified = matches!(self.result, Ok(Fetched::NotModified { .. }));
+        self.source == *source && (!unmodified || self.sent == *etag)
+    }
 }
 
 /// What a reconcile learns of presence.
@@ -314,19 +314,13 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     let since = state.last_attempt.map(|t| now.saturating_duration_since(t));
     let fresh = since.is_some_and(|s| s >= FRESH_FETCH_INTERVAL)
         && state.snapshot.as_deref().is_some_and(|snap| newly_unmatched(ctx, policy, snap, &state.waiting));
-    let prompt = state.prompt(now) && since.is_none_or(|s| s >= PROMPT_FETCH_INTERVAL);
-    if (prompt || fresh) && state.may_long_poll() {
-        state.long_poll.started += 1;
-        let number = state.long_poll.started;
+    let prompt = state.prompt(now);
+    if (fresh || prompt && since.is_none_or(|s| s >= PROMPT_FETCH_INTERVAL)) && state.may_long_poll() {
         state.last_attempt = Some(now);
-        let etag = state.etag.clone().unwrap_or_default();
-        // The task finds its own entry under the lock, which is held until the entry is in place.
-        let poll = long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number));
-        let task = tokio::spawn(tracing::Instrument::in_current_span(poll));
-        state.long_poll.in_flight = Some(InFlight { number, source, task });
+        start_long_poll(ctx, policy, &kept, &mut state, source);
         return None;
     }
-    if !(state.due(policy.rendezvous.poll_interval, state.prompt(now), now) || fresh) {
+    if !(state.due(policy.rendezvous.poll_interval, prompt, now) || fresh) {
         return None;
     }
     state.last_attempt = Some(Instant::now());
@@ -335,6 +329,23 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
     count(ctx, &result);
     Some(Attempt { result, heartbeat_timeout: policy.heartbeat_timeout })
+}
+
+/// Starts a long poll of `source` for the policy whose state `kept` is (`state`, locked).
+fn start_long_poll(
+    ctx: &Arc<Context>,
+    policy: &ValidPolicy,
+    kept: &Arc<super::PolicyState>,
+    state: &mut PresenceState,
+    source: Source,
+) {
+    state.long_poll.started += 1;
+    let number = state.long_poll.started;
+    let etag = state.etag.clone().unwrap_or_default();
+    // The task finds its own entry under the lock, which is held until the entry is in place.
+    let poll = long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number));
+    let task = tokio::spawn(tracing::Instrument::in_current_span(poll));
+    state.long_poll.in_flight = Some(InFlight { number, source, task });
 }
 
 /// One long poll (see [`LongPoll`]): its answer goes to the policy's next reconcile, which it wakes.

@@ -433,18 +433,30 @@ pub async fn fleet(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let id = format!("{:064x}", (i as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
         let mut labels = json!({"app": "agent"});
         if let Some(z) = zone(i) {
             labels["zone"] = json!(z);
         }
-        let name = format!("agent-{i}");
-        create_pod(client, ns, &name, labels, json!({"agentmesh.dev/node-id": id})).await;
-        set_pod_status(client, ns, &name, &format!("127.0.{}.{}", 1 + i / 250, 1 + i % 250), true).await;
-        rv.add(&id);
-        ids.push(id);
+        ids.push(present_agent(client, ns, rv, &format!("agent-{i}"), i, labels).await);
     }
     ids
+}
+
+/// Creates Ready agent Pod `name` with `labels`, the node id and IP 127.0.x.y of agent number `k`, and
+/// its presence; returns its node id.
+pub async fn present_agent(
+    client: &Client,
+    ns: &str,
+    rv: &Rendezvous,
+    name: &str,
+    k: usize,
+    labels: serde_json::Value,
+) -> String {
+    let id = format!("{:064x}", (k as u128 + 1) * 0x9E37_79B9_7F4A_7C15);
+    create_pod(client, ns, name, labels, json!({"agentmesh.dev/node-id": id})).await;
+    set_pod_status(client, ns, name, &format!("127.0.{}.{}", 1 + k / 250, 1 + k % 250), true).await;
+    rv.add(&id);
+    id
 }
 
 /// A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost:
