@@ -277,7 +277,7 @@ async fn main() {
             }
         })
     };
-    let patches = || scrape(port, "mesh_operator_pod_patches_total");
+    let patches = || scrape(port, r#"mesh_operator_pod_patches_total{result="ok"}"#);
 
     println!("burst: {agents} agent Pods at once (32 in flight) …");
     let started = Instant::now();

@@ -13,5 +13,6 @@ pub mod inspect;
 pub mod memory;
 pub mod planner;
 pub mod presence;
+pub mod process;
 pub mod simulate;
 pub mod telemetry;

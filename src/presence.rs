@@ -162,6 +162,25 @@ mod tests {
     }
 
     #[test]
+    fn every_fetch_error_reason_is_listed() {
+        let errors = [
+            FetchError::Connect(String::new()),
+            FetchError::Timeout(Duration::ZERO),
+            FetchError::Status(401),
+            FetchError::Status(500),
+            FetchError::TooLarge { limit: 1 },
+            FetchError::Malformed(ParseError::Empty),
+            FetchError::Token(String::new()),
+            FetchError::Other(String::new()),
+        ];
+        let reasons: Vec<&str> = errors.iter().map(FetchError::reason).collect();
+        for reason in &reasons {
+            assert!(FetchError::REASONS.contains(reason), "{reason} is not in FetchError::REASONS");
+        }
+        assert!(FetchError::REASONS.iter().all(|r| reasons.contains(r)), "REASONS lists only real reasons");
+    }
+
+    #[test]
     fn malformed_bodies_say_where() {
         let err = parse(b"[{\"node_id\": \"ab\",\n  \"alive\": \"yes\"}]").unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("boolean"), "{err}");
@@ -214,6 +233,18 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// Every value [`Self::reason`] returns.
+    pub const REASONS: [&'static str; 8] = [
+        "ConnectionFailed",
+        "Timeout",
+        "Unauthorized",
+        "HTTPStatus",
+        "BodyTooLarge",
+        "MalformedBody",
+        "JoinTokenUnavailable",
+        "RequestFailed",
+    ];
+
     /// A CamelCase reason for conditions and a metric label.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -58,48 +58,90 @@ pub struct PolicyLabel {
     pub policy: String,
 }
 
+/// A policy's series with one more label, such as a fetch's result or a failure's kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyResultLabel {
+    pub namespace: String,
+    pub policy: String,
+    pub result: &'static str,
+}
+
+/// One of a policy's conditions in one status; the series of the status it has is 1, the others 0
+/// (as kube-state-metrics exports Pod conditions).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabel {
+    pub namespace: String,
+    pub policy: String,
+    pub condition: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+}
+
+/// The condition types and statuses `policy_condition` has series for.
+pub const CONDITIONS: [&str; 4] = ["Ready", "RendezvousReachable", "Degraded", "Conflict"];
+pub const STATUSES: [&str; 3] = ["True", "False", "Unknown"];
+/// The results `presence_fetches` counts, and the kinds `presence_errors` does.
+const FETCH_RESULTS: [&str; 3] = ["ok", "not_modified", "error"];
+
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub step_duration: Family<StepLabel, Histogram>,
     pub reconcile_errors: Family<KindLabel, Counter>,
-    pub presence_fetches: Family<ResultLabel, Counter>,
-    pub presence_duration: Histogram,
-    pub presence_bytes: Counter,
-    pub presence_errors: Family<KindLabel, Counter>,
-    pub pod_patches: Counter,
+    pub presence_fetches: Family<PolicyResultLabel, Counter>,
+    pub presence_duration: Family<PolicyLabel, Histogram>,
+    pub presence_bytes: Family<PolicyLabel, Counter>,
+    pub presence_errors: Family<PolicyResultLabel, Counter>,
+    /// Pod writes by result: `ok`, or why one failed (see `apply::WriteError::kind`).
+    pub pod_patches: Family<ResultLabel, Counter>,
     pub incremental_mismatches: Counter,
     pub watch_errors: Family<WatchLabel, Counter>,
-    pub agents: Family<PolicyLabel, Gauge>,
+    /// The policy's gauges, named after the status fields they mirror.
+    pub selected: Family<PolicyLabel, Gauge>,
     pub eligible: Family<PolicyLabel, Gauge>,
+    pub assigned: Family<PolicyLabel, Gauge>,
     pub links: Family<PolicyLabel, Gauge>,
-    pub max_links: Family<PolicyLabel, Gauge>,
+    pub max_degree: Family<PolicyLabel, Gauge>,
+    pub max_peers: Family<PolicyLabel, Gauge>,
+    pub condition: Family<ConditionLabel, Gauge>,
     pub leader: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("mesh_operator");
         let m = Self {
             reconciles: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             step_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
             reconcile_errors: Family::default(),
             presence_fetches: Family::default(),
-            presence_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            presence_bytes: Counter::default(),
+            presence_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            presence_bytes: Family::default(),
             presence_errors: Family::default(),
-            pod_patches: Counter::default(),
+            pod_patches: Family::default(),
             incremental_mismatches: Counter::default(),
             watch_errors: Family::default(),
-            agents: Family::default(),
+            selected: Family::default(),
             eligible: Family::default(),
+            assigned: Family::default(),
             links: Family::default(),
-            max_links: Family::default(),
+            max_degree: Family::default(),
+            max_peers: Family::default(),
+            condition: Family::default(),
             leader: Gauge::default(),
             registry: Registry::default(),
         };
+        let mut root = Registry::default();
+        root.register_collector(Box::new(crate::process::Collector));
+        let registry = root.sub_registry_with_prefix("mesh_operator");
+        let build = Family::<BuildLabel, Gauge>::default();
+        build.get_or_create(&BuildLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "1, labelled with the operator's version", build);
         registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
         registry.register("reconcile_duration_seconds", "Reconcile duration", m.reconcile_duration.clone());
         registry.register(
@@ -108,11 +150,23 @@ impl Default for Metrics {
             m.step_duration.clone(),
         );
         registry.register("reconcile_errors", "Reconcile errors by kind", m.reconcile_errors.clone());
-        registry.register("presence_fetches", "Presence fetches by result", m.presence_fetches.clone());
+        registry.register(
+            "presence_fetches",
+            "Presence fetches by policy and result (ok, not_modified, error)",
+            m.presence_fetches.clone(),
+        );
         registry.register("presence_fetch_duration_seconds", "Presence fetch duration", m.presence_duration.clone());
         registry.register("presence_bytes", "Presence body bytes read", m.presence_bytes.clone());
-        registry.register("presence_errors", "Presence fetch errors by reason", m.presence_errors.clone());
-        registry.register("pod_patches", "Pod annotation patches sent", m.pod_patches.clone());
+        registry.register(
+            "presence_errors",
+            "Failed presence fetches by policy and reason (result: the RendezvousReachable reason)",
+            m.presence_errors.clone(),
+        );
+        registry.register(
+            "pod_patches",
+            "Pod writes by result: ok, stale (the Pod changed since the decision; decided again), fenced, timed_out, failed",
+            m.pod_patches.clone(),
+        );
         registry.register(
             "incremental_mismatches",
             "Reconciles whose kept view differed from one built from scratch (checked with --check-incremental)",
@@ -123,24 +177,73 @@ impl Default for Metrics {
             "Watch errors by watch and kind (expired: a 410 that forces a relist)",
             m.watch_errors.clone(),
         );
-        registry.register("policy_agents", "Pods a policy selects", m.agents.clone());
-        registry.register("policy_eligible", "Eligible agents of a policy", m.eligible.clone());
-        registry.register("policy_links", "Links in a policy's plan", m.links.clone());
+        registry.register("policy_selected", "Pods a policy selects (status.selected)", m.selected.clone());
+        registry.register("policy_eligible", "Eligible agents of a policy (status.eligible)", m.eligible.clone());
+        registry.register("policy_assigned", "Agents carrying their assignment (status.assigned)", m.assigned.clone());
+        registry.register("policy_links", "Links in a policy's plan (status.links)", m.links.clone());
         registry.register(
-            "policy_max_links",
-            "Largest link count of any agent in a policy's plan",
-            m.max_links.clone(),
+            "policy_max_degree",
+            "The most links any agent has in a policy's plan (status.maxDegree)",
+            m.max_degree.clone(),
+        );
+        registry.register("policy_max_peers", "A policy's cap on links per agent (spec.maxPeers)", m.max_peers.clone());
+        registry.register(
+            "policy_condition",
+            "1 for a policy condition's current status, 0 for the others",
+            m.condition.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
-        Self { registry, ..m }
+        Self { registry: root, ..m }
     }
 }
 
 impl Metrics {
     /// Drops a deleted policy's series, so label sets do not pile up with policies that come and go.
     pub fn forget_policy(&self, label: &PolicyLabel) {
-        for family in [&self.agents, &self.eligible, &self.links, &self.max_links] {
+        let gauges = [&self.selected, &self.eligible, &self.assigned, &self.links, &self.max_degree, &self.max_peers];
+        for family in gauges {
             family.remove(label);
+        }
+        self.presence_duration.remove(label);
+        self.presence_bytes.remove(label);
+        let (namespace, policy) = (&label.namespace, &label.policy);
+        let with = |result| PolicyResultLabel { namespace: namespace.clone(), policy: policy.clone(), result };
+        for result in FETCH_RESULTS {
+            self.presence_fetches.remove(&with(result));
+        }
+        for kind in crate::presence::FetchError::REASONS {
+            self.presence_errors.remove(&with(kind));
+        }
+        for (condition, status) in CONDITIONS.iter().flat_map(|c| STATUSES.iter().map(move |s| (*c, *s))) {
+            let label = ConditionLabel { namespace: namespace.clone(), policy: policy.clone(), condition, status };
+            self.condition.remove(&label);
+        }
+    }
+
+    /// Drops every policy's series: a replica that no longer leads stops reconciling, and its last
+    /// values would otherwise go on being scraped beside the new leader's.
+    pub fn forget_policies(&self) {
+        let gauges = [&self.selected, &self.eligible, &self.assigned, &self.links, &self.max_degree, &self.max_peers];
+        for family in gauges {
+            family.clear();
+        }
+        self.condition.clear();
+        self.presence_fetches.clear();
+        self.presence_errors.clear();
+        self.presence_duration.clear();
+        self.presence_bytes.clear();
+    }
+
+    /// Sets a policy's condition series: 1 for `status`, 0 for the other two.
+    pub fn set_condition(&self, label: &PolicyLabel, condition: &'static str, status: &str) {
+        for s in STATUSES {
+            let key = ConditionLabel {
+                namespace: label.namespace.clone(),
+                policy: label.policy.clone(),
+                condition,
+                status: s,
+            };
+            self.condition.get_or_create(&key).set(i64::from(s == status));
         }
     }
 
@@ -240,5 +343,32 @@ mod tests {
         let metrics = Metrics::default();
         metrics.watch_failed("pods", &W::WatchError(status(410)));
         assert!(metrics.encode().contains(r#"mesh_operator_watch_errors_total{watch="pods",kind="expired"} 1"#));
+    }
+
+    #[test]
+    fn a_policys_series_go_when_it_does_and_all_go_with_leadership() {
+        let metrics = Metrics::default();
+        let label = |policy: &str| PolicyLabel { namespace: "ci".into(), policy: policy.into() };
+        for policy in ["a", "b"] {
+            metrics.selected.get_or_create(&label(policy)).set(3);
+            metrics.set_condition(&label(policy), "Ready", "Unknown");
+            let fetch = PolicyResultLabel { namespace: "ci".into(), policy: policy.into(), result: "Timeout" };
+            metrics.presence_errors.get_or_create(&fetch).inc();
+        }
+        let text = metrics.encode();
+        assert!(text.contains(
+            r#"mesh_operator_policy_condition{namespace="ci",policy="a",condition="Ready",status="Unknown"} 1"#
+        ));
+        assert!(text.contains(
+            r#"mesh_operator_policy_condition{namespace="ci",policy="a",condition="Ready",status="True"} 0"#
+        ));
+        assert!(text.contains(r#"mesh_operator_build_info{version=""#), "{text}");
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "process metrics carry no prefix:\n{text}");
+        metrics.forget_policy(&label("a"));
+        let text = metrics.encode();
+        assert!(!text.contains(r#"policy="a""#), "{text}");
+        assert!(text.contains(r#"mesh_operator_policy_selected{namespace="ci",policy="b"} 3"#), "{text}");
+        metrics.forget_policies();
+        assert!(!metrics.encode().contains(r#"policy="b""#));
     }
 }

@@ -171,7 +171,7 @@ async fn changing_max_peers_moves_the_cap_at_every_agent() {
     everyone_has(&agents, &agents[3].append().await).await;
     for a in &agents {
         assert!(a.links().await.unwrap().len() <= 2, "{} holds more than the new cap", a.name);
-        assert_eq!(a.metric("agentmesh_link_cap", "").await, 2.0, "{}", a.name);
+        assert_eq!(a.metric("agentmesh_max_peers", "").await, 2.0, "{}", a.name);
     }
     // Raised to 3: the agents follow it up (their own 4 still above).
     Api::<MeshPolicy>::namespaced(client.clone(), &ns)

@@ -452,6 +452,32 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }
 
+/// A replica that loses the Lease stops reconciling; its policy series go with it, so only the leader's
+/// are scraped and an alert need not filter on `mesh_operator_leader`.
+#[tokio::test]
+async fn a_replica_that_loses_leadership_drops_its_policy_series() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (client, ns, rv) = setup("unlead").await;
+    let a = Operator::start(&ns, "op-a", true).await;
+    wait_for("op-a to lead", WAIT, || async { (a.metrics.leader.get() == 1).then_some(()) }).await;
+    fleet(&client, &ns, &rv, 3, |_| None).await;
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
+    wait_assigned(&client, &ns, 3).await;
+    let series =
+        |m: &mesh_operator::telemetry::Metrics| m.encode().lines().filter(|l| l.contains("policy=\"mesh\"")).count();
+    wait_for("op-a to export the policy's series", WAIT, || async { (series(&a.metrics) > 0).then_some(()) }).await;
+    // Another replica takes the Lease (as after a partition): op-a sees it and stops.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let taken = json!({"spec": {"holderIdentity": "op-z", "renewTime": now, "acquireTime": now}});
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    leases.patch("mesh-operator", &PatchParams::default(), &Patch::Merge(&taken)).await.unwrap();
+    wait_for("op-a to stop leading and drop its policy series", WAIT, || async {
+        (a.metrics.leader.get() == 0 && series(&a.metrics) == 0).then_some(())
+    })
+    .await;
+    a.kill().await;
+}
+
 #[tokio::test]
 async fn health_endpoints_and_metrics() {
     let (client, ns, rv) = setup("health").await;
@@ -473,8 +499,13 @@ async fn health_endpoints_and_metrics() {
     for metric in [
         "mesh_operator_reconciles_total",
         "mesh_operator_presence_fetches_total",
-        "mesh_operator_pod_patches_total",
+        "mesh_operator_pod_patches_total{result=\"ok\"}",
         "mesh_operator_policy_eligible{namespace=",
+        "mesh_operator_policy_max_peers{namespace=",
+        "mesh_operator_policy_condition{namespace=",
+        "mesh_operator_presence_fetches_total{namespace=",
+        "mesh_operator_build_info{version=",
+        "process_resident_memory_bytes ",
         "mesh_operator_leader 1",
     ] {
         assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");

@@ -49,10 +49,11 @@ async fn carried_by(client: &Client, ns: &str, pod: &str) -> Option<Assignment> 
     Assignment::from_annotations(p.annotations())
 }
 
-/// Successful presence reads: new bodies and 304s (an unchanged list, as an empty one is).
-fn presence_reads(op: &Operator) -> u64 {
-    let read = |r: &str| {
-        let label = mesh_operator::telemetry::ResultLabel { result: r.into() };
+/// Successful presence reads of the policy `mesh` in `ns`: new bodies and 304s (an unchanged list, as an
+/// empty one is).
+fn presence_reads(op: &Operator, ns: &str) -> u64 {
+    let read = |result| {
+        let label = mesh_operator::telemetry::PolicyResultLabel { namespace: ns.into(), policy: "mesh".into(), result };
         op.metrics.presence_fetches.get_or_create(&label).get()
     };
     read("ok") + read("not_modified")
@@ -75,8 +76,8 @@ async fn a_forgetful_rendezvous_changes_no_annotation() {
     let saved: BTreeMap<String, SimAgent> = std::mem::take(&mut rv.state.lock().unwrap().agents);
     let mut held = false;
     for (i, (id, agent)) in saved.iter().enumerate() {
-        let reads = presence_reads(&op);
-        wait_for("two presence reads", WAIT, || async { (presence_reads(&op) >= reads + 2).then_some(()) }).await;
+        let reads = presence_reads(&op, &ns);
+        wait_for("two presence reads", WAIT, || async { (presence_reads(&op, &ns) >= reads + 2).then_some(()) }).await;
         assert_eq!(assignments(&client, &ns).await, before, "annotations changed with {i} agents back");
         let p = policy(&client, &ns, "mesh").await;
         held |= condition(&p, "Degraded").is_some_and(|c| c.1 == "SuspectPresence");
@@ -89,8 +90,8 @@ async fn a_forgetful_rendezvous_changes_no_annotation() {
     };
     let gone = std::time::Instant::now();
     while gone.elapsed() < Duration::from_secs(30) {
-        let reads = presence_reads(&op);
-        wait_for("a presence read", WAIT, || async { (presence_reads(&op) > reads).then_some(()) }).await;
+        let reads = presence_reads(&op, &ns);
+        wait_for("a presence read", WAIT, || async { (presence_reads(&op, &ns) > reads).then_some(()) }).await;
         assert_eq!(assignments(&client, &ns).await, before, "half the fleet missing for {:?}", gone.elapsed());
     }
     rv.state.lock().unwrap().agents.extend(half);
@@ -206,8 +207,9 @@ async fn keys_a_pod_was_created_with_are_removed_once() {
     .await;
     wait_condition(&client, &ns, "mesh", "Ready", "True", "Applied").await;
     let patches = op.pod_patches();
-    let reads = presence_reads(&op);
-    wait_for("three more presence reads", WAIT, || async { (presence_reads(&op) >= reads + 3).then_some(()) }).await;
+    let reads = presence_reads(&op, &ns);
+    wait_for("three more presence reads", WAIT, || async { (presence_reads(&op, &ns) >= reads + 3).then_some(()) })
+        .await;
     assert_eq!(op.pod_patches(), patches, "Pods re-patched at rest");
     op.kill().await;
     assert!(history.assert_clean() > 0);

@@ -12,12 +12,17 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::json;
 
 use super::FIELD_MANAGER;
 use super::decide::{Waves, Write};
 use super::leader::Leadership;
 use crate::assignment::{self, Assignment};
+use crate::telemetry::ResultLabel;
+
+/// Pod writes counted by result.
+pub type Patches = Family<ResultLabel, Counter>;
 
 /// How the API server words a refused resourceVersion or UID precondition.
 const PRECONDITIONS: [&str; 3] = ["the object has been modified", "Precondition failed: UID", "uid mismatch"];
@@ -50,7 +55,7 @@ pub async fn apply(
     concurrency: usize,
     leadership: &Leadership,
     expectations: &Expectations,
-    patched: &Counter,
+    patched: &Patches,
 ) -> Outcome {
     let mut outcome = Outcome::default();
     let may_write = || leadership.may_write();
@@ -82,7 +87,7 @@ struct WaveContext<'a> {
     concurrency: usize,
     leadership: &'a Leadership,
     expectations: &'a Expectations,
-    patched: &'a Counter,
+    patched: &'a Patches,
 }
 
 /// Why a write did not happen, or may not have.
@@ -113,6 +118,17 @@ impl WriteError {
         matches!(self, Self::Rejected(kube::Error::Api(s)) if s.code == 403 && s.message.contains(FENCED))
     }
 
+    /// The `result` label of `mesh_operator_pod_patches_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotStarted => "not_started",
+            Self::TimedOut => "timed_out",
+            _ if self.is_stale() => "stale",
+            _ if self.is_fenced() => "fenced",
+            Self::Rejected(_) => "failed",
+        }
+    }
+
     /// Whether the write may still have been applied.
     fn ambiguous(&self) -> bool {
         match self {
@@ -123,7 +139,7 @@ impl WriteError {
     }
 }
 
-/// One wave; `patched` counts each write as it succeeds (not when the wave ends), so the metric never
+/// One wave; `patched` counts each write as it is answered (not when the wave ends), so the metric never
 /// lags what the API already shows.
 async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
     // Owned futures (a stream of futures borrowing from here would not be `Send` for every lifetime), each
@@ -144,9 +160,11 @@ async fn wave(ctx: &WaveContext<'_>, writes: Vec<&Write>, out: &mut Outcome) {
                         Ok(r) => r.map(|pod| pod.map(|p| Written::of(&p))).map_err(WriteError::Rejected),
                         Err(_) => Err(WriteError::TimedOut),
                     };
-                    if result.is_ok() {
-                        patched.inc();
-                    }
+                    let label = match &result {
+                        Ok(_) => "ok",
+                        Err(e) => e.kind(),
+                    };
+                    patched.get_or_create(&ResultLabel { result: label.into() }).inc();
                     tracing::debug!(namespace = ?api.namespace(), pod = w.pod, links = ?w.to.as_deref().map(Assignment::links), ok = result.is_ok(), "Pod write");
                     (i, result)
                 }

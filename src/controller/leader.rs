@@ -104,6 +104,7 @@ impl Leadership {
                 info!(identity, term = t.number, "became leader");
             } else if was && !leading {
                 info!(identity, "no longer leader: stopped writing");
+                metrics.forget_policies();
             }
             metrics.leader.set(i64::from(leading));
             leading != was

@@ -326,8 +326,7 @@ pub async fn fetch(ctx: &Arc<Context>, policy: &ValidPolicy) -> Option<Attempt> 
     state.last_attempt = Some(Instant::now());
     let started = Instant::now();
     let result = request(ctx, policy, state.etag.as_deref(), None).await;
-    ctx.metrics.presence_duration.observe(started.elapsed().as_secs_f64());
-    count(ctx, &result);
+    count(ctx, policy, &result, Some(started.elapsed()));
     Some(Attempt { result, heartbeat_timeout: policy.heartbeat_timeout })
 }
 
@@ -360,7 +359,7 @@ async fn long_poll(
     // A held read also serves as the regular poll, so it waits no longer than one.
     let wait = policy.rendezvous.poll_interval.clamp(Duration::from_secs(1), PresenceState::PROMPT_WINDOW);
     let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
-    count(&ctx, &result);
+    count(&ctx, &policy, &result, None);
     let mut state = kept.presence.lock().await;
     // Another term's state, or a read the policy stopped waiting for (its rendezvous changed): not ours
     // to trust.
@@ -480,19 +479,30 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
     !unmatched.is_empty()
 }
 
-fn count(ctx: &Context, result: &Result<Fetched, FetchError>) {
-    let label = |r: &str| telemetry::ResultLabel { result: r.into() };
+/// Counts a fetch under its policy. A long poll's time is how long the rendezvous held it, not how long
+/// a read takes, so its duration is not observed.
+fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchError>, took: Option<Duration>) {
+    let m = &ctx.metrics;
+    let label = telemetry::PolicyLabel { namespace: policy.namespace.clone(), policy: policy.name.clone() };
+    let with = |result| telemetry::PolicyResultLabel {
+        namespace: policy.namespace.clone(),
+        policy: policy.name.clone(),
+        result,
+    };
+    if let Some(took) = took {
+        m.presence_duration.get_or_create(&label).observe(took.as_secs_f64());
+    }
     match result {
         Ok(Fetched::New { bytes, .. }) => {
-            ctx.metrics.presence_bytes.inc_by(*bytes as u64);
-            ctx.metrics.presence_fetches.get_or_create(&label("ok")).inc();
+            m.presence_bytes.get_or_create(&label).inc_by(*bytes as u64);
+            m.presence_fetches.get_or_create(&with("ok")).inc();
         }
         Ok(Fetched::NotModified { .. }) => {
-            ctx.metrics.presence_fetches.get_or_create(&label("not_modified")).inc();
+            m.presence_fetches.get_or_create(&with("not_modified")).inc();
         }
         Err(e) => {
-            ctx.metrics.presence_fetches.get_or_create(&label("error")).inc();
-            ctx.metrics.presence_errors.get_or_create(&telemetry::KindLabel { kind: e.reason().into() }).inc();
+            m.presence_fetches.get_or_create(&with("error")).inc();
+            m.presence_errors.get_or_create(&with(e.reason())).inc();
         }
     }
 }

@@ -27,9 +27,9 @@ pub struct Reconciled<'a> {
 
 pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Result<(), Error> {
     let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
-    ctx.metrics.agents.get_or_create(&label).set(r.observed.selected.len() as i64);
     let prev = policy.status.clone().unwrap_or_default();
     let new = status::counts(&prev, r.observed, r.decision, r.outcome, &Time(Timestamp::now()));
+    set_gauges(ctx, &label, &new, policy.spec.max_peers);
     if let (Some(m), Some(plan)) = (r.decision.members, &r.decision.plan) {
         let eligible = m.agents.len() - r.decision.held.len();
         let changed = (prev.plan_hash != new.plan_hash).then_some(r.outcome.patched);
@@ -54,12 +54,29 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
                 kept.events.lock().expect("events lock").unsent(d);
             }
         }
-        ctx.metrics.eligible.get_or_create(&label).set(eligible as i64);
-        ctx.metrics.links.get_or_create(&label).set(plan.links as i64);
-        ctx.metrics.max_links.get_or_create(&label).set(plan.max_degree as i64);
     }
     warn_on_transitions(ctx, policy, &prev, &r.findings).await;
     write_status(ctx, policy, new, &r.findings.verdicts()).await
+}
+
+/// The policy's gauges, from the status being written. A replica that lost leadership meanwhile drops
+/// them again: its gauges were cleared when it did, and must stay so.
+fn set_gauges(ctx: &Context, label: &telemetry::PolicyLabel, s: &MeshPolicyStatus, max_peers: u32) {
+    let m = &ctx.metrics;
+    let values = [
+        (&m.selected, s.selected),
+        (&m.eligible, s.eligible),
+        (&m.assigned, s.assigned),
+        (&m.links, s.links),
+        (&m.max_degree, s.max_degree),
+        (&m.max_peers, max_peers),
+    ];
+    for (family, value) in values {
+        family.get_or_create(label).set(i64::from(value));
+    }
+    if !ctx.leadership.may_write() {
+        m.forget_policy(label);
+    }
 }
 
 /// The plan changes of one policy not yet reported in a PlanChanged Event, and when the last was
@@ -109,10 +126,10 @@ impl PlanEvents {
 /// Warning Events when a problem starts (not on every reconcile while it lasts).
 async fn warn_on_transitions(ctx: &Context, policy: &MeshPolicy, prev: &MeshPolicyStatus, f: &Findings) {
     let had = |type_: &str, reason: &str| prev.conditions.iter().any(|c| c.type_ == type_ && c.reason == reason);
-    let was_reachable =
-        prev.conditions.iter().find(|c| c.type_ == status::RENDEZVOUS_REACHABLE).map(|c| c.status == "True");
+    let was_unreachable =
+        prev.conditions.iter().any(|c| c.type_ == status::RENDEZVOUS_REACHABLE && c.status == "False");
     if let Some((reason, message)) = &f.unreachable
-        && was_reachable != Some(false)
+        && !was_unreachable
     {
         publish(ctx, policy, EventType::Warning, "RendezvousUnreachable", &format!("{reason}: {message}")).await;
     }
@@ -149,6 +166,13 @@ async fn write_status(
     new.observed_generation = policy.metadata.generation;
     new.conditions =
         status::conditions(verdicts, &prev.conditions, policy.metadata.generation, &Time(Timestamp::now()));
+    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    for v in verdicts {
+        ctx.metrics.set_condition(&label, v.type_, v.status.as_str());
+    }
+    if !ctx.leadership.may_write() {
+        ctx.metrics.forget_policy(&label);
+    }
     if new == prev || !ctx.leadership.may_write() {
         return Ok(());
     }

@@ -18,18 +18,47 @@ pub const RENDEZVOUS_REACHABLE: &str = "RendezvousReachable";
 pub const DEGRADED: &str = "Degraded";
 pub const CONFLICT: &str = "Conflict";
 
+/// A condition's status. `Unknown` while the truth cannot be known yet: before the first presence read
+/// (and before any has failed), the rendezvous' reachability and the mesh's health are not known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Truth {
+    True,
+    False,
+    Unknown,
+}
+
+impl Truth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl From<bool> for Truth {
+    fn from(b: bool) -> Self {
+        if b { Self::True } else { Self::False }
+    }
+}
+
 /// A condition as a reconcile decides it, before timestamps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub type_: &'static str,
-    pub status: bool,
+    pub status: Truth,
     pub reason: String,
     pub message: String,
 }
 
 impl Verdict {
     pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { type_, status, reason: reason.into(), message: message.into() }
+        Self { type_, status: status.into(), reason: reason.into(), message: message.into() }
+    }
+
+    pub fn unknown(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { type_, status: Truth::Unknown, reason: reason.into(), message: message.into() }
     }
 }
 
@@ -94,6 +123,9 @@ impl Findings {
     pub fn verdicts(&self) -> Vec<Verdict> {
         let reachable = match &self.unreachable {
             Some((reason, message)) => Verdict::new(RENDEZVOUS_REACHABLE, false, reason.clone(), message.clone()),
+            None if !self.has_presence => {
+                Verdict::unknown(RENDEZVOUS_REACHABLE, "NotReadYet", "no presence read yet in this leadership term")
+            }
             None => Verdict::new(RENDEZVOUS_REACHABLE, true, "PresenceRead", "presence read from the rendezvous"),
         };
         let conflict = if self.conflicted.is_empty() {
@@ -105,10 +137,17 @@ impl Findings {
         vec![reachable, self.degraded(), conflict, self.ready()]
     }
 
+    /// Whether nothing has been read and nothing has failed yet: the first read is still on its way.
+    fn reading(&self) -> bool {
+        !self.has_presence && self.unreachable.is_none() && self.suspect.is_none()
+    }
+
     fn degraded(&self) -> Verdict {
         let yes = |reason: &str, message: String| Verdict::new(DEGRADED, true, reason, message);
         if let (false, Some(why)) = (self.has_presence, &self.suspect) {
             yes("SuspectPresence", why.clone())
+        } else if self.reading() {
+            Verdict::unknown(DEGRADED, "NoPresence", "no presence read yet: the mesh's health is not known")
         } else if !self.has_presence {
             yes("NoPresence", "no presence read yet: Pods keep what they carry, Pods that are gone are released".into())
         } else if let Some(note) = self.write_failure_note() {
@@ -130,6 +169,8 @@ impl Findings {
         let no = |reason: &str, message: String| Verdict::new(READY, false, reason, message);
         if let Some(e) = &self.plan_error {
             no("PlanFailed", e.clone())
+        } else if self.reading() {
+            Verdict::unknown(READY, "NoPresence", "waiting for the first presence read")
         } else if !self.has_presence {
             no("NoPresence", "waiting for the first presence read".into())
         } else if let Some(note) = self.write_failure_note() {
@@ -193,7 +234,7 @@ pub fn conditions(verdicts: &[Verdict], previous: &[Condition], generation: Opti
     verdicts
         .iter()
         .map(|v| {
-            let status = if v.status { "True" } else { "False" }.to_string();
+            let status = v.status.as_str().to_string();
             let last_transition_time = previous
                 .iter()
                 .find(|c| c.type_ == v.type_ && c.status == status)
@@ -289,23 +330,30 @@ mod tests {
             (v.status, v.reason)
         };
         let mut f = Findings { has_presence: true, ..Default::default() };
-        assert_eq!(reason(&f, READY), (true, "Applied".into()));
-        assert_eq!(reason(&f, DEGRADED), (false, "AsPlanned".into()));
+        let (yes, no, unknown) = (Truth::True, Truth::False, Truth::Unknown);
+        assert_eq!(reason(&f, READY), (yes, "Applied".into()));
+        assert_eq!(reason(&f, DEGRADED), (no, "AsPlanned".into()));
         f.write_failures.insert("agent-3".into(), "annotations too long".into());
         f.held = 2;
-        assert_eq!(reason(&f, READY), (false, "PatchFailed".into()));
+        assert_eq!(reason(&f, READY), (no, "PatchFailed".into()));
         assert!(f.write_failure_note().unwrap().contains("agent-3: annotations too long"));
         let f = Findings { has_presence: true, suspect: Some("3 of 4".into()), ..Default::default() };
-        assert_eq!(reason(&f, DEGRADED), (true, "SuspectPresence".into()));
-        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (true, "PresenceRead".into()));
+        assert_eq!(reason(&f, DEGRADED), (yes, "SuspectPresence".into()));
+        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (yes, "PresenceRead".into()));
         let f = Findings { mode: Mode::Observe, has_presence: true, ..Default::default() };
-        assert_eq!(reason(&f, READY), (true, "Observed".into()));
+        assert_eq!(reason(&f, READY), (yes, "Observed".into()));
         // The old code said Applied while a whole burst waited outside the plan.
         let f = Findings { has_presence: true, arriving: 50, ..Default::default() };
-        assert_eq!(reason(&f, READY), (false, "Admitting".into()));
+        assert_eq!(reason(&f, READY), (no, "Admitting".into()));
         let f = Findings { unreachable: Some(("Timeout".into(), "x".into())), ..Default::default() };
-        assert_eq!(reason(&f, READY), (false, "NoPresence".into()));
-        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (false, "Timeout".into()));
+        assert_eq!(reason(&f, READY), (no, "NoPresence".into()));
+        assert_eq!(reason(&f, RENDEZVOUS_REACHABLE), (no, "Timeout".into()));
+        // Before the first read, and before any failure, nothing is known yet.
+        let f = Findings::default();
+        for (type_, why) in [(READY, "NoPresence"), (DEGRADED, "NoPresence"), (RENDEZVOUS_REACHABLE, "NotReadYet")] {
+            assert_eq!(reason(&f, type_), (unknown, why.into()), "{type_}");
+        }
+        assert_eq!(reason(&f, CONFLICT), (no, "NoConflict".into()));
     }
 
     #[test]

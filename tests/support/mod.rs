@@ -400,8 +400,9 @@ impl Operator {
         self.metrics.watch_errors.get_or_create(&mesh_operator::telemetry::WatchLabel { watch, kind }).get()
     }
 
+    /// Pod writes that succeeded.
     pub fn pod_patches(&self) -> u64 {
-        self.metrics.pod_patches.get()
+        self.metrics.pod_patches.get_or_create(&mesh_operator::telemetry::ResultLabel { result: "ok".into() }).get()
     }
 
     /// Ends the controller abruptly, as a crash would: the Lease is not released.

@@ -50,7 +50,7 @@ impl Metrics {
         r.register("links_refused", "Inbound mesh links refused or evicted, by reason", self.links_refused.clone());
         r.register("links_closed", "Mesh links closed (either end)", self.links_closed.clone());
         r.register("open_links", "Mesh links open now", self.open_links.clone());
-        r.register("link_cap", "The most mesh links this agent may hold now", self.cap.clone());
+        r.register("max_peers", "The most mesh links this agent may hold now (its cap)", self.cap.clone());
         r.register("max_open_links", "Most mesh links open at once since start", self.max_open_links.clone());
         r.register("rendezvous_connected", "1 while the rendezvous link is up", self.rendezvous_connected.clone());
         r.register("assignment_errors", "Assignment readings refused as malformed", self.assignment_errors.clone());
