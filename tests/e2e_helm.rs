@@ -90,7 +90,7 @@ fn chart_lints_and_renders() {
         "ops",
         &[
             "watchNamespaces[0]=ci",
-            "serviceMonitor.enabled=true",
+            "monitoring.scrape.enabled=true",
             "networkPolicy.enabled=true",
             "podDisruptionBudget.enabled=true",
             "joinTokenSecrets[0].namespace=ci",
@@ -154,13 +154,153 @@ fn chart_lints_and_renders() {
     for (set, named) in [
         ("replicaCount=0", "replicaCount"),
         ("logLevel=info debug", "logLevel"),
-        ("serviceMonitor.enable=true", "enable"),
+        ("monitoring.scrape.enable=true", "enable"),
+        ("monitoring.scrape.kind=Probe", "kind"),
         ("metrics.prot=9000", "prot"),
         ("extraArgs[0]=oops", "extraArgs"),
     ] {
         let bad = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", set]);
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(!bad.status.success() && stderr.contains(named), "--set {set}: {stderr}");
+    }
+}
+
+/// Every metric name the operator and the agent library export, with the suffixes Prometheus adds to a
+/// counter's and a histogram's samples.
+fn exported_metric_names() -> std::collections::BTreeSet<String> {
+    let mut agent = prometheus_client::registry::Registry::default();
+    agent_mesh::metrics::Metrics::default().register(&mut agent);
+    let mut text = populated().encode();
+    prometheus_client::encoding::text::encode(&mut text, &agent).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    names
+}
+
+/// The operator's metrics with one series in every family: an empty family is not encoded at all.
+fn populated() -> mesh_operator::telemetry::Metrics {
+    use mesh_operator::telemetry::*;
+    let m = Metrics::default();
+    let policy = PolicyLabel { namespace: "ci".into(), policy: "p".into() };
+    let with = |result| PolicyResultLabel { namespace: "ci".into(), policy: "p".into(), result };
+    m.reconciles.get_or_create(&ResultLabel { result: "ok".into() }).inc();
+    m.pod_patches.get_or_create(&ResultLabel { result: "ok".into() }).inc();
+    m.step_duration.get_or_create(&StepLabel { step: "decide" }).observe(0.1);
+    m.reconcile_errors.get_or_create(&KindLabel { kind: "status".into() }).inc();
+    m.watch_errors.get_or_create(&WatchLabel { watch: "pods", kind: "expired" }).inc();
+    m.presence_fetches.get_or_create(&with("ok")).inc();
+    m.presence_errors.get_or_create(&with("Timeout")).inc();
+    m.presence_duration.get_or_create(&policy).observe(0.1);
+    m.presence_bytes.get_or_create(&policy).inc();
+    for gauge in [&m.selected, &m.eligible, &m.assigned, &m.links, &m.max_degree, &m.max_peers] {
+        gauge.get_or_create(&policy).set(1);
+    }
+    m.set_condition(&policy, "Ready", "True");
+    m
+}
+
+/// The metric names a PromQL expression uses: the identifiers with one of our prefixes.
+fn metrics_in(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| ["mesh_operator_", "agentmesh_", "process_"].iter().any(|p| w.starts_with(p)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The chart's alerts: promtool checks them and runs their unit tests (tests/monitoring), and each names
+/// only metrics that are exported and has a runbook section in docs/operations.md.
+#[test]
+fn alerts_pass_their_promtool_tests() {
+    let docs = render("mo", "ops", &["monitoring.alerts.enabled=true", "monitoring.alerts.agents=true"]);
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").expect("a PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/monitoring/alerts.test.yaml");
+    std::fs::copy(tests, dir.path().join("alerts.test.yaml")).unwrap();
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/promtool.sh")).output().unwrap();
+    let promtool = ok(out, "hack/promtool.sh").trim().to_string();
+    let run =
+        |args: &[&str]| std::process::Command::new(&promtool).args(args).current_dir(dir.path()).output().unwrap();
+    ok(run(&["check", "rules", "rules.yaml"]), "promtool check rules");
+    ok(run(&["test", "rules", "alerts.test.yaml"]), "promtool test rules");
+
+    let exported = exported_metric_names();
+    let runbooks = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let rules = rule["spec"]["groups"][0]["rules"].as_sequence().unwrap();
+    let tested = std::fs::read_to_string(tests).unwrap();
+    for r in rules {
+        let (alert, expr) = (r["alert"].as_str().unwrap(), r["expr"].as_str().unwrap());
+        for m in metrics_in(expr) {
+            assert!(exported.contains(&m), "alert {alert} uses {m}, which nothing exports");
+        }
+        let heading = format!("### {alert}\n");
+        assert!(runbooks.contains(&heading), "docs/operations.md has no runbook section {heading:?}");
+        assert!(tested.contains(&format!("alertname: {alert}")), "{alert} has no promtool test");
+    }
+}
+
+/// The dashboard: valid JSON whose every query names only metrics that are exported.
+#[test]
+fn the_dashboard_queries_only_exported_metrics() {
+    let docs = render("mo", "ops", &["monitoring.dashboard.enabled=true"]);
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "the sidecar's label");
+    let json: serde_json::Value = serde_json::from_str(cm["data"]["mesh-operator.json"].as_str().unwrap()).unwrap();
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    exprs(&json, &mut found);
+    assert!(found.len() > 15, "the walk finds the panels' queries: {found:?}");
+    let exported = exported_metric_names();
+    let used: std::collections::BTreeSet<String> = found.iter().flat_map(|e| metrics_in(e)).collect();
+    let unknown: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(unknown.is_empty(), "the dashboard queries metrics nothing exports: {unknown:?}");
+    for m in ["mesh_operator_policy_condition", "mesh_operator_pod_patches_total", "process_resident_memory_bytes"] {
+        assert!(used.contains(m), "the dashboard shows {m}");
+    }
+}
+
+/// Scraping: a ServiceMonitor or a PodMonitor, keeping the policies' namespace label.
+#[test]
+fn the_scrape_is_a_service_or_pod_monitor() {
+    for (kind, endpoints) in [("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")] {
+        let docs = render(
+            "mo",
+            "ops",
+            &[
+                "monitoring.scrape.enabled=true",
+                &format!("monitoring.scrape.kind={kind}"),
+                "monitoring.scrape.labels.release=prom",
+            ],
+        );
+        let m = docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+        let e = &m["spec"][endpoints][0];
+        assert_eq!((&e["port"], &e["honorLabels"]), (&"metrics".into(), &true.into()), "{kind}: {e:?}");
+        assert_eq!(m["metadata"]["labels"]["release"], "prom");
     }
 }
 

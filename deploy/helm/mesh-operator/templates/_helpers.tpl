@@ -55,3 +55,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+{{/* The job label Prometheus gives the operator's series: the metrics Service's name for a ServiceMonitor,
+<namespace>/<name> for a PodMonitor. The alerts select by it. */}}
+{{- define "mesh-operator.job" -}}
+{{- if eq .Values.monitoring.scrape.kind "PodMonitor" -}}
+{{- printf "%s/%s" .Release.Namespace (include "mesh-operator.name" .) -}}
+{{- else -}}
+{{- printf "%s-metrics" (include "mesh-operator.name" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An alert's runbook: its section of docs/operations.md, and a link when runbookBaseURL is set. */}}
+{{- define "mesh-operator.runbook" -}}
+{{- $root := index . 0 -}}
+{{- $anchor := index . 1 -}}
+runbook: "docs/operations.md#{{ $anchor }}"
+{{- with $root.Values.monitoring.alerts.runbookBaseURL }}
+runbook_url: "{{ . }}#{{ $anchor }}"
+{{- end }}
+{{- end -}}
