@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CP := hack/control-plane.sh
 
-.PHONY: test test-kube-version lint control-plane control-plane-stop crd bench demo image-binary images
+.PHONY: test test-kube-version lint control-plane control-plane-stop crd chart-readme bench demo image-binary images
 
 # The node tier (tests/e2e_node.rs) runs last, on a real node started only for it. The benches are not
 # built here (a release build of their own): `lint` type-checks them (clippy --all-targets).
@@ -60,7 +60,11 @@ control-plane-stop:
 ## Regenerates the checked-in CRD from src/api.rs.
 crd:
 	cargo run --quiet -- crd > crds/meshpolicy.yaml
-	cp crds/meshpolicy.yaml deploy/helm/mesh-operator/crds/meshpolicy.yaml
+	cp crds/meshpolicy.yaml deploy/helm/mesh-operator/files/crds/meshpolicy.yaml
+
+## Regenerates the chart's README from the comments in its values.yaml.
+chart-readme:
+	hack/chart-readme.py
 
 bench:
 	cargo bench --bench planner

@@ -357,9 +357,9 @@ mod tests {
     #[test]
     fn helm_chart_carries_the_same_crd() {
         assert!(
-            include_str!("../deploy/helm/mesh-operator/crds/meshpolicy.yaml")
+            include_str!("../deploy/helm/mesh-operator/files/crds/meshpolicy.yaml")
                 == include_str!("../crds/meshpolicy.yaml"),
-            "deploy/helm/mesh-operator/crds/meshpolicy.yaml differs from crds/meshpolicy.yaml: run `make crd`"
+            "deploy/helm/mesh-operator/files/crds/meshpolicy.yaml differs from crds/meshpolicy.yaml: run `make crd`"
         );
     }
 

@@ -31,6 +31,15 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run the controller.
     Run(RunArgs),
+    /// Check a running operator: it answers /readyz and exports its metrics (the chart's `helm test`).
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// The operator's metrics endpoint, e.g. http://mesh-operator-metrics.ops.svc:8080.
+    #[arg(long, value_parser = parse_http_url)]
+    pub url: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,6 +174,7 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => plan_command(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Run(args) => return run(args),
+        Command::Check(args) => return check(&args.url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,6 +222,48 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `helm test`: exit 0 once `url` answers /readyz with 200 and /metrics names the operator's build; exit 1
+/// saying which failed.
+fn check(url: &str) -> ExitCode {
+    crate::presence::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    let result: Result<String, String> = runtime.block_on(async {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let get = |path: &'static str| {
+            let http = http.clone();
+            async move {
+                let answer =
+                    http.get(format!("{url}{path}")).send().await.map_err(|e| format!("GET {url}{path}: {e}"))?;
+                let status = answer.status();
+                let body = answer.text().await.map_err(|e| format!("GET {url}{path}: {e}"))?;
+                if status.is_success() { Ok(body) } else { Err(format!("GET {url}{path}: {status}: {}", body.trim())) }
+            }
+        };
+        get("/readyz").await?;
+        let metrics = get("/metrics").await?;
+        let build = metrics.lines().find(|l| l.starts_with("mesh_operator_build_info{"));
+        build.map(str::to_owned).ok_or_else(|| format!("GET {url}/metrics: no mesh_operator_build_info"))
+    });
+    match result {
+        Ok(build) => {
+            println!("ready: {url} ({build})");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_http_url(s: &str) -> Result<String, String> {
+    let s = s.trim_end_matches('/');
+    match s.strip_prefix("http://").or_else(|| s.strip_prefix("https://")) {
+        Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => Ok(s.to_owned()),
+        _ => Err(format!("{s:?} is not an http:// or https:// URL")),
     }
 }
 

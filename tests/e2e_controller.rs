@@ -510,6 +510,21 @@ async fn health_endpoints_and_metrics() {
     ] {
         assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");
     }
+    // `mesh-operator check`, which the chart's `helm test` runs: ready here; an error naming the URL where
+    // nothing listens.
+    // The operator serves on this test's runtime: the command is awaited, not waited for.
+    let check = |url: String| async move {
+        let command =
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator")).args(["check", "--url", &url]).output();
+        command.await.unwrap()
+    };
+    let ready = check(base.clone()).await;
+    assert!(ready.status.success(), "{}", String::from_utf8_lossy(&ready.stderr));
+    assert!(String::from_utf8_lossy(&ready.stdout).contains("mesh_operator_build_info{version="));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = check(format!("http://{closed}")).await;
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(down.status.code() == Some(1) && stderr.contains(&format!("GET http://{closed}/readyz")), "{stderr}");
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }

@@ -49,7 +49,9 @@ fn chart_lints_and_renders() {
         [
             "ClusterRole",
             "ClusterRoleBinding",
+            "CustomResourceDefinition",
             "Deployment",
+            "Pod",
             "Role",
             "RoleBinding",
             "Service",
@@ -64,8 +66,9 @@ fn chart_lints_and_renders() {
         let who = vap["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
         assert!(who.contains("system:serviceaccount:ops:mo'"), "{who}");
     }
-    let fence =
-        docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding" && d["metadata"]["name"] == "mo-leader");
+    let fence = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding" && d["metadata"]["name"] == "ops-mo-leader");
     let lease = &fence.expect("the leader fence's binding")["spec"]["paramRef"];
     assert_eq!(
         (&lease["name"], &lease["namespace"]),
@@ -84,6 +87,11 @@ fn chart_lints_and_renders() {
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert!(c["args"].as_sequence().unwrap().iter().any(|a| a == "--leader-elect=true"));
+    // `helm test` checks the release through its Service, and is not counted by it or the PDB.
+    let test = docs.iter().find(|d| d["kind"] == "Pod").unwrap();
+    assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
+    assert!(test["metadata"]["labels"]["app.kubernetes.io/name"].is_null(), "the Service would select the test Pod");
+    assert_eq!(test["spec"]["containers"][0]["args"][0], "check");
 
     let docs = render(
         "mo",
@@ -162,6 +170,89 @@ fn chart_lints_and_renders() {
         let bad = tool("helm", &["template", "mo", CHART, "--kube-version", "1.36.3", "--set", set]);
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(!bad.status.success() && stderr.contains(named), "--set {set}: {stderr}");
+    }
+}
+
+/// The CRD is a template: rendered from the generated one, kept on uninstall unless `crds.keep=false`,
+/// left out with `crds.enabled=false`.
+#[test]
+fn the_crd_is_templated_from_the_generated_one() {
+    let crd_of = |docs: &[serde_yaml::Value]| docs.iter().find(|d| d["kind"] == "CustomResourceDefinition").cloned();
+    let generated: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{REPO}/crds/meshpolicy.yaml")).unwrap()).unwrap();
+    let crd = crd_of(&render("mo", "ops", &[])).expect("the CRD");
+    // Helm reads numbers as floats: 64.0 and 64 are one value to the API server.
+    fn floats(v: serde_yaml::Value) -> serde_json::Value {
+        match serde_json::to_value(v).unwrap() {
+            serde_json::Value::Number(n) => json!(n.as_f64()),
+            serde_json::Value::Array(a) => a.into_iter().map(|v| floats(serde_yaml::to_value(v).unwrap())).collect(),
+            serde_json::Value::Object(m) => {
+                m.into_iter().map(|(k, v)| (k, floats(serde_yaml::to_value(v).unwrap()))).collect()
+            }
+            other => other,
+        }
+    }
+    assert!(
+        floats(crd["spec"].clone()) == floats(generated["spec"].clone()),
+        "the chart's CRD is not the generated one"
+    );
+    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let unkept = crd_of(&render("mo", "ops", &["crds.keep=false"])).unwrap();
+    assert!(unkept["metadata"]["annotations"]["helm.sh/resource-policy"].is_null(), "{unkept:?}");
+    assert!(crd_of(&render("mo", "ops", &["crds.enabled=false"])).is_none());
+}
+
+/// `helm upgrade` applies a changed CRD (Helm never upgrades one from crds/), and `helm uninstall` leaves
+/// it. The release takes over the CRD the other tests installed, as `--take-ownership` says.
+#[tokio::test]
+async fn helm_upgrade_applies_a_changed_crd() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let admin = client().await;
+    install_crd(&admin).await;
+    let ns = namespace(&admin, "crd-upgrade").await;
+    let release = format!("crd-{}", &ns[ns.len() - 6..]);
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let cap_doc = || async {
+        let crd = crds.get("meshpolicies.agentmesh.dev").await.unwrap();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["maxPeers"]["description"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let original = cap_doc().await;
+    let helm = |args: &[&str]| {
+        let base = ["-n", ns.as_str(), "--set", "admissionPolicy.enabled=false", "--set", "replicaCount=1"];
+        ok(tool("helm", &[args, &base[..]].concat()), &format!("helm {args:?}"))
+    };
+    helm(&["install", &release, CHART, "--take-ownership"]);
+    // The next release of the chart, whose CRD documents a field differently.
+    let next = tempfile::tempdir().unwrap();
+    copy_dir(std::path::Path::new(CHART), next.path());
+    let crd_file = next.path().join("files/crds/meshpolicy.yaml");
+    let changed =
+        std::fs::read_to_string(&crd_file).unwrap().replace("description: 'The cap:", "description: 'The cap (next):");
+    assert!(changed.contains("The cap (next):"), "the CRD's maxPeers description moved");
+    std::fs::write(&crd_file, changed).unwrap();
+    helm(&["upgrade", &release, next.path().to_str().unwrap()]);
+    let upgraded = cap_doc().await;
+    assert!(upgraded.starts_with("The cap (next):"), "helm upgrade left the CRD as it was: {upgraded:?}");
+    helm(&["upgrade", &release, CHART]);
+    assert_eq!(cap_doc().await, original, "the upgrade back restores it");
+    ok(tool("helm", &["uninstall", &release, "-n", &ns, "--wait"]), "helm uninstall");
+    assert!(crds.get_opt("meshpolicies.agentmesh.dev").await.unwrap().is_some(), "helm uninstall deleted the CRD");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
     }
 }
 
@@ -304,6 +395,17 @@ fn the_scrape_is_a_service_or_pod_monitor() {
     }
 }
 
+/// The chart's README lists every value with its comment from values.yaml; it is generated, and this
+/// fails when it was not regenerated after a change.
+#[test]
+fn the_chart_readme_matches_the_values() {
+    let out = std::process::Command::new("python3")
+        .args([&format!("{REPO}/hack/chart-readme.py"), "--check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Names, the ServiceAccount, extra flags and environment, the metrics NetworkPolicy's peers, and the
 /// chart as a subchart.
 fn overrides_and_extras() {
@@ -386,7 +488,7 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
     install_crd(&admin).await;
     let ns = namespace(&admin, "helm").await;
     let release = format!("mo-{}", &ns[ns.len() - 6..]);
-    // Render and apply the chart (the CRD is already installed, as `helm install` would do from crds/).
+    // Render and apply the chart (the CRD is already installed, as for a second install in a cluster).
     let args = [
         "template",
         release.as_str(),
@@ -395,6 +497,9 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         ns.as_str(),
         "--kube-version",
         "1.36.3",
+        "--skip-tests",
+        "--set",
+        "crds.enabled=false",
         "--set",
         &format!("joinTokenSecrets[0].namespace={ns}"),
         "--set",
@@ -491,7 +596,20 @@ async fn namespace_scoped_chart_serves_the_listed_namespaces_and_admission_narro
         (namespace(&admin, "ops").await, namespace(&admin, "ci-a").await, namespace(&admin, "ci-b").await);
     let release = format!("mo-{}", &ops[ops.len() - 6..]);
     let namespaces = format!("watchNamespaces={{{ci_a},{ci_b}}}");
-    let args = ["template", &release, CHART, "--namespace", &ops, "--kube-version", "1.36.3", "--set", &namespaces];
+    let args = [
+        "template",
+        &release,
+        CHART,
+        "--namespace",
+        &ops,
+        "--kube-version",
+        "1.36.3",
+        "--set",
+        &namespaces,
+        "--set",
+        "crds.enabled=false",
+        "--skip-tests",
+    ];
     let rendered = ok(tool("helm", &args), "helm template");
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
         .map(|d| serde_yaml::Value::deserialize(d).unwrap())

@@ -221,7 +221,7 @@ async fn the_chart_on_a_real_node() {
     // in the next one's way.
     let release = format!("mo-{}", &op_ns[op_ns.len() - 6..]);
     helm(&format!(
-        "install {release} {CHART} -n {op_ns} --set image.repository=mesh.local/mesh-operator --set image.tag=dev \
+        "install {release} {CHART} -n {op_ns} --take-ownership --set image.repository=mesh.local/mesh-operator --set image.tag=dev \
          --set watchNamespaces={{{ns}}} --set tolerations[0].key=agentmesh.dev/node-tier \
          --set tolerations[0].operator=Exists --set tolerations[0].effect=NoSchedule --wait --timeout 180s"
     ));
@@ -233,6 +233,9 @@ async fn the_chart_on_a_real_node() {
     })
     .await;
     eprintln!("chart installed, both replicas Ready, {leader} leads: {:?}", started.elapsed());
+    // The chart's own test: a Pod that runs `mesh-operator check` against the metrics Service.
+    let tested = helm(&format!("test {release} -n {op_ns} --timeout 120s"));
+    assert!(tested.contains("Phase:") && tested.contains("Succeeded"), "helm test: {tested}");
 
     let hub_ip = rendezvous(&client, &ns).await;
     let history = History::start(&client, &ns, CAP).await;

@@ -116,8 +116,7 @@ pub fn replica_kubeconfig(dir: &Path, ns: &str, identity: &str) -> PathBuf {
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
 /// The chart's leader fence for replicas in `ns`: its `-leader` ValidatingAdmissionPolicy and binding, as
-/// `helm template` renders them for a release `mesh-operator` in `ns` (renamed after `ns`, since they are
-/// cluster-scoped).
+/// `helm template` renders them for a release `mesh-operator` in `ns`.
 pub async fn install_leader_fence(client: &Client, ns: &str) {
     use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let chart = format!("{REPO}/deploy/helm/mesh-operator");
@@ -125,29 +124,31 @@ pub async fn install_leader_fence(client: &Client, ns: &str) {
     let out = tool("helm", &[&args[..], &["--show-only", "templates/admissionpolicy.yaml"]].concat());
     assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    let renamed = format!("mesh-operator-leader-{ns}");
+    // Cluster-scoped, so named after the namespace too: one fence per test namespace.
+    let name = format!("{ns}-mesh-operator-leader");
     let pp = PatchParams::apply("mesh-operator-tests").force();
+    let mut applied = 0;
     for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut v = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
-        if v["metadata"]["name"] != "mesh-operator-leader" {
+        let v = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+        if v["metadata"]["name"] != name.as_str() {
             continue;
         }
-        v["metadata"]["name"] = json!(renamed);
+        applied += 1;
         if v["kind"] == "ValidatingAdmissionPolicy" {
             let policy: ValidatingAdmissionPolicy = serde_json::from_value(v).unwrap();
             Api::<ValidatingAdmissionPolicy>::all(client.clone())
-                .patch(&renamed, &pp, &Patch::Apply(&policy))
+                .patch(&name, &pp, &Patch::Apply(&policy))
                 .await
                 .unwrap();
         } else {
-            v["spec"]["policyName"] = json!(renamed);
             let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(v).unwrap();
             Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-                .patch(&renamed, &pp, &Patch::Apply(&binding))
+                .patch(&name, &pp, &Patch::Apply(&binding))
                 .await
                 .unwrap();
         }
     }
+    assert_eq!(applied, 2, "the chart renders no policy and binding named {name}");
 }
 
 /// Lets the replicas' user of `ns` (see [`replica_config`]) do anything, as the chart's RBAC would let it

@@ -9,6 +9,12 @@
 {{- end -}}
 {{- end -}}
 
+{{/* Cluster-scoped objects (ClusterRoles, admission policies) carry the release namespace too: two
+installs with one release name in two namespaces must not share them. */}}
+{{- define "mesh-operator.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "mesh-operator.name" .) | trunc 200 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* The app label: nameOverride, else mesh-operator. */}}
 {{- define "mesh-operator.app" -}}
 {{- .Values.nameOverride | default "mesh-operator" | trunc 63 | trimSuffix "-" -}}
