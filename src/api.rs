@@ -1,6 +1,7 @@
 //! The MeshPolicy custom resource (`agentmesh.dev/v1alpha1`, docs/design.md §3.1). The CRD in `crds/` is generated
 //! from these types; what the schema cannot say is written as CEL rules next to the field it concerns, so a
 //! bad spec is rejected at admission with a message that names the field.
+use k8s_openapi::ByteString;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -25,12 +26,12 @@ pub const GROUP: &str = "agentmesh.dev";
     derive = "PartialEq",
     doc = "A mesh of supplementary sync links between the build agents a selector chooses: mesh-operator plans it from the agents' presence at the rendezvous, with at most spec.maxPeers links per agent, and writes each agent Pod's peers into its annotations.",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
-    printcolumn = r#"{"name":"Cap","type":"integer","jsonPath":".spec.maxPeers"}"#,
+    printcolumn = r#"{"name":"Max-Peers","type":"integer","jsonPath":".spec.maxPeers"}"#,
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selected"}"#,
     printcolumn = r#"{"name":"Eligible","type":"integer","jsonPath":".status.eligible"}"#,
     printcolumn = r#"{"name":"Assigned","type":"integer","jsonPath":".status.assigned"}"#,
     printcolumn = r#"{"name":"Links","type":"integer","jsonPath":".status.links"}"#,
-    printcolumn = r#"{"name":"Max-Deg","type":"integer","jsonPath":".status.maxDegree","priority":1}"#,
+    printcolumn = r#"{"name":"Max-Degree","type":"integer","jsonPath":".status.maxDegree","priority":1}"#,
     printcolumn = r#"{"name":"Components","type":"integer","jsonPath":".status.components","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
@@ -101,6 +102,10 @@ impl MeshPolicy {
      "message": "spec.rendezvous.timeout must be at least 100ms", "fieldPath": ".timeout"},
     {"rule": "!has(self.caBundle) || self.url.startsWith('https://')",
      "message": "spec.rendezvous.caBundle is only used with an https:// url", "fieldPath": ".caBundle"},
+    {"rule": "!has(self.caConfigMapRef) || self.url.startsWith('https://')",
+     "message": "spec.rendezvous.caConfigMapRef is only used with an https:// url", "fieldPath": ".caConfigMapRef"},
+    {"rule": "!(has(self.caBundle) && has(self.caConfigMapRef))",
+     "message": "spec.rendezvous.caBundle and spec.rendezvous.caConfigMapRef: set one, not both", "fieldPath": ".caConfigMapRef"},
 ]))]
 pub struct Rendezvous {
     /// Base URL of the rendezvous service, `http://` or `https://`.
@@ -125,26 +130,29 @@ pub struct Rendezvous {
     pub timeout: String,
     /// Bearer token for the presence request, read from a Secret in the policy's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub join_token_secret_ref: Option<SecretKeyRef>,
-    /// PEM bundle of the CAs that sign the rendezvous' certificate.
+    pub join_token_secret_ref: Option<KeyRef>,
+    /// The CAs that sign the rendezvous' certificate: PEM, base64-encoded as Kubernetes `caBundle` fields
+    /// are. Without it (and without caConfigMapRef), the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 65536), extend("x-kubernetes-validations" = [
-        {"rule": "self.contains('-----BEGIN CERTIFICATE-----')",
-         "message": "spec.rendezvous.caBundle must hold PEM certificates"},
-    ]))]
-    pub ca_bundle: Option<String>,
+    #[schemars(with = "Option<String>", length(min = 1, max = 87384), extend("format" = "byte"))]
+    pub ca_bundle: Option<ByteString>,
+    /// The CAs that sign the rendezvous' certificate, as PEM under a key of a ConfigMap in the policy's
+    /// namespace (such as `kube-root-ca.crt`, or a trust-manager bundle). A changed ConfigMap is used from
+    /// the next read on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map_ref: Option<KeyRef>,
 }
 
-/// A key of a Secret in the policy's namespace.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-pub struct SecretKeyRef {
-    /// The Secret's name.
+/// A key of a Secret or a ConfigMap in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct KeyRef {
+    /// The object's name.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub name: String,
-    /// The key within the Secret's data.
+    /// The key within its data.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
@@ -277,7 +285,10 @@ pub struct MeshPolicyStatus {
     /// When the plan last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_plan_time: Option<Time>,
-    /// Selected Pods left out of the plan and why (at most 100, by Pod name), for `kubectl mesh explain`.
+    /// How many selected Pods are left out of the plan: `excluded` lists at most 100 of them.
+    #[serde(default)]
+    pub excluded_total: u32,
+    /// Selected Pods left out of the plan and why (the first 100 by Pod name), for `kubectl mesh explain`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub excluded: Vec<ExcludedPod>,

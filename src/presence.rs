@@ -171,6 +171,7 @@ mod tests {
             FetchError::TooLarge { limit: 1 },
             FetchError::Malformed(ParseError::Empty),
             FetchError::Token(String::new()),
+            FetchError::Ca(String::new()),
             FetchError::Other(String::new()),
         ];
         let reasons: Vec<&str> = errors.iter().map(FetchError::reason).collect();
@@ -228,13 +229,15 @@ pub enum FetchError {
     Malformed(#[from] ParseError),
     #[error("join token unavailable: {0}")]
     Token(String),
+    #[error("CA bundle unavailable: {0}")]
+    Ca(String),
     #[error("{0}")]
     Other(String),
 }
 
 impl FetchError {
     /// Every value [`Self::reason`] returns.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "ConnectionFailed",
         "Timeout",
         "Unauthorized",
@@ -242,6 +245,7 @@ impl FetchError {
         "BodyTooLarge",
         "MalformedBody",
         "JoinTokenUnavailable",
+        "CABundleUnavailable",
         "RequestFailed",
     ];
 
@@ -255,6 +259,7 @@ impl FetchError {
             Self::TooLarge { .. } => "BodyTooLarge",
             Self::Malformed(_) => "MalformedBody",
             Self::Token(_) => "JoinTokenUnavailable",
+            Self::Ca(_) => "CABundleUnavailable",
             Self::Other(_) => "RequestFailed",
         }
     }
@@ -287,6 +292,9 @@ fn bundle_certs(pem: &str) -> Result<Vec<reqwest::Certificate>, FetchError> {
     }
     Ok(certs)
 }
+
+/// The most HTTP clients kept, one per CA bundle in use.
+const MAX_CLIENTS: usize = 64;
 
 /// The rendezvous client: one HTTP client per CA bundle, and a body-size cap enforced while reading.
 pub struct Fetcher {
@@ -330,6 +338,10 @@ impl Fetcher {
             }),
         };
         let client = built.map_err(|e| FetchError::Other(e.to_string()))?;
+        // CA bundles come and go (a rotated ConfigMap, a deleted policy): past a bound, start over.
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
         clients.insert(ca_bundle.map(str::to_owned), client.clone());
         Ok(client)
     }
@@ -337,11 +349,6 @@ impl Fetcher {
     fn builder() -> reqwest::ClientBuilder {
         // A fresh connection per poll: an outage shows as refused at once, not as a stale pooled socket.
         reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).pool_max_idle_per_host(0)
-    }
-
-    /// Drops the client of a CA bundle no policy uses any more.
-    pub fn forget(&self, ca_bundle: &str) {
-        self.clients.lock().expect("client cache lock").remove(&Some(ca_bundle.to_owned()));
     }
 
     /// One read: the request and the body within `req.timeout`, then the parse (which may wait for

@@ -321,14 +321,37 @@ async fn https_rendezvous_with_a_ca_bundle() {
     let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "ConnectionFailed").await;
     assert!(condition(&p, "RendezvousReachable").unwrap().2.to_lowercase().contains("certificate"), "{p:?}");
     assert!(assignments(&client, &ns).await.values().all(Option::is_none), "assigned without presence");
-    // …with it in caBundle, presence is read over https.
-    Api::<MeshPolicy>::namespaced(client.clone(), &ns)
-        .patch("mesh", &PatchParams::default(), &Patch::Merge(json!({"spec": {"rendezvous": {"caBundle": ca}}})))
-        .await
-        .unwrap();
+    // …named in a ConfigMap that does not exist yet, it cannot be read…
+    let policies = Api::<MeshPolicy>::namespaced(client.clone(), &ns);
+    let set = |rendezvous: serde_json::Value| {
+        let policies = policies.clone();
+        async move {
+            let patch = Patch::Merge(json!({"spec": {"rendezvous": rendezvous}}));
+            policies.patch("mesh", &PatchParams::default(), &patch).await.unwrap();
+        }
+    };
+    set(json!({"caConfigMapRef": {"name": "rendezvous-ca", "key": "ca.crt"}})).await;
+    let p = wait_condition(&client, &ns, "mesh", "RendezvousReachable", "False", "CABundleUnavailable").await;
+    assert!(condition(&p, "RendezvousReachable").unwrap().2.contains("\"rendezvous-ca\" not found"), "{p:?}");
+    // …from the ConfigMap once it does, presence is read over https…
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "rendezvous-ca"}, "data": {"ca.crt": ca}})).unwrap();
+    Api::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
     wait_condition(&client, &ns, "mesh", "RendezvousReachable", "True", "PresenceRead").await;
     let a = wait_assigned(&client, &ns, 6).await;
     check_mesh(&a, &pod_ids(&ids), 4);
+    // …and from caBundle, base64 as Kubernetes caBundle fields are.
+    let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &ca);
+    set(json!({"caConfigMapRef": null, "caBundle": encoded})).await;
+    wait_for("the policy to read with caBundle", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        let reading = condition(&p, "RendezvousReachable").is_some_and(|c| c.0 == "True");
+        (reading
+            && p.spec.rendezvous.ca_config_map_ref.is_none()
+            && p.status?.observed_generation == p.metadata.generation)
+            .then_some(())
+    })
+    .await;
     op.kill().await;
     assert!(history.assert_clean() > 0, "the history checker saw no event");
 }

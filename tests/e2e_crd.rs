@@ -58,6 +58,8 @@ async fn invalid_policies_are_rejected_naming_the_field() {
     install_crd(&client).await;
     let ns = namespace(&client, "crd-invalid").await;
     let base = valid_spec();
+    let https = with(base.clone(), &["rendezvous", "url"], json!("https://rv.example:8443"));
+    let ca_ref = json!({"name": "kube-root-ca.crt", "key": "ca.crt"});
     let cases: Vec<(&str, Value)> = vec![
         ("spec.maxPeers", with(base.clone(), &["maxPeers"], json!(65))),
         ("spec.maxPeers", with(base.clone(), &["maxPeers"], json!(-1))),
@@ -74,9 +76,20 @@ async fn invalid_policies_are_rejected_naming_the_field() {
         ("spec.mode", with(base.clone(), &["mode"], json!("Enforcing"))),
         ("spec.topologyKey", with(base.clone(), &["topologyKey"], json!("not a label key!"))),
         ("spec.rendezvous.presencePath", with(base.clone(), &["rendezvous", "presencePath"], json!("presence"))),
+        // caBundle is base64, as Kubernetes caBundle fields are: PEM as is is refused.
         (
             "spec.rendezvous.caBundle",
-            with(base.clone(), &["rendezvous", "caBundle"], json!("-----BEGIN CERTIFICATE-----\nMIIB\n")),
+            with(https.clone(), &["rendezvous", "caBundle"], json!("-----BEGIN CERTIFICATE-----\nMIIB\n")),
+        ),
+        ("spec.rendezvous.caBundle", with(base.clone(), &["rendezvous", "caBundle"], json!("LS0tLS1CRUdJTg=="))),
+        ("spec.rendezvous.caConfigMapRef", with(base.clone(), &["rendezvous", "caConfigMapRef"], ca_ref.clone())),
+        (
+            "spec.rendezvous.caConfigMapRef",
+            with(
+                with(https.clone(), &["rendezvous", "caConfigMapRef"], ca_ref.clone()),
+                &["rendezvous", "caBundle"],
+                json!("LS0tLS1CRUdJTg=="),
+            ),
         ),
         (
             "spec.rendezvous.joinTokenSecretRef.name",
@@ -132,13 +145,13 @@ async fn every_example_is_accepted_and_kubectl_shows_the_columns() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "MODE", "CAP", "SELECTED", "ELIGIBLE", "ASSIGNED", "LINKS", "READY", "AGE"]);
+    assert_eq!(header, ["NAME", "MODE", "MAX-PEERS", "SELECTED", "ELIGIBLE", "ASSIGNED", "LINKS", "READY", "AGE"]);
     assert!(stdout.contains("build-agents-zonal"), "{stdout}");
     assert!(stdout.lines().any(|l| l.contains("Observe")), "an Observe policy says so: {stdout}");
     let wide = tool("kubectl", &["get", "mp", "-n", &ns, "-o", "wide"]);
     let wide = String::from_utf8_lossy(&wide.stdout);
     let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
-    for column in ["MAX-DEG", "COMPONENTS", "REASON"] {
+    for column in ["MAX-DEGREE", "COMPONENTS", "REASON"] {
         assert!(header.contains(&column), "-o wide lacks {column}: {header:?}");
     }
     // kubectl explain reads the CRD's descriptions.

@@ -504,6 +504,10 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         &format!("joinTokenSecrets[0].namespace={ns}"),
         "--set",
         "joinTokenSecrets[0].name=rv-token",
+        "--set",
+        &format!("caConfigMaps[0].namespace={ns}"),
+        "--set",
+        "caConfigMaps[0].name=rv-ca",
     ];
     let rendered = ok(tool("helm", &args), "helm template");
     let file = std::env::temp_dir().join(format!("{release}.yaml"));
@@ -525,6 +529,10 @@ async fn controller_runs_with_the_charts_rbac_and_nothing_more() {
         (vec!["get", "secrets/rv-token", "-n", &ns], false),
         (vec!["watch", "secrets/other", "-n", &ns], false),
         (vec!["list", "secrets", "-n", &ns], false),
+        // Likewise the CA ConfigMap a policy may name, and no other ConfigMap.
+        (vec!["watch", "configmaps/rv-ca", "-n", &ns], true),
+        (vec!["get", "configmaps/rv-ca", "-n", &ns], false),
+        (vec!["list", "configmaps", "-n", &ns], false),
         (vec!["get", "secrets", "-n", "kube-system"], false),
         (vec!["delete", "pods", "-n", &ns], false),
         (vec!["create", "pods", "-n", &ns], false),

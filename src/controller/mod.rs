@@ -29,10 +29,10 @@ pub mod plan;
 pub mod policy;
 pub mod presence;
 pub mod reconcile;
+pub mod references;
 pub mod report;
 pub mod status;
 pub mod store;
-pub mod token;
 // What the steps share: the Pod cache and its changes, the Lease, the errors.
 pub mod error;
 #[cfg(test)]
@@ -70,7 +70,7 @@ pub struct Context {
     pub policies: Store<MeshPolicy>,
     pub fetcher: Arc<Fetcher>,
     /// The join-token Secrets the policies name, watched.
-    pub tokens: token::Tokens,
+    pub references: references::References,
     /// What the controller keeps about each policy between reconciles, by UID.
     pub policy_states: std::sync::Mutex<HashMap<String, Arc<PolicyState>>>,
     pub leadership: Arc<Leadership>,
@@ -147,10 +147,7 @@ impl Context {
             policy: policy.name_any(),
         };
         self.metrics.forget_policy(&label);
-        self.tokens.retain(&self.policies.state());
-        if let Some(ca) = &policy.spec.rendezvous.ca_bundle {
-            self.fetcher.forget(ca);
-        }
+        self.references.retain(&self.policies.state());
     }
 }
 
@@ -345,7 +342,7 @@ impl Shared {
             nodes: self.nodes.clone(),
             policies,
             fetcher: self.fetcher.clone(),
-            tokens: token::Tokens::new(self.client.clone(), self.metrics.clone()),
+            references: references::References::new(self.client.clone(), self.metrics.clone()),
             policy_states: Default::default(),
             leadership: self.leadership.clone(),
             expectations: Default::default(),

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
-use crate::api::{MeshPolicy, Mode, SecretKeyRef};
+use crate::api::{KeyRef, MeshPolicy, Mode};
 use crate::{duration, planner};
 
 /// A MeshPolicy that passed validation, in the units the controller uses.
@@ -37,8 +37,17 @@ pub struct Rendezvous {
     pub presence_url: String,
     pub poll_interval: Duration,
     pub timeout: Duration,
-    pub ca_bundle: Option<String>,
-    pub join_token: Option<SecretKeyRef>,
+    pub ca: Option<Ca>,
+    pub join_token: Option<KeyRef>,
+}
+
+/// Where the CAs that sign the rendezvous' certificate come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ca {
+    /// `caBundle`, decoded and checked to hold PEM certificates.
+    Pem(String),
+    /// `caConfigMapRef`: read at each presence read.
+    ConfigMap(KeyRef),
 }
 
 /// A spec field the controller refuses, naming the field and its value.
@@ -120,15 +129,42 @@ impl Rendezvous {
             return Err(invalid("rendezvous.presencePath", &spec.presence_path, "must start with '/'"));
         }
         let base_url = spec.url.trim_end_matches('/').to_owned();
+        let ca = match (&spec.ca_bundle, &spec.ca_config_map_ref) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "rendezvous.caConfigMapRef",
+                    "",
+                    "and spec.rendezvous.caBundle: set one, not both",
+                ));
+            }
+            (Some(bytes), None) => Some(Ca::Pem(pem(bytes)?)),
+            (None, Some(r)) => Some(Ca::ConfigMap(r.clone())),
+            (None, None) => None,
+        };
         Ok(Self {
             presence_url: format!("{base_url}{}", spec.presence_path),
             base_url,
             poll_interval,
             timeout,
-            ca_bundle: spec.ca_bundle.clone(),
+            ca,
             join_token: spec.join_token_secret_ref.clone(),
         })
     }
+}
+
+/// `caBundle`'s PEM text: base64 in the spec (the API server decodes it), and it must hold a certificate.
+fn pem(bytes: &k8s_openapi::ByteString) -> Result<String, Invalid> {
+    let shown = || format!("({} bytes)", bytes.0.len());
+    let text = std::str::from_utf8(&bytes.0).map_err(|_| Invalid {
+        field: "rendezvous.caBundle",
+        value: shown(),
+        problem: "is not PEM text once decoded".into(),
+    })?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        let problem = "holds no PEM certificate once decoded (base64 of the PEM file, as `base64 -w0 ca.crt` prints)";
+        return Err(Invalid { field: "rendezvous.caBundle", value: shown(), problem: problem.into() });
+    }
+    Ok(text.to_owned())
 }
 
 /// The older policy owns a Pod two policies select: creation time, then name, decide.
@@ -177,6 +213,16 @@ mod tests {
                 "spec.rendezvous.presencePath: \"@evil/x\" must start with '/'",
             ),
             (r#"{"selector": {"matchExpressions": [{"key": "a", "operator": "Sometimes"}]}}"#, "spec.selector: "),
+            // base64 of "not a cert", and of the bytes ff fe
+            (
+                r#"{"rendezvous": {"caBundle": "bm90IGEgY2VydA=="}}"#,
+                "spec.rendezvous.caBundle: (10 bytes) holds no PEM",
+            ),
+            (r#"{"rendezvous": {"caBundle": "//4="}}"#, "spec.rendezvous.caBundle: (2 bytes) is not PEM text"),
+            (
+                r#"{"rendezvous": {"caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t", "caConfigMapRef": {"name": "a", "key": "b"}}}"#,
+                "spec.rendezvous.caConfigMapRef: \"\" and spec.rendezvous.caBundle: set one, not both",
+            ),
         ];
         for (spec, want) in cases {
             let err = ValidPolicy::new(&policy(serde_json::from_str(spec).unwrap())).expect_err(spec).to_string();
@@ -194,6 +240,15 @@ mod tests {
         assert_eq!(p.rendezvous.presence_url, "https://rv/p");
         assert_eq!(p.rendezvous.poll_interval, Duration::from_secs(90));
         assert_eq!(p.rendezvous.join_token.as_ref().map(|r| r.name.as_str()), Some("t"));
+        assert_eq!(p.rendezvous.ca, None);
+        // base64 of "-----BEGIN CERTIFICATE-----", as a Kubernetes caBundle holds PEM
+        let inline = r#"{"rendezvous": {"caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t"}}"#;
+        let q = ValidPolicy::new(&policy(serde_json::from_str(inline).unwrap())).expect("valid");
+        assert_eq!(q.rendezvous.ca, Some(Ca::Pem("-----BEGIN CERTIFICATE-----".into())));
+        let by_ref = r#"{"rendezvous": {"caConfigMapRef": {"name": "kube-root-ca.crt", "key": "ca.crt"}}}"#;
+        let q = ValidPolicy::new(&policy(serde_json::from_str(by_ref).unwrap())).expect("valid");
+        let want = KeyRef { name: "kube-root-ca.crt".into(), key: "ca.crt".into() };
+        assert_eq!(q.rendezvous.ca, Some(Ca::ConfigMap(want)));
         assert_eq!(p.topology_key.as_deref(), Some("zone"));
         let labels = |v: &str| [("app".to_string(), v.to_string())].into();
         assert!(p.selects(&labels("agent")) && !p.selects(&labels("web")));

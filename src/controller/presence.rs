@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::Context;
 use super::fleet::Fleet;
 use super::membership::{self, Membership};
-use super::policy::ValidPolicy;
+use super::policy::{Ca, ValidPolicy};
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms};
 use crate::telemetry;
 
@@ -76,11 +76,11 @@ impl LongPoll {
     }
 }
 
-/// Where a read comes from: the presence URL and the CA bundle it is verified against.
-type Source = (String, Option<String>);
+/// Where a read comes from: the presence URL and where the CAs it is verified against come from.
+type Source = (String, Option<Ca>);
 
 fn source(policy: &ValidPolicy) -> Source {
-    (policy.rendezvous.presence_url.clone(), policy.rendezvous.ca_bundle.clone())
+    (policy.rendezvous.presence_url.clone(), policy.rendezvous.ca.clone())
 }
 
 /// A read not taken in yet: a long poll's answer, or a read whose reconcile ended before taking it in.
@@ -389,16 +389,21 @@ async fn request(
     etag: Option<&str>,
     wait: Option<Duration>,
 ) -> Result<Fetched, FetchError> {
-    ctx.tokens.retain(&ctx.policies.state());
+    ctx.references.retain(&ctx.policies.state());
     let rv = &policy.rendezvous;
     let token = match &rv.join_token {
         None => None,
-        Some(r) => Some(ctx.tokens.token(&policy.namespace, r, &rv.base_url, rv.timeout).await?),
+        Some(r) => Some(ctx.references.token(&policy.namespace, r, &rv.base_url, rv.timeout).await?),
+    };
+    let ca = match &rv.ca {
+        None => None,
+        Some(Ca::Pem(pem)) => Some(std::borrow::Cow::Borrowed(pem.as_str())),
+        Some(Ca::ConfigMap(r)) => Some(ctx.references.ca_bundle(&policy.namespace, r, rv.timeout).await?.into()),
     };
     let req = Request {
         url: &policy.rendezvous.presence_url,
         token: token.as_deref(),
-        ca_bundle: policy.rendezvous.ca_bundle.as_deref(),
+        ca_bundle: ca.as_deref(),
         timeout: policy.rendezvous.timeout,
         etag,
         wait,
@@ -516,7 +521,7 @@ mod tests {
     #[test]
     fn an_unread_read_serves_only_the_rendezvous_and_snapshot_it_was_made_for() {
         let (a, b) = (("http://a/presence".to_string(), None), ("http://b/presence".to_string(), None));
-        let ca = ("http://a/presence".to_string(), Some("pem".to_string()));
+        let ca = ("http://a/presence".to_string(), Some(Ca::Pem("pem".to_string())));
         let unread = |result, sent: &str| Unread { source: a.clone(), sent: Some(sent.into()), result };
         let body = || Ok(Fetched::New { snapshot: Snapshot::default(), etag: None, bytes: 0, waits: true });
         let etag = Some("e1".to_string());

@@ -213,6 +213,7 @@ pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Out
     new.min_degree = plan.min_degree;
     new.components = plan.components;
     new.plan_hash = Some(plan.hash.clone());
+    new.excluded_total = (m.excluded.len() + d.held.len()) as u32;
     // The first 100 by name, the agents admission holds among them.
     let arriving = d.held.iter().take(100).map(|pod| (pod, Exclusion::Arriving));
     let excluded: BTreeMap<&String, Exclusion> =
@@ -310,6 +311,23 @@ mod tests {
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    /// `excluded` is cut at 100; `excludedTotal` says how many there are.
+    #[test]
+    fn excluded_total_counts_what_the_list_leaves_out() {
+        use super::super::{decide, fixtures, membership, observe};
+        let policy = fixtures::policy(2);
+        let snap = std::sync::Arc::new(fixtures::presence(4));
+        let pods: Vec<_> = (0..150).map(|i| fixtures::agent(i, None)).collect();
+        let o = observe::observe(&policy, &pods, &[]);
+        let m = membership::of_policy(&policy, &o, &snap, fixtures::NOW_MS, &|_| None);
+        let d = decide::decide(&policy, &o, Some(&m), &mut decide::Memory::default(), std::time::Instant::now());
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(100).unwrap());
+        let status = counts(&MeshPolicyStatus::default(), &o, &d, &Outcome::default(), &now);
+        // 146 have no presence entry; the other 4 arrived together and wait outside the plan.
+        assert_eq!((d.held.len(), m.excluded.len()), (4, 146));
+        assert_eq!((status.selected, status.excluded.len(), status.excluded_total), (150, 100, 150));
     }
 
     #[test]

@@ -81,3 +81,37 @@ runbook: "docs/operations.md#{{ $anchor }}"
 runbook_url: "{{ . }}#{{ $anchor }}"
 {{- end }}
 {{- end -}}
+
+{{/* Exactly one named object (a join-token Secret, a CA ConfigMap), nothing else of its kind. Watched, not
+read per poll: list and watch with resourceNames allow only requests scoped by
+fieldSelector=metadata.name to that object. Arguments: the root context, the resource, a name part, and
+{namespace, name}. */}}
+{{- define "mesh-operator.readOne" -}}
+{{- $root := index . 0 -}}
+{{- $resource := index . 1 -}}
+{{- $part := index . 2 -}}
+{{- $ref := index . 3 -}}
+{{- $role := printf "%s-%s-%s" (include "mesh-operator.name" $root) $part $ref.name | trunc 253 -}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {{ $role }}
+  namespace: {{ $ref.namespace }}
+  labels: {{- include "mesh-operator.labels" $root | nindent 4 }}
+rules:
+  - apiGroups: [""]
+    resources: [{{ $resource }}]
+    resourceNames: [{{ $ref.name | quote }}]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {{ $role }}
+  namespace: {{ $ref.namespace }}
+  labels: {{- include "mesh-operator.labels" $root | nindent 4 }}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: {{ $role }}}
+subjects:
+  - {kind: ServiceAccount, name: {{ include "mesh-operator.serviceAccount" $root }}, namespace: {{ $root.Release.Namespace }}}
+{{- end -}}
