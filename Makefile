@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CP := hack/control-plane.sh
 
-.PHONY: test test-kube-version lint control-plane control-plane-stop crd chart-readme bench demo image-binary images
+.PHONY: test test-kube-version lint control-plane control-plane-stop crd chart-readme krew bench demo image-binary images
 
 # The node tier (tests/e2e_node.rs) runs last, on a real node started only for it. The benches are not
 # built here (a release build of their own): `lint` type-checks them (clippy --all-targets).
@@ -61,6 +61,13 @@ control-plane-stop:
 crd:
 	cargo run --quiet -- crd > crds/meshpolicy.yaml
 	cp crds/meshpolicy.yaml deploy/helm/mesh-operator/files/crds/meshpolicy.yaml
+
+## kubectl-mesh for krew: the static binary packed with its manifest into dist/. URI is where the archive
+## will be served; `kubectl krew install --manifest=dist/mesh.yaml` (add --archive=… before it is served).
+krew:
+	@test -n "$(URI)" || { echo "usage: make krew URI=https://…/kubectl-mesh_linux_amd64.tar.gz" >&2; exit 2; }
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p mesh-operator --bin kubectl-mesh
+	hack/krew-package.py --binary $(STATIC)/kubectl-mesh --version v$$(cargo pkgid -p mesh-operator | sed 's/.*[#@]//') --uri "$(URI)" --out dist
 
 ## Regenerates the chart's README from the comments in its values.yaml.
 chart-readme:

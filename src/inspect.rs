@@ -120,8 +120,20 @@ fn list(items: &[String]) -> String {
     if items.is_empty() { "-".into() } else { items.join(",") }
 }
 
+/// `s` safe to print on a terminal: annotations, reasons and URLs are not ours, and a control character in
+/// one (an escape sequence) must not reach the user's terminal as is. Each becomes `\u{..}`, as Rust's
+/// `escape_debug` writes it; a newline too, so a table row stays one line.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars().map(|c| if c.is_control() { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect()
+}
+
 /// Columns padded to their widest cell, two spaces apart, as kubectl prints them.
 fn table(head: &[&str], rows: &[Vec<String>], headers: bool) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| printable(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -168,19 +180,21 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
         let _ = writeln!(
             out,
             "rendezvous: unreachable ({}: {}); planning from the last presence read",
-            c.reason, c.message
+            printable(&c.reason),
+            printable(&c.message)
         );
     }
     match (current(pod).filter(|a| a.policy == policy.name_any()), status.excluded.iter().find(|e| e.pod == name)) {
         (_, Some(e)) => {
-            let _ = writeln!(out, "{name}: selected by {}, but left out of the mesh: {}", policy.name_any(), e.reason);
+            let why = printable(&e.reason);
+            let _ = writeln!(out, "{name}: selected by {}, but left out of the mesh: {why}", policy.name_any());
         }
         (Some(a), None) => {
             let (links, peers) = (a.links(), &a.peers);
             let _ =
                 writeln!(out, "{name}: in the mesh of {} with {links} links; dials {}", policy.name_any(), peers.len());
             for p in peers {
-                let _ = writeln!(out, "  → {} {}", short(&p.node_id), p.url);
+                let _ = writeln!(out, "  → {} {}", printable(&short(&p.node_id)), printable(&p.url));
             }
         }
         (None, None) => {
@@ -206,7 +220,8 @@ pub fn graph(policy: &MeshPolicy, pods: &[Pod], format: GraphFormat) -> String {
     let mine: Vec<(&Pod, Assignment)> =
         pods.iter().filter_map(|p| current(p).filter(|a| a.policy == policy.name_any()).map(|a| (p, a))).collect();
     let by_id: BTreeMap<String, String> = mine.iter().map(|(p, _)| (node_id(policy, p), p.name_any())).collect();
-    let label = |id: &str| by_id.get(id).cloned().unwrap_or_else(|| short(id));
+    // A node id is not ours: printable, and without the quote that would end a dot string.
+    let label = |id: &str| by_id.get(id).cloned().unwrap_or_else(|| printable(&short(id)).replace('"', "\\\""));
     let mut out = String::new();
     match format {
         GraphFormat::Dot => {
@@ -279,6 +294,26 @@ mod tests {
         assert!(explain(&other, &[policy()]).contains("not selected"));
         assert_eq!(graph(&policy(), &pods, GraphFormat::Dot).matches("->").count(), 1);
         assert!(graph(&policy(), &pods, GraphFormat::Mermaid).contains("a[a] --> c[c]"));
+    }
+
+    /// A node id, URL or reason with control characters (a terminal escape) is printed escaped, in the
+    /// table, in explain and in the graph.
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        let evil = "\u{1b}]0;owned\u{7}\u{1b}[31m\"x";
+        let pods = vec![pod("a", "aa", &[evil]), pod("c", &format!("{evil}c"), &[])];
+        let rows: Vec<_> =
+            status_rows(&policy(), &pods, &|_| None).into_iter().map(|r| ("ci".into(), "mesh".into(), r)).collect();
+        let outputs = [
+            status_table(&rows, Scope::Policy, true, true),
+            explain(&pods[0], &[policy()]),
+            graph(&policy(), &pods, GraphFormat::Dot),
+            graph(&policy(), &pods, GraphFormat::Mermaid),
+        ];
+        for out in outputs {
+            assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+            assert!(out.contains("\\u{1b}"), "{out:?}");
+        }
     }
 
     /// Columns fit their widest cell however long a Pod name is; a Pod without the zone label takes its

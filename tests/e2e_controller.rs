@@ -1034,3 +1034,48 @@ async fn an_outage_is_logged_once_under_the_policy_span() {
     );
     op.kill().await.unwrap();
 }
+
+/// The krew manifest `hack/krew-package.py` writes installs kubectl-mesh with krew itself (built from its
+/// pinned module), and krew refuses an archive whose sha256 is not the manifest's.
+#[test]
+fn kubectl_mesh_installs_from_its_krew_manifest() {
+    let run = |cmd: &str, args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let mut c = std::process::Command::new(cmd);
+        c.args(args).envs(env.iter().map(|(k, v)| (*k, v.as_os_str())));
+        c.output().unwrap()
+    };
+    let out = run(&format!("{REPO}/hack/krew.sh"), &[], &[]);
+    assert!(out.status.success(), "hack/krew.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let krew = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let dist = tempfile::tempdir().unwrap();
+    let package = [
+        "--binary",
+        env!("CARGO_BIN_EXE_kubectl-mesh"),
+        "--version",
+        "v0.1.0",
+        "--uri",
+        "https://releases.example.com/v0.1.0/kubectl-mesh_linux_amd64.tar.gz",
+        "--out",
+        dist.path().to_str().unwrap(),
+    ];
+    let out = run(&format!("{REPO}/hack/krew-package.py"), &package, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (manifest, archive) = (dist.path().join("mesh.yaml"), dist.path().join("kubectl-mesh_linux_amd64.tar.gz"));
+    let install = |archive: &std::path::Path| {
+        let root = tempfile::tempdir().unwrap();
+        let args =
+            ["install", &format!("--manifest={}", manifest.display()), &format!("--archive={}", archive.display())];
+        let out = run(&krew, &args, &[("KREW_ROOT", root.path())]);
+        (root, out)
+    };
+    let (root, out) = install(&archive);
+    assert!(out.status.success(), "krew install: {}", String::from_utf8_lossy(&out.stderr));
+    let version = run(root.path().join("bin/kubectl-mesh").to_str().unwrap(), &["--version"], &[]);
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("kubectl mesh "), "{version:?}");
+    let tampered = dist.path().join("tampered.tar.gz");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes.extend_from_slice(b"\0");
+    std::fs::write(&tampered, bytes).unwrap();
+    let (_, out) = install(&tampered);
+    assert!(!out.status.success(), "krew installed an archive whose sha256 differs from the manifest's");
+}
