@@ -28,7 +28,7 @@ spec:
     per agent, its node id, zone, links and the peers it dials (status); why a Pod has or lacks
     peers (explain); and the published mesh as Graphviz or Mermaid (graph).
   caveats: |
-    It needs get and list on MeshPolicies and Pods of the namespace, and get on Nodes to show zones
+    It needs get and list on MeshPolicies and Pods of the namespace, and list on Nodes to show zones
     taken from Nodes. It reads only; it never changes anything.
   platforms:
     - selector:

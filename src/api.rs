@@ -133,7 +133,7 @@ pub struct Rendezvous {
     pub join_token_secret_ref: Option<KeyRef>,
     /// The CAs that sign the rendezvous' certificate: PEM, base64-encoded as Kubernetes `caBundle` fields
     /// are. Without it (and without caConfigMapRef), the system's roots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "base64_or_pem")]
     #[schemars(with = "Option<String>", length(min = 1, max = 87384), extend("format" = "byte"))]
     pub ca_bundle: Option<ByteString>,
     /// The CAs that sign the rendezvous' certificate, as PEM under a key of a ConfigMap in the policy's
@@ -141,6 +141,20 @@ pub struct Rendezvous {
     /// the next read on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_config_map_ref: Option<KeyRef>,
+}
+
+/// `caBundle` as stored: base64, or PEM text in a policy stored before it was base64. Never an error: one
+/// policy's bad value must not stop the controller from reading every policy; the controller refuses it
+/// on that policy alone (`InvalidPolicy`).
+fn base64_or_pem<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteString>, D::Error> {
+    use base64::Engine;
+    let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+    let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim());
+    Ok(Some(ByteString(if text.trim_start().starts_with("-----BEGIN") {
+        text.into_bytes()
+    } else {
+        decoded.unwrap_or_else(|_| text.into_bytes())
+    })))
 }
 
 /// A key of a Secret or a ConfigMap in the policy's namespace.

@@ -38,8 +38,24 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// The operator's metrics endpoint, e.g. http://mesh-operator-metrics.ops.svc:8080.
-    #[arg(long, value_parser = parse_http_url)]
-    pub url: String,
+    #[arg(long, value_parser = parse_http_url, required_unless_present = "host", conflicts_with = "host")]
+    pub url: Option<String>,
+    /// Instead of --url: the endpoint's address (an IPv6 one too) and --port, as a Service's environment
+    /// variables give them.
+    #[arg(long, requires = "port")]
+    pub host: Option<std::net::IpAddr>,
+    #[arg(long, requires = "host")]
+    pub port: Option<u16>,
+}
+
+impl CheckArgs {
+    fn url(&self) -> String {
+        match (&self.url, self.host, self.port) {
+            (Some(url), _, _) => url.clone(),
+            (None, Some(host), Some(port)) => format!("http://{}", std::net::SocketAddr::new(host, port)),
+            _ => unreachable!("clap requires --url, or --host with --port"),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -174,7 +190,7 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => plan_command(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Run(args) => return run(args),
-        Command::Check(args) => return check(&args.url),
+        Command::Check(args) => return check(&args.url()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -231,7 +247,11 @@ fn check(url: &str) -> ExitCode {
     crate::presence::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
     let result: Result<String, String> = runtime.block_on(async {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let builder = || reqwest::Client::builder().timeout(Duration::from_secs(10));
+        // The image is FROM scratch: without system roots the default client cannot be built (as in
+        // `presence::Fetcher`); plain http needs none.
+        let http =
+            builder().build().or_else(|_| builder().tls_certs_only(Vec::new()).build()).map_err(|e| e.to_string())?;
         let get = |path: &'static str| {
             let http = http.clone();
             async move {

@@ -124,10 +124,14 @@ fn list(items: &[String]) -> String {
 /// one (an escape sequence) must not reach the user's terminal as is. Each becomes `\u{..}`, as Rust's
 /// `escape_debug` writes it; a newline too, so a table row stays one line.
 fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    // Bidirectional overrides and isolates too: they reorder what the terminal shows.
+    let unsafe_char = |c: char| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
         return s.into();
     }
-    s.chars().map(|c| if c.is_control() { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect()
+    s.chars().map(|c| if unsafe_char(c) { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect()
 }
 
 /// Columns padded to their widest cell, two spaces apart, as kubectl prints them.
@@ -300,7 +304,7 @@ mod tests {
     /// table, in explain and in the graph.
     #[test]
     fn control_characters_never_reach_the_terminal() {
-        let evil = "\u{1b}]0;owned\u{7}\u{1b}[31m\"x";
+        let evil = "\u{1b}]0;owned\u{7}\u{202e}\u{1b}[31m\"x";
         let pods = vec![pod("a", "aa", &[evil]), pod("c", &format!("{evil}c"), &[])];
         let rows: Vec<_> =
             status_rows(&policy(), &pods, &|_| None).into_iter().map(|r| ("ci".into(), "mesh".into(), r)).collect();
@@ -311,7 +315,7 @@ mod tests {
             graph(&policy(), &pods, GraphFormat::Mermaid),
         ];
         for out in outputs {
-            assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+            assert!(!out.chars().any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'), "{out:?}");
             assert!(out.contains("\\u{1b}"), "{out:?}");
         }
     }

@@ -286,9 +286,9 @@ pub enum Fetched {
 
 fn bundle_certs(pem: &str) -> Result<Vec<reqwest::Certificate>, FetchError> {
     let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-        .map_err(|e| FetchError::Other(format!("caBundle is not valid PEM: {e}")))?;
+        .map_err(|e| FetchError::Ca(format!("the CA bundle is not valid PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(FetchError::Other("caBundle holds no PEM certificate".into()));
+        return Err(FetchError::Ca("the CA bundle holds no PEM certificate".into()));
     }
     Ok(certs)
 }

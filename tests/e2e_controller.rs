@@ -535,15 +535,25 @@ async fn health_endpoints_and_metrics() {
     }
     // `mesh-operator check`, which the chart's `helm test` runs: ready here; an error naming the URL where
     // nothing listens.
-    // The operator serves on this test's runtime: the command is awaited, not waited for.
-    let check = |url: String| async move {
-        let command =
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator")).args(["check", "--url", &url]).output();
-        command.await.unwrap()
+    // The operator serves on this test's runtime: the command is awaited, not waited for. It runs without
+    // system CA certificates, as in the image (FROM scratch), where the first version failed "builder error".
+    let roots = tempfile::tempdir().unwrap();
+    std::fs::write(roots.path().join("empty.pem"), "").unwrap();
+    let command = |args: Vec<String>| {
+        let roots = roots.path().to_owned();
+        async move {
+            let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-operator"));
+            c.arg("check").args(args).env("SSL_CERT_FILE", roots.join("empty.pem")).env("SSL_CERT_DIR", &roots);
+            c.output().await.unwrap()
+        }
     };
+    let check = |url: String| command(vec!["--url".into(), url]);
     let ready = check(base.clone()).await;
     assert!(ready.status.success(), "{}", String::from_utf8_lossy(&ready.stderr));
     assert!(String::from_utf8_lossy(&ready.stdout).contains("mesh_operator_build_info{version="));
+    let addr = op.metrics_addr().await;
+    let by_address = command(vec!["--host".into(), addr.ip().to_string(), "--port".into(), addr.port().to_string()]);
+    assert!(by_address.await.status.success(), "check --host --port, as the chart's helm test runs it");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let down = check(format!("http://{closed}")).await;
     let stderr = String::from_utf8_lossy(&down.stderr);

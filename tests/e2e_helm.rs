@@ -92,6 +92,7 @@ fn chart_lints_and_renders() {
     assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
     assert!(test["metadata"]["labels"]["app.kubernetes.io/name"].is_null(), "the Service would select the test Pod");
     assert_eq!(test["spec"]["containers"][0]["args"][0], "check");
+    assert_eq!(test["spec"]["containers"][0]["args"][1], "--host=$(MO_METRICS_SERVICE_HOST)");
 
     let docs = render(
         "mo",
@@ -391,6 +392,9 @@ fn the_scrape_is_a_service_or_pod_monitor() {
         let m = docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
         let e = &m["spec"][endpoints][0];
         assert_eq!((&e["port"], &e["honorLabels"]), (&"metrics".into(), &true.into()), "{kind}: {e:?}");
+        // The job label the alerts select by, unique per install whatever the kind.
+        assert_eq!(e["relabelings"][0]["targetLabel"], "job");
+        assert_eq!(e["relabelings"][0]["replacement"], "ops/mo");
         assert_eq!(m["metadata"]["labels"]["release"], "prom");
     }
 }

@@ -102,5 +102,5 @@ async fn failures_have_their_reasons() {
     let refused = fetcher.fetch(&request("http://127.0.0.1:1/presence")).await.err().unwrap();
     assert_eq!(refused.reason(), "ConnectionFailed", "{refused}");
     let bad_ca = Request { ca_bundle: Some("not pem"), ..request(&url) };
-    assert_eq!(fetcher.fetch(&bad_ca).await.err().unwrap().reason(), "RequestFailed");
+    assert_eq!(fetcher.fetch(&bad_ca).await.err().unwrap().reason(), "CABundleUnavailable");
 }

@@ -98,11 +98,13 @@ impl Leadership {
         let leading = until.is_some_and(|u| now < u);
         self.state.send_if_modified(|t| {
             let was = t.until.is_some_and(|u| now < u);
+            // A fence that ran out on its own still ends a term here: that is how leadership is usually lost.
+            let had = t.until.is_some();
             t.until = until.filter(|_| leading);
             if leading && !was {
                 t.number += 1;
                 info!(identity, term = t.number, "became leader");
-            } else if was && !leading {
+            } else if had && !leading {
                 info!(identity, "no longer leader: stopped writing");
                 metrics.forget_policies();
             }
@@ -274,9 +276,12 @@ mod tests {
         l.observe(Some(&lease("me", 1.0)), "me", now, &metrics);
         assert!(l.may_write());
         assert_eq!(l.term(), 1);
+        let policy = crate::telemetry::PolicyLabel { namespace: "ci".into(), policy: "mesh".into() };
+        metrics.selected.get_or_create(&policy).set(3);
         // No renewal seen since (the API is unreachable): the fence runs out on its own.
         l.observe(Some(&lease("me", 1.0)), "me", now + FENCE, &metrics);
         assert!(!l.may_write(), "a leader that cannot renew stops writing");
+        assert!(!metrics.encode().contains("policy=\"mesh\""), "a fence run out drops the policy series");
         l.observe(Some(&lease("me", 0.0)), "me", Instant::now(), &metrics);
         assert_eq!(l.term(), 2, "leading again is a new term");
         l.observe(Some(&lease("other", 0.0)), "me", Instant::now(), &metrics);

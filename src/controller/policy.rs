@@ -245,6 +245,14 @@ mod tests {
         let inline = r#"{"rendezvous": {"caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t"}}"#;
         let q = ValidPolicy::new(&policy(serde_json::from_str(inline).unwrap())).expect("valid");
         assert_eq!(q.rendezvous.ca, Some(Ca::Pem("-----BEGIN CERTIFICATE-----".into())));
+        // Stored before caBundle was base64: PEM text still reads, and still works.
+        let stored = r#"{"rendezvous": {"caBundle": "-----BEGIN CERTIFICATE-----"}}"#;
+        let q = ValidPolicy::new(&policy(serde_json::from_str(stored).unwrap())).expect("valid");
+        assert_eq!(q.rendezvous.ca, Some(Ca::Pem("-----BEGIN CERTIFICATE-----".into())));
+        // Neither base64 nor PEM: the policy reads, and is refused on its own.
+        let garbage = r#"{"rendezvous": {"caBundle": "%%%"}}"#;
+        let err = ValidPolicy::new(&policy(serde_json::from_str(garbage).unwrap())).expect_err("refused");
+        assert!(err.to_string().starts_with("spec.rendezvous.caBundle: (3 bytes) holds no PEM"), "{err}");
         let by_ref = r#"{"rendezvous": {"caConfigMapRef": {"name": "kube-root-ca.crt", "key": "ca.crt"}}}"#;
         let q = ValidPolicy::new(&policy(serde_json::from_str(by_ref).unwrap())).expect("valid");
         let want = KeyRef { name: "kube-root-ca.crt".into(), key: "ca.crt".into() };

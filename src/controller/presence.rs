@@ -68,6 +68,14 @@ pub struct InFlight {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A long poll no one waits for any more (replaced, or its policy forgotten) is stopped: its answer
+/// would be dropped, and its metrics would bring back a forgotten policy's series.
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl LongPoll {
     /// Whether one reading `source` is in flight: then its answer is this policy's next read. A task
     /// that ended without answering (it panicked) is not in flight, so reads go on.
@@ -487,6 +495,10 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
 /// Counts a fetch under its policy. A long poll's time is how long the rendezvous held it, not how long
 /// a read takes, so its duration is not observed.
 fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchError>, took: Option<Duration>) {
+    // Only the leader exports a policy's series (see `Metrics::forget_policies`).
+    if !ctx.leadership.may_write() {
+        return;
+    }
     let m = &ctx.metrics;
     let label = telemetry::PolicyLabel { namespace: policy.namespace.clone(), policy: policy.name.clone() };
     let with = |result| telemetry::PolicyResultLabel {

@@ -29,7 +29,7 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
     let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
     let prev = policy.status.clone().unwrap_or_default();
     let new = status::counts(&prev, r.observed, r.decision, r.outcome, &Time(Timestamp::now()));
-    set_gauges(ctx, &label, &new, policy.spec.max_peers);
+    set_gauges(ctx, &label, &new, policy.spec.max_peers, r.decision.plan.is_some());
     if let (Some(m), Some(plan)) = (r.decision.members, &r.decision.plan) {
         let eligible = m.agents.len() - r.decision.held.len();
         let changed = (prev.plan_hash != new.plan_hash).then_some(r.outcome.patched);
@@ -59,20 +59,20 @@ pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Re
     write_status(ctx, policy, new, &r.findings.verdicts()).await
 }
 
-/// The policy's gauges, from the status being written. A replica that lost leadership meanwhile drops
-/// them again: its gauges were cleared when it did, and must stay so.
-fn set_gauges(ctx: &Context, label: &telemetry::PolicyLabel, s: &MeshPolicyStatus, max_peers: u32) {
+/// The policy's gauges, from the status being written. The plan's own (eligible, links, most links) only
+/// when a plan was made now: the status keeps the last plan's, which may predate a changed `maxPeers`.
+/// A replica that lost leadership meanwhile drops them again: its gauges were cleared when it did.
+fn set_gauges(ctx: &Context, label: &telemetry::PolicyLabel, s: &MeshPolicyStatus, max_peers: u32, planned: bool) {
     let m = &ctx.metrics;
-    let values = [
-        (&m.selected, s.selected),
-        (&m.eligible, s.eligible),
-        (&m.assigned, s.assigned),
-        (&m.links, s.links),
-        (&m.max_degree, s.max_degree),
-        (&m.max_peers, max_peers),
-    ];
-    for (family, value) in values {
+    for (family, value) in [(&m.selected, s.selected), (&m.assigned, s.assigned), (&m.max_peers, max_peers)] {
         family.get_or_create(label).set(i64::from(value));
+    }
+    for (family, value) in [(&m.eligible, s.eligible), (&m.links, s.links), (&m.max_degree, s.max_degree)] {
+        if planned {
+            family.get_or_create(label).set(i64::from(value));
+        } else {
+            family.remove(label);
+        }
     }
     if !ctx.leadership.may_write() {
         m.forget_policy(label);
@@ -151,6 +151,9 @@ async fn warn_on_transitions(ctx: &Context, policy: &MeshPolicy, prev: &MeshPoli
 
 /// A spec the controller refuses: `Ready=False` naming the field, and a Warning Event.
 pub async fn invalid(ctx: &Context, policy: &MeshPolicy, message: String) -> Result<(), Error> {
+    // Nothing of the last valid spec's series holds now: only the Ready condition is known.
+    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    ctx.metrics.forget_policy(&label);
     publish(ctx, policy, EventType::Warning, "InvalidPolicy", &message).await;
     let verdicts = [status::Verdict::new(status::READY, false, "InvalidPolicy", message)];
     write_status(ctx, policy, MeshPolicyStatus::default(), &verdicts).await

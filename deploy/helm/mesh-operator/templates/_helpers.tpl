@@ -62,14 +62,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [create, patch]
 {{- end -}}
 
-{{/* The job label Prometheus gives the operator's series: the metrics Service's name for a ServiceMonitor,
-<namespace>/<name> for a PodMonitor. The alerts select by it. */}}
+{{/* The job label of the operator's series: the chart's monitor sets it to <namespace>/<name> for either
+kind, so two releases of one name in two namespaces stay apart. The alerts select by it. */}}
 {{- define "mesh-operator.job" -}}
-{{- if eq .Values.monitoring.scrape.kind "PodMonitor" -}}
 {{- printf "%s/%s" .Release.Namespace (include "mesh-operator.name" .) -}}
-{{- else -}}
-{{- printf "%s-metrics" (include "mesh-operator.name" .) -}}
-{{- end -}}
 {{- end -}}
 
 {{/* An alert's runbook: its section of docs/operations.md, and a link when runbookBaseURL is set. */}}
