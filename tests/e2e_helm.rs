@@ -376,6 +376,48 @@ fn the_dashboard_queries_only_exported_metrics() {
     }
 }
 
+/// The chart's monitoring objects, and the agents' example PodMonitor, against the Prometheus Operator's
+/// own CRDs (from its pinned Go module): the API server, validating fields strictly, accepts each as
+/// rendered.
+#[tokio::test]
+async fn monitoring_objects_fit_the_prometheus_operator_crds() {
+    let admin = client().await;
+    let out = std::process::Command::new(format!("{REPO}/hack/monitoring-crds.sh")).output().unwrap();
+    let crds = ok(out, "hack/monitoring-crds.sh").trim().to_owned();
+    for kind in ["servicemonitors", "podmonitors", "prometheusrules"] {
+        let file = format!("{crds}/monitoring.coreos.com_{kind}.yaml");
+        ok(tool("kubectl", &["apply", "--server-side", "--force-conflicts", "-f", &file]), "kubectl apply a CRD");
+        let crd = format!("crd/{kind}.monitoring.coreos.com");
+        ok(tool("kubectl", &["wait", "--for", "condition=established", "--timeout=60s", &crd]), "kubectl wait");
+    }
+    let ns = namespace(&admin, "monitoring").await;
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        let sets = [
+            "monitoring.scrape.enabled=true".to_string(),
+            format!("monitoring.scrape.kind={kind}"),
+            "monitoring.scrape.relabelings[0].targetLabel=team".into(),
+            "monitoring.scrape.relabelings[0].replacement=ci".into(),
+            "monitoring.alerts.enabled=true".into(),
+            "monitoring.alerts.agents=true".into(),
+            "monitoring.dashboard.enabled=true".into(),
+        ];
+        let mut args = vec!["template", "mo", CHART, "--namespace", &ns, "--kube-version", "1.36.3"];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        for t in ["templates/monitor.yaml", "templates/prometheusrule.yaml", "templates/dashboard.yaml"] {
+            args.extend(["--show-only", t]);
+        }
+        let file = dir.path().join(format!("{kind}.yaml"));
+        std::fs::write(&file, ok(tool("helm", &args), "helm template")).unwrap();
+        let apply = ["apply", "--dry-run=server", "--validate=strict", "-n", &ns, "-f", file.to_str().unwrap()];
+        ok(tool("kubectl", &apply), &format!("the chart's {kind}, PrometheusRule and dashboard"));
+    }
+    let example = format!("{REPO}/examples/cluster/agents-podmonitor.yaml");
+    ok(tool("kubectl", &["apply", "--dry-run=server", "--validate=strict", "-n", &ns, "-f", &example]), "the example");
+}
+
 /// Scraping: a ServiceMonitor or a PodMonitor, keeping the policies' namespace label.
 #[test]
 fn the_scrape_is_a_service_or_pod_monitor() {
