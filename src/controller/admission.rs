@@ -90,7 +90,7 @@ impl Admission {
         // Brought up to date rather than built again: a join or leave costs a lookup per agent, not a copy.
         self.planned.extend(unplanned.iter().map(|p| (*p).to_owned()));
         if self.planned.len() > eligible.len() {
-            let eligible: HashSet<&str> = eligible.iter().copied().collect();
+            let eligible: foldhash::HashSet<&str> = eligible.iter().copied().collect();
             self.planned.retain(|p| eligible.contains(p.as_str()));
         }
         (HashSet::new(), None)
