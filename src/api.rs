@@ -149,7 +149,9 @@ pub struct Rendezvous {
 fn base64_or_pem<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteString>, D::Error> {
     use base64::Engine;
     let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
-    let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim());
+    // The API server's base64 (Go's) skips line breaks, so a wrapped `base64 ca.crt` is valid: as here.
+    let compact: String = text.split_ascii_whitespace().collect();
+    let decoded = base64::engine::general_purpose::STANDARD.decode(compact);
     Ok(Some(ByteString(if text.trim_start().starts_with("-----BEGIN") {
         text.into_bytes()
     } else {

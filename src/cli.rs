@@ -40,10 +40,11 @@ pub struct CheckArgs {
     /// The operator's metrics endpoint, e.g. http://mesh-operator-metrics.ops.svc:8080.
     #[arg(long, value_parser = parse_http_url, required_unless_present = "host", conflicts_with = "host")]
     pub url: Option<String>,
-    /// Instead of --url: the endpoint's address (an IPv6 one too) and --port, as a Service's environment
-    /// variables give them.
+    /// Instead of --url: the endpoint's address (an IPv6 one too), as a Service's environment variable
+    /// `<SERVICE>_SERVICE_HOST` gives it (the Pod needs `enableServiceLinks`, the default).
     #[arg(long, requires = "port")]
     pub host: Option<std::net::IpAddr>,
+    /// With --host: the endpoint's port (`<SERVICE>_SERVICE_PORT_<PORT NAME>`).
     #[arg(long, requires = "host")]
     pub port: Option<u16>,
 }

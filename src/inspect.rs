@@ -126,7 +126,8 @@ fn list(items: &[String]) -> String {
 fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     // Bidirectional overrides and isolates too: they reorder what the terminal shows.
     let unsafe_char = |c: char| {
-        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        c.is_control()
+            || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     if !s.chars().any(unsafe_char) {
         return s.into();

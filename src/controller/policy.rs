@@ -245,6 +245,10 @@ mod tests {
         let inline = r#"{"rendezvous": {"caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t"}}"#;
         let q = ValidPolicy::new(&policy(serde_json::from_str(inline).unwrap())).expect("valid");
         assert_eq!(q.rendezvous.ca, Some(Ca::Pem("-----BEGIN CERTIFICATE-----".into())));
+        // Wrapped as `base64 ca.crt` prints it: the API server takes it, and so does the controller.
+        let wrapped = r#"{"rendezvous": {"caBundle": "LS0tLS1CRUdJTiBDRVJU\nSUZJQ0FURS0tLS0t\n"}}"#;
+        let q = ValidPolicy::new(&policy(serde_json::from_str(wrapped).unwrap())).expect("valid");
+        assert_eq!(q.rendezvous.ca, Some(Ca::Pem("-----BEGIN CERTIFICATE-----".into())));
         // Stored before caBundle was base64: PEM text still reads, and still works.
         let stored = r#"{"rendezvous": {"caBundle": "-----BEGIN CERTIFICATE-----"}}"#;
         let q = ValidPolicy::new(&policy(serde_json::from_str(stored).unwrap())).expect("valid");

@@ -69,10 +69,13 @@ pub struct InFlight {
 }
 
 /// A long poll no one waits for any more (replaced, or its policy forgotten) is stopped: its answer
-/// would be dropped, and its metrics would bring back a forgotten policy's series.
+/// would be dropped, and its metrics would bring back a forgotten policy's series. The task itself
+/// clears its entry when it answers: that drop must not abort it.
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.task.abort();
+        if tokio::task::try_id() != Some(self.task.id()) {
+            self.task.abort();
+        }
     }
 }
 
@@ -350,7 +353,7 @@ fn start_long_poll(
     let number = state.long_poll.started;
     let etag = state.etag.clone().unwrap_or_default();
     // The task finds its own entry under the lock, which is held until the entry is in place.
-    let poll = long_poll(ctx.clone(), policy.clone(), kept.clone(), etag, (state.term, number));
+    let poll = long_poll(ctx.clone(), policy.clone(), Arc::downgrade(kept), etag, (state.term, number));
     let task = tokio::spawn(tracing::Instrument::in_current_span(poll));
     state.long_poll.in_flight = Some(InFlight { number, source, task });
 }
@@ -360,13 +363,16 @@ fn start_long_poll(
 async fn long_poll(
     ctx: Arc<Context>,
     policy: ValidPolicy,
-    kept: Arc<super::PolicyState>,
+    kept: std::sync::Weak<super::PolicyState>,
     etag: String,
     started: (u64, u64),
 ) {
     // A held read also serves as the regular poll, so it waits no longer than one.
     let wait = policy.rendezvous.poll_interval.clamp(Duration::from_secs(1), PresenceState::PROMPT_WINDOW);
     let result = request(&ctx, &policy, Some(&etag), Some(wait)).await;
+    // Held weakly, so a forgotten policy's state (and with it this task's `InFlight`, which aborts it)
+    // goes when the controller drops it; an answer that comes anyway is not counted.
+    let Some(kept) = kept.upgrade() else { return };
     count(&ctx, &policy, &result, None);
     let mut state = kept.presence.lock().await;
     // Another term's state, or a read the policy stopped waiting for (its rendezvous changed): not ours
@@ -521,6 +527,10 @@ fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchErro
             m.presence_fetches.get_or_create(&with("error")).inc();
             m.presence_errors.get_or_create(&with(e.reason())).inc();
         }
+    }
+    // Leadership lost meanwhile: its series were dropped then, and must stay so.
+    if !ctx.leadership.may_write() {
+        m.forget_policy(&label);
     }
 }
 
