@@ -149,14 +149,13 @@ pub struct Rendezvous {
 fn base64_or_pem<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteString>, D::Error> {
     use base64::Engine;
     let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+    if text.trim_start().starts_with("-----BEGIN") {
+        return Ok(Some(ByteString(text.into_bytes())));
+    }
     // The API server's base64 (Go's) skips line breaks, so a wrapped `base64 ca.crt` is valid: as here.
     let compact: String = text.split_ascii_whitespace().collect();
     let decoded = base64::engine::general_purpose::STANDARD.decode(compact);
-    Ok(Some(ByteString(if text.trim_start().starts_with("-----BEGIN") {
-        text.into_bytes()
-    } else {
-        decoded.unwrap_or_else(|_| text.into_bytes())
-    })))
+    Ok(Some(ByteString(decoded.unwrap_or_else(|_| text.into_bytes()))))
 }
 
 /// A key of a Secret or a ConfigMap in the policy's namespace.

@@ -281,9 +281,8 @@ fn check(url: &str) -> ExitCode {
 }
 
 fn parse_http_url(s: &str) -> Result<String, String> {
-    let s = s.trim_end_matches('/');
-    match s.strip_prefix("http://").or_else(|| s.strip_prefix("https://")) {
-        Some(rest) if !rest.is_empty() && !rest.contains(char::is_whitespace) => Ok(s.to_owned()),
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(s.trim_end_matches('/').to_owned()),
         _ => Err(format!("{s:?} is not an http:// or https:// URL")),
     }
 }

@@ -58,6 +58,27 @@ pub struct PolicyLabel {
     pub policy: String,
 }
 
+impl PolicyLabel {
+    pub fn new(namespace: &str, policy: &str) -> Self {
+        Self { namespace: namespace.to_owned(), policy: policy.to_owned() }
+    }
+
+    pub fn of(policy: &crate::api::MeshPolicy) -> Self {
+        use kube::ResourceExt;
+        Self { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() }
+    }
+
+    /// This policy's series of `result`.
+    pub fn with(&self, result: &'static str) -> PolicyResultLabel {
+        PolicyResultLabel { namespace: self.namespace.clone(), policy: self.policy.clone(), result }
+    }
+
+    /// This policy's series of `condition` in `status`.
+    fn condition(&self, condition: &'static str, status: &'static str) -> ConditionLabel {
+        ConditionLabel { namespace: self.namespace.clone(), policy: self.policy.clone(), condition, status }
+    }
+}
+
 /// A policy's series with one more label, such as a fetch's result or a failure's kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyResultLabel {
@@ -84,7 +105,7 @@ struct BuildLabel {
 /// The condition types and statuses `policy_condition` has series for.
 pub const CONDITIONS: [&str; 4] = ["Ready", "RendezvousReachable", "Degraded", "Conflict"];
 pub const STATUSES: [&str; 3] = ["True", "False", "Unknown"];
-/// The results `presence_fetches` counts, and the kinds `presence_errors` does.
+/// The results `presence_fetches` counts (`presence_errors` counts `FetchError::REASONS`).
 const FETCH_RESULTS: [&str; 3] = ["ok", "not_modified", "error"];
 
 pub struct Metrics {
@@ -198,33 +219,33 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The gauges each policy has one series of.
+    fn policy_gauges(&self) -> [&Family<PolicyLabel, Gauge>; 6] {
+        [&self.selected, &self.eligible, &self.assigned, &self.links, &self.max_degree, &self.max_peers]
+    }
+
     /// Drops a deleted policy's series, so label sets do not pile up with policies that come and go.
     pub fn forget_policy(&self, label: &PolicyLabel) {
-        let gauges = [&self.selected, &self.eligible, &self.assigned, &self.links, &self.max_degree, &self.max_peers];
-        for family in gauges {
+        for family in self.policy_gauges() {
             family.remove(label);
         }
         self.presence_duration.remove(label);
         self.presence_bytes.remove(label);
-        let (namespace, policy) = (&label.namespace, &label.policy);
-        let with = |result| PolicyResultLabel { namespace: namespace.clone(), policy: policy.clone(), result };
         for result in FETCH_RESULTS {
-            self.presence_fetches.remove(&with(result));
+            self.presence_fetches.remove(&label.with(result));
         }
         for kind in crate::presence::FetchError::REASONS {
-            self.presence_errors.remove(&with(kind));
+            self.presence_errors.remove(&label.with(kind));
         }
         for (condition, status) in CONDITIONS.iter().flat_map(|c| STATUSES.iter().map(move |s| (*c, *s))) {
-            let label = ConditionLabel { namespace: namespace.clone(), policy: policy.clone(), condition, status };
-            self.condition.remove(&label);
+            self.condition.remove(&label.condition(condition, status));
         }
     }
 
     /// Drops every policy's series: a replica that no longer leads stops reconciling, and its last
     /// values would otherwise go on being scraped beside the new leader's.
     pub fn forget_policies(&self) {
-        let gauges = [&self.selected, &self.eligible, &self.assigned, &self.links, &self.max_degree, &self.max_peers];
-        for family in gauges {
+        for family in self.policy_gauges() {
             family.clear();
         }
         self.condition.clear();
@@ -237,13 +258,7 @@ impl Metrics {
     /// Sets a policy's condition series: 1 for `status`, 0 for the other two.
     pub fn set_condition(&self, label: &PolicyLabel, condition: &'static str, status: &str) {
         for s in STATUSES {
-            let key = ConditionLabel {
-                namespace: label.namespace.clone(),
-                policy: label.policy.clone(),
-                condition,
-                status: s,
-            };
-            self.condition.get_or_create(&key).set(i64::from(s == status));
+            self.condition.get_or_create(&label.condition(condition, s)).set(i64::from(s == status));
         }
     }
 
@@ -348,12 +363,11 @@ mod tests {
     #[test]
     fn a_policys_series_go_when_it_does_and_all_go_with_leadership() {
         let metrics = Metrics::default();
-        let label = |policy: &str| PolicyLabel { namespace: "ci".into(), policy: policy.into() };
+        let label = |policy: &str| PolicyLabel::new("ci", policy);
         for policy in ["a", "b"] {
             metrics.selected.get_or_create(&label(policy)).set(3);
             metrics.set_condition(&label(policy), "Ready", "Unknown");
-            let fetch = PolicyResultLabel { namespace: "ci".into(), policy: policy.into(), result: "Timeout" };
-            metrics.presence_errors.get_or_create(&fetch).inc();
+            metrics.presence_errors.get_or_create(&label(policy).with("Timeout")).inc();
         }
         let text = metrics.encode();
         assert!(text.contains(

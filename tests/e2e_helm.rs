@@ -285,15 +285,14 @@ fn exported_metric_names() -> std::collections::BTreeSet<String> {
 fn populated() -> mesh_operator::telemetry::Metrics {
     use mesh_operator::telemetry::*;
     let m = Metrics::default();
-    let policy = PolicyLabel { namespace: "ci".into(), policy: "p".into() };
-    let with = |result| PolicyResultLabel { namespace: "ci".into(), policy: "p".into(), result };
+    let policy = PolicyLabel::new("ci", "p");
     m.reconciles.get_or_create(&ResultLabel { result: "ok".into() }).inc();
     m.pod_patches.get_or_create(&ResultLabel { result: "ok".into() }).inc();
     m.step_duration.get_or_create(&StepLabel { step: "decide" }).observe(0.1);
     m.reconcile_errors.get_or_create(&KindLabel { kind: "status".into() }).inc();
     m.watch_errors.get_or_create(&WatchLabel { watch: "pods", kind: "expired" }).inc();
-    m.presence_fetches.get_or_create(&with("ok")).inc();
-    m.presence_errors.get_or_create(&with("Timeout")).inc();
+    m.presence_fetches.get_or_create(&policy.with("ok")).inc();
+    m.presence_errors.get_or_create(&policy.with("Timeout")).inc();
     m.presence_duration.get_or_create(&policy).observe(0.1);
     m.presence_bytes.get_or_create(&policy).inc();
     for gauge in [&m.selected, &m.eligible, &m.assigned, &m.links, &m.max_degree, &m.max_peers] {

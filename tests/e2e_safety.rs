@@ -53,7 +53,7 @@ async fn carried_by(client: &Client, ns: &str, pod: &str) -> Option<Assignment> 
 /// empty one is).
 fn presence_reads(op: &Operator, ns: &str) -> u64 {
     let read = |result| {
-        let label = mesh_operator::telemetry::PolicyResultLabel { namespace: ns.into(), policy: "mesh".into(), result };
+        let label = mesh_operator::telemetry::PolicyLabel::new(ns, "mesh").with(result);
         op.metrics.presence_fetches.get_or_create(&label).get()
     };
     read("ok") + read("not_modified")

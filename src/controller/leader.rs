@@ -276,7 +276,7 @@ mod tests {
         l.observe(Some(&lease("me", 1.0)), "me", now, &metrics);
         assert!(l.may_write());
         assert_eq!(l.term(), 1);
-        let policy = crate::telemetry::PolicyLabel { namespace: "ci".into(), policy: "mesh".into() };
+        let policy = crate::telemetry::PolicyLabel::new("ci", "mesh");
         metrics.selected.get_or_create(&policy).set(3);
         // No renewal seen since (the API is unreachable): the fence runs out on its own.
         l.observe(Some(&lease("me", 1.0)), "me", now + FENCE, &metrics);

@@ -142,10 +142,7 @@ impl Context {
     /// Drops what the controller keeps about a deleted policy.
     pub fn forget(&self, policy: &MeshPolicy) {
         self.policy_states.lock().expect("policy state map lock").remove(&policy.uid().unwrap_or_default());
-        let label = crate::telemetry::PolicyLabel {
-            namespace: policy.namespace().unwrap_or_default(),
-            policy: policy.name_any(),
-        };
+        let label = crate::telemetry::PolicyLabel::of(policy);
         self.metrics.forget_policy(&label);
         self.references.retain(&self.policies.state());
     }

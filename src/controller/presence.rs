@@ -506,26 +506,21 @@ fn count(ctx: &Context, policy: &ValidPolicy, result: &Result<Fetched, FetchErro
         return;
     }
     let m = &ctx.metrics;
-    let label = telemetry::PolicyLabel { namespace: policy.namespace.clone(), policy: policy.name.clone() };
-    let with = |result| telemetry::PolicyResultLabel {
-        namespace: policy.namespace.clone(),
-        policy: policy.name.clone(),
-        result,
-    };
+    let label = telemetry::PolicyLabel::new(&policy.namespace, &policy.name);
     if let Some(took) = took {
         m.presence_duration.get_or_create(&label).observe(took.as_secs_f64());
     }
     match result {
         Ok(Fetched::New { bytes, .. }) => {
             m.presence_bytes.get_or_create(&label).inc_by(*bytes as u64);
-            m.presence_fetches.get_or_create(&with("ok")).inc();
+            m.presence_fetches.get_or_create(&label.with("ok")).inc();
         }
         Ok(Fetched::NotModified { .. }) => {
-            m.presence_fetches.get_or_create(&with("not_modified")).inc();
+            m.presence_fetches.get_or_create(&label.with("not_modified")).inc();
         }
         Err(e) => {
-            m.presence_fetches.get_or_create(&with("error")).inc();
-            m.presence_errors.get_or_create(&with(e.reason())).inc();
+            m.presence_fetches.get_or_create(&label.with("error")).inc();
+            m.presence_errors.get_or_create(&label.with(e.reason())).inc();
         }
     }
     // Leadership lost meanwhile: its series were dropped then, and must stay so.

@@ -26,7 +26,7 @@ pub struct Reconciled<'a> {
 }
 
 pub async fn report(ctx: &Context, policy: &MeshPolicy, r: Reconciled<'_>) -> Result<(), Error> {
-    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    let label = telemetry::PolicyLabel::of(policy);
     let prev = policy.status.clone().unwrap_or_default();
     let new = status::counts(&prev, r.observed, r.decision, r.outcome, &Time(Timestamp::now()));
     set_gauges(ctx, &label, &new, policy.spec.max_peers, r.decision.plan.is_some());
@@ -152,7 +152,7 @@ async fn warn_on_transitions(ctx: &Context, policy: &MeshPolicy, prev: &MeshPoli
 /// A spec the controller refuses: `Ready=False` naming the field, and a Warning Event.
 pub async fn invalid(ctx: &Context, policy: &MeshPolicy, message: String) -> Result<(), Error> {
     // Nothing of the last valid spec's series holds now: only the Ready condition is known.
-    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    let label = telemetry::PolicyLabel::of(policy);
     ctx.metrics.forget_policy(&label);
     publish(ctx, policy, EventType::Warning, "InvalidPolicy", &message).await;
     let verdicts = [status::Verdict::new(status::READY, false, "InvalidPolicy", message)];
@@ -169,7 +169,7 @@ async fn write_status(
     new.observed_generation = policy.metadata.generation;
     new.conditions =
         status::conditions(verdicts, &prev.conditions, policy.metadata.generation, &Time(Timestamp::now()));
-    let label = telemetry::PolicyLabel { namespace: policy.namespace().unwrap_or_default(), policy: policy.name_any() };
+    let label = telemetry::PolicyLabel::of(policy);
     for v in verdicts {
         ctx.metrics.set_condition(&label, v.type_, v.status.as_str());
     }

@@ -372,6 +372,8 @@ mod tests {
             assert_eq!(reason(&f, type_), (unknown, why.into()), "{type_}");
         }
         assert_eq!(reason(&f, CONFLICT), (no, "NoConflict".into()));
+        // The metrics forget a deleted policy's condition series by these names.
+        assert!(f.verdicts().iter().all(|v| crate::telemetry::CONDITIONS.contains(&v.type_)));
     }
 
     #[test]
