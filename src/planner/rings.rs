@@ -13,7 +13,8 @@
 //!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
 //! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
 //!    cross-domain edge x–y (x outside u's domain): u–x is cross-domain, and no member loses its last
-//!    cross-domain link, so one pass fixes everyone fixable. First, though, the previous plan's switches
+//!    cross-domain link (v may end without one only if it had none, and then goes next), so one pass fixes
+//!    everyone fixable. First, though, the previous plan's switches
 //!    are made again where a join or leave did not touch them (even for a member that no longer needs one,
 //!    see `keep_switches`), so a join or leave adds or removes only the switches it touches; replanning a
 //!    plan makes every switch it has again, and nothing else: it reproduces the plan.
@@ -552,31 +553,43 @@ impl Builder {
     /// plan (whose switches [`Self::keep_switches`] already made again), and does not run when the graph is
     /// that plan already: replanning a plan must reproduce it exactly, or every poll would rewire the mesh.
     fn spread_domains(&mut self, backbone: &[u32]) {
-        for &u in backbone {
-            let du = self.dom[u as usize];
-            if self.g.degree(u) == 0 || self.has_cross_link(u) {
-                continue;
-            }
-            let Some(v) = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v)) else {
-                continue;
-            };
-            let found = self.walk_from(u).find_map(|x| {
-                if self.dom[x as usize] == du || self.g.has_edge(u, x) {
-                    return None;
-                }
-                let y = self.g.neighbors(x).iter().copied().find(|&y| {
-                    y != v
-                        && !self.g.has_edge(v, y)
-                        && self.removable(x, y)
-                        && self.cross_after(v, u, y)
-                        && self.cross_after(y, x, v)
-                })?;
-                Some((x, y))
-            });
-            if let Some(xy) = found {
+        for &first in backbone {
+            // A switch may leave v without a cross-domain link only when v had none: u gains one and
+            // nobody loses one, so each step fixes a member and the chain ends. v goes next, at once,
+            // because the backbone walk may already have passed it.
+            let mut next = Some(first);
+            while let Some(u) = next.take() {
+                let Some((v, xy)) = self.cross_switch(u) else {
+                    break;
+                };
                 self.switch((u, v), xy, true);
+                next = (!self.has_cross_link(v)).then_some(v);
             }
         }
+    }
+
+    /// For a member `u` with no cross-domain link: its removable link u–v and a link x–y to trade it for.
+    fn cross_switch(&self, u: u32) -> Option<(u32, (u32, u32))> {
+        let du = self.dom[u as usize];
+        if self.g.degree(u) == 0 || self.has_cross_link(u) {
+            return None;
+        }
+        let v = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v))?;
+        let v_needy = !self.has_cross_link(v);
+        let found = self.walk_from(u).find_map(|x| {
+            if self.dom[x as usize] == du || self.g.has_edge(u, x) {
+                return None;
+            }
+            let y = self.g.neighbors(x).iter().copied().find(|&y| {
+                y != v
+                    && !self.g.has_edge(v, y)
+                    && self.removable(x, y)
+                    && (v_needy || self.cross_after(v, u, y))
+                    && self.cross_after(y, x, v)
+            })?;
+            Some((x, y))
+        });
+        found.map(|xy| (v, xy))
     }
 
     /// Reverses directed paths from over-dialing to under-dialing members until each dials ⌊d/2⌋ or ⌈d/2⌉.
