@@ -1,7 +1,7 @@
 //! Property tests of the planner: one per row of the table in docs/design.md §4.
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use mesh_operator::planner::{self, Dials, Member, Plan, analysis};
+use mesh_operator::planner::{self, Dials, Member, Plan, Unusable, analysis};
 use proptest::prelude::*;
 
 fn members(n: usize, zones: usize, salt: u64) -> Vec<Member> {
@@ -220,6 +220,61 @@ proptest! {
             }).collect();
             check_structure(&planner::plan(&after, k, "uid", &both).unwrap(), k as usize)?;
         }
+    }
+
+    /// Links the agents report unusable (a few of the plan's own) leave the plan, each traded for links
+    /// nearby at a bounded churn; every other rule holds, a replan keeps the trades, and once the pairs are
+    /// usable again they may come back at the same bound.
+    #[test]
+    fn planning_around_unusable_pairs_keeps_every_rule(
+        n in 4usize..700, k in 2u32..=8, zones in 0usize..4, salt: u64, picks in prop::collection::vec(any::<prop::sample::Index>(), 1..4),
+    ) {
+        let m = members(n, zones, salt);
+        let before = plan(&m, k, "uid");
+        let edges: Vec<(u32, u32)> = before.graph().edges().collect();
+        let id = |i: u32| m[i as usize].node_id.clone();
+        let unusable: Unusable = picks.iter().map(|p| edges[p.index(edges.len())]).map(|(a, b)| {
+            let (a, b) = (id(a), id(b));
+            if a < b { (a, b) } else { (b, a) }
+        }).collect();
+        let p = planner::plan_around(&m, k, "uid", &before.dials(), &unusable).unwrap();
+        let adj = adjacency(&p);
+        let index: BTreeMap<&str, u32> = m.iter().enumerate().map(|(i, x)| (x.node_id.as_str(), i as u32)).collect();
+        for (a, b) in &unusable {
+            prop_assert!(!adj[index[a.as_str()] as usize].contains(&index[b.as_str()]), "{a} – {b} is still planned");
+        }
+        let short = (0..n).filter(|&i| p.links(i) < before.links(i)).count();
+        prop_assert!(short <= 2 * unusable.len(), "{short} agents lost a link to {} unusable pairs", unusable.len());
+        for i in 0..n {
+            let (d, out) = (p.links(i), p.graph().out_degree(i as u32));
+            prop_assert!(d <= k as usize && (out == d / 2 || out == d.div_ceil(2)), "agent {i}: {out} dials of {d}");
+        }
+        // One unusable pair leaves at least a Hamiltonian path of the backbone; two on it can cut it.
+        if unusable.len() == 1 {
+            prop_assert!(connected_without(&adj, &vec![false; n]), "disconnected");
+        }
+        // The ends of an unusable pair may have lost their only way across. With k = 3 every member's one
+        // matching link must cross, and two unusable pairs can leave a member near them without one.
+        let ends: BTreeSet<&str> = unusable.iter().flat_map(|(a, b)| [a.as_str(), b.as_str()]).collect();
+        for (i, nbrs) in adj.iter().enumerate().filter(|(_, nbrs)| zones >= 2 && (k >= 4 || (k == 3 && unusable.len() == 1)) && !nbrs.is_empty()) {
+            let own = &m[i].domain;
+            if ends.contains(m[i].node_id.as_str()) {
+                continue;
+            }
+            prop_assert!(nbrs.iter().any(|&v| &m[v as usize].domain != own), "agent {i} links only inside {own:?}");
+        }
+        // The bound of a join or leave per pair: a trade can cascade through neighbouring switches too.
+        let bound = unusable.len() * (8 * k as usize + 8);
+        let c = analysis::churn(&before.dials(), &p.dials());
+        prop_assert!(c.links_changed <= bound, "{} links changed for {} pairs", c.links_changed, unusable.len());
+        let again = planner::plan_around(&m, k, "uid", &p.dials(), &unusable).unwrap().dials();
+        prop_assert_eq!(analysis::churn(&p.dials(), &again).links_changed, 0, "replanned");
+        let mut shuffled = m.clone();
+        shuffled.reverse();
+        prop_assert_eq!(planner::plan_around(&shuffled, k, "uid", &before.dials(), &unusable).unwrap().dials(), p.dials());
+        let healed = planner::plan(&m, k, "uid", &p.dials()).unwrap();
+        check_structure(&healed, k as usize)?;
+        prop_assert!(analysis::churn(&p.dials(), &healed.dials()).links_changed <= bound, "healing churned");
     }
 
     /// Small fleets take the circulant or the complete graph, where the domain rule is kept by the same

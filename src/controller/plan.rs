@@ -151,7 +151,7 @@ pub fn targets(
         && fresh.agents.iter().zip(&old.agents).all(|(f, o)| same(&f.carried, &o.carried));
     let g = match old_graph.filter(|_| unchanged) {
         Some(g) => g,
-        None => planner::graph(&agents, cap, seed, previous)?,
+        None => planner::graph(&agents, cap, seed, previous, Vec::new())?,
     };
     let mut out = PlanOutcome {
         targets: Targets::new(),

@@ -4,7 +4,7 @@
 //! * [`baseline`]: the seed agents' own choice, "dial the first k alive peers in list order", kept so every
 //!   comparison can be printed side by side.
 //! * [`analysis`]: degree, components, diameter, failure and churn measurements over either.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use foldhash::HashMapExt;
 
@@ -32,6 +32,10 @@ pub struct Member {
 /// Node id → the node ids it dials, sorted. The published form of a plan, and what a replanning takes as
 /// the previous plan so that surviving edges keep their dialer.
 pub type Dials = BTreeMap<String, Vec<String>>;
+
+/// Pairs of node ids the plan must not link (the agents found they cannot open the link), each with the
+/// smaller id first.
+pub type Unusable = BTreeSet<(String, String)>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
@@ -148,19 +152,40 @@ pub struct Indexed {
 /// ⌊deg/2⌋ or ⌈deg/2⌉; with ≥ 2 domains no agent's links all stay in its domain (cap ≥ 3); losing one whole
 /// domain disconnects no survivor (cap ≥ 2); the output depends only on the inputs, not their order.
 pub fn plan<P: Previous + ?Sized>(members: &[Member], cap: u32, seed: &str, previous: &P) -> Result<Plan, PlanError> {
+    plan_around(members, cap, seed, previous, &Unusable::new())
+}
+
+/// [`plan`] without the `unusable` pairs. Each is traded like a link two rings share: its ends get a
+/// link each to the ends of a link nearby, so they keep their degree where such a trade exists. The
+/// invariants hold but for the ends of an unusable pair left one short, and connectivity with cap 2 (one
+/// ring, nothing to trade with) or with unusable links that cut every ring.
+pub fn plan_around<P: Previous + ?Sized>(
+    members: &[Member],
+    cap: u32,
+    seed: &str,
+    previous: &P,
+    unusable: &Unusable,
+) -> Result<Plan, PlanError> {
     let mut seen = foldhash::HashMap::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
         seen.insert(m.node_id.as_str(), i as u32);
     }
     let links = previous.links().filter_map(|(a, b)| Some((*seen.get(a)?, *seen.get(b)?))).collect();
     let known = members.iter().map(|m| previous.knew(&m.node_id)).collect();
-    let graph = graph(members, cap, seed, Indexed { links, known })?;
+    let pairs = unusable.iter().filter_map(|(a, b)| Some((*seen.get(a.as_str())?, *seen.get(b.as_str())?)));
+    let graph = graph(members, cap, seed, Indexed { links, known }, pairs.collect())?;
     Ok(Plan { members: members.to_vec(), graph })
 }
 
-/// [`plan`]'s graph over member indices, for a caller that has the previous plan in those indices. Links
-/// naming no member are ignored, and members `known` does not cover are new.
-pub fn graph<M: Node>(members: &[M], cap: u32, seed: &str, mut previous: Indexed) -> Result<Graph, PlanError> {
+/// [`plan_around`]'s graph over member indices, for a caller that has the previous plan and the unusable
+/// pairs in those indices. Links naming no member are ignored, and members `known` does not cover are new.
+pub fn graph<M: Node>(
+    members: &[M],
+    cap: u32,
+    seed: &str,
+    mut previous: Indexed,
+    mut unusable: Vec<(u32, u32)>,
+) -> Result<Graph, PlanError> {
     if cap > MAX_CAP {
         return Err(PlanError::CapOutOfRange(cap));
     }
@@ -173,7 +198,13 @@ pub fn graph<M: Node>(members: &[M], cap: u32, seed: &str, mut previous: Indexed
     // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
     // their ends' ranks.
     previous.links.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
-    Ok(rings::build(members, hash, cap as usize, &previous))
+    for pair in &mut unusable {
+        *pair = (pair.0.min(pair.1), pair.0.max(pair.1));
+    }
+    unusable.retain(|&(a, b)| a != b && b < n);
+    unusable.sort_unstable();
+    unusable.dedup();
+    Ok(rings::build(members, hash, cap as usize, &previous, unusable))
 }
 
 /// Each member's position in the order of its keyed hash (`hash`), then node id; `None` when a node id is

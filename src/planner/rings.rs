@@ -10,7 +10,9 @@
 //!    the rest along the auxiliary order; with N odd, one member stays at k−1.
 //! 3. **Repair.** An edge two rings share (or a matching pair already linked) leaves both ends one short.
 //!    A *switch* restores them: remove an edge x–y found near u in the auxiliary order, add u–x and v–y.
-//!    Degrees of x and y are unchanged, so every degree ends exactly at its target.
+//!    Degrees of x and y are unchanged, so every degree ends exactly at its target. A pair the agents
+//!    reported unusable is never linked: wherever a ring or the matching would link it, its ends owe a
+//!    link each, paid the same way; no switch adds one either.
 //! 4. **Domains.** A member whose links all stay inside its domain trades one such link u–v against a
 //!    cross-domain edge x–y (x outside u's domain): u–x is cross-domain, and no member loses its last
 //!    cross-domain link (v may end without one only if it had none, and then goes next), so one pass fixes
@@ -35,8 +37,15 @@ const NO_MATE: u32 = u32::MAX;
 /// Ring index of the auxiliary order used by the odd-k matching and by repair searches.
 const AUX: u64 = 0xA0A0;
 
-/// The graph over `members`, whose keyed hashes ([`hashes`]) are `hash`.
-pub fn build<M: Node>(members: &[M], hash: Vec<u64>, k: usize, previous: &Previous) -> Graph {
+/// The graph over `members`, whose keyed hashes ([`hashes`]) are `hash`, without the pairs in `unusable`
+/// (each `(a, b)` with `a < b`, sorted).
+pub fn build<M: Node>(
+    members: &[M],
+    hash: Vec<u64>,
+    k: usize,
+    previous: &Previous,
+    unusable: Vec<(u32, u32)>,
+) -> Graph {
     let n = members.len();
     let g = Graph::new(n, k);
     if k == 0 || n < 2 {
@@ -59,12 +68,14 @@ pub fn build<M: Node>(members: &[M], hash: Vec<u64>, k: usize, previous: &Previo
         deficits: Vec::new(),
         rings: Vec::new(),
         mate: Vec::new(),
+        unusable,
     };
 
     if n <= k + 1 {
         b.complete(&backbone);
     } else if n < DENSE_LIMIT * k {
         b.circulant(&backbone);
+        b.repair_deficits();
     } else {
         if k >= 2 {
             b.ring(&backbone);
@@ -177,6 +188,8 @@ struct Builder {
     mate: Vec<u32>,
     /// Each ring's order and every member's position in it.
     rings: Vec<(Vec<u32>, Vec<u32>)>,
+    /// Pairs never linked, `(a, b)` with `a < b`, sorted.
+    unusable: Vec<(u32, u32)>,
 }
 
 impl Builder {
@@ -185,11 +198,12 @@ impl Builder {
         // Round-robin tournament: each member dials the next ⌊(n−1)/2⌋; for even n the opposite pair is
         // dialed by its first half.
         for i in 0..n {
+            // An unusable pair has no other member to trade with: both ends stay one link short.
             for j in 1..=(n - 1) / 2 {
-                self.g.add_edge(order[i], order[(i + j) % n], true);
+                self.link(order[i], order[(i + j) % n]);
             }
             if n.is_multiple_of(2) && i < n / 2 {
-                self.g.add_edge(order[i], order[i + n / 2], true);
+                self.link(order[i], order[i + n / 2]);
             }
         }
     }
@@ -198,7 +212,7 @@ impl Builder {
         let n = order.len();
         for j in 1..=self.k / 2 {
             for i in 0..n {
-                self.g.add_edge(order[i], order[(i + j) % n], true);
+                self.link_or_owe(order[i], order[(i + j) % n]);
             }
         }
         if self.k % 2 == 1 {
@@ -206,7 +220,7 @@ impl Builder {
             // For odd n the last member stays unpaired.
             let half = n / 2;
             for i in 0..half {
-                self.g.add_edge(order[i], order[i + half], true);
+                self.link_or_owe(order[i], order[i + half]);
             }
         }
     }
@@ -215,12 +229,7 @@ impl Builder {
         let n = order.len();
         self.rings.push((order.to_vec(), positions(order)));
         for i in 0..n {
-            let (u, v) = (order[i], order[(i + 1) % n]);
-            if self.g.has_edge(u, v) {
-                self.deficits.push((u, v));
-            } else {
-                self.g.add_edge(u, v, true);
-            }
+            self.link_or_owe(order[i], order[(i + 1) % n]);
         }
     }
 
@@ -254,7 +263,8 @@ impl Builder {
         kept.dedup();
         self.mate = vec![NO_MATE; n];
         for (a, b) in kept {
-            if self.mate[a as usize] == NO_MATE && self.mate[b as usize] == NO_MATE && !self.g.has_edge(a, b) {
+            let free = self.mate[a as usize] == NO_MATE && self.mate[b as usize] == NO_MATE;
+            if free && !self.g.has_edge(a, b) && self.usable(a, b) {
                 self.pair(a, b);
             }
         }
@@ -299,16 +309,14 @@ impl Builder {
             let j = candidates
                 .by_ref()
                 .take(WINDOW)
-                .find(|&j| self.dom[open[j] as usize] != self.dom[u as usize] && !self.g.has_edge(u, open[j]))
+                .find(|&j| {
+                    let v = open[j];
+                    self.dom[v as usize] != self.dom[u as usize] && !self.g.has_edge(u, v) && self.usable(u, v)
+                })
                 .unwrap_or(first);
             paired[i] = true;
             paired[j] = true;
-            let v = open[j];
-            if self.g.has_edge(u, v) {
-                self.deficits.push((u, v));
-            } else {
-                self.pair(u, v);
-            }
+            self.pair(u, open[j]);
         }
     }
 
@@ -328,7 +336,11 @@ impl Builder {
             let (_, std::cmp::Reverse(a)) = heap.pop().expect("two domains");
             let (_, std::cmp::Reverse(b)) = heap.pop().expect("two domains");
             let (u, v) = (needy.get_mut(&a).and_then(|q| q.pop_front()), needy.get_mut(&b).and_then(|q| q.pop_front()));
-            self.pair(u.expect("non-empty bucket"), v.expect("non-empty bucket"));
+            let (u, v) = (u.expect("non-empty bucket"), v.expect("non-empty bucket"));
+            // An unusable pair stays open: the pairing along the auxiliary order finds each a partner.
+            if self.usable(u, v) {
+                self.pair(u, v);
+            }
             for d in [a, b] {
                 let left = needy[&d].len();
                 if left > 0 {
@@ -346,7 +358,9 @@ impl Builder {
             .collect::<Vec<_>>();
         let stranded = needy.remove(&d).unwrap_or_default();
         for (u, v) in stranded.into_iter().zip(helpers) {
-            self.pair(u, v);
+            if self.usable(u, v) {
+                self.pair(u, v);
+            }
         }
     }
 
@@ -358,8 +372,8 @@ impl Builder {
             let y = self.mate[x as usize];
             let keeps_cross =
                 |y: u32| self.g.neighbors(y).iter().any(|&z| z != x && self.dom[z as usize] != self.dom[y as usize]);
-            (self.dom[x as usize] != du && y != NO_MATE && y != u && !self.g.has_edge(u, x) && keeps_cross(y))
-                .then_some((x, y))
+            let free = !self.g.has_edge(u, x) && self.usable(u, x);
+            (self.dom[x as usize] != du && y != NO_MATE && y != u && free && keeps_cross(y)).then_some((x, y))
         })?;
         self.g.remove_edge(x, y);
         (self.mate[x as usize], self.mate[y as usize]) = (NO_MATE, NO_MATE);
@@ -367,10 +381,36 @@ impl Builder {
         Some(y)
     }
 
-    /// Links `u` and `v` as matching partners, dialed by the one earlier in the auxiliary order.
+    /// Makes `u` and `v` matching partners, linked and dialed by the one earlier in the auxiliary order.
+    /// A pair already linked, or unusable, owes a link each instead: the repair that pays it gives each
+    /// its partner (see [`Self::repair_deficits`]).
     fn pair(&mut self, u: u32, v: u32) {
-        (self.mate[u as usize], self.mate[v as usize]) = (v, u);
-        self.g.add_edge(u, v, self.pos_aux[u as usize] < self.pos_aux[v as usize]);
+        if self.g.has_edge(u, v) || !self.usable(u, v) {
+            self.deficits.push((u, v));
+        } else {
+            (self.mate[u as usize], self.mate[v as usize]) = (v, u);
+            self.g.add_edge(u, v, self.pos_aux[u as usize] < self.pos_aux[v as usize]);
+        }
+    }
+
+    /// Links `u` and `v` unless the pair is unusable.
+    fn link(&mut self, u: u32, v: u32) {
+        if self.usable(u, v) {
+            self.g.add_edge(u, v, true);
+        }
+    }
+
+    /// Links `u` and `v`, or, when they are linked already or unusable, leaves both owing a link.
+    fn link_or_owe(&mut self, u: u32, v: u32) {
+        if self.g.has_edge(u, v) || !self.usable(u, v) {
+            self.deficits.push((u, v));
+        } else {
+            self.g.add_edge(u, v, true);
+        }
+    }
+
+    fn usable(&self, u: u32, v: u32) -> bool {
+        self.unusable.binary_search(&(u.min(v), u.max(v))).is_err()
     }
 
     /// Whether `w` has a cross-domain link (or needs none) after trading its link to `lost` for one to `gained`.
@@ -446,13 +486,14 @@ impl Builder {
                 }
                 let found = had[u as usize].iter().copied().find_map(|x| {
                     budget = budget.saturating_sub(self.k);
-                    if x == v || self.g.has_edge(u, x) {
+                    if x == v || self.g.has_edge(u, x) || !self.usable(u, x) {
                         return None;
                     }
                     let y = self.g.neighbors(x).iter().copied().find(|&y| {
                         y != u
                             && y != v
                             && had_edge(v, y)
+                            && self.usable(v, y)
                             && !had_edge(x, y)
                             && !self.g.has_edge(v, y)
                             && self.removable(x, y)
@@ -486,7 +527,7 @@ impl Builder {
         let mut lost: Vec<(u32, u32)> = self.g.edges().filter(|&e| !had_edge(e) && self.removable(e.0, e.1)).collect();
         let mut gained: Vec<(u32, u32)> = (0..self.n as u32)
             .flat_map(|a| had[a as usize].iter().map(move |&b| (a, b)))
-            .filter(|&(a, b)| a < b && !self.g.has_edge(a, b))
+            .filter(|&(a, b)| a < b && !self.g.has_edge(a, b) && self.usable(a, b))
             .collect();
         lost.sort_unstable_by_key(|&e| key(e));
         gained.sort_unstable_by_key(|&e| key(e));
@@ -532,14 +573,14 @@ impl Builder {
     fn repair_deficits(&mut self) {
         for (u, v) in std::mem::take(&mut self.deficits) {
             let found = self.walk_from(u).find_map(|x| {
-                if x == u || x == v || self.g.has_edge(u, x) {
+                if x == u || x == v || self.g.has_edge(u, x) || !self.usable(u, x) {
                     return None;
                 }
                 self.g
                     .neighbors(x)
                     .iter()
                     .copied()
-                    .find(|&y| y != u && y != v && !self.g.has_edge(v, y) && self.removable(x, y))
+                    .find(|&y| y != u && y != v && !self.g.has_edge(v, y) && self.usable(v, y) && self.removable(x, y))
                     .map(|y| (x, y))
             });
             if let Some(xy) = found {
@@ -577,12 +618,13 @@ impl Builder {
         let v = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v))?;
         let v_needy = !self.has_cross_link(v);
         let found = self.walk_from(u).find_map(|x| {
-            if self.dom[x as usize] == du || self.g.has_edge(u, x) {
+            if self.dom[x as usize] == du || self.g.has_edge(u, x) || !self.usable(u, x) {
                 return None;
             }
             let y = self.g.neighbors(x).iter().copied().find(|&y| {
                 y != v
                     && !self.g.has_edge(v, y)
+                    && self.usable(v, y)
                     && self.removable(x, y)
                     && (v_needy || self.cross_after(v, u, y))
                     && self.cross_after(y, x, v)
