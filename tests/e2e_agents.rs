@@ -243,6 +243,7 @@ async fn steered_presence_gets_neither_the_token_nor_a_link() {
             zone: None,
             alive: true,
             frozen_at_ms: None,
+            unreachable: vec![],
         };
         steering.state.lock().unwrap().agents.insert(a.node_id.clone(), entry);
     }

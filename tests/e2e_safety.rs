@@ -120,6 +120,7 @@ async fn an_empty_node_id_is_an_exclusion_not_a_crash() {
         zone: None,
         alive: true,
         frozen_at_ms: None,
+        unreachable: vec![],
     };
     rv.state.lock().unwrap().agents.insert(String::new(), entry);
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;

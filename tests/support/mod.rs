@@ -324,6 +324,7 @@ impl Rendezvous {
             zone: None,
             alive: true,
             frozen_at_ms: None,
+            unreachable: vec![],
         };
         let mut st = self.state.lock().unwrap();
         st.agents.insert(node_id.into(), agent);

@@ -7,7 +7,9 @@
 //! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
 //! over [`transport`], [`tls`] and [`handshake`] (WebSocket links inside mutual TLS, each end its node key)
 //! → [`screen`] (what a peer may send) → [`nesting`] and [`held`] (how deep types nest, and updates
-//! that wait for what they build on) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel; [`presence`] the seed baseline's peer choice.
+//! that wait for what they build on) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel,
+//! which also carries [`health`] (planned peers this agent cannot reach); [`presence`] the seed baseline's
+//! peer choice.
 pub mod assignment;
 pub mod downward;
 
@@ -15,6 +17,8 @@ pub mod downward;
 pub mod doc;
 #[cfg(feature = "runtime")]
 pub mod handshake;
+#[cfg(feature = "runtime")]
+pub mod health;
 #[cfg(feature = "runtime")]
 pub mod held;
 #[cfg(feature = "runtime")]
@@ -49,6 +53,7 @@ pub use runtime::*;
 
 #[cfg(feature = "runtime")]
 mod runtime {
+    use std::net::IpAddr;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -82,6 +87,10 @@ mod runtime {
         pub heartbeat: Duration,
         /// The link protocols spoken: 2 alone, but for an upgrade from agents before TLS.
         pub protocols: Protocols,
+        /// The local address links are dialed from (the system's choice when `None`).
+        pub dial_from: Option<IpAddr>,
+        /// A planned peer every dial to which has failed for this long is reported unreachable.
+        pub unreachable_after: Duration,
     }
 
     /// A server reached by URL whose node key is known in advance.
@@ -104,6 +113,8 @@ mod runtime {
                 backoff: Backoff { base: Duration::from_millis(200), max: Duration::from_secs(5) },
                 heartbeat: Duration::from_secs(5),
                 protocols: Protocols::V2,
+                dial_from: None,
+                unreachable_after: Duration::from_secs(30),
             }
         }
     }
@@ -124,10 +135,13 @@ mod runtime {
         let metrics = Metrics::default();
         let doc = Doc::spawn(metrics.doc.clone());
         let config = Arc::new(config);
+        let (mesh_doc, mesh_metrics) = (doc.clone(), metrics.clone());
+        let status =
+            Mesh::spawn(identity.clone(), creds.clone(), mesh_doc, mesh_metrics, config.clone(), listener, selection);
         if let Some(hub) = config.rendezvous.clone() {
-            tokio::spawn(crate::rendezvous::run(creds.clone(), doc.clone(), metrics.clone(), config.clone(), hub));
+            let reports = crate::rendezvous::reports(status.clone());
+            tokio::spawn(crate::rendezvous::run(creds, doc.clone(), metrics.clone(), config, hub, reports));
         }
-        let status = Mesh::spawn(identity.clone(), creds, doc.clone(), metrics.clone(), config, listener, selection);
         Agent { identity, doc, metrics, status }
     }
 }

@@ -57,6 +57,8 @@ pub struct Status {
     pub assignment_error: Option<String>,
     /// The cap held now: the agent's own, or its assignment's when lower.
     pub cap: usize,
+    /// Planned peers every dial to which has failed for longer than `unreachable_after`, sorted.
+    pub unreachable: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -105,6 +107,8 @@ pub(crate) struct Mesh {
     table: Table,
     open: HashMap<(String, Direction), Open>,
     attempts: HashMap<String, (u32, Instant)>,
+    /// Planned peers whose dials all failed since this time (a refusal counts as reached).
+    failing: HashMap<String, Instant>,
     events: mpsc::Sender<Event>,
     status: watch::Sender<Status>,
 }
@@ -146,6 +150,7 @@ impl Mesh {
             table,
             open: HashMap::new(),
             attempts: HashMap::new(),
+            failing: HashMap::new(),
             events,
             status,
         };
@@ -218,6 +223,7 @@ impl Mesh {
         }
         let table = &self.table;
         self.attempts.retain(|id, _| table.dials_to(id));
+        self.failing.retain(|id, _| table.dials_to(id));
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -254,6 +260,11 @@ impl Mesh {
     fn dialed(&mut self, id: String, result: Result<(Wire, u8), HandshakeError>) {
         let link = next_link();
         let events = self.events.clone();
+        match &result {
+            Ok(_) | Err(HandshakeError::Refused(..)) => drop(self.failing.remove(&id)),
+            Err(_) if self.table.dials_to(&id) => drop(self.failing.entry(id.clone()).or_insert_with(Instant::now)),
+            Err(_) => {}
+        }
         match (self.table.dial_finished(&id, result.is_ok()), result) {
             (Finished::Keep, Ok((wire, protocol))) => {
                 self.metrics.links_dialed.inc();
@@ -287,9 +298,20 @@ impl Mesh {
         entry.0 += 1;
     }
 
-    /// When the earliest backoff of a wanted, unlinked peer ends.
+    /// When the earliest backoff of a wanted, unlinked peer ends, or a failing peer turns unreachable.
     fn next_due(&self) -> Option<Instant> {
-        self.attempts.values().map(|(_, at)| *at).filter(|at| *at > Instant::now()).min()
+        let after = self.config.unreachable_after;
+        let backoffs = self.attempts.values().map(|(_, at)| *at);
+        backoffs.chain(self.failing.values().map(|since| *since + after)).filter(|at| *at > Instant::now()).min()
+    }
+
+    fn unreachable(&self) -> Vec<String> {
+        let now = Instant::now();
+        let after = self.config.unreachable_after;
+        let mut ids: Vec<String> =
+            self.failing.iter().filter(|(_, since)| **since + after <= now).map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids
     }
 
     /// Starts every dial the table wants now (the seed dials only on its scans).
@@ -303,6 +325,7 @@ impl Mesh {
                 proof_of: self.config.join_token.clone().filter(|_| self.prove_token),
                 bearer: self.config.join_token.clone(),
                 protocols: self.config.protocols,
+                from: self.config.dial_from,
             };
             tokio::spawn(dial(how, id, url, self.events.clone()));
         }
@@ -324,12 +347,16 @@ impl Mesh {
         self.metrics.set_open(links.len());
         let cap = self.table.cap();
         self.metrics.cap.set(cap as i64);
+        let unreachable = self.unreachable();
+        self.metrics.unreachable_peers.set(unreachable.len() as i64);
         self.status.send_if_modified(|s| {
             let changed = s.cap != cap
+                || s.unreachable != unreachable
                 || s.links.len() != links.len()
                 || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id || a.closing != b.closing);
             s.links = links;
             s.cap = cap;
+            s.unreachable = unreachable;
             changed
         });
     }
@@ -362,11 +389,12 @@ struct Dial {
     proof_of: Option<String>,
     bearer: Option<String>,
     protocols: Protocols,
+    from: Option<std::net::IpAddr>,
 }
 
 async fn dial(how: Dial, id: String, url: String, events: mpsc::Sender<Event>) {
     let tokens = (how.proof_of.as_deref(), how.bearer.as_deref());
-    let result = transport::dial_in(&url, &how.creds, &id, Hello::default(), tokens, how.protocols).await;
+    let result = transport::dial_in(&url, &how.creds, &id, Hello::default(), tokens, how.protocols, how.from).await;
     let _ = events.send(Event::Dialed { id, result }).await;
 }
 
@@ -386,7 +414,8 @@ async fn run_then_report(
 /// Runs a mesh link in a task of its own, so that even a panic in it ends with the link reported closed
 /// (its slot freed) rather than held forever.
 async fn supervised(wire: Wire, doc: Doc, link: LinkId, close: oneshot::Receiver<Refusal>, heartbeat: Duration) {
-    if let Err(e) = tokio::spawn(transport::run_link(wire, doc, link, true, close, heartbeat, || {})).await {
+    let talk = transport::Talk::heartbeats(heartbeat);
+    if let Err(e) = tokio::spawn(transport::run_link(wire, doc, link, true, close, talk)).await {
         tracing::error!(error = %e, "a link task failed");
     }
 }

@@ -22,6 +22,8 @@ pub struct Metrics {
     /// The cap held now: `--max-peers`, or the assignment's when lower.
     pub cap: Gauge,
     pub rendezvous_connected: Gauge,
+    /// Planned peers this agent reports unreachable.
+    pub unreachable_peers: Gauge,
     pub assignment_errors: Counter,
     pub doc: DocMetrics,
 }
@@ -53,6 +55,11 @@ impl Metrics {
         r.register("max_peers", "The most mesh links this agent may hold now (its cap)", self.cap.clone());
         r.register("max_open_links", "Most mesh links open at once since start", self.max_open_links.clone());
         r.register("rendezvous_connected", "1 while the rendezvous link is up", self.rendezvous_connected.clone());
+        r.register(
+            "unreachable_peers",
+            "Planned peers every dial to has failed past the grace period",
+            self.unreachable_peers.clone(),
+        );
         r.register("assignment_errors", "Assignment readings refused as malformed", self.assignment_errors.clone());
         let d = &self.doc;
         r.register("updates_received", "New document updates received", d.updates_received.clone());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -90,12 +90,13 @@ pub async fn dial_in(
     hello: Hello,
     token: (Option<&str>, Option<&str>),
     protocols: Protocols,
+    from: Option<IpAddr>,
 ) -> Result<(Wire, u8), HandshakeError> {
     let (v2_token, v1_token) = token;
     let plain_url = url.starts_with("ws://");
     let marked = url.split_once('?').is_some_and(|(_, q)| q.split('&').any(|p| p == V2_MARK));
     if protocols.v2 {
-        match dial(url, creds, expect, hello.clone(), v2_token).await {
+        match dial_from(url, creds, expect, hello.clone(), v2_token, from).await {
             Err(HandshakeError::NotTls(_)) if protocols.v1 && plain_url && !marked => {}
             done => return done.map(|wire| (wire, 2)),
         }
@@ -113,15 +114,27 @@ pub async fn dial(
     url: &str,
     creds: &Credentials,
     expect: &str,
+    hello: Hello,
+    token: Option<&str>,
+) -> Result<Wire, HandshakeError> {
+    dial_from(url, creds, expect, hello, token, None).await
+}
+
+/// [`dial`] from the local address `from` (the system's choice when `None`).
+pub async fn dial_from(
+    url: &str,
+    creds: &Credentials,
+    expect: &str,
     mut hello: Hello,
     token: Option<&str>,
+    from: Option<IpAddr>,
 ) -> Result<Wire, HandshakeError> {
     let mut request = url.into_client_request().map_err(|e| HandshakeError::Wire(format!("{url}: {e}")))?;
     let uri = request.uri().clone();
     let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     let step = |e: String| HandshakeError::Wire(format!("{url}: {e}"));
-    let tcp = timeout(TcpStream::connect((host.as_str(), port))).await?.map_err(|e| step(e.to_string()))?;
+    let tcp = timeout(connect(&host, port, from)).await?.map_err(|e| step(e.to_string()))?;
     // Every message is a small TLS record or two: waiting to coalesce them (Nagle) costs a round trip.
     let _ = tcp.set_nodelay(true);
     let name =
@@ -141,6 +154,24 @@ pub async fn dial(
     let mut wire = wire::from_tungstenite(ws);
     handshake::answer(&mut wire).await?;
     Ok(wire)
+}
+
+/// A TCP connection to `host:port`, from `from` when given: an agent with several addresses dials from the
+/// one it advertises, so rules by address (a NetworkPolicy, a firewall) see the same address both ways.
+async fn connect(host: &str, port: u16, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last = None;
+    for to in tokio::net::lookup_host((host, port)).await?.filter(|to| to.is_ipv4() == from.is_ipv4()) {
+        let socket = if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(from, 0))?;
+        match socket.connect(to).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address of the family of {from}"))))
 }
 
 /// A failed TLS handshake: [`HandshakeError::NotTls`] when the peer answered with something that is not TLS
@@ -315,26 +346,47 @@ pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// A frame the peer does not take within this ends the link.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a link carries besides the document.
+pub struct Talk<F> {
+    /// How often to say it is alive.
+    pub heartbeat: Duration,
+    /// A text sent when the link starts (unless empty) and whenever it changes: an agent's link health,
+    /// on its rendezvous link.
+    pub report: Option<watch::Receiver<String>>,
+    /// Called on every frame received, with the text of a text frame (the rendezvous reads heartbeats
+    /// and reports this way).
+    pub heard: F,
+}
+
+impl Talk<fn(Option<&str>)> {
+    /// Heartbeats every `heartbeat`, and nothing else.
+    pub fn heartbeats(heartbeat: Duration) -> Self {
+        Talk { heartbeat, report: None, heard: |_| {} }
+    }
+}
+
 /// Runs an open link until either end closes it, it goes silent for [`IDLE_TIMEOUT`], a send stalls for
 /// [`SEND_TIMEOUT`], or `close` fires (its reason sent to the peer) or is dropped. Writing happens in a task
 /// of its own, so a peer that stops reading never keeps this loop from reading or from closing; the link is
-/// gone (its socket dropped) when this returns, within a second of a close request. `touch` is called on
-/// every frame received (the rendezvous uses it as a heartbeat).
-pub async fn run_link(
+/// gone (its socket dropped) when this returns, within a second of a close request.
+pub async fn run_link<F: Fn(Option<&str>) + Send>(
     wire: Wire,
     doc: Doc,
     link: LinkId,
     mesh: bool,
     mut close: oneshot::Receiver<Refusal>,
-    heartbeat: Duration,
-    touch: impl Fn() + Send,
+    talk: Talk<F>,
 ) {
+    let Talk { heartbeat, mut report, heard } = talk;
     let Wire { tx, mut rx } = wire;
     let (frames, queued) = mpsc::channel(crate::doc::LINK_QUEUE);
     let mut out = doc.attach(link, mesh).await;
     let mut writer = Some(tokio::spawn(write_frames(tx, queued, out.counter())));
+    if let Some(text) = report.as_mut().map(|r| r.borrow_and_update().clone()).filter(|t| !t.is_empty()) {
+        let _ = frames.try_send(Frame::Text(text));
+    }
     let mut beat = tokio::time::interval(heartbeat.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT));
-    let mut heard = Instant::now();
+    let mut last_heard = Instant::now();
     let mut why = None;
     loop {
         let writing = writer.as_mut().expect("the writer runs until the loop ends");
@@ -358,10 +410,10 @@ pub async fn run_link(
                 }
             }
             f = rx.next() => {
-                heard = Instant::now();
+                last_heard = Instant::now();
                 match f {
                     Some(Ok(Frame::Binary(bytes))) => {
-                        touch();
+                        heard(None);
                         // Waiting for room in the inbound budget must not keep a close from being heard.
                         let taken = tokio::select! {
                             taken = doc.incoming(link, bytes) => taken,
@@ -376,12 +428,16 @@ pub async fn run_link(
                             break;
                         }
                     }
-                    Some(Ok(Frame::Text(_))) => touch(),
+                    Some(Ok(Frame::Text(text))) => heard(Some(&text)),
                     _ => break,
                 }
             }
             _ = beat.tick() => if frames.try_send(Frame::Text(HEARTBEAT.into())).is_err() { break },
-            _ = tokio::time::sleep_until(heard + IDLE_TIMEOUT) => break,
+            text = changed(&mut report), if report.is_some() => match text {
+                Some(text) => if frames.try_send(Frame::Text(text)).is_err() { break },
+                None => report = None,
+            },
+            _ = tokio::time::sleep_until(last_heard + IDLE_TIMEOUT) => break,
             _ = writing => { writer = None; break }
         }
     }
@@ -397,6 +453,12 @@ pub async fn run_link(
         w.abort();
         let _ = w.await;
     }
+}
+
+async fn changed(r: &mut Option<watch::Receiver<String>>) -> Option<String> {
+    let r = r.as_mut()?;
+    r.changed().await.ok()?;
+    Some(r.borrow_and_update().clone())
 }
 
 async fn write_frames(
@@ -468,7 +530,7 @@ mod tests {
         });
         let wire = Wire { tx: Box::pin(tx.sink_map_err(|e| WireError(e.to_string()))), rx: Box::pin(rx) };
         let (close, closed) = oneshot::channel();
-        let link = tokio::spawn(run_link(wire, doc.clone(), 2, true, closed, MIN_HEARTBEAT, || ()));
+        let link = tokio::spawn(run_link(wire, doc.clone(), 2, true, closed, Talk::heartbeats(MIN_HEARTBEAT)));
         frames_in.unbounded_send(Ok(Frame::Binary(message))).unwrap();
         took.await.unwrap();
         let _ = close.send(Refusal::Unplanned);

@@ -1,8 +1,8 @@
 //! The agent's HTTP APIs. On the metrics port (`--metrics`): `/metrics` (Prometheus) and `/healthz`. On the
 //! test API's port (`--test-api`, off unless given; anyone who reaches it can write to the document):
 //! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs, protocol, closing}], planned, assignmentError,
-//!   cap, rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment, null before one;
-//!   `cap`: the cap held now);
+//!   cap, unreachable, rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment,
+//!   null before one; `cap`: the cap held now; `unreachable`: planned peers reported unreachable);
 //! - `POST /updates` `{"value"?: string}`: appends an update (a new key in the document's `updates` map,
 //!   `<node id prefix>-<n>`, holding `{origin, writtenAtMs, value}`); answers `{key}`;
 //! - `GET /updates`: every update this agent has, `[{key, origin, value, writtenAtMs, firstSeenMs}]`, where
@@ -89,6 +89,7 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
         "links": s.links,
         "planned": s.planned,
         "cap": s.cap,
+        "unreachable": s.unreachable,
         "assignmentError": s.assignment_error,
         "rendezvousConnected": m.rendezvous_connected.get() == 1,
         "maxOpenLinks": m.max_open_links.get(),

@@ -95,6 +95,10 @@ struct Args {
     /// How often each link says it is alive (100ms to 5s: peers close a link silent for 20 s).
     #[arg(long, value_parser = heartbeat, default_value = "5s")]
     heartbeat: Duration,
+    /// A planned peer every dial to which fails for this long is reported to the rendezvous as unreachable,
+    /// so the operator plans around the pair.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    unreachable_after: Duration,
 }
 
 /// `250ms`, `10s` or `2m`.
@@ -155,6 +159,9 @@ async fn main() -> anyhow::Result<()> {
     config.join_token = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     config.heartbeat = args.heartbeat;
     config.protocols = args.link_protocols;
+    config.unreachable_after = args.unreachable_after;
+    // Dialed from the address links are accepted on, when it is one: rules by address see one address.
+    config.dial_from = Some(mesh_addr.ip()).filter(|ip| !ip.is_unspecified());
     let selection = match args.peer_selection {
         PeerSelection::Operator => {
             Selection::Planned(agent_mesh::source::watch_file(args.assignment_file, args.poll_interval))

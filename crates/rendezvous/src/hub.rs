@@ -1,14 +1,15 @@
 //! The sync hub: agents link to it as to any agent (mutual TLS with their node keys, then the agent-mesh
 //! handshake, in which each announces its address and hostname and proves the join token), and the hub
 //! relays the Yjs document between them. Presence comes from these sessions: alive while connected, last seen at the
-//! last frame (heartbeats included). The hub also writes presence into the document's `nodes` map, where
-//! agents running the seed's scheme read it.
+//! last frame (heartbeats included), unreachable peers as the agent last reported them. The hub also writes
+//! presence into the document's `nodes` map, where agents running the seed's scheme read it.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_mesh::doc::Doc;
 use agent_mesh::handshake::Refusal;
+use agent_mesh::health::Health;
 use agent_mesh::identity::Identity;
 use agent_mesh::presence::{Entry, NODES};
 use agent_mesh::tls::Credentials;
@@ -37,6 +38,8 @@ pub struct Connected {
     pub last_seen_ms: f64,
     /// When the hub first saw this node (the presence list's order).
     pub order: u64,
+    /// The planned peers it last reported it cannot reach (see [`agent_mesh::health`]).
+    pub unreachable: Vec<String>,
     #[serde(skip)]
     session: u64,
 }
@@ -121,15 +124,17 @@ pub async fn session(state: Shared, mut inbound: Inbound) {
         }
         hub.sessions.insert(session, close);
         let hostname = hello.hostname.clone().filter(|h| h.len() <= 253);
-        let entry = Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, session };
+        let entry =
+            Connected { address, hostname, alive: true, last_seen_ms: now_ms(), order, unreachable: vec![], session };
         hub.connected.insert(node_id.clone(), entry);
         st.changed();
         session
     };
     if inbound.welcome().await.is_ok() {
-        let touch = || touch(&state, &node_id, session);
+        let heard = |text: Option<&str>| heard(&state, &node_id, session, text);
+        let talk = agent_mesh::transport::Talk { heartbeat: HEARTBEAT, report: None, heard };
         let link = agent_mesh::mesh::next_link();
-        agent_mesh::transport::run_link(inbound.wire, doc, link, false, closed, HEARTBEAT, touch).await;
+        agent_mesh::transport::run_link(inbound.wire, doc, link, false, closed, talk).await;
     }
     let mut st = state.lock().unwrap();
     st.hub.sessions.remove(&session);
@@ -139,9 +144,22 @@ pub async fn session(state: Shared, mut inbound: Inbound) {
     }
 }
 
-fn touch(state: &Shared, id: &str, session: u64) {
-    if let Some(c) = state.lock().unwrap().hub.connected.get_mut(id).filter(|c| c.session == session) {
-        c.last_seen_ms = now_ms();
+/// A frame from an agent: it is alive, and a health report replaces the one it sent before.
+fn heard(state: &Shared, id: &str, session: u64, text: Option<&str>) {
+    let report = match text.map(Health::parse) {
+        Some(Ok(report)) => report,
+        Some(Err(e)) => {
+            tracing::warn!(node = %id.get(..12).unwrap_or(id), error = %e, "ignored a report");
+            None
+        }
+        None => None,
+    };
+    let mut st = state.lock().unwrap();
+    let Some(c) = st.hub.connected.get_mut(id).filter(|c| c.session == session) else { return };
+    c.last_seen_ms = now_ms();
+    if let Some(h) = report.filter(|h| h.unreachable != c.unreachable) {
+        c.unreachable = h.unreachable;
+        st.changed();
     }
 }
 

@@ -74,6 +74,9 @@ pub struct SimAgent {
     /// Frozen heartbeat (ms); `None` while heartbeating.
     #[serde(default)]
     pub frozen_at_ms: Option<f64>,
+    /// The peers it reports unreachable, as a real agent would (see `agent_mesh::health`).
+    #[serde(default)]
+    pub unreachable: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -241,10 +244,11 @@ fn membership(st: &SimState) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     for a in st.agents.values() {
-        (&a.node_id, &a.address, a.alive, &a.hostname, &a.zone, a.frozen_at_ms.map(f64::to_bits)).hash(&mut h);
+        let heartbeat = a.frozen_at_ms.map(f64::to_bits);
+        (&a.node_id, &a.address, a.alive, &a.hostname, &a.zone, heartbeat, &a.unreachable).hash(&mut h);
     }
     for (id, c) in &st.hub.connected {
-        (id, &c.address, c.alive, &c.hostname).hash(&mut h);
+        (id, &c.address, c.alive, &c.hostname, &c.unreachable).hash(&mut h);
     }
     h.finish()
 }
@@ -305,6 +309,9 @@ struct Entry<'a> {
     /// Simulated agents report theirs (`null`: none); the hub's real ones carry none.
     #[serde(skip_serializing_if = "Option::is_none")]
     zone: Option<Option<&'a str>>,
+    /// The planned peers the agent reports it cannot reach.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unreachable: &'a [String],
 }
 
 /// The JSON array of the simulated agents (a live one has just heartbeated, so while any is live the ETag
@@ -321,6 +328,7 @@ fn nodes(st: &SimState) -> String {
             last_seen_ms: seen,
             hostname: a.hostname.as_deref(),
             zone: Some(a.zone.as_deref()),
+            unreachable: &a.unreachable,
         }
     });
     let real = st.hub.connected.iter().map(|(id, c)| Entry {
@@ -331,6 +339,7 @@ fn nodes(st: &SimState) -> String {
         last_seen_ms: c.last_seen_ms,
         hostname: c.hostname.as_deref(),
         zone: None,
+        unreachable: &c.unreachable,
     });
     serde_json::to_string(&sim.chain(real).collect::<Vec<_>>()).expect("presence entries serialize")
 }

@@ -162,3 +162,66 @@ async fn during_an_upgrade_agents_before_tls_and_tls_agents_share_the_hub() {
     let body = presence_with_token(&addr).await;
     assert!(body.contains(&old.identity.node_id()) && body.contains(&new.identity.node_id()));
 }
+
+fn unreachable_of(body: &Value, id: &str) -> Vec<String> {
+    let nodes = body["nodes"].as_array().into_iter().flatten();
+    let entry = nodes.into_iter().find(|n| n["node_id"] == id).cloned().unwrap_or(Value::Null);
+    entry["unreachable"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect()
+}
+
+/// A planned peer that refuses every connection is reported after the grace period, the report reaches
+/// presence (and is sent again when the rendezvous link is redialed), and a plan without that peer clears
+/// it. A peer that answers, even with a refusal, is never reported.
+#[tokio::test]
+async fn a_planned_peer_that_cannot_be_reached_is_reported_in_presence() {
+    use agent_mesh::assignment::{Assignment, Peer};
+    use agent_mesh::source::Reading;
+    let (addr, state) = hub().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("wss://{}/crdt-sync", closed.local_addr().unwrap());
+    drop(closed);
+    let (dead, refusing) = (Identity::generate().node_id(), agent(&addr, &state, None).await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = agent_mesh::Config::new(4, Protocols::V2.advertise(listener.local_addr().unwrap()));
+    let node_id = state.lock().unwrap().hub.identity.node_id();
+    config.rendezvous = Some(agent_mesh::Pinned { url: format!("wss://{addr}/crdt-sync"), node_id });
+    config.unreachable_after = Duration::from_millis(300);
+    config.backoff.max = Duration::from_millis(200);
+    let (tx, rx) = tokio::sync::watch::channel(Reading::default());
+    let a = agent_mesh::start(Identity::generate(), listener, config, Selection::Planned(rx));
+    let id = a.identity.node_id();
+    // The refusing agent does not list `a` as an accept: it answers every dial with `not_planned`.
+    wait_until("the refusing agent in presence", async || {
+        alive_any(&presence(&addr, None).await.2, &refusing.identity.node_id())
+    })
+    .await;
+    let peers = vec![
+        Peer { node_id: dead.clone(), url: dead_url },
+        Peer { node_id: refusing.identity.node_id(), url: refusing_advertise(&state, &refusing) },
+    ];
+    tx.send_replace(Reading { assignment: Some(Assignment::new(peers, [], "p".into())), error: None });
+    wait_until("the dead peer in a's presence", async || {
+        unreachable_of(&presence(&addr, None).await.2, &id) == [dead.clone()]
+    })
+    .await;
+    assert_eq!(a.status.borrow().unreachable, std::slice::from_ref(&dead));
+
+    state.lock().unwrap().hub.kick_all(false);
+    wait_until("a back, still reporting", async || {
+        let body = presence(&addr, None).await.2;
+        alive_any(&body, &id) && unreachable_of(&body, &id) == [dead.clone()]
+    })
+    .await;
+
+    tx.send_replace(Reading { assignment: Some(Assignment::new(vec![], [], "p".into())), error: None });
+    wait_until("the report cleared", async || unreachable_of(&presence(&addr, None).await.2, &id).is_empty()).await;
+}
+
+fn alive_any(body: &Value, id: &str) -> bool {
+    body["nodes"].as_array().into_iter().flatten().any(|n| n["node_id"] == id && n["alive"] == true)
+}
+
+/// The URL `agent` advertised to the hub.
+fn refusing_advertise(state: &rendezvous::Shared, agent: &agent_mesh::Agent) -> String {
+    state.lock().unwrap().hub.connected[&agent.identity.node_id()].address.clone()
+}
