@@ -72,6 +72,12 @@ pub struct MeshPolicySpec {
     /// `Enforce` patches Pods; `Observe` plans and reports in status but patches nothing.
     #[serde(default)]
     pub mode: Mode,
+    /// How long the plan avoids a pair of agents after one reports it cannot reach the other (Go
+    /// duration, at least 1s). Doubled each time the pair fails again once back in the plan, up to 64
+    /// times; forgotten after a quiet back-off.
+    #[serde(default = "default_unreachable_backoff")]
+    #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]
+    pub unreachable_backoff: String,
 }
 
 impl MeshPolicy {
@@ -205,6 +211,9 @@ fn default_max_peers() -> u32 {
 fn default_heartbeat_timeout() -> String {
     "600s".into()
 }
+fn default_unreachable_backoff() -> String {
+    "1m".into()
+}
 fn default_presence_path() -> String {
     "/presence".into()
 }
@@ -307,6 +316,28 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub excluded: Vec<ExcludedPod>,
+    /// Pairs of agents the plan avoids because one reported it cannot reach the other (the first 20 by
+    /// Pod name); `unusableLinksTotal` counts them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub unusable_links: Vec<UnusableLink>,
+    /// How many pairs the plan avoids: `unusableLinks` lists at most 20 of them.
+    #[serde(default)]
+    pub unusable_links_total: u32,
+}
+
+/// A pair of agents the plan avoids.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnusableLink {
+    /// The Pod of the agent that reported it.
+    pub reported_by: String,
+    /// The Pod of the peer it cannot reach.
+    pub peer: String,
+    /// How many times the pair failed after being planned again.
+    pub failures: u32,
+    /// When the plan may hold the pair again.
+    pub retry_after: Time,
 }
 
 /// A selected Pod left out of the plan.

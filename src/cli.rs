@@ -134,6 +134,10 @@ pub struct SimulateArgs {
     /// Fraction of agents failing together with the rendezvous.
     #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub fail: f64,
+    /// Links of the plan the agents report they cannot open (chosen at random): how much planning
+    /// around them changes.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub unusable: u64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -419,6 +423,7 @@ fn simulate(args: &SimulateArgs) -> Result<(), InputError> {
         max_peers: args.max_peers,
         zones: args.zones as usize,
         fail: args.fail,
+        unusable: args.unusable as usize,
         seed: args.seed,
     };
     let reports = simulate::run(&scenario).map_err(|source| InputError::Plan { path: "-".into(), source })?;
@@ -454,6 +459,22 @@ fn simulate(args: &SimulateArgs) -> Result<(), InputError> {
         ("dial lists changed by one join".into(), row(&|r| r.dial_lists_changed_on_join.to_string())),
         ("dial lists changed by that leave".into(), row(&|r| r.dial_lists_changed_on_leave.to_string())),
     ];
+    let around = |f: fn(&simulate::AroundUnusable) -> usize| {
+        row(&move |r: &simulate::SchemeReport| r.around_unusable.as_ref().map_or("n/a".into(), |a| f(a).to_string()))
+    };
+    let rows = rows.into_iter().chain(
+        (args.unusable > 0)
+            .then(|| {
+                let n = args.unusable;
+                [
+                    (format!("links changed planning around {n} unusable"), around(|a| a.links_changed)),
+                    (format!("dial lists changed planning around {n} unusable"), around(|a| a.dial_lists_changed)),
+                    (format!("min links per agent around {n} unusable"), around(|a| a.min_links)),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    );
     let _ =
         writeln!(out, "{} agents, cap {}, {} zone(s), seed {}\n", args.agents, args.max_peers, args.zones, args.seed);
     let _ = writeln!(out, "{:<58} {:>16} {:>16}", "", reports[0].scheme, reports[1].scheme);

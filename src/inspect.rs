@@ -189,6 +189,9 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
             printable(&c.message)
         );
     }
+    if let Some(c) = cond("MeshAsPlanned").filter(|c| c.status == "False") {
+        let _ = writeln!(out, "links: {}", printable(&c.message));
+    }
     match (current(pod).filter(|a| a.policy == policy.name_any()), status.excluded.iter().find(|e| e.pod == name)) {
         (_, Some(e)) => {
             let why = printable(&e.reason);
@@ -200,6 +203,16 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
                 writeln!(out, "{name}: in the mesh of {} with {links} links; dials {}", policy.name_any(), peers.len());
             for p in peers {
                 let _ = writeln!(out, "  → {} {}", printable(&short(&p.node_id)), printable(&p.url));
+            }
+            for u in status.unusable_links.iter().filter(|u| u.reported_by == name || u.peer == name) {
+                let (by, peer) = (printable(&u.reported_by), printable(&u.peer));
+                let other = if u.reported_by == name { &peer } else { &by };
+                let when = u.retry_after.0.strftime("%Y-%m-%dT%H:%M:%SZ");
+                let _ = writeln!(
+                    out,
+                    "  avoids {other}: {by} could not reach {peer} ({} failures; may be planned again after {when})",
+                    u.failures
+                );
             }
         }
         (None, None) => {
@@ -271,7 +284,8 @@ mod tests {
         serde_json::from_value(json!({"apiVersion": "agentmesh.dev/v1alpha1", "kind": "MeshPolicy",
             "metadata": {"name": "mesh", "namespace": "ci"},
             "spec": {"selector": {"matchLabels": {"app": "agent"}}, "rendezvous": {"url": "http://rv"}, "topologyKey": "zone"},
-            "status": {"excluded": [{"pod": "b", "reason": "Pod is not Ready"}]}}))
+            "status": {"excluded": [{"pod": "b", "reason": "Pod is not Ready"}],
+                       "unusableLinks": [{"reportedBy": "a", "peer": "b", "failures": 2, "retryAfter": "2026-12-07T10:00:00Z"}]}}))
         .unwrap()
     }
 
@@ -294,6 +308,13 @@ mod tests {
         assert_eq!(rows[1].eligibility, "Pod is not Ready");
         assert!(explain(&pods[1], &[policy()]).contains("left out of the mesh: Pod is not Ready"));
         assert!(explain(&pods[0], &[policy()]).contains("1 links"));
+        assert!(
+            explain(&pods[0], &[policy()]).contains(
+                "avoids b: a could not reach b (2 failures; may be planned again after 2026-12-07T10:00:00Z)"
+            ),
+            "{}",
+            explain(&pods[0], &[policy()])
+        );
         let mut other = pods[0].clone();
         other.metadata.labels = None;
         assert!(explain(&other, &[policy()]).contains("not selected"));

@@ -12,7 +12,7 @@ pub fn unix_ms() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0
 }
 
-/// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence. Kept compact (72
+/// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence. Kept compact (88
 /// bytes plus its strings): a body at `--max-presence-bytes` can list over half a million entries.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(from = "RawNode")]
@@ -23,6 +23,9 @@ pub struct Node {
     /// Milliseconds since the epoch: `last_seen_ms` as sent, else `last_seen` (seconds) × 1000.
     pub last_seen_ms: Option<f64>,
     pub hostname: Option<Box<str>>,
+    /// The planned peers the agent reports it cannot reach; empty when the list is over the bounds of
+    /// `agent_mesh::health` (as the rendezvous would refuse the report).
+    pub unreachable: Box<[Box<str>]>,
 }
 
 /// A node as the body spells it.
@@ -39,11 +42,19 @@ struct RawNode {
     last_seen_ms: Option<f64>,
     #[serde(default)]
     hostname: Option<String>,
+    #[serde(default)]
+    unreachable: Vec<String>,
 }
 
 impl From<RawNode> for Node {
     fn from(raw: RawNode) -> Self {
+        use agent_mesh::health::{MAX_NODE_ID, MAX_UNREACHABLE};
+        let bounded = raw.unreachable.len() <= MAX_UNREACHABLE
+            && raw.unreachable.iter().all(|id| !id.is_empty() && id.len() <= MAX_NODE_ID);
+        let unreachable =
+            if bounded { raw.unreachable.into_iter().map(String::into_boxed_str).collect() } else { [].into() };
         Node {
+            unreachable,
             node_id: raw.node_id.into_boxed_str(),
             address: raw.address.into_boxed_str(),
             alive: raw.alive,

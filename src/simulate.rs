@@ -14,6 +14,8 @@ pub struct Scenario {
     pub zones: usize,
     /// Fraction of agents that fail together with the rendezvous.
     pub fail: f64,
+    /// Links of the plan the agents then report they cannot open (chosen at random).
+    pub unusable: usize,
     pub seed: u64,
 }
 
@@ -34,6 +36,16 @@ pub struct SchemeReport {
     pub links_changed_on_leave: usize,
     pub dial_lists_changed_on_join: usize,
     pub dial_lists_changed_on_leave: usize,
+    /// Planning around `Scenario::unusable` links: what changes, and the fewest links an agent keeps.
+    /// `None` for the seed, whose agents keep dialing, and when no link is unusable.
+    pub around_unusable: Option<AroundUnusable>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AroundUnusable {
+    pub links_changed: usize,
+    pub dial_lists_changed: usize,
+    pub min_links: usize,
 }
 
 /// Exact diameters up to this many agents; beyond, sampled double sweeps.
@@ -68,6 +80,7 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
     };
 
     let plan = planned(&members, &Dials::new())?;
+    let unusable = pick_unusable(&plan, s.unusable, &mut rng);
     let reports = [
         ("planner", plan.dial_lists(), plan.dials()),
         ("seed-baseline", planner::baseline::dials(members.len(), s.max_peers as usize), baseline(&members)),
@@ -120,9 +133,34 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
             links_changed_on_leave: leave.links_changed,
             dial_lists_changed_on_join: join.dial_lists_changed,
             dial_lists_changed_on_leave: leave.dial_lists_changed,
+            around_unusable: (scheme == "planner" && !unusable.is_empty())
+                .then(|| around(&members, &before, &unusable, s.max_peers, &seed))
+                .transpose()?,
         });
     }
     Ok(out)
+}
+
+/// `n` links of `plan`, at random, as unusable pairs.
+fn pick_unusable(plan: &planner::Plan, n: usize, rng: &mut ChaCha8Rng) -> planner::Unusable {
+    let mut links: Vec<(u32, u32)> = plan.graph().edges().collect();
+    let (picked, _) = links.partial_shuffle(rng, n);
+    let id = |i: u32| plan.members()[i as usize].node_id.clone();
+    picked.iter().map(|&(a, b)| if id(a) < id(b) { (id(a), id(b)) } else { (id(b), id(a)) }).collect()
+}
+
+/// The plan of `members` made around `unusable`, against the plan `before` made without.
+fn around(
+    members: &[Member],
+    before: &Dials,
+    unusable: &planner::Unusable,
+    cap: u32,
+    seed: &str,
+) -> Result<AroundUnusable, planner::PlanError> {
+    let p = planner::plan_around(members, cap, seed, before, unusable)?;
+    let churn = analysis::churn(before, &p.dials());
+    let min_links = (0..members.len()).map(|i| p.links(i)).min().unwrap_or(0);
+    Ok(AroundUnusable { links_changed: churn.links_changed, dial_lists_changed: churn.dial_lists_changed, min_links })
 }
 
 fn random_id(rng: &mut ChaCha8Rng) -> String {
@@ -147,7 +185,7 @@ mod tests {
 
     #[test]
     fn planner_beats_the_seed_on_every_defect() {
-        let reports = run(&Scenario { agents: 400, max_peers: 4, zones: 3, fail: 0.1, seed: 3 }).unwrap();
+        let reports = run(&Scenario { agents: 400, max_peers: 4, zones: 3, fail: 0.1, unusable: 0, seed: 3 }).unwrap();
         let (p, b) = (&reports[0], &reports[1]);
         assert_eq!((p.scheme, b.scheme), ("planner", "seed-baseline"));
         assert_eq!((p.max_links, p.min_links, p.components), (4, 4, 1));
@@ -166,7 +204,8 @@ mod tests {
     /// lists changed by one join before the switches followed the previous plan.
     #[test]
     fn one_join_with_zones_costs_what_it_does_without() {
-        let reports = run(&Scenario { agents: 5000, max_peers: 4, zones: 3, fail: 0.0, seed: 11 }).unwrap();
+        let reports =
+            run(&Scenario { agents: 5000, max_peers: 4, zones: 3, fail: 0.0, unusable: 0, seed: 11 }).unwrap();
         let p = &reports[0];
         assert!(p.links_changed_on_join <= 6 && p.dial_lists_changed_on_join <= 5, "{p:?}");
         assert!(p.links_changed_on_leave <= 6 && p.dial_lists_changed_on_leave <= 5, "{p:?}");
@@ -174,7 +213,21 @@ mod tests {
 
     #[test]
     fn same_seed_same_report() {
-        let s = Scenario { agents: 100, max_peers: 5, zones: 2, fail: 0.3, seed: 9 };
+        let s = Scenario { agents: 100, max_peers: 5, zones: 2, fail: 0.3, unusable: 3, seed: 9 };
         assert_eq!(run(&s).unwrap(), run(&s).unwrap());
+    }
+
+    /// Ten unusable links of 2,000 agents (k = 4, 3 zones) cost about what ten joins do, and no agent
+    /// loses more than one link.
+    #[test]
+    fn planning_around_unusable_links_costs_what_joins_do() {
+        let s = Scenario { agents: 2000, max_peers: 4, zones: 3, fail: 0.0, unusable: 10, seed: 5 };
+        let reports = run(&s).unwrap();
+        let around = reports[0].around_unusable.clone().expect("the planner's");
+        assert!(around.links_changed <= 10 * 8 && around.min_links >= 3, "{around:?}");
+        assert_eq!(reports[1].around_unusable, None, "the seed has no such notion");
+        let none = run(&Scenario { unusable: 0, ..s }).unwrap();
+        assert_eq!(none[0].around_unusable, None);
+        assert_eq!(none[0].links_changed_on_join, reports[0].links_changed_on_join, "the rest is unchanged");
     }
 }

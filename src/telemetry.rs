@@ -103,7 +103,7 @@ struct BuildLabel {
 }
 
 /// The condition types and statuses `policy_condition` has series for.
-pub const CONDITIONS: [&str; 4] = ["Ready", "RendezvousReachable", "Degraded", "Conflict"];
+pub const CONDITIONS: [&str; 5] = ["Ready", "RendezvousReachable", "Degraded", "Conflict", "MeshAsPlanned"];
 pub const STATUSES: [&str; 3] = ["True", "False", "Unknown"];
 /// The results `presence_fetches` counts (`presence_errors` counts `FetchError::REASONS`).
 const FETCH_RESULTS: [&str; 3] = ["ok", "not_modified", "error"];

@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mesh_operator::api::MeshPolicy;
 use rendezvous::FailMode;
 use serde_json::json;
-use support::agents::{Agent, Kubelet, LinkSampler, Mode, agent_pod, agents_follow_the_plan};
+use support::agents::{Agent, AgentDir, Kubelet, LinkSampler, Mode, agent_pod, agents_follow_the_plan, plans};
 use support::*;
 
 const CAP: usize = 4;
@@ -38,7 +38,7 @@ async fn everyone_has(agents: &[Agent], key: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_alone() {
     let (client, ns, rv) = setup("agents").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     let hub = rv.hub();
     let history = History::start(&client, &ns, CAP).await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
@@ -135,7 +135,7 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changing_max_peers_moves_the_cap_at_every_agent() {
     let (client, ns, rv) = setup("lowered").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     let hub = rv.hub();
     let history = History::start(&client, &ns, CAP).await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
@@ -187,6 +187,109 @@ async fn changing_max_peers_moves_the_cap_at_every_agent() {
     history.assert_clean();
 }
 
+/// TCP between two loopback addresses refused, both ways, while it lasts (iptables, rules tagged with a
+/// comment and removed on drop even when the test fails).
+struct Cut {
+    rules: Vec<Vec<String>>,
+}
+
+impl Cut {
+    fn between(a: &str, b: &str, tag: &str) -> Cut {
+        let rule = |from: &str, to: &str| -> Vec<String> {
+            let words = ["OUTPUT", "-p", "tcp", "-s", from, "-d", to, "-m", "comment", "--comment", tag];
+            let reject = ["-j", "REJECT", "--reject-with", "tcp-reset"];
+            words.iter().chain(&reject).map(|w| w.to_string()).collect()
+        };
+        let cut = Cut { rules: vec![rule(a, b), rule(b, a)] };
+        for r in &cut.rules {
+            let ok = std::process::Command::new("iptables").arg("-I").args(r).status();
+            assert!(ok.is_ok_and(|s| s.success()), "iptables -I {r:?} (the test needs root and iptables)");
+        }
+        cut
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            let _ = std::process::Command::new("iptables").arg("-D").args(r).status();
+        }
+    }
+}
+
+/// Two agents whose TCP to each other is refused (iptables between their loopback addresses; each dials
+/// from the address it listens on) report each other unreachable. Within the bound below the plan no
+/// longer holds the pair, the status lists it, and every agent again holds exactly its plan; once the cut
+/// is lifted and the back-off has passed, the pair is usable again and every agent holds its plan. The
+/// history checker and the link sampler watch throughout. The bound: a link's next heartbeat meets the
+/// reset (≤ 1 s), dials fail for `--unreachable-after` (2 s), then a long poll and a write wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_the_network_refuses_is_planned_around_and_healed() {
+    let (client, ns, rv) = setup("cut").await;
+    let dir = AgentDir::new();
+    let hub = rv.hub();
+    let history = History::start(&client, &ns, CAP).await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
+    let extra = json!({"heartbeatTimeout": "30s", "unreachableBackoff": "15s"});
+    create_policy(&client, &ns, "mesh", spec(&rv, extra)).await;
+    let _op = Operator::start(&ns, "op-cut", false).await;
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        let name = format!("agent-{i}");
+        let flags = ["--unreachable-after", "2s"];
+        agents.push(Agent::spawn_with(dir.path(), &name, &ip(140 + i), &hub, Mode::Operator, CAP, &flags).await);
+        agent_pod(&client, &ns, &name, &ip(140 + i), None).await;
+    }
+    let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
+    let sampler = LinkSampler::start(apis, CAP);
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+
+    let ids: std::collections::BTreeMap<String, String> =
+        agents.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
+    let planned = plans(&client, &ns, &ids).await;
+    let (a, b) = agents
+        .iter()
+        .find_map(|a| {
+            let peer = planned.get(&a.node_id)?.iter().next()?;
+            Some((a, agents.iter().find(|b| &b.node_id == peer)?))
+        })
+        .expect("a planned link");
+    let holds = |plans: &std::collections::BTreeMap<String, BTreeSet<String>>| {
+        plans.get(&a.node_id).is_some_and(|p| p.contains(&b.node_id))
+    };
+    let listed = |p: &MeshPolicy| {
+        let links = p.status.as_ref().map(|s| s.unusable_links.clone()).unwrap_or_default();
+        links
+            .iter()
+            .any(|u| [&u.reported_by, &u.peer] == [&a.name, &b.name] || [&u.reported_by, &u.peer] == [&b.name, &a.name])
+    };
+    let cut = Cut::between(&a.ip, &b.ip, &format!("mesh-e2e-{ns}"));
+    wait_for("the plan to drop the cut pair and the status to list it", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        (!holds(&plans(&client, &ns, &ids).await) && listed(&p)).then_some(())
+    })
+    .await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    wait_for("MeshAsPlanned once the plan avoids the pair", WAIT, || async {
+        let p = policy(&client, &ns, "mesh").await;
+        (condition(&p, "MeshAsPlanned")?.0 == "True").then_some(())
+    })
+    .await;
+
+    drop(cut);
+    wait_for("the pair usable again", 4 * WAIT, || async {
+        (!listed(&policy(&client, &ns, "mesh").await)).then_some(())
+    })
+    .await;
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    assert!(sampler.assert_clean() > 20, "the sampler ran");
+    for agent in &agents {
+        let max = agent.metric("agentmesh_max_open_links", "").await;
+        assert!(max <= CAP as f64, "{} held {max} links at once, over the cap {CAP}", agent.name);
+    }
+    history.assert_clean();
+}
+
 /// A user who may edit the MeshPolicy but not read the join token points `spec.rendezvous.url` at a
 /// presence server of their own, which lists the real agents' node ids at an address where they record
 /// whatever arrives. The operator plans those addresses; the agents dial them, and get no further than a
@@ -195,7 +298,7 @@ async fn changing_max_peers_moves_the_cap_at_every_agent() {
 async fn steered_presence_gets_neither_the_token_nor_a_link() {
     const TOKEN: &str = "the-fleet-join-token";
     let (client, ns, rv) = setup("steered").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     rv.state.lock().unwrap().token = Some(TOKEN.into());
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
     let token_file = dir.path().join("token").to_str().unwrap().to_string();
@@ -276,7 +379,7 @@ async fn steered_presence_gets_neither_the_token_nor_a_link() {
 #[tokio::test]
 async fn the_metrics_port_takes_no_writes_and_the_test_api_is_off_by_default() {
     let rv = Rendezvous::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     mesh_operator::presence::install_crypto_provider();
     let http = reqwest::Client::new();
     let status = |url: String| {

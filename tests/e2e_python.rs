@@ -41,7 +41,7 @@ async fn directions(a: &Agent) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_python_agent_joins_the_fleet_as_a_planned_peer() {
     let (client, ns, rv) = setup("python").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = support::agents::AgentDir::new();
     let hub = rv.hub();
     let history = History::start(&client, &ns, CAP).await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));

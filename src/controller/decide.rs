@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use super::admission::Admission;
+use super::health::{Health, LinkHealth};
 use super::membership::Membership;
 use super::observe::Observed;
 use super::plan::{self, PlanOutcome, Targets};
@@ -36,7 +39,9 @@ pub struct Decision<'m> {
     /// [`adopted`]).
     pub wanted: Targets,
     pub waves: Waves,
-    /// When newcomers held back by admission may join.
+    /// The pairs the plan avoids, and the links agents report they cannot open (see [`super::health`]).
+    pub health: Health,
+    /// When newcomers held back by admission may join, or an avoided pair may return.
     pub recheck: Option<Duration>,
 }
 
@@ -44,7 +49,25 @@ pub struct Decision<'m> {
 #[derive(Default)]
 pub struct Memory {
     pub admission: Admission,
+    pub health: LinkHealth,
     pub plan: plan::Kept,
+}
+
+/// The instant a decision is made, and the same on the wall clock (for what the status shows).
+#[derive(Clone, Debug)]
+pub struct Now {
+    pub at: Instant,
+    pub wall: Time,
+}
+
+impl From<Instant> for Now {
+    /// `at` with the wall clock read now and moved by as much as `at` is from now.
+    fn from(at: Instant) -> Self {
+        let wall = k8s_openapi::jiff::Timestamp::now();
+        let (later, earlier) =
+            (at.saturating_duration_since(Instant::now()), Instant::now().saturating_duration_since(at));
+        Now { at, wall: Time(wall + later - earlier) }
+    }
 }
 
 /// The decision from the membership presence gives (`None` without presence; see
@@ -55,12 +78,17 @@ pub fn decide<'m>(
     observed: &Observed,
     members: Option<&'m Membership>,
     memory: &mut Memory,
-    now: Instant,
+    now: impl Into<Now>,
 ) -> Decision<'m> {
-    let Memory { admission, plan: kept } = memory;
-    let (held, recheck) = members.map(|m| admit(m, observed, admission, now)).unwrap_or_default();
+    let now = now.into();
+    let Memory { admission, health, plan: kept } = memory;
+    let (held, recheck) = members.map(|m| admit(m, observed, admission, now.at)).unwrap_or_default();
     let o = observed;
-    let planned = members.map(|m| plan::targets(m, &held, made_for(policy), &o.carried, &o.pods, kept));
+    let backoff = policy.unreachable_backoff;
+    let health = members.map(|m| health.update(m, &o.carried, backoff, (now.at, &now.wall))).unwrap_or_default();
+    let recheck = recheck.into_iter().chain(health.recheck).min();
+    let planned =
+        members.map(|m| plan::targets(m, &held, made_for(policy), (&o.carried, &o.pods), &health.unusable, kept));
     let (mut plan, plan_error) = match planned {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => (None, Some(e.to_string())),
@@ -72,7 +100,7 @@ pub fn decide<'m>(
     };
     let node_of = |pod: &str| Some(members.filter(|_| !held.contains(pod))?.agent(pod)?.node_id.clone());
     let waves = waves(&observed.pods, &wanted, &policy.name, &node_of);
-    Decision { members, held, plan, plan_error, wanted, waves, recheck }
+    Decision { members, held, plan, plan_error, wanted, waves, health, recheck }
 }
 
 /// What a plan is made for: the policy's cap, its seed (the UID) and its name.

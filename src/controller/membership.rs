@@ -29,6 +29,8 @@ pub struct Agent {
     /// Where peers dial this agent: the advertised URL with an unspecified host replaced by the Pod IP.
     pub url: String,
     pub domain: Option<String>,
+    /// The planned peers it reports it cannot reach (node ids, from its presence entry).
+    pub unreachable: Box<[Box<str>]>,
 }
 
 /// Why a selected Pod is not an agent in the plan. `kubectl mesh explain` and the status show these.
@@ -438,7 +440,8 @@ fn candidate(
     let domain = rules
         .topology_key
         .and_then(|key| pod.labels().get(key).cloned().or_else(|| pod.node_name.as_deref().and_then(node_domain)));
-    Ok(Agent { pod: name.to_owned(), node_id: node.node_id.to_string(), url, domain })
+    let (node_id, unreachable) = (node.node_id.to_string(), node.unreachable.clone());
+    Ok(Agent { pod: name.to_owned(), node_id, url, domain, unreachable })
 }
 
 /// The advertised URL with an unspecified host (`0.0.0.0`, `::`, `localhost`, empty) replaced by the Pod IP;
@@ -498,6 +501,7 @@ mod tests {
             alive: true,
             last_seen_ms: Some(1_000_000.0 - age_ms),
             hostname: hostname.map(Into::into),
+            unreachable: [].into(),
         }
     }
 

@@ -23,6 +23,7 @@ pub mod admission;
 pub mod apply;
 pub mod decide;
 pub mod fleet;
+pub mod health;
 pub mod membership;
 pub mod observe;
 pub mod plan;

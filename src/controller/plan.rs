@@ -80,6 +80,8 @@ pub struct Kept {
     built: usize,
     /// The last plan's graph, over `agents`' indices.
     graph: Option<planner::Graph>,
+    /// The pairs it avoided.
+    unusable: planner::Unusable,
 }
 
 impl Kept {
@@ -125,16 +127,16 @@ impl Span {
     }
 }
 
-/// Plans `m`'s agents but those `held` with at most `cap` links each, seeded by `seed`. `carried` holds
-/// what each Pod carries as this policy's (Pods carrying it that are no longer agents get `None`), `pods`
-/// what each carries exactly: only the targets that differ from it are built. `kept` is the last plan's
-/// memory (see [`Kept`]); it is brought up to date.
+/// Plans `m`'s agents but those `held` with at most `cap` links each, seeded by `seed`, without the
+/// `unusable` pairs. `carried` holds what each Pod carries as this policy's (Pods carrying it that are no
+/// longer agents get `None`), `pods` what each carries exactly: only the targets that differ from it are
+/// built. `kept` is the last plan's memory (see [`Kept`]); it is brought up to date.
 pub fn targets(
     m: &Membership,
     held: &BTreeSet<String>,
     (cap, seed, policy): (u32, &str, &str),
-    carried: &BTreeMap<String, Arc<Assignment>>,
-    pods: &BTreeMap<String, PodState>,
+    (carried, pods): (&BTreeMap<String, Arc<Assignment>>, &BTreeMap<String, PodState>),
+    unusable: &planner::Unusable,
     kept: &mut Kept,
 ) -> Result<PlanOutcome, PlanError> {
     let made_for = Some((cap, seed.to_owned(), policy.to_owned()));
@@ -148,10 +150,11 @@ pub fn targets(
     // every one is the very one planned last time, so is the graph.
     let unchanged = old.agents.len() == agents.len()
         && pass.old_of.iter().all(Option::is_some)
-        && fresh.agents.iter().zip(&old.agents).all(|(f, o)| same(&f.carried, &o.carried));
+        && fresh.agents.iter().zip(&old.agents).all(|(f, o)| same(&f.carried, &o.carried))
+        && old.unusable == *unusable;
     let g = match old_graph.filter(|_| unchanged) {
         Some(g) => g,
-        None => planner::graph(&agents, cap, seed, previous, Vec::new())?,
+        None => planner::graph(&agents, cap, seed, previous, pass.indexed(unusable))?,
     };
     let mut out = PlanOutcome {
         targets: Targets::new(),
@@ -176,7 +179,7 @@ pub fn targets(
         out.targets.insert(pod.clone(), None);
     }
     out.hash = format!("{digest:016x}");
-    *kept = Kept { made_for, graph: Some(g), ..fresh };
+    *kept = Kept { made_for, graph: Some(g), unusable: unusable.clone(), ..fresh };
     Ok(out)
 }
 
@@ -214,6 +217,11 @@ impl<'a> Pass<'a> {
         let map =
             self.by_id.get_or_init(|| self.agents.iter().enumerate().map(|(j, a)| (&*a.node_id, j as u32)).collect());
         map.get(id).copied()
+    }
+
+    /// `unusable` in agent indices: pairs naming no agent are dropped.
+    fn indexed(&self, unusable: &planner::Unusable) -> Vec<(u32, u32)> {
+        unusable.iter().filter_map(|(a, b)| Some((self.id_of(a)?, self.id_of(b)?))).collect()
     }
 
     fn was(&self, j: usize) -> Option<&'a KeptAgent> {
@@ -454,7 +462,8 @@ mod tests {
     use crate::controller::pods::Keys;
 
     fn agent(i: usize) -> Agent {
-        Agent { pod: format!("p{i}"), node_id: format!("n{i}"), url: format!("ws://10.0.0.{i}:1/"), domain: None }
+        let (url, unreachable) = (format!("ws://10.0.0.{i}:1/"), [].into());
+        Agent { pod: format!("p{i}"), node_id: format!("n{i}"), url, domain: None, unreachable }
     }
 
     #[test]
@@ -464,7 +473,8 @@ mod tests {
             ..Default::default()
         };
         let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
-        let out = targets(&m, &BTreeSet::new(), (4, "seed", "p"), &carried, &BTreeMap::new(), &mut Kept::default());
+        let (none, pods) = (planner::Unusable::new(), BTreeMap::new());
+        let out = targets(&m, &BTreeSet::new(), (4, "seed", "p"), (&carried, &pods), &none, &mut Kept::default());
         let out = out.unwrap();
         assert_eq!(out.targets["gone"], None);
         let published: BTreeMap<String, Assignment> = m
@@ -516,6 +526,7 @@ mod tests {
         held: BTreeSet<String>,
         carried: BTreeMap<String, Arc<Assignment>>,
         pods: BTreeMap<String, PodState>,
+        unusable: planner::Unusable,
         cap: u32,
     }
 
@@ -531,12 +542,13 @@ mod tests {
 
         fn event(&mut self, (kind, i, j): (u8, usize, usize), last: &Targets) {
             let pod = format!("p{i:02}");
-            match kind % 8 {
+            match kind % 9 {
                 0 | 1 => {
                     let url = format!("ws://10.0.0.{}:1/", i + 24 * (j % 2));
                     let domain = (j % 3 == 0).then(|| format!("zone-{}", j % 2));
                     let node_id = format!("n{:02}", if j % 7 == 0 { j % 24 } else { i });
-                    self.agents.insert(pod.clone(), Arc::new(Agent { pod, node_id, url, domain }));
+                    self.agents
+                        .insert(pod.clone(), Arc::new(Agent { pod, node_id, url, domain, unreachable: [].into() }));
                 }
                 2 => drop(self.agents.remove(&pod)),
                 3 => {
@@ -567,13 +579,21 @@ mod tests {
                     };
                     self.carry(&pod, keys);
                 }
-                _ => self.cap = (j % 6) as u32,
+                7 => self.cap = (j % 6) as u32,
+                // A pair reported unusable, or usable again.
+                _ => {
+                    let pair = (format!("n{:02}", i.min(j)), format!("n{:02}", i.max(j)));
+                    if !self.unusable.remove(&pair) {
+                        self.unusable.insert(pair);
+                    }
+                }
             }
         }
 
         fn plan(&self, kept: &mut Kept) -> Result<(Targets, [u32; 5], String), PlanError> {
             let m = Membership { agents: self.agents.clone(), ..Default::default() };
-            targets(&m, &self.held, (self.cap, "seed", "p"), &self.carried, &self.pods, kept).map(seen)
+            let keys = (&self.carried, &self.pods);
+            targets(&m, &self.held, (self.cap, "seed", "p"), keys, &self.unusable, kept).map(seen)
         }
     }
 
@@ -581,10 +601,10 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
         /// The plan made with the last plan's memory equals the plan made without, after every event:
         /// joins, leaves, new verdicts (a moved URL, a node id another Pod had), holds, writes landing
-        /// or failing, Pods rewritten by hand, a changed cap.
+        /// or failing, Pods rewritten by hand, a changed cap, pairs unusable and usable again.
         #[test]
         fn the_kept_plan_equals_one_made_from_scratch(
-            events in proptest::collection::vec((0u8..8, 0usize..24, 0usize..24), 1..60),
+            events in proptest::collection::vec((0u8..9, 0usize..24, 0usize..24), 1..60),
         ) {
             let mut world = World { cap: 4, ..Default::default() };
             let (mut kept, mut last) = (Kept::default(), Targets::new());

@@ -25,6 +25,8 @@ pub struct ValidPolicy {
     pub node_id_annotation: String,
     pub topology_key: Option<String>,
     pub heartbeat_timeout: Duration,
+    /// See `spec.unreachableBackoff`.
+    pub unreachable_backoff: Duration,
     pub rendezvous: Rendezvous,
     owner_key: OwnerKey,
 }
@@ -70,10 +72,12 @@ impl ValidPolicy {
         let dur = |field: &'static str, v: &str| {
             duration::parse(v).map_err(|_| invalid(field, v, "is not a duration such as \"10s\" or \"500ms\""))
         };
-        let poll_interval = dur("rendezvous.pollInterval", &spec.rendezvous.poll_interval)?;
-        if poll_interval < Duration::from_secs(1) {
-            return Err(invalid("rendezvous.pollInterval", &spec.rendezvous.poll_interval, "is below 1s"));
-        }
+        let at_least_a_second = |field: &'static str, v: &str| {
+            Some(dur(field, v)?)
+                .filter(|d| *d >= Duration::from_secs(1))
+                .ok_or_else(|| invalid(field, v, "is below 1s"))
+        };
+        let poll_interval = at_least_a_second("rendezvous.pollInterval", &spec.rendezvous.poll_interval)?;
         if spec.max_peers > planner::MAX_CAP {
             return Err(invalid("maxPeers", spec.max_peers, format!("exceeds {}", planner::MAX_CAP)));
         }
@@ -89,6 +93,7 @@ impl ValidPolicy {
             node_id_annotation: spec.identity.node_id_annotation.clone(),
             topology_key: spec.topology_key.clone(),
             heartbeat_timeout: dur("heartbeatTimeout", &spec.heartbeat_timeout)?,
+            unreachable_backoff: at_least_a_second("unreachableBackoff", &spec.unreachable_backoff)?,
             rendezvous: Rendezvous::new(
                 &spec.rendezvous,
                 poll_interval,
@@ -205,6 +210,7 @@ mod tests {
             (r#"{"rendezvous": {"pollInterval": "500ms"}}"#, "spec.rendezvous.pollInterval: \"500ms\" is below 1s"),
             (r#"{"rendezvous": {"timeout": "1x"}}"#, "spec.rendezvous.timeout: \"1x\" is not a duration"),
             (r#"{"heartbeatTimeout": "-1s"}"#, "spec.heartbeatTimeout: \"-1s\" is not a duration"),
+            (r#"{"unreachableBackoff": "100ms"}"#, "spec.unreachableBackoff: \"100ms\" is below 1s"),
             (r#"{"maxPeers": 65}"#, "spec.maxPeers: 65 exceeds 64"),
             (r#"{"rendezvous": {"url": "rv/presence"}}"#, "spec.rendezvous.url: \"rv/presence\" is not a URL"),
             (r#"{"rendezvous": {"url": "ftp://rv"}}"#, "spec.rendezvous.url: \"ftp://rv\" is not http:// or https://"),

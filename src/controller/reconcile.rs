@@ -185,7 +185,8 @@ fn check(ctx: &Context, policy: &ValidPolicy, filing: &Filing, fleet: &mut Fleet
 /// With `--check-incremental`: the plan made with the last plan's memory against one made without.
 fn check_plan(ctx: &Context, policy: &ValidPolicy, o: &Observed, d: &Decision) {
     let (Some(m), Some(kept)) = (d.members, &d.plan) else { return };
-    let fresh = plan::targets(m, &d.held, decide::made_for(policy), &o.carried, &o.pods, &mut plan::Kept::default());
+    let scratch = &mut plan::Kept::default();
+    let fresh = plan::targets(m, &d.held, decide::made_for(policy), (&o.carried, &o.pods), &d.health.unusable, scratch);
     let kept = PlanOutcome { targets: d.wanted.clone(), ..kept.clone() };
     let difference = match fresh {
         Ok(fresh) => match plan::difference(&kept, &fresh) {

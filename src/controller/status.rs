@@ -17,6 +17,7 @@ pub const READY: &str = "Ready";
 pub const RENDEZVOUS_REACHABLE: &str = "RendezvousReachable";
 pub const DEGRADED: &str = "Degraded";
 pub const CONFLICT: &str = "Conflict";
+pub const MESH_AS_PLANNED: &str = "MeshAsPlanned";
 
 /// A condition's status. `Unknown` while the truth cannot be known yet: before the first presence read
 /// (and before any has failed), the rendezvous' reachability and the mesh's health are not known.
@@ -81,6 +82,10 @@ pub struct Findings {
     pub held: usize,
     /// Agents of a burst held back until arrivals pause (see `admission`): not in the plan yet.
     pub arriving: usize,
+    /// Links the Pods carry that an agent reports it cannot open: (reporter Pod, peer Pod).
+    pub unreachable_links: Vec<(String, String)>,
+    /// Pairs the plan avoids.
+    pub avoided: usize,
 }
 
 impl Findings {
@@ -106,6 +111,8 @@ impl Findings {
             arriving: d.held.len(),
             duplicate_ids: members.map(duplicate_ids).unwrap_or_default(),
             disconnected: d.plan.as_ref().is_some_and(|p| p.components > 1 && policy.max_peers >= 2),
+            unreachable_links: d.health.reported.clone(),
+            avoided: d.health.total,
         }
     }
 
@@ -119,7 +126,7 @@ impl Findings {
         ))
     }
 
-    /// The four conditions.
+    /// The five conditions.
     pub fn verdicts(&self) -> Vec<Verdict> {
         let reachable = match &self.unreachable {
             Some((reason, message)) => Verdict::new(RENDEZVOUS_REACHABLE, false, reason.clone(), message.clone()),
@@ -134,7 +141,29 @@ impl Findings {
             let message = format!("Pods owned by an older MeshPolicy: {}", self.conflicted.join(", "));
             Verdict::new(CONFLICT, true, "SelectedByOlderPolicy", message)
         };
-        vec![reachable, self.degraded(), conflict, self.ready()]
+        vec![reachable, self.degraded(), conflict, self.ready(), self.mesh_as_planned()]
+    }
+
+    /// Whether the links the agents report match the plan: no carried link is one an agent cannot open.
+    fn mesh_as_planned(&self) -> Verdict {
+        if self.reading() {
+            return Verdict::unknown(MESH_AS_PLANNED, "NoPresence", "no presence read yet");
+        }
+        let avoided = match self.avoided {
+            0 => String::new(),
+            n => format!("the plan avoids {n} pairs of agents that could not link"),
+        };
+        if self.unreachable_links.is_empty() {
+            return Verdict::new(MESH_AS_PLANNED, true, "AllLinksOpen", avoided);
+        }
+        let named: Vec<String> =
+            self.unreachable_links.iter().take(3).map(|(a, b)| format!("{a} cannot reach {b}")).collect();
+        let message = format!(
+            "{} planned links cannot be opened ({}); the next plan avoids them",
+            self.unreachable_links.len(),
+            named.join(", ")
+        );
+        Verdict::new(MESH_AS_PLANNED, false, "UnreachableLinks", message)
     }
 
     /// Whether nothing has been read and nothing has failed yet: the first read is still on its way.
@@ -223,6 +252,8 @@ pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Out
         .take(100)
         .map(|(pod, why)| ExcludedPod { pod: pod.clone(), reason: truncate(&why.to_string(), 256) })
         .collect();
+    new.unusable_links = d.health.listed.clone();
+    new.unusable_links_total = d.health.total as u32;
     if prev.plan_hash != new.plan_hash {
         new.last_plan_time = Some(now.clone());
     }
@@ -372,6 +403,13 @@ mod tests {
             assert_eq!(reason(&f, type_), (unknown, why.into()), "{type_}");
         }
         assert_eq!(reason(&f, CONFLICT), (no, "NoConflict".into()));
+        assert_eq!(reason(&f, MESH_AS_PLANNED), (unknown, "NoPresence".into()));
+        let mut f = Findings { has_presence: true, avoided: 1, ..Default::default() };
+        assert_eq!(reason(&f, MESH_AS_PLANNED), (yes, "AllLinksOpen".into()));
+        f.unreachable_links.push(("agent-1".into(), "agent-2".into()));
+        assert_eq!(reason(&f, MESH_AS_PLANNED), (no, "UnreachableLinks".into()));
+        let v = f.verdicts().into_iter().find(|v| v.type_ == MESH_AS_PLANNED).unwrap();
+        assert!(v.message.contains("agent-1 cannot reach agent-2"), "{}", v.message);
         // The metrics forget a deleted policy's condition series by these names.
         assert!(f.verdicts().iter().all(|v| crate::telemetry::CONDITIONS.contains(&v.type_)));
     }

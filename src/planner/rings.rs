@@ -595,9 +595,9 @@ impl Builder {
     /// that plan already: replanning a plan must reproduce it exactly, or every poll would rewire the mesh.
     fn spread_domains(&mut self, backbone: &[u32]) {
         for &first in backbone {
-            // A switch may leave v without a cross-domain link only when v had none: u gains one and
-            // nobody loses one, so each step fixes a member and the chain ends. v goes next, at once,
-            // because the backbone walk may already have passed it.
+            // A switch may leave v without a cross-domain link only when v had none (see `cross_switch`):
+            // u gains one and nobody loses one, so each step fixes a member and the chain ends. v goes
+            // next, at once, because the backbone walk may already have passed it.
             let mut next = Some(first);
             while let Some(u) = next.take() {
                 let Some((v, xy)) = self.cross_switch(u) else {
@@ -616,7 +616,9 @@ impl Builder {
             return None;
         }
         let v = self.g.neighbors(u).iter().copied().find(|&v| self.removable(u, v))?;
-        let v_needy = !self.has_cross_link(v);
+        // Only the odd-k matching pairs two members that both need a cross-domain link; elsewhere such a
+        // trade would ripple through the rings' neighbours at every join.
+        let v_needy = !self.mate.is_empty() && !self.has_cross_link(v);
         let found = self.walk_from(u).find_map(|x| {
             if self.dom[x as usize] == du || self.g.has_edge(u, x) || !self.usable(u, x) {
                 return None;

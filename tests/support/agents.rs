@@ -52,6 +52,30 @@ pub fn python() -> &'static Path {
 }
 
 /// A rendezvous as agents reach it: its link URL and the node id they pin.
+/// Where a test's agents keep their keys, assignment files and logs: removed when the test passes, kept
+/// (and its path printed) when it fails, so the agents' logs can be read.
+pub struct AgentDir(Option<tempfile::TempDir>);
+
+impl AgentDir {
+    pub fn new() -> AgentDir {
+        AgentDir(Some(tempfile::tempdir().unwrap()))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("until dropped").path()
+    }
+}
+
+impl Drop for AgentDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("the agents' logs are kept in {}", dir.keep().display());
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SyncHub {
     pub url: String,

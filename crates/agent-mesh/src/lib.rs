@@ -1,8 +1,9 @@
 //! The agent side of mesh-operator. An agent embeds this crate to keep exactly the supplementary sync links
 //! its Pod's assignment names, and no more than its cap, whatever order and delay assignments arrive in.
 //!
-//! Without default features the crate is only the assignment format ([`assignment`], [`downward`]), which
-//! the operator shares. With `runtime` (the default) it is the whole agent side:
+//! Without default features the crate is only the formats the operator shares: the assignment
+//! ([`assignment`], [`downward`]) and the link health report ([`health`]). With `runtime` (the default) it
+//! is the whole agent side:
 //! [`identity`] (Ed25519, node id = hex public key) → [`source`] (the assignment, read strictly) →
 //! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
 //! over [`transport`], [`tls`] and [`handshake`] (WebSocket links inside mutual TLS, each end its node key)
@@ -12,13 +13,12 @@
 //! peer choice.
 pub mod assignment;
 pub mod downward;
+pub mod health;
 
 #[cfg(feature = "runtime")]
 pub mod doc;
 #[cfg(feature = "runtime")]
 pub mod handshake;
-#[cfg(feature = "runtime")]
-pub mod health;
 #[cfg(feature = "runtime")]
 pub mod held;
 #[cfg(feature = "runtime")]
