@@ -163,7 +163,7 @@ fn presence_of(n: usize) -> Arc<Snapshot> {
             alive: true,
             last_seen_ms: Some(NOW_MS),
             hostname: Some(format!("agent-{i}").into()),
-            unreachable: [].into(),
+            unreachable: Default::default(),
         })
         .collect();
     Arc::new(Snapshot { server_node_id: None, now_ms: Some(NOW_MS), nodes: nodes.into() })

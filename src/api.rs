@@ -43,6 +43,9 @@ pub const GROUP: &str = "agentmesh.dev";
     {"rule": "duration(self.heartbeatTimeout) > duration(self.rendezvous.pollInterval)",
      "message": "spec.heartbeatTimeout must exceed spec.rendezvous.pollInterval, or every agent ages out between two polls",
      "fieldPath": ".heartbeatTimeout", "reason": "FieldValueInvalid"},
+    {"rule": "duration(self.unreachableBackoff) >= duration('1s') && duration(self.unreachableBackoff) <= duration('24h')",
+     "message": "spec.unreachableBackoff must be between 1s and 24h",
+     "fieldPath": ".unreachableBackoff", "reason": "FieldValueInvalid"},
 ]))]
 pub struct MeshPolicySpec {
     /// Chooses the agent Pods in this namespace. Must not be empty: an empty selector would claim every Pod.
@@ -73,7 +76,7 @@ pub struct MeshPolicySpec {
     #[serde(default)]
     pub mode: Mode,
     /// How long the plan avoids a pair of agents after one reports it cannot reach the other (Go
-    /// duration, at least 1s). Doubled each time the pair fails again once back in the plan, up to 64
+    /// duration, 1s to 24h). Doubled each time the pair fails again once back in the plan, up to 64
     /// times; forgotten after a quiet back-off.
     #[serde(default = "default_unreachable_backoff")]
     #[schemars(length(max = 32), regex(pattern = duration::PATTERN))]

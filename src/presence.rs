@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use agent_mesh::health::{MAX_NODE_ID, MAX_UNREACHABLE};
 use serde::Deserialize;
 
 /// The local wall clock in milliseconds since the epoch, the unit presence uses.
@@ -13,7 +14,8 @@ pub fn unix_ms() -> f64 {
 }
 
 /// One entry of the rendezvous' `nodes` list, mirroring the agents' CRDT presence. Kept compact (88
-/// bytes plus its strings): a body at `--max-presence-bytes` can list over half a million entries.
+/// bytes plus its strings, each one allocation): a body at `--max-presence-bytes` can list over half a
+/// million entries.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(from = "RawNode")]
 pub struct Node {
@@ -23,9 +25,155 @@ pub struct Node {
     /// Milliseconds since the epoch: `last_seen_ms` as sent, else `last_seen` (seconds) × 1000.
     pub last_seen_ms: Option<f64>,
     pub hostname: Option<Box<str>>,
-    /// The planned peers the agent reports it cannot reach; empty when the list is over the bounds of
-    /// `agent_mesh::health` (as the rendezvous would refuse the report).
-    pub unreachable: Box<[Box<str>]>,
+    pub unreachable: Unreachable,
+}
+
+/// The planned peers an entry reports it cannot reach, kept as one string of ids separated by newlines:
+/// one allocation per entry, so a body of many short ids costs about what the body does. Empty when the
+/// entry lists none, or anything but a list of at most [`MAX_UNREACHABLE`] ids of 1 to [`MAX_NODE_ID`]
+/// bytes without a newline (the bounds the rendezvous holds reports to); the rest of the entry still reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unreachable(Box<str>);
+
+impl Unreachable {
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.split('\n').filter(|id| !id.is_empty())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> FromIterator<&'a str> for Unreachable {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(ids: I) -> Self {
+        Unreachable(ids.into_iter().collect::<Vec<_>>().join("\n").into())
+    }
+}
+
+impl<'de> Deserialize<'de> for Unreachable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(List)
+    }
+}
+
+/// Reads an `unreachable` value without an allocation per id, and without failing the body.
+struct List;
+
+impl<'de> serde::de::Visitor<'de> for List {
+    type Value = Unreachable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of node ids")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unreachable, A::Error> {
+        let (mut joined, mut ok, mut n) = (String::new(), true, 0);
+        while let Some(id) = seq.next_element::<Id>()? {
+            n += 1;
+            match id.0 {
+                Some(id) if ok && n <= MAX_UNREACHABLE => {
+                    if !joined.is_empty() {
+                        joined.push('\n');
+                    }
+                    joined.push_str(&id);
+                }
+                _ => ok = false,
+            }
+        }
+        Ok(if ok { Unreachable(joined.into()) } else { Unreachable::default() })
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unreachable, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Unreachable::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Unreachable, E> {
+        Ok(Unreachable::default())
+    }
+}
+
+/// One element of an `unreachable` list: a usable id borrowed from the body where it can be, `None` for
+/// anything else (read and dropped without being kept).
+struct Id<'de>(Option<std::borrow::Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for Id<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IdVisitor)
+    }
+}
+
+struct IdVisitor;
+
+fn usable(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_NODE_ID && !id.contains('\n')
+}
+
+impl<'de> serde::de::Visitor<'de> for IdVisitor {
+    type Value = Id<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a node id")
+    }
+
+    fn visit_borrowed_str<E>(self, id: &'de str) -> Result<Id<'de>, E> {
+        Ok(Id(usable(id).then_some(std::borrow::Cow::Borrowed(id))))
+    }
+
+    fn visit_str<E>(self, id: &str) -> Result<Id<'de>, E> {
+        Ok(Id(usable(id).then(|| std::borrow::Cow::Owned(id.to_owned()))))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Id<'de>, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Id(None))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Id<'de>, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Id(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Id<'de>, E> {
+        Ok(Id(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Id<'de>, E> {
+        Ok(Id(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Id<'de>, E> {
+        Ok(Id(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Id<'de>, E> {
+        Ok(Id(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Id<'de>, E> {
+        Ok(Id(None))
+    }
 }
 
 /// A node as the body spells it.
@@ -43,18 +191,13 @@ struct RawNode {
     #[serde(default)]
     hostname: Option<String>,
     #[serde(default)]
-    unreachable: Vec<String>,
+    unreachable: Unreachable,
 }
 
 impl From<RawNode> for Node {
     fn from(raw: RawNode) -> Self {
-        use agent_mesh::health::{MAX_NODE_ID, MAX_UNREACHABLE};
-        let bounded = raw.unreachable.len() <= MAX_UNREACHABLE
-            && raw.unreachable.iter().all(|id| !id.is_empty() && id.len() <= MAX_NODE_ID);
-        let unreachable =
-            if bounded { raw.unreachable.into_iter().map(String::into_boxed_str).collect() } else { [].into() };
         Node {
-            unreachable,
+            unreachable: raw.unreachable,
             node_id: raw.node_id.into_boxed_str(),
             address: raw.address.into_boxed_str(),
             alive: raw.alive,
@@ -153,6 +296,31 @@ mod tests {
         assert_eq!(wrapped.server_node_id.as_deref(), Some("9f"));
         assert_eq!(wrapped.nodes[0].hostname.as_deref(), Some("agent-7"));
         assert_eq!(wrapped.nodes[0].heartbeat_ms(), Some(1763999990123.0));
+    }
+
+    /// A health report reads as its ids; anything else in its place (too many, too long, empty, with a
+    /// newline, not a string, not a list) reads as none, and the rest of the entry and the body still count.
+    #[test]
+    fn unreachable_lists_read_within_bounds_or_as_none() {
+        let read = |list: &str| {
+            let body = format!(r#"[{{"node_id":"ab","alive":true,"unreachable":{list}}}]"#);
+            let snap = parse(body.as_bytes()).unwrap_or_else(|e| panic!("{list}: {e}"));
+            assert!(snap.nodes[0].alive, "{list}");
+            snap.nodes[0].unreachable.ids().map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(read(r#"["c1", "d\u0032"]"#), ["c1", "d2"]);
+        assert_eq!(read("[]"), Vec::<String>::new());
+        let many = serde_json::to_string(&(0..65).map(|i| i.to_string()).collect::<Vec<_>>()).unwrap();
+        let long = serde_json::to_string(&["a".repeat(257)]).unwrap();
+        for bad in [many.as_str(), &long, r#"[""]"#, r#"["a\nb"]"#, r#"["a", 1]"#, r#"["a", ["b", {"c": []}]]"#] {
+            assert_eq!(read(bad), Vec::<String>::new(), "{bad}");
+        }
+        for bad in ["null", r#""a""#, "7", "true", r#"{"a": ["b"]}"#] {
+            assert_eq!(read(bad), Vec::<String>::new(), "{bad}");
+        }
+        let sixty_four = serde_json::to_string(&(0..64).map(|i| i.to_string()).collect::<Vec<_>>()).unwrap();
+        assert_eq!(read(&sixty_four).len(), 64);
+        assert!(parse(br#"[{"node_id":"ab","unreachable":["a"#).is_err(), "a cut body is still malformed");
     }
 
     #[tokio::test]

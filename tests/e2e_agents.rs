@@ -263,13 +263,15 @@ async fn a_link_the_network_refuses_is_planned_around_and_healed() {
             .iter()
             .any(|u| [&u.reported_by, &u.peer] == [&a.name, &b.name] || [&u.reported_by, &u.peer] == [&b.name, &a.name])
     };
-    let cut = Cut::between(&a.ip, &b.ip, &format!("mesh-e2e-{ns}"));
+    let (cut, cut_at) = (Cut::between(&a.ip, &b.ip, &format!("mesh-e2e-{ns}")), std::time::Instant::now());
     wait_for("the plan to drop the cut pair and the status to list it", WAIT, || async {
         let p = policy(&client, &ns, "mesh").await;
         (!holds(&plans(&client, &ns, &ids).await) && listed(&p)).then_some(())
     })
     .await;
+    let dropped = cut_at.elapsed();
     agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    eprintln!("cut → pair out of the plan: {dropped:.1?}; → every agent on the new plan: {:.1?}", cut_at.elapsed());
     wait_for("MeshAsPlanned once the plan avoids the pair", WAIT, || async {
         let p = policy(&client, &ns, "mesh").await;
         (condition(&p, "MeshAsPlanned")?.0 == "True").then_some(())

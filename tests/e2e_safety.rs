@@ -614,7 +614,8 @@ async fn a_policy_deleted_while_the_operator_was_down_releases_its_pods() {
 /// Finding 9: a presence body at the default `--max-presence-bytes`, made of the smallest entries JSON
 /// allows that still cost an allocation each (`{"node_id":"0"}`, about 524,000 of them), read by two
 /// policies from two rendezvous (so nothing is shared), keeps the operator's peak memory under the chart's
-/// 256 Mi limit.
+/// 256 Mi limit. A third reads health reports at their worst: one entry listing 1.5 million empty ids,
+/// then entries listing 64 one-byte ids each.
 #[tokio::test]
 async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
     let (client, ns, rv) = setup("memory").await;
@@ -638,17 +639,36 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
     let ((same, entries), (distinct, distinct_entries)) = (body(false), body(true));
     rv.state.lock().unwrap().raw_body = Some(same);
     other_rv.state.lock().unwrap().raw_body = Some(distinct);
+    let reports_rv = Rendezvous::start().await;
+    let reports = {
+        let mut body = br#"[{"node_id":"x","unreachable":["#.to_vec();
+        body.extend(std::iter::repeat_n(br#""","#.as_slice(), 1_500_000).flatten());
+        body.extend_from_slice(br#"""]}"#);
+        let alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/";
+        let ids = alphabet.chars().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(",");
+        let mut i = 0;
+        while body.len() + 200 + ids.len() <= limit {
+            body.extend_from_slice(format!(r#",{{"node_id":"{i:x}","unreachable":[{ids}]}}"#).as_bytes());
+            i += 1;
+        }
+        body.push(b']');
+        assert!(body.len() <= limit);
+        Arc::new(body)
+    };
+    reports_rv.state.lock().unwrap().raw_body = Some(reports);
     let log = std::env::temp_dir().join(format!("{ns}-operator.log"));
     let mut op = operator_binary(&ns, "op-mem", &log, "info");
     create_policy(&client, &ns, "mesh", spec(&rv, json!({}))).await;
     let other = json!({"selector": {"matchLabels": {"app": "other"}}});
     create_policy(&client, &ns, "other", spec(&other_rv, other)).await;
+    let third = json!({"selector": {"matchLabels": {"app": "third"}}});
+    create_policy(&client, &ns, "reports", spec(&reports_rv, third)).await;
     wait_for("three reads of the big body at each rendezvous", WAIT, || async {
         let reads = |r: &Rendezvous| r.state.lock().unwrap().requests;
-        (reads(&rv) >= 3 && reads(&other_rv) >= 3).then_some(())
+        (reads(&rv) >= 3 && reads(&other_rv) >= 3 && reads(&reports_rv) >= 3).then_some(())
     })
     .await;
-    for policy in ["mesh", "other"] {
+    for policy in ["mesh", "other", "reports"] {
         wait_condition(&client, &ns, policy, "RendezvousReachable", "True", "PresenceRead").await;
     }
     let pid = op.id().unwrap();
@@ -660,7 +680,7 @@ async fn a_presence_body_at_the_size_limit_fits_the_memory_limit() {
         .unwrap();
     eprintln!(
         "operator peak RSS, two policies each reading a {limit}-byte body ({entries} entries of one id; \
-         {distinct_entries} distinct ids): {} MiB",
+         {distinct_entries} distinct ids), a third one of health reports: {} MiB",
         peak_kib / 1024
     );
     op.kill().await.unwrap();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::admission::Admission;
-use super::health::{Health, LinkHealth};
+use super::health::{self, Health, LinkHealth};
 use super::membership::Membership;
 use super::observe::Observed;
 use super::plan::{self, PlanOutcome, Targets};
@@ -84,8 +84,8 @@ pub fn decide<'m>(
     let Memory { admission, health, plan: kept } = memory;
     let (held, recheck) = members.map(|m| admit(m, observed, admission, now.at)).unwrap_or_default();
     let o = observed;
-    let backoff = policy.unreachable_backoff;
-    let health = members.map(|m| health.update(m, &o.carried, backoff, (now.at, &now.wall))).unwrap_or_default();
+    let rules = health::Rules { backoff: policy.unreachable_backoff, max_peers: policy.max_peers };
+    let health = members.map(|m| health.update(m, &o.carried, &rules, (now.at, &now.wall))).unwrap_or_default();
     let recheck = recheck.into_iter().chain(health.recheck).min();
     let planned =
         members.map(|m| plan::targets(m, &held, made_for(policy), (&o.carried, &o.pods), &health.unusable, kept));

@@ -42,7 +42,7 @@ pub fn presence(n: usize) -> Snapshot {
         alive: true,
         last_seen_ms: Some(NOW_MS - 1_000.0),
         hostname: None,
-        unreachable: [].into(),
+        unreachable: Default::default(),
     };
     Snapshot { now_ms: Some(NOW_MS), nodes: std::sync::Arc::new((0..n).map(node).collect()), ..Default::default() }
 }

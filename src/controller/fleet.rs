@@ -259,7 +259,7 @@ mod tests {
                 alive,
                 last_seen_ms: Some(NOW_MS - if stale { 120_000.0 } else { 1_000.0 }),
                 hostname: host.map(|h| format!("p{h}").into()),
-                unreachable: [].into(),
+                unreachable: Default::default(),
             })
     }
 
@@ -519,7 +519,7 @@ mod tests {
             alive: true,
             last_seen_ms: Some(NOW_MS),
             hostname: None,
-            unreachable: [].into(),
+            unreachable: Default::default(),
         }]));
         world.act(&Event::Apply(1, agent.clone()));
         assert_eq!(world.reconcile(&mut fleet), Ok(()));

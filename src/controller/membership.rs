@@ -30,7 +30,7 @@ pub struct Agent {
     pub url: String,
     pub domain: Option<String>,
     /// The planned peers it reports it cannot reach (node ids, from its presence entry).
-    pub unreachable: Box<[Box<str>]>,
+    pub unreachable: crate::presence::Unreachable,
 }
 
 /// Why a selected Pod is not an agent in the plan. `kubectl mesh explain` and the status show these.
@@ -501,7 +501,7 @@ mod tests {
             alive: true,
             last_seen_ms: Some(1_000_000.0 - age_ms),
             hostname: hostname.map(Into::into),
-            unreachable: [].into(),
+            unreachable: Default::default(),
         }
     }
 

@@ -462,7 +462,7 @@ mod tests {
     use crate::controller::pods::Keys;
 
     fn agent(i: usize) -> Agent {
-        let (url, unreachable) = (format!("ws://10.0.0.{i}:1/"), [].into());
+        let (url, unreachable) = (format!("ws://10.0.0.{i}:1/"), Default::default());
         Agent { pod: format!("p{i}"), node_id: format!("n{i}"), url, domain: None, unreachable }
     }
 
@@ -547,8 +547,10 @@ mod tests {
                     let url = format!("ws://10.0.0.{}:1/", i + 24 * (j % 2));
                     let domain = (j % 3 == 0).then(|| format!("zone-{}", j % 2));
                     let node_id = format!("n{:02}", if j % 7 == 0 { j % 24 } else { i });
-                    self.agents
-                        .insert(pod.clone(), Arc::new(Agent { pod, node_id, url, domain, unreachable: [].into() }));
+                    self.agents.insert(
+                        pod.clone(),
+                        Arc::new(Agent { pod, node_id, url, domain, unreachable: Default::default() }),
+                    );
                 }
                 2 => drop(self.agents.remove(&pod)),
                 3 => {

@@ -12,6 +12,9 @@ use kube::core::{Selector, SelectorExt};
 use crate::api::{KeyRef, MeshPolicy, Mode};
 use crate::{duration, planner};
 
+/// The longest `spec.unreachableBackoff` (doubled up to 64 times, it stays well within any clock).
+pub const MAX_UNREACHABLE_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+
 /// A MeshPolicy that passed validation, in the units the controller uses.
 #[derive(Clone, Debug)]
 pub struct ValidPolicy {
@@ -93,7 +96,9 @@ impl ValidPolicy {
             node_id_annotation: spec.identity.node_id_annotation.clone(),
             topology_key: spec.topology_key.clone(),
             heartbeat_timeout: dur("heartbeatTimeout", &spec.heartbeat_timeout)?,
-            unreachable_backoff: at_least_a_second("unreachableBackoff", &spec.unreachable_backoff)?,
+            unreachable_backoff: Some(at_least_a_second("unreachableBackoff", &spec.unreachable_backoff)?)
+                .filter(|d| *d <= MAX_UNREACHABLE_BACKOFF)
+                .ok_or_else(|| invalid("unreachableBackoff", &spec.unreachable_backoff, "exceeds 24h"))?,
             rendezvous: Rendezvous::new(
                 &spec.rendezvous,
                 poll_interval,
@@ -211,6 +216,7 @@ mod tests {
             (r#"{"rendezvous": {"timeout": "1x"}}"#, "spec.rendezvous.timeout: \"1x\" is not a duration"),
             (r#"{"heartbeatTimeout": "-1s"}"#, "spec.heartbeatTimeout: \"-1s\" is not a duration"),
             (r#"{"unreachableBackoff": "100ms"}"#, "spec.unreachableBackoff: \"100ms\" is below 1s"),
+            (r#"{"unreachableBackoff": "25h"}"#, "spec.unreachableBackoff: \"25h\" exceeds 24h"),
             (r#"{"maxPeers": 65}"#, "spec.maxPeers: 65 exceeds 64"),
             (r#"{"rendezvous": {"url": "rv/presence"}}"#, "spec.rendezvous.url: \"rv/presence\" is not a URL"),
             (r#"{"rendezvous": {"url": "ftp://rv"}}"#, "spec.rendezvous.url: \"ftp://rv\" is not http:// or https://"),

@@ -576,7 +576,7 @@ mod tests {
             alive: true,
             last_seen_ms: Some(seen_ms),
             hostname: None,
-            unreachable: [].into(),
+            unreachable: Default::default(),
         }
     }
 

@@ -84,8 +84,9 @@ pub struct Findings {
     pub arriving: usize,
     /// Links the Pods carry that an agent reports it cannot open: (reporter Pod, peer Pod).
     pub unreachable_links: Vec<(String, String)>,
-    /// Pairs the plan avoids.
+    /// Pairs the plan avoids, and pairs reported but not avoided (over a tenth of the links).
     pub avoided: usize,
+    pub over_limit: usize,
 }
 
 impl Findings {
@@ -113,6 +114,7 @@ impl Findings {
             disconnected: d.plan.as_ref().is_some_and(|p| p.components > 1 && policy.max_peers >= 2),
             unreachable_links: d.health.reported.clone(),
             avoided: d.health.total,
+            over_limit: d.health.over_limit,
         }
     }
 
@@ -158,11 +160,17 @@ impl Findings {
         }
         let named: Vec<String> =
             self.unreachable_links.iter().take(3).map(|(a, b)| format!("{a} cannot reach {b}")).collect();
-        let message = format!(
+        let mut message = format!(
             "{} planned links cannot be opened ({}); the next plan avoids them",
             self.unreachable_links.len(),
             named.join(", ")
         );
+        if self.over_limit > 0 {
+            message = format!(
+                "{message}, but for {} pairs: the plan avoids at most a tenth of its links ({} now)",
+                self.over_limit, self.avoided
+            );
+        }
         Verdict::new(MESH_AS_PLANNED, false, "UnreachableLinks", message)
     }
 
@@ -410,6 +418,9 @@ mod tests {
         assert_eq!(reason(&f, MESH_AS_PLANNED), (no, "UnreachableLinks".into()));
         let v = f.verdicts().into_iter().find(|v| v.type_ == MESH_AS_PLANNED).unwrap();
         assert!(v.message.contains("agent-1 cannot reach agent-2"), "{}", v.message);
+        f.over_limit = 3;
+        let v = f.verdicts().into_iter().find(|v| v.type_ == MESH_AS_PLANNED).unwrap();
+        assert!(v.message.contains("but for 3 pairs"), "{}", v.message);
         // The metrics forget a deleted policy's condition series by these names.
         assert!(f.verdicts().iter().all(|v| crate::telemetry::CONDITIONS.contains(&v.type_)));
     }

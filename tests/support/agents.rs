@@ -51,7 +51,6 @@ pub fn python() -> &'static Path {
     })
 }
 
-/// A rendezvous as agents reach it: its link URL and the node id they pin.
 /// Where a test's agents keep their keys, assignment files and logs: removed when the test passes, kept
 /// (and its path printed) when it fails, so the agents' logs can be read.
 pub struct AgentDir(Option<tempfile::TempDir>);
@@ -76,6 +75,7 @@ impl Drop for AgentDir {
     }
 }
 
+/// A rendezvous as agents reach it: its link URL and the node id they pin.
 #[derive(Clone, Debug)]
 pub struct SyncHub {
     pub url: String,

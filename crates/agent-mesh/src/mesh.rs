@@ -300,16 +300,21 @@ impl Mesh {
 
     /// When the earliest backoff of a wanted, unlinked peer ends, or a failing peer turns unreachable.
     fn next_due(&self) -> Option<Instant> {
-        let after = self.config.unreachable_after;
         let backoffs = self.attempts.values().map(|(_, at)| *at);
-        backoffs.chain(self.failing.values().map(|since| *since + after)).filter(|at| *at > Instant::now()).min()
+        let turning = self.failing.values().filter_map(|since| self.unreachable_from(*since));
+        backoffs.chain(turning).filter(|at| *at > Instant::now()).min()
+    }
+
+    /// When a peer failing since `since` turns unreachable (never, for a grace beyond the clock).
+    fn unreachable_from(&self, since: Instant) -> Option<Instant> {
+        since.checked_add(self.config.unreachable_after)
     }
 
     fn unreachable(&self) -> Vec<String> {
         let now = Instant::now();
-        let after = self.config.unreachable_after;
+        let turned = |since: Instant| self.unreachable_from(since).is_some_and(|at| at <= now);
         let mut ids: Vec<String> =
-            self.failing.iter().filter(|(_, since)| **since + after <= now).map(|(id, _)| id.clone()).collect();
+            self.failing.iter().filter(|(_, since)| turned(**since)).map(|(id, _)| id.clone()).collect();
         ids.sort();
         ids
     }

@@ -158,20 +158,24 @@ pub async fn dial_from(
 
 /// A TCP connection to `host:port`, from `from` when given: an agent with several addresses dials from the
 /// one it advertises, so rules by address (a NetworkPolicy, a firewall) see the same address both ways.
+/// Where `from` cannot be used (another address family, an address not on this host), the system chooses.
 async fn connect(host: &str, port: u16, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let Some(from) = from else {
-        return TcpStream::connect((host, port)).await;
-    };
     let mut last = None;
-    for to in tokio::net::lookup_host((host, port)).await?.filter(|to| to.is_ipv4() == from.is_ipv4()) {
-        let socket = if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.bind(std::net::SocketAddr::new(from, 0))?;
-        match socket.connect(to).await {
+    for to in tokio::net::lookup_host((host, port)).await? {
+        let bound = from.filter(|f| f.is_ipv4() == to.is_ipv4()).and_then(|f| {
+            let socket = if f.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            socket.ok().filter(|s| s.bind(std::net::SocketAddr::new(f, 0)).is_ok())
+        });
+        let tried = match bound {
+            Some(socket) => socket.connect(to).await,
+            None => TcpStream::connect(to).await,
+        };
+        match tried {
             Ok(tcp) => return Ok(tcp),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address of the family of {from}"))))
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} resolves to no address"))))
 }
 
 /// A failed TLS handshake: [`HandshakeError::NotTls`] when the peer answered with something that is not TLS

@@ -95,9 +95,9 @@ struct Args {
     /// How often each link says it is alive (100ms to 5s: peers close a link silent for 20 s).
     #[arg(long, value_parser = heartbeat, default_value = "5s")]
     heartbeat: Duration,
-    /// A planned peer every dial to which fails for this long is reported to the rendezvous as unreachable,
-    /// so the operator plans around the pair.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    /// A planned peer every dial to which fails for this long (1s to 1h) is reported to the rendezvous as
+    /// unreachable, so the operator plans around the pair.
+    #[arg(long, value_parser = grace, default_value = "30s")]
     unreachable_after: Duration,
 }
 
@@ -120,6 +120,14 @@ fn node_id(s: &str) -> Result<String, String> {
     } else {
         Err(format!("{s:?} is not a node id (64 lowercase hex digits)"))
     }
+}
+
+fn grace(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?} is outside 1s..=1h"));
+    }
+    Ok(d)
 }
 
 fn heartbeat(s: &str) -> Result<Duration, String> {
@@ -181,13 +189,23 @@ async fn main() -> anyhow::Result<()> {
     let test_addr = test_api.as_ref().map(|l| l.local_addr()).transpose()?;
     let shown = test_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     println!("listening mesh={mesh_addr} metrics={} test-api={shown} node={node_id}", metrics.local_addr()?);
+    // A mesh task that ended (it never does, unless it failed) leaves links unmanaged: exit, so whatever
+    // runs the agent restarts it, rather than serve a status that no longer moves.
+    let mut status = agent.status.clone();
+    let mesh_ended = async move { while status.changed().await.is_ok() {} };
     let serve_metrics = axum::serve(metrics, api::metrics_router(&agent)).into_future();
-    match test_api {
-        Some(listener) => {
-            let serve_tests = axum::serve(listener, api::test_router(agent).await).into_future();
-            tokio::try_join!(serve_metrics, serve_tests).map(drop)?
+    let serve = async {
+        match test_api {
+            Some(listener) => {
+                let serve_tests = axum::serve(listener, api::test_router(agent).await).into_future();
+                tokio::try_join!(serve_metrics, serve_tests).map(drop)
+            }
+            None => serve_metrics.await,
         }
-        None => serve_metrics.await?,
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = mesh_ended => anyhow::bail!("the mesh task stopped; see the error above"),
     }
     Ok(())
 }
