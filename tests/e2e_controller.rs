@@ -127,7 +127,8 @@ async fn fleet_assignment_churn_readiness_and_presence() {
     let patched = op.pod_patches() - before;
     // Each Pod whose assignment changed is written at most twice (a Pod that swaps a peer first drops it,
     // then gains the new one), and no other. How many change is the planner's bound: a leave changes at
-    // most 4k+4 links (tests/planner_properties.rs), each with two ends; typically about 2k Pods.
+    // most 4k+4 links (tests/planner_properties.rs, for 200 to 1,200 agents; here 50), each with two ends;
+    // typically about 2k Pods.
     let changed = a.iter().filter(|(pod, now)| was.get(*pod) != Some(now)).count() as u64;
     assert!((1..=2 * changed).contains(&patched), "one leave took {patched} Pod writes for {changed} changed Pods");
     assert!(changed <= 2 * (4 * 4 + 4), "one leave changed {changed} Pods (k = 4)");

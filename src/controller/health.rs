@@ -3,13 +3,13 @@
 //! An agent lists in its presence entry the planned peers every dial to which has failed past its grace
 //! period (`agent_mesh::health`). A report counts only for a peer the reporter's Pod carries as one it
 //! dials: an agent can make the plan avoid only its own links, which it could drop anyway by not dialing.
-//! A counted report makes the pair unusable for the policy's back-off. An agent withdraws its report once
-//! its plan no longer holds the peer; reported again after that (the pair came back and failed again), the
-//! back-off doubles, up to 64 times. A report never withdrawn (the write dropping the pair did not land,
-//! or presence is frozen by an outage) keeps the pair avoided without doubling. A pair forgotten a whole
-//! back-off after it could return, or once an end is no agent, starts afresh. At most a tenth of the
-//! plan's links are avoided at once: reports beyond that are counted, not followed, so a rendezvous that
-//! lists every link cannot make the operator rewire the whole mesh.
+//! A counted report makes the pair unusable for the policy's back-off, and for as long after as the agent
+//! still lists the peer (presence frozen by an outage, a write that did not land): only a report
+//! withdrawn and made again is a new failure. An agent withdraws its report once its plan no longer holds
+//! the peer; reported again after that (the pair came back and failed again), the back-off doubles, up to
+//! 64 times. A pair forgotten a whole back-off after it could return, or once an end is no agent, starts
+//! afresh. At most a tenth of the links are avoided at once: reports beyond that are counted, not
+//! followed, so a rendezvous that lists every link cannot make the operator rewire the whole mesh.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +38,14 @@ struct Avoided {
     /// When the plan may hold the pair again.
     until: Instant,
     backoff: Duration,
-    /// Whether the report was withdrawn since the pair was last avoided.
+    /// Whether the agent stopped listing the peer since the pair was last avoided.
     withdrawn: bool,
+}
+
+impl Avoided {
+    fn avoids(&self, now: Instant) -> bool {
+        self.until > now || !self.withdrawn
+    }
 }
 
 /// What the plan and the status read of link health after one reconcile.
@@ -75,49 +81,47 @@ impl LinkHealth {
         (now, wall): (Instant, &Time),
     ) -> Health {
         self.forget(m, now);
-        let reported = reports(m, carried);
-        let keys: BTreeSet<(&str, &str)> = reported.iter().map(|r| r.key()).collect();
-        for ((a, b), e) in &mut self.pairs {
-            e.withdrawn |= !keys.contains(&(a.as_str(), b.as_str()));
+        let Reports { listed, counted } = reports(m, carried);
+        for (key, e) in &mut self.pairs {
+            e.withdrawn |= !listed.contains(key);
         }
-        let limit = (m.agents.len() * rules.max_peers as usize / 20).max(1);
+        // A tenth of the links: N·k/2 of them, k no more than N − 1.
+        let k = (rules.max_peers as usize).min(m.agents.len().saturating_sub(1));
+        let limit = (m.agents.len() * k / 20).max(1);
+        let mut avoided = self.pairs.values().filter(|e| e.avoids(now)).count();
         let mut over_limit = 0;
-        for r in &reported {
-            let (a, b) = r.key();
-            let key = (a.to_owned(), b.to_owned());
-            let failures = match self.pairs.get(&key) {
-                Some(e) if e.until > now => continue,
-                Some(e) if !e.withdrawn => e.link.failures,
-                Some(e) => e.link.failures + 1,
-                None if self.avoided(now) >= limit => {
+        for r in &counted {
+            let failures = match self.pairs.get(&r.key) {
+                Some(e) if e.avoids(now) => continue,
+                _ if avoided >= limit => {
                     over_limit += 1;
                     continue;
                 }
+                Some(e) => e.link.failures + 1,
                 None => 1,
             };
             let backoff = rules.backoff.saturating_mul(1 << (failures - 1).min(MAX_DOUBLINGS));
             let retry_after = whole_seconds(wall, backoff);
             let link = UnusableLink { reported_by: r.by.clone(), peer: r.peer.clone(), failures, retry_after };
-            self.pairs.insert(key, Avoided { link, until: now + backoff, backoff, withdrawn: false });
+            self.pairs.insert(r.key.clone(), Avoided { link, until: now + backoff, backoff, withdrawn: false });
+            avoided += 1;
         }
-        self.health(reported, over_limit, now)
+        self.health(counted, over_limit, now)
     }
 
-    /// Drops the pairs a whole back-off past their end, and those an end of which is no agent.
+    /// Drops the pairs a whole back-off past their end whose report was withdrawn, and those an end of
+    /// which is no agent.
     fn forget(&mut self, m: &Membership, now: Instant) {
         if self.pairs.is_empty() {
             return;
         }
         let ids: HashSet<&str> = m.agents.values().map(|a| &*a.node_id).collect();
-        self.pairs.retain(|(a, b), e| e.until + e.backoff > now && ids.contains(&**a) && ids.contains(&**b));
-    }
-
-    fn avoided(&self, now: Instant) -> usize {
-        self.pairs.values().filter(|e| e.until > now).count()
+        let agents = |(a, b): &(String, String)| ids.contains(&**a) && ids.contains(&**b);
+        self.pairs.retain(|key, e| agents(key) && (!e.withdrawn || e.until + e.backoff > now));
     }
 
     fn health(&self, reported: Vec<Report>, over_limit: usize, now: Instant) -> Health {
-        let avoided: Vec<(&(String, String), &Avoided)> = self.pairs.iter().filter(|(_, e)| e.until > now).collect();
+        let avoided: Vec<(&(String, String), &Avoided)> = self.pairs.iter().filter(|(_, e)| e.avoids(now)).collect();
         let mut listed: Vec<UnusableLink> = avoided.iter().map(|(_, e)| e.link.clone()).collect();
         listed.sort_by(|x, y| (&x.reported_by, &x.peer).cmp(&(&y.reported_by, &y.peer)));
         listed.truncate(LISTED);
@@ -129,7 +133,7 @@ impl LinkHealth {
             listed,
             total: avoided.len(),
             over_limit,
-            recheck: avoided.iter().map(|(_, e)| e.until - now).min(),
+            recheck: avoided.iter().filter(|(_, e)| e.until > now).map(|(_, e)| e.until - now).min(),
         }
     }
 }
@@ -141,39 +145,37 @@ fn whole_seconds(wall: &Time, by: Duration) -> Time {
     Time(Timestamp::from_second(at.as_second()).unwrap_or(at))
 }
 
-/// A counted report: reporter and peer, by node id and by Pod.
+/// A counted report: the pair's node ids (the smaller first), the reporter's Pod and the peer's.
 struct Report {
-    from: String,
-    to: String,
+    key: (String, String),
     by: String,
     peer: String,
 }
 
-impl Report {
-    /// The pair's node ids, the smaller first.
-    fn key(&self) -> (&str, &str) {
-        if self.from < self.to { (&self.from, &self.to) } else { (&self.to, &self.from) }
-    }
+/// What the agents report: every pair of agents one lists, and the reports that count (the peer is one
+/// the reporter's Pod dials), one per pair.
+#[derive(Default)]
+struct Reports {
+    listed: BTreeSet<(String, String)>,
+    counted: Vec<Report>,
 }
 
-/// Every counted report.
-fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Vec<Report> {
+fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Reports {
     let reporters: Vec<_> = m.agents.values().filter(|a| !a.unreachable.is_empty()).collect();
     if reporters.is_empty() {
-        return Vec::new();
+        return Reports::default();
     }
     let pod_of: foldhash::HashMap<&str, &str> = m.agents.values().map(|a| (&*a.node_id, &*a.pod)).collect();
-    let mut out = Vec::new();
+    let (mut out, mut counted) = (Reports::default(), BTreeSet::new());
     for a in reporters {
-        let Some(dials) = carried.get(&a.pod) else { continue };
-        for id in a.unreachable.ids().filter(|id| dials.peers.iter().any(|p| p.node_id == *id)) {
-            if let Some(peer) = pod_of.get(id) {
-                out.push(Report {
-                    from: a.node_id.clone(),
-                    to: id.to_owned(),
-                    by: a.pod.clone(),
-                    peer: peer.to_string(),
-                });
+        let dials = |id: &str| carried.get(&a.pod).is_some_and(|c| c.peers.iter().any(|p| p.node_id == id));
+        for id in a.unreachable.ids() {
+            let Some(peer) = pod_of.get(id) else { continue };
+            let (from, to) = (a.node_id.clone(), id.to_owned());
+            let key = if from < to { (from, to) } else { (to, from) };
+            out.listed.insert(key.clone());
+            if dials(id) && counted.insert(key.clone()) {
+                out.counted.push(Report { key, by: a.pod.clone(), peer: peer.to_string() });
             }
         }
     }
@@ -245,17 +247,39 @@ mod tests {
         assert_eq!(fresh.listed[0].failures, 1);
     }
 
-    /// A report that was never withdrawn (the write dropping the pair failed, or presence is frozen) is
-    /// the old failure, not a new one: the pair stays avoided at the same back-off.
+    /// A report never withdrawn (the write dropping the pair failed, or presence is frozen by an outage,
+    /// whether or not the Pod still carries the peer) is the old failure, not a new one: the pair stays
+    /// avoided as it was, and nothing in the status moves. Withdrawn, it may return.
     #[test]
-    fn a_report_never_withdrawn_keeps_the_pair_avoided_without_doubling() {
+    fn a_report_never_withdrawn_keeps_the_pair_avoided_as_it_was() {
         let t0 = Instant::now();
         let (mut h, c) = (LinkHealth::default(), carried());
-        h.update(&fleet(&[(0, 1)]), &c, &RULES, (t0, &wall(0)));
-        for round in 1..4 {
-            let r = h.update(&fleet(&[(0, 1)]), &c, &RULES, (t0 + BACKOFF * round, &wall(0)));
-            assert_eq!((r.listed[0].failures, r.recheck, r.total), (1, Some(BACKOFF), 1), "round {round}");
+        let first = h.update(&fleet(&[(0, 1)]), &c, &RULES, (t0, &wall(0)));
+        let mut dropped = carried();
+        Arc::make_mut(dropped.get_mut("p0").unwrap()).peers.retain(|p| p.node_id != "n1");
+        for (round, c) in [(1, &c), (2, &dropped), (3, &dropped)] {
+            let r = h.update(&fleet(&[(0, 1)]), c, &RULES, (t0 + BACKOFF * round, &wall(0)));
+            assert_eq!((&r.listed, r.recheck, &r.unusable), (&first.listed, None, &first.unusable), "round {round}");
         }
+        let withdrawn = h.update(&fleet(&[]), &dropped, &RULES, (t0 + BACKOFF * 4, &wall(0)));
+        assert_eq!(withdrawn.total, 0, "usable again");
+    }
+
+    /// At most a tenth of the links (here 1) are avoided at once, however the reports come and go: a pair
+    /// that returns and fails again does not take a slot another pair holds.
+    #[test]
+    fn no_more_than_a_tenth_of_the_links_are_avoided() {
+        let (t0, c) = (Instant::now(), carried());
+        let mut h = LinkHealth::default();
+        let both = h.update(&fleet(&[(0, 1), (2, 3)]), &c, &RULES, (t0, &wall(0)));
+        assert_eq!((both.total, both.over_limit, &both.unusable), (1, 1, &Unusable::from([pair(0, 1)])));
+        // 0–1 leaves the plan and its report goes; 2–3 takes the slot once 0–1's back-off ends.
+        let t1 = t0 + BACKOFF;
+        let swapped = h.update(&fleet(&[(2, 3)]), &c, &RULES, (t1, &wall(0)));
+        assert_eq!((swapped.total, &swapped.unusable), (1, &Unusable::from([pair(2, 3)])));
+        // 0–1 back in the plan fails again: still one avoided.
+        let again = h.update(&fleet(&[(0, 1), (2, 3)]), &c, &RULES, (t1 + BACKOFF / 2, &wall(0)));
+        assert_eq!((again.total, again.over_limit), (1, 1));
     }
 
     #[test]
@@ -289,10 +313,11 @@ mod tests {
             t += BACKOFF * (1 << doublings);
             h.update(&fleet(&[]), &c, &RULES, (t, &wall(0)));
         }
+        // 8 reports of 6 pairs, each of a peer its reporter dials: 4 agents (k = 20, so 3) have at most 6
+        // links, and a tenth of them rounds up to 1.
         let every = [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (2, 0), (3, 0), (3, 1)];
         let all = LinkHealth::default().update(&fleet(&every), &c, &RULES, (t0, &wall(0)));
-        assert_eq!((all.total, all.listed.len(), all.over_limit), (4, 4, 2), "6 pairs reported, at most 4 avoided");
-        assert!(all.listed.windows(2).all(|w| (&w[0].reported_by, &w[0].peer) < (&w[1].reported_by, &w[1].peer)));
+        assert_eq!((all.total, all.listed.len(), all.over_limit, all.reported.len()), (1, 1, 5, 6));
     }
 
     /// The status shows whole seconds: what it reads back is what was written, so it is not written again.

@@ -168,7 +168,12 @@ async fn connect(host: &str, port: u16, from: Option<IpAddr>) -> std::io::Result
         });
         let tried = match bound {
             Some(socket) => socket.connect(to).await,
-            None => TcpStream::connect(to).await,
+            None => {
+                if let Some(f) = from {
+                    tracing::debug!(from = %f, to = %to, "dialing from the system's address instead");
+                }
+                TcpStream::connect(to).await
+            }
         };
         match tried {
             Ok(tcp) => return Ok(tcp),
