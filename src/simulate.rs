@@ -145,8 +145,8 @@ pub fn run(s: &Scenario) -> Result<Vec<SchemeReport>, planner::PlanError> {
 fn pick_unusable(plan: &planner::Plan, n: usize, rng: &mut ChaCha8Rng) -> planner::Unusable {
     let mut links: Vec<(u32, u32)> = plan.graph().edges().collect();
     let (picked, _) = links.partial_shuffle(rng, n);
-    let id = |i: u32| plan.members()[i as usize].node_id.clone();
-    picked.iter().map(|&(a, b)| if id(a) < id(b) { (id(a), id(b)) } else { (id(b), id(a)) }).collect()
+    let id = |i: u32| plan.members()[i as usize].node_id.as_str();
+    picked.iter().map(|&(a, b)| planner::unusable_pair(id(a), id(b))).collect()
 }
 
 /// The plan of `members` made around `unusable`, against the plan `before` made without.

@@ -232,11 +232,9 @@ proptest! {
         let m = members(n, zones, salt);
         let before = plan(&m, k, "uid");
         let edges: Vec<(u32, u32)> = before.graph().edges().collect();
-        let id = |i: u32| m[i as usize].node_id.clone();
-        let unusable: Unusable = picks.iter().map(|p| edges[p.index(edges.len())]).map(|(a, b)| {
-            let (a, b) = (id(a), id(b));
-            if a < b { (a, b) } else { (b, a) }
-        }).collect();
+        let id = |i: u32| m[i as usize].node_id.as_str();
+        let unusable: Unusable =
+            picks.iter().map(|p| edges[p.index(edges.len())]).map(|(a, b)| planner::unusable_pair(id(a), id(b))).collect();
         let p = planner::plan_around(&m, k, "uid", &before.dials(), &unusable).unwrap();
         let adj = adjacency(&p);
         let index: BTreeMap<&str, u32> = m.iter().enumerate().map(|(i, x)| (x.node_id.as_str(), i as u32)).collect();

@@ -63,9 +63,8 @@ pub struct Now {
 impl From<Instant> for Now {
     /// `at` with the wall clock read now and moved by as much as `at` is from now.
     fn from(at: Instant) -> Self {
-        let wall = k8s_openapi::jiff::Timestamp::now();
-        let (later, earlier) =
-            (at.saturating_duration_since(Instant::now()), Instant::now().saturating_duration_since(at));
+        let (wall, now) = (k8s_openapi::jiff::Timestamp::now(), Instant::now());
+        let (later, earlier) = (at.saturating_duration_since(now), now.saturating_duration_since(at));
         Now { at, wall: Time(wall + later - earlier) }
     }
 }

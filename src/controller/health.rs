@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::membership::Membership;
 use crate::api::UnusableLink;
 use crate::assignment::Assignment;
-use crate::planner::Unusable;
+use crate::planner::{self, Unusable};
 
 /// How many avoided pairs the status lists.
 pub const LISTED: usize = 20;
@@ -171,8 +171,7 @@ fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Repor
         let dials = |id: &str| carried.get(&a.pod).is_some_and(|c| c.peers.iter().any(|p| p.node_id == id));
         for id in a.unreachable.ids() {
             let Some(peer) = pod_of.get(id) else { continue };
-            let (from, to) = (a.node_id.clone(), id.to_owned());
-            let key = if from < to { (from, to) } else { (to, from) };
+            let key = planner::unusable_pair(&a.node_id, id);
             out.listed.insert(key.clone());
             if dials(id) && counted.insert(key.clone()) {
                 out.counted.push(Report { key, by: a.pod.clone(), peer: peer.to_string() });

@@ -34,8 +34,13 @@ pub struct Member {
 pub type Dials = BTreeMap<String, Vec<String>>;
 
 /// Pairs of node ids the plan must not link (the agents found they cannot open the link), each with the
-/// smaller id first.
+/// smaller id first (see [`unusable_pair`]).
 pub type Unusable = BTreeSet<(String, String)>;
+
+/// The pair of `a` and `b` as [`Unusable`] holds it: the smaller id first.
+pub fn unusable_pair(a: &str, b: &str) -> (String, String) {
+    if a < b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {

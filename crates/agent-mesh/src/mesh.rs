@@ -168,7 +168,7 @@ impl Mesh {
             let due = self.next_due();
             tokio::select! {
                 Some(ev) = events.recv() => self.on_event(ev),
-                changed = changed(&mut reading), if reading.is_some() => match changed {
+                changed = transport::changed(&mut reading), if reading.is_some() => match changed {
                     Some(r) => self.on_reading(&mut applied, r),
                     None => reading = None,
                 },
@@ -365,12 +365,6 @@ impl Mesh {
             changed
         });
     }
-}
-
-async fn changed(r: &mut Option<watch::Receiver<Reading>>) -> Option<Reading> {
-    let r = r.as_mut()?;
-    r.changed().await.ok()?;
-    Some(r.borrow_and_update().clone())
 }
 
 async fn tick(i: &mut Option<tokio::time::Interval>) {

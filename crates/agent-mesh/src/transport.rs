@@ -464,7 +464,8 @@ pub async fn run_link<F: Fn(Option<&str>) + Send>(
     }
 }
 
-async fn changed(r: &mut Option<watch::Receiver<String>>) -> Option<String> {
+/// The next value of an optional watch; `None` once its sender is gone.
+pub(crate) async fn changed<T: Clone>(r: &mut Option<watch::Receiver<T>>) -> Option<T> {
     let r = r.as_mut()?;
     r.changed().await.ok()?;
     Some(r.borrow_and_update().clone())
