@@ -11,7 +11,10 @@
 //! shared types past `crate::nesting`'s bound is refused and closes its link; one that builds on what is
 //! not here yet is held (`crate::held`) and checked again when it is. A forwarded update is one shared
 //! buffer, not a copy per link.
-use std::collections::{HashMap, HashSet, VecDeque};
+//!
+//! Over mesh links, updates follow the broadcast tree (`crate::tree`): whole over its links, as ids over
+//! the others, which ask for what does not arrive. The rendezvous link gets every update whole.
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -30,6 +33,8 @@ use yrs::{ReadTxn, StateVector, Transact, Update};
 use crate::held::Held;
 use crate::nesting::{Nesting, Verdict};
 use crate::screen::{self, Kind, Refused};
+pub use crate::tree::LinkId;
+use crate::tree::{Action, Broadcast, Control, Origin, Tree, UpdateId};
 
 /// Updates remembered by the seen-cache.
 const SEEN_CAPACITY: usize = 1 << 16;
@@ -44,9 +49,6 @@ pub const STEP1_INTERVAL: Duration = Duration::from_secs(3);
 /// A link whose held update has waited this long is asked for what this document lacks.
 const ASK_AFTER: Duration = Duration::from_secs(1);
 
-/// Identifies one attached link for the lifetime of the process.
-pub type LinkId = u64;
-
 type Edit = Box<dyn FnOnce(&yrs::Doc) -> Vec<u8> + Send>;
 type Read = Box<dyn FnOnce(&yrs::Doc) + Send>;
 
@@ -54,6 +56,7 @@ enum Cmd {
     Attach { link: LinkId, mesh: bool, out: Outbox, refuse: oneshot::Sender<()> },
     Detach(LinkId),
     Incoming { link: LinkId, kind: Kind, bytes: Bytes, _room: OwnedSemaphorePermit },
+    Tree { link: LinkId, control: Control },
     Edit(Edit),
     Read(Read),
 }
@@ -65,8 +68,14 @@ pub struct DocMetrics {
     pub updates_received: Counter,
     /// Updates received again (over a second path) and not forwarded.
     pub duplicates_dropped: Counter,
-    /// Update messages sent on mesh links (the rendezvous link not counted).
+    /// Update messages sent on mesh links (the rendezvous link not counted): the payload copies.
     pub mesh_messages_sent: Counter,
+    /// Update ids announced on mesh links (`ihave`), and the bytes of those frames.
+    pub announcements_sent: Counter,
+    pub announcement_bytes: Counter,
+    /// Update ids asked for (`graft`), and links pruned from the tree (`prune` sent).
+    pub grafts_sent: Counter,
+    pub prunes_sent: Counter,
     /// Messages refused by the screen or that did not apply.
     pub protocol_errors: Counter,
     /// SyncStep1 messages dropped because the link had one answered less than [`STEP1_INTERVAL`] ago.
@@ -85,16 +94,34 @@ pub struct Doc {
     metrics: DocMetrics,
 }
 
+/// What the document sends a link: a sync message (a binary frame) or a tree message (a text frame).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    Sync(Bytes),
+    Tree(String),
+}
+
+impl Outgoing {
+    /// The bytes it counts against its link's budget: a sync message's. A tree message is small and
+    /// bounded (`crate::tree::MAX_IDS`), and the queue's length bounds how many wait.
+    pub fn budgeted(&self) -> usize {
+        match self {
+            Outgoing::Sync(b) => b.len(),
+            Outgoing::Tree(_) => 0,
+        }
+    }
+}
+
 /// The messages the document sends one link, and the bytes of them not yet written to its socket.
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     queued: Arc<AtomicUsize>,
 }
 
 /// A link's end of its [`Outbox`]: the writer calls [`Inbox::sent`] once a message is on the socket. When
 /// `rx` ends, `refused` says whether the document refused something the peer sent (else it was too slow).
 pub struct Inbox {
-    pub rx: mpsc::Receiver<Bytes>,
+    pub rx: mpsc::Receiver<Outgoing>,
     pub refused: oneshot::Receiver<()>,
     queued: Arc<AtomicUsize>,
 }
@@ -122,8 +149,8 @@ impl Sent {
 
 impl Outbox {
     /// Queues `m` unless that would pass the link's message count or byte budget.
-    fn offer(&self, m: Bytes) -> bool {
-        let len = m.len();
+    fn offer(&self, m: Outgoing) -> bool {
+        let len = m.budgeted();
         if self.queued.fetch_add(len, Ordering::Relaxed) + len > LINK_OUT_BUDGET {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return false;
@@ -137,8 +164,13 @@ impl Outbox {
 }
 
 impl Doc {
-    /// Starts the document task.
+    /// Starts the document task, broadcasting over the tree.
     pub fn spawn(metrics: DocMetrics) -> Doc {
+        Doc::spawn_with(metrics, Broadcast::Tree)
+    }
+
+    /// Starts the document task, broadcasting over mesh links as `broadcast` says.
+    pub fn spawn_with(metrics: DocMetrics, broadcast: Broadcast) -> Doc {
         let (tx, rx) = mpsc::channel(1024);
         let relay = Relay {
             doc: yrs::Doc::new(),
@@ -146,6 +178,7 @@ impl Doc {
             seen: Seen::default(),
             nesting: Nesting::default(),
             held: Held::default(),
+            tree: (broadcast == Broadcast::Tree).then(Tree::default),
             metrics: metrics.clone(),
         };
         tokio::spawn(relay.run(rx));
@@ -163,8 +196,18 @@ impl Doc {
         Inbox { rx, refused, queued }
     }
 
+    /// What the relay counts.
+    pub fn metrics(&self) -> &DocMetrics {
+        &self.metrics
+    }
+
     pub async fn detach(&self, link: LinkId) {
         let _ = self.tx.send(Cmd::Detach(link)).await;
+    }
+
+    /// A tree message received on mesh link `link` (parsed and bounded by `Control::parse`).
+    pub async fn tree(&self, link: LinkId, control: Control) {
+        let _ = self.tx.send(Cmd::Tree { link, control }).await;
     }
 
     /// A message received on `link`. It is screened here, so a refused one never reaches the document
@@ -194,29 +237,37 @@ impl Doc {
     }
 }
 
+/// Updates seen lately, by id, each with whether its first copy came from the rendezvous.
 #[derive(Default)]
 struct Seen {
-    set: HashSet<u64>,
-    order: VecDeque<u64>,
+    set: HashMap<UpdateId, bool>,
+    order: VecDeque<UpdateId>,
 }
 
 impl Seen {
-    fn key(bytes: &[u8]) -> u64 {
+    /// The update's id: the same at every agent, since relays keep updates verbatim.
+    fn key(bytes: &[u8]) -> UpdateId {
         let mut h = DefaultHasher::new();
         bytes.hash(&mut h);
         h.finish()
     }
 
     fn contains(&self, bytes: &[u8]) -> bool {
-        self.set.contains(&Self::key(bytes))
+        self.set.contains_key(&Self::key(bytes))
     }
 
-    /// Whether `bytes` is new (and remembers it).
-    fn first_time(&mut self, bytes: &[u8]) -> bool {
+    /// Whether its first copy came from the rendezvous, if it was seen.
+    fn first_from_hub(&self, bytes: &[u8]) -> Option<bool> {
+        self.set.get(&Self::key(bytes)).copied()
+    }
+
+    /// Whether `bytes` is new (and remembers it, and whether it came from the rendezvous).
+    fn first_time(&mut self, bytes: &[u8], from_hub: bool) -> bool {
         let key = Self::key(bytes);
-        if !self.set.insert(key) {
+        if self.set.contains_key(&key) {
             return false;
         }
+        self.set.insert(key, from_hub);
         self.order.push_back(key);
         if self.order.len() > SEEN_CAPACITY {
             self.order.pop_front().map(|old| self.set.remove(&old));
@@ -242,32 +293,125 @@ struct Relay {
     seen: Seen,
     nesting: Nesting,
     held: Held,
+    /// The broadcast tree over the mesh links (`None`: flood them).
+    tree: Option<Tree>,
     metrics: DocMetrics,
 }
 
-fn encode(m: SyncMessage) -> Bytes {
-    Bytes::from(Message::Sync(m).encode_v1())
+fn encode(m: SyncMessage) -> Outgoing {
+    Outgoing::Sync(Bytes::from(Message::Sync(m).encode_v1()))
 }
 
 impl Relay {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(cmd) = rx.recv().await {
-            match cmd {
-                Cmd::Attach { link, mesh, out, refuse } => {
-                    let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
-                    if out.offer(step1) {
-                        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: None });
-                    }
+        loop {
+            let due = self.tree.as_ref().and_then(Tree::next_due);
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    self.tree_due();
+                    continue;
                 }
+            };
+            match cmd {
+                Cmd::Attach { link, mesh, out, refuse } => self.attach(link, mesh, out, refuse),
                 Cmd::Detach(link) => {
-                    self.links.remove(&link);
+                    self.let_go(link);
                     self.metrics.held_dropped.inc_by(self.held.forget(link));
                 }
                 Cmd::Incoming { link, kind, bytes, _room } => self.incoming(link, kind, &bytes),
+                Cmd::Tree { link, control } => self.heard(link, control),
                 Cmd::Edit(f) => self.edit(f),
                 Cmd::Read(f) => f(&self.doc),
             }
+            // Announcements wait until nothing else does, so one frame carries many ids.
+            if rx.is_empty() {
+                let flushed = self.tree.as_mut().map(Tree::flush).unwrap_or_default();
+                self.act(&flushed, None);
+            }
         }
+    }
+
+    /// A new link gets this document's state vector first; a mesh link also hears that this end speaks
+    /// the tree.
+    fn attach(&mut self, link: LinkId, mesh: bool, out: Outbox, refuse: oneshot::Sender<()>) {
+        let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
+        let tree = self.tree.as_mut().filter(|_| mesh);
+        if !out.offer(step1) || tree.as_ref().is_some_and(|_| !out.offer(Outgoing::Tree(Control::Hello.to_text()))) {
+            return;
+        }
+        if let Some(t) = tree {
+            t.attach(link);
+        }
+        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: None });
+    }
+
+    /// A tree message from a mesh link's peer.
+    fn heard(&mut self, link: LinkId, control: Control) {
+        let Some(tree) = self.tree.as_mut() else { return };
+        let seen = &self.seen;
+        let actions = tree.heard(link, control, Instant::now(), |id| seen.set.contains_key(&id));
+        self.act(&actions, None);
+    }
+
+    fn tree_due(&mut self) {
+        let Some(tree) = self.tree.as_mut() else { return };
+        let seen = &self.seen;
+        let actions = tree.due(Instant::now(), |id| seen.set.contains_key(&id));
+        self.act(&actions, None);
+    }
+
+    /// Carries out what the tree says; `update` is the new update a `Push` sends.
+    fn act(&mut self, actions: &[Action], update: Option<&Outgoing>) {
+        let mut slow = Vec::new();
+        for action in actions {
+            let (link, message) = match action {
+                Action::Push(l) => (*l, update.cloned()),
+                Action::Resend(l, payload) => (*l, Some(Outgoing::Sync(payload.clone()))),
+                Action::Send(l, control) => (*l, Some(Outgoing::Tree(control.to_text()))),
+                Action::Ask(l) => {
+                    self.ask(*l);
+                    continue;
+                }
+            };
+            let (Some(l), Some(message)) = (self.links.get(&link), message) else { continue };
+            let len = if let Outgoing::Tree(text) = &message { text.len() as u64 } else { 0 };
+            let mesh = l.mesh;
+            if !l.out.offer(message) {
+                slow.push(link);
+                continue;
+            }
+            match action {
+                Action::Push(_) | Action::Resend(..) if mesh => self.metrics.mesh_messages_sent.inc(),
+                Action::Send(_, Control::IHave(ids)) => {
+                    self.metrics.announcements_sent.inc_by(ids.len() as u64);
+                    self.metrics.announcement_bytes.inc_by(len)
+                }
+                Action::Send(_, Control::Graft(ids)) => self.metrics.grafts_sent.inc_by(ids.len() as u64),
+                Action::Send(_, Control::Prune) => self.metrics.prunes_sent.inc(),
+                _ => 0,
+            };
+        }
+        for id in slow {
+            self.drop_slow(id);
+        }
+    }
+
+    /// A link that does not keep up is let go (it resyncs on redial).
+    fn drop_slow(&mut self, link: LinkId) {
+        self.let_go(link);
+        self.metrics.slow_links_dropped.inc();
+    }
+
+    /// Takes a link out of the relay and the tree.
+    fn let_go(&mut self, link: LinkId) -> Option<Link> {
+        if let Some(t) = self.tree.as_mut() {
+            t.detach(link);
+        }
+        self.links.remove(&link)
     }
 
     /// A local edit: never refused, but what it nests counts for what peers add under it.
@@ -278,8 +422,8 @@ impl Relay {
         if let Some(depth) = deepest {
             tracing::warn!(depth, "a local edit nests shared types past the bound: every peer will refuse it");
         }
-        if self.seen.first_time(&update) {
-            self.forward(None, update);
+        if self.seen.first_time(&update, false) {
+            self.forward(None, update, true);
         }
         self.release();
     }
@@ -291,7 +435,9 @@ impl Relay {
             catch_unwind(|| Message::decode_v1(bytes)).unwrap_or(Err(yrs::encoding::read::Error::EndOfBuffer(0)));
         match (kind, decoded) {
             (Kind::Step1, Ok(Message::Sync(SyncMessage::SyncStep1(sv)))) => self.answer(link, &sv),
-            (_, Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u)))) => self.update(link, u),
+            (_, Ok(Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u)))) => {
+                self.update(link, u, kind == Kind::Update)
+            }
             _ => drop(self.metrics.protocol_errors.inc()),
         }
     }
@@ -306,17 +452,20 @@ impl Relay {
         let diff = self.doc.transact().encode_state_as_update_v1(sv);
         if !l.out.offer(encode(SyncMessage::SyncStep2(diff))) {
             // A peer that asks faster than it reads is dropped, not buffered for.
-            self.links.remove(&link);
-            self.metrics.slow_links_dropped.inc();
+            self.drop_slow(link);
         }
     }
 
-    fn update(&mut self, from: LinkId, bytes: Vec<u8>) {
-        if self.seen.contains(&bytes) {
+    /// An update received whole; `broadcast` unless it is a SyncStep2 (an answer to this link alone, whose
+    /// second copy says nothing about the tree).
+    fn update(&mut self, from: LinkId, bytes: Vec<u8>, broadcast: bool) {
+        if let Some(first_from_hub) = self.seen.first_from_hub(&bytes) {
             self.metrics.duplicates_dropped.inc();
+            let prune = self.tree.as_mut().filter(|_| broadcast).and_then(|t| t.duplicate(from, first_from_hub));
+            self.act(prune.as_slice(), None);
             return;
         }
-        if self.accept(from, bytes) {
+        if self.accept(from, bytes, broadcast) {
             self.release();
         }
     }
@@ -324,7 +473,7 @@ impl Relay {
     /// Applies and forwards an update whose depths are known and within the bound, holds one that builds
     /// on what is not here yet, and refuses (closing its link) one that nests too deep or that yrs does
     /// not integrate whole. Whether it applied.
-    fn accept(&mut self, from: LinkId, bytes: Vec<u8>) -> bool {
+    fn accept(&mut self, from: LinkId, bytes: Vec<u8>, broadcast: bool) -> bool {
         let clocks = self.clocks();
         let shape = screen::shape(&bytes).map_err(|e| e.to_string());
         match shape.and_then(|shape| self.nesting.check(&shape, &clocks)) {
@@ -347,8 +496,9 @@ impl Relay {
                     return false;
                 }
                 self.metrics.updates_received.inc();
-                self.seen.first_time(&bytes);
-                self.forward(Some(from), bytes);
+                let from_hub = self.links.get(&from).is_some_and(|l| !l.mesh);
+                self.seen.first_time(&bytes, from_hub);
+                self.forward(Some(from), bytes, broadcast);
                 true
             }
             Ok(Verdict::Waiting(anchors)) => {
@@ -387,7 +537,7 @@ impl Relay {
     fn refuse(&mut self, from: LinkId, why: &str) {
         tracing::debug!(error = %why, "refused an update; closing its link");
         self.metrics.protocol_errors.inc();
-        if let Some(link) = self.links.remove(&from) {
+        if let Some(link) = self.let_go(from) {
             let _ = link.refuse.send(());
         }
         self.metrics.held_dropped.inc_by(self.held.forget(from));
@@ -413,7 +563,7 @@ impl Relay {
             if self.seen.contains(&bytes) {
                 self.metrics.duplicates_dropped.inc();
             } else {
-                self.accept(from, bytes);
+                self.accept(from, bytes, true);
             }
         }
     }
@@ -425,25 +575,29 @@ impl Relay {
         move |client| state.get(&yrs::ClientID::new(client))
     }
 
-    /// Sends an update to every link but its source, one shared buffer for all; a link over its budget is
-    /// dropped.
-    fn forward(&mut self, from: Option<LinkId>, update: Vec<u8>) {
-        let message = encode(SyncMessage::Update(update));
-        let mut slow = Vec::new();
-        for (id, link) in &self.links {
-            if Some(*id) == from {
-                continue;
-            }
-            if !link.out.offer(message.clone()) {
-                slow.push(*id);
-            } else if link.mesh {
-                self.metrics.mesh_messages_sent.inc();
-            }
+    /// Sends a new update on to the links but its source, one shared buffer for all: whole to the
+    /// rendezvous, and over the mesh as the tree says (whole to every mesh link when flooding). A link
+    /// over its budget is dropped. What came as a SyncStep2 goes on as one, so that its second copies
+    /// prune nothing (see [`Relay::update`]).
+    fn forward(&mut self, from: Option<LinkId>, update: Vec<u8>, broadcast: bool) {
+        let id = Seen::key(&update);
+        let message = encode(if broadcast { SyncMessage::Update(update) } else { SyncMessage::SyncStep2(update) });
+        let origin = match from.and_then(|f| self.links.get(&f).map(|l| (f, l.mesh))) {
+            None => Origin::Local,
+            Some((f, true)) => Origin::Mesh(f),
+            Some((_, false)) => Origin::Hub,
+        };
+        let flooded = |l: &Link| !l.mesh || self.tree.is_none();
+        let mut actions: Vec<Action> = self
+            .links
+            .iter()
+            .filter(|(id, l)| Some(**id) != from && flooded(l))
+            .map(|(id, _)| Action::Push(*id))
+            .collect();
+        if let (Some(tree), Outgoing::Sync(payload)) = (self.tree.as_mut(), &message) {
+            actions.extend(tree.received(id, origin, payload));
         }
-        for id in slow {
-            self.links.remove(&id);
-            self.metrics.slow_links_dropped.inc();
-        }
+        self.act(&actions, Some(&message));
     }
 }
 
@@ -475,22 +629,34 @@ mod tests {
         .unwrap()
     }
 
-    /// Pumps everything `rx` has queued into `to` as arriving on `link`.
+    /// Pumps everything `rx` has queued into `to` as arriving on `link`; the sync messages it carried.
     async fn pump(inbox: &mut Inbox, to: &Doc, link: LinkId) -> usize {
         let mut n = 0;
         while let Ok(m) = inbox.rx.try_recv() {
-            inbox.sent(m.len());
-            to.incoming(link, m).await.unwrap();
-            n += 1;
+            inbox.sent(m.budgeted());
+            match m {
+                Outgoing::Sync(bytes) => {
+                    to.incoming(link, bytes).await.unwrap();
+                    n += 1;
+                }
+                Outgoing::Tree(text) => to.tree(link, Control::parse(&text).unwrap().unwrap()).await,
+            }
         }
         to.read(|_| ()).await;
         n
     }
 
+    fn sync(m: Outgoing) -> Bytes {
+        match m {
+            Outgoing::Sync(bytes) => bytes,
+            Outgoing::Tree(text) => panic!("a tree message where a sync one was expected: {text}"),
+        }
+    }
+
     #[tokio::test]
     async fn two_documents_sync_and_a_relayed_update_is_forwarded_once() {
-        let (a, b, c) =
-            (Doc::spawn(DocMetrics::default()), Doc::spawn(DocMetrics::default()), Doc::spawn(DocMetrics::default()));
+        let flood = || Doc::spawn_with(DocMetrics::default(), Broadcast::Flood);
+        let (a, b, c) = (flood(), flood(), flood());
         put(&a, "early").await;
         // a—b and b—c, b in the middle.
         let mut a_to_b = a.attach(1, true).await;
@@ -510,7 +676,7 @@ mod tests {
         assert_eq!(keys(&c).await, ["early", "late"]);
         // The same update again (over a second path) is dropped, not forwarded.
         put(&a, "again").await;
-        let message = a_to_b.rx.try_recv().unwrap();
+        let message = sync(a_to_b.rx.try_recv().unwrap());
         b.incoming(2, message.clone()).await.unwrap();
         b.incoming(3, message).await.unwrap();
         b.read(|_| ()).await;
@@ -522,5 +688,60 @@ mod tests {
         pump(&mut a_to_b, &b, 2).await;
         pump(&mut b_to_c, &c, 4).await;
         assert_eq!(keys(&c).await, ["after", "again", "early", "late"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tree_prunes_a_second_path_and_grafts_around_a_broken_one() {
+        let metrics: Vec<DocMetrics> = (0..3).map(|_| DocMetrics::default()).collect();
+        let docs: Vec<Doc> = metrics.iter().map(|m| Doc::spawn(m.clone())).collect();
+        let (a, b, c) = (&docs[0], &docs[1], &docs[2]);
+        // A triangle. Link ids: a–b is 1 at a and 2 at b, b–c 3 and 4, a–c 5 and 6.
+        let mut wires = vec![
+            (a.attach(1, true).await, b, 2),
+            (b.attach(2, true).await, a, 1),
+            (b.attach(3, true).await, c, 4),
+            (c.attach(4, true).await, b, 3),
+            (a.attach(5, true).await, c, 6),
+            (c.attach(6, true).await, a, 5),
+        ];
+        async fn settle(wires: &mut [(Inbox, &Doc, LinkId)]) -> usize {
+            let mut total = 0;
+            loop {
+                let mut moved = 0;
+                for (inbox, to, link) in wires.iter_mut() {
+                    moved += pump(inbox, to, *link).await;
+                }
+                if moved == 0 {
+                    return total;
+                }
+                total += moved;
+            }
+        }
+        settle(&mut wires).await;
+        let copies = || metrics.iter().map(|m| m.mesh_messages_sent.get()).sum::<u64>();
+        put(a, "one").await;
+        settle(&mut wires).await;
+        assert_eq!(keys(c).await, ["one"]);
+        let prunes: u64 = metrics.iter().map(|m| m.prunes_sent.get()).sum();
+        assert!(prunes > 0, "the first update arrived twice somewhere and pruned that link");
+        let before = copies();
+        put(a, "two").await;
+        settle(&mut wires).await;
+        assert_eq!((keys(b).await.len(), keys(c).await.len()), (2, 2));
+        assert_eq!(copies() - before, 2, "the second update crossed the tree's two links, once each");
+        // a–c goes. If it was in the tree, b's link to c is lazy at b: c hears of the update by id and
+        // asks for it.
+        wires.retain(|(_, _, link)| ![5, 6].contains(link));
+        a.detach(5).await;
+        c.detach(6).await;
+        put(a, "three").await;
+        settle(&mut wires).await;
+        tokio::time::sleep(crate::tree::GRAFT_AFTER * 2).await;
+        settle(&mut wires).await;
+        assert_eq!(keys(c).await, ["one", "three", "two"]);
+        put(b, "four").await;
+        settle(&mut wires).await;
+        assert_eq!(keys(c).await.len(), 4, "the repaired tree carries updates whole again");
+        assert_eq!(keys(a).await.len(), 4);
     }
 }

@@ -8,7 +8,8 @@
 //! [`links`] (the pure link table and its invariants) → [`mesh`] (the task that dials, admits and evicts)
 //! over [`transport`], [`tls`] and [`handshake`] (WebSocket links inside mutual TLS, each end its node key)
 //! → [`screen`] (what a peer may send) → [`nesting`] and [`held`] (how deep types nest, and updates
-//! that wait for what they build on) → [`doc`] (the Yjs document and its relay). [`rendezvous`] is the primary channel,
+//! that wait for what they build on) → [`doc`] (the Yjs document and its relay) with [`tree`] (the
+//! broadcast tree over the mesh links). [`rendezvous`] is the primary channel,
 //! which also carries [`health`] (planned peers this agent cannot reach); [`presence`] the seed baseline's
 //! peer choice.
 pub mod assignment;
@@ -45,6 +46,8 @@ pub mod source;
 pub mod tls;
 #[cfg(feature = "runtime")]
 pub mod transport;
+#[cfg(feature = "runtime")]
+pub mod tree;
 #[cfg(feature = "runtime")]
 pub mod wire;
 
@@ -91,6 +94,8 @@ mod runtime {
         pub dial_from: Option<IpAddr>,
         /// A planned peer every dial to which has failed for this long is reported unreachable.
         pub unreachable_after: Duration,
+        /// How updates cross the mesh links.
+        pub broadcast: crate::tree::Broadcast,
     }
 
     /// A server reached by URL whose node key is known in advance.
@@ -115,6 +120,7 @@ mod runtime {
                 protocols: Protocols::V2,
                 dial_from: None,
                 unreachable_after: Duration::from_secs(30),
+                broadcast: crate::tree::Broadcast::Tree,
             }
         }
     }
@@ -133,7 +139,7 @@ mod runtime {
         let creds = Arc::new(Credentials::new(&identity));
         let identity = Arc::new(identity);
         let metrics = Metrics::default();
-        let doc = Doc::spawn(metrics.doc.clone());
+        let doc = Doc::spawn_with(metrics.doc.clone(), config.broadcast);
         let config = Arc::new(config);
         let (mesh_doc, mesh_metrics) = (doc.clone(), metrics.clone());
         let status =

@@ -64,7 +64,23 @@ impl Metrics {
         let d = &self.doc;
         r.register("updates_received", "New document updates received", d.updates_received.clone());
         r.register("duplicates_dropped", "Updates received again and not forwarded", d.duplicates_dropped.clone());
-        r.register("mesh_messages_sent", "Update messages sent on mesh links", d.mesh_messages_sent.clone());
+        r.register("mesh_messages_sent", "Update messages sent whole on mesh links", d.mesh_messages_sent.clone());
+        r.register("mesh_announcements_sent", "Update ids announced on mesh links", d.announcements_sent.clone());
+        r.register(
+            "mesh_announcement_bytes_sent",
+            "Bytes of the frames that announced update ids on mesh links",
+            d.announcement_bytes.clone(),
+        );
+        r.register(
+            "mesh_grafts_sent",
+            "Announced updates asked for because they did not arrive",
+            d.grafts_sent.clone(),
+        );
+        r.register(
+            "mesh_prunes_sent",
+            "Mesh links made lazy because an update arrived on them twice",
+            d.prunes_sent.clone(),
+        );
         r.register("protocol_errors", "Messages that did not decode or apply", d.protocol_errors.clone());
         r.register(
             "sync_requests_dropped",

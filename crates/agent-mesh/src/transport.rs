@@ -16,9 +16,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::doc::{Doc, LinkId};
+use crate::doc::{Doc, LinkId, Outgoing};
 use crate::handshake::{self, HandshakeError, Hello, Refusal};
 use crate::tls::{self, Credentials};
+use crate::tree::Control;
 use crate::wire::{self, Frame, Wire};
 
 /// A TCP connect, the TLS handshake and the WebSocket upgrade must each finish within this.
@@ -407,12 +408,16 @@ pub async fn run_link<F: Fn(Option<&str>) + Send>(
             m = out.rx.recv() => {
                 // The document let go of this link (over its budget), or the queue to the socket is full:
                 // a peer that does not keep up is dropped (it resyncs on redial).
-                let Some(bytes) = m else {
+                let Some(m) = m else {
                     why = Some(if out.refused.try_recv().is_ok() { Refusal::Malformed } else { Refusal::Slow });
                     break;
                 };
-                let len = bytes.len();
-                if frames.try_send(Frame::Binary(bytes)).is_err() {
+                let len = m.budgeted();
+                let frame = match m {
+                    Outgoing::Sync(bytes) => Frame::Binary(bytes),
+                    Outgoing::Tree(text) => Frame::Text(text),
+                };
+                if frames.try_send(frame).is_err() {
                     out.sent(len);
                     why = Some(Refusal::Slow);
                     break;
@@ -437,7 +442,20 @@ pub async fn run_link<F: Fn(Option<&str>) + Send>(
                             break;
                         }
                     }
-                    Some(Ok(Frame::Text(text))) => heard(Some(&text)),
+                    Some(Ok(Frame::Text(text))) => {
+                        heard(Some(&text));
+                        let parsed = if mesh { Control::parse(&text) } else { Ok(None) };
+                        match parsed {
+                            Ok(Some(control)) => doc.tree(link, control).await,
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::debug!(error = %e, "refused a tree message; closing the link");
+                                doc.metrics().protocol_errors.inc();
+                                why = Some(Refusal::Malformed);
+                                break;
+                            }
+                        }
+                    }
                     _ => break,
                 }
             }

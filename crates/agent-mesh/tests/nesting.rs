@@ -5,7 +5,7 @@
 //! overflow is asked for what they lacked.
 mod crafted;
 
-use agent_mesh::doc::{Doc, DocMetrics, Inbox};
+use agent_mesh::doc::{Doc, DocMetrics, Inbox, Outgoing};
 use agent_mesh::nesting::MAX_TYPE_DEPTH;
 use bytes::Bytes;
 
@@ -29,8 +29,10 @@ async fn let_go_as_refused(mut inbox: Inbox) -> bool {
 fn drain(inbox: &mut Inbox, which: impl Fn(&[u8]) -> bool) -> usize {
     let mut n = 0;
     while let Ok(m) = inbox.rx.try_recv() {
-        inbox.sent(m.len());
-        n += usize::from(which(&m));
+        inbox.sent(m.budgeted());
+        if let Outgoing::Sync(m) = m {
+            n += usize::from(which(&m));
+        }
     }
     n
 }

@@ -99,6 +99,10 @@ struct Args {
     /// unreachable, so the operator plans around the pair.
     #[arg(long, value_parser = grace, default_value = "30s")]
     unreachable_after: Duration,
+    /// How updates cross mesh links: `tree` (each update whole over a spanning tree of the links, its id
+    /// over the others) or `flood` (whole over every link, as agents before the tree did).
+    #[arg(long, default_value = "tree", value_parser = agent_mesh::tree::Broadcast::parse)]
+    broadcast: agent_mesh::tree::Broadcast,
 }
 
 /// `250ms`, `10s` or `2m`.
@@ -168,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat = args.heartbeat;
     config.protocols = args.link_protocols;
     config.unreachable_after = args.unreachable_after;
+    config.broadcast = args.broadcast;
     // Dialed from the address links are accepted on, when it is one: rules by address see one address.
     config.dial_from = Some(mesh_addr.ip()).filter(|ip| !ip.is_unspecified());
     let selection = match args.peer_selection {

@@ -1,0 +1,701 @@
+//! The broadcast tree over an agent's mesh links (Plumtree: Leitão, Pereira and Rodrigues, SRDS 2007).
+//! Flooding sends each update over every link, about N·(k−1) copies for N agents of degree k; the tree
+//! sends its payload over the links of a spanning tree and only its id over the others. Pure: the
+//! document's relay feeds it what arrives and carries out what it returns.
+//!
+//! Each end keeps each mesh link **eager** (it sends new updates whole) or **lazy** (it sends their ids,
+//! batched in an `ihave`). Every link starts eager. An update that arrives a second time over a link makes
+//! that link lazy at both ends (`prune`), so the eager links thin out to a tree. An id announced but not
+//! received within [`GRAFT_AFTER`] is asked for (`graft`), which makes that link eager again: the tree
+//! repairs itself where a branch broke. An eager link that closes makes every other link eager until
+//! duplicates prune them again, so a dead agent costs one flood, not a wait.
+//!
+//! The rendezvous link is not in the tree. An update first received from the rendezvous is announced on
+//! every mesh link, not pushed: while the rendezvous is up it reaches everyone, so the mesh carries ids
+//! alone, and an agent the rendezvous missed asks a neighbour for it. Its duplicates prune nothing, so the
+//! tree the mesh built stays in place for when the rendezvous goes. A peer that never said it speaks the
+//! tree (an agent from before it) gets every update whole, as before, and is never pruned.
+//!
+//! Invariants (property-tested below, over simulated fleets with links that fail):
+//! - **delivery**: every update reaches every agent its origin is connected to by mesh links, whatever
+//!   links are eager or lazy, whichever order messages cross links in, and whatever links close;
+//! - **bounded**: what a peer can make an agent hold is bounded: [`MAX_MISSING`] announced ids (at most
+//!   [`MAX_MISSING_PER_LINK`] started by one link, each waiting on at most [`MAX_ANNOUNCERS`] links), and
+//!   the last [`RECENT_COUNT`] updates' payloads (at most [`RECENT_BYTES`]), kept to answer grafts;
+//! - **once**: after the eager links have thinned out (a settled tree), an update crosses each agent's
+//!   links whole at most once in each direction of a tree link: at most N−1 copies for N agents.
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Identifies one attached link for the lifetime of the process.
+pub type LinkId = u64;
+/// An update's id: the hash of its bytes, which relays keep verbatim.
+pub type UpdateId = u64;
+
+/// How long after an update is first announced it is asked for, if it has not arrived over an eager link.
+pub const GRAFT_AFTER: Duration = Duration::from_millis(150);
+/// How long a graft has to bring the update before the next announcer is asked.
+pub const REGRAFT_AFTER: Duration = Duration::from_millis(400);
+/// Ids in one `ihave` or `graft` frame.
+pub const MAX_IDS: usize = 256;
+/// Announced ids waiting for their update, in all.
+pub const MAX_MISSING: usize = 4096;
+/// Announced ids waiting for their update that one link started.
+pub const MAX_MISSING_PER_LINK: usize = 1024;
+/// Links remembered as having announced one id.
+pub const MAX_ANNOUNCERS: usize = 4;
+/// Recent updates kept to answer grafts, by count and by bytes.
+pub const RECENT_COUNT: usize = 1024;
+pub const RECENT_BYTES: usize = 4 << 20;
+/// The longest text frame that can be a tree message (a full `ihave`).
+const MAX_TEXT: usize = 64 + MAX_IDS * 19;
+
+/// How updates cross the mesh links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Broadcast {
+    /// The tree: each update whole over tree links, its id over the others.
+    #[default]
+    Tree,
+    /// Every update whole over every link (the behaviour before the tree, kept to compare).
+    Flood,
+}
+
+impl Broadcast {
+    pub fn parse(s: &str) -> Result<Broadcast, String> {
+        match s {
+            "tree" => Ok(Broadcast::Tree),
+            "flood" => Ok(Broadcast::Flood),
+            other => Err(format!("broadcast {other:?}: expected tree or flood")),
+        }
+    }
+}
+
+/// Where an update first came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// This agent's own edit.
+    Local,
+    /// The rendezvous link.
+    Hub,
+    Mesh(LinkId),
+}
+
+/// A tree message: a text frame on a mesh link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// This end speaks the tree (sent first on every mesh link).
+    Hello,
+    /// These updates are here; ask for any that does not arrive.
+    IHave(Vec<UpdateId>),
+    /// Send these updates, and send new ones whole from now on.
+    Graft(Vec<UpdateId>),
+    /// Send only ids from now on.
+    Prune,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ids: Vec<String>,
+}
+
+impl Control {
+    pub fn to_text(&self) -> String {
+        let (kind, ids) = match self {
+            Control::Hello => ("tree", &[][..]),
+            Control::IHave(ids) => ("ihave", &ids[..]),
+            Control::Graft(ids) => ("graft", &ids[..]),
+            Control::Prune => ("prune", &[][..]),
+        };
+        let ids = ids.iter().map(|id| format!("{id:016x}")).collect();
+        serde_json::to_string(&Frame { kind: kind.into(), ids }).expect("a tree frame serializes")
+    }
+
+    /// The tree message in a text frame; `Ok(None)` for any other text (a heartbeat). A frame that names a
+    /// tree type but is malformed or over the bounds is an error: the link is closed.
+    pub fn parse(text: &str) -> Result<Option<Control>, String> {
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+        }
+        let Ok(Kind { kind: Some(kind) }) = serde_json::from_str::<Kind>(text) else { return Ok(None) };
+        if !matches!(kind.as_str(), "tree" | "ihave" | "graft" | "prune") {
+            return Ok(None);
+        }
+        if text.len() > MAX_TEXT {
+            return Err(format!("a {kind} frame of {} bytes, over {MAX_TEXT}", text.len()));
+        }
+        let frame: Frame = serde_json::from_str(text).map_err(|e| format!("a malformed {kind} frame: {e}"))?;
+        if frame.ids.len() > MAX_IDS {
+            return Err(format!("a {kind} frame of {} ids, over {MAX_IDS}", frame.ids.len()));
+        }
+        let id = |s: &String| {
+            let hex = s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            hex.then(|| u64::from_str_radix(s, 16).ok()).flatten().ok_or_else(|| format!("{kind}: id {s:?}"))
+        };
+        let ids = frame.ids.iter().map(id).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(match kind.as_str() {
+            "tree" => Control::Hello,
+            "ihave" => Control::IHave(ids),
+            "graft" => Control::Graft(ids),
+            _ => Control::Prune,
+        }))
+    }
+}
+
+/// What the relay does for the tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send the new update whole on this link.
+    Push(LinkId),
+    /// Send a tree message.
+    Send(LinkId, Control),
+    /// Send a kept update whole (a graft asked for it).
+    Resend(LinkId, Bytes),
+    /// Ask the link for whatever this document lacks (a SyncStep1): an update no graft brought.
+    Ask(LinkId),
+}
+
+#[derive(Debug)]
+struct Link {
+    /// The peer said it speaks the tree; until then it gets every update whole.
+    speaks: bool,
+    eager: bool,
+    /// Ids to announce at the next flush.
+    announce: Vec<UpdateId>,
+    /// Missing ids this link's announcement started.
+    started: usize,
+}
+
+#[derive(Debug)]
+struct Missing {
+    /// Links that announced it and have not been asked yet, in order.
+    announcers: VecDeque<LinkId>,
+    due: Instant,
+    started_by: LinkId,
+    /// The last link asked.
+    asked: Option<LinkId>,
+}
+
+/// One agent's tree: the state of each mesh link, the ids it waits for, the payloads it can resend.
+#[derive(Debug, Default)]
+pub struct Tree {
+    links: HashMap<LinkId, Link>,
+    missing: HashMap<UpdateId, Missing>,
+    timers: BTreeSet<(Instant, UpdateId)>,
+    recent: HashMap<UpdateId, Bytes>,
+    order: VecDeque<UpdateId>,
+    recent_bytes: usize,
+}
+
+impl Tree {
+    /// A new mesh link: eager, and sent every update whole until its peer says it speaks the tree.
+    pub fn attach(&mut self, link: LinkId) {
+        self.links.insert(link, Link { speaks: false, eager: true, announce: Vec::new(), started: 0 });
+    }
+
+    /// A mesh link closed. If it was a tree link, every other link turns eager: the next update floods
+    /// around the gap and its duplicates prune the links back to a tree.
+    pub fn detach(&mut self, link: LinkId) {
+        let Some(gone) = self.links.remove(&link) else { return };
+        if gone.speaks && gone.eager {
+            self.links.values_mut().for_each(|l| l.eager = true);
+        }
+        for m in self.missing.values_mut() {
+            m.announcers.retain(|a| *a != link);
+        }
+    }
+
+    /// A new update, first received from `origin`: the links to push it to now. Its id is queued for the
+    /// others (see [`Tree::flush`]).
+    pub fn received(&mut self, id: UpdateId, origin: Origin, payload: &Bytes) -> Vec<Action> {
+        self.arrived(id);
+        self.remember(id, payload);
+        let mut out = Vec::new();
+        for (&l, link) in &mut self.links {
+            if origin == Origin::Mesh(l) {
+                continue;
+            }
+            if link.speaks && (origin == Origin::Hub || !link.eager) {
+                link.announce.push(id);
+                if link.announce.len() == MAX_IDS {
+                    out.push(Action::Send(l, Control::IHave(std::mem::take(&mut link.announce))));
+                }
+            } else {
+                out.push(Action::Push(l));
+            }
+        }
+        out
+    }
+
+    /// An update arrived again, over `link`. Unless its first copy came from the rendezvous, the link is
+    /// one too many in the tree: both ends make it lazy.
+    pub fn duplicate(&mut self, link: LinkId, first_from_hub: bool) -> Option<Action> {
+        let l = self.links.get_mut(&link).filter(|l| l.speaks && !first_from_hub)?;
+        l.eager = false;
+        Some(Action::Send(link, Control::Prune))
+    }
+
+    /// A tree message from `link`'s peer. `seen` says whether an update is already here.
+    pub fn heard(
+        &mut self,
+        link: LinkId,
+        control: Control,
+        now: Instant,
+        seen: impl Fn(UpdateId) -> bool,
+    ) -> Vec<Action> {
+        let Some(l) = self.links.get_mut(&link) else { return Vec::new() };
+        l.speaks = true;
+        match control {
+            Control::Hello => Vec::new(),
+            Control::Prune => {
+                l.eager = false;
+                Vec::new()
+            }
+            Control::Graft(ids) => {
+                l.eager = true;
+                ids.iter().filter_map(|id| self.recent.get(id)).map(|p| Action::Resend(link, p.clone())).collect()
+            }
+            Control::IHave(ids) => {
+                for id in ids.into_iter().filter(|id| !seen(*id)) {
+                    self.announced(link, id, now);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn announced(&mut self, link: LinkId, id: UpdateId, now: Instant) {
+        if let Some(m) = self.missing.get_mut(&id) {
+            if m.announcers.len() < MAX_ANNOUNCERS && !m.announcers.contains(&link) && m.asked != Some(link) {
+                m.announcers.push_back(link);
+            }
+            return;
+        }
+        let Some(l) = self.links.get_mut(&link) else { return };
+        if self.missing.len() >= MAX_MISSING || l.started >= MAX_MISSING_PER_LINK {
+            return;
+        }
+        l.started += 1;
+        let due = now + GRAFT_AFTER;
+        self.missing.insert(id, Missing { announcers: VecDeque::from([link]), due, started_by: link, asked: None });
+        self.timers.insert((due, id));
+    }
+
+    /// The grafts whose time has come: each missing update is asked of its next announcer (that link turns
+    /// eager); one that no announcer brought is asked for by SyncStep1 of the last one asked.
+    pub fn due(&mut self, now: Instant, seen: impl Fn(UpdateId) -> bool) -> Vec<Action> {
+        let mut grafts: HashMap<LinkId, Vec<UpdateId>> = HashMap::new();
+        let mut out = Vec::new();
+        while let Some(&(at, id)) = self.timers.first().filter(|(at, _)| *at <= now) {
+            self.timers.remove(&(at, id));
+            let Some(m) = self.missing.get_mut(&id) else { continue };
+            let next = m.announcers.pop_front().filter(|_| !seen(id));
+            let Some(link) = next else {
+                // Every announcer was asked: ask a link for the whole difference, the last one asked if it
+                // is still there (it had the update), else any.
+                let open = |l: &LinkId| self.links.contains_key(l);
+                let ask = m.asked.filter(open).or_else(|| self.links.keys().min().copied());
+                out.extend(ask.filter(|_| !seen(id)).map(Action::Ask));
+                self.arrived(id);
+                continue;
+            };
+            m.asked = Some(link);
+            m.due = now + REGRAFT_AFTER;
+            self.timers.insert((m.due, id));
+            grafts.entry(link).or_default().push(id);
+        }
+        for (link, ids) in grafts {
+            if let Some(l) = self.links.get_mut(&link) {
+                l.eager = true;
+            }
+            out.extend(ids.chunks(MAX_IDS).map(|c| Action::Send(link, Control::Graft(c.to_vec()))));
+        }
+        out
+    }
+
+    /// When [`Tree::due`] next has work.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// The announcements queued since the last flush, one `ihave` per link.
+    pub fn flush(&mut self) -> Vec<Action> {
+        let pending = self.links.iter_mut().filter(|(_, l)| !l.announce.is_empty());
+        pending.map(|(&id, l)| Action::Send(id, Control::IHave(std::mem::take(&mut l.announce)))).collect()
+    }
+
+    /// Whether a link is eager (sent updates whole). Unknown links are not.
+    pub fn is_eager(&self, link: LinkId) -> bool {
+        self.links.get(&link).is_some_and(|l| l.eager)
+    }
+
+    /// An update is here: stop waiting for it.
+    fn arrived(&mut self, id: UpdateId) {
+        let Some(m) = self.missing.remove(&id) else { return };
+        self.timers.remove(&(m.due, id));
+        if let Some(l) = self.links.get_mut(&m.started_by) {
+            l.started -= 1;
+        }
+    }
+
+    fn remember(&mut self, id: UpdateId, payload: &Bytes) {
+        if self.recent.insert(id, payload.clone()).is_some() {
+            return;
+        }
+        self.order.push_back(id);
+        self.recent_bytes += payload.len();
+        while self.order.len() > RECENT_COUNT || self.recent_bytes > RECENT_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            self.recent_bytes -= self.recent.remove(&old).map_or(0, |p| p.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashSet};
+
+    #[test]
+    fn frames_round_trip_and_hostile_ones_are_refused() {
+        for c in [Control::Hello, Control::Prune, Control::IHave(vec![0, u64::MAX, 42]), Control::Graft(vec![7])] {
+            assert_eq!(Control::parse(&c.to_text()), Ok(Some(c.clone())), "{}", c.to_text());
+        }
+        assert_eq!(Control::parse(r#"{"type":"heartbeat"}"#), Ok(None));
+        assert_eq!(Control::parse("not json"), Ok(None));
+        for bad in [
+            r#"{"type":"ihave","ids":["xyz"]}"#,
+            r#"{"type":"ihave","ids":["00000000000000000"]}"#,
+            r#"{"type":"graft","ids":["+000000000000000"]}"#,
+            r#"{"type":"graft","ids":[1]}"#,
+            r#"{"type":"prune","ids":{}}"#,
+        ] {
+            assert!(Control::parse(bad).is_err(), "{bad} passed");
+        }
+        let many = Control::IHave((0..MAX_IDS as u64 + 1).collect()).to_text();
+        assert!(Control::parse(&many).unwrap_err().contains("over"), "an ihave over the bound passed");
+        let full = Control::IHave((0..MAX_IDS as u64).map(|i| u64::MAX - i).collect());
+        assert_eq!(Control::parse(&full.to_text()), Ok(Some(full)), "a full frame fits the length bound");
+    }
+
+    proptest! {
+        #[test]
+        fn no_text_panics_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Control::parse(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn no_tree_frame_shape_panics_the_parser(kind in "(tree|ihave|graft|prune)", ids in proptest::collection::vec("[0-9a-fA-F+-]{0,18}", 0..300)) {
+            let text = serde_json::json!({"type": kind, "ids": ids}).to_string();
+            if let Ok(Some(Control::IHave(got) | Control::Graft(got))) = Control::parse(&text) {
+                prop_assert_eq!(got.len(), ids.len());
+            }
+        }
+    }
+
+    #[test]
+    fn what_a_peer_announces_is_bounded() {
+        let (mut t, now) = (Tree::default(), Instant::now());
+        t.attach(1);
+        t.attach(2);
+        for chunk in (0..(2 * MAX_MISSING) as u64).collect::<Vec<_>>().chunks(MAX_IDS) {
+            t.heard(1, Control::IHave(chunk.to_vec()), now, |_| false);
+        }
+        assert_eq!(t.missing.len(), MAX_MISSING_PER_LINK, "one link starts at most its share");
+        t.heard(2, Control::IHave(vec![5, u64::MAX]), now, |_| false);
+        assert_eq!(t.missing[&5].announcers.len(), 2, "a second announcer of a waiting id is remembered");
+        assert_eq!(t.missing.len(), MAX_MISSING_PER_LINK + 1);
+        let asked = t.due(now + GRAFT_AFTER, |_| false);
+        let grafted: usize =
+            asked.iter().map(|a| if let Action::Send(_, Control::Graft(ids)) = a { ids.len() } else { 0 }).sum();
+        assert_eq!(grafted, MAX_MISSING_PER_LINK + 1, "each missing id asked once");
+        for i in 0..(2 * RECENT_COUNT) as u64 {
+            t.received(1 << 32 | i, Origin::Local, &Bytes::from(vec![0; 1024]));
+        }
+        assert_eq!(t.recent.len(), RECENT_COUNT);
+        t.received(1 << 33, Origin::Local, &Bytes::from(vec![0; RECENT_BYTES]));
+        assert!(t.recent_bytes <= RECENT_BYTES && t.recent.len() == 1, "the byte bound holds");
+    }
+
+    /// A simulated fleet: one tree per agent, links as FIFO queues, time advanced by hand.
+    #[derive(Debug)]
+    enum Msg {
+        Update(UpdateId),
+        Tree(Control),
+        /// A SyncStep1: answered with every update the asker lacks.
+        Ask(HashSet<UpdateId>),
+    }
+
+    struct Fleet {
+        trees: Vec<Tree>,
+        have: Vec<HashMap<UpdateId, bool>>,
+        /// (from, to) → messages in flight, in order.
+        wires: BTreeMap<(usize, usize), VecDeque<Msg>>,
+        now: Instant,
+        pushes: usize,
+    }
+
+    fn link(from: usize, to: usize) -> LinkId {
+        (from * 1000 + to) as LinkId
+    }
+
+    fn peer(at: usize, l: LinkId) -> usize {
+        let (a, b) = (l as usize / 1000, l as usize % 1000);
+        if a == at { b } else { a }
+    }
+
+    fn payload(id: UpdateId) -> Bytes {
+        Bytes::copy_from_slice(&id.to_le_bytes())
+    }
+
+    impl Fleet {
+        fn new(n: usize, edges: &BTreeSet<(usize, usize)>) -> Fleet {
+            let mut f = Fleet {
+                trees: (0..n).map(|_| Tree::default()).collect(),
+                have: vec![HashMap::new(); n],
+                wires: BTreeMap::new(),
+                now: Instant::now(),
+                pushes: 0,
+            };
+            for &(a, b) in edges {
+                f.trees[a].attach(link(a, b));
+                f.trees[b].attach(link(a, b));
+                f.wires.insert((a, b), VecDeque::from([Msg::Tree(Control::Hello)]));
+                f.wires.insert((b, a), VecDeque::from([Msg::Tree(Control::Hello)]));
+            }
+            f
+        }
+
+        fn act(&mut self, at: usize, actions: Vec<Action>, id: Option<UpdateId>) {
+            for a in actions {
+                let (l, msg) = match a {
+                    Action::Push(l) => (l, Msg::Update(id.expect("a push follows a new update"))),
+                    Action::Resend(l, p) => (l, Msg::Update(u64::from_le_bytes(p[..].try_into().unwrap()))),
+                    Action::Send(l, c) => (l, Msg::Tree(c)),
+                    Action::Ask(l) => (l, Msg::Ask(self.have[at].keys().copied().collect())),
+                };
+                if matches!(msg, Msg::Update(_)) {
+                    self.pushes += 1;
+                }
+                if let Some(w) = self.wires.get_mut(&(at, peer(at, l))) {
+                    w.push_back(msg);
+                }
+            }
+        }
+
+        fn arrive(&mut self, at: usize, id: UpdateId, origin: Origin) {
+            let from_hub = origin == Origin::Hub;
+            match self.have[at].get(&id) {
+                None => {
+                    self.have[at].insert(id, from_hub);
+                    let actions = self.trees[at].received(id, origin, &payload(id));
+                    self.act(at, actions, Some(id));
+                }
+                Some(&first_from_hub) => {
+                    if let Origin::Mesh(l) = origin {
+                        let actions = self.trees[at].duplicate(l, first_from_hub).into_iter().collect();
+                        self.act(at, actions, None);
+                    }
+                }
+            }
+        }
+
+        fn deliver(&mut self, wire: (usize, usize)) {
+            let Some(msg) = self.wires.get_mut(&wire).and_then(VecDeque::pop_front) else { return };
+            let (from, at) = wire;
+            let l = link(from.min(at), from.max(at));
+            match msg {
+                Msg::Update(id) => self.arrive(at, id, Origin::Mesh(l)),
+                Msg::Tree(c) => {
+                    let have = &self.have[at];
+                    let actions = self.trees[at].heard(l, c, self.now, |id| have.contains_key(&id));
+                    self.act(at, actions, None);
+                }
+                Msg::Ask(theirs) => {
+                    let missing: Vec<UpdateId> =
+                        self.have[at].keys().filter(|id| !theirs.contains(id)).copied().collect();
+                    let w = self.wires.get_mut(&(at, from)).unwrap();
+                    w.extend(missing.into_iter().map(Msg::Update));
+                }
+            }
+            let flushed = self.trees[at].flush();
+            self.act(at, flushed, None);
+        }
+
+        fn close(&mut self, a: usize, b: usize) {
+            self.wires.remove(&(a, b));
+            self.wires.remove(&(b, a));
+            self.trees[a].detach(link(a, b));
+            self.trees[b].detach(link(a, b));
+        }
+
+        /// Delivers what is in flight, picking wires with `pick`; then fires the timers, and again, until
+        /// nothing is left to do.
+        fn settle(&mut self, mut pick: impl FnMut(usize) -> usize) {
+            loop {
+                while let busy @ 1.. = self.wires.values().filter(|w| !w.is_empty()).count() {
+                    let k = pick(busy);
+                    let wire = *self.wires.iter().filter(|(_, w)| !w.is_empty()).nth(k % busy).unwrap().0;
+                    self.deliver(wire);
+                }
+                let Some(next) = self.trees.iter().filter_map(Tree::next_due).min() else { return };
+                self.now = self.now.max(next);
+                for at in 0..self.trees.len() {
+                    let have = &self.have[at];
+                    let actions = self.trees[at].due(self.now, |id| have.contains_key(&id));
+                    self.act(at, actions, None);
+                }
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// An agent's own edit.
+        Edit(usize),
+        /// The rendezvous delivers an update to the agents whose bit is set, then goes.
+        Hub(u64),
+        /// A link closes (skipped when that would split the fleet).
+        Close(usize, usize),
+        /// Messages cross wires for a while, in an order drawn from the seed.
+        Cross(u64),
+        /// Time passes: grafts whose time has come go out, with messages still in flight.
+        Tick,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0usize..64).prop_map(Step::Edit),
+            1 => any::<u64>().prop_map(Step::Hub),
+            1 => (0usize..64, 0usize..64).prop_map(|(a, b)| Step::Close(a, b)),
+            3 => any::<u64>().prop_map(Step::Cross),
+            1 => Just(Step::Tick),
+        ]
+    }
+
+    fn connected(n: usize, edges: &BTreeSet<(usize, usize)>) -> bool {
+        let mut reached = vec![false; n];
+        let mut stack = vec![0];
+        reached[0] = true;
+        while let Some(a) = stack.pop() {
+            for &(x, y) in edges.iter().filter(|(x, y)| *x == a || *y == a) {
+                let other = if x == a { y } else { x };
+                if !std::mem::replace(&mut reached[other], true) {
+                    stack.push(other);
+                }
+            }
+        }
+        reached.into_iter().all(|r| r)
+    }
+
+    fn ring_and_chords(n: usize, chords: &[(usize, usize)]) -> BTreeSet<(usize, usize)> {
+        let mut edges: BTreeSet<(usize, usize)> = (0..n).map(|i| (i.min((i + 1) % n), i.max((i + 1) % n))).collect();
+        edges.extend(
+            chords.iter().map(|&(a, b)| (a % n, b % n)).filter(|(a, b)| a != b).map(|(a, b)| (a.min(b), a.max(b))),
+        );
+        edges
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn every_update_reaches_every_connected_agent(
+            n in 3usize..12,
+            chords in proptest::collection::vec((0usize..64, 0usize..64), 0..16),
+            steps in proptest::collection::vec(step(), 1..40),
+        ) {
+            let mut edges = ring_and_chords(n, &chords);
+            let mut fleet = Fleet::new(n, &edges);
+            let mut updates = Vec::new();
+            let mut rng = 0u64;
+            for s in steps {
+                match s {
+                    Step::Edit(at) => {
+                        let id = updates.len() as u64 + 1;
+                        updates.push(id);
+                        fleet.arrive(at % n, id, Origin::Local);
+                        let flushed = fleet.trees[at % n].flush();
+                        fleet.act(at % n, flushed, None);
+                    }
+                    Step::Hub(reached) => {
+                        let id = updates.len() as u64 + 1;
+                        updates.push(id);
+                        for at in (0..n).filter(|at| reached >> at & 1 == 1) {
+                            fleet.arrive(at, id, Origin::Hub);
+                            let flushed = fleet.trees[at].flush();
+                            fleet.act(at, flushed, None);
+                        }
+                    }
+                    Step::Close(a, b) => {
+                        let e = ((a % n).min(b % n), (a % n).max(b % n));
+                        let mut after = edges.clone();
+                        if after.remove(&e) && connected(n, &after) {
+                            edges = after;
+                            fleet.close(e.0, e.1);
+                        }
+                    }
+                    Step::Cross(seed) => {
+                        rng = seed;
+                        for _ in 0..(seed % 20) {
+                            let busy: Vec<(usize, usize)> = fleet.wires.iter().filter(|(_, w)| !w.is_empty()).map(|(k, _)| *k).collect();
+                            if busy.is_empty() { break; }
+                            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            fleet.deliver(busy[(rng >> 33) as usize % busy.len()]);
+                        }
+                    }
+                    Step::Tick => {
+                        fleet.now += GRAFT_AFTER;
+                        for at in 0..n {
+                            let have = &fleet.have[at];
+                            let actions = fleet.trees[at].due(fleet.now, |id| have.contains_key(&id));
+                            fleet.act(at, actions, None);
+                        }
+                    }
+                }
+            }
+            fleet.settle(|busy| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy });
+            // Hub-only updates that reached nobody exist nowhere: nothing can deliver them.
+            let exists: Vec<&u64> = updates.iter().filter(|id| fleet.have.iter().any(|h| h.contains_key(id))).collect();
+            for (at, have) in fleet.have.iter().enumerate() {
+                for id in &exists {
+                    prop_assert!(have.contains_key(*id), "agent {} lacks update {} (links {:?})", at, id, edges);
+                }
+            }
+            for t in &fleet.trees {
+                prop_assert!(t.missing.is_empty() && t.timers.is_empty(), "a settled agent still waits: {:?}", t.missing);
+            }
+        }
+
+        #[test]
+        fn a_settled_tree_sends_each_update_once_per_agent(
+            n in 3usize..16,
+            chords in proptest::collection::vec((0usize..64, 0usize..64), 0..24),
+            writers in proptest::collection::vec(0usize..64, 2..8),
+            seed: u64,
+        ) {
+            let edges = ring_and_chords(n, &chords);
+            let mut fleet = Fleet::new(n, &edges);
+            let mut rng = seed;
+            let mut pick = move |busy: usize| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy };
+            fleet.settle(&mut pick);
+            for (i, at) in writers.iter().enumerate() {
+                let before = fleet.pushes;
+                fleet.arrive(at % n, i as u64 + 1, Origin::Local);
+                fleet.settle(&mut pick);
+                prop_assert!(fleet.have.iter().all(|h| h.contains_key(&(i as u64 + 1))));
+                if i > 0 {
+                    prop_assert_eq!(fleet.pushes - before, n - 1, "update {} after the first flood", i + 1);
+                }
+            }
+        }
+    }
+}
