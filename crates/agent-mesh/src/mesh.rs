@@ -165,7 +165,14 @@ impl Mesh {
         };
         let mut applied = None;
         loop {
-            let due = self.next_due();
+            // One clock reading decides what is dialed and when to wake: a redial that comes due between
+            // two readings would be neither dialed nor waited for, and the peer never dialed again.
+            let now = Instant::now();
+            if seed.is_none() {
+                self.dial_pass(now);
+            }
+            self.publish(now);
+            let due = self.next_due(now);
             tokio::select! {
                 Some(ev) = events.recv() => self.on_event(ev),
                 changed = transport::changed(&mut reading), if reading.is_some() => match changed {
@@ -174,14 +181,10 @@ impl Mesh {
                 },
                 _ = tick(&mut seed), if seed.is_some() => {
                     self.seed_scan().await;
-                    self.dial_pass();
+                    self.dial_pass(Instant::now());
                 }
                 _ = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() => {}
             }
-            if seed.is_none() {
-                self.dial_pass();
-            }
-            self.publish();
         }
     }
 
@@ -298,11 +301,12 @@ impl Mesh {
         entry.0 += 1;
     }
 
-    /// When the earliest backoff of a wanted, unlinked peer ends, or a failing peer turns unreachable.
-    fn next_due(&self) -> Option<Instant> {
+    /// When, after `now`, the earliest backoff of a wanted, unlinked peer ends, or a failing peer turns
+    /// unreachable. What came due by `now` was handled with that same `now`.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
         let backoffs = self.attempts.values().map(|(_, at)| *at);
         let turning = self.failing.values().filter_map(|since| self.unreachable_from(*since));
-        backoffs.chain(turning).filter(|at| *at > Instant::now()).min()
+        backoffs.chain(turning).filter(|at| *at > now).min()
     }
 
     /// When a peer failing since `since` turns unreachable (never, for a grace beyond the clock).
@@ -310,8 +314,7 @@ impl Mesh {
         since.checked_add(self.config.unreachable_after)
     }
 
-    fn unreachable(&self) -> Vec<String> {
-        let now = Instant::now();
+    fn unreachable(&self, now: Instant) -> Vec<String> {
         let turned = |since: Instant| self.unreachable_from(since).is_some_and(|at| at <= now);
         let mut ids: Vec<String> =
             self.failing.iter().filter(|(_, since)| turned(**since)).map(|(id, _)| id.clone()).collect();
@@ -320,8 +323,7 @@ impl Mesh {
     }
 
     /// Starts every dial the table wants now (the seed dials only on its scans).
-    fn dial_pass(&mut self) {
-        let now = Instant::now();
+    fn dial_pass(&mut self, now: Instant) {
         let attempts = &self.attempts;
         let due = self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now));
         for (id, url) in due {
@@ -336,7 +338,7 @@ impl Mesh {
         }
     }
 
-    fn publish(&mut self) {
+    fn publish(&mut self, now: Instant) {
         let mut links: Vec<OpenLink> = self
             .open
             .iter()
@@ -352,7 +354,7 @@ impl Mesh {
         self.metrics.set_open(links.len());
         let cap = self.table.cap();
         self.metrics.cap.set(cap as i64);
-        let unreachable = self.unreachable();
+        let unreachable = self.unreachable(now);
         self.metrics.unreachable_peers.set(unreachable.len() as i64);
         self.status.send_if_modified(|s| {
             let changed = s.cap != cap
