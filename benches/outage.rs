@@ -7,25 +7,30 @@
 //! Phases, cumulative: settled → rendezvous killed (SIGKILL) → the 10 % most-linked agents killed → one zone
 //! killed. In each, updates are written at random live agents; reported per scheme and phase: the share of
 //! (update, live agent) pairs delivered, p50/p99 delivery latency, the most links any agent held at once
-//! (each agent's own high-water mark), inbound links refused, and mesh messages sent per update.
+//! (each agent's own high-water mark), the fewest links at a live agent 10 s into the phase, inbound links
+//! refused, and per update: its copies sent whole over mesh links, and its id announced on them (count
+//! and bytes).
 //!
-//!     cargo bench --bench outage        (AGENTS=200 UPDATES=20 by default; needs the control plane)
+//!     cargo bench --bench outage        (AGENTS=200 UPDATES=20 MAX_PEERS=4 by default; needs the control plane)
 //!
 //! `LINK_PROTOCOLS=1` runs the agents on plaintext link protocol 1 (the hub speaking both), the same
-//! binaries otherwise, to compare with TLS; `SCHEMES=operator` skips the seed scheme.
+//! binaries otherwise, to compare with TLS; `BROADCAST=flood` has the operator's agents flood updates over
+//! every link instead of the tree (the seed's agents always flood, as the seed did); `AGENT_FLAGS` adds
+//! flags to the operator's agents; `SCHEMES=operator` skips the seed scheme.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::Duration;
 
 use serde_json::json;
-use support::agents::{Agent, HubProcess, Kubelet, Mode, agent_pod, agents_follow_the_plan, workspace_bins};
+use support::agents::{Agent, AgentDir, HubProcess, Kubelet, Mode, agent_pod, agents_follow_the_plan, workspace_bins};
 use support::*;
 
-const CAP: usize = 4;
 const ZONES: usize = 3;
 /// How long after its last write a phase waits for stragglers before it counts what was delivered.
 const DEADLINE: Duration = Duration::from_secs(15);
+/// How far into a phase its fewest links at a live agent are counted.
+const DEGREE_AT: Duration = Duration::from_secs(10);
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -44,6 +49,22 @@ async fn hub() -> HubProcess {
     let mut hub = HubProcess::start_with(&["--link-protocols", "1,2"]).await;
     hub.sync.url = hub.sync.url.replacen("wss://", "ws://", 1);
     hub
+}
+
+/// The cap and the policy's `maxPeers`.
+fn cap() -> usize {
+    env("MAX_PEERS", 4)
+}
+
+/// How the operator's agents broadcast: `tree` unless `BROADCAST=flood`.
+fn broadcast() -> &'static str {
+    if std::env::var("BROADCAST").is_ok_and(|b| b == "flood") { "flood" } else { "tree" }
+}
+
+/// More flags for the operator's agents, to try settings (`AGENT_FLAGS="--graft-after 50ms"`).
+fn more_flags() -> Vec<&'static str> {
+    static FLAGS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FLAGS.get_or_init(|| std::env::var("AGENT_FLAGS").unwrap_or_default()).split_whitespace().collect()
 }
 
 /// The agents' flags for the link protocol this run measures, after `extra`.
@@ -65,8 +86,11 @@ struct Row {
     p50: f64,
     p99: f64,
     max_links: f64,
+    fewest_links: usize,
     refused: f64,
     messages_per_update: f64,
+    announcements_per_update: f64,
+    announcement_bytes_per_update: f64,
     rss_median: f64,
     rss_max: f64,
 }
@@ -79,10 +103,41 @@ async fn totals(agents: &[&Agent], metric: &str) -> f64 {
     sum
 }
 
-/// Writes `n` updates at random live agents and measures their delivery to every live agent.
-async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: usize) -> Row {
-    let (sent0, refused0) =
-        (totals(live, "agentmesh_mesh_messages_sent").await, totals(live, "agentmesh_links_refused").await);
+/// The per-agent counters a phase reports as differences.
+const COUNTERS: [&str; 4] = [
+    "agentmesh_mesh_messages_sent",
+    "agentmesh_mesh_announcements_sent",
+    "agentmesh_mesh_announcement_bytes_sent",
+    "agentmesh_links_refused",
+];
+
+async fn counters(live: &[&Agent]) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (i, c) in COUNTERS.iter().enumerate() {
+        out[i] = totals(live, c).await;
+    }
+    out
+}
+
+/// The fewest links any live agent holds.
+async fn fewest_links(live: &[&Agent]) -> usize {
+    let mut fewest = usize::MAX;
+    for a in live {
+        fewest = fewest.min(a.links().await.map_or(0, |l| l.len()));
+    }
+    fewest
+}
+
+/// Writes `n` updates at random live agents and measures their delivery to every live agent. `started` is
+/// when the phase's failure happened.
+async fn phase(
+    scheme: &'static str,
+    phase: &'static str,
+    live: &[&Agent],
+    n: usize,
+    started: tokio::time::Instant,
+) -> Row {
+    let before = counters(live).await;
     let mut keys = Vec::new();
     for _ in 0..n {
         keys.push(live[rand::random_range(0..live.len())].append().await);
@@ -107,15 +162,14 @@ async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: us
     for a in live {
         max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
     }
-    let mut fewest = usize::MAX;
-    for a in live {
-        fewest = fewest.min(a.links().await.map_or(0, |l| l.len()));
-    }
+    tokio::time::sleep_until(started + DEGREE_AT).await;
+    let fewest = fewest_links(live).await;
+    let after = counters(live).await;
     let (refused, slow) =
         (totals(live, "agentmesh_protocol_errors").await, totals(live, "agentmesh_slow_links_dropped").await);
-    eprintln!(
-        "{scheme} / {phase}: fewest links at a live agent {fewest}; protocol errors {refused}, slow links {slow}"
-    );
+    let grafts = totals(live, "agentmesh_mesh_grafts_sent").await;
+    eprintln!("{scheme} / {phase}: protocol errors {refused}, slow links {slow}, grafts so far {grafts}");
+    let per_update = |i: usize| (after[i] - before[i]) / n as f64;
     let mut rss: Vec<f64> = live.iter().filter_map(|a| rss_mib(a.pid())).collect();
     rss.sort_by(f64::total_cmp);
     Row {
@@ -126,8 +180,11 @@ async fn phase(scheme: &'static str, phase: &'static str, live: &[&Agent], n: us
         p50: pct(0.5),
         p99: pct(0.99),
         max_links,
-        refused: totals(live, "agentmesh_links_refused").await - refused0,
-        messages_per_update: (totals(live, "agentmesh_mesh_messages_sent").await - sent0) / n as f64,
+        fewest_links: fewest,
+        refused: after[3] - before[3],
+        messages_per_update: per_update(0),
+        announcements_per_update: per_update(1),
+        announcement_bytes_per_update: per_update(2),
         rss_median: rss.get(rss.len() / 2).copied().unwrap_or(f64::NAN),
         rss_max: rss.last().copied().unwrap_or(f64::NAN),
     }
@@ -146,13 +203,15 @@ fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
 
 /// The outage phases over a settled fleet (agent i is in zone i mod 3).
 async fn outage(scheme: &'static str, mut hub: HubProcess, agents: &mut [Option<Agent>], updates: usize) -> Vec<Row> {
-    let mut rows = vec![phase(scheme, "settled", &live(agents), updates).await];
+    let now = tokio::time::Instant::now;
+    let mut rows = vec![phase(scheme, "settled", &live(agents), updates, now()).await];
+    let started = now();
     hub.child.kill().await.unwrap();
     wait_for("every agent to notice the rendezvous is gone", WAIT, || async {
         (totals(&live(agents), "agentmesh_rendezvous_connected").await == 0.0).then_some(())
     })
     .await;
-    rows.push(phase(scheme, "rendezvous killed", &live(agents), updates).await);
+    rows.push(phase(scheme, "rendezvous killed", &live(agents), updates, started).await);
     let mut by_links = Vec::new();
     for (i, a) in agents.iter().enumerate() {
         if let Some(a) = a {
@@ -160,16 +219,18 @@ async fn outage(scheme: &'static str, mut hub: HubProcess, agents: &mut [Option<
         }
     }
     by_links.sort_by(|a, b| b.cmp(a));
+    let started = now();
     for (_, i) in by_links.iter().take(agents.len() / 10) {
         agents[*i].take().unwrap().kill().await;
     }
-    rows.push(phase(scheme, "10% most-linked killed", &live(agents), updates).await);
+    rows.push(phase(scheme, "10% most-linked killed", &live(agents), updates, started).await);
+    let started = now();
     for i in (0..agents.len()).filter(|i| i % ZONES == 0) {
         if let Some(a) = agents[i].take() {
             a.kill().await;
         }
     }
-    rows.push(phase(scheme, "one zone killed", &live(agents), updates).await);
+    rows.push(phase(scheme, "one zone killed", &live(agents), updates, started).await);
     rows
 }
 
@@ -177,11 +238,11 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     let client = client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "outage").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     let hub = hub().await;
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
     let spec = json!({
-        "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": CAP, "topologyKey": "zone",
+        "selector": {"matchLabels": {"app": "agent"}}, "maxPeers": cap(), "topologyKey": "zone",
         "heartbeatTimeout": "30s",
         "rendezvous": {"url": format!("http://{}", hub.addr), "pollInterval": "1s", "timeout": "1s"},
     });
@@ -191,8 +252,9 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("agent-{i}"), format!("127.2.{}.{}", i / 250, 1 + i % 250));
-        let flags = agent_flags(&["--seed-delay", "1s", "--seed-scan", "2s"]);
-        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Operator, CAP, &flags).await));
+        let mut flags = agent_flags(&["--seed-delay", "1s", "--seed-scan", "2s", "--broadcast", broadcast()]);
+        flags.extend(more_flags());
+        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Operator, cap(), &flags).await));
         agent_pod(&client, &ns, &name, &ip, Some(&format!("zone-{}", i % ZONES))).await;
     }
     agents_follow_the_plan(&client, &ns, &agents.iter().flatten().collect::<Vec<_>>()).await;
@@ -200,20 +262,20 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
 }
 
 async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = AgentDir::new();
     let hub = hub().await;
     let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {
         let (name, ip) = (format!("seed-{i}"), format!("127.3.{}.{}", i / 250, 1 + i % 250));
-        let flags = agent_flags(&["--seed-delay", "10s", "--seed-scan", "60s"]);
-        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Seed, CAP, &flags).await));
+        let flags = agent_flags(&["--seed-delay", "10s", "--seed-scan", "60s", "--broadcast", "flood"]);
+        agents.push(Some(Agent::spawn_with(dir.path(), &name, &ip, &ws, Mode::Seed, cap(), &flags).await));
     }
     wait_for("every seed agent to dial its first maxPeers peers", Duration::from_secs(300), || async {
         for a in agents.iter().flatten() {
             let s = a.status().await?;
             let dialed = s["links"].as_array()?.iter().filter(|l| l["direction"] == "dialed").count();
-            if dialed < CAP {
+            if dialed < cap() {
                 return None;
             }
         }
@@ -235,17 +297,19 @@ async fn main() {
         rows.extend(seed_scheme(n, updates).await);
     }
     println!(
-        "\n{n} agents, maxPeers {CAP}, {ZONES} zones, {updates} updates per phase, {} s deadline, links {}",
+        "\n{n} agents, maxPeers {}, {ZONES} zones, {updates} updates per phase, {} s deadline, links {}, operator's agents broadcast by {}",
+        cap(),
         DEADLINE.as_secs(),
-        if plaintext() { "plaintext (protocol 1)" } else { "mutual TLS (protocol 2)" }
+        if plaintext() { "plaintext (protocol 1)" } else { "mutual TLS (protocol 2)" },
+        broadcast()
     );
     println!(
-        "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | links refused | mesh messages per update | agent RSS median / max |"
+        "| scheme | phase | live agents | delivered | p50 | p99 | max links at an agent | fewest links 10 s in | links refused | copies per update | ids announced per update (bytes) | agent RSS median / max |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.1} % | {:.0} ms | {:.0} ms | {} | {} | {:.1} | {:.1} / {:.1} MiB |",
+            "| {} | {} | {} | {:.1} % | {:.0} ms | {:.0} ms | {} | {} | {} | {:.1} | {:.1} ({:.0} B) | {:.1} / {:.1} MiB |",
             r.scheme,
             r.phase,
             r.live,
@@ -253,8 +317,11 @@ async fn main() {
             r.p50,
             r.p99,
             r.max_links,
+            r.fewest_links,
             r.refused,
             r.messages_per_update,
+            r.announcements_per_update,
+            r.announcement_bytes_per_update,
             r.rss_median,
             r.rss_max
         );

@@ -35,6 +35,29 @@ async fn everyone_has(agents: &[Agent], key: &str) {
     .await;
 }
 
+/// Update copies sent whole on mesh links, and updates received new or again, summed over the agents.
+async fn mesh_copies(agents: &[Agent]) -> (f64, f64) {
+    let (mut sent, mut received) = (0.0, 0.0);
+    for a in agents {
+        sent += a.metric("agentmesh_mesh_messages_sent_total", "").await;
+        received += a.metric("agentmesh_updates_received_total", "").await;
+        received += a.metric("agentmesh_duplicates_dropped_total", "").await;
+    }
+    (sent, received)
+}
+
+/// Writes an update at `writer` while the rendezvous is down, waits until every agent has it and every
+/// copy sent has arrived, and returns how many copies crossed mesh links.
+async fn copies_of_one_update(agents: &[Agent], writer: usize) -> f64 {
+    let (sent0, received0) = mesh_copies(agents).await;
+    everyone_has(agents, &agents[writer].append().await).await;
+    wait_for("every copy sent to arrive", WAIT, || async {
+        let (sent, received) = mesh_copies(agents).await;
+        (sent - sent0 == received - received0).then_some(sent - sent0)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_alone() {
     let (client, ns, rv) = setup("agents").await;
@@ -79,6 +102,15 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     for writer in [5, 13] {
         everyone_has(&agents, &agents[writer].append().await).await;
     }
+    // Over the mesh alone updates follow the broadcast tree, which the first ones have pruned: each then
+    // crosses about one link per agent, where flooding sends it over every link (N·(k−1), 60 here).
+    let mut copies = Vec::new();
+    for writer in [1, 8, 16, 3, 11, 19, 6] {
+        copies.push(copies_of_one_update(&agents, writer).await);
+    }
+    copies.sort_by(f64::total_cmp);
+    let flood = (agents.len() * (CAP - 1)) as f64;
+    assert!(copies[copies.len() / 2] <= 1.5 * agents.len() as f64, "copies per update {copies:?}, flooding {flood}");
     for a in &agents {
         assert_eq!(
             a.metric("agentmesh_rendezvous_connected", "").await,

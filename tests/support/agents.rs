@@ -327,6 +327,24 @@ pub async fn plans(client: &Client, ns: &str, ids: &BTreeMap<String, String>) ->
         .collect()
 }
 
+/// Whom each agent's Pod says it dials and accepts, by short node id: who should open a missing link.
+async fn directions(client: &Client, ns: &str, ids: &BTreeMap<String, String>, of: &BTreeSet<&str>) -> String {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&Default::default()).await.unwrap();
+    let lines = pods.items.iter().filter_map(|p| {
+        let a = mesh_operator::assignment::Assignment::from_annotations(p.annotations())?;
+        let id = ids.get(&p.name_any()).filter(|id| of.contains(id.as_str()))?;
+        let dials: BTreeSet<String> = a.peers.iter().map(|p| p.node_id.clone()).collect();
+        let accepts: BTreeSet<String> = a.accepts.iter().cloned().collect();
+        Some(format!(
+            "  {} dials {} accepts {}",
+            short_ids(&[id.clone()].into()),
+            short_ids(&dials),
+            short_ids(&accepts)
+        ))
+    });
+    lines.collect::<Vec<_>>().join("\n")
+}
+
 /// Waits until every agent holds exactly the links its Pod's assignment names, and each has some; on
 /// timeout, names every agent that does not and what it holds.
 pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[impl AsRef<AgentApi>]) {
@@ -335,7 +353,7 @@ pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[impl As
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         let plans = plans(client, ns, &ids).await;
-        let mut off = Vec::new();
+        let (mut off, mut off_ids) = (Vec::new(), BTreeSet::new());
         for a in &agents {
             let plan = plans.get(&a.node_id).cloned().unwrap_or_default();
             let status = a.status().await.unwrap_or_default();
@@ -346,6 +364,7 @@ pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[impl As
                 .filter_map(|l| l["nodeId"].as_str().map(str::to_string))
                 .collect();
             if plan.is_empty() || held != plan {
+                off_ids.insert(a.node_id.as_str());
                 off.push(format!("{} plan {} holds {}: {status}", a.name, short_ids(&plan), short_ids(&held)));
                 if tokio::time::Instant::now() >= deadline {
                     off.push(a.counters().await);
@@ -354,6 +373,9 @@ pub async fn agents_follow_the_plan(client: &Client, ns: &str, agents: &[impl As
         }
         if off.is_empty() {
             return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            off.push(directions(client, ns, &ids, &off_ids).await);
         }
         assert!(
             tokio::time::Instant::now() < deadline,

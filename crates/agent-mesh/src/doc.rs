@@ -166,7 +166,7 @@ impl Outbox {
 impl Doc {
     /// Starts the document task, broadcasting over the tree.
     pub fn spawn(metrics: DocMetrics) -> Doc {
-        Doc::spawn_with(metrics, Broadcast::Tree)
+        Doc::spawn_with(metrics, Broadcast::default())
     }
 
     /// Starts the document task, broadcasting over mesh links as `broadcast` says.
@@ -178,7 +178,10 @@ impl Doc {
             seen: Seen::default(),
             nesting: Nesting::default(),
             held: Held::default(),
-            tree: (broadcast == Broadcast::Tree).then(Tree::default),
+            tree: match broadcast {
+                Broadcast::Tree { graft_after } => Some(Tree::new(graft_after)),
+                Broadcast::Flood => None,
+            },
             metrics: metrics.clone(),
         };
         tokio::spawn(relay.run(rx));
@@ -237,7 +240,8 @@ impl Doc {
     }
 }
 
-/// Updates seen lately, by id, each with whether its first copy came from the rendezvous.
+/// Updates seen lately, by id, each with whether its first copy came beside the tree
+/// (`Origin::beside_tree`: from the rendezvous, or in a SyncStep2).
 #[derive(Default)]
 struct Seen {
     set: HashMap<UpdateId, bool>,
@@ -256,18 +260,18 @@ impl Seen {
         self.set.contains_key(&Self::key(bytes))
     }
 
-    /// Whether its first copy came from the rendezvous, if it was seen.
-    fn first_from_hub(&self, bytes: &[u8]) -> Option<bool> {
+    /// Whether its first copy came beside the tree, if it was seen.
+    fn first_beside(&self, bytes: &[u8]) -> Option<bool> {
         self.set.get(&Self::key(bytes)).copied()
     }
 
-    /// Whether `bytes` is new (and remembers it, and whether it came from the rendezvous).
-    fn first_time(&mut self, bytes: &[u8], from_hub: bool) -> bool {
+    /// Whether `bytes` is new (and remembers it, and whether its first copy came beside the tree).
+    fn first_time(&mut self, bytes: &[u8], beside: bool) -> bool {
         let key = Self::key(bytes);
         if self.set.contains_key(&key) {
             return false;
         }
-        self.set.insert(key, from_hub);
+        self.set.insert(key, beside);
         self.order.push_back(key);
         if self.order.len() > SEEN_CAPACITY {
             self.order.pop_front().map(|old| self.set.remove(&old));
@@ -406,12 +410,12 @@ impl Relay {
         self.metrics.slow_links_dropped.inc();
     }
 
-    /// Takes a link out of the relay and the tree.
+    /// Takes a link out of the relay and the tree (which may ask the other links to fill the gap).
     fn let_go(&mut self, link: LinkId) -> Option<Link> {
-        if let Some(t) = self.tree.as_mut() {
-            t.detach(link);
-        }
-        self.links.remove(&link)
+        let gone = self.links.remove(&link);
+        let actions = self.tree.as_mut().map(|t| t.detach(link)).unwrap_or_default();
+        self.act(&actions, None);
+        gone
     }
 
     /// A local edit: never refused, but what it nests counts for what peers add under it.
@@ -459,9 +463,10 @@ impl Relay {
     /// An update received whole; `broadcast` unless it is a SyncStep2 (an answer to this link alone, whose
     /// second copy says nothing about the tree).
     fn update(&mut self, from: LinkId, bytes: Vec<u8>, broadcast: bool) {
-        if let Some(first_from_hub) = self.seen.first_from_hub(&bytes) {
+        if let Some(first_beside) = self.seen.first_beside(&bytes) {
             self.metrics.duplicates_dropped.inc();
-            let prune = self.tree.as_mut().filter(|_| broadcast).and_then(|t| t.duplicate(from, first_from_hub));
+            let tree = self.tree.as_mut().filter(|_| broadcast);
+            let prune = tree.and_then(|t| t.duplicate(from, first_beside, Instant::now()));
             self.act(prune.as_slice(), None);
             return;
         }
@@ -496,8 +501,8 @@ impl Relay {
                     return false;
                 }
                 self.metrics.updates_received.inc();
-                let from_hub = self.links.get(&from).is_some_and(|l| !l.mesh);
-                self.seen.first_time(&bytes, from_hub);
+                let beside = !broadcast || self.links.get(&from).is_some_and(|l| !l.mesh);
+                self.seen.first_time(&bytes, beside);
                 self.forward(Some(from), bytes, broadcast);
                 true
             }
@@ -584,7 +589,8 @@ impl Relay {
         let message = encode(if broadcast { SyncMessage::Update(update) } else { SyncMessage::SyncStep2(update) });
         let origin = match from.and_then(|f| self.links.get(&f).map(|l| (f, l.mesh))) {
             None => Origin::Local,
-            Some((f, true)) => Origin::Mesh(f),
+            Some((f, true)) if broadcast => Origin::Mesh(f),
+            Some((f, true)) => Origin::Answer(f),
             Some((_, false)) => Origin::Hub,
         };
         let flooded = |l: &Link| !l.mesh || self.tree.is_none();
@@ -595,7 +601,7 @@ impl Relay {
             .map(|(id, _)| Action::Push(*id))
             .collect();
         if let (Some(tree), Outgoing::Sync(payload)) = (self.tree.as_mut(), &message) {
-            actions.extend(tree.received(id, origin, payload));
+            actions.extend(tree.received(id, origin, payload, Instant::now()));
         }
         self.act(&actions, Some(&message));
     }

@@ -120,7 +120,7 @@ mod runtime {
                 protocols: Protocols::V2,
                 dial_from: None,
                 unreachable_after: Duration::from_secs(30),
-                broadcast: crate::tree::Broadcast::Tree,
+                broadcast: crate::tree::Broadcast::default(),
             }
         }
     }

@@ -3,18 +3,22 @@
 //! sends its payload over the links of a spanning tree and only its id over the others. Pure: the
 //! document's relay feeds it what arrives and carries out what it returns.
 //!
-//! Each end keeps each mesh link **eager** (it sends new updates whole) or **lazy** (it sends their ids,
-//! batched in an `ihave`). Every link starts eager. An update that arrives a second time over a link makes
-//! that link lazy at both ends (`prune`), so the eager links thin out to a tree. An id announced but not
-//! received within [`GRAFT_AFTER`] is asked for (`graft`), which makes that link eager again: the tree
-//! repairs itself where a branch broke. An eager link that closes makes every other link eager until
-//! duplicates prune them again, so a dead agent costs one flood, not a wait.
+//! Each end keeps each direction of its mesh links **eager** (it sends new updates whole) or **lazy** (it
+//! sends their ids, batched in an `ihave`). Every link starts eager both ways. The receiving end decides:
+//! an update that arrives a second time over a link asks its sender to send only ids (`prune`), and an id
+//! announced but not received within [`GRAFT_AFTER`] asks the announcer for it and for whole updates from
+//! then on (`graft`). So the eager directions thin out to a tree, and the tree repairs itself where a
+//! branch broke. Deciding at the receiving end keeps every agent on the tree: a link that brought an
+//! update first within [`KEEP_FIRST`] is not pruned, however concurrent updates from other writers
+//! arrive. A link that closes has the agent ask its other links for whole updates (a `graft` without
+//! ids), so a dead neighbour costs one local flood, not a wait; duplicates prune it again.
 //!
 //! The rendezvous link is not in the tree. An update first received from the rendezvous is announced on
 //! every mesh link, not pushed: while the rendezvous is up it reaches everyone, so the mesh carries ids
 //! alone, and an agent the rendezvous missed asks a neighbour for it. Its duplicates prune nothing, so the
-//! tree the mesh built stays in place for when the rendezvous goes. A peer that never said it speaks the
-//! tree (an agent from before it) gets every update whole, as before, and is never pruned.
+//! tree the mesh built stays in place for when the rendezvous goes. What a mesh link's SyncStep2 brought
+//! is treated the same way: it answered this agent alone. A peer that never said it speaks the tree (an
+//! agent from before it) gets every update whole, as before, and is never pruned.
 //!
 //! Invariants (property-tested below, over simulated fleets with links that fail):
 //! - **delivery**: every update reaches every agent its origin is connected to by mesh links, whatever
@@ -36,10 +40,14 @@ pub type LinkId = u64;
 /// An update's id: the hash of its bytes, which relays keep verbatim.
 pub type UpdateId = u64;
 
-/// How long after an update is first announced it is asked for, if it has not arrived over an eager link.
+/// How long after an update is first announced it is asked for, if it has not arrived over an eager link
+/// (the default of `Broadcast::Tree`'s `graft_after`). A graft that does not bring it within twice this
+/// long has the next announcer asked.
 pub const GRAFT_AFTER: Duration = Duration::from_millis(150);
-/// How long a graft has to bring the update before the next announcer is asked.
-pub const REGRAFT_AFTER: Duration = Duration::from_millis(400);
+/// A link that brought an update first this recently is not pruned: with several writers at once, each
+/// update's duplicates arrive on other links, and pruning on all of them would leave an agent no link
+/// that sends it updates whole.
+pub const KEEP_FIRST: Duration = Duration::from_millis(500);
 /// Ids in one `ihave` or `graft` frame.
 pub const MAX_IDS: usize = 256;
 /// Announced ids waiting for their update, in all.
@@ -55,19 +63,26 @@ pub const RECENT_BYTES: usize = 4 << 20;
 const MAX_TEXT: usize = 64 + MAX_IDS * 19;
 
 /// How updates cross the mesh links.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Broadcast {
-    /// The tree: each update whole over tree links, its id over the others.
-    #[default]
-    Tree,
+    /// The tree: each update whole over tree links, its id over the others, asked for when it has not
+    /// arrived `graft_after` after its id.
+    Tree { graft_after: Duration },
     /// Every update whole over every link (the behaviour before the tree, kept to compare).
     Flood,
 }
 
+impl Default for Broadcast {
+    fn default() -> Self {
+        Broadcast::Tree { graft_after: GRAFT_AFTER }
+    }
+}
+
 impl Broadcast {
+    /// `tree` (with the default timing) or `flood`.
     pub fn parse(s: &str) -> Result<Broadcast, String> {
         match s {
-            "tree" => Ok(Broadcast::Tree),
+            "tree" => Ok(Broadcast::default()),
             "flood" => Ok(Broadcast::Flood),
             other => Err(format!("broadcast {other:?}: expected tree or flood")),
         }
@@ -81,7 +96,18 @@ pub enum Origin {
     Local,
     /// The rendezvous link.
     Hub,
+    /// A mesh link's SyncStep2: an answer to this agent alone, which says nothing about the tree.
+    Answer(LinkId),
+    /// A mesh link's update.
     Mesh(LinkId),
+}
+
+impl Origin {
+    /// Whether it came from beside the tree (the rendezvous, or an answer to this agent alone): its
+    /// duplicates prune nothing, and the link it came on has not brought it first over the tree.
+    pub fn beside_tree(self) -> bool {
+        matches!(self, Origin::Hub | Origin::Answer(_))
+    }
 }
 
 /// A tree message: a text frame on a mesh link.
@@ -167,7 +193,12 @@ pub enum Action {
 struct Link {
     /// The peer said it speaks the tree; until then it gets every update whole.
     speaks: bool,
+    /// This end sends the peer new updates whole (the peer has not pruned it, or grafted it since).
     eager: bool,
+    /// This end asked the peer for ids only, and has not grafted it since.
+    pruned: bool,
+    /// When the peer last brought an update first.
+    first_at: Option<Instant>,
     /// Ids to announce at the next flush.
     announce: Vec<UpdateId>,
     /// Missing ids this link's announcement started.
@@ -185,8 +216,9 @@ struct Missing {
 }
 
 /// One agent's tree: the state of each mesh link, the ids it waits for, the payloads it can resend.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tree {
+    graft_after: Duration,
     links: HashMap<LinkId, Link>,
     missing: HashMap<UpdateId, Missing>,
     timers: BTreeSet<(Instant, UpdateId)>,
@@ -195,35 +227,66 @@ pub struct Tree {
     recent_bytes: usize,
 }
 
+impl Default for Tree {
+    fn default() -> Self {
+        Tree::new(GRAFT_AFTER)
+    }
+}
+
 impl Tree {
-    /// A new mesh link: eager, and sent every update whole until its peer says it speaks the tree.
-    pub fn attach(&mut self, link: LinkId) {
-        self.links.insert(link, Link { speaks: false, eager: true, announce: Vec::new(), started: 0 });
+    pub fn new(graft_after: Duration) -> Tree {
+        Tree {
+            graft_after,
+            links: HashMap::new(),
+            missing: HashMap::new(),
+            timers: BTreeSet::new(),
+            recent: HashMap::new(),
+            order: VecDeque::new(),
+            recent_bytes: 0,
+        }
     }
 
-    /// A mesh link closed. If it was a tree link, every other link turns eager: the next update floods
-    /// around the gap and its duplicates prune the links back to a tree.
-    pub fn detach(&mut self, link: LinkId) {
-        let Some(gone) = self.links.remove(&link) else { return };
-        if gone.speaks && gone.eager {
-            self.links.values_mut().for_each(|l| l.eager = true);
-        }
+    /// A new mesh link: eager, and sent every update whole until its peer says it speaks the tree.
+    pub fn attach(&mut self, link: LinkId) {
+        let link_state =
+            Link { speaks: false, eager: true, pruned: false, first_at: None, announce: Vec::new(), started: 0 };
+        self.links.insert(link, link_state);
+    }
+
+    /// A mesh link closed. If it ever brought an update first, the others are asked for whole updates: the
+    /// next update floods around the gap, and its duplicates prune the links back to a tree.
+    pub fn detach(&mut self, link: LinkId) -> Vec<Action> {
+        let Some(gone) = self.links.remove(&link) else { return Vec::new() };
         for m in self.missing.values_mut() {
             m.announcers.retain(|a| *a != link);
         }
+        if !gone.speaks || gone.first_at.is_none() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (&id, l) in self.links.iter_mut().filter(|(_, l)| l.speaks && l.pruned) {
+            l.pruned = false;
+            out.push(Action::Send(id, Control::Graft(Vec::new())));
+        }
+        out
     }
 
     /// A new update, first received from `origin`: the links to push it to now. Its id is queued for the
     /// others (see [`Tree::flush`]).
-    pub fn received(&mut self, id: UpdateId, origin: Origin, payload: &Bytes) -> Vec<Action> {
+    pub fn received(&mut self, id: UpdateId, origin: Origin, payload: &Bytes, now: Instant) -> Vec<Action> {
         self.arrived(id);
         self.remember(id, payload);
+        if let Origin::Mesh(from) = origin
+            && let Some(l) = self.links.get_mut(&from)
+        {
+            l.first_at = Some(now);
+        }
         let mut out = Vec::new();
         for (&l, link) in &mut self.links {
-            if origin == Origin::Mesh(l) {
+            if origin == Origin::Mesh(l) || origin == Origin::Answer(l) {
                 continue;
             }
-            if link.speaks && (origin == Origin::Hub || !link.eager) {
+            if link.speaks && !link.eager {
                 link.announce.push(id);
                 if link.announce.len() == MAX_IDS {
                     out.push(Action::Send(l, Control::IHave(std::mem::take(&mut link.announce))));
@@ -235,11 +298,14 @@ impl Tree {
         out
     }
 
-    /// An update arrived again, over `link`. Unless its first copy came from the rendezvous, the link is
-    /// one too many in the tree: both ends make it lazy.
-    pub fn duplicate(&mut self, link: LinkId, first_from_hub: bool) -> Option<Action> {
-        let l = self.links.get_mut(&link).filter(|l| l.speaks && !first_from_hub)?;
-        l.eager = false;
+    /// An update arrived again, over `link`. Unless its first copy came [beside the tree](Origin::beside_tree),
+    /// or the link brought one first lately ([`KEEP_FIRST`]), its sender is asked for ids only.
+    pub fn duplicate(&mut self, link: LinkId, first_beside: bool, now: Instant) -> Option<Action> {
+        let l = self.links.get_mut(&link).filter(|l| l.speaks && !l.pruned && !first_beside)?;
+        if l.first_at.is_some_and(|at| now < at + KEEP_FIRST) {
+            return None;
+        }
+        l.pruned = true;
         Some(Action::Send(link, Control::Prune))
     }
 
@@ -284,13 +350,13 @@ impl Tree {
             return;
         }
         l.started += 1;
-        let due = now + GRAFT_AFTER;
+        let due = now + self.graft_after;
         self.missing.insert(id, Missing { announcers: VecDeque::from([link]), due, started_by: link, asked: None });
         self.timers.insert((due, id));
     }
 
-    /// The grafts whose time has come: each missing update is asked of its next announcer (that link turns
-    /// eager); one that no announcer brought is asked for by SyncStep1 of the last one asked.
+    /// The grafts whose time has come: each missing update is asked of its next announcer (which then
+    /// sends updates whole); one that no announcer brought is asked for by SyncStep1 of the last one asked.
     pub fn due(&mut self, now: Instant, seen: impl Fn(UpdateId) -> bool) -> Vec<Action> {
         let mut grafts: HashMap<LinkId, Vec<UpdateId>> = HashMap::new();
         let mut out = Vec::new();
@@ -308,13 +374,13 @@ impl Tree {
                 continue;
             };
             m.asked = Some(link);
-            m.due = now + REGRAFT_AFTER;
+            m.due = now + 2 * self.graft_after;
             self.timers.insert((m.due, id));
             grafts.entry(link).or_default().push(id);
         }
         for (link, ids) in grafts {
             if let Some(l) = self.links.get_mut(&link) {
-                l.eager = true;
+                l.pruned = false;
             }
             out.extend(ids.chunks(MAX_IDS).map(|c| Action::Send(link, Control::Graft(c.to_vec()))));
         }
@@ -419,10 +485,10 @@ mod tests {
             asked.iter().map(|a| if let Action::Send(_, Control::Graft(ids)) = a { ids.len() } else { 0 }).sum();
         assert_eq!(grafted, MAX_MISSING_PER_LINK + 1, "each missing id asked once");
         for i in 0..(2 * RECENT_COUNT) as u64 {
-            t.received(1 << 32 | i, Origin::Local, &Bytes::from(vec![0; 1024]));
+            t.received(1 << 32 | i, Origin::Local, &Bytes::from(vec![0; 1024]), now);
         }
         assert_eq!(t.recent.len(), RECENT_COUNT);
-        t.received(1 << 33, Origin::Local, &Bytes::from(vec![0; RECENT_BYTES]));
+        t.received(1 << 33, Origin::Local, &Bytes::from(vec![0; RECENT_BYTES]), now);
         assert!(t.recent_bytes <= RECENT_BYTES && t.recent.len() == 1, "the byte bound holds");
     }
 
@@ -493,16 +559,16 @@ mod tests {
         }
 
         fn arrive(&mut self, at: usize, id: UpdateId, origin: Origin) {
-            let from_hub = origin == Origin::Hub;
+            let beside = origin.beside_tree();
             match self.have[at].get(&id) {
                 None => {
-                    self.have[at].insert(id, from_hub);
-                    let actions = self.trees[at].received(id, origin, &payload(id));
+                    self.have[at].insert(id, beside);
+                    let actions = self.trees[at].received(id, origin, &payload(id), self.now);
                     self.act(at, actions, Some(id));
                 }
-                Some(&first_from_hub) => {
+                Some(&first_beside) => {
                     if let Origin::Mesh(l) = origin {
-                        let actions = self.trees[at].duplicate(l, first_from_hub).into_iter().collect();
+                        let actions = self.trees[at].duplicate(l, first_beside, self.now).into_iter().collect();
                         self.act(at, actions, None);
                     }
                 }
@@ -534,8 +600,10 @@ mod tests {
         fn close(&mut self, a: usize, b: usize) {
             self.wires.remove(&(a, b));
             self.wires.remove(&(b, a));
-            self.trees[a].detach(link(a, b));
-            self.trees[b].detach(link(a, b));
+            let actions = self.trees[a].detach(link(a, b));
+            self.act(a, actions, None);
+            let actions = self.trees[b].detach(link(a, b));
+            self.act(b, actions, None);
         }
 
         /// Delivers what is in flight, picking wires with `pick`; then fires the timers, and again, until

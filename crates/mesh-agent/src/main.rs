@@ -103,6 +103,10 @@ struct Args {
     /// over the others) or `flood` (whole over every link, as agents before the tree did).
     #[arg(long, default_value = "tree", value_parser = agent_mesh::tree::Broadcast::parse)]
     broadcast: agent_mesh::tree::Broadcast,
+    /// With the tree: how long an update announced by id may take to arrive whole before it is asked for
+    /// (5ms to 10s). Shorter repairs a broken branch sooner, and sends more copies when the tree is slow.
+    #[arg(long, value_parser = graft_after, default_value = "150ms")]
+    graft_after: Duration,
 }
 
 /// `250ms`, `10s` or `2m`.
@@ -126,21 +130,25 @@ fn node_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn grace(s: &str) -> Result<Duration, String> {
+/// A duration within `lo..=hi`.
+fn within(s: &str, lo: Duration, hi: Duration) -> Result<Duration, String> {
     let d = duration(s)?;
-    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
-        return Err(format!("{s:?} is outside 1s..=1h"));
-    }
-    Ok(d)
-}
-
-fn heartbeat(s: &str) -> Result<Duration, String> {
-    let d = duration(s)?;
-    let (lo, hi) = (agent_mesh::transport::MIN_HEARTBEAT, agent_mesh::transport::MAX_HEARTBEAT);
     if d < lo || d > hi {
         return Err(format!("{s:?} is outside {lo:?}..={hi:?}"));
     }
     Ok(d)
+}
+
+fn grace(s: &str) -> Result<Duration, String> {
+    within(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+fn heartbeat(s: &str) -> Result<Duration, String> {
+    within(s, agent_mesh::transport::MIN_HEARTBEAT, agent_mesh::transport::MAX_HEARTBEAT)
+}
+
+fn graft_after(s: &str) -> Result<Duration, String> {
+    within(s, Duration::from_millis(5), Duration::from_secs(10))
 }
 
 #[tokio::main]
@@ -172,7 +180,10 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat = args.heartbeat;
     config.protocols = args.link_protocols;
     config.unreachable_after = args.unreachable_after;
-    config.broadcast = args.broadcast;
+    config.broadcast = match args.broadcast {
+        agent_mesh::tree::Broadcast::Tree { .. } => agent_mesh::tree::Broadcast::Tree { graft_after: args.graft_after },
+        flood => flood,
+    };
     // Dialed from the address links are accepted on, when it is one: rules by address see one address.
     config.dial_from = Some(mesh_addr.ip()).filter(|ip| !ip.is_unspecified());
     let selection = match args.peer_selection {
