@@ -2,7 +2,8 @@
 //! rendezvous) attaches to it and speaks the Yjs sync protocol: on attach each side sends its state vector
 //! (SyncStep1) and answers the other's with the missing updates (SyncStep2); afterwards every update is
 //! sent as it happens. An update received on one link is applied and forwarded to every other link once:
-//! a bounded seen-cache (by hash of the update bytes, which relays keep verbatim) stops re-forwarding.
+//! a bounded seen-cache (by the update's id, a hash of its bytes, which relays keep verbatim) stops
+//! re-forwarding.
 //!
 //! What a peer sends is bounded before it costs anything (docs/design.md §3.5): every message passes
 //! [`screen`] first; messages waiting for the document share one inbound budget; each link's unsent
@@ -15,7 +16,6 @@
 //! Over mesh links, updates follow the broadcast tree (`crate::tree`): whole over its links, as ids over
 //! the others, which ask for what does not arrive. The rendezvous link gets every update whole.
 use std::collections::{HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,7 +34,7 @@ use crate::held::Held;
 use crate::nesting::{Nesting, Verdict};
 use crate::screen::{self, Kind, Refused};
 pub use crate::tree::LinkId;
-use crate::tree::{Action, Broadcast, Control, Origin, Tree, UpdateId};
+use crate::tree::{Action, Broadcast, Control, Origin, Tree, UpdateId, update_id};
 
 /// Updates remembered by the seen-cache.
 const SEEN_CAPACITY: usize = 1 << 16;
@@ -48,6 +48,10 @@ pub const INBOUND_BUDGET: usize = 32 << 20;
 pub const STEP1_INTERVAL: Duration = Duration::from_secs(3);
 /// A link whose held update has waited this long is asked for what this document lacks.
 const ASK_AFTER: Duration = Duration::from_secs(1);
+/// Queued announcements go out at least every this many messages.
+const FLUSH_EVERY: usize = 64;
+// The tree asks again for what no graft brought only once a link may answer again.
+const _: () = assert!(crate::tree::ASK_AGAIN_AFTER.as_millis() > STEP1_INTERVAL.as_millis());
 
 type Edit = Box<dyn FnOnce(&yrs::Doc) -> Vec<u8> + Send>;
 type Read = Box<dyn FnOnce(&yrs::Doc) + Send>;
@@ -240,8 +244,8 @@ impl Doc {
     }
 }
 
-/// Updates seen lately, by id, each with whether its first copy came beside the tree
-/// (`Origin::beside_tree`: from the rendezvous, or in a SyncStep2).
+/// Updates seen lately, by id (`tree::update_id`), each with whether a copy came over the tree (a mesh
+/// link's update, or this agent's own edit; not the rendezvous' or an answer's).
 #[derive(Default)]
 struct Seen {
     set: HashMap<UpdateId, bool>,
@@ -249,30 +253,28 @@ struct Seen {
 }
 
 impl Seen {
-    /// The update's id: the same at every agent, since relays keep updates verbatim.
-    fn key(bytes: &[u8]) -> UpdateId {
-        let mut h = DefaultHasher::new();
-        bytes.hash(&mut h);
-        h.finish()
+    fn contains(&self, id: UpdateId) -> bool {
+        self.set.contains_key(&id)
     }
 
-    fn contains(&self, bytes: &[u8]) -> bool {
-        self.set.contains_key(&Self::key(bytes))
+    /// Whether a copy came over the tree, if it was seen.
+    fn over_tree(&self, id: UpdateId) -> Option<bool> {
+        self.set.get(&id).copied()
     }
 
-    /// Whether its first copy came beside the tree, if it was seen.
-    fn first_beside(&self, bytes: &[u8]) -> Option<bool> {
-        self.set.get(&Self::key(bytes)).copied()
+    fn came_over_tree(&mut self, id: UpdateId) {
+        if let Some(over) = self.set.get_mut(&id) {
+            *over = true;
+        }
     }
 
-    /// Whether `bytes` is new (and remembers it, and whether its first copy came beside the tree).
-    fn first_time(&mut self, bytes: &[u8], beside: bool) -> bool {
-        let key = Self::key(bytes);
-        if self.set.contains_key(&key) {
+    /// Whether `id` is new (and remembers it, and whether this copy came over the tree).
+    fn first_time(&mut self, id: UpdateId, over_tree: bool) -> bool {
+        if self.set.contains_key(&id) {
             return false;
         }
-        self.set.insert(key, beside);
-        self.order.push_back(key);
+        self.set.insert(id, over_tree);
+        self.order.push_back(id);
         if self.order.len() > SEEN_CAPACITY {
             self.order.pop_front().map(|old| self.set.remove(&old));
         }
@@ -308,6 +310,7 @@ fn encode(m: SyncMessage) -> Outgoing {
 
 impl Relay {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut since_flush = 0;
         loop {
             let due = self.tree.as_ref().and_then(Tree::next_due);
             let cmd = tokio::select! {
@@ -331,8 +334,11 @@ impl Relay {
                 Cmd::Edit(f) => self.edit(f),
                 Cmd::Read(f) => f(&self.doc),
             }
-            // Announcements wait until nothing else does, so one frame carries many ids.
-            if rx.is_empty() {
+            // Announcements wait until nothing else does, so one frame carries many ids; under a steady
+            // stream, for at most a few dozen messages.
+            since_flush += 1;
+            if rx.is_empty() || since_flush >= FLUSH_EVERY {
+                since_flush = 0;
                 let flushed = self.tree.as_mut().map(Tree::flush).unwrap_or_default();
                 self.act(&flushed, None);
             }
@@ -350,21 +356,22 @@ impl Relay {
         if let Some(t) = tree {
             t.attach(link);
         }
-        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: None });
+        // The state vector just sent asks, as a SyncStep1 sent later would.
+        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: Some(Instant::now()) });
     }
 
     /// A tree message from a mesh link's peer.
     fn heard(&mut self, link: LinkId, control: Control) {
         let Some(tree) = self.tree.as_mut() else { return };
         let seen = &self.seen;
-        let actions = tree.heard(link, control, Instant::now(), |id| seen.set.contains_key(&id));
+        let actions = tree.heard(link, control, Instant::now(), |id| seen.contains(id));
         self.act(&actions, None);
     }
 
     fn tree_due(&mut self) {
         let Some(tree) = self.tree.as_mut() else { return };
         let seen = &self.seen;
-        let actions = tree.due(Instant::now(), |id| seen.set.contains_key(&id));
+        let actions = tree.due(Instant::now(), |id| seen.contains(id));
         self.act(&actions, None);
     }
 
@@ -382,6 +389,9 @@ impl Relay {
                 }
             };
             let (Some(l), Some(message)) = (self.links.get(&link), message) else { continue };
+            if slow.contains(&link) {
+                continue;
+            }
             let len = if let Outgoing::Tree(text) = &message { text.len() as u64 } else { 0 };
             let mesh = l.mesh;
             if !l.out.offer(message) {
@@ -426,8 +436,10 @@ impl Relay {
         if let Some(depth) = deepest {
             tracing::warn!(depth, "a local edit nests shared types past the bound: every peer will refuse it");
         }
-        if self.seen.first_time(&update, false) {
-            self.forward(None, update, true);
+        let id = update_id(&update);
+        // This agent is the update's root in the tree: copies that come back are duplicates.
+        if self.seen.first_time(id, true) {
+            self.forward(None, id, update, true);
         }
         self.release();
     }
@@ -461,18 +473,27 @@ impl Relay {
     }
 
     /// An update received whole; `broadcast` unless it is a SyncStep2 (an answer to this link alone, whose
-    /// second copy says nothing about the tree).
+    /// copies say nothing about the tree).
     fn update(&mut self, from: LinkId, bytes: Vec<u8>, broadcast: bool) {
-        if let Some(first_beside) = self.seen.first_beside(&bytes) {
+        let id = update_id(&bytes);
+        if let Some(came_over_tree) = self.seen.over_tree(id) {
             self.metrics.duplicates_dropped.inc();
-            let tree = self.tree.as_mut().filter(|_| broadcast);
-            let prune = tree.and_then(|t| t.duplicate(from, first_beside, Instant::now()));
-            self.act(prune.as_slice(), None);
+            if self.over_tree(from, broadcast) {
+                self.seen.came_over_tree(id);
+                let tree = self.tree.as_mut();
+                let prune = tree.and_then(|t| t.again(from, !came_over_tree, Instant::now()));
+                self.act(prune.as_slice(), None);
+            }
             return;
         }
         if self.accept(from, bytes, broadcast) {
             self.release();
         }
+    }
+
+    /// Whether an update from `from` came over the tree: a mesh link's update, not an answer.
+    fn over_tree(&self, from: LinkId, broadcast: bool) -> bool {
+        broadcast && self.links.get(&from).is_some_and(|l| l.mesh)
     }
 
     /// Applies and forwards an update whose depths are known and within the bound, holds one that builds
@@ -501,9 +522,9 @@ impl Relay {
                     return false;
                 }
                 self.metrics.updates_received.inc();
-                let beside = !broadcast || self.links.get(&from).is_some_and(|l| !l.mesh);
-                self.seen.first_time(&bytes, beside);
-                self.forward(Some(from), bytes, broadcast);
+                let id = update_id(&bytes);
+                self.seen.first_time(id, self.over_tree(from, broadcast));
+                self.forward(Some(from), id, bytes, broadcast);
                 true
             }
             Ok(Verdict::Waiting(anchors)) => {
@@ -532,9 +553,10 @@ impl Relay {
             return;
         }
         let step1 = encode(SyncMessage::SyncStep1(self.doc.transact().state_vector()));
-        if let Some(l) = self.links.get_mut(&link) {
+        if let Some(l) = self.links.get_mut(&link)
+            && l.out.offer(step1)
+        {
             l.asked = Some(Instant::now());
-            l.out.offer(step1);
         }
     }
 
@@ -565,10 +587,11 @@ impl Relay {
             let clocks = self.clocks();
             let here = |(client, clock): screen::Id| clock < clocks(client);
             let Some((from, bytes)) = self.held.next_ready(here) else { return };
-            if self.seen.contains(&bytes) {
+            if self.seen.contains(update_id(&bytes)) {
                 self.metrics.duplicates_dropped.inc();
             } else {
-                self.accept(from, bytes, true);
+                // Held, it may have been an answer: its copies must not shape the tree.
+                self.accept(from, bytes, false);
             }
         }
     }
@@ -584,8 +607,7 @@ impl Relay {
     /// rendezvous, and over the mesh as the tree says (whole to every mesh link when flooding). A link
     /// over its budget is dropped. What came as a SyncStep2 goes on as one, so that its second copies
     /// prune nothing (see [`Relay::update`]).
-    fn forward(&mut self, from: Option<LinkId>, update: Vec<u8>, broadcast: bool) {
-        let id = Seen::key(&update);
+    fn forward(&mut self, from: Option<LinkId>, id: UpdateId, update: Vec<u8>, broadcast: bool) {
         let message = encode(if broadcast { SyncMessage::Update(update) } else { SyncMessage::SyncStep2(update) });
         let origin = match from.and_then(|f| self.links.get(&f).map(|l| (f, l.mesh))) {
             None => Origin::Local,

@@ -28,7 +28,7 @@
 //!   the last [`RECENT_COUNT`] updates' payloads (at most [`RECENT_BYTES`]), kept to answer grafts;
 //! - **once**: after the eager links have thinned out (a settled tree), an update crosses each agent's
 //!   links whole at most once in each direction of a tree link: at most N−1 copies for N agents.
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 /// Identifies one attached link for the lifetime of the process.
 pub type LinkId = u64;
-/// An update's id: the hash of its bytes, which relays keep verbatim.
+/// An update's id ([`update_id`]).
 pub type UpdateId = u64;
 
 /// How long after an update is first announced it is asked for, if it has not arrived over an eager link
@@ -56,6 +56,11 @@ pub const MAX_MISSING: usize = 4096;
 pub const MAX_MISSING_PER_LINK: usize = 1024;
 /// Links remembered as having announced one id.
 pub const MAX_ANNOUNCERS: usize = 4;
+/// How many times, and how far apart, an update no graft brought is asked for by SyncStep1. Longer than
+/// the relay's gap between two SyncStep1 answers on one link (`doc::STEP1_INTERVAL`), so a second ask is
+/// never dropped for coming too soon.
+pub const MAX_ASKS: u32 = 3;
+pub const ASK_AGAIN_AFTER: Duration = Duration::from_millis(3500);
 /// Recent updates kept to answer grafts, by count and by bytes.
 pub const RECENT_COUNT: usize = 1024;
 pub const RECENT_BYTES: usize = 4 << 20;
@@ -100,14 +105,6 @@ pub enum Origin {
     Answer(LinkId),
     /// A mesh link's update.
     Mesh(LinkId),
-}
-
-impl Origin {
-    /// Whether it came from beside the tree (the rendezvous, or an answer to this agent alone): its
-    /// duplicates prune nothing, and the link it came on has not brought it first over the tree.
-    pub fn beside_tree(self) -> bool {
-        matches!(self, Origin::Hub | Origin::Answer(_))
-    }
 }
 
 /// A tree message: a text frame on a mesh link.
@@ -185,7 +182,8 @@ pub enum Action {
     Send(LinkId, Control),
     /// Send a kept update whole (a graft asked for it).
     Resend(LinkId, Bytes),
-    /// Ask the link for whatever this document lacks (a SyncStep1): an update no graft brought.
+    /// Ask the link for whatever this document lacks (a SyncStep1): an update no graft brought, or ids
+    /// the bounds left out.
     Ask(LinkId),
 }
 
@@ -197,22 +195,42 @@ struct Link {
     eager: bool,
     /// This end asked the peer for ids only, and has not grafted it since.
     pruned: bool,
-    /// When the peer last brought an update first.
+    /// When the peer last brought an update first over the mesh.
     first_at: Option<Instant>,
     /// Ids to announce at the next flush.
     announce: Vec<UpdateId>,
     /// Missing ids this link's announcement started.
     started: usize,
+    /// Kept updates resent on this link: each at most once.
+    resent: HashSet<UpdateId>,
+    /// When to ask the link for the whole difference, because the bounds left out ids it announced.
+    overflow: Option<Instant>,
+}
+
+impl Link {
+    fn new() -> Link {
+        Link {
+            speaks: false,
+            eager: true,
+            pruned: false,
+            first_at: None,
+            announce: Vec::new(),
+            started: 0,
+            resent: HashSet::new(),
+            overflow: None,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Missing {
-    /// Links that announced it and have not been asked yet, in order.
+    /// Links that announced it and have not been grafted yet, in order.
     announcers: VecDeque<LinkId>,
+    /// Links grafted for it, in order: asked by SyncStep1, in turn, when no graft brought it.
+    tried: Vec<LinkId>,
+    asks: u32,
     due: Instant,
     started_by: LinkId,
-    /// The last link asked.
-    asked: Option<LinkId>,
 }
 
 /// One agent's tree: the state of each mesh link, the ids it waits for, the payloads it can resend.
@@ -248,18 +266,23 @@ impl Tree {
 
     /// A new mesh link: eager, and sent every update whole until its peer says it speaks the tree.
     pub fn attach(&mut self, link: LinkId) {
-        let link_state =
-            Link { speaks: false, eager: true, pruned: false, first_at: None, announce: Vec::new(), started: 0 };
-        self.links.insert(link, link_state);
+        self.links.insert(link, Link::new());
     }
 
-    /// A mesh link closed. If it ever brought an update first, the others are asked for whole updates: the
-    /// next update floods around the gap, and its duplicates prune the links back to a tree.
+    /// A mesh link closed. If it ever brought an update first, the links this end pruned are grafted: the
+    /// next update floods around the gap, and its duplicates prune the links back to a tree. Waits that
+    /// only it could end are dropped.
     pub fn detach(&mut self, link: LinkId) -> Vec<Action> {
         let Some(gone) = self.links.remove(&link) else { return Vec::new() };
-        for m in self.missing.values_mut() {
+        let links = &self.links;
+        let mut orphans = Vec::new();
+        for (id, m) in &mut self.missing {
             m.announcers.retain(|a| *a != link);
+            if m.announcers.is_empty() && !m.tried.iter().any(|t| links.contains_key(t)) {
+                orphans.push(*id);
+            }
         }
+        orphans.into_iter().for_each(|id| self.arrived(id));
         if !gone.speaks || gone.first_at.is_none() {
             return Vec::new();
         }
@@ -298,11 +321,17 @@ impl Tree {
         out
     }
 
-    /// An update arrived again, over `link`. Unless its first copy came [beside the tree](Origin::beside_tree),
-    /// or the link brought one first lately ([`KEEP_FIRST`]), its sender is asked for ids only.
-    pub fn duplicate(&mut self, link: LinkId, first_beside: bool, now: Instant) -> Option<Action> {
-        let l = self.links.get_mut(&link).filter(|l| l.speaks && !l.pruned && !first_beside)?;
-        if l.first_at.is_some_and(|at| now < at + KEEP_FIRST) {
+    /// An update already here arrived again, whole, over mesh link `link`. The first copy the mesh brings
+    /// (`first_over_mesh`: the first came from the rendezvous or in an answer) counts as bringing it first,
+    /// so the tree takes shape while the rendezvous is up. A later one asks its sender for ids only, unless
+    /// the link brought one first lately ([`KEEP_FIRST`]).
+    pub fn again(&mut self, link: LinkId, first_over_mesh: bool, now: Instant) -> Option<Action> {
+        let l = self.links.get_mut(&link).filter(|l| l.speaks)?;
+        if first_over_mesh {
+            l.first_at = Some(now);
+            return None;
+        }
+        if l.pruned || l.first_at.is_some_and(|at| now < at + KEEP_FIRST) {
             return None;
         }
         l.pruned = true;
@@ -327,7 +356,9 @@ impl Tree {
             }
             Control::Graft(ids) => {
                 l.eager = true;
-                ids.iter().filter_map(|id| self.recent.get(id)).map(|p| Action::Resend(link, p.clone())).collect()
+                let recent = &self.recent;
+                let fresh = ids.into_iter().filter(|id| recent.contains_key(id) && l.resent.insert(*id));
+                fresh.map(|id| Action::Resend(link, recent[&id].clone())).collect()
             }
             Control::IHave(ids) => {
                 for id in ids.into_iter().filter(|id| !seen(*id)) {
@@ -340,43 +371,58 @@ impl Tree {
 
     fn announced(&mut self, link: LinkId, id: UpdateId, now: Instant) {
         if let Some(m) = self.missing.get_mut(&id) {
-            if m.announcers.len() < MAX_ANNOUNCERS && !m.announcers.contains(&link) && m.asked != Some(link) {
+            let known = m.announcers.contains(&link) || m.tried.contains(&link);
+            if m.announcers.len() < MAX_ANNOUNCERS && !known {
                 m.announcers.push_back(link);
             }
             return;
         }
         let Some(l) = self.links.get_mut(&link) else { return };
         if self.missing.len() >= MAX_MISSING || l.started >= MAX_MISSING_PER_LINK {
+            // Left out, not lost: the link is asked for the whole difference once the grafts had time.
+            l.overflow.get_or_insert(now + 2 * self.graft_after);
             return;
         }
         l.started += 1;
         let due = now + self.graft_after;
-        self.missing.insert(id, Missing { announcers: VecDeque::from([link]), due, started_by: link, asked: None });
+        let m = Missing { announcers: VecDeque::from([link]), tried: Vec::new(), asks: 0, due, started_by: link };
+        self.missing.insert(id, m);
         self.timers.insert((due, id));
     }
 
-    /// The grafts whose time has come: each missing update is asked of its next announcer (which then
-    /// sends updates whole); one that no announcer brought is asked for by SyncStep1 of the last one asked.
+    /// What is due by `now`: each missing update is grafted from its next announcer (which then sends
+    /// updates whole); one that no announcer brought is asked for by SyncStep1 of the links grafted, in
+    /// turn, [`MAX_ASKS`] times [`ASK_AGAIN_AFTER`] apart; a link whose ids the bounds left out is asked
+    /// once.
     pub fn due(&mut self, now: Instant, seen: impl Fn(UpdateId) -> bool) -> Vec<Action> {
         let mut grafts: HashMap<LinkId, Vec<UpdateId>> = HashMap::new();
         let mut out = Vec::new();
         while let Some(&(at, id)) = self.timers.first().filter(|(at, _)| *at <= now) {
             self.timers.remove(&(at, id));
             let Some(m) = self.missing.get_mut(&id) else { continue };
-            let next = m.announcers.pop_front().filter(|_| !seen(id));
-            let Some(link) = next else {
-                // Every announcer was asked: ask a link for the whole difference, the last one asked if it
-                // is still there (it had the update), else any.
-                let open = |l: &LinkId| self.links.contains_key(l);
-                let ask = m.asked.filter(open).or_else(|| self.links.keys().min().copied());
-                out.extend(ask.filter(|_| !seen(id)).map(Action::Ask));
-                self.arrived(id);
-                continue;
+            let links = &self.links;
+            let open: Vec<LinkId> = m.tried.iter().copied().filter(|t| links.contains_key(t)).collect();
+            let (next, wait) = match m.announcers.pop_front() {
+                _ if seen(id) => (None, None),
+                Some(link) => {
+                    m.tried.push(link);
+                    grafts.entry(link).or_default().push(id);
+                    (Some(()), Some(2 * self.graft_after))
+                }
+                None if m.asks < MAX_ASKS && !open.is_empty() => {
+                    out.push(Action::Ask(open[m.asks as usize % open.len()]));
+                    m.asks += 1;
+                    (Some(()), Some(ASK_AGAIN_AFTER))
+                }
+                None => (None, None),
             };
-            m.asked = Some(link);
-            m.due = now + 2 * self.graft_after;
-            self.timers.insert((m.due, id));
-            grafts.entry(link).or_default().push(id);
+            match next.zip(wait) {
+                Some(((), wait)) => {
+                    m.due = now + wait;
+                    self.timers.insert((m.due, id));
+                }
+                None => self.arrived(id),
+            }
         }
         for (link, ids) in grafts {
             if let Some(l) = self.links.get_mut(&link) {
@@ -384,23 +430,25 @@ impl Tree {
             }
             out.extend(ids.chunks(MAX_IDS).map(|c| Action::Send(link, Control::Graft(c.to_vec()))));
         }
+        for (&id, l) in &mut self.links {
+            if l.overflow.is_some_and(|at| at <= now) {
+                l.overflow = None;
+                out.push(Action::Ask(id));
+            }
+        }
         out
     }
 
     /// When [`Tree::due`] next has work.
     pub fn next_due(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        let overflow = self.links.values().filter_map(|l| l.overflow);
+        self.timers.first().map(|(at, _)| *at).into_iter().chain(overflow).min()
     }
 
     /// The announcements queued since the last flush, one `ihave` per link.
     pub fn flush(&mut self) -> Vec<Action> {
         let pending = self.links.iter_mut().filter(|(_, l)| !l.announce.is_empty());
         pending.map(|(&id, l)| Action::Send(id, Control::IHave(std::mem::take(&mut l.announce)))).collect()
-    }
-
-    /// Whether a link is eager (sent updates whole). Unknown links are not.
-    pub fn is_eager(&self, link: LinkId) -> bool {
-        self.links.get(&link).is_some_and(|l| l.eager)
     }
 
     /// An update is here: stop waiting for it.
@@ -412,8 +460,10 @@ impl Tree {
         }
     }
 
+    /// Keeps a payload to answer grafts. One over a quarter of the store is not kept: it would push out
+    /// everything else (a graft for it finds nothing, and a SyncStep1 brings it).
     fn remember(&mut self, id: UpdateId, payload: &Bytes) {
-        if self.recent.insert(id, payload.clone()).is_some() {
+        if payload.len() > RECENT_BYTES / 4 || self.recent.insert(id, payload.clone()).is_some() {
             return;
         }
         self.order.push_back(id);
@@ -421,8 +471,18 @@ impl Tree {
         while self.order.len() > RECENT_COUNT || self.recent_bytes > RECENT_BYTES {
             let Some(old) = self.order.pop_front() else { break };
             self.recent_bytes -= self.recent.remove(&old).map_or(0, |p| p.len());
+            for l in self.links.values_mut() {
+                l.resent.remove(&old);
+            }
         }
     }
+}
+
+/// An update's id: the first 8 bytes of the SHA-256 of its bytes, big-endian (relays keep updates
+/// verbatim, so every agent computes the same).
+pub fn update_id(bytes: &[u8]) -> UpdateId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }
 
 #[cfg(test)]
@@ -477,6 +537,7 @@ mod tests {
             t.heard(1, Control::IHave(chunk.to_vec()), now, |_| false);
         }
         assert_eq!(t.missing.len(), MAX_MISSING_PER_LINK, "one link starts at most its share");
+        assert!(t.links[&1].overflow.is_some(), "what it left out is asked for later");
         t.heard(2, Control::IHave(vec![5, u64::MAX]), now, |_| false);
         assert_eq!(t.missing[&5].announcers.len(), 2, "a second announcer of a waiting id is remembered");
         assert_eq!(t.missing.len(), MAX_MISSING_PER_LINK + 1);
@@ -484,12 +545,23 @@ mod tests {
         let grafted: usize =
             asked.iter().map(|a| if let Action::Send(_, Control::Graft(ids)) = a { ids.len() } else { 0 }).sum();
         assert_eq!(grafted, MAX_MISSING_PER_LINK + 1, "each missing id asked once");
+        assert!(!asked.contains(&Action::Ask(1)));
+        assert!(t.due(now + 2 * GRAFT_AFTER, |_| false).contains(&Action::Ask(1)), "the overflow is asked for once");
+        assert!(t.links[&1].overflow.is_none(), "once");
         for i in 0..(2 * RECENT_COUNT) as u64 {
             t.received(1 << 32 | i, Origin::Local, &Bytes::from(vec![0; 1024]), now);
         }
         assert_eq!(t.recent.len(), RECENT_COUNT);
         t.received(1 << 33, Origin::Local, &Bytes::from(vec![0; RECENT_BYTES]), now);
-        assert!(t.recent_bytes <= RECENT_BYTES && t.recent.len() == 1, "the byte bound holds");
+        assert_eq!(t.recent.len(), RECENT_COUNT, "a payload over a quarter of the store neither stays nor clears it");
+        for i in 0..5 {
+            t.received(1 << 34 | i, Origin::Local, &Bytes::from(vec![0; RECENT_BYTES / 4]), now);
+        }
+        assert!(t.recent_bytes <= RECENT_BYTES, "the byte bound holds");
+        let kept = 1 << 34 | 4;
+        let resent = t.heard(2, Control::Graft(vec![kept; 200]), now, |_| true);
+        assert_eq!(resent.len(), 1, "a graft naming one update many times resends it once");
+        assert!(t.heard(2, Control::Graft(vec![kept]), now, |_| true).is_empty(), "and never twice on one link");
     }
 
     /// A simulated fleet: one tree per agent, links as FIFO queues, time advanced by hand.
@@ -497,8 +569,10 @@ mod tests {
     enum Msg {
         Update(UpdateId),
         Tree(Control),
-        /// A SyncStep1: answered with every update the asker lacks.
+        /// A SyncStep1: answered with every update the asker lacks, unless this link had an answer lately.
         Ask(HashSet<UpdateId>),
+        /// An update in a SyncStep2.
+        Answer(UpdateId),
     }
 
     struct Fleet {
@@ -506,6 +580,8 @@ mod tests {
         have: Vec<HashMap<UpdateId, bool>>,
         /// (from, to) → messages in flight, in order.
         wires: BTreeMap<(usize, usize), VecDeque<Msg>>,
+        /// (answerer, asker) → when it last answered a SyncStep1: once per `STEP1_INTERVAL`, as the relay.
+        answered: HashMap<(usize, usize), Instant>,
         now: Instant,
         pushes: usize,
     }
@@ -529,6 +605,7 @@ mod tests {
                 trees: (0..n).map(|_| Tree::default()).collect(),
                 have: vec![HashMap::new(); n],
                 wires: BTreeMap::new(),
+                answered: HashMap::new(),
                 now: Instant::now(),
                 pushes: 0,
             };
@@ -537,6 +614,9 @@ mod tests {
                 f.trees[b].attach(link(a, b));
                 f.wires.insert((a, b), VecDeque::from([Msg::Tree(Control::Hello)]));
                 f.wires.insert((b, a), VecDeque::from([Msg::Tree(Control::Hello)]));
+                // Each end answered the other's opening SyncStep1 just now.
+                f.answered.insert((a, b), f.now);
+                f.answered.insert((b, a), f.now);
             }
             f
         }
@@ -549,7 +629,7 @@ mod tests {
                     Action::Send(l, c) => (l, Msg::Tree(c)),
                     Action::Ask(l) => (l, Msg::Ask(self.have[at].keys().copied().collect())),
                 };
-                if matches!(msg, Msg::Update(_)) {
+                if matches!(msg, Msg::Update(_) | Msg::Answer(_)) {
                     self.pushes += 1;
                 }
                 if let Some(w) = self.wires.get_mut(&(at, peer(at, l))) {
@@ -558,17 +638,19 @@ mod tests {
             }
         }
 
+        /// An update arrives at `at`; `have` notes whether a copy came over the tree, as the relay's seen-cache.
         fn arrive(&mut self, at: usize, id: UpdateId, origin: Origin) {
-            let beside = origin.beside_tree();
+            let over_tree = matches!(origin, Origin::Mesh(_) | Origin::Local);
             match self.have[at].get(&id) {
                 None => {
-                    self.have[at].insert(id, beside);
+                    self.have[at].insert(id, over_tree);
                     let actions = self.trees[at].received(id, origin, &payload(id), self.now);
                     self.act(at, actions, Some(id));
                 }
-                Some(&first_beside) => {
+                Some(&came_over_tree) => {
                     if let Origin::Mesh(l) = origin {
-                        let actions = self.trees[at].duplicate(l, first_beside, self.now).into_iter().collect();
+                        self.have[at].insert(id, true);
+                        let actions = self.trees[at].again(l, !came_over_tree, self.now).into_iter().collect();
                         self.act(at, actions, None);
                     }
                 }
@@ -587,11 +669,16 @@ mod tests {
                     self.act(at, actions, None);
                 }
                 Msg::Ask(theirs) => {
-                    let missing: Vec<UpdateId> =
-                        self.have[at].keys().filter(|id| !theirs.contains(id)).copied().collect();
-                    let w = self.wires.get_mut(&(at, from)).unwrap();
-                    w.extend(missing.into_iter().map(Msg::Update));
+                    let last = self.answered.get(&(at, from)).copied();
+                    if last.is_none_or(|t| self.now >= t + crate::doc::STEP1_INTERVAL) {
+                        self.answered.insert((at, from), self.now);
+                        let missing: Vec<UpdateId> =
+                            self.have[at].keys().filter(|id| !theirs.contains(id)).copied().collect();
+                        let w = self.wires.get_mut(&(at, from)).unwrap();
+                        w.extend(missing.into_iter().map(Msg::Answer));
+                    }
                 }
+                Msg::Answer(id) => self.arrive(at, id, Origin::Answer(l)),
             }
             let flushed = self.trees[at].flush();
             self.act(at, flushed, None);
@@ -638,6 +725,8 @@ mod tests {
         Cross(u64),
         /// Time passes: grafts whose time has come go out, with messages still in flight.
         Tick,
+        /// An agent's kept payloads are pushed out (by many or big updates): its grafts find nothing.
+        Forget(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -647,6 +736,7 @@ mod tests {
             1 => (0usize..64, 0usize..64).prop_map(|(a, b)| Step::Close(a, b)),
             3 => any::<u64>().prop_map(Step::Cross),
             1 => Just(Step::Tick),
+            1 => (0usize..64).prop_map(Step::Forget),
         ]
     }
 
@@ -719,6 +809,10 @@ mod tests {
                             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                             fleet.deliver(busy[(rng >> 33) as usize % busy.len()]);
                         }
+                    }
+                    Step::Forget(at) => {
+                        let t = &mut fleet.trees[at % n];
+                        (t.recent, t.order, t.recent_bytes) = Default::default();
                     }
                     Step::Tick => {
                         fleet.now += GRAFT_AFTER;
