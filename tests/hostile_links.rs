@@ -1,7 +1,8 @@
 //! Hostile bytes from a peer the plan admits, at real `mesh-agent` and `rendezvous` processes
 //! (docs/design.md §3.4 rule 7): a value nested 8,000 deep, 5,000 maps nested in one another, count bombs
 //! in a state vector, an update and an awareness message, types nested past the bound by levels sent
-//! deepest first or beside a collected block, and a flood of SyncStep1 requests against a 1 MiB document.
+//! deepest first or beside a collected block, a flood of SyncStep1 requests against a 1 MiB document, and
+//! broadcast-tree frames (made-up announcements, a graft naming one update 51,200 times, a bad id).
 //! Each process lives, the
 //! offending link is closed, resident memory grows by less than 64 MiB, and a legitimate update still
 //! arrives. Needs only Rust: the binaries are built by the test.
@@ -15,10 +16,12 @@ use agent_mesh::assignment::{Assignment, Peer};
 use agent_mesh::handshake::{Hello, Refusal};
 use agent_mesh::identity::Identity;
 use agent_mesh::tls::Credentials;
+use agent_mesh::tree::{self, Control};
 use agent_mesh::wire::{Frame, Wire};
 use agent_mesh::{downward, transport};
 use crafted::{sync, var};
 use support::agents::{Agent, HubProcess, Mode};
+use yrs::{Map, Transact};
 
 const GROWTH_LIMIT_KIB: u64 = 64 << 10;
 
@@ -67,12 +70,19 @@ fn bombs() -> Vec<(&'static str, Vec<Vec<u8>>)> {
 
 /// The close code the peer ends `wire` with (None: the socket just ended).
 async fn closed_with(wire: &mut Wire) -> Option<u16> {
+    closed_after(wire).await.0
+}
+
+/// The close code the peer ends `wire` with, and the binary frames it sent before.
+async fn closed_after(wire: &mut Wire) -> (Option<u16>, Vec<Vec<u8>>) {
     let end = async {
+        let mut binary = Vec::new();
         loop {
             match wire.recv().await {
-                Some(Ok(Frame::Close(code, _))) => return Some(code),
+                Some(Ok(Frame::Close(code, _))) => return (Some(code), binary),
+                Some(Ok(Frame::Binary(b))) => binary.push(b.to_vec()),
                 Some(Ok(_)) => continue,
-                _ => return None,
+                _ => return (None, binary),
             }
         }
     };
@@ -126,6 +136,38 @@ async fn flood(url: &str, id: &str, creds: &Credentials, hello: &Hello, pid: u32
     assert!(grew < GROWTH_LIMIT_KIB, "a SyncStep1 flood: resident memory grew by {grew} KiB");
 }
 
+/// Tree frames from a peer that speaks the tree: 51,200 made-up ids announced, an update of its own
+/// (which the agent keeps to answer grafts) then named 51,200 times in grafts, then an id that is not
+/// 16 hex digits. The link closes on the last (so the others were handled), the update came back once.
+async fn tree_bombs(url: &str, id: &str, creds: &Credentials, pid: u32, base: u64) {
+    let mut wire = admitted(url, id, creds, &Hello::default()).await;
+    wire.send(Frame::Text(Control::Hello.to_text())).await.unwrap();
+    let body = {
+        let doc = yrs::Doc::with_client_id(4242);
+        let map = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        map.insert(&mut txn, "tree-bomb", "v");
+        txn.encode_update_v1()
+    };
+    let message = crafted::update(body.clone());
+    wire.send(Frame::Binary(message.clone().into())).await.unwrap();
+    for i in 0..200u64 {
+        let ids = (0..256).map(|j| (i << 32 | j) ^ 0x5eed).collect();
+        wire.send(Frame::Text(Control::IHave(ids).to_text())).await.unwrap();
+    }
+    let kept = tree::update_id(&body);
+    for _ in 0..200 {
+        wire.send(Frame::Text(Control::Graft(vec![kept; 256]).to_text())).await.unwrap();
+    }
+    wire.send(Frame::Text(r#"{"type":"ihave","ids":["zz"]}"#.into())).await.unwrap();
+    let (code, binary) = closed_after(&mut wire).await;
+    assert_eq!(code, Some(Refusal::Malformed.code()), "a tree frame with a bad id");
+    assert_eq!(binary.iter().filter(|b| **b == message).count(), 1, "the update is resent once");
+    let grew = rss_kib(pid).saturating_sub(base);
+    eprintln!("tree frames: link closed with 4002, resident memory {grew} KiB above the start");
+    assert!(grew < GROWTH_LIMIT_KIB, "tree frames: resident memory grew by {grew} KiB");
+}
+
 fn assign(agent: &Agent, dial: &[&Agent], accept: &[String]) {
     let peers = dial.iter().map(|d| Peer { node_id: d.node_id.clone(), url: format!("wss://{}/crdt-sync", d.mesh) });
     let a = Assignment::new(peers.collect(), accept.iter().cloned(), "p".into());
@@ -167,6 +209,7 @@ async fn hostile_messages_cost_their_link_and_neither_agent_nor_hub_more() {
     let base = rss_kib(victim.pid());
     bomb(&url, &victim.node_id, &creds, &Hello::default(), victim.pid(), base).await;
     flood(&url, &victim.node_id, &creds, &Hello::default(), victim.pid(), base).await;
+    tree_bombs(&url, &victim.node_id, &creds, victim.pid(), base).await;
 
     let hub_pid = hub.child.id().unwrap();
     let hub_base = rss_kib(hub_pid);
@@ -177,7 +220,7 @@ async fn hostile_messages_cost_their_link_and_neither_agent_nor_hub_more() {
     // Both still serve, and a legitimate update still crosses the mesh link.
     let key = friend.append().await;
     arrives(&victim, &key).await;
-    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 9.0);
+    assert!(victim.metric("agentmesh_protocol_errors_total", "").await >= 10.0);
     assert!(victim.metric("agentmesh_sync_requests_dropped_total", "").await >= 1.0);
     assert!(rss_kib(victim.pid()) > 0 && rss_kib(hub_pid) > 0);
 }

@@ -478,11 +478,12 @@ impl Relay {
         let id = update_id(&bytes);
         if let Some(came_over_tree) = self.seen.over_tree(id) {
             self.metrics.duplicates_dropped.inc();
-            if self.over_tree(from, broadcast) {
+            if self.over_tree(from, broadcast)
+                && let Some(tree) = self.tree.as_mut()
+            {
                 self.seen.came_over_tree(id);
-                let tree = self.tree.as_mut();
-                let prune = tree.and_then(|t| t.again(from, !came_over_tree, Instant::now()));
-                self.act(prune.as_slice(), None);
+                let actions = tree.again(id, from, !came_over_tree, Instant::now());
+                self.act(&actions, Some(&encode(SyncMessage::Update(bytes))));
             }
             return;
         }

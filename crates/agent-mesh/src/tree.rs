@@ -3,15 +3,16 @@
 //! sends its payload over the links of a spanning tree and only its id over the others. Pure: the
 //! document's relay feeds it what arrives and carries out what it returns.
 //!
-//! Each end keeps each direction of its mesh links **eager** (it sends new updates whole) or **lazy** (it
-//! sends their ids, batched in an `ihave`). Every link starts eager both ways. The receiving end decides:
-//! an update that arrives a second time over a link asks its sender to send only ids (`prune`), and an id
-//! announced but not received within [`GRAFT_AFTER`] asks the announcer for it and for whole updates from
-//! then on (`graft`). So the eager directions thin out to a tree, and the tree repairs itself where a
-//! branch broke. Deciding at the receiving end keeps every agent on the tree: a link that brought an
-//! update first within [`KEEP_FIRST`] is not pruned, however concurrent updates from other writers
-//! arrive. A link that closes has the agent ask its other links for whole updates (a `graft` without
-//! ids), so a dead neighbour costs one local flood, not a wait; duplicates prune it again.
+//! Each end keeps each mesh link **eager** (it sends new updates whole) or **lazy** (it sends their ids,
+//! batched in an `ihave`). Every link starts eager. An update that arrives a second time over a link makes
+//! that link lazy at both ends (`prune`), so the eager links thin out to a tree that serves every writer;
+//! an id announced but not received within [`GRAFT_AFTER`] is asked for (`graft`), which makes the link
+//! eager at both ends again: the tree repairs itself where a branch broke. With several writers at once,
+//! each update's duplicates arrive on other links, and pruning on all of them would leave an agent no link
+//! that sends it updates whole; so a link that brought an update first within [`KEEP_FIRST`] is not
+//! pruned by this end, and a prune from its peer is answered with a graft. A link that closes has the
+//! agent graft the links it had pruned, so a dead neighbour costs one local flood, not a wait; duplicates
+//! prune it again.
 //!
 //! The rendezvous link is not in the tree. An update first received from the rendezvous is announced on
 //! every mesh link, not pushed: while the rendezvous is up it reaches everyone, so the mesh carries ids
@@ -191,12 +192,13 @@ pub enum Action {
 struct Link {
     /// The peer said it speaks the tree; until then it gets every update whole.
     speaks: bool,
-    /// This end sends the peer new updates whole (the peer has not pruned it, or grafted it since).
+    /// This end sends the peer new updates whole.
     eager: bool,
-    /// This end asked the peer for ids only, and has not grafted it since.
+    /// The peer sends this end only ids (a prune either way), until this end grafts it.
     pruned: bool,
-    /// When the peer last brought an update first over the mesh.
-    first_at: Option<Instant>,
+    /// When the link last proved needed: the peer brought an update first over the mesh, or answered
+    /// this end's prune with a graft (it needs the link).
+    needed_at: Option<Instant>,
     /// Ids to announce at the next flush.
     announce: Vec<UpdateId>,
     /// Missing ids this link's announcement started.
@@ -208,12 +210,17 @@ struct Link {
 }
 
 impl Link {
+    /// Whether the link proved needed lately ([`KEEP_FIRST`]).
+    fn needed(&self, now: Instant) -> bool {
+        self.needed_at.is_some_and(|at| now < at + KEEP_FIRST)
+    }
+
     fn new() -> Link {
         Link {
             speaks: false,
             eager: true,
             pruned: false,
-            first_at: None,
+            needed_at: None,
             announce: Vec::new(),
             started: 0,
             resent: HashSet::new(),
@@ -283,59 +290,76 @@ impl Tree {
             }
         }
         orphans.into_iter().for_each(|id| self.arrived(id));
-        if !gone.speaks || gone.first_at.is_none() {
+        if !gone.speaks || gone.needed_at.is_none() {
             return Vec::new();
         }
         let mut out = Vec::new();
         for (&id, l) in self.links.iter_mut().filter(|(_, l)| l.speaks && l.pruned) {
-            l.pruned = false;
+            (l.pruned, l.eager) = (false, true);
             out.push(Action::Send(id, Control::Graft(Vec::new())));
         }
         out
     }
 
-    /// A new update, first received from `origin`: the links to push it to now. Its id is queued for the
-    /// others (see [`Tree::flush`]).
+    /// A new update, first received from `origin`: the links to push it to now; its id is queued for the
+    /// others (see [`Tree::flush`]). One from beside the tree (the rendezvous, an answer) is announced on
+    /// every link that speaks the tree and pushed over it only once the mesh brings a copy ([`Tree::again`]):
+    /// the tree takes shape as if the rendezvous were not there.
     pub fn received(&mut self, id: UpdateId, origin: Origin, payload: &Bytes, now: Instant) -> Vec<Action> {
         self.arrived(id);
         self.remember(id, payload);
         if let Origin::Mesh(from) = origin
             && let Some(l) = self.links.get_mut(&from)
         {
-            l.first_at = Some(now);
+            l.needed_at = Some(now);
         }
+        let beside = matches!(origin, Origin::Hub | Origin::Answer(_));
+        let source = match origin {
+            Origin::Mesh(l) | Origin::Answer(l) => Some(l),
+            Origin::Local | Origin::Hub => None,
+        };
+        self.pass_on(id, source, |link| !link.speaks || (link.eager && !beside), true)
+    }
+
+    /// Pushes update `id` to the links but `source` that `push` picks, and (if `announce`) queues its id
+    /// for the other links that speak the tree.
+    fn pass_on(
+        &mut self,
+        id: UpdateId,
+        source: Option<LinkId>,
+        push: impl Fn(&Link) -> bool,
+        announce: bool,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
-        for (&l, link) in &mut self.links {
-            if origin == Origin::Mesh(l) || origin == Origin::Answer(l) {
-                continue;
-            }
-            if link.speaks && !link.eager {
+        for (&l, link) in self.links.iter_mut().filter(|(l, _)| Some(**l) != source) {
+            if push(link) {
+                out.push(Action::Push(l));
+            } else if link.speaks && announce {
                 link.announce.push(id);
                 if link.announce.len() == MAX_IDS {
                     out.push(Action::Send(l, Control::IHave(std::mem::take(&mut link.announce))));
                 }
-            } else {
-                out.push(Action::Push(l));
             }
         }
         out
     }
 
-    /// An update already here arrived again, whole, over mesh link `link`. The first copy the mesh brings
-    /// (`first_over_mesh`: the first came from the rendezvous or in an answer) counts as bringing it first,
-    /// so the tree takes shape while the rendezvous is up. A later one asks its sender for ids only, unless
-    /// the link brought one first lately ([`KEEP_FIRST`]).
-    pub fn again(&mut self, link: LinkId, first_over_mesh: bool, now: Instant) -> Option<Action> {
-        let l = self.links.get_mut(&link).filter(|l| l.speaks)?;
+    /// Update `id`, already here, arrived again whole over mesh link `link`. The first copy the mesh
+    /// brings of one that came from beside the tree (`first_over_mesh`) is passed on over the tree now, as
+    /// if it had just arrived. A later copy asks its sender for ids only, unless the link proved needed
+    /// lately ([`KEEP_FIRST`]).
+    pub fn again(&mut self, id: UpdateId, link: LinkId, first_over_mesh: bool, now: Instant) -> Vec<Action> {
+        let Some(l) = self.links.get_mut(&link).filter(|l| l.speaks) else { return Vec::new() };
         if first_over_mesh {
-            l.first_at = Some(now);
-            return None;
+            l.needed_at = Some(now);
+            // Already announced on every link, and sent whole to those that do not speak the tree.
+            return self.pass_on(id, Some(link), |link| link.speaks && link.eager, false);
         }
-        if l.pruned || l.first_at.is_some_and(|at| now < at + KEEP_FIRST) {
-            return None;
+        if (l.pruned && !l.eager) || l.needed(now) {
+            return Vec::new();
         }
-        l.pruned = true;
-        Some(Action::Send(link, Control::Prune))
+        (l.pruned, l.eager) = (true, false);
+        vec![Action::Send(link, Control::Prune)]
     }
 
     /// A tree message from `link`'s peer. `seen` says whether an update is already here.
@@ -350,12 +374,20 @@ impl Tree {
         l.speaks = true;
         match control {
             Control::Hello => Vec::new(),
+            Control::Prune if l.needed(now) => {
+                // The link is this agent's way to some writers: it stays eager, both ways.
+                (l.pruned, l.eager) = (false, true);
+                vec![Action::Send(link, Control::Graft(Vec::new()))]
+            }
             Control::Prune => {
-                l.eager = false;
+                (l.pruned, l.eager) = (true, false);
                 Vec::new()
             }
             Control::Graft(ids) => {
-                l.eager = true;
+                (l.pruned, l.eager) = (false, true);
+                if ids.is_empty() {
+                    l.needed_at = Some(now);
+                }
                 let recent = &self.recent;
                 let fresh = ids.into_iter().filter(|id| recent.contains_key(id) && l.resent.insert(*id));
                 fresh.map(|id| Action::Resend(link, recent[&id].clone())).collect()
@@ -426,7 +458,7 @@ impl Tree {
         }
         for (link, ids) in grafts {
             if let Some(l) = self.links.get_mut(&link) {
-                l.pruned = false;
+                (l.pruned, l.eager) = (false, true);
             }
             out.extend(ids.chunks(MAX_IDS).map(|c| Action::Send(link, Control::Graft(c.to_vec()))));
         }
@@ -490,6 +522,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, HashSet};
+
+    #[test]
+    fn an_update_id_is_the_start_of_its_sha256() {
+        assert_eq!(format!("{:016x}", update_id(&[0, 0])), "96a296d224f285c6", "the vector in agent-integration.md");
+    }
 
     #[test]
     fn frames_round_trip_and_hostile_ones_are_refused() {
@@ -650,8 +687,8 @@ mod tests {
                 Some(&came_over_tree) => {
                     if let Origin::Mesh(l) = origin {
                         self.have[at].insert(id, true);
-                        let actions = self.trees[at].again(l, !came_over_tree, self.now).into_iter().collect();
-                        self.act(at, actions, None);
+                        let actions = self.trees[at].again(id, l, !came_over_tree, self.now);
+                        self.act(at, actions, Some(id));
                     }
                 }
             }
@@ -858,6 +895,44 @@ mod tests {
                     prop_assert_eq!(fleet.pushes - before, n - 1, "update {} after the first flood", i + 1);
                 }
             }
+        }
+
+        #[test]
+        fn a_tree_shaped_while_the_rendezvous_is_up_carries_updates_once_it_is_gone(
+            n in 3usize..16,
+            chords in proptest::collection::vec((0usize..64, 0usize..64), 0..24),
+            bursts in proptest::collection::vec(proptest::collection::vec(0usize..64, 1..6), 1..4),
+            last in 0usize..64,
+            seed: u64,
+        ) {
+            let edges = ring_and_chords(n, &chords);
+            let mut fleet = Fleet::new(n, &edges);
+            let mut rng = seed;
+            let mut pick = move |busy: usize| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy };
+            fleet.settle(&mut pick);
+            let mut id = 0;
+            // Writers at once, each update reaching every agent from the rendezvous before the mesh.
+            for burst in &bursts {
+                for w in burst {
+                    id += 1;
+                    fleet.arrive(w % n, id, Origin::Local);
+                    for at in (0..n).filter(|at| *at != w % n) {
+                        fleet.arrive(at, id, Origin::Hub);
+                    }
+                }
+                fleet.settle(&mut pick);
+                fleet.now += KEEP_FIRST * 2;
+            }
+            // The rendezvous is gone: an update crosses the mesh alone, over eager links only (no timer
+            // fires while it does).
+            id += 1;
+            fleet.arrive(last % n, id, Origin::Local);
+            while let busy @ 1.. = fleet.wires.values().filter(|w| !w.is_empty()).count() {
+                let wire = *fleet.wires.iter().filter(|(_, w)| !w.is_empty()).nth(pick(busy)).unwrap().0;
+                fleet.deliver(wire);
+            }
+            let lacking: Vec<usize> = (0..n).filter(|at| !fleet.have[*at].contains_key(&id)).collect();
+            prop_assert!(lacking.is_empty(), "agents {:?} wait for a graft (links {:?})", lacking, edges);
         }
     }
 }
