@@ -356,8 +356,7 @@ impl Relay {
         if let Some(t) = tree {
             t.attach(link);
         }
-        // The state vector just sent asks, as a SyncStep1 sent later would.
-        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: Some(Instant::now()) });
+        self.links.insert(link, Link { out, refuse, mesh, answered: None, asked: None });
     }
 
     /// A tree message from a mesh link's peer.
@@ -483,7 +482,9 @@ impl Relay {
             {
                 self.seen.came_over_tree(id);
                 let actions = tree.again(id, from, !came_over_tree, Instant::now());
-                self.act(&actions, Some(&encode(SyncMessage::Update(bytes))));
+                let pushes = actions.iter().any(|a| matches!(a, Action::Push(_)));
+                let message = pushes.then(|| encode(SyncMessage::Update(bytes)));
+                self.act(&actions, message.as_ref());
             }
             return;
         }
@@ -591,8 +592,8 @@ impl Relay {
             if self.seen.contains(update_id(&bytes)) {
                 self.metrics.duplicates_dropped.inc();
             } else {
-                // Held, it may have been an answer: its copies must not shape the tree.
-                self.accept(from, bytes, false);
+                // Most held updates are a mesh link's updates that came before what they build on.
+                self.accept(from, bytes, true);
             }
         }
     }

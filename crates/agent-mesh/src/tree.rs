@@ -10,16 +10,16 @@
 //! eager at both ends again: the tree repairs itself where a branch broke. With several writers at once,
 //! each update's duplicates arrive on other links, and pruning on all of them would leave an agent no link
 //! that sends it updates whole; so a link that brought an update first within [`KEEP_FIRST`] is not
-//! pruned by this end, and a prune from its peer is answered with a graft. A link that closes has the
-//! agent graft the links it had pruned, so a dead neighbour costs one local flood, not a wait; duplicates
-//! prune it again.
+//! pruned by this end, and a prune from its peer is answered with a graft (the peer then keeps it for
+//! [`KEEP_FIRST`] too). A link that closes after bringing updates first has the agent graft the links it
+//! had pruned, so a dead neighbour costs one local flood, not a wait; duplicates prune it again.
 //!
 //! The rendezvous link is not in the tree. An update first received from the rendezvous is announced on
-//! every mesh link, not pushed: while the rendezvous is up it reaches everyone, so the mesh carries ids
-//! alone, and an agent the rendezvous missed asks a neighbour for it. Its duplicates prune nothing, so the
-//! tree the mesh built stays in place for when the rendezvous goes. What a mesh link's SyncStep2 brought
-//! is treated the same way: it answered this agent alone. A peer that never said it speaks the tree (an
-//! agent from before it) gets every update whole, as before, and is never pruned.
+//! every link that speaks the tree, and pushed over the tree only when the mesh brings its first copy, as
+//! if that copy had just arrived: the tree takes shape as if the rendezvous were not there, and an agent
+//! the rendezvous missed asks a neighbour for it. What a mesh link's SyncStep2 brought is announced and
+//! shapes nothing: it answered this agent alone. A peer that never said it speaks the tree (an agent from
+//! before it) gets every update whole, as before, and is never pruned.
 //!
 //! Invariants (property-tested below, over simulated fleets with links that fail):
 //! - **delivery**: every update reaches every agent its origin is connected to by mesh links, whatever
@@ -196,9 +196,13 @@ struct Link {
     eager: bool,
     /// The peer sends this end only ids (a prune either way), until this end grafts it.
     pruned: bool,
-    /// When the link last proved needed: the peer brought an update first over the mesh, or answered
-    /// this end's prune with a graft (it needs the link).
-    needed_at: Option<Instant>,
+    /// When the peer last brought an update first over the mesh: the link is this end's way to some
+    /// writer, which vetoes prunes for [`KEEP_FIRST`].
+    first_at: Option<Instant>,
+    /// Not pruned by this end before then: the peer just grafted it (after a veto, or a closed link).
+    keep_until: Option<Instant>,
+    /// When this end last pruned it.
+    pruned_at: Option<Instant>,
     /// Ids to announce at the next flush.
     announce: Vec<UpdateId>,
     /// Missing ids this link's announcement started.
@@ -210,9 +214,14 @@ struct Link {
 }
 
 impl Link {
-    /// Whether the link proved needed lately ([`KEEP_FIRST`]).
-    fn needed(&self, now: Instant) -> bool {
-        self.needed_at.is_some_and(|at| now < at + KEEP_FIRST)
+    /// Whether the peer brought an update first lately ([`KEEP_FIRST`]).
+    fn brought_first(&self, now: Instant) -> bool {
+        self.first_at.is_some_and(|at| now < at + KEEP_FIRST)
+    }
+
+    /// Whether this end must not prune it now.
+    fn kept(&self, now: Instant) -> bool {
+        self.brought_first(now) || self.keep_until.is_some_and(|until| now < until)
     }
 
     fn new() -> Link {
@@ -220,7 +229,9 @@ impl Link {
             speaks: false,
             eager: true,
             pruned: false,
-            needed_at: None,
+            first_at: None,
+            keep_until: None,
+            pruned_at: None,
             announce: Vec::new(),
             started: 0,
             resent: HashSet::new(),
@@ -290,7 +301,7 @@ impl Tree {
             }
         }
         orphans.into_iter().for_each(|id| self.arrived(id));
-        if !gone.speaks || gone.needed_at.is_none() {
+        if gone.first_at.is_none() {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -311,7 +322,7 @@ impl Tree {
         if let Origin::Mesh(from) = origin
             && let Some(l) = self.links.get_mut(&from)
         {
-            l.needed_at = Some(now);
+            l.first_at = Some(now);
         }
         let beside = matches!(origin, Origin::Hub | Origin::Answer(_));
         let source = match origin {
@@ -346,19 +357,21 @@ impl Tree {
 
     /// Update `id`, already here, arrived again whole over mesh link `link`. The first copy the mesh
     /// brings of one that came from beside the tree (`first_over_mesh`) is passed on over the tree now, as
-    /// if it had just arrived. A later copy asks its sender for ids only, unless the link proved needed
-    /// lately ([`KEEP_FIRST`]).
+    /// if it had just arrived. A later copy asks its sender for ids only, unless this end must keep the
+    /// link ([`Link::kept`]). A sender still pushing after a prune missed it (a graft crossed it): it is
+    /// told again, at most once per [`KEEP_FIRST`].
     pub fn again(&mut self, id: UpdateId, link: LinkId, first_over_mesh: bool, now: Instant) -> Vec<Action> {
-        let Some(l) = self.links.get_mut(&link).filter(|l| l.speaks) else { return Vec::new() };
+        let Some(l) = self.links.get_mut(&link) else { return Vec::new() };
         if first_over_mesh {
-            l.needed_at = Some(now);
-            // Already announced on every link, and sent whole to those that do not speak the tree.
+            l.first_at = Some(now);
+            // Already announced on every link that speaks the tree, and sent whole to the others.
             return self.pass_on(id, Some(link), |link| link.speaks && link.eager, false);
         }
-        if (l.pruned && !l.eager) || l.needed(now) {
+        let told = l.pruned && !l.eager && l.pruned_at.is_some_and(|at| now < at + KEEP_FIRST);
+        if !l.speaks || l.kept(now) || told {
             return Vec::new();
         }
-        (l.pruned, l.eager) = (true, false);
+        (l.pruned, l.eager, l.pruned_at) = (true, false, Some(now));
         vec![Action::Send(link, Control::Prune)]
     }
 
@@ -374,7 +387,7 @@ impl Tree {
         l.speaks = true;
         match control {
             Control::Hello => Vec::new(),
-            Control::Prune if l.needed(now) => {
+            Control::Prune if l.brought_first(now) => {
                 // The link is this agent's way to some writers: it stays eager, both ways.
                 (l.pruned, l.eager) = (false, true);
                 vec![Action::Send(link, Control::Graft(Vec::new()))]
@@ -386,7 +399,7 @@ impl Tree {
             Control::Graft(ids) => {
                 (l.pruned, l.eager) = (false, true);
                 if ids.is_empty() {
-                    l.needed_at = Some(now);
+                    l.keep_until = Some(now + KEEP_FIRST);
                 }
                 let recent = &self.recent;
                 let fresh = ids.into_iter().filter(|id| recent.contains_key(id) && l.resent.insert(*id));
