@@ -119,6 +119,44 @@ async fn counters(live: &[&Agent]) -> [f64; 4] {
     out
 }
 
+/// Prints how many pieces the live agents' links form, and where the agents that lack one of `keys` sit:
+/// an update cannot reach another piece while the rendezvous is down.
+async fn pieces(live: &[&Agent], keys: &[String]) {
+    let index: std::collections::HashMap<&str, usize> =
+        live.iter().enumerate().map(|(i, a)| (a.node_id.as_str(), i)).collect();
+    let mut piece: Vec<usize> = (0..live.len()).collect();
+    fn root(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    let mut lacking = Vec::new();
+    for (i, a) in live.iter().enumerate() {
+        for peer in a.links().await.unwrap_or_default() {
+            if let Some(&j) = index.get(peer.as_str()) {
+                let (ri, rj) = (root(&mut piece, i), root(&mut piece, j));
+                piece[ri] = rj;
+            }
+        }
+        let have = a.updates().await.unwrap_or_default();
+        let missing = keys.iter().filter(|k| !have.contains(*k)).count();
+        if missing > 0 {
+            lacking.push((i, missing));
+        }
+    }
+    let mut sizes = std::collections::BTreeMap::new();
+    for i in 0..live.len() {
+        *sizes.entry(root(&mut piece, i)).or_insert(0usize) += 1;
+    }
+    let lacking: Vec<String> = lacking
+        .iter()
+        .map(|(i, m)| format!("{} lacks {m} (piece of {})", live[*i].name, sizes[&root(&mut piece, *i)]))
+        .collect();
+    eprintln!("pieces {:?}; {}", sizes.values().collect::<Vec<_>>(), lacking.join(", "));
+}
+
 /// The fewest links any live agent holds.
 async fn fewest_links(live: &[&Agent]) -> usize {
     let mut fewest = usize::MAX;
@@ -162,6 +200,7 @@ async fn phase(
     for a in live {
         max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
     }
+    pieces(live, &keys).await;
     tokio::time::sleep_until(started + DEGREE_AT).await;
     let fewest = fewest_links(live).await;
     let after = counters(live).await;
