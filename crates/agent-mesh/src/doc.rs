@@ -488,7 +488,7 @@ impl Relay {
             }
             return;
         }
-        if self.accept(from, bytes, broadcast) {
+        if self.accept(from, id, bytes, broadcast) {
             self.release();
         }
     }
@@ -501,7 +501,7 @@ impl Relay {
     /// Applies and forwards an update whose depths are known and within the bound, holds one that builds
     /// on what is not here yet, and refuses (closing its link) one that nests too deep or that yrs does
     /// not integrate whole. Whether it applied.
-    fn accept(&mut self, from: LinkId, bytes: Vec<u8>, broadcast: bool) -> bool {
+    fn accept(&mut self, from: LinkId, id: UpdateId, bytes: Vec<u8>, broadcast: bool) -> bool {
         let clocks = self.clocks();
         let shape = screen::shape(&bytes).map_err(|e| e.to_string());
         match shape.and_then(|shape| self.nesting.check(&shape, &clocks)) {
@@ -524,7 +524,6 @@ impl Relay {
                     return false;
                 }
                 self.metrics.updates_received.inc();
-                let id = update_id(&bytes);
                 self.seen.first_time(id, self.over_tree(from, broadcast));
                 self.forward(Some(from), id, bytes, broadcast);
                 true
@@ -589,11 +588,12 @@ impl Relay {
             let clocks = self.clocks();
             let here = |(client, clock): screen::Id| clock < clocks(client);
             let Some((from, bytes)) = self.held.next_ready(here) else { return };
-            if self.seen.contains(update_id(&bytes)) {
+            let id = update_id(&bytes);
+            if self.seen.contains(id) {
                 self.metrics.duplicates_dropped.inc();
             } else {
                 // Most held updates are a mesh link's updates that came before what they build on.
-                self.accept(from, bytes, true);
+                self.accept(from, id, bytes, true);
             }
         }
     }

@@ -790,6 +790,14 @@ mod tests {
         ]
     }
 
+    /// Picks one of `busy` wires, from a seeded sequence: the order messages cross links in.
+    fn picker(mut rng: u64) -> impl FnMut(usize) -> usize {
+        move |busy| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) as usize % busy
+        }
+    }
+
     fn connected(n: usize, edges: &BTreeSet<(usize, usize)>) -> bool {
         let mut reached = vec![false; n];
         let mut stack = vec![0];
@@ -824,7 +832,7 @@ mod tests {
             let mut edges = ring_and_chords(n, &chords);
             let mut fleet = Fleet::new(n, &edges);
             let mut updates = Vec::new();
-            let mut rng = 0u64;
+            let mut pick = picker(0);
             for s in steps {
                 match s {
                     Step::Edit(at) => {
@@ -852,12 +860,11 @@ mod tests {
                         }
                     }
                     Step::Cross(seed) => {
-                        rng = seed;
+                        pick = picker(seed);
                         for _ in 0..(seed % 20) {
                             let busy: Vec<(usize, usize)> = fleet.wires.iter().filter(|(_, w)| !w.is_empty()).map(|(k, _)| *k).collect();
                             if busy.is_empty() { break; }
-                            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                            fleet.deliver(busy[(rng >> 33) as usize % busy.len()]);
+                            fleet.deliver(busy[pick(busy.len())]);
                         }
                     }
                     Step::Forget(at) => {
@@ -874,7 +881,7 @@ mod tests {
                     }
                 }
             }
-            fleet.settle(|busy| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy });
+            fleet.settle(&mut pick);
             // Hub-only updates that reached nobody exist nowhere: nothing can deliver them.
             let exists: Vec<&u64> = updates.iter().filter(|id| fleet.have.iter().any(|h| h.contains_key(id))).collect();
             for (at, have) in fleet.have.iter().enumerate() {
@@ -896,8 +903,7 @@ mod tests {
         ) {
             let edges = ring_and_chords(n, &chords);
             let mut fleet = Fleet::new(n, &edges);
-            let mut rng = seed;
-            let mut pick = move |busy: usize| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy };
+            let mut pick = picker(seed);
             fleet.settle(&mut pick);
             for (i, at) in writers.iter().enumerate() {
                 let before = fleet.pushes;
@@ -920,8 +926,7 @@ mod tests {
         ) {
             let edges = ring_and_chords(n, &chords);
             let mut fleet = Fleet::new(n, &edges);
-            let mut rng = seed;
-            let mut pick = move |busy: usize| { rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (rng >> 33) as usize % busy };
+            let mut pick = picker(seed);
             fleet.settle(&mut pick);
             let mut id = 0;
             // Writers at once, each update reaching every agent from the rendezvous before the mesh.
