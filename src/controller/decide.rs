@@ -240,7 +240,8 @@ pub fn waves(
                 let kept = now
                     .map(|n| n.intersect(want))
                     .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
-                let drops = ids(now).len() > ids(Some(&kept)).len();
+                let standbys = |a: &Assignment| a.standbys.len() + a.standby_accepts.len();
+                let drops = ids(now).len() > ids(Some(&kept)).len() || now.is_some_and(|n| standbys(n) > standbys(&kept));
                 // A lowered cap reaches the agent before any peer may count on it.
                 let lowers = now.is_some_and(|n| n.lowers_cap_to(want));
                 // Stray keys without a policy must go before the agent may gain anything.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::membership::{self, Agent, Membership};
 use super::pods::PodState;
-use crate::assignment::{Assignment, Peer};
+use crate::assignment::{self, Assignment, Peer};
 use crate::planner::{self, PlanError};
 
 /// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
@@ -30,25 +30,39 @@ pub struct PlanOutcome {
 }
 
 /// One agent's target, borrowed from the plan: its peers (node id, URL) and accepts, sorted, under the
-/// policy's cap.
+/// policy's cap; its standbys (node id, URL, the peer each stands for), best first, and standby accepts,
+/// sorted.
 struct Target<'a> {
     peers: Vec<(&'a str, &'a str)>,
     accepts: Vec<&'a str>,
     cap: u32,
+    standbys: Vec<(&'a str, &'a str, &'a str)>,
+    standby_accepts: Vec<&'a str>,
 }
 
 impl Target<'_> {
     fn is(&self, a: &Assignment, policy: &str) -> bool {
+        fn standby(s: &assignment::Standby) -> (&str, &str, &str) {
+            (&s.node_id, &s.url, &s.stands_for)
+        }
         a.policy == policy
             && a.max_peers == Some(self.cap as usize)
             && a.peers.iter().map(|p| (p.node_id.as_str(), p.url.as_str())).eq(self.peers.iter().copied())
             && a.accepts.iter().map(String::as_str).eq(self.accepts.iter().copied())
+            && a.standbys.iter().map(standby).eq(self.standbys.iter().copied())
+            && a.standby_accepts.iter().map(String::as_str).eq(self.standby_accepts.iter().copied())
     }
 
     fn to_assignment(&self, policy: &str) -> Assignment {
         let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.to_owned(), url: url.to_owned() });
+        let standbys = self.standbys.iter().map(|&(id, url, p)| assignment::Standby {
+            node_id: id.to_owned(),
+            url: url.to_owned(),
+            stands_for: p.to_owned(),
+        });
         Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.to_owned()), policy.to_owned())
             .with_max_peers(self.cap as usize)
+            .with_standbys(standbys.collect(), self.standby_accepts.iter().map(|&id| id.to_owned()))
     }
 }
 
@@ -166,8 +180,11 @@ pub fn targets(
         hash: String::new(),
     };
     let mut digest = 0u64;
+    let kept_links: Vec<bool> = (0..agents.len()).map(|j| pass.links(&mut fresh, j, &g)).collect();
     for (j, agent) in agents.iter().enumerate() {
-        let (target, hash) = pass.target(&mut fresh, j, &g, (cap, policy));
+        // Standbys come from the neighbours' neighbours: a target is kept only if those are too.
+        let near = kept_links[j] && g.neighbors(j as u32).iter().all(|&p| kept_links[p as usize]);
+        let (target, hash) = pass.target(&mut fresh, j, &g, near, (cap, policy));
         match target {
             None => out.settled += 1,
             Some(t) => drop(out.targets.insert(agent.pod.clone(), Some(t))),
@@ -272,15 +289,9 @@ impl<'a> Pass<'a> {
         strangers
     }
 
-    /// Agent `j`'s target in `g` (`None` when its Pod carries it) and its share of the digest, kept when
-    /// its Pod keys and neighbours are the kept ones; recorded in `fresh`.
-    fn target(
-        &self,
-        fresh: &mut Kept,
-        j: usize,
-        g: &planner::Graph,
-        (cap, policy): (u32, &str),
-    ) -> (Option<Arc<Assignment>>, u64) {
+    /// Records agent `j`'s links in `g` in `fresh`; returns whether they are the kept ones (the same
+    /// agents, dialed the same way).
+    fn links(&self, fresh: &mut Kept, j: usize, g: &planner::Graph) -> bool {
         let from = fresh.indices.len();
         fresh.indices.extend(g.dialed(j as u32));
         let dials = fresh.indices.len() - from;
@@ -288,20 +299,36 @@ impl<'a> Pass<'a> {
         fresh.indices.extend(g.accepted(j as u32));
         fresh.indices[from + dials..].sort_unstable();
         let links = &fresh.indices[from..];
-        let kept = &mut fresh.agents[j];
-        let was = self.was(j).filter(|w| {
+        let kept = self.was(j).is_some_and(|w| {
             let (old, span) = (w.span.links(&self.old.indices), w.span);
-            same(&w.exact, &kept.exact)
-                && span.dials as usize == dials
+            span.dials as usize == dials
                 && old.len() == links.len()
                 && old.iter().zip(links).all(|(&p, &q)| self.new_of[p as usize] == Some(q))
         });
-        kept.span = Span { links_at: from, dials: dials as u32, accepts: (links.len() - dials) as u32, ..kept.span };
+        let span = &mut fresh.agents[j].span;
+        *span = Span { links_at: from, dials: dials as u32, accepts: (links.len() - dials) as u32, ..*span };
+        kept
+    }
+
+    /// Agent `j`'s target in `g` (`None` when its Pod carries it) and its share of the digest, kept when
+    /// its Pod keys are the kept ones and `near` (its links and its neighbours' are); recorded in `fresh`.
+    fn target(
+        &self,
+        fresh: &mut Kept,
+        j: usize,
+        g: &planner::Graph,
+        near: bool,
+        (cap, policy): (u32, &str),
+    ) -> (Option<Arc<Assignment>>, u64) {
+        let kept = &mut fresh.agents[j];
+        let span = kept.span;
+        let links = span.links(&fresh.indices);
+        let was = self.was(j).filter(|w| near && same(&w.exact, &kept.exact));
         if let Some(w) = was.filter(|w| w.settled) {
             (kept.settled, kept.hash) = (true, w.hash);
             return (None, w.hash);
         }
-        let t = target(self.agents, links, dials, cap);
+        let t = target(self.agents, g, j as u32, (links, span.dials as usize), cap);
         fresh.built += 1;
         (kept.settled, kept.hash) = match was {
             Some(w) => (false, w.hash),
@@ -362,14 +389,24 @@ fn pod_keys(
         .collect()
 }
 
-/// Agent `links`' target: the first `dials` of `links` are whom it dials, the rest who dial it.
-fn target<'a>(agents: &[&'a Arc<Agent>], links: &[u32], dials: usize, cap: u32) -> Target<'a> {
+/// Agent `x`'s target in `g`: the first `dials` of `links` are whom it dials, the rest who dial it.
+fn target<'a>(agents: &[&'a Arc<Agent>], g: &planner::Graph, x: u32, (links, dials): (&[u32], usize), cap: u32) -> Target<'a> {
     let agent = |v: &u32| agents[*v as usize];
     let mut peers: Vec<(&str, &str)> = links[..dials].iter().map(agent).map(|a| (&*a.node_id, &*a.url)).collect();
     let mut accepts: Vec<&str> = links[dials..].iter().map(agent).map(|a| &*a.node_id).collect();
     peers.sort_unstable();
     accepts.sort_unstable();
-    Target { peers, accepts, cap }
+    let (mut standbys, mut standby_accepts) = (Vec::new(), Vec::new());
+    for s in planner::standby::standbys(g, x, |v| &agents[v as usize].node_id) {
+        let (peer, stands_for) = (agent(&s.peer), agent(&s.stands_for));
+        match s.dials {
+            true => standbys.push((&*peer.node_id, &*peer.url, &*stands_for.node_id)),
+            false => standby_accepts.push(&*peer.node_id),
+        }
+    }
+    standby_accepts.sort_unstable();
+    standby_accepts.dedup();
+    Target { peers, accepts, cap, standbys, standby_accepts }
 }
 
 /// The Pods carrying the policy's assignment that are not agents in the plan.
@@ -416,9 +453,14 @@ pub fn adopt(
         .iter()
         .map(|(pod, a)| {
             let target = planned(pod, a.as_ref()).then(|| {
-                let peers = a.peers.iter().filter(|p| !gone.contains(p.node_id.as_str())).cloned().collect();
-                let accepts = a.accepts.iter().filter(|id| !gone.contains(id.as_str())).cloned();
-                Arc::new(Assignment::new(peers, accepts, a.policy.clone()).with_max_peers(cap as usize))
+                let staying = |id: &str| !gone.contains(id);
+                let peers = a.peers.iter().filter(|p| staying(&p.node_id)).cloned().collect();
+                let accepts = a.accepts.iter().filter(|id| staying(id)).cloned();
+                let standbys =
+                    a.standbys.iter().filter(|s| staying(&s.node_id) && staying(&s.stands_for)).cloned().collect();
+                let standby_accepts = a.standby_accepts.iter().filter(|id| staying(id)).cloned();
+                let kept = Assignment::new(peers, accepts, a.policy.clone()).with_max_peers(cap as usize);
+                Arc::new(kept.with_standbys(standbys, standby_accepts))
             });
             (pod.clone(), target)
         })
@@ -445,6 +487,16 @@ fn pod_hash(pod: &str, target: Option<&Target>, policy: &str) -> u64 {
             }
             field(&t.accepts.len().to_le_bytes());
             for id in &t.accepts {
+                field(id.as_bytes());
+            }
+            field(&t.standbys.len().to_le_bytes());
+            for (id, url, stands_for) in &t.standbys {
+                field(id.as_bytes());
+                field(url.as_bytes());
+                field(stands_for.as_bytes());
+            }
+            field(&t.standby_accepts.len().to_le_bytes());
+            for id in &t.standby_accepts {
                 field(id.as_bytes());
             }
             field(policy.as_bytes());
@@ -510,7 +562,8 @@ mod tests {
         assert_eq!(kept.built(), 0, "re-parsed keys rebuild nothing");
         world.event((0, 40, 1), &Targets::new());
         let joined = world.plan(&mut kept).unwrap().0;
-        assert!((1..=12).contains(&kept.built()), "built {} of 41 targets", kept.built());
+        // The agents whose links changed, and the neighbours of those (their standbys pair around them).
+        assert!((1..=24).contains(&kept.built()), "built {} of 41 targets", kept.built());
         assert!(joined.len() <= kept.built(), "{} writes", joined.len());
     }
 

@@ -12,6 +12,7 @@ pub mod analysis;
 pub mod baseline;
 mod graph;
 mod rings;
+pub mod standby;
 
 pub use graph::Graph;
 

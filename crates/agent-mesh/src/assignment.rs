@@ -20,8 +20,13 @@ pub const POLICY: &str = "agentmesh.dev/policy";
 /// The policy's cap (`maxPeers`) when the assignment was written. Optional: an assignment written before
 /// the key existed carries none, and its agent holds its own `--max-peers` alone.
 pub const MAX_PEERS: &str = "agentmesh.dev/max-peers";
+/// Standby peers this agent dials only while a planned peer is lost: a JSON array of [`Standby`], best
+/// first. Optional, like `max-peers`.
+pub const STANDBYS: &str = "agentmesh.dev/standbys";
+/// Node ids allowed to dial this agent as a standby: a JSON array of strings, sorted. Optional.
+pub const STANDBY_ACCEPTS: &str = "agentmesh.dev/standby-accepts";
 /// Every key the controller writes, and removes when a Pod stops being an agent.
-pub const KEYS: [&str; 5] = [PEERS, ACCEPTS, LINKS, POLICY, MAX_PEERS];
+pub const KEYS: [&str; 7] = [PEERS, ACCEPTS, LINKS, POLICY, MAX_PEERS, STANDBYS, STANDBY_ACCEPTS];
 /// The keys every assignment carries.
 const REQUIRED: [&str; 4] = [PEERS, ACCEPTS, LINKS, POLICY];
 /// No policy may allow more (the CRD's bound on `maxPeers`); a larger value is malformed.
@@ -35,6 +40,20 @@ pub struct Peer {
     pub url: String,
 }
 
+/// One entry of the `agentmesh.dev/standbys` annotation: a peer to dial while the planned peer `for` is
+/// lost (docs/design.md §4, *Standby peers*).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Standby {
+    pub node_id: String,
+    pub url: String,
+    #[serde(rename = "for")]
+    pub stands_for: String,
+}
+
+/// At most this many standby entries, and standby accepts: two per planned link.
+pub const MAX_STANDBYS: usize = 2 * MAX_PEERS_LIMIT;
+
 /// What one agent Pod carries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
@@ -45,6 +64,10 @@ pub struct Assignment {
     pub policy: String,
     /// The policy's cap: the agent holds the lower of it and its own. `None` when written without one.
     pub max_peers: Option<usize>,
+    /// Best first; each names a planned peer and is none itself.
+    pub standbys: Vec<Standby>,
+    /// Sorted; none is a planned peer.
+    pub standby_accepts: Vec<String>,
 }
 
 impl Assignment {
@@ -53,7 +76,13 @@ impl Assignment {
         peers.sort();
         peers.dedup_by(|a, b| a.node_id == b.node_id);
         let accepts: BTreeSet<String> = accepts.into_iter().collect();
-        Self { peers, accepts: accepts.into_iter().collect(), policy, max_peers: None }
+        Self { peers, accepts: accepts.into_iter().collect(), policy, ..Self::default() }
+    }
+
+    /// The same assignment with standby peers (kept in their order) and standby accepts (sorted).
+    pub fn with_standbys(self, standbys: Vec<Standby>, accepts: impl IntoIterator<Item = String>) -> Self {
+        let accepts: BTreeSet<String> = accepts.into_iter().collect();
+        Self { standbys, standby_accepts: accepts.into_iter().collect(), ..self }
     }
 
     /// The same assignment, carrying the policy's cap.
@@ -85,7 +114,10 @@ impl Assignment {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let standbys = self.standbys.iter().filter(|s| other.standbys.contains(s)).cloned().collect();
+        let standby_accepts = self.standby_accepts.iter().filter(|a| other.standby_accepts.contains(a)).cloned();
         Assignment { max_peers, ..Assignment::new(peers, accepts, self.policy.clone()) }
+            .with_standbys(standbys, standby_accepts)
     }
 
     /// Whether an agent moving from `self` to `other` may hold fewer links: its cap drops.
@@ -104,6 +136,13 @@ impl Assignment {
         if let Some(m) = self.max_peers {
             annotations.insert(MAX_PEERS, m.to_string());
         }
+        if !self.standbys.is_empty() {
+            annotations.insert(STANDBYS, serde_json::to_string(&self.standbys).expect("standbys serialize"));
+        }
+        if !self.standby_accepts.is_empty() {
+            let accepts = serde_json::to_string(&self.standby_accepts).expect("standby accepts serialize");
+            annotations.insert(STANDBY_ACCEPTS, accepts);
+        }
         annotations
     }
 
@@ -115,7 +154,10 @@ impl Assignment {
         let accepts: Vec<String> =
             annotations.get(ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
         let max_peers = annotations.get(MAX_PEERS).and_then(|m| m.parse().ok());
-        Some(Assignment { peers, accepts, policy, max_peers })
+        let standbys = annotations.get(STANDBYS).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        let standby_accepts: Vec<String> =
+            annotations.get(STANDBY_ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
+        Some(Assignment { peers, accepts, policy, max_peers, ..Assignment::default() }.with_standbys(standbys, standby_accepts))
     }
 
     /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the four
@@ -140,6 +182,7 @@ impl Assignment {
         if links.parse::<usize>().ok() != Some(a.links()) {
             return Err(Malformed::LinkCount { written: links.chars().take(32).collect(), counted: a.links() });
         }
+        let a = Self::standbys_strict(annotations, a)?;
         let Some(written) = annotations.get(MAX_PEERS) else { return Ok(Some(a)) };
         let cap = written.parse::<usize>().ok().filter(|m| *m <= MAX_PEERS_LIMIT);
         match cap {
@@ -147,6 +190,38 @@ impl Assignment {
             _ => Err(Malformed::Cap { written: written.chars().take(32).collect(), counted: a.links() }),
         }
     }
+
+    /// `a` with the optional standby keys read strictly: each standby stands for a planned peer and is
+    /// none itself, and neither list is longer than [`MAX_STANDBYS`].
+    fn standbys_strict(annotations: &BTreeMap<String, String>, a: Assignment) -> Result<Assignment, Malformed> {
+        let json = |key: &'static str, e: serde_json::Error| Malformed::Value { key, error: e.to_string() };
+        let standbys: Vec<Standby> = match annotations.get(STANDBYS) {
+            Some(s) => serde_json::from_str(s).map_err(|e| json(STANDBYS, e))?,
+            None => Vec::new(),
+        };
+        let accepts: Vec<String> = match annotations.get(STANDBY_ACCEPTS) {
+            Some(s) => serde_json::from_str(s).map_err(|e| json(STANDBY_ACCEPTS, e))?,
+            None => Vec::new(),
+        };
+        let planned = a.linked_ids();
+        let bad = |key: &'static str, error: String| Err(Malformed::Value { key, error });
+        if standbys.len() > MAX_STANDBYS || accepts.len() > MAX_STANDBYS {
+            return bad(STANDBYS, format!("more than {MAX_STANDBYS} standby entries or accepts"));
+        }
+        if let Some(s) = standbys.iter().find(|s| !planned.contains(s.stands_for.as_str())) {
+            return bad(STANDBYS, format!("stands for {:?}, which is not a planned peer", short(&s.stands_for)));
+        }
+        let named = standbys.iter().map(|s| (STANDBYS, &s.node_id)).chain(accepts.iter().map(|a| (STANDBY_ACCEPTS, a)));
+        if let Some((key, id)) = named.into_iter().find(|(_, id)| planned.contains(id.as_str())) {
+            return bad(key, format!("names the planned peer {:?}", short(id)));
+        }
+        Ok(a.with_standbys(standbys, accepts))
+    }
+}
+
+/// A node id cut short for a message.
+fn short(id: &str) -> String {
+    id.chars().take(16).collect()
 }
 
 /// Why an agent refuses to apply the assignment it reads.
@@ -195,8 +270,22 @@ pub fn first_violation(published: &BTreeMap<String, Assignment>, own: usize) -> 
         if let Some(p) = a.peers.iter().find(|p| dialers.is_some_and(|i| i.contains(&*p.node_id))) {
             return Some(format!("the link {id} – {} is dialed from both ends", p.node_id));
         }
+        if let Some(why) = standby_violation(published, id, a) {
+            return Some(why);
+        }
     }
     None
+}
+
+/// How `a`'s standbys break the rules: one names its own agent, or a standby link is dialed from both ends.
+/// (Standby links count against the cap at the agents, which hold them only in free slots.)
+fn standby_violation(published: &BTreeMap<String, Assignment>, id: &str, a: &Assignment) -> Option<String> {
+    let mut named = a.standbys.iter().map(|s| &s.node_id).chain(&a.standby_accepts);
+    if named.any(|s| s == id) {
+        return Some(format!("{id} names itself as a standby"));
+    }
+    let both = |s: &&Standby| published.get(&s.node_id).is_some_and(|b| b.standbys.iter().any(|t| t.node_id == id));
+    a.standbys.iter().find(both).map(|s| format!("the standby link {id} – {} is dialed from both ends", s.node_id))
 }
 
 #[cfg(test)]
@@ -314,6 +403,56 @@ mod tests {
         assert_eq!(uncapped.intersect(&a).max_peers, Some(2));
         assert!(four.lowers_cap_to(&a) && uncapped.lowers_cap_to(&a));
         assert!(!a.lowers_cap_to(&four) && !a.lowers_cap_to(&uncapped));
+    }
+
+    fn standby(id: &str, stands_for: &str) -> Standby {
+        Standby { node_id: id.into(), url: format!("ws://{id}:1/"), stands_for: stands_for.into() }
+    }
+
+    #[test]
+    fn standbys_round_trip_and_are_read_strictly() {
+        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into())
+            .with_standbys(vec![standby("y", "c"), standby("x", "b")], ["z".to_string()]);
+        let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        assert_eq!(ann[STANDBYS], r#"[{"nodeId":"y","url":"ws://y:1/","for":"c"},{"nodeId":"x","url":"ws://x:1/","for":"b"}]"#);
+        assert_eq!(ann[LINKS], "2", "standbys are not planned links");
+        assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
+        assert_eq!(Assignment::from_annotations(&ann), Some(a.clone()));
+        let bare = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into());
+        assert!(!bare.to_annotations().contains_key(STANDBYS), "no standbys, no key");
+        let cases = [
+            (STANDBYS, r#"[{"nodeId":"y","url":"u","for":"q"}]"#, "not a planned peer"),
+            (STANDBYS, r#"[{"nodeId":"c","url":"u","for":"b"}]"#, "names the planned peer"),
+            (STANDBY_ACCEPTS, r#"["b"]"#, "names the planned peer"),
+            (STANDBYS, r#"[{"nodeId":"y"}]"#, "missing field"),
+            (STANDBY_ACCEPTS, r#"{"#, "expected a sequence"),
+        ];
+        for (key, value, why) in cases {
+            let mut bad = ann.clone();
+            bad.insert(key.into(), value.into());
+            let read = Assignment::from_annotations_strict(&bad);
+            assert!(matches!(&read, Err(Malformed::Value { error, .. }) if error.contains(why)), "{key}={value}: {read:?}");
+        }
+        let many: Vec<String> = (0..=MAX_STANDBYS).map(|i| format!("s{i}")).collect();
+        let mut long = ann.clone();
+        long.insert(STANDBY_ACCEPTS.into(), serde_json::to_string(&many).unwrap());
+        assert!(Assignment::from_annotations_strict(&long).is_err());
+        let other = a.clone().with_standbys(vec![standby("x", "b")], ["z".to_string(), "w".to_string()]);
+        assert_eq!((a.intersect(&other).standbys, a.intersect(&other).standby_accepts), (vec![standby("x", "b")], vec!["z".to_string()]));
+    }
+
+    #[test]
+    fn the_checker_names_standby_violations() {
+        let a = |peers: &[&str], standbys: &[&str]| {
+            let standbys = standbys.iter().map(|s| standby(s, "p")).collect();
+            Assignment::new(peers.iter().map(|p| peer(p)).collect(), [], "p".into()).with_standbys(standbys, [])
+        };
+        let both = BTreeMap::from([("a".to_string(), a(&[], &["b"])), ("b".to_string(), a(&[], &["a"]))]);
+        assert!(first_violation(&both, 2).unwrap().contains("standby link a – b is dialed from both ends"));
+        let selfish = BTreeMap::from([("a".to_string(), a(&[], &["a"]))]);
+        assert!(first_violation(&selfish, 2).unwrap().contains("names itself"));
+        let fine = BTreeMap::from([("a".to_string(), a(&[], &["b"])), ("b".to_string(), a(&[], &[]))]);
+        assert_eq!(first_violation(&fine, 2), None);
     }
 
     #[test]

@@ -94,6 +94,8 @@ mod runtime {
         pub dial_from: Option<IpAddr>,
         /// A planned peer every dial to which has failed for this long is reported unreachable.
         pub unreachable_after: Duration,
+        /// A planned peer without a link for this long under one plan is lost: a standby may take its slot.
+        pub standby_after: Duration,
         /// How updates cross the mesh links.
         pub broadcast: crate::tree::Broadcast,
     }
@@ -120,6 +122,7 @@ mod runtime {
                 protocols: Protocols::V2,
                 dial_from: None,
                 unreachable_after: Duration::from_secs(30),
+                standby_after: Duration::from_secs(3),
                 broadcast: crate::tree::Broadcast::default(),
             }
         }

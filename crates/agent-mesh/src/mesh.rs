@@ -59,6 +59,10 @@ pub struct Status {
     pub cap: usize,
     /// Planned peers every dial to which has failed for longer than `unreachable_after`, sorted.
     pub unreachable: Vec<String>,
+    /// The peers the applied assignment names as standbys (to dial or accept), sorted.
+    pub standbys: Vec<String>,
+    /// Planned peers without a link for longer than `standby_after`, sorted: standbys may take their slots.
+    pub lost: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -71,6 +75,8 @@ pub struct OpenLink {
     pub protocol: u8,
     /// Being closed (no longer planned, or over a lowered cap): it holds its slot until its socket is gone.
     pub closing: bool,
+    /// A standby link: its peer is no planned one.
+    pub standby: bool,
 }
 
 type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
@@ -79,6 +85,8 @@ enum Event {
     Dialed { id: String, result: Result<(Wire, u8), HandshakeError> },
     Inbound { id: String, protocol: u8, admit: oneshot::Sender<Admission> },
     Closed { id: String, dir: Direction, link: LinkId },
+    /// A lost peer's address answered (or not) a TCP connection.
+    Probed { id: String, answers: bool },
 }
 
 struct Open {
@@ -109,6 +117,8 @@ pub(crate) struct Mesh {
     attempts: HashMap<String, (u32, Instant)>,
     /// Planned peers whose dials all failed since this time (a refusal counts as reached).
     failing: HashMap<String, Instant>,
+    /// Planned peers without a link since this time, or since they last showed a sign of life.
+    down: HashMap<String, Instant>,
     events: mpsc::Sender<Event>,
     status: watch::Sender<Status>,
 }
@@ -151,6 +161,7 @@ impl Mesh {
             open: HashMap::new(),
             attempts: HashMap::new(),
             failing: HashMap::new(),
+            down: HashMap::new(),
             events,
             status,
         };
@@ -169,6 +180,7 @@ impl Mesh {
             // two readings would be neither dialed nor waited for, and the peer never dialed again.
             let now = Instant::now();
             if seed.is_none() {
+                self.judge_lost(now);
                 self.dial_pass(now);
             }
             self.publish(now);
@@ -202,10 +214,18 @@ impl Mesh {
         let wanted = Wanted::from_assignment(r.assignment.as_ref());
         let planned =
             r.assignment.as_ref().map_or_else(Vec::new, |a| a.linked_ids().into_iter().map(str::to_string).collect());
-        self.status.send_modify(|s| s.planned = Some(planned));
+        let standbys = r.assignment.as_ref().map_or_else(Vec::new, |a| {
+            let ids = a.standbys.iter().map(|s| &s.node_id).chain(&a.standby_accepts);
+            ids.cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+        });
+        self.status.send_modify(|s| (s.planned, s.standbys) = (Some(planned.clone()), standbys));
         *applied = Some(r.assignment);
         self.attempts.clear();
         self.want(wanted);
+        // A new plan starts its own count: no planned peer is lost until it has been down this long under it.
+        let now = Instant::now();
+        let linked: std::collections::BTreeSet<&str> = self.table.held().map(|(id, _)| id.as_str()).collect();
+        self.down = planned.into_iter().filter(|id| !linked.contains(id.as_str())).map(|id| (id, now)).collect();
     }
 
     /// The seed's scan: the alive peers of the presence list in the document, in its order.
@@ -218,15 +238,55 @@ impl Mesh {
 
     /// Closes what is no longer wanted; the table keeps their slots until their tasks report them gone.
     fn want(&mut self, wanted: Wanted) {
-        for link in self.table.want(wanted) {
+        let gone = self.table.want(wanted);
+        self.close(gone);
+        let table = &self.table;
+        self.attempts.retain(|id, _| table.dials_to(id));
+        self.failing.retain(|id, _| table.plans(id));
+    }
+
+    fn close(&mut self, links: Vec<(String, Direction)>) {
+        for link in links {
             if let Some(close) = self.open.get_mut(&link).and_then(|o| o.close.take()) {
                 let _ = close.send(Refusal::Unplanned);
                 self.metrics.refused(Refusal::Unplanned);
             }
         }
-        let table = &self.table;
-        self.attempts.retain(|id, _| table.dials_to(id));
-        self.failing.retain(|id, _| table.dials_to(id));
+    }
+
+    /// Tells the table which planned peers are lost now; closes the standbys that give way.
+    fn judge_lost(&mut self, now: Instant) {
+        let lost = self.lost(now).into_iter().collect();
+        let gone = self.table.set_lost(lost);
+        self.close(gone);
+    }
+
+    fn lost(&self, now: Instant) -> Vec<String> {
+        let after = self.config.standby_after;
+        let mut ids: Vec<String> =
+            self.down.iter().filter(|(_, since)| **since + after <= now).map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// A planned peer showed it is there (it dialed, refused, or its address answered): it is not lost,
+    /// and a standby in its slot gives way, until it has been down for `standby_after` again.
+    fn alive(&mut self, id: &str) {
+        if let Some(since) = self.down.get_mut(id) {
+            *since = Instant::now();
+        }
+    }
+
+    /// A link with `id` opened (`up`) or closed: a planned peer's down time starts when its link closes.
+    fn linked(&mut self, id: &str, up: bool) {
+        if up {
+            self.down.remove(id);
+        } else if self.table.plans(id) {
+            self.down.insert(id.to_string(), Instant::now());
+        }
+        if up && !self.table.plans(id) {
+            self.metrics.standby_links_opened.inc();
+        }
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -238,11 +298,13 @@ impl Mesh {
                     let link = next_link();
                     let _ = admit.send(Ok((link, rx)));
                     self.metrics.links_accepted.inc();
+                    self.linked(&id, true);
                     let open = Open { link, protocol, close: Some(close), since_ms: presence::now_ms() };
                     self.open.insert((id, Direction::Accepted), open);
                 }
                 Err(why) => {
                     self.metrics.refused(why);
+                    self.alive(&id);
                     let _ = admit.send(Err(why));
                 }
             },
@@ -250,11 +312,21 @@ impl Mesh {
                 let key = (id, dir);
                 if self.open.get(&key).is_some_and(|o| o.link == link) {
                     self.open.remove(&key);
+                    let held = self.table.holds_link(&key.0, dir);
                     self.table.closed(&key.0, dir);
                     self.metrics.links_closed.inc();
+                    if held {
+                        self.linked(&key.0, false);
+                    }
                     if dir == Direction::Dialed && self.table.dials_to(&key.0) {
                         self.back_off(&key.0);
                     }
+                }
+            }
+            Event::Probed { id, answers } => {
+                if answers {
+                    tracing::debug!(peer = %short(&id), "a lost peer's address answers");
+                    self.alive(&id);
                 }
             }
         }
@@ -264,14 +336,18 @@ impl Mesh {
         let link = next_link();
         let events = self.events.clone();
         match &result {
-            Ok(_) | Err(HandshakeError::Refused(..)) => drop(self.failing.remove(&id)),
-            Err(_) if self.table.dials_to(&id) => drop(self.failing.entry(id.clone()).or_insert_with(Instant::now)),
+            Ok(_) | Err(HandshakeError::Refused(..)) => {
+                self.failing.remove(&id);
+                self.alive(&id);
+            }
+            Err(_) if self.table.plans(&id) => drop(self.failing.entry(id.clone()).or_insert_with(Instant::now)),
             Err(_) => {}
         }
         match (self.table.dial_finished(&id, result.is_ok()), result) {
             (Finished::Keep, Ok((wire, protocol))) => {
                 self.metrics.links_dialed.inc();
                 self.attempts.remove(&id);
+                self.linked(&id, true);
                 let (close, rx) = oneshot::channel();
                 let open = Open { link, protocol, close: Some(close), since_ms: presence::now_ms() };
                 self.open.insert((id.clone(), Direction::Dialed), open);
@@ -301,12 +377,13 @@ impl Mesh {
         entry.0 += 1;
     }
 
-    /// When, after `now`, the earliest backoff of a wanted, unlinked peer ends, or a failing peer turns
-    /// unreachable. What came due by `now` was handled with that same `now`.
+    /// When, after `now`, the earliest backoff of a wanted, unlinked peer ends, a failing peer turns
+    /// unreachable, or a planned peer turns lost. What came due by `now` was handled with that same `now`.
     fn next_due(&self, now: Instant) -> Option<Instant> {
         let backoffs = self.attempts.values().map(|(_, at)| *at);
         let turning = self.failing.values().filter_map(|since| self.unreachable_from(*since));
-        backoffs.chain(turning).filter(|at| *at > now).min()
+        let losing = self.down.values().filter_map(|since| since.checked_add(self.config.standby_after));
+        backoffs.chain(turning).chain(losing).filter(|at| *at > now).min()
     }
 
     /// When a peer failing since `since` turns unreachable (never, for a grace beyond the clock).
@@ -322,10 +399,23 @@ impl Mesh {
         ids
     }
 
-    /// Starts every dial the table wants now (the seed dials only on its scans).
+    /// Starts every dial the table wants now (the seed dials only on its scans), and probes the lost
+    /// planned peers it has no slot to dial.
     fn dial_pass(&mut self, now: Instant) {
         let attempts = &self.attempts;
-        let due = self.table.dials(|id| attempts.get(id).is_none_or(|(_, at)| *at <= now));
+        let ready = |id: &str| attempts.get(id).is_none_or(|(_, at)| *at <= now);
+        let due = self.table.dials(ready);
+        let lost = self.lost(now);
+        let probes: Vec<(String, String)> =
+            self.table.undialed().into_iter().filter(|(id, _)| ready(id) && lost.binary_search(id).is_ok()).collect();
+        for (id, url) in probes {
+            self.back_off(&id);
+            let (events, from) = (self.events.clone(), self.config.dial_from);
+            tokio::spawn(async move {
+                let answers = transport::answers(&url, from).await;
+                let _ = events.send(Event::Probed { id, answers }).await;
+            });
+        }
         for (id, url) in due {
             let how = Dial {
                 creds: self.creds.clone(),
@@ -348,6 +438,7 @@ impl Mesh {
                 since_ms: o.since_ms,
                 protocol: o.protocol,
                 closing: !self.table.holds_link(id, *dir),
+                standby: !self.table.plans(id),
             })
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -356,14 +447,19 @@ impl Mesh {
         self.metrics.cap.set(cap as i64);
         let unreachable = self.unreachable(now);
         self.metrics.unreachable_peers.set(unreachable.len() as i64);
+        let standbys = links.iter().filter(|l| l.standby && !l.closing).count();
+        self.metrics.standby_links.set(standbys as i64);
+        let lost = self.lost(now);
         self.status.send_if_modified(|s| {
             let changed = s.cap != cap
                 || s.unreachable != unreachable
+                || s.lost != lost
                 || s.links.len() != links.len()
                 || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id || a.closing != b.closing);
             s.links = links;
             s.cap = cap;
             s.unreachable = unreachable;
+            s.lost = lost;
             changed
         });
     }

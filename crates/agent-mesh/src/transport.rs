@@ -131,9 +131,7 @@ pub async fn dial_from(
     from: Option<IpAddr>,
 ) -> Result<Wire, HandshakeError> {
     let mut request = url.into_client_request().map_err(|e| HandshakeError::Wire(format!("{url}: {e}")))?;
-    let uri = request.uri().clone();
-    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
+    let (host, port) = host_port(request.uri());
     let step = |e: String| HandshakeError::Wire(format!("{url}: {e}"));
     let tcp = timeout(connect(&host, port, from)).await?.map_err(|e| step(e.to_string()))?;
     // Every message is a small TLS record or two: waiting to coalesce them (Nagle) costs a round trip.
@@ -155,6 +153,21 @@ pub async fn dial_from(
     let mut wire = wire::from_tungstenite(ws);
     handshake::answer(&mut wire).await?;
     Ok(wire)
+}
+
+/// The host (without brackets) and port a link URL names.
+fn host_port(uri: &tokio_tungstenite::tungstenite::http::Uri) -> (String, u16) {
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+    (host, uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 }))
+}
+
+/// Whether something accepts TCP connections at `url`'s address, dialed from `from`. The connection is
+/// closed at once, having carried nothing: it tells a lost peer that may be back from one still gone,
+/// without a link (a link needs a free slot).
+pub async fn answers(url: &str, from: Option<IpAddr>) -> bool {
+    let Ok(request) = url.into_client_request() else { return false };
+    let (host, port) = host_port(request.uri());
+    matches!(timeout(connect(&host, port, from)).await, Ok(Ok(_)))
 }
 
 /// A TCP connection to `host:port`, from `from` when given: an agent with several addresses dials from the

@@ -99,6 +99,10 @@ struct Args {
     /// unreachable, so the operator plans around the pair.
     #[arg(long, value_parser = grace, default_value = "30s")]
     unreachable_after: Duration,
+    /// A planned peer without a link for this long (1s to 1h) under one plan is lost: the agent dials the
+    /// assignment's standby for it, into the slot it left, until it is back or a new plan arrives.
+    #[arg(long, value_parser = grace, default_value = "3s")]
+    standby_after: Duration,
     /// How updates cross mesh links: `tree` (each update whole over a spanning tree of the links, its id
     /// over the others) or `flood` (whole over every link, as agents before the tree did).
     #[arg(long, default_value = "tree", value_parser = agent_mesh::tree::Broadcast::parse)]
@@ -180,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat = args.heartbeat;
     config.protocols = args.link_protocols;
     config.unreachable_after = args.unreachable_after;
+    config.standby_after = args.standby_after;
     config.broadcast = match args.broadcast {
         agent_mesh::tree::Broadcast::Tree { .. } => agent_mesh::tree::Broadcast::Tree { graft_after: args.graft_after },
         flood => flood,
