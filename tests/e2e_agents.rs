@@ -12,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use mesh_operator::api::MeshPolicy;
+use mesh_operator::assignment::Assignment;
 use rendezvous::FailMode;
 use serde_json::json;
 use support::agents::{Agent, AgentDir, Kubelet, LinkSampler, Mode, agent_pod, agents_follow_the_plan, plans};
@@ -158,6 +159,128 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
         assert!(max <= CAP as f64, "{} held {max} links at once, over the cap {CAP}", a.name);
     }
     history.assert_clean();
+}
+
+/// The operator and the rendezvous are both down when an agent dies. Its neighbours pair up over their
+/// standby peers: each neighbour in a rank-1 pair around it gets its planned number of links back, one
+/// of them a standby, and updates reach every survivor. The agent then comes back where it was (same key,
+/// same address): the standbys give way and every agent follows its plan again. Under the history
+/// checker and the link sampler (the cap, and only planned or standby links).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_down() {
+    let (client, ns, rv) = setup("standby").await;
+    let dir = AgentDir::new();
+    let hub = rv.hub();
+    let history = History::start(&client, &ns, CAP).await;
+    let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
+    create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;
+    let op = Operator::start(&ns, "op-standby", false).await;
+    // 16 agents: at N ≥ 4k the plan is the rings, whose neighbours are rarely linked to each other.
+    let flags = ["--standby-after", "2s"];
+    let mut agents = Vec::new();
+    for i in 0..16 {
+        let name = format!("agent-{i}");
+        agents.push(Agent::spawn_with(dir.path(), &name, &ip(180 + i), &hub, Mode::Operator, CAP, &flags).await);
+        agent_pod(&client, &ns, &name, &ip(180 + i), None).await;
+    }
+    let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
+    let sampler = LinkSampler::start(apis.clone(), CAP);
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+
+    op.kill().await;
+    rv.set_fail(FailMode::Down);
+    rv.state.lock().unwrap().hub.kick_all(false);
+    wait_for("every agent to lose the rendezvous", WAIT, || async {
+        for a in &agents {
+            if a.status().await?["rendezvousConnected"] != json!(false) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let assignments = assignments(&client, &ns, &agents).await;
+    let (dead_at, paired) = (0..agents.len())
+        .map(|i| (i, rank_one_pairs(&assignments, &agents[i].node_id)))
+        .max_by_key(|(_, paired)| paired.len())
+        .unwrap();
+    assert!(paired.len() >= 2, "no agent has a rank-1 pair of standbys around it: {assignments:?}");
+    let dead = agents.remove(dead_at);
+    apis.lock().unwrap().retain(|(name, _)| *name != dead.name);
+    let (name, at, mesh) = (dead.name.clone(), dead.ip.clone(), dead.mesh);
+    dead.kill().await;
+    wait_for("the dead agent's paired neighbours back to their planned links over standbys", WAIT, || async {
+        for a in agents.iter().filter(|a| paired.contains(&a.node_id)) {
+            let status = a.status().await?;
+            let links = status["links"].as_array()?;
+            let standing = links.iter().filter(|l| l["closing"] != json!(true)).count();
+            let standby = links.iter().any(|l| l["standby"] == json!(true));
+            if standing < assignments[&a.node_id].links() || !standby {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    everyone_has(&agents, &agents[3].append().await).await;
+    let opened: f64 = {
+        let mut n = 0.0;
+        for a in &agents {
+            n += a.metric("agentmesh_standby_links_opened_total", "").await;
+        }
+        n
+    };
+    assert!(opened >= paired.len() as f64 / 2.0, "standby links opened: {opened}");
+
+    // It comes back where it was: the standbys give way to the plan.
+    let listen = mesh.to_string();
+    let flags = ["--standby-after", "2s", "--listen", &listen];
+    let back = Agent::spawn_with(dir.path(), &name, &at, &hub, Mode::Operator, CAP, &flags).await;
+    agents.push(back);
+    *apis.lock().unwrap() = agents.iter().map(|a| (a.name.clone(), a.api)).collect();
+    agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
+    for a in &agents {
+        let standbys = a.status().await.unwrap()["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["standby"] == json!(true))
+            .count();
+        assert_eq!(standbys, 0, "{} still holds a standby link once the plan holds", a.name);
+    }
+    assert!(sampler.assert_clean() > 20, "the sampler ran");
+    for a in &agents {
+        let max = a.metric("agentmesh_max_open_links", "").await;
+        assert!(max <= CAP as f64, "{} held {max} links at once, over the cap {CAP}", a.name);
+    }
+    history.assert_clean();
+}
+
+/// Each agent's assignment, by node id.
+async fn assignments(
+    client: &kube::Client,
+    ns: &str,
+    agents: &[Agent],
+) -> std::collections::BTreeMap<String, Assignment> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut out = std::collections::BTreeMap::new();
+    for a in agents {
+        let pod = pods.get(&a.name).await.unwrap();
+        let assignment = Assignment::from_annotations(pod.metadata.annotations.as_ref().unwrap()).unwrap();
+        out.insert(a.node_id.clone(), assignment);
+    }
+    out
+}
+
+/// The neighbours of `lost` that a rank-1 standby pairs with another of them.
+fn rank_one_pairs(assignments: &std::collections::BTreeMap<String, Assignment>, lost: &str) -> BTreeSet<String> {
+    let mut paired = BTreeSet::new();
+    for (id, a) in assignments {
+        for s in a.standbys.iter().filter(|s| s.stands_for == lost && s.rank == 1) {
+            paired.extend([id.clone(), s.node_id.clone()]);
+        }
+    }
+    paired
 }
 
 /// `maxPeers` lowered from 4 to 2, then raised to 3, under real agents whose own `--max-peers` is 4: each

@@ -241,7 +241,8 @@ pub fn waves(
                     .map(|n| n.intersect(want))
                     .unwrap_or_else(|| Assignment { policy: policy.into(), ..Default::default() });
                 let standbys = |a: &Assignment| a.standbys.len() + a.standby_accepts.len();
-                let drops = ids(now).len() > ids(Some(&kept)).len() || now.is_some_and(|n| standbys(n) > standbys(&kept));
+                let drops =
+                    ids(now).len() > ids(Some(&kept)).len() || now.is_some_and(|n| standbys(n) > standbys(&kept));
                 // A lowered cap reaches the agent before any peer may count on it.
                 let lowers = now.is_some_and(|n| n.lowers_cap_to(want));
                 // Stray keys without a policy must go before the agent may gain anything.

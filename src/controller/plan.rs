@@ -36,14 +36,14 @@ struct Target<'a> {
     peers: Vec<(&'a str, &'a str)>,
     accepts: Vec<&'a str>,
     cap: u32,
-    standbys: Vec<(&'a str, &'a str, &'a str)>,
+    standbys: Vec<(&'a str, &'a str, &'a str, u8)>,
     standby_accepts: Vec<&'a str>,
 }
 
 impl Target<'_> {
     fn is(&self, a: &Assignment, policy: &str) -> bool {
-        fn standby(s: &assignment::Standby) -> (&str, &str, &str) {
-            (&s.node_id, &s.url, &s.stands_for)
+        fn standby(s: &assignment::Standby) -> (&str, &str, &str, u8) {
+            (&s.node_id, &s.url, &s.stands_for, s.rank)
         }
         a.policy == policy
             && a.max_peers == Some(self.cap as usize)
@@ -55,10 +55,11 @@ impl Target<'_> {
 
     fn to_assignment(&self, policy: &str) -> Assignment {
         let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.to_owned(), url: url.to_owned() });
-        let standbys = self.standbys.iter().map(|&(id, url, p)| assignment::Standby {
+        let standbys = self.standbys.iter().map(|&(id, url, p, rank)| assignment::Standby {
             node_id: id.to_owned(),
             url: url.to_owned(),
             stands_for: p.to_owned(),
+            rank,
         });
         Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.to_owned()), policy.to_owned())
             .with_max_peers(self.cap as usize)
@@ -390,7 +391,13 @@ fn pod_keys(
 }
 
 /// Agent `x`'s target in `g`: the first `dials` of `links` are whom it dials, the rest who dial it.
-fn target<'a>(agents: &[&'a Arc<Agent>], g: &planner::Graph, x: u32, (links, dials): (&[u32], usize), cap: u32) -> Target<'a> {
+fn target<'a>(
+    agents: &[&'a Arc<Agent>],
+    g: &planner::Graph,
+    x: u32,
+    (links, dials): (&[u32], usize),
+    cap: u32,
+) -> Target<'a> {
     let agent = |v: &u32| agents[*v as usize];
     let mut peers: Vec<(&str, &str)> = links[..dials].iter().map(agent).map(|a| (&*a.node_id, &*a.url)).collect();
     let mut accepts: Vec<&str> = links[dials..].iter().map(agent).map(|a| &*a.node_id).collect();
@@ -400,7 +407,7 @@ fn target<'a>(agents: &[&'a Arc<Agent>], g: &planner::Graph, x: u32, (links, dia
     for s in planner::standby::standbys(g, x, |v| &agents[v as usize].node_id) {
         let (peer, stands_for) = (agent(&s.peer), agent(&s.stands_for));
         match s.dials {
-            true => standbys.push((&*peer.node_id, &*peer.url, &*stands_for.node_id)),
+            true => standbys.push((&*peer.node_id, &*peer.url, &*stands_for.node_id, s.rank)),
             false => standby_accepts.push(&*peer.node_id),
         }
     }
@@ -490,10 +497,11 @@ fn pod_hash(pod: &str, target: Option<&Target>, policy: &str) -> u64 {
                 field(id.as_bytes());
             }
             field(&t.standbys.len().to_le_bytes());
-            for (id, url, stands_for) in &t.standbys {
+            for (id, url, stands_for, rank) in &t.standbys {
                 field(id.as_bytes());
                 field(url.as_bytes());
                 field(stands_for.as_bytes());
+                field(&[*rank]);
             }
             field(&t.standby_accepts.len().to_le_bytes());
             for id in &t.standby_accepts {

@@ -44,17 +44,12 @@ pub fn standbys<'a>(g: &Graph, x: u32, id: impl Fn(u32) -> &'a str) -> Vec<Stand
     out
 }
 
-/// The ring position paired with `at` among `len` at `rank`.
+/// The ring position paired with `at` among `len` at `rank`. Rank 2 is rank 1 shifted by one place, so
+/// an even ring closes with (last, 0); a ring of two has its one pair at rank 1 only.
 fn partner(at: usize, len: usize, rank: u8) -> Option<usize> {
-    let even = if rank == 1 { at % 2 == 0 } else { at % 2 == 1 };
-    if even {
-        let next = at + 1;
-        if next < len { Some(next) } else { (rank == 2 && len % 2 == 0 && len > 2).then_some(0) }
-    } else if at > 0 {
-        Some(at - 1)
-    } else {
-        (len % 2 == 0 && len > 2).then(|| len - 1)
-    }
+    let shift = usize::from(rank == 2);
+    let mate = ((at + len - shift) % len) ^ 1;
+    (mate < len && !(rank == 2 && len == 2)).then(|| (mate + shift) % len)
 }
 
 #[cfg(test)]

@@ -187,6 +187,10 @@ impl Agent {
         if extra.contains(&"--assignment-source") {
             cmd.env("KUBECONFIG", kubeconfig());
         }
+        // An agent restarted where it listened before names its address itself.
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", &format!("{ip}:0")]);
+        }
         Self::launch(cmd, dir, name, ip, hub, cap).await
     }
 
@@ -194,7 +198,7 @@ impl Agent {
     /// [`Agent::spawn`] starts `mesh-agent`.
     pub async fn spawn_python(dir: &Path, name: &str, ip: &str, hub: &SyncHub, cap: usize) -> Agent {
         let mut cmd = tokio::process::Command::new(python());
-        cmd.arg(format!("{REPO}/tests/python/agent.py"));
+        cmd.arg(format!("{REPO}/tests/python/agent.py")).args(["--listen", &format!("{ip}:0")]);
         Self::launch(cmd, dir, name, ip, hub, cap).await
     }
 
@@ -208,7 +212,7 @@ impl Agent {
         cap: usize,
     ) -> Agent {
         let annotations = dir.join(format!("{name}.annotations"));
-        cmd.args(["--listen", &format!("{ip}:0"), "--metrics", &format!("{ip}:0"), "--test-api", &format!("{ip}:0")])
+        cmd.args(["--metrics", &format!("{ip}:0"), "--test-api", &format!("{ip}:0")])
             .args(["--identity", dir.join(format!("{name}.key")).to_str().unwrap()])
             .args(["--rendezvous", &hub.url, "--rendezvous-node-id", &hub.node_id])
             .args(["--hostname", name, "--max-peers", &cap.to_string()])
@@ -437,11 +441,12 @@ impl Drop for Kubelet {
     }
 }
 
-/// Samples every agent's open links until dropped, recording the first sample over a cap: all its sockets
-/// over `cap` (the agents' `--max-peers`); its links not being closed over the cap the agent holds now (the
-/// lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being closed
-/// keep their slots until gone). That an agent opens nothing while over its cap is the link table's
-/// property test (`links.rs`): a sample cannot tell a link opened late from one opened before the drop.
+/// Samples every agent's open links until dropped, recording the first sample that breaks a rule: all its
+/// sockets over `cap` (the agents' `--max-peers`); its links not being closed over the cap the agent holds
+/// now (the lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being
+/// closed keep their slots until gone); a link not being closed with a peer its assignment names neither as
+/// planned nor as a standby. That an agent opens nothing while over its cap is the link table's property
+/// test (`links.rs`): a sample cannot tell a link opened late from one opened before the drop.
 pub struct LinkSampler {
     pub violation: Arc<Mutex<Option<String>>>,
     pub samples: Arc<Mutex<u64>>,
@@ -459,7 +464,7 @@ impl LinkSampler {
                 for (name, api) in agents {
                     let Some(status) = http_get(&format!("http://{api}/status")).await else { continue };
                     *n.lock().unwrap() += 1;
-                    if let Some(why) = over_a_cap(&status, cap)
+                    if let Some(why) = breaks_a_rule(&status, cap)
                         && v.lock().unwrap().is_none()
                     {
                         *v.lock().unwrap() = Some(format!("{name} {why}: {status}"));
@@ -479,15 +484,21 @@ impl LinkSampler {
     }
 }
 
-/// How an agent's `/status` breaks a cap, if it does: `own` is its `--max-peers`.
-fn over_a_cap(status: &serde_json::Value, own: usize) -> Option<String> {
+/// How an agent's `/status` breaks a rule, if it does: `own` is its `--max-peers`.
+fn breaks_a_rule(status: &serde_json::Value, own: usize) -> Option<String> {
     let links = status["links"].as_array().map_or(&[][..], Vec::as_slice);
-    let held = links.iter().filter(|l| l["closing"] != serde_json::json!(true)).count();
+    let held: Vec<&Value> = links.iter().filter(|l| l["closing"] != serde_json::json!(true)).collect();
     let now = status["cap"].as_u64().map_or(own, |c| c as usize);
     if links.len() > own {
         return Some(format!("held {} links, over the cap {own}", links.len()));
     }
-    (held > now).then(|| format!("held {held} links not being closed, over the cap {now} it holds now"))
+    if held.len() > now {
+        return Some(format!("held {} links not being closed, over the cap {now} it holds now", held.len()));
+    }
+    let named = |key: &str| status[key].as_array().map_or(&[][..], Vec::as_slice).to_vec();
+    let allowed: Vec<Value> = named("planned").into_iter().chain(named("standbys")).collect();
+    let stranger = held.iter().find(|l| !allowed.contains(&l["nodeId"]))?;
+    Some(format!("held a link with {}, neither planned nor a standby", stranger["nodeId"]))
 }
 
 impl Drop for LinkSampler {

@@ -41,7 +41,8 @@ pub struct Peer {
 }
 
 /// One entry of the `agentmesh.dev/standbys` annotation: a peer to dial while the planned peer `for` is
-/// lost (docs/design.md §4, *Standby peers*).
+/// lost (docs/design.md §4, *Standby peers*). Rank 2 (written only when not 1) is tried only once the
+/// rank-1 pairs around the lost peer have had their chance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Standby {
@@ -49,6 +50,16 @@ pub struct Standby {
     pub url: String,
     #[serde(rename = "for")]
     pub stands_for: String,
+    #[serde(default = "first_rank", skip_serializing_if = "is_first_rank")]
+    pub rank: u8,
+}
+
+fn first_rank() -> u8 {
+    1
+}
+
+fn is_first_rank(rank: &u8) -> bool {
+    *rank == 1
 }
 
 /// At most this many standby entries, and standby accepts: two per planned link.
@@ -157,7 +168,10 @@ impl Assignment {
         let standbys = annotations.get(STANDBYS).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
         let standby_accepts: Vec<String> =
             annotations.get(STANDBY_ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
-        Some(Assignment { peers, accepts, policy, max_peers, ..Assignment::default() }.with_standbys(standbys, standby_accepts))
+        Some(
+            Assignment { peers, accepts, policy, max_peers, ..Assignment::default() }
+                .with_standbys(standbys, standby_accepts),
+        )
     }
 
     /// The assignment an agent obeys, read strictly: `Ok(None)` when the annotations carry none of the four
@@ -207,6 +221,9 @@ impl Assignment {
         let bad = |key: &'static str, error: String| Err(Malformed::Value { key, error });
         if standbys.len() > MAX_STANDBYS || accepts.len() > MAX_STANDBYS {
             return bad(STANDBYS, format!("more than {MAX_STANDBYS} standby entries or accepts"));
+        }
+        if let Some(s) = standbys.iter().find(|s| !(1..=2).contains(&s.rank)) {
+            return bad(STANDBYS, format!("rank {} is not 1 or 2", s.rank));
         }
         if let Some(s) = standbys.iter().find(|s| !planned.contains(s.stands_for.as_str())) {
             return bad(STANDBYS, format!("stands for {:?}, which is not a planned peer", short(&s.stands_for)));
@@ -406,15 +423,18 @@ mod tests {
     }
 
     fn standby(id: &str, stands_for: &str) -> Standby {
-        Standby { node_id: id.into(), url: format!("ws://{id}:1/"), stands_for: stands_for.into() }
+        Standby { node_id: id.into(), url: format!("ws://{id}:1/"), stands_for: stands_for.into(), rank: 1 }
     }
 
     #[test]
     fn standbys_round_trip_and_are_read_strictly() {
         let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into())
-            .with_standbys(vec![standby("y", "c"), standby("x", "b")], ["z".to_string()]);
+            .with_standbys(vec![standby("y", "c"), Standby { rank: 2, ..standby("x", "b") }], ["z".to_string()]);
         let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
-        assert_eq!(ann[STANDBYS], r#"[{"nodeId":"y","url":"ws://y:1/","for":"c"},{"nodeId":"x","url":"ws://x:1/","for":"b"}]"#);
+        assert_eq!(
+            ann[STANDBYS],
+            r#"[{"nodeId":"y","url":"ws://y:1/","for":"c"},{"nodeId":"x","url":"ws://x:1/","for":"b","rank":2}]"#
+        );
         assert_eq!(ann[LINKS], "2", "standbys are not planned links");
         assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
         assert_eq!(Assignment::from_annotations(&ann), Some(a.clone()));
@@ -425,20 +445,26 @@ mod tests {
             (STANDBYS, r#"[{"nodeId":"c","url":"u","for":"b"}]"#, "names the planned peer"),
             (STANDBY_ACCEPTS, r#"["b"]"#, "names the planned peer"),
             (STANDBYS, r#"[{"nodeId":"y"}]"#, "missing field"),
+            (STANDBYS, r#"[{"nodeId":"y","url":"u","for":"b","rank":3}]"#, "rank 3"),
             (STANDBY_ACCEPTS, r#"{"#, "expected a sequence"),
         ];
         for (key, value, why) in cases {
             let mut bad = ann.clone();
             bad.insert(key.into(), value.into());
             let read = Assignment::from_annotations_strict(&bad);
-            assert!(matches!(&read, Err(Malformed::Value { error, .. }) if error.contains(why)), "{key}={value}: {read:?}");
+            assert!(
+                matches!(&read, Err(Malformed::Value { error, .. }) if error.contains(why)),
+                "{key}={value}: {read:?}"
+            );
         }
         let many: Vec<String> = (0..=MAX_STANDBYS).map(|i| format!("s{i}")).collect();
         let mut long = ann.clone();
         long.insert(STANDBY_ACCEPTS.into(), serde_json::to_string(&many).unwrap());
         assert!(Assignment::from_annotations_strict(&long).is_err());
-        let other = a.clone().with_standbys(vec![standby("x", "b")], ["z".to_string(), "w".to_string()]);
-        assert_eq!((a.intersect(&other).standbys, a.intersect(&other).standby_accepts), (vec![standby("x", "b")], vec!["z".to_string()]));
+        let x = Standby { rank: 2, ..standby("x", "b") };
+        let other = a.clone().with_standbys(vec![x.clone(), standby("y", "b")], ["z".to_string(), "w".to_string()]);
+        let both = a.intersect(&other);
+        assert_eq!((both.standbys, both.standby_accepts), (vec![x], vec!["z".to_string()]));
     }
 
     #[test]

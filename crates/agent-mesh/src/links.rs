@@ -35,12 +35,13 @@ pub enum Direction {
     Accepted,
 }
 
-/// A standby peer: dial `id` at `url` while the planned peer `stands_for` is lost.
+/// A standby peer: dial `id` at `url` while the planned peer `stands_for` is lost, at `rank` (1 or 2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Standby {
     pub id: String,
     pub url: String,
     pub stands_for: String,
+    pub rank: u8,
 }
 
 /// What the agent wants to hold.
@@ -80,7 +81,12 @@ impl Wanted {
                 standby: a
                     .standbys
                     .iter()
-                    .map(|s| Standby { id: s.node_id.clone(), url: s.url.clone(), stands_for: s.stands_for.clone() })
+                    .map(|s| Standby {
+                        id: s.node_id.clone(),
+                        url: s.url.clone(),
+                        stands_for: s.stands_for.clone(),
+                        rank: s.rank,
+                    })
                     .collect(),
                 standby_accept: a.standby_accepts.iter().cloned().collect(),
             },
@@ -124,8 +130,8 @@ pub struct Table {
     held: BTreeSet<(String, Direction)>,
     closing: BTreeSet<(String, Direction)>,
     dialing: BTreeSet<String>,
-    /// Planned peers the mesh task reports lost.
-    lost: BTreeSet<String>,
+    /// Planned peers the mesh task reports lost, each with the worst rank of standby it may use now.
+    lost: BTreeMap<String, u8>,
     /// Dialed standbys (in flight or held) → the lost peer each covers.
     covers: BTreeMap<String, String>,
 }
@@ -156,19 +162,21 @@ impl Table {
         self.trim()
     }
 
-    /// The planned peers now lost (the mesh task's judgement). Returns the held links to close: standbys
-    /// covering a peer no longer lost, and those over a standby room that shrank.
-    pub fn set_lost(&mut self, lost: BTreeSet<String>) -> Vec<(String, Direction)> {
+    /// The planned peers now lost (the mesh task's judgement), each with the worst rank of standby it may
+    /// use: rank 2 waits until the rank-1 pairs, dialed from either end, have had their chance. Returns the
+    /// held links to close: standbys covering a peer no longer lost, and those over a standby room that shrank.
+    pub fn set_lost(&mut self, lost: BTreeMap<String, u8>) -> Vec<(String, Direction)> {
         let planned = self.wanted.planned_ids();
-        self.lost = lost.into_iter().filter(|id| planned.contains(id.as_str())).collect();
+        self.lost = lost.into_iter().filter(|(id, _)| planned.contains(id.as_str())).collect();
         let lost = &self.lost;
-        self.covers.retain(|_, p| lost.contains(p));
+        self.covers.retain(|_, p| lost.contains_key(p));
         self.trim()
     }
 
     /// Moves what the wish no longer keeps, and what is over the cap or the standby room, to closing.
     fn trim(&mut self) -> Vec<(String, Direction)> {
-        let mut gone: Vec<(String, Direction)> = self.held.iter().filter(|(id, d)| !self.keeps(id, *d)).cloned().collect();
+        let mut gone: Vec<(String, Direction)> =
+            self.held.iter().filter(|(id, d)| !self.keeps(id, *d)).cloned().collect();
         let kept: Vec<(String, Direction)> = self.held.iter().filter(|(id, d)| self.keeps(id, *d)).cloned().collect();
         let over = kept.len().saturating_sub(self.cap());
         let standbys = kept.iter().filter(|(id, _)| !self.wanted.plans(id)).count();
@@ -204,7 +212,7 @@ impl Table {
     /// Slots standby sockets may hold: the cap less the planned peers that are not lost.
     pub fn standby_room(&self) -> usize {
         let planned = self.wanted.planned_ids();
-        let standing = planned.iter().filter(|id| !self.lost.contains(**id)).count();
+        let standing = planned.iter().filter(|id| !self.lost.contains_key(**id)).count();
         self.cap().saturating_sub(standing)
     }
 
@@ -268,7 +276,8 @@ impl Table {
             }
             let covered = self.covers.values().any(|p| *p == s.stands_for);
             let usable = s.id != self.me && !self.wanted.plans(&s.id) && !self.holds(&s.id) && ready(&s.id);
-            if self.lost.contains(&s.stands_for) && !covered && usable {
+            let lost = self.lost.get(&s.stands_for).is_some_and(|worst| s.rank <= *worst);
+            if lost && !covered && usable {
                 self.dialing.insert(s.id.clone());
                 self.covers.insert(s.id.clone(), s.stands_for.clone());
                 out.push((s.id.clone(), s.url.clone()));
@@ -288,9 +297,9 @@ impl Table {
         // (counting every other socket; this one left `dialing` above). A standby's room may have shrunk too.
         let why = if !self.keeps(id, Direction::Dialed) {
             Refusal::Unplanned
-        } else if self.count() >= self.cap() {
-            Refusal::AtCap
-        } else if !self.wanted.plans(id) && self.standby_sockets() >= self.standby_room() {
+        } else if self.count() >= self.cap()
+            || (!self.wanted.plans(id) && self.standby_sockets() >= self.standby_room())
+        {
             Refusal::AtCap
         } else {
             self.held.insert(link);
@@ -505,13 +514,19 @@ mod tests {
         let Wanted::Planned { dial, accept, cap, .. } = wanted else { unreachable!() };
         let standby = entries
             .iter()
-            .map(|(id, p)| Standby { id: id.to_string(), url: format!("ws://{id}/"), stands_for: p.to_string() })
+            .enumerate()
+            .map(|(i, (id, p))| Standby {
+                id: id.to_string(),
+                url: format!("ws://{id}/"),
+                stands_for: p.to_string(),
+                rank: if i % 3 == 2 { 2 } else { 1 },
+            })
             .collect();
         Wanted::Planned { dial, accept, cap, standby, standby_accept: accepts.iter().map(|a| a.to_string()).collect() }
     }
 
-    fn lost(ids: &[&str]) -> BTreeSet<String> {
-        ids.iter().map(|i| i.to_string()).collect()
+    fn lost(ids: &[&str]) -> BTreeMap<String, u8> {
+        ids.iter().map(|i| (i.to_string(), 2)).collect()
     }
 
     #[test]
@@ -527,7 +542,11 @@ mod tests {
         assert_eq!(t.standby_room(), 1);
         assert_eq!(t.dials(|id| id != "a"), vec![("x".to_string(), "ws://x/".to_string())], "the best standby for a");
         assert_eq!(t.dial_finished("x", false), Finished::Failed);
-        assert_eq!(t.dials(|id| id != "a" && id != "x"), vec![("y".to_string(), "ws://y/".to_string())], "then the next");
+        assert_eq!(
+            t.dials(|id| id != "a" && id != "x"),
+            vec![("y".to_string(), "ws://y/".to_string())],
+            "then the next"
+        );
         assert_eq!(t.dial_finished("y", true), Finished::Keep);
         assert_eq!(t.admit("w"), Err(Refusal::AtCap), "y fills the room a left");
         assert!(t.dials(|_| true).is_empty(), "the cap is full: a is probed, not dialed");
@@ -565,7 +584,7 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Want(Vec<u8>, Vec<u8>, Option<usize>, Vec<(u8, u8)>, Vec<u8>),
-        Lost(Vec<u8>),
+        Lost(Vec<(u8, u8)>),
         Dial,
         Finish(u8, bool),
         Admit(u8),
@@ -578,7 +597,7 @@ mod tests {
         prop_oneof![
             (ids(), ids(), proptest::option::of(0usize..5), standbys, ids())
                 .prop_map(|(d, a, c, s, sa)| Op::Want(d, a, c, s, sa)),
-            ids().prop_map(Op::Lost),
+            proptest::collection::vec((0u8..10, 1u8..3), 0..6).prop_map(Op::Lost),
             Just(Op::Dial),
             (0u8..10, any::<bool>()).prop_map(|(i, ok)| Op::Finish(i, ok)),
             (0u8..10).prop_map(Op::Admit),
@@ -606,7 +625,7 @@ mod tests {
                         let sa: Vec<&str> = sa.iter().map(String::as_str).collect();
                         t.want(with_standbys(capped(&dial, &accept, *cap), &entries, &sa));
                     }
-                    Op::Lost(ids) => { t.set_lost(names(ids).into_iter().collect()); }
+                    Op::Lost(ids) => { t.set_lost(ids.iter().map(|(i, r)| (name(i), *r)).collect()); }
                     Op::Dial => { t.dials(|_| true); }
                     Op::Finish(i, ok) => { t.dial_finished(&name(i), *ok); }
                     Op::Admit(i) => { let _ = t.admit(&name(i)); }
@@ -620,7 +639,7 @@ mod tests {
                 let Wanted::Planned { standby_accept, .. } = &t.wanted else { unreachable!() };
                 for (id, dir) in t.held() {
                     let standby = match dir {
-                        Direction::Dialed => t.covers.get(id).is_some_and(|p| t.lost.contains(p)),
+                        Direction::Dialed => t.covers.get(id).is_some_and(|p| t.lost.contains_key(p)),
                         Direction::Accepted => standby_accept.contains(id),
                     };
                     prop_assert!(t.plans(id) || standby, "{} held but neither planned nor a standby after {:?}", id, op);
@@ -635,7 +654,7 @@ mod tests {
                 let covered: Vec<&String> = t.covers.values().collect();
                 let distinct: BTreeSet<&&String> = covered.iter().collect();
                 prop_assert_eq!(covered.len(), distinct.len(), "one lost peer covered twice: {:?}", t);
-                prop_assert!(t.covers.values().all(|p| t.lost.contains(p)), "a standby covers a peer not lost: {:?}", t);
+                prop_assert!(t.covers.values().all(|p| t.lost.contains_key(p)), "a standby covers a peer not lost: {:?}", t);
                 let ids: Vec<&String> = t.held.iter().chain(&t.closing).map(|(i, _)| i).chain(&t.dialing).collect();
                 let distinct: BTreeSet<&&String> = ids.iter().collect();
                 prop_assert_eq!(ids.len(), distinct.len(), "two sockets with one peer");

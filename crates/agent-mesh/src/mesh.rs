@@ -82,11 +82,25 @@ pub struct OpenLink {
 type Admission = Result<(LinkId, oneshot::Receiver<Refusal>), Refusal>;
 
 enum Event {
-    Dialed { id: String, result: Result<(Wire, u8), HandshakeError> },
-    Inbound { id: String, protocol: u8, admit: oneshot::Sender<Admission> },
-    Closed { id: String, dir: Direction, link: LinkId },
+    Dialed {
+        id: String,
+        result: Result<(Wire, u8), HandshakeError>,
+    },
+    Inbound {
+        id: String,
+        protocol: u8,
+        admit: oneshot::Sender<Admission>,
+    },
+    Closed {
+        id: String,
+        dir: Direction,
+        link: LinkId,
+    },
     /// A lost peer's address answered (or not) a TCP connection.
-    Probed { id: String, answers: bool },
+    Probed {
+        id: String,
+        answers: bool,
+    },
 }
 
 struct Open {
@@ -119,6 +133,10 @@ pub(crate) struct Mesh {
     failing: HashMap<String, Instant>,
     /// Planned peers without a link since this time, or since they last showed a sign of life.
     down: HashMap<String, Instant>,
+    /// The applied assignment's planned peers (`None` before one) and standbys, shown with the links in
+    /// one status update, so a reader never sees a new plan beside links not yet marked closing.
+    planned: Option<Vec<String>>,
+    standbys: Vec<String>,
     events: mpsc::Sender<Event>,
     status: watch::Sender<Status>,
 }
@@ -162,6 +180,8 @@ impl Mesh {
             attempts: HashMap::new(),
             failing: HashMap::new(),
             down: HashMap::new(),
+            planned: None,
+            standbys: Vec::new(),
             events,
             status,
         };
@@ -218,7 +238,7 @@ impl Mesh {
             let ids = a.standbys.iter().map(|s| &s.node_id).chain(&a.standby_accepts);
             ids.cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect()
         });
-        self.status.send_modify(|s| (s.planned, s.standbys) = (Some(planned.clone()), standbys));
+        (self.planned, self.standbys) = (Some(planned.clone()), standbys);
         *applied = Some(r.assignment);
         self.attempts.clear();
         self.want(wanted);
@@ -256,11 +276,18 @@ impl Mesh {
 
     /// Tells the table which planned peers are lost now; closes the standbys that give way.
     fn judge_lost(&mut self, now: Instant) {
-        let lost = self.lost(now).into_iter().collect();
+        let after = self.config.standby_after;
+        let rank = |since: Instant| match now.checked_duration_since(since) {
+            Some(down) if down >= 2 * after => Some(2),
+            Some(down) if down >= after => Some(1),
+            _ => None,
+        };
+        let lost = self.down.iter().filter_map(|(id, since)| Some((id.clone(), rank(*since)?))).collect();
         let gone = self.table.set_lost(lost);
         self.close(gone);
     }
 
+    /// Planned peers down for `standby_after` or longer, sorted.
     fn lost(&self, now: Instant) -> Vec<String> {
         let after = self.config.standby_after;
         let mut ids: Vec<String> =
@@ -382,8 +409,9 @@ impl Mesh {
     fn next_due(&self, now: Instant) -> Option<Instant> {
         let backoffs = self.attempts.values().map(|(_, at)| *at);
         let turning = self.failing.values().filter_map(|since| self.unreachable_from(*since));
-        let losing = self.down.values().filter_map(|since| since.checked_add(self.config.standby_after));
-        backoffs.chain(turning).chain(losing).filter(|at| *at > now).min()
+        let after = self.config.standby_after;
+        let losing = self.down.values().flat_map(|since| [since.checked_add(after), since.checked_add(2 * after)]);
+        backoffs.chain(turning).chain(losing.flatten()).filter(|at| *at > now).min()
     }
 
     /// When a peer failing since `since` turns unreachable (never, for a grace beyond the clock).
@@ -450,16 +478,21 @@ impl Mesh {
         let standbys = links.iter().filter(|l| l.standby && !l.closing).count();
         self.metrics.standby_links.set(standbys as i64);
         let lost = self.lost(now);
+        let (planned, standbys) = (&self.planned, &self.standbys);
         self.status.send_if_modified(|s| {
             let changed = s.cap != cap
                 || s.unreachable != unreachable
                 || s.lost != lost
+                || s.planned != *planned
+                || s.standbys != *standbys
                 || s.links.len() != links.len()
                 || s.links.iter().zip(&links).any(|(a, b)| a.node_id != b.node_id || a.closing != b.closing);
             s.links = links;
             s.cap = cap;
             s.unreachable = unreachable;
             s.lost = lost;
+            s.planned.clone_from(planned);
+            s.standbys.clone_from(standbys);
             changed
         });
     }

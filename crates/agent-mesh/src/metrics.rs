@@ -63,8 +63,16 @@ impl Metrics {
             "Planned peers every dial to has failed past the grace period",
             self.unreachable_peers.clone(),
         );
-        r.register("standby_links", "Standby links open now, in slots of lost planned peers", self.standby_links.clone());
-        r.register("standby_links_opened", "Standby links opened (dialed or accepted)", self.standby_links_opened.clone());
+        r.register(
+            "standby_links",
+            "Standby links open now, in slots of lost planned peers",
+            self.standby_links.clone(),
+        );
+        r.register(
+            "standby_links_opened",
+            "Standby links opened (dialed or accepted)",
+            self.standby_links_opened.clone(),
+        );
         r.register("assignment_errors", "Assignment readings refused as malformed", self.assignment_errors.clone());
         let d = &self.doc;
         r.register("updates_received", "New document updates received", d.updates_received.clone());
