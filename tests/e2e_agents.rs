@@ -208,6 +208,7 @@ async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_do
     let dead = agents.remove(dead_at);
     apis.lock().unwrap().retain(|(name, _)| *name != dead.name);
     let (name, at, mesh) = (dead.name.clone(), dead.ip.clone(), dead.mesh);
+    let killed = std::time::Instant::now();
     dead.kill().await;
     wait_for("the dead agent's paired neighbours back to their planned links over standbys", WAIT, || async {
         for a in agents.iter().filter(|a| paired.contains(&a.node_id)) {
@@ -222,6 +223,7 @@ async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_do
         Some(())
     })
     .await;
+    eprintln!("{} paired neighbours back to their planned links {:.1?} after the kill", paired.len(), killed.elapsed());
     everyone_has(&agents, &agents[3].append().await).await;
     let opened: f64 = {
         let mut n = 0.0;

@@ -1,8 +1,10 @@
 //! The agent's HTTP APIs. On the metrics port (`--metrics`): `/metrics` (Prometheus) and `/healthz`. On the
 //! test API's port (`--test-api`, off unless given; anyone who reaches it can write to the document):
-//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs, protocol, closing}], planned, assignmentError,
-//!   cap, unreachable, rendezvousConnected, maxOpenLinks}` (`planned`: the node ids of the applied assignment,
-//!   null before one; `cap`: the cap held now; `unreachable`: planned peers reported unreachable);
+//! - `GET /status`: `{nodeId, links: [{nodeId, direction, sinceMs, protocol, closing, standby}], planned,
+//!   standbys, lost, assignmentError, cap, unreachable, rendezvousConnected, maxOpenLinks}` (`planned`: the
+//!   node ids of the applied assignment, null before one; `standbys`: its standby peers, to dial or accept;
+//!   `lost`: planned peers whose slots standbys may take; `cap`: the cap held now; `unreachable`: planned
+//!   peers reported unreachable);
 //! - `POST /updates` `{"value"?: string}`: appends an update (a new key in the document's `updates` map,
 //!   `<node id prefix>-<n>`, holding `{origin, writtenAtMs, value}`); answers `{key}`;
 //! - `GET /updates`: every update this agent has, `[{key, origin, value, writtenAtMs, firstSeenMs}]`, where
@@ -88,6 +90,8 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
         "nodeId": app.agent.identity.node_id(),
         "links": s.links,
         "planned": s.planned,
+        "standbys": s.standbys,
+        "lost": s.lost,
         "cap": s.cap,
         "unreachable": s.unreachable,
         "assignmentError": s.assignment_error,
