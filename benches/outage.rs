@@ -4,12 +4,12 @@
 //! - **seed**: the same agents in `--peer-selection seed` (the seed's own choice and timing: the first
 //!   `maxPeers` alive peers of the presence list, first scan after 10 s, then every 60 s, accepting all).
 //!
-//! Phases, cumulative: settled → rendezvous killed (SIGKILL) → the 10 % most-linked agents killed → one zone
-//! killed. In each, updates are written at random live agents; reported per scheme and phase: the share of
-//! (update, live agent) pairs delivered, p50/p99 delivery latency, the most links any agent held at once
-//! (each agent's own high-water mark), the fewest links at a live agent 10 s into the phase, inbound links
-//! refused, and per update: its copies sent whole over mesh links, and its id announced on them (count
-//! and bytes).
+//! Phases, cumulative: settled → rendezvous killed (SIGKILL) → the operator stopped too, and the 10 % most
+//! central agents killed (by betweenness over the live links) → one zone killed. In each, updates are
+//! written at random live agents; reported per scheme and phase: the share of (update, live agent) pairs
+//! delivered, p50/p99 delivery latency, the most links any agent held at once (each agent's own
+//! high-water mark), the fewest links at a live agent 10 s into the phase, inbound links refused, and per
+//! update: its copies sent whole over mesh links, and its id announced on them (count and bytes).
 //!
 //!     cargo bench --bench outage        (AGENTS=200 UPDATES=20 MAX_PEERS=4 by default; needs the control plane)
 //!
@@ -157,13 +157,15 @@ async fn pieces(live: &[&Agent], keys: &[String]) {
     eprintln!("pieces {:?}; {}", sizes.values().collect::<Vec<_>>(), lacking.join(", "));
 }
 
-/// The fewest links any live agent holds.
-async fn fewest_links(live: &[&Agent]) -> usize {
-    let mut fewest = usize::MAX;
+/// The fewest links any live agent holds, and how many hold fewer than k − 1.
+async fn fewest_links(live: &[&Agent]) -> (usize, usize) {
+    let (mut fewest, mut below) = (usize::MAX, 0);
     for a in live {
-        fewest = fewest.min(a.links().await.map_or(0, |l| l.len()));
+        let links = a.links().await.map_or(0, |l| l.len());
+        fewest = fewest.min(links);
+        below += usize::from(links + 1 < cap());
     }
-    fewest
+    (fewest, below)
 }
 
 /// Writes `n` updates at random live agents and measures their delivery to every live agent. `started` is
@@ -175,6 +177,31 @@ async fn phase(
     n: usize,
     started: tokio::time::Instant,
 ) -> Row {
+    let at_ten = async {
+        tokio::time::sleep_until(started + DEGREE_AT).await;
+        fewest_links(live).await
+    };
+    let (mut row, (fewest, below)) = tokio::join!(deliver(live, n), at_ten);
+    let (refused, slow) =
+        (totals(live, "agentmesh_protocol_errors").await, totals(live, "agentmesh_slow_links_dropped").await);
+    let grafts = totals(live, "agentmesh_mesh_grafts_sent").await;
+    let standbys = totals(live, "agentmesh_standby_links").await;
+    eprintln!(
+        "{scheme} / {phase}: protocol errors {refused}, slow links {slow}, grafts so far {grafts}, standby links \
+         {standbys}, agents under k − 1 links 10 s in {below}"
+    );
+    let mut rss: Vec<f64> = live.iter().filter_map(|a| rss_mib(a.pid())).collect();
+    rss.sort_by(f64::total_cmp);
+    row.scheme = scheme;
+    row.phase = phase;
+    row.fewest_links = fewest;
+    row.rss_median = rss.get(rss.len() / 2).copied().unwrap_or(f64::NAN);
+    row.rss_max = rss.last().copied().unwrap_or(f64::NAN);
+    row
+}
+
+/// Writes `n` updates at random live agents and measures their delivery to every live agent.
+async fn deliver(live: &[&Agent], n: usize) -> Row {
     let before = counters(live).await;
     let mut keys = Vec::new();
     for _ in 0..n {
@@ -201,32 +228,73 @@ async fn phase(
         max_links = max_links.max(a.metric("agentmesh_max_open_links", "").await);
     }
     pieces(live, &keys).await;
-    tokio::time::sleep_until(started + DEGREE_AT).await;
-    let fewest = fewest_links(live).await;
     let after = counters(live).await;
-    let (refused, slow) =
-        (totals(live, "agentmesh_protocol_errors").await, totals(live, "agentmesh_slow_links_dropped").await);
-    let grafts = totals(live, "agentmesh_mesh_grafts_sent").await;
-    eprintln!("{scheme} / {phase}: protocol errors {refused}, slow links {slow}, grafts so far {grafts}");
     let per_update = |i: usize| (after[i] - before[i]) / n as f64;
-    let mut rss: Vec<f64> = live.iter().filter_map(|a| rss_mib(a.pid())).collect();
-    rss.sort_by(f64::total_cmp);
     Row {
-        scheme,
-        phase,
         live: live.len(),
         delivered: delivered as f64 / (n * live.len()) as f64,
         p50: pct(0.5),
         p99: pct(0.99),
         max_links,
-        fewest_links: fewest,
         refused: after[3] - before[3],
         messages_per_update: per_update(0),
         announcements_per_update: per_update(1),
         announcement_bytes_per_update: per_update(2),
-        rss_median: rss.get(rss.len() / 2).copied().unwrap_or(f64::NAN),
-        rss_max: rss.last().copied().unwrap_or(f64::NAN),
+        ..Row::default()
     }
+}
+
+/// The live agents, most central first: by betweenness (Brandes) over the links they hold.
+async fn most_central(agents: &[Option<Agent>]) -> Vec<usize> {
+    let live: Vec<usize> = (0..agents.len()).filter(|i| agents[*i].is_some()).collect();
+    let index: std::collections::HashMap<&str, usize> =
+        live.iter().enumerate().map(|(j, &i)| (agents[i].as_ref().unwrap().node_id.as_str(), j)).collect();
+    let mut adj = vec![Vec::new(); live.len()];
+    for (j, &i) in live.iter().enumerate() {
+        for peer in agents[i].as_ref().unwrap().links().await.unwrap_or_default() {
+            if let Some(&k) = index.get(peer.as_str()) {
+                adj[j].push(k);
+            }
+        }
+    }
+    let score = betweenness(&adj);
+    let mut order: Vec<usize> = (0..live.len()).collect();
+    order.sort_by(|a, b| score[*b].total_cmp(&score[*a]));
+    order.into_iter().map(|j| live[j]).collect()
+}
+
+/// Betweenness centrality of each vertex of an unweighted graph (Brandes 2001).
+fn betweenness(adj: &[Vec<usize>]) -> Vec<f64> {
+    let n = adj.len();
+    let mut score = vec![0.0; n];
+    for s in 0..n {
+        let (mut sigma, mut dist, mut preds) = (vec![0.0; n], vec![usize::MAX; n], vec![Vec::new(); n]);
+        let (mut order, mut queue) = (Vec::new(), std::collections::VecDeque::from([s]));
+        (sigma[s], dist[s]) = (1.0, 0);
+        while let Some(v) = queue.pop_front() {
+            order.push(v);
+            for &w in &adj[v] {
+                if dist[w] == usize::MAX {
+                    dist[w] = dist[v] + 1;
+                    queue.push_back(w);
+                }
+                if dist[w] == dist[v] + 1 {
+                    sigma[w] += sigma[v];
+                    preds[w].push(v);
+                }
+            }
+        }
+        let mut delta = vec![0.0; n];
+        for &w in order.iter().rev() {
+            for &v in &preds[w] {
+                delta[v] += sigma[v] / sigma[w] * (1.0 + delta[w]);
+            }
+            if w != s {
+                score[w] += delta[w];
+            }
+        }
+    }
+    score
 }
 
 /// A process's resident memory, MiB.
@@ -240,8 +308,13 @@ fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
     agents.iter().flatten().collect()
 }
 
-/// The outage phases over a settled fleet (agent i is in zone i mod 3).
-async fn outage(scheme: &'static str, mut hub: HubProcess, agents: &mut [Option<Agent>], updates: usize) -> Vec<Row> {
+/// The outage phases over a settled fleet (agent i is in zone i mod 3), stopping `operator` if there is one.
+async fn outage(
+    scheme: &'static str,
+    (mut hub, operator): (HubProcess, Option<Operator>),
+    agents: &mut [Option<Agent>],
+    updates: usize,
+) -> Vec<Row> {
     let now = tokio::time::Instant::now;
     let mut rows = vec![phase(scheme, "settled", &live(agents), updates, now()).await];
     let started = now();
@@ -251,18 +324,15 @@ async fn outage(scheme: &'static str, mut hub: HubProcess, agents: &mut [Option<
     })
     .await;
     rows.push(phase(scheme, "rendezvous killed", &live(agents), updates, started).await);
-    let mut by_links = Vec::new();
-    for (i, a) in agents.iter().enumerate() {
-        if let Some(a) = a {
-            by_links.push((a.links().await.map_or(0, |l| l.len()), i));
-        }
+    if let Some(operator) = operator {
+        operator.kill().await;
     }
-    by_links.sort_by(|a, b| b.cmp(a));
+    let central = most_central(agents).await;
     let started = now();
-    for (_, i) in by_links.iter().take(agents.len() / 10) {
+    for i in central.iter().take(agents.len() / 10) {
         agents[*i].take().unwrap().kill().await;
     }
-    rows.push(phase(scheme, "10% most-linked killed", &live(agents), updates, started).await);
+    rows.push(phase(scheme, "operator down, 10% most central killed", &live(agents), updates, started).await);
     let started = now();
     for i in (0..agents.len()).filter(|i| i % ZONES == 0) {
         if let Some(a) = agents[i].take() {
@@ -286,7 +356,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
         "rendezvous": {"url": format!("http://{}", hub.addr), "pollInterval": "1s", "timeout": "1s"},
     });
     create_policy(&client, &ns, "mesh", spec).await;
-    let _op = Operator::start(&ns, "op-outage", false).await;
+    let op = Operator::start(&ns, "op-outage", false).await;
     let ws = hub.sync.clone();
     let mut agents = Vec::new();
     for i in 0..n {
@@ -297,7 +367,7 @@ async fn operator_scheme(n: usize, updates: usize) -> Vec<Row> {
         agent_pod(&client, &ns, &name, &ip, Some(&format!("zone-{}", i % ZONES))).await;
     }
     agents_follow_the_plan(&client, &ns, &agents.iter().flatten().collect::<Vec<_>>()).await;
-    outage("operator", hub, &mut agents, updates).await
+    outage("operator", (hub, Some(op)), &mut agents, updates).await
 }
 
 async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
@@ -321,7 +391,7 @@ async fn seed_scheme(n: usize, updates: usize) -> Vec<Row> {
         Some(())
     })
     .await;
-    outage("seed", hub, &mut agents, updates).await
+    outage("seed", (hub, None), &mut agents, updates).await
 }
 
 #[tokio::main]
