@@ -253,48 +253,14 @@ async fn most_central(agents: &[Option<Agent>]) -> Vec<usize> {
     for (j, &i) in live.iter().enumerate() {
         for peer in agents[i].as_ref().unwrap().links().await.unwrap_or_default() {
             if let Some(&k) = index.get(peer.as_str()) {
-                adj[j].push(k);
+                adj[j].push(k as u32);
             }
         }
     }
-    let score = betweenness(&adj);
+    let score = mesh_operator::planner::analysis::betweenness(&adj);
     let mut order: Vec<usize> = (0..live.len()).collect();
     order.sort_by(|a, b| score[*b].total_cmp(&score[*a]));
     order.into_iter().map(|j| live[j]).collect()
-}
-
-/// Betweenness centrality of each vertex of an unweighted graph (Brandes 2001).
-fn betweenness(adj: &[Vec<usize>]) -> Vec<f64> {
-    let n = adj.len();
-    let mut score = vec![0.0; n];
-    for s in 0..n {
-        let (mut sigma, mut dist, mut preds) = (vec![0.0; n], vec![usize::MAX; n], vec![Vec::new(); n]);
-        let (mut order, mut queue) = (Vec::new(), std::collections::VecDeque::from([s]));
-        (sigma[s], dist[s]) = (1.0, 0);
-        while let Some(v) = queue.pop_front() {
-            order.push(v);
-            for &w in &adj[v] {
-                if dist[w] == usize::MAX {
-                    dist[w] = dist[v] + 1;
-                    queue.push_back(w);
-                }
-                if dist[w] == dist[v] + 1 {
-                    sigma[w] += sigma[v];
-                    preds[w].push(v);
-                }
-            }
-        }
-        let mut delta = vec![0.0; n];
-        for &w in order.iter().rev() {
-            for &v in &preds[w] {
-                delta[v] += sigma[v] / sigma[w] * (1.0 + delta[w]);
-            }
-            if w != s {
-                score[w] += delta[w];
-            }
-        }
-    }
-    score
 }
 
 /// A process's resident memory, MiB.

@@ -204,6 +204,13 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
             for p in peers {
                 let _ = writeln!(out, "  → {} {}", printable(&short(&p.node_id)), printable(&p.url));
             }
+            for s in &a.standbys {
+                let (id, stands_for) = (printable(&short(&s.node_id)), printable(&short(&s.stands_for)));
+                let _ = writeln!(out, "  standby → {id} while {stands_for} is lost (rank {})", s.rank);
+            }
+            if !a.standby_accepts.is_empty() {
+                let _ = writeln!(out, "  standby for {} peers that may dial it", a.standby_accepts.len());
+            }
             for u in status.unusable_links.iter().filter(|u| u.reported_by == name || u.peer == name) {
                 let (by, peer) = (printable(&u.reported_by), printable(&u.peer));
                 let other = if u.reported_by == name { &peer } else { &by };
@@ -315,6 +322,12 @@ mod tests {
             "{}",
             explain(&pods[0], &[policy()])
         );
+        let mut standing = pods[0].clone();
+        let annotations = standing.metadata.annotations.as_mut().unwrap();
+        annotations.insert("agentmesh.dev/standbys".into(), r#"[{"nodeId":"dd","url":"ws://dd","for":"cc"}]"#.into());
+        annotations.insert("agentmesh.dev/standby-accepts".into(), r#"["ee"]"#.into());
+        let told = explain(&standing, &[policy()]);
+        assert!(told.contains("standby → dd while cc is lost (rank 1)") && told.contains("standby for 1 peers"), "{told}");
         let mut other = pods[0].clone();
         other.metadata.labels = None;
         assert!(explain(&other, &[policy()]).contains("not selected"));

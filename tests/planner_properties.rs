@@ -396,6 +396,60 @@ fn resilience_at_five_thousand_agents() {
     assert!(share >= 0.999, "10% targeted failure: {share}");
 }
 
+/// The agents' standby rule over a real plan: 200 agents, k = 4, their 10 % most central dead (operator and
+/// rendezvous away, so no new plan). Each survivor, for each dead neighbour, takes its rank-1 standby, then
+/// its rank-2 one, where both ends have standby room (the cap less their planned peers still alive), in a
+/// random order, as the agents' link tables would. Without standbys the most central's neighbours drop to
+/// k − 2 or less; with them nearly every survivor is back to k − 1 or more.
+#[test]
+fn standbys_restore_the_degree_after_the_most_central_die() {
+    let (n, k) = (200usize, 4usize);
+    let (mut below, mut below_without, mut runs) = (0, 0, 0);
+    for seed in 0..20u64 {
+        let p = plan(&members(n, 3, seed), k as u32, &format!("standby-{seed}"));
+        let (g, adj) = (p.graph(), adjacency(&p));
+        let score = analysis::betweenness(&adj);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|a, b| score[*b].total_cmp(&score[*a]));
+        let dead: BTreeSet<u32> = order[..n / 10].iter().map(|&i| i as u32).collect();
+        let id = |v: u32| p.members()[v as usize].node_id.as_str();
+        let alive_links = |x: u32| g.neighbors(x).iter().filter(|v| !dead.contains(v)).count();
+        let room: Vec<usize> = (0..n as u32).map(|x| k - alive_links(x)).collect();
+        let mut held = vec![0usize; n];
+        let mut linked: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let mut rng = seed.wrapping_add(1);
+        for rank in [1, 2] {
+            let mut tries: Vec<(u32, planner::standby::Standby)> = (0..n as u32)
+                .filter(|x| !dead.contains(x))
+                .flat_map(|x| planner::standby::standbys(g, x, id).into_iter().map(move |s| (x, s)))
+                .filter(|(_, s)| s.dials && s.rank == rank && dead.contains(&s.stands_for))
+                .collect();
+            for i in (1..tries.len()).rev() {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                tries.swap(i, (rng >> 33) as usize % (i + 1));
+            }
+            for (x, s) in tries {
+                let (a, b) = (x.min(s.peer), x.max(s.peer));
+                let fits = |v: u32| held[v as usize] < room[v as usize];
+                if !dead.contains(&s.peer) && !linked.contains(&(a, b)) && fits(x) && fits(s.peer) {
+                    linked.insert((a, b));
+                    held[x as usize] += 1;
+                    held[s.peer as usize] += 1;
+                }
+            }
+        }
+        for x in (0..n as u32).filter(|x| !dead.contains(x)) {
+            let links = alive_links(x);
+            below_without += usize::from(links + 1 < k);
+            below += usize::from(links + held[x as usize] + 1 < k);
+            runs += 1;
+        }
+    }
+    eprintln!("survivors under k − 1 links: {below_without} without standbys, {below} with, of {runs}");
+    assert!(below_without > 0, "the most central's neighbours lose links");
+    assert!(below * 100 <= runs, "{below} of {runs} survivors under k − 1 with standbys");
+}
+
 #[test]
 fn diameter_grows_like_log_n() {
     // O(log N / log(k−1)): a random k-regular graph's diameter is about log_{k−1} N plus a small constant.

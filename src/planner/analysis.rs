@@ -57,6 +57,42 @@ pub fn largest_component_share(adj: &[Vec<u32>], removed: &[bool]) -> f64 {
     component_sizes(adj, removed).first().copied().unwrap_or(0) as f64 / survivors as f64
 }
 
+/// Betweenness centrality of each member (Brandes 2001): how many shortest paths between others pass
+/// through it. The members an attacker, or bad luck, would take out first.
+pub fn betweenness(adj: &[Vec<u32>]) -> Vec<f64> {
+    let n = adj.len();
+    let mut score = vec![0.0; n];
+    for s in 0..n {
+        let (mut sigma, mut dist, mut preds) = (vec![0.0; n], vec![u32::MAX; n], vec![Vec::new(); n]);
+        let (mut order, mut queue) = (Vec::with_capacity(n), VecDeque::from([s]));
+        (sigma[s], dist[s]) = (1.0, 0);
+        while let Some(v) = queue.pop_front() {
+            order.push(v);
+            for &w in &adj[v] {
+                let w = w as usize;
+                if dist[w] == u32::MAX {
+                    dist[w] = dist[v] + 1;
+                    queue.push_back(w);
+                }
+                if dist[w] == dist[v] + 1 {
+                    sigma[w] += sigma[v];
+                    preds[w].push(v);
+                }
+            }
+        }
+        let mut delta = vec![0.0; n];
+        for &w in order.iter().rev() {
+            for &v in &preds[w] {
+                delta[v] += sigma[v] / sigma[w] * (1.0 + delta[w]);
+            }
+            if w != s {
+                score[w] += delta[w];
+            }
+        }
+    }
+    score
+}
+
 fn eccentricity(adj: &[Vec<u32>], s: usize, dist: &mut [u32]) -> (u32, usize) {
     dist.fill(u32::MAX);
     dist[s] = 0;
@@ -161,6 +197,8 @@ mod tests {
         assert_eq!(component_sizes(&adj, &[false, true, false]), vec![1, 1]);
         assert_eq!(largest_component_share(&adj, &[false, true, false]), 0.5);
         assert_eq!(diameter(&adj, 10, 0), (2, true));
+        // Between 0 and 2, every shortest path passes 1; none passes an end.
+        assert_eq!(betweenness(&adjacency(&[vec![1], vec![2], vec![]])), vec![0.0, 2.0, 0.0]);
     }
 
     #[test]

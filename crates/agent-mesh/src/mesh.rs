@@ -297,10 +297,15 @@ impl Mesh {
     }
 
     /// A planned peer showed it is there (it dialed, refused, or its address answered): it is not lost,
-    /// and a standby in its slot gives way, until it has been down for `standby_after` again.
-    fn alive(&mut self, id: &str) {
+    /// and a standby in its slot gives way, until it has been down for `standby_after` again. Unless it
+    /// refused a dial, it is dialed as soon as the slot is free: a backoff longer than `standby_after` would
+    /// have it lost again first.
+    fn alive(&mut self, id: &str, refused: bool) {
         if let Some(since) = self.down.get_mut(id) {
             *since = Instant::now();
+            if !refused {
+                self.attempts.remove(id);
+            }
         }
     }
 
@@ -331,7 +336,7 @@ impl Mesh {
                 }
                 Err(why) => {
                     self.metrics.refused(why);
-                    self.alive(&id);
+                    self.alive(&id, false);
                     let _ = admit.send(Err(why));
                 }
             },
@@ -353,7 +358,7 @@ impl Mesh {
             Event::Probed { id, answers } => {
                 if answers {
                     tracing::debug!(peer = %short(&id), "a lost peer's address answers");
-                    self.alive(&id);
+                    self.alive(&id, false);
                 }
             }
         }
@@ -365,7 +370,7 @@ impl Mesh {
         match &result {
             Ok(_) | Err(HandshakeError::Refused(..)) => {
                 self.failing.remove(&id);
-                self.alive(&id);
+                self.alive(&id, true);
             }
             Err(_) if self.table.plans(&id) => drop(self.failing.entry(id.clone()).or_insert_with(Instant::now)),
             Err(_) => {}
