@@ -205,7 +205,8 @@ pub fn explain(pod: &Pod, policies: &[MeshPolicy]) -> String {
                 let _ = writeln!(out, "  → {} {}", printable(&short(&p.node_id)), printable(&p.url));
             }
             for s in &a.standbys {
-                let (id, stands_for) = (printable(&short(&s.node_id)), printable(&short(&s.stands_for)));
+                let (id, stands_for) = (short(&s.node_id), short(&s.stands_for));
+                let (id, stands_for) = (printable(&id), printable(&stands_for));
                 let _ = writeln!(out, "  standby → {id} while {stands_for} is lost (rank {})", s.rank);
             }
             if !a.standby_accepts.is_empty() {
@@ -327,7 +328,10 @@ mod tests {
         annotations.insert("agentmesh.dev/standbys".into(), r#"[{"nodeId":"dd","url":"ws://dd","for":"cc"}]"#.into());
         annotations.insert("agentmesh.dev/standby-accepts".into(), r#"["ee"]"#.into());
         let told = explain(&standing, &[policy()]);
-        assert!(told.contains("standby → dd while cc is lost (rank 1)") && told.contains("standby for 1 peers"), "{told}");
+        assert!(
+            told.contains("standby → dd while cc is lost (rank 1)") && told.contains("standby for 1 peers"),
+            "{told}"
+        );
         let mut other = pods[0].clone();
         other.metadata.labels = None;
         assert!(explain(&other, &[policy()]).contains("not selected"));

@@ -175,12 +175,12 @@ async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_do
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(500));
     create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;
     let op = Operator::start(&ns, "op-standby", false).await;
-    // 16 agents: at N ≥ 4k the plan is the rings, whose neighbours are rarely linked to each other.
-    let flags = ["--standby-after", "2s"];
+    // 16 agents: at N ≥ 4k the plan is the rings, whose neighbours are rarely linked to each other. The
+    // agents take a standby 3 s after a peer goes (their default).
     let mut agents = Vec::new();
     for i in 0..16 {
         let name = format!("agent-{i}");
-        agents.push(Agent::spawn_with(dir.path(), &name, &ip(180 + i), &hub, Mode::Operator, CAP, &flags).await);
+        agents.push(Agent::spawn(dir.path(), &name, &ip(180 + i), &hub, Mode::Operator, CAP).await);
         agent_pod(&client, &ns, &name, &ip(180 + i), None).await;
     }
     let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
@@ -236,7 +236,7 @@ async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_do
 
     // It comes back where it was: the standbys give way to the plan.
     let listen = mesh.to_string();
-    let flags = ["--standby-after", "2s", "--listen", &listen];
+    let flags = ["--listen", &listen];
     let back = Agent::spawn_with(dir.path(), &name, &at, &hub, Mode::Operator, CAP, &flags).await;
     agents.push(back);
     *apis.lock().unwrap() = agents.iter().map(|a| (a.name.clone(), a.api)).collect();

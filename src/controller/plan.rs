@@ -182,10 +182,13 @@ pub fn targets(
     };
     let mut digest = 0u64;
     let kept_links: Vec<bool> = (0..agents.len()).map(|j| pass.links(&mut fresh, j, &g)).collect();
+    let avoid: HashSet<(u32, u32)> = pass.indexed(unusable).into_iter().map(|(a, b)| (a.min(b), a.max(b))).collect();
+    let same_unusable = old.unusable == *unusable;
     for (j, agent) in agents.iter().enumerate() {
-        // Standbys come from the neighbours' neighbours: a target is kept only if those are too.
-        let near = kept_links[j] && g.neighbors(j as u32).iter().all(|&p| kept_links[p as usize]);
-        let (target, hash) = pass.target(&mut fresh, j, &g, near, (cap, policy));
+        // Standbys come from the neighbours' neighbours, and avoid unusable pairs: a target is kept only if
+        // those are too.
+        let near = same_unusable && kept_links[j] && g.neighbors(j as u32).iter().all(|&p| kept_links[p as usize]);
+        let (target, hash) = pass.target(&mut fresh, j, (&g, &avoid), near, (cap, policy));
         match target {
             None => out.settled += 1,
             Some(t) => drop(out.targets.insert(agent.pod.clone(), Some(t))),
@@ -317,7 +320,7 @@ impl<'a> Pass<'a> {
         &self,
         fresh: &mut Kept,
         j: usize,
-        g: &planner::Graph,
+        (g, avoid): (&planner::Graph, &HashSet<(u32, u32)>),
         near: bool,
         (cap, policy): (u32, &str),
     ) -> (Option<Arc<Assignment>>, u64) {
@@ -329,7 +332,7 @@ impl<'a> Pass<'a> {
             (kept.settled, kept.hash) = (true, w.hash);
             return (None, w.hash);
         }
-        let t = target(self.agents, g, j as u32, (links, span.dials as usize), cap);
+        let t = target(self.agents, (g, avoid), j as u32, (links, span.dials as usize), cap);
         fresh.built += 1;
         (kept.settled, kept.hash) = match was {
             Some(w) => (false, w.hash),
@@ -390,10 +393,11 @@ fn pod_keys(
         .collect()
 }
 
-/// Agent `x`'s target in `g`: the first `dials` of `links` are whom it dials, the rest who dial it.
+/// Agent `x`'s target in `g`: the first `dials` of `links` are whom it dials, the rest who dial it. Its
+/// standbys avoid the pairs in `avoid` (each smaller index first).
 fn target<'a>(
     agents: &[&'a Arc<Agent>],
-    g: &planner::Graph,
+    (g, avoid): (&planner::Graph, &HashSet<(u32, u32)>),
     x: u32,
     (links, dials): (&[u32], usize),
     cap: u32,
@@ -404,7 +408,8 @@ fn target<'a>(
     peers.sort_unstable();
     accepts.sort_unstable();
     let (mut standbys, mut standby_accepts) = (Vec::new(), Vec::new());
-    for s in planner::standby::standbys(g, x, |v| &agents[v as usize].node_id) {
+    let usable = |a: u32, b: u32| !avoid.contains(&(a.min(b), a.max(b)));
+    for s in planner::standby::standbys(g, x, |v| &agents[v as usize].node_id, usable) {
         let (peer, stands_for) = (agent(&s.peer), agent(&s.stands_for));
         match s.dials {
             true => standbys.push((&*peer.node_id, &*peer.url, &*stands_for.node_id, s.rank)),

@@ -7,7 +7,8 @@
 //! too or has no slot. Invariants (tested below):
 //! - **symmetric**: if `x` has `y` standing in for `p` at rank `r`, then `y` has `x` for `p` at rank `r`,
 //!   and exactly one of them dials: the one with the smaller node id;
-//! - **standbys only**: `p` is a neighbour of both, and `x` and `y` are distinct and not linked in the plan;
+//! - **standbys only**: `p` is a neighbour of both, `x` and `y` are distinct and not linked in the plan,
+//!   and their pair is usable (the agents have not reported it unreachable);
 //! - **short**: at most two per neighbour, so at most `2·k`.
 //!
 //! An agent's standbys depend on its neighbours' neighbours, so a link that changes changes the standbys of
@@ -24,8 +25,8 @@ pub struct Standby {
 }
 
 /// `x`'s standbys in `g`, rank 1 then rank 2, each rank in its neighbours' node-id order. `id` gives a
-/// member's node id.
-pub fn standbys<'a>(g: &Graph, x: u32, id: impl Fn(u32) -> &'a str) -> Vec<Standby> {
+/// member's node id; `usable` says whether a pair may be linked.
+pub fn standbys<'a>(g: &Graph, x: u32, id: impl Fn(u32) -> &'a str, usable: impl Fn(u32, u32) -> bool) -> Vec<Standby> {
     let mut around: Vec<u32> = g.neighbors(x).to_vec();
     around.sort_unstable_by_key(|&p| id(p));
     let mut out = Vec::new();
@@ -35,7 +36,7 @@ pub fn standbys<'a>(g: &Graph, x: u32, id: impl Fn(u32) -> &'a str) -> Vec<Stand
             ring.sort_unstable_by_key(|&q| id(q));
             let Some(at) = ring.iter().position(|&q| q == x) else { continue };
             let Some(y) = partner(at, ring.len(), rank).map(|i| ring[i]) else { continue };
-            if g.has_edge(x, y) {
+            if g.has_edge(x, y) || !usable(x, y) {
                 continue;
             }
             out.push(Standby { peer: y, stands_for: p, rank, dials: id(x) < id(y) });
@@ -83,13 +84,16 @@ mod tests {
         let names = ["h", "a", "b", "c", "d"];
         let id = |v: u32| names[v as usize];
         let of = |g: &Graph, x| {
-            standbys(g, x, id).iter().map(|s| (id(s.peer), id(s.stands_for), s.dials)).collect::<Vec<_>>()
+            standbys(g, x, id, |_, _| true).iter().map(|s| (id(s.peer), id(s.stands_for), s.dials)).collect::<Vec<_>>()
         };
         assert_eq!(of(&g, 1), [("b", "h", true), ("d", "h", true)]);
         assert_eq!(of(&g, 2), [("a", "h", false), ("c", "h", true)]);
         assert!(of(&g, 0).is_empty(), "the hub's neighbours have no other neighbour");
         g.add_edge(1, 2, true);
         assert_eq!(of(&g, 1), [("d", "h", true)], "a pair linked in the plan needs no standby");
+        let unusable = |u: u32, v: u32| u.min(v) != 3 || u.max(v) != 4;
+        let around = |x| standbys(&g, x, id, unusable).iter().map(|s| id(s.peer)).collect::<Vec<_>>();
+        assert_eq!(around(3), ["b"], "nor a pair the agents cannot link");
     }
 
     proptest! {
@@ -108,14 +112,14 @@ mod tests {
                 }
             }
             for x in 0..n as u32 {
-                let mine = standbys(&g, x, id);
+                let mine = standbys(&g, x, id, |_, _| true);
                 prop_assert!(mine.len() <= 2 * g.degree(x));
                 prop_assert!(mine.windows(2).all(|w| w[0].rank <= w[1].rank), "best first");
                 for s in &mine {
                     prop_assert!(s.peer != x && !g.has_edge(x, s.peer));
                     prop_assert!(g.has_edge(x, s.stands_for) && g.has_edge(s.peer, s.stands_for));
                     prop_assert_eq!(s.dials, id(x) < id(s.peer));
-                    let theirs = standbys(&g, s.peer, id);
+                    let theirs = standbys(&g, s.peer, id, |_, _| true);
                     let back = theirs.iter().find(|t| t.peer == x && t.stands_for == s.stands_for);
                     prop_assert!(back.is_some_and(|t| t.dials != s.dials && t.rank == s.rank), "{} has {:?} but not back", x, s);
                 }

@@ -125,10 +125,17 @@ impl Assignment {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let standbys = self.standbys.iter().filter(|s| other.standbys.contains(s)).cloned().collect();
+        let both = Assignment { max_peers, ..Assignment::new(peers, accepts, self.policy.clone()) };
+        // A standby for a peer the intersection dropped (its URL changed) would be malformed.
+        let planned = both.linked_ids();
+        let standbys = self
+            .standbys
+            .iter()
+            .filter(|s| other.standbys.contains(s) && planned.contains(s.stands_for.as_str()))
+            .cloned()
+            .collect();
         let standby_accepts = self.standby_accepts.iter().filter(|a| other.standby_accepts.contains(a)).cloned();
-        Assignment { max_peers, ..Assignment::new(peers, accepts, self.policy.clone()) }
-            .with_standbys(standbys, standby_accepts)
+        both.with_standbys(standbys, standby_accepts)
     }
 
     /// Whether an agent moving from `self` to `other` may hold fewer links: its cap drops.
@@ -465,6 +472,13 @@ mod tests {
         let other = a.clone().with_standbys(vec![x.clone(), standby("y", "b")], ["z".to_string(), "w".to_string()]);
         let both = a.intersect(&other);
         assert_eq!((both.standbys, both.standby_accepts), (vec![x], vec!["z".to_string()]));
+        // b moved: the intersection drops it, and the standbys for it, so it reads back strictly.
+        let mut moved = Assignment { peers: vec![Peer { url: "ws://b:2/".into(), ..peer("b") }], ..a.clone() };
+        moved.standbys.push(standby("v", "b"));
+        let both = a.intersect(&moved);
+        assert!(both.standbys.iter().all(|s| s.stands_for != "b"), "{both:?}");
+        let ann = both.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(both)));
     }
 
     #[test]

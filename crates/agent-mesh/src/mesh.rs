@@ -131,8 +131,11 @@ pub(crate) struct Mesh {
     attempts: HashMap<String, (u32, Instant)>,
     /// Planned peers whose dials all failed since this time (a refusal counts as reached).
     failing: HashMap<String, Instant>,
-    /// Planned peers without a link since this time, or since they last showed a sign of life.
+    /// Planned peers without a link: counted as down from this time (see [`Mesh::alive`]).
     down: HashMap<String, Instant>,
+    /// Lost peers whose address answered a probe (`true`), and then failed the dial that followed
+    /// (`false`: another host has the address; its answers mean nothing until a new plan).
+    probed: HashMap<String, bool>,
     /// The applied assignment's planned peers (`None` before one) and standbys, shown with the links in
     /// one status update, so a reader never sees a new plan beside links not yet marked closing.
     planned: Option<Vec<String>>,
@@ -180,6 +183,7 @@ impl Mesh {
             attempts: HashMap::new(),
             failing: HashMap::new(),
             down: HashMap::new(),
+            probed: HashMap::new(),
             planned: None,
             standbys: Vec::new(),
             events,
@@ -246,6 +250,7 @@ impl Mesh {
         let now = Instant::now();
         let linked: std::collections::BTreeSet<&str> = self.table.held().map(|(id, _)| id.as_str()).collect();
         self.down = planned.into_iter().filter(|id| !linked.contains(id.as_str())).map(|id| (id, now)).collect();
+        self.probed.clear();
     }
 
     /// The seed's scan: the alive peers of the presence list in the document, in its order.
@@ -278,7 +283,7 @@ impl Mesh {
     fn judge_lost(&mut self, now: Instant) {
         let after = self.config.standby_after;
         let rank = |since: Instant| match now.checked_duration_since(since) {
-            Some(down) if down >= 2 * after => Some(2),
+            Some(down) if down >= after.saturating_mul(2) => Some(2),
             Some(down) if down >= after => Some(1),
             _ => None,
         };
@@ -290,19 +295,20 @@ impl Mesh {
     /// Planned peers down for `standby_after` or longer, sorted.
     fn lost(&self, now: Instant) -> Vec<String> {
         let after = self.config.standby_after;
+        let lost = |since: &Instant| since.checked_add(after).is_some_and(|at| at <= now);
         let mut ids: Vec<String> =
-            self.down.iter().filter(|(_, since)| **since + after <= now).map(|(id, _)| id.clone()).collect();
+            self.down.iter().filter(|(_, since)| lost(since)).map(|(id, _)| id.clone()).collect();
         ids.sort();
         ids
     }
 
     /// A planned peer showed it is there (it dialed, refused, or its address answered): it is not lost,
-    /// and a standby in its slot gives way, until it has been down for `standby_after` again. Unless it
-    /// refused a dial, it is dialed as soon as the slot is free: a backoff longer than `standby_after` would
-    /// have it lost again first.
+    /// and a standby in its slot gives way. It is lost again only after the longest redial backoff and
+    /// `standby_after` more: a peer that redials at its backoff must find its slot free, not taken again.
+    /// Unless it refused a dial, it is dialed as soon as the slot is free.
     fn alive(&mut self, id: &str, refused: bool) {
         if let Some(since) = self.down.get_mut(id) {
-            *since = Instant::now();
+            *since = Instant::now() + self.config.backoff.max;
             if !refused {
                 self.attempts.remove(id);
             }
@@ -356,8 +362,9 @@ impl Mesh {
                 }
             }
             Event::Probed { id, answers } => {
-                if answers {
+                if answers && self.probed.get(&id) != Some(&false) {
                     tracing::debug!(peer = %short(&id), "a lost peer's address answers");
+                    self.probed.insert(id.clone(), true);
                     self.alive(&id, false);
                 }
             }
@@ -367,6 +374,12 @@ impl Mesh {
     fn dialed(&mut self, id: String, result: Result<(Wire, u8), HandshakeError>) {
         let link = next_link();
         let events = self.events.clone();
+        // The dial after a probe answered tells whether the answer was the peer's.
+        if matches!(result, Ok(_) | Err(HandshakeError::Refused(..))) {
+            self.probed.remove(&id);
+        } else if let Some(answered) = self.probed.get_mut(&id) {
+            *answered = false;
+        }
         match &result {
             Ok(_) | Err(HandshakeError::Refused(..)) => {
                 self.failing.remove(&id);
@@ -415,7 +428,8 @@ impl Mesh {
         let backoffs = self.attempts.values().map(|(_, at)| *at);
         let turning = self.failing.values().filter_map(|since| self.unreachable_from(*since));
         let after = self.config.standby_after;
-        let losing = self.down.values().flat_map(|since| [since.checked_add(after), since.checked_add(2 * after)]);
+        let losing =
+            self.down.values().flat_map(|since| [since.checked_add(after), since.checked_add(after.saturating_mul(2))]);
         backoffs.chain(turning).chain(losing.flatten()).filter(|at| *at > now).min()
     }
 
@@ -439,8 +453,13 @@ impl Mesh {
         let ready = |id: &str| attempts.get(id).is_none_or(|(_, at)| *at <= now);
         let due = self.table.dials(ready);
         let lost = self.lost(now);
-        let probes: Vec<(String, String)> =
-            self.table.undialed().into_iter().filter(|(id, _)| ready(id) && lost.binary_search(id).is_ok()).collect();
+        let deaf = |id: &String| self.probed.get(id) == Some(&false);
+        let probes: Vec<(String, String)> = self
+            .table
+            .undialed()
+            .into_iter()
+            .filter(|(id, _)| ready(id) && !deaf(id) && lost.binary_search(id).is_ok())
+            .collect();
         for (id, url) in probes {
             self.back_off(&id);
             let (events, from) = (self.events.clone(), self.config.dial_from);
