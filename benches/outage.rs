@@ -157,13 +157,20 @@ async fn pieces(live: &[&Agent], keys: &[String]) {
     eprintln!("pieces {:?}; {}", sizes.values().collect::<Vec<_>>(), lacking.join(", "));
 }
 
-/// The fewest links any live agent holds, and how many hold fewer than k − 1.
+/// The fewest links any live agent holds, and how many hold fewer than k − 1 (each printed with its
+/// planned peers lost and its standby links).
 async fn fewest_links(live: &[&Agent]) -> (usize, usize) {
     let (mut fewest, mut below) = (usize::MAX, 0);
     for a in live {
-        let links = a.links().await.map_or(0, |l| l.len());
-        fewest = fewest.min(links);
-        below += usize::from(links + 1 < cap());
+        let status = a.status().await.unwrap_or_default();
+        let links = status["links"].as_array().map_or(&[][..], Vec::as_slice);
+        fewest = fewest.min(links.len());
+        if links.len() + 1 < cap() {
+            below += 1;
+            let standbys = links.iter().filter(|l| l["standby"] == json!(true)).count();
+            let lost = status["lost"].as_array().map_or(0, Vec::len);
+            eprintln!("  {} holds {} links ({standbys} standby), {lost} planned peers lost", a.name, links.len());
+        }
     }
     (fewest, below)
 }

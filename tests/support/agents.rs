@@ -292,10 +292,15 @@ impl AgentApi {
     }
 }
 
-/// A metric's value at `http://{addr}/metrics` (the sum over its label sets when `labels` is empty).
+/// A metric's value at `http://{addr}/metrics` (the sum over its label sets when `labels` is empty). A
+/// counter may be named with or without its `_total`.
 pub async fn metric_at(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
     let text = http().get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
-    let values = text.lines().filter(|l| l.starts_with(name) && l.contains(labels));
+    let named = |l: &str| {
+        let metric = l.split(['{', ' ']).next().unwrap_or_default();
+        metric == name || metric.strip_suffix("_total") == Some(name)
+    };
+    let values = text.lines().filter(|l| named(l) && l.contains(labels));
     Some(values.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
 }
 
@@ -445,7 +450,8 @@ impl Drop for Kubelet {
 /// sockets over `cap` (the agents' `--max-peers`); its links not being closed over the cap the agent holds
 /// now (the lower of `--max-peers` and its assignment's, which falls when `maxPeers` is lowered; links being
 /// closed keep their slots until gone); a link not being closed with a peer its assignment names neither as
-/// planned nor as a standby. That an agent opens nothing while over its cap is the link table's property
+/// planned nor as a standby; more standby links not being closed than the slots its planned peers leave (the
+/// cap less the planned peers not lost). That an agent opens nothing while over its cap is the link table's property
 /// test (`links.rs`): a sample cannot tell a link opened late from one opened before the drop.
 pub struct LinkSampler {
     pub violation: Arc<Mutex<Option<String>>>,
@@ -496,7 +502,13 @@ fn breaks_a_rule(status: &serde_json::Value, own: usize) -> Option<String> {
         return Some(format!("held {} links not being closed, over the cap {now} it holds now", held.len()));
     }
     let named = |key: &str| status[key].as_array().map_or(&[][..], Vec::as_slice).to_vec();
-    let allowed: Vec<Value> = named("planned").into_iter().chain(named("standbys")).collect();
+    let (planned, lost) = (named("planned"), named("lost"));
+    let room = now.saturating_sub(planned.iter().filter(|p| !lost.contains(p)).count());
+    let standbys = held.iter().filter(|l| l["standby"] == json!(true)).count();
+    if standbys > room {
+        return Some(format!("held {standbys} standby links, over the {room} slots its lost peers leave"));
+    }
+    let allowed: Vec<Value> = planned.into_iter().chain(named("standbys")).collect();
     let stranger = held.iter().find(|l| !allowed.contains(&l["nodeId"]))?;
     Some(format!("held a link with {}, neither planned nor a standby", stranger["nodeId"]))
 }
