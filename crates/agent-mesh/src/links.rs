@@ -359,6 +359,11 @@ impl Table {
         self.wanted.plans(id)
     }
 
+    /// Whether a link with `id` is a standby: in planned mode, with a peer the plan does not name.
+    pub fn is_standby(&self, id: &str) -> bool {
+        matches!(self.wanted, Wanted::Planned { .. }) && !self.wanted.plans(id)
+    }
+
     /// The planned peers this agent dials that hold no socket: blocked, lost or backing off.
     pub fn undialed(&self) -> Vec<(String, String)> {
         match &self.wanted {

@@ -133,8 +133,8 @@ pub(crate) struct Mesh {
     failing: HashMap<String, Instant>,
     /// Planned peers without a link: counted as down from this time (see [`Mesh::alive`]).
     down: HashMap<String, Instant>,
-    /// Lost peers whose address answered a probe (`true`), and then failed the dial that followed
-    /// (`false`: another host has the address; its answers mean nothing until a new plan).
+    /// Lost peers whose address answered a probe (`true`), and then failed the dial that followed on its
+    /// key or protocol (`false`: another host has the address; its answers mean nothing until a new plan).
     probed: HashMap<String, bool>,
     /// The applied assignment's planned peers (`None` before one) and standbys, shown with the links in
     /// one status update, so a reader never sees a new plan beside links not yet marked closing.
@@ -267,7 +267,7 @@ impl Mesh {
         self.close(gone);
         let table = &self.table;
         self.attempts.retain(|id, _| table.dials_to(id));
-        self.failing.retain(|id, _| table.plans(id));
+        self.failing.retain(|id, _| table.plans(id) && table.dials_to(id));
     }
 
     fn close(&mut self, links: Vec<(String, Direction)>) {
@@ -305,11 +305,13 @@ impl Mesh {
     /// A planned peer showed it is there (it dialed, refused, or its address answered): it is not lost,
     /// and a standby in its slot gives way. It is lost again only after the longest redial backoff and
     /// `standby_after` more: a peer that redials at its backoff must find its slot free, not taken again.
-    /// Unless it refused a dial, it is dialed as soon as the slot is free.
-    fn alive(&mut self, id: &str, refused: bool) {
+    /// When only its address answered (`probed`), it is dialed as soon as the slot is free; otherwise its
+    /// backoff stands (two agents refusing each other must not redial at once, forever).
+    fn alive(&mut self, id: &str, probed: bool) {
         if let Some(since) = self.down.get_mut(id) {
-            *since = Instant::now() + self.config.backoff.max;
-            if !refused {
+            let now = Instant::now();
+            *since = now.checked_add(self.config.backoff.max).unwrap_or(now);
+            if probed {
                 self.attempts.remove(id);
             }
         }
@@ -322,7 +324,7 @@ impl Mesh {
         } else if self.table.plans(id) {
             self.down.insert(id.to_string(), Instant::now());
         }
-        if up && !self.table.plans(id) {
+        if up && self.table.is_standby(id) {
             self.metrics.standby_links_opened.inc();
         }
     }
@@ -365,7 +367,7 @@ impl Mesh {
                 if answers && self.probed.get(&id) != Some(&false) {
                     tracing::debug!(peer = %short(&id), "a lost peer's address answers");
                     self.probed.insert(id.clone(), true);
-                    self.alive(&id, false);
+                    self.alive(&id, true);
                 }
             }
         }
@@ -374,18 +376,23 @@ impl Mesh {
     fn dialed(&mut self, id: String, result: Result<(Wire, u8), HandshakeError>) {
         let link = next_link();
         let events = self.events.clone();
-        // The dial after a probe answered tells whether the answer was the peer's.
-        if matches!(result, Ok(_) | Err(HandshakeError::Refused(..))) {
-            self.probed.remove(&id);
-        } else if let Some(answered) = self.probed.get_mut(&id) {
-            *answered = false;
+        // The dial after a probe answered tells whether the answer was the peer's: another key or another
+        // protocol at its address is another host; a timeout or a refused connection is the peer gone again.
+        let other_host =
+            matches!(result, Err(HandshakeError::Tls(_) | HandshakeError::NotTls(_) | HandshakeError::Protocol(_)));
+        match self.probed.get_mut(&id) {
+            Some(answered) if other_host => *answered = false,
+            Some(_) => drop(self.probed.remove(&id)),
+            None => {}
         }
         match &result {
             Ok(_) | Err(HandshakeError::Refused(..)) => {
                 self.failing.remove(&id);
-                self.alive(&id, true);
+                self.alive(&id, false);
             }
-            Err(_) if self.table.plans(&id) => drop(self.failing.entry(id.clone()).or_insert_with(Instant::now)),
+            Err(_) if self.table.plans(&id) && self.table.dials_to(&id) => {
+                self.failing.entry(id.clone()).or_insert_with(Instant::now);
+            }
             Err(_) => {}
         }
         match (self.table.dial_finished(&id, result.is_ok()), result) {
@@ -490,7 +497,7 @@ impl Mesh {
                 since_ms: o.since_ms,
                 protocol: o.protocol,
                 closing: !self.table.holds_link(id, *dir),
-                standby: !self.table.plans(id),
+                standby: self.table.is_standby(id),
             })
             .collect();
         links.sort_by(|a, b| a.node_id.cmp(&b.node_id));
