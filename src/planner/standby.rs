@@ -1,15 +1,19 @@
 //! Standby peers: who stands in for a lost neighbour while the operator cannot replan.
 //!
-//! When an agent P is lost, each of its neighbours has lost one link and has one free slot. Pairing
-//! P's neighbours two by two gives each its degree back, and keeps P's neighbourhood connected without
-//! P. The pairs follow P's *ring*: its neighbours sorted by node id. Rank 1 pairs positions 0–1, 2–3, …;
-//! rank 2 pairs 1–2, 3–4, … (and, on an even ring, the last with 0), for when the first partner is gone
-//! too or has no slot. Invariants (tested below):
+//! When an agent P is lost, each of its neighbours has lost one link and has one free slot. Linking P's
+//! neighbours two by two gives each its degree back, and keeps P's neighbourhood connected without P.
+//! The candidates follow P's *ring*, its neighbours sorted by node id: each neighbour's standbys for P are
+//! the two next to it on the ring. A join or leave that changes P's ring changes only the standbys next
+//! to the change: the ring is not re-paired, so the writes a plan change costs stay local. Each pair gets
+//! rank 1 or 2 from a hash of the pair and P; agents try rank 1 first, so most pairs form before the
+//! rest compete for their slots. On a ring of four, as at k = 4, any order of dials that links as many
+//! pairs as the slots allow pairs everyone. Invariants (tested below):
 //! - **symmetric**: if `x` has `y` standing in for `p` at rank `r`, then `y` has `x` for `p` at rank `r`,
 //!   and exactly one of them dials: the one with the smaller node id;
 //! - **standbys only**: `p` is a neighbour of both, `x` and `y` are distinct and not linked in the plan,
 //!   and their pair is usable (the agents have not reported it unreachable);
-//! - **short**: at most two per neighbour, so at most `2·k`.
+//! - **short**: at most two per neighbour, so at most `2·k`;
+//! - **local**: adding a member to P's ring changes the standbys for P of its two ring neighbours only.
 //!
 //! An agent's standbys depend on its neighbours' neighbours, so a link that changes changes the standbys of
 //! the agents within two hops of its ends. Pure: no Kubernetes, no I/O.
@@ -24,33 +28,36 @@ pub struct Standby {
     pub dials: bool,
 }
 
-/// `x`'s standbys in `g`, rank 1 then rank 2, each rank in its neighbours' node-id order. `id` gives a
-/// member's node id; `usable` says whether a pair may be linked.
+/// `x`'s standbys in `g`, rank 1 then rank 2, each rank in its neighbours' node-id order and, around one
+/// neighbour, the next on its ring before the previous. `id` gives a member's node id; `usable` says
+/// whether a pair may be linked.
 pub fn standbys<'a>(g: &Graph, x: u32, id: impl Fn(u32) -> &'a str, usable: impl Fn(u32, u32) -> bool) -> Vec<Standby> {
     let mut around: Vec<u32> = g.neighbors(x).to_vec();
     around.sort_unstable_by_key(|&p| id(p));
     let mut out = Vec::new();
-    for rank in [1, 2] {
-        for &p in &around {
-            let mut ring: Vec<u32> = g.neighbors(p).to_vec();
-            ring.sort_unstable_by_key(|&q| id(q));
-            let Some(at) = ring.iter().position(|&q| q == x) else { continue };
-            let Some(y) = partner(at, ring.len(), rank).map(|i| ring[i]) else { continue };
-            if g.has_edge(x, y) || !usable(x, y) {
-                continue;
-            }
-            out.push(Standby { peer: y, stands_for: p, rank, dials: id(x) < id(y) });
+    for &p in &around {
+        let mut ring: Vec<u32> = g.neighbors(p).to_vec();
+        ring.sort_unstable_by_key(|&q| id(q));
+        let (Some(at), len) = (ring.iter().position(|&q| q == x), ring.len()) else { continue };
+        let (next, previous) = (ring[(at + 1) % len], ring[(at + len - 1) % len]);
+        let sides = if next == previous { vec![next] } else { vec![next, previous] };
+        for y in sides.into_iter().filter(|&y| y != x && !g.has_edge(x, y) && usable(x, y)) {
+            out.push(Standby { peer: y, stands_for: p, rank: rank(id(x), id(y), id(p)), dials: id(x) < id(y) });
         }
     }
+    out.sort_by_key(|s| s.rank);
     out
 }
 
-/// The ring position paired with `at` among `len` at `rank`. Rank 2 is rank 1 shifted by one place, so
-/// an even ring closes with (last, 0); a ring of two has its one pair at rank 1 only.
-fn partner(at: usize, len: usize, rank: u8) -> Option<usize> {
-    let shift = usize::from(rank == 2);
-    let mate = ((at + len - shift) % len) ^ 1;
-    (mate < len && !(rank == 2 && len == 2)).then(|| (mate + shift) % len)
+/// A pair's rank around `p`, the same from either end: 1 or 2, from a hash of the three node ids.
+fn rank(x: &str, y: &str, p: &str) -> u8 {
+    let (a, b) = if x < y { (x, y) } else { (y, x) };
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [a, b, p] {
+        h.update(part.as_bytes());
+        h.update(&[0xff]);
+    }
+    1 + (h.digest() & 1) as u8
 }
 
 #[cfg(test)]
@@ -63,20 +70,9 @@ mod tests {
     }
 
     #[test]
-    fn partners_pair_the_ring_two_ways() {
-        let of = |len, rank| (0..len).map(|at| partner(at, len, rank)).collect::<Vec<_>>();
-        assert_eq!(of(4, 1), [Some(1), Some(0), Some(3), Some(2)]);
-        assert_eq!(of(4, 2), [Some(3), Some(2), Some(1), Some(0)]);
-        assert_eq!(of(5, 1), [Some(1), Some(0), Some(3), Some(2), None]);
-        assert_eq!(of(5, 2), [None, Some(2), Some(1), Some(4), Some(3)]);
-        assert_eq!(of(2, 2), [None, None]);
-        assert_eq!(of(1, 1), [None]);
-    }
-
-    #[test]
-    fn a_lost_agents_neighbours_pair_up() {
-        // A star of 4 leaves around the hub 0 and a ring among the leaves' other ends: lose 0, and its
-        // leaves pair at rank 1 as 1–2 and 3–4 (in node-id order), at rank 2 as 2–3 and 4–1.
+    fn a_lost_agents_neighbours_stand_in_for_it_along_its_ring() {
+        // A hub 0 with leaves a, b, c, d: lose the hub, and each leaf's standbys are the leaves next to it
+        // on the hub's ring a–b–c–d–a.
         let mut g = Graph::new(5, 4);
         for leaf in 1..5 {
             g.add_edge(0, leaf, true);
@@ -84,16 +80,33 @@ mod tests {
         let names = ["h", "a", "b", "c", "d"];
         let id = |v: u32| names[v as usize];
         let of = |g: &Graph, x| {
-            standbys(g, x, id, |_, _| true).iter().map(|s| (id(s.peer), id(s.stands_for), s.dials)).collect::<Vec<_>>()
+            let mut peers: Vec<_> = standbys(g, x, id, |_, _| true).iter().map(|s| (id(s.peer), s.dials)).collect();
+            peers.sort();
+            peers
         };
-        assert_eq!(of(&g, 1), [("b", "h", true), ("d", "h", true)]);
-        assert_eq!(of(&g, 2), [("a", "h", false), ("c", "h", true)]);
+        assert_eq!(of(&g, 1), [("b", true), ("d", true)]);
+        assert_eq!(of(&g, 2), [("a", false), ("c", true)]);
         assert!(of(&g, 0).is_empty(), "the hub's neighbours have no other neighbour");
         g.add_edge(1, 2, true);
-        assert_eq!(of(&g, 1), [("d", "h", true)], "a pair linked in the plan needs no standby");
+        assert_eq!(of(&g, 1), [("d", true)], "a pair linked in the plan needs no standby");
         let unusable = |u: u32, v: u32| u.min(v) != 3 || u.max(v) != 4;
         let around = |x| standbys(&g, x, id, unusable).iter().map(|s| id(s.peer)).collect::<Vec<_>>();
         assert_eq!(around(3), ["b"], "nor a pair the agents cannot link");
+    }
+
+    #[test]
+    fn a_join_changes_the_standbys_next_to_it_only() {
+        // Leaves 1..=8 around hub 0; leaf 9 joins the hub's ring: only the leaves beside it change.
+        let names: Vec<String> = ids(10);
+        let id = |v: u32| names[v as usize].as_str();
+        let mut g = Graph::new(10, 9);
+        for leaf in 1..9 {
+            g.add_edge(0, leaf, true);
+        }
+        let before: Vec<_> = (1..9).map(|x| standbys(&g, x, id, |_, _| true)).collect();
+        g.add_edge(0, 9, true);
+        let changed = (1..9).filter(|&x| standbys(&g, x, id, |_, _| true) != before[x as usize - 1]).count();
+        assert_eq!(changed, 2);
     }
 
     proptest! {
