@@ -277,14 +277,18 @@ async fn assignments(
     out
 }
 
-/// The standby pairs (dialer, peer) that stand in for `lost`.
+/// The standby pairs (dialer, peer) that stand in for `lost`, each listed by both ends (standbys are
+/// refreshed with a Pod's links, so one end may list an older pairing).
 fn standby_pairs(
     assignments: &std::collections::BTreeMap<String, Assignment>,
     lost: &str,
 ) -> BTreeSet<(String, String)> {
+    let accepts =
+        |peer: &str, dialer: &String| assignments.get(peer).is_some_and(|a| a.standby_accepts.contains(dialer));
     let mut pairs = BTreeSet::new();
     for (id, a) in assignments {
-        pairs.extend(a.standbys.iter().filter(|s| s.stands_for == lost).map(|s| (id.clone(), s.node_id.clone())));
+        let both = a.standbys.iter().filter(|s| s.stands_for == lost && accepts(&s.node_id, id));
+        pairs.extend(both.map(|s| (id.clone(), s.node_id.clone())));
     }
     pairs
 }
