@@ -339,12 +339,25 @@ impl<'a> Pass<'a> {
         (kept.settled, kept.hash) = match was {
             Some(w) => (false, w.hash),
             None => {
-                let settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy));
+                let around = |e: &Assignment| standbys_around(e, self.agents, g, j as u32);
+                let settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy) && around(e));
                 (settled, pod_hash(&self.agents[j].pod, Some(&t), policy))
             }
         };
         ((!kept.settled).then(|| Arc::new(t.to_assignment(policy))), kept.hash)
     }
+}
+
+/// Whether the standbys `a` carries still stand around agent `x` in `g`: each beside the peer it stands for
+/// (one of that peer's neighbours), each standby accept a neighbour of one of `x`'s. One naming an agent
+/// that left, or moved away, is rewritten; one that merely differs from the plan's pairing rides along.
+fn standbys_around(a: &Assignment, agents: &[&Arc<Agent>], g: &planner::Graph, x: u32) -> bool {
+    let id = |v: u32| agents[v as usize].node_id.as_str();
+    let ring_of = |p: &str| g.neighbors(x).iter().find(|&&v| id(v) == p).map(|&v| g.neighbors(v));
+    let beside =
+        |s: &assignment::Standby| ring_of(&s.stands_for).is_some_and(|r| r.iter().any(|&v| id(v) == s.node_id));
+    let near = |y: &String| g.neighbors(x).iter().any(|&p| g.neighbors(p).iter().any(|&v| id(v) == y));
+    a.standbys.iter().all(beside) && a.standby_accepts.iter().all(near)
 }
 
 /// The first difference between two plans, for `--check-incremental`.
