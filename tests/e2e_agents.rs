@@ -36,6 +36,38 @@ async fn everyone_has(agents: &[Agent], key: &str) {
     .await;
 }
 
+/// The rendezvous goes down and drops every agent's link: waits until each agent has noticed.
+async fn rendezvous_down(rv: &Rendezvous, agents: &[Agent]) {
+    rv.set_fail(FailMode::Down);
+    rv.state.lock().unwrap().hub.kick_all(false);
+    wait_for("every agent to lose the rendezvous", WAIT, || async {
+        for a in agents {
+            if a.status().await?["rendezvousConnected"] != json!(false) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+/// Agents `agent-{i}` for `i` in `range`, each with its Pod, at `ip(base + i)`.
+async fn spawn_fleet(
+    client: &kube::Client,
+    ns: &str,
+    (dir, hub): (&std::path::Path, &support::agents::SyncHub),
+    range: std::ops::Range<usize>,
+    base: usize,
+) -> Vec<Agent> {
+    let mut agents = Vec::new();
+    for i in range {
+        let name = format!("agent-{i}");
+        agents.push(Agent::spawn(dir, &name, &ip(base + i), hub, Mode::Operator, CAP).await);
+        agent_pod(client, ns, &name, &ip(base + i), None).await;
+    }
+    agents
+}
+
 /// Update copies sent whole on mesh links, and updates received new or again, summed over the agents.
 async fn mesh_copies(agents: &[Agent]) -> (f64, f64) {
     let (mut sent, mut received) = (0.0, 0.0);
@@ -89,17 +121,7 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
     everyone_has(&agents, &agents[0].append().await).await;
 
     // The rendezvous goes down: every update must cross the mesh alone.
-    rv.set_fail(FailMode::Down);
-    rv.state.lock().unwrap().hub.kick_all(false);
-    wait_for("every agent to lose the rendezvous", WAIT, || async {
-        for a in &agents {
-            if a.status().await?["rendezvousConnected"] != json!(false) {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    rendezvous_down(&rv, &agents).await;
     for writer in [5, 13] {
         everyone_has(&agents, &agents[writer].append().await).await;
     }
@@ -163,8 +185,9 @@ async fn twenty_agents_hold_the_cap_follow_the_plan_and_deliver_over_the_mesh_al
 
 /// The operator and the rendezvous are both down when an agent dies. Its neighbours pair up over their
 /// standby peers: with standbys all around its ring of four, each gets its planned number of links back,
-/// one of them a standby (any order of dials pairs a ring of four), and updates reach every survivor. The agent then comes back where it was (same key,
-/// same address): the standbys give way and every agent follows its plan again. Under the history
+/// one of them a standby (any order of dials pairs a ring of four), and updates reach every survivor. The
+/// agent then comes back where it was (same key, same address): the standbys give way and every agent
+/// follows its plan again. Under the history
 /// checker and the link sampler (the cap, and only planned or standby links).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_down() {
@@ -177,28 +200,13 @@ async fn standbys_stand_in_for_a_dead_agent_while_operator_and_rendezvous_are_do
     let op = Operator::start(&ns, "op-standby", false).await;
     // 16 agents: at N ≥ 4k the plan is the rings, whose neighbours are rarely linked to each other. The
     // agents take a standby 3 s after a peer goes (their default).
-    let mut agents = Vec::new();
-    for i in 0..16 {
-        let name = format!("agent-{i}");
-        agents.push(Agent::spawn(dir.path(), &name, &ip(180 + i), &hub, Mode::Operator, CAP).await);
-        agent_pod(&client, &ns, &name, &ip(180 + i), None).await;
-    }
+    let mut agents = spawn_fleet(&client, &ns, (dir.path(), &hub), 0..16, 180).await;
     let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
     let sampler = LinkSampler::start(apis.clone(), CAP);
     agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
 
     op.kill().await;
-    rv.set_fail(FailMode::Down);
-    rv.state.lock().unwrap().hub.kick_all(false);
-    wait_for("every agent to lose the rendezvous", WAIT, || async {
-        for a in &agents {
-            if a.status().await?["rendezvousConnected"] != json!(false) {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
+    rendezvous_down(&rv, &agents).await;
     let assignments = assignments(&client, &ns, &agents).await;
     let (dead_at, pairs) = (0..agents.len())
         .map(|i| (i, standby_pairs(&assignments, &agents[i].node_id)))
@@ -306,12 +314,7 @@ async fn changing_max_peers_moves_the_cap_at_every_agent() {
     let _kubelet = Kubelet::start(&client, &ns, dir.path(), Duration::from_millis(1500));
     create_policy(&client, &ns, "mesh", spec(&rv, json!({"heartbeatTimeout": "30s"}))).await;
     let _op = Operator::start(&ns, "op-lowered", false).await;
-    let mut agents = Vec::new();
-    for i in 0..10 {
-        let name = format!("agent-{i}");
-        agents.push(Agent::spawn(dir.path(), &name, &ip(80 + i), &hub, Mode::Operator, CAP).await);
-        agent_pod(&client, &ns, &name, &ip(80 + i), None).await;
-    }
+    let agents = spawn_fleet(&client, &ns, (dir.path(), &hub), 0..10, 80).await;
     let apis = Arc::new(Mutex::new(agents.iter().map(|a| (a.name.clone(), a.api)).collect::<Vec<_>>()));
     let sampler = LinkSampler::start(apis, CAP);
     agents_follow_the_plan(&client, &ns, &agents.iter().collect::<Vec<_>>()).await;
