@@ -291,12 +291,13 @@ fn standby_pairs(
     assignments: &std::collections::BTreeMap<String, Assignment>,
     lost: &str,
 ) -> BTreeSet<(String, String)> {
-    let accepts =
-        |peer: &str, dialer: &String| assignments.get(peer).is_some_and(|a| a.standby_accepts.contains(dialer));
+    let accepts = |peer: &str, dialer: &String| {
+        assignments.get(peer).is_some_and(|a| a.standby_accepts.iter().any(|a| a == dialer))
+    };
     let mut pairs = BTreeSet::new();
     for (id, a) in assignments {
         let both = a.standbys.iter().filter(|s| s.stands_for == lost && accepts(&s.node_id, id));
-        pairs.extend(both.map(|s| (id.clone(), s.node_id.clone())));
+        pairs.extend(both.map(|s| (id.clone(), s.node_id.to_string())));
     }
     pairs
 }

@@ -47,10 +47,11 @@ fn check_mesh(
         let me = &ids[pod];
         degree.entry(me.clone()).or_default();
         for p in &asg.peers {
-            let e = if me < &p.node_id { (me.clone(), p.node_id.clone()) } else { (p.node_id.clone(), me.clone()) };
+            let them = p.node_id.to_string();
+            let e = if *me < them { (me.clone(), them) } else { (them, me.clone()) };
             assert!(edges.insert(e), "link {me}–{} published on both ends", p.node_id);
             *degree.entry(me.clone()).or_default() += 1;
-            *degree.entry(p.node_id.clone()).or_default() += 1;
+            *degree.entry(p.node_id.to_string()).or_default() += 1;
             assert!(p.url.starts_with("ws://127.0."), "dial URL not rewritten to the Pod IP: {}", p.url);
         }
     }

@@ -46,7 +46,9 @@ async fn converged(client: &Client, ns: &str, n: usize, links: RangeInclusive<us
         let dials = |from: &str, to: &str| by_id.get(from).is_some_and(|a| a.peers.iter().any(|p| p.node_id == to));
         let consistent = by_id.iter().all(|(me, a)| {
             links.contains(&a.links())
-                && a.peers.iter().all(|p| by_id.get(&p.node_id).is_some_and(|o| o.accepts.contains(me)))
+                && a.peers
+                    .iter()
+                    .all(|p| by_id.get(p.node_id.as_str()).is_some_and(|o| o.accepts.iter().any(|a| a == me)))
                 && a.accepts.iter().all(|from| dials(from, me))
         });
         (by_id.len() == n && consistent).then(|| since.elapsed())

@@ -81,7 +81,7 @@ async fn a_python_agent_joins_the_fleet_as_a_planned_peer() {
     // A Python agent no plan names dials a Rust agent anyway: refused as not planned.
     let stranger = Agent::spawn_python(dir.path(), "stranger-py", &ip(20), &hub, CAP).await;
     let target = &agents[0];
-    let peer = Peer { node_id: target.node_id.clone(), url: format!("wss://{}/crdt-sync", target.mesh) };
+    let peer = Peer { node_id: target.node_id.clone().into(), url: format!("wss://{}/crdt-sync", target.mesh).into() };
     let plan = Assignment::new(vec![peer], [], "mesh".into());
     let map = plan.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     std::fs::write(&stranger.annotations, agent_mesh::downward::render(&map)).unwrap();

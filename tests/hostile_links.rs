@@ -169,8 +169,10 @@ async fn tree_bombs(url: &str, id: &str, creds: &Credentials, pid: u32, base: u6
 }
 
 fn assign(agent: &Agent, dial: &[&Agent], accept: &[String]) {
-    let peers = dial.iter().map(|d| Peer { node_id: d.node_id.clone(), url: format!("wss://{}/crdt-sync", d.mesh) });
-    let a = Assignment::new(peers.collect(), accept.iter().cloned(), "p".into());
+    let peers = dial
+        .iter()
+        .map(|d| Peer { node_id: d.node_id.clone().into(), url: format!("wss://{}/crdt-sync", d.mesh).into() });
+    let a = Assignment::new(peers.collect(), accept.iter().map(|id| id.into()), "p".into());
     let map = a.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     std::fs::write(&agent.annotations, downward::render(&map)).unwrap();
 }

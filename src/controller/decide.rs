@@ -97,7 +97,7 @@ pub fn decide<'m>(
         Some(p) => std::mem::take(&mut p.targets),
         None => adopted(observed, members.is_some(), policy.max_peers),
     };
-    let node_of = |pod: &str| Some(members.filter(|_| !held.contains(pod))?.agent(pod)?.node_id.clone());
+    let node_of = |pod: &str| Some(members.filter(|_| !held.contains(pod))?.agent(pod)?.node_id.to_string());
     let waves = waves(&observed.pods, &wanted, &policy.name, &node_of);
     Decision { members, held, plan, plan_error, wanted, waves, health, recheck }
 }
@@ -352,7 +352,7 @@ mod tests {
             .iter()
             .map(|&v| {
                 let peers = edges.iter().filter(|e| e.0 == v).map(|e| peer(e.1)).collect();
-                let accepts = edges.iter().filter(|e| e.1 == v).map(|e| id(e.0));
+                let accepts = edges.iter().filter(|e| e.1 == v).map(|e| id(e.0).into());
                 (id(v), Assignment::new(peers, accepts, "p".into()).with_max_peers(cap))
             })
             .collect()
@@ -363,7 +363,7 @@ mod tests {
     }
 
     fn peer(v: u8) -> Peer {
-        Peer { node_id: id(v), url: format!("ws://{}/", id(v)) }
+        Peer { node_id: id(v).into(), url: format!("ws://{}/", id(v)).into() }
     }
 
     fn state(a: Option<&Assignment>, v: u8) -> PodState {

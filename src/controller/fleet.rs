@@ -300,7 +300,7 @@ mod tests {
     }
 
     fn assignment(policy: Option<&str>, links: &[u8]) -> Assignment {
-        let peers = links.iter().map(|l| Peer { node_id: format!("n{l}"), url: "ws://10.0.0.9:1/".into() });
+        let peers = links.iter().map(|l| Peer { node_id: format!("n{l}").into(), url: "ws://10.0.0.9:1/".into() });
         let a = Assignment::new(peers.collect(), [], policy.unwrap_or_default().into()).with_max_peers(4);
         match policy {
             Some(_) => a,

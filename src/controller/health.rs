@@ -184,7 +184,7 @@ fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Repor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assignment::Peer;
+    use crate::assignment::{Name, Peer};
     use crate::controller::membership::Agent;
 
     const BACKOFF: Duration = Duration::from_secs(10);
@@ -196,7 +196,10 @@ mod tests {
             let unreachable = reports.iter().filter(|(a, _)| *a == i).map(|(_, b)| format!("n{b}")).collect::<Vec<_>>();
             let unreachable = unreachable.iter().map(String::as_str).collect();
             let (pod, node_id, url) = (format!("p{i}"), format!("n{i}"), format!("ws://10.0.0.{i}:1/"));
-            m.agents.insert(pod.clone(), Arc::new(Agent { pod, node_id, url, domain: None, unreachable }));
+            m.agents.insert(
+                pod.clone(),
+                Arc::new(Agent { pod, node_id: node_id.into(), url: url.into(), domain: None, unreachable }),
+            );
         }
         m
     }
@@ -205,7 +208,7 @@ mod tests {
     fn carried() -> BTreeMap<String, Arc<Assignment>> {
         (0..4)
             .map(|i| {
-                let peer = |j: usize| Peer { node_id: format!("n{}", (i + j) % 4), url: String::new() };
+                let peer = |j: usize| Peer { node_id: format!("n{}", (i + j) % 4).into(), url: Name::default() };
                 (format!("p{i}"), Arc::new(Assignment::new(vec![peer(1), peer(2)], [], "mesh".into())))
             })
             .collect()

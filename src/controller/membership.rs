@@ -13,6 +13,7 @@ use super::observe::{Foreign, Observed};
 use super::pods::CachedPod;
 use super::policy::ValidPolicy;
 
+use crate::assignment::Name;
 use crate::presence::{Node, Snapshot};
 
 /// Longest node id accepted: an Ed25519 key in hex is 64 bytes. Together with [`MAX_ADDRESS_BYTES`] this
@@ -25,9 +26,10 @@ pub const MAX_ADDRESS_BYTES: usize = 2048;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Agent {
     pub pod: String,
-    pub node_id: String,
+    /// Its node id and URL, shared by the targets that name it.
+    pub node_id: Name,
     /// Where peers dial this agent: the advertised URL with an unspecified host replaced by the Pod IP.
-    pub url: String,
+    pub url: Name,
     pub domain: Option<String>,
     /// The planned peers it reports it cannot reach (node ids, from its presence entry).
     pub unreachable: crate::presence::Unreachable,
@@ -167,7 +169,7 @@ pub struct Verdicts {
     judged: BTreeMap<String, Result<Arc<Agent>, Exclusion>>,
     /// (node id, Pod) for every Pod whose own verdict made it that id's agent: one tree, since most ids
     /// have one claimant.
-    claims: BTreeSet<(String, String)>,
+    claims: BTreeSet<(Name, String)>,
     members: Membership,
 }
 
@@ -237,7 +239,7 @@ impl Verdicts {
 
     /// The Pods claiming node id `id`, in name order.
     fn claimants<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a str> {
-        let from = (id.to_owned(), String::new());
+        let from = (Name::from(id), String::new());
         self.claims.range(from..).take_while(move |(claimed, _)| claimed == id).map(|(_, pod)| pod.as_str())
     }
 
@@ -252,7 +254,7 @@ impl Verdicts {
             Some(Ok(agent)) => {
                 if self.claimants(&agent.node_id).nth(1).is_some() {
                     let pods = self.claimants(&agent.node_id).map(str::to_owned).collect();
-                    Exclusion::DuplicateNodeId { node_id: agent.node_id.clone(), pods }
+                    Exclusion::DuplicateNodeId { node_id: agent.node_id.to_string(), pods }
                 } else if let Some(owner) = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id)) {
                     Exclusion::OtherPolicy(owner.to_owned())
                 } else {
@@ -440,7 +442,7 @@ fn candidate(
     let domain = rules
         .topology_key
         .and_then(|key| pod.labels().get(key).cloned().or_else(|| pod.node_name.as_deref().and_then(node_domain)));
-    let (node_id, unreachable) = (node.node_id.to_string(), node.unreachable.clone());
+    let (node_id, url, unreachable) = (Name::from(&*node.node_id), Name::from(url), node.unreachable.clone());
     Ok(Agent { pod: name.to_owned(), node_id, url, domain, unreachable })
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::membership::{self, Agent, Membership};
 use super::pods::PodState;
-use crate::assignment::{self, Assignment, Peer};
+use crate::assignment::{self, Assignment, Name, Peer};
 use crate::planner::{self, PlanError};
 
 /// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
@@ -33,11 +33,11 @@ pub struct PlanOutcome {
 /// policy's cap; its standbys (node id, URL, the peer each stands for), best first, and standby accepts,
 /// sorted.
 struct Target<'a> {
-    peers: Vec<(&'a str, &'a str)>,
-    accepts: Vec<&'a str>,
+    peers: Vec<(&'a Name, &'a Name)>,
+    accepts: Vec<&'a Name>,
     cap: u32,
-    standbys: Vec<(&'a str, &'a str, &'a str, u8)>,
-    standby_accepts: Vec<&'a str>,
+    standbys: Vec<(&'a Name, &'a Name, &'a Name, u8)>,
+    standby_accepts: Vec<&'a Name>,
 }
 
 impl Target<'_> {
@@ -50,22 +50,22 @@ impl Target<'_> {
         let standbys_new = no_standbys(a) && !(self.standbys.is_empty() && self.standby_accepts.is_empty());
         a.policy == policy
             && a.max_peers == Some(self.cap as usize)
-            && a.peers.iter().map(|p| (p.node_id.as_str(), p.url.as_str())).eq(self.peers.iter().copied())
-            && a.accepts.iter().map(String::as_str).eq(self.accepts.iter().copied())
+            && a.peers.iter().map(|p| (&p.node_id, &p.url)).eq(self.peers.iter().copied())
+            && a.accepts.iter().eq(self.accepts.iter().copied())
             && !standbys_new
     }
 
     fn to_assignment(&self, policy: &str) -> Assignment {
-        let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.to_owned(), url: url.to_owned() });
+        let peers = self.peers.iter().map(|&(id, url)| Peer { node_id: id.clone(), url: url.clone() });
         let standbys = self.standbys.iter().map(|&(id, url, p, rank)| assignment::Standby {
-            node_id: id.to_owned(),
-            url: url.to_owned(),
-            stands_for: p.to_owned(),
+            node_id: id.clone(),
+            url: url.clone(),
+            stands_for: p.clone(),
             rank,
         });
-        Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.to_owned()), policy.to_owned())
+        Assignment::new(peers.collect(), self.accepts.iter().map(|&id| id.clone()), policy.to_owned())
             .with_max_peers(self.cap as usize)
-            .with_standbys(standbys.collect(), self.standby_accepts.iter().map(|&id| id.to_owned()))
+            .with_standbys(standbys.collect(), self.standby_accepts.iter().map(|&id| id.clone()))
     }
 }
 
@@ -356,7 +356,7 @@ fn standbys_around(a: &Assignment, agents: &[&Arc<Agent>], g: &planner::Graph, x
     let ring_of = |p: &str| g.neighbors(x).iter().find(|&&v| id(v) == p).map(|&v| g.neighbors(v));
     let beside =
         |s: &assignment::Standby| ring_of(&s.stands_for).is_some_and(|r| r.iter().any(|&v| id(v) == s.node_id));
-    let near = |y: &String| g.neighbors(x).iter().any(|&p| g.neighbors(p).iter().any(|&v| id(v) == y));
+    let near = |y: &Name| g.neighbors(x).iter().any(|&p| g.neighbors(p).iter().any(|&v| id(v) == *y));
     a.standbys.iter().all(beside) && a.standby_accepts.iter().all(near)
 }
 
@@ -418,8 +418,8 @@ fn target<'a>(
     cap: u32,
 ) -> Target<'a> {
     let agent = |v: &u32| agents[*v as usize];
-    let mut peers: Vec<(&str, &str)> = links[..dials].iter().map(agent).map(|a| (&*a.node_id, &*a.url)).collect();
-    let mut accepts: Vec<&str> = links[dials..].iter().map(agent).map(|a| &*a.node_id).collect();
+    let mut peers: Vec<(&Name, &Name)> = links[..dials].iter().map(agent).map(|a| (&a.node_id, &a.url)).collect();
+    let mut accepts: Vec<&Name> = links[dials..].iter().map(agent).map(|a| &a.node_id).collect();
     peers.sort_unstable();
     accepts.sort_unstable();
     let (mut standbys, mut standby_accepts) = (Vec::new(), Vec::new());
@@ -427,8 +427,8 @@ fn target<'a>(
     for s in planner::standby::standbys(g, x, |v| &agents[v as usize].node_id, usable) {
         let (peer, stands_for) = (agent(&s.peer), agent(&s.stands_for));
         match s.dials {
-            true => standbys.push((&*peer.node_id, &*peer.url, &*stands_for.node_id, s.rank)),
-            false => standby_accepts.push(&*peer.node_id),
+            true => standbys.push((&peer.node_id, &peer.url, &stands_for.node_id, s.rank)),
+            false => standby_accepts.push(&peer.node_id),
         }
     }
     standby_accepts.sort_unstable();
@@ -543,7 +543,7 @@ mod tests {
 
     fn agent(i: usize) -> Agent {
         let (url, unreachable) = (format!("ws://10.0.0.{i}:1/"), Default::default());
-        Agent { pod: format!("p{i}"), node_id: format!("n{i}"), url, domain: None, unreachable }
+        Agent { pod: format!("p{i}"), node_id: format!("n{i}").into(), url: url.into(), domain: None, unreachable }
     }
 
     #[test]
@@ -560,13 +560,13 @@ mod tests {
         let published: BTreeMap<String, Assignment> = m
             .agents
             .values()
-            .map(|a| (a.node_id.clone(), Assignment::clone(out.targets[&a.pod].as_deref().unwrap())))
+            .map(|a| (a.node_id.to_string(), Assignment::clone(out.targets[&a.pod].as_deref().unwrap())))
             .collect();
         assert_eq!(crate::assignment::first_violation(&published, 4), None);
         for (id, a) in &published {
             assert_eq!(a.links(), 4);
             for p in &a.peers {
-                assert!(published[&p.node_id].accepts.contains(id), "{} accepts {id}", p.node_id);
+                assert!(published[p.node_id.as_str()].accepts.iter().any(|a| a == id), "{} accepts {id}", p.node_id);
             }
         }
     }
@@ -630,7 +630,13 @@ mod tests {
                     let node_id = format!("n{:02}", if j % 7 == 0 { j % 24 } else { i });
                     self.agents.insert(
                         pod.clone(),
-                        Arc::new(Agent { pod, node_id, url, domain, unreachable: Default::default() }),
+                        Arc::new(Agent {
+                            pod,
+                            node_id: node_id.into(),
+                            url: url.into(),
+                            domain,
+                            unreachable: Default::default(),
+                        }),
                     );
                 }
                 2 => drop(self.agents.remove(&pod)),
@@ -648,7 +654,10 @@ mod tests {
                 // By hand: nothing, a well-formed assignment, or keys read only leniently (repeated,
                 // unsorted, naming the Pod's own node id).
                 6 => {
-                    let peer = |v: usize| Peer { node_id: format!("n{v:02}"), url: format!("ws://10.0.0.{v}:1/") };
+                    let peer = |v: usize| Peer {
+                        node_id: format!("n{v:02}").into(),
+                        url: format!("ws://10.0.0.{v}:1/").into(),
+                    };
                     let keys = match j % 3 {
                         0 => Keys::None,
                         1 => Keys::Exact(Arc::new(Assignment::new(vec![peer(j)], [], "p".into()))),
@@ -704,8 +713,10 @@ mod tests {
     #[test]
     fn adopting_keeps_what_stays_and_drops_what_is_gone() {
         let a = |peers: &[(&str, &str)], accepts: &[&str]| {
-            let peers = peers.iter().map(|(id, ip)| Peer { node_id: id.to_string(), url: format!("ws://{ip}:1/") });
-            Assignment::new(peers.collect(), accepts.iter().map(|s| s.to_string()), "p".into()).with_max_peers(4)
+            let peers = peers
+                .iter()
+                .map(|(id, ip)| Peer { node_id: id.to_string().into(), url: format!("ws://{ip}:1/").into() });
+            Assignment::new(peers.collect(), accepts.iter().map(|&s| s.into()), "p".into()).with_max_peers(4)
         };
         let carried = BTreeMap::from([
             ("x".to_string(), Arc::new(a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"]))),

@@ -13,7 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
 use crate::api::MeshPolicy;
-use crate::assignment::{self, Assignment};
+use crate::assignment::{self, Assignment, Name};
 
 /// A Pod as the cache keeps it: its identity, the labels and annotations the controller reads, and the
 /// three status facts membership needs. No `ObjectMeta`: its sixteen optional fields would weigh more
@@ -30,8 +30,9 @@ pub struct CachedPod {
     pub pod_ip: Option<Box<str>>,
     pub ready: bool,
     /// The other annotations it keeps (the policies' node-id annotations, see [`Interest::keeps`]), as
-    /// (key, value): a map per Pod would weigh more than the one or two entries it holds.
-    pub annotations: Vec<(Box<str>, Box<str>)>,
+    /// (key, value): a map per Pod would weigh more than the one or two entries it holds. Both shared: the
+    /// key by every Pod, the node id with the assignments that name it.
+    pub annotations: Vec<(Arc<str>, Arc<str>)>,
     /// Its assignment's annotations (`agentmesh.dev/peers`, `accepts`, `links`, `policy`), parsed once
     /// here, so each reconcile shares them instead of copying them.
     pub keys: Keys,
@@ -50,7 +51,7 @@ impl CachedPod {
             if crate::assignment::KEYS.contains(&k.as_str()) {
                 keys.insert(k, v);
             } else if keep(&k) {
-                annotations.push((k.into(), v.into()));
+                annotations.push((shared.names.share(k), shared.names.share(v)));
             }
         }
         let labels: BTreeMap<String, String> =
@@ -67,7 +68,7 @@ impl CachedPod {
             pod_ip: status.pod_ip.filter(|ip| !ip.is_empty()).map(Into::into),
             ready,
             annotations,
-            keys: Keys::new(keys),
+            keys: Keys::new(keys).shared(&mut shared.names),
             labels: shared.labels.share(labels),
         }
     }
@@ -127,11 +128,13 @@ pub fn label_keys(p: &MeshPolicy) -> impl Iterator<Item = &str> {
     matched.chain(expressions).chain(&p.spec.topology_key).map(String::as_str)
 }
 
-/// What cached Pods share: one label map per distinct set kept, one string per namespace.
+/// What cached Pods share: one label map per distinct set kept, one string per namespace, and one copy of
+/// each node id and URL their assignments name (each is named by about 3k other Pods).
 #[derive(Debug, Default)]
 pub struct Shared {
     labels: Sharing<BTreeMap<String, String>>,
     namespaces: Sharing<str>,
+    names: Sharing<str>,
 }
 
 /// Values shared by the cached Pods that have equal ones.
@@ -157,15 +160,28 @@ impl<T: ?Sized + Eq + std::hash::Hash> Sharing<T> {
         if let Some(shared) = self.values.get(value.borrow()) {
             return shared.clone();
         }
+        self.insert(Arc::from(value))
+    }
+
+    fn insert(&mut self, shared: Arc<T>) -> Arc<T> {
         // Values no Pod holds any more are swept once the table doubles past the live ones: Pods with
-        // ever new label values (or namespaces) cannot grow it without bound.
+        // ever new label values (or namespaces, or node ids) cannot grow it without bound.
         if self.values.len() >= 2 * self.live + 1024 {
             self.values.retain(|v| Arc::strong_count(v) > 1);
             self.live = self.values.len();
         }
-        let shared: Arc<T> = Arc::from(value);
         self.values.insert(shared.clone());
         shared
+    }
+}
+
+impl Sharing<str> {
+    /// The shared copy of `name`.
+    fn share_name(&mut self, name: &Name) -> Name {
+        match self.values.get(name.as_str()) {
+            Some(shared) => Name::from(shared.clone()),
+            None => Name::from(self.insert(name.clone().into())),
+        }
     }
 }
 
@@ -446,6 +462,17 @@ impl Keys {
         Assignment::from_annotations(&keys).map(Arc::new)
     }
 
+    /// The same keys, naming node ids and URLs through `names`' shared copies.
+    fn shared(mut self, names: &mut Sharing<str>) -> Self {
+        if let Keys::Exact(a) = &mut self {
+            let a = Arc::get_mut(a).expect("parsed just now");
+            for name in a.names_mut() {
+                *name = names.share_name(name);
+            }
+        }
+        self
+    }
+
     /// The same keys without the policy name (never well-formed, so kept as written).
     pub fn without_policy(&self) -> Keys {
         let mut keys: BTreeMap<String, String> = match self {
@@ -568,7 +595,7 @@ mod tests {
     fn keys_are_kept_parsed_when_well_formed_and_as_written_otherwise() {
         let a = Assignment::new(
             vec![assignment::Peer { node_id: "n1".into(), url: "ws://n1/".into() }],
-            ["n2".to_string()],
+            ["n2".into()],
             "p".into(),
         );
         let written = |a: &Assignment| -> BTreeMap<String, String> {

@@ -444,7 +444,7 @@ pub async fn take(ctx: &Context, policy: &ValidPolicy, fleet: &mut Fleet, attemp
         let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
             judge(snap, clock);
             let fleet = fleet.borrow();
-            fleet.membership().agents.iter().map(|(pod, a)| (pod.clone(), a.node_id.clone())).collect()
+            fleet.membership().agents.iter().map(|(pod, a)| (pod.clone(), a.node_id.to_string())).collect()
         };
         state.take(attempt, &eligible, &assigned);
     }

@@ -342,8 +342,8 @@ async fn directions(client: &Client, ns: &str, ids: &BTreeMap<String, String>, o
     let lines = pods.items.iter().filter_map(|p| {
         let a = mesh_operator::assignment::Assignment::from_annotations(p.annotations())?;
         let id = ids.get(&p.name_any()).filter(|id| of.contains(id.as_str()))?;
-        let dials: BTreeSet<String> = a.peers.iter().map(|p| p.node_id.clone()).collect();
-        let accepts: BTreeSet<String> = a.accepts.iter().cloned().collect();
+        let dials: BTreeSet<String> = a.peers.iter().map(|p| p.node_id.to_string()).collect();
+        let accepts: BTreeSet<String> = a.accepts.iter().map(|id| id.to_string()).collect();
         Some(format!(
             "  {} dials {} accepts {}",
             short_ids(&[id.clone()].into()),

@@ -2,6 +2,7 @@
 //! (which writes it), `kubectl mesh` (which shows it) and the agents (which obey it) all read it through
 //! here. No Kubernetes types: an annotation map in, an [`Assignment`] out, and back.
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,12 +33,141 @@ const REQUIRED: [&str; 4] = [PEERS, ACCEPTS, LINKS, POLICY];
 /// No policy may allow more (the CRD's bound on `maxPeers`); a larger value is malformed.
 pub const MAX_PEERS_LIMIT: usize = 64;
 
+/// A node id or URL in an assignment. Cheap to clone, and shareable: the operator keeps one copy of each
+/// across the thousands of cached assignments that name it (see [`Assignment::names_mut`]).
+#[derive(Clone, Default, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Name(Arc<str>);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether both are the one shared copy.
+    pub fn is_shared_with(&self, other: &Name) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.is_shared_with(other) || self.0 == other.0
+    }
+}
+
+impl Eq for Name {}
+
+// By content, as `Eq` compares, and as `str` hashes (so a map keyed by names is searched by `&str`).
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Name> for &str {
+    fn eq(&self, other: &Name) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<Name> for String {
+    fn eq(&self, other: &Name) -> bool {
+        **self == *other.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Self {
+        Name(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Self {
+        Name(s.as_str().into())
+    }
+}
+
+impl From<Arc<str>> for Name {
+    fn from(s: Arc<str>) -> Self {
+        Name(s)
+    }
+}
+
+impl From<Name> for Arc<str> {
+    fn from(n: Name) -> Self {
+        n.0
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> Self {
+        n.0.to_string()
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One entry of the `agentmesh.dev/peers` annotation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Peer {
-    pub node_id: String,
-    pub url: String,
+    pub node_id: Name,
+    pub url: Name,
 }
 
 /// One entry of the `agentmesh.dev/standbys` annotation: a peer to dial while the planned peer `for` is
@@ -46,10 +176,10 @@ pub struct Peer {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Standby {
-    pub node_id: String,
-    pub url: String,
+    pub node_id: Name,
+    pub url: Name,
     #[serde(rename = "for")]
-    pub stands_for: String,
+    pub stands_for: Name,
     #[serde(default = "first_rank", skip_serializing_if = "is_first_rank")]
     pub rank: u8,
 }
@@ -71,28 +201,28 @@ pub struct Assignment {
     /// Sorted by node id.
     pub peers: Vec<Peer>,
     /// Sorted.
-    pub accepts: Vec<String>,
+    pub accepts: Vec<Name>,
     pub policy: String,
     /// The policy's cap: the agent holds the lower of it and its own. `None` when written without one.
     pub max_peers: Option<usize>,
     /// Best first; each names a planned peer and is none itself.
     pub standbys: Vec<Standby>,
     /// Sorted; none is a planned peer.
-    pub standby_accepts: Vec<String>,
+    pub standby_accepts: Vec<Name>,
 }
 
 impl Assignment {
     /// A well-formed assignment: peers and accepts sorted and without duplicates.
-    pub fn new(mut peers: Vec<Peer>, accepts: impl IntoIterator<Item = String>, policy: String) -> Self {
+    pub fn new(mut peers: Vec<Peer>, accepts: impl IntoIterator<Item = Name>, policy: String) -> Self {
         peers.sort();
         peers.dedup_by(|a, b| a.node_id == b.node_id);
-        let accepts: BTreeSet<String> = accepts.into_iter().collect();
+        let accepts: BTreeSet<Name> = accepts.into_iter().collect();
         Self { peers, accepts: accepts.into_iter().collect(), policy, ..Self::default() }
     }
 
     /// The same assignment with standby peers (kept in their order) and standby accepts (sorted).
-    pub fn with_standbys(self, standbys: Vec<Standby>, accepts: impl IntoIterator<Item = String>) -> Self {
-        let accepts: BTreeSet<String> = accepts.into_iter().collect();
+    pub fn with_standbys(self, standbys: Vec<Standby>, accepts: impl IntoIterator<Item = Name>) -> Self {
+        let accepts: BTreeSet<Name> = accepts.into_iter().collect();
         Self { standbys, standby_accepts: accepts.into_iter().collect(), ..self }
     }
 
@@ -113,7 +243,14 @@ impl Assignment {
 
     /// Every node id this agent may hold a link with.
     pub fn linked_ids(&self) -> BTreeSet<&str> {
-        self.peers.iter().map(|p| p.node_id.as_str()).chain(self.accepts.iter().map(String::as_str)).collect()
+        self.peers.iter().map(|p| p.node_id.as_str()).chain(self.accepts.iter().map(Name::as_str)).collect()
+    }
+
+    /// Every node id and URL it names, to replace each with a shared copy.
+    pub fn names_mut(&mut self) -> impl Iterator<Item = &mut Name> {
+        let peers = self.peers.iter_mut().flat_map(|p| [&mut p.node_id, &mut p.url]);
+        let standbys = self.standbys.iter_mut().flat_map(|s| [&mut s.node_id, &mut s.url, &mut s.stands_for]);
+        peers.chain(&mut self.accepts).chain(standbys).chain(&mut self.standby_accepts)
     }
 
     /// What both `self` and `other` allow: the assignment an agent can move to from either without
@@ -169,11 +306,11 @@ impl Assignment {
     pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Option<Assignment> {
         let policy = annotations.get(POLICY)?.clone();
         let peers = annotations.get(PEERS).and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default();
-        let accepts: Vec<String> =
+        let accepts: Vec<Name> =
             annotations.get(ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
         let max_peers = annotations.get(MAX_PEERS).and_then(|m| m.parse().ok());
         let standbys = annotations.get(STANDBYS).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-        let standby_accepts: Vec<String> =
+        let standby_accepts: Vec<Name> =
             annotations.get(STANDBY_ACCEPTS).and_then(|a| serde_json::from_str(a).ok()).unwrap_or_default();
         Some(
             Assignment { peers, accepts, policy, max_peers, ..Assignment::default() }
@@ -197,7 +334,7 @@ impl Assignment {
         let get = |key: &'static str| annotations.get(key).ok_or(Malformed::Missing(key));
         let json = |key: &'static str, e: serde_json::Error| Malformed::Value { key, error: e.to_string() };
         let peers: Vec<Peer> = serde_json::from_str(get(PEERS)?).map_err(|e| json(PEERS, e))?;
-        let accepts: Vec<String> = serde_json::from_str(get(ACCEPTS)?).map_err(|e| json(ACCEPTS, e))?;
+        let accepts: Vec<Name> = serde_json::from_str(get(ACCEPTS)?).map_err(|e| json(ACCEPTS, e))?;
         let links = get(LINKS)?;
         let a = Assignment::new(peers, accepts, get(POLICY)?.clone());
         if links.parse::<usize>().ok() != Some(a.links()) {
@@ -220,7 +357,7 @@ impl Assignment {
             Some(s) => serde_json::from_str(s).map_err(|e| json(STANDBYS, e))?,
             None => Vec::new(),
         };
-        let accepts: Vec<String> = match annotations.get(STANDBY_ACCEPTS) {
+        let accepts: Vec<Name> = match annotations.get(STANDBY_ACCEPTS) {
             Some(s) => serde_json::from_str(s).map_err(|e| json(STANDBY_ACCEPTS, e))?,
             None => Vec::new(),
         };
@@ -308,7 +445,8 @@ fn standby_violation(published: &BTreeMap<String, Assignment>, id: &str, a: &Ass
     if named.any(|s| s == id) {
         return Some(format!("{id} names itself as a standby"));
     }
-    let both = |s: &&Standby| published.get(&s.node_id).is_some_and(|b| b.standbys.iter().any(|t| t.node_id == id));
+    let both =
+        |s: &&Standby| published.get(s.node_id.as_str()).is_some_and(|b| b.standbys.iter().any(|t| t.node_id == id));
     a.standbys.iter().find(both).map(|s| format!("the standby link {id} – {} is dialed from both ends", s.node_id))
 }
 
@@ -317,12 +455,12 @@ mod tests {
     use super::*;
 
     fn peer(id: &str) -> Peer {
-        Peer { node_id: id.into(), url: format!("ws://{id}:1/") }
+        Peer { node_id: id.into(), url: format!("ws://{id}:1/").into() }
     }
 
     #[test]
     fn round_trips_through_annotations() {
-        let a = Assignment::new(vec![peer("b"), peer("a")], ["c".to_string()], "p".into());
+        let a = Assignment::new(vec![peer("b"), peer("a")], ["c".into()], "p".into());
         let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
         assert_eq!(ann[LINKS], "3");
         assert_eq!(ann[ACCEPTS], r#"["c"]"#);
@@ -338,32 +476,29 @@ mod tests {
         let after = Assignment::new(vec![peer("a"), moved, peer("x")], ["d".into(), "y".into()], "p".into());
         let both = before.intersect(&after);
         assert_eq!(both.peers, vec![peer("a")]);
-        assert_eq!(both.accepts, vec!["d".to_string()]);
+        assert_eq!(both.accepts, vec![Name::from("d")]);
         assert_eq!(both.links(), 2);
     }
 
     #[test]
     fn the_checker_names_each_violation() {
         let a = |peers: &[&str], accepts: &[&str]| {
-            Assignment::new(peers.iter().map(|p| peer(p)).collect(), accepts.iter().map(|s| s.to_string()), "p".into())
+            Assignment::new(peers.iter().map(|p| peer(p)).collect(), accepts.iter().map(|&s| s.into()), "p".into())
         };
-        let ok = BTreeMap::from([("a".to_string(), a(&["b"], &[])), ("b".to_string(), a(&[], &["a"]))]);
+        let ok = BTreeMap::from([("a".into(), a(&["b"], &[])), ("b".into(), a(&[], &["a"]))]);
         assert_eq!(first_violation(&ok, 1), None);
-        let both = BTreeMap::from([("a".to_string(), a(&["b"], &[])), ("b".to_string(), a(&["a"], &[]))]);
+        let both = BTreeMap::from([("a".into(), a(&["b"], &[])), ("b".into(), a(&["a"], &[]))]);
         assert!(first_violation(&both, 2).unwrap().contains("both ends"));
-        let hub = BTreeMap::from([
-            ("a".to_string(), a(&["h"], &[])),
-            ("b".to_string(), a(&["h"], &[])),
-            ("h".to_string(), a(&[], &["a"])),
-        ]);
+        let hub =
+            BTreeMap::from([("a".into(), a(&["h"], &[])), ("b".into(), a(&["h"], &[])), ("h".into(), a(&[], &["a"]))]);
         assert!(first_violation(&hub, 1).unwrap().contains("h has 2 links"), "{:?}", first_violation(&hub, 1));
-        let greedy = BTreeMap::from([("a".to_string(), a(&["b"], &["c"]))]);
+        let greedy = BTreeMap::from([("a".into(), a(&["b"], &["c"]))]);
         assert!(first_violation(&greedy, 1).unwrap().contains("dials + accepts"));
-        let selfish = BTreeMap::from([("a".to_string(), a(&[], &["a"]))]);
+        let selfish = BTreeMap::from([("a".into(), a(&[], &["a"]))]);
         assert!(first_violation(&selfish, 4).unwrap().contains("itself"));
-        let lowered = BTreeMap::from([("a".to_string(), a(&["b"], &["c"]).with_max_peers(1))]);
+        let lowered = BTreeMap::from([("a".into(), a(&["b"], &["c"]).with_max_peers(1))]);
         assert!(first_violation(&lowered, 4).unwrap().contains("over the cap 1"), "the carried cap counts");
-        let raised = BTreeMap::from([("a".to_string(), a(&["b"], &["c"]).with_max_peers(8))]);
+        let raised = BTreeMap::from([("a".into(), a(&["b"], &["c"]).with_max_peers(8))]);
         assert!(first_violation(&raised, 1).unwrap().contains("over the cap 1"), "never above the agent's own");
     }
 
@@ -371,13 +506,13 @@ mod tests {
     fn a_dialer_on_an_older_plan_is_judged_by_that_plans_cap() {
         let a = |peers: &[&str], accepts: &[&str], cap: usize| {
             let peers = peers.iter().map(|p| peer(p)).collect();
-            Assignment::new(peers, accepts.iter().map(|s| s.to_string()), "p".into()).with_max_peers(cap)
+            Assignment::new(peers, accepts.iter().map(|&s| s.into()), "p".into()).with_max_peers(cap)
         };
         // h moved to cap 1 (keeping only x); a and b, still on the cap-4 plan, list it.
         let mut fleet = BTreeMap::from([
-            ("h".to_string(), a(&[], &["x"], 1)),
-            ("a".to_string(), a(&["h"], &[], 4)),
-            ("b".to_string(), a(&["h"], &[], 4)),
+            ("h".into(), a(&[], &["x"], 1)),
+            ("a".into(), a(&["h"], &[], 4)),
+            ("b".into(), a(&["h"], &[], 4)),
         ]);
         assert_eq!(first_violation(&fleet, 4), None);
         // Once both dialers are on the cap-1 plan, h's dial-list links count against 1.
@@ -388,7 +523,7 @@ mod tests {
 
     #[test]
     fn the_strict_reader_refuses_what_is_partial_or_inconsistent() {
-        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into());
+        let a = Assignment::new(vec![peer("b")], ["c".into()], "p".into());
         let full: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
         assert_eq!(Assignment::from_annotations_strict(&full), Ok(Some(a)));
         assert_eq!(Assignment::from_annotations_strict(&BTreeMap::new()), Ok(None));
@@ -414,7 +549,7 @@ mod tests {
 
     #[test]
     fn the_cap_travels_with_the_assignment_and_the_lower_one_wins() {
-        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into()).with_max_peers(2);
+        let a = Assignment::new(vec![peer("b")], ["c".into()], "p".into()).with_max_peers(2);
         let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
         assert_eq!(ann[MAX_PEERS], "2");
         assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
@@ -430,13 +565,13 @@ mod tests {
     }
 
     fn standby(id: &str, stands_for: &str) -> Standby {
-        Standby { node_id: id.into(), url: format!("ws://{id}:1/"), stands_for: stands_for.into(), rank: 1 }
+        Standby { node_id: id.into(), url: format!("ws://{id}:1/").into(), stands_for: stands_for.into(), rank: 1 }
     }
 
     #[test]
     fn standbys_round_trip_and_are_read_strictly() {
-        let a = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into())
-            .with_standbys(vec![standby("y", "c"), Standby { rank: 2, ..standby("x", "b") }], ["z".to_string()]);
+        let a = Assignment::new(vec![peer("b")], ["c".into()], "p".into())
+            .with_standbys(vec![standby("y", "c"), Standby { rank: 2, ..standby("x", "b") }], ["z".into()]);
         let ann: BTreeMap<String, String> = a.to_annotations().into_iter().map(|(k, v)| (k.into(), v)).collect();
         assert_eq!(
             ann[STANDBYS],
@@ -445,7 +580,7 @@ mod tests {
         assert_eq!(ann[LINKS], "2", "standbys are not planned links");
         assert_eq!(Assignment::from_annotations_strict(&ann), Ok(Some(a.clone())));
         assert_eq!(Assignment::from_annotations(&ann), Some(a.clone()));
-        let bare = Assignment::new(vec![peer("b")], ["c".to_string()], "p".into());
+        let bare = Assignment::new(vec![peer("b")], ["c".into()], "p".into());
         assert!(!bare.to_annotations().contains_key(STANDBYS), "no standbys, no key");
         let cases = [
             (STANDBYS, r#"[{"nodeId":"y","url":"u","for":"q"}]"#, "not a planned peer"),
@@ -469,9 +604,9 @@ mod tests {
         long.insert(STANDBY_ACCEPTS.into(), serde_json::to_string(&many).unwrap());
         assert!(Assignment::from_annotations_strict(&long).is_err());
         let x = Standby { rank: 2, ..standby("x", "b") };
-        let other = a.clone().with_standbys(vec![x.clone(), standby("y", "b")], ["z".to_string(), "w".to_string()]);
+        let other = a.clone().with_standbys(vec![x.clone(), standby("y", "b")], ["z".into(), "w".into()]);
         let both = a.intersect(&other);
-        assert_eq!((both.standbys, both.standby_accepts), (vec![x], vec!["z".to_string()]));
+        assert_eq!((both.standbys, both.standby_accepts), (vec![x], vec![Name::from("z")]));
         // b moved: the intersection drops it, and the standbys for it, so it reads back strictly.
         let mut moved = Assignment { peers: vec![Peer { url: "ws://b:2/".into(), ..peer("b") }], ..a.clone() };
         moved.standbys.push(standby("v", "b"));
@@ -487,17 +622,17 @@ mod tests {
             let standbys = standbys.iter().map(|s| standby(s, "p")).collect();
             Assignment::new(peers.iter().map(|p| peer(p)).collect(), [], "p".into()).with_standbys(standbys, [])
         };
-        let both = BTreeMap::from([("a".to_string(), a(&[], &["b"])), ("b".to_string(), a(&[], &["a"]))]);
+        let both = BTreeMap::from([("a".into(), a(&[], &["b"])), ("b".into(), a(&[], &["a"]))]);
         assert!(first_violation(&both, 2).unwrap().contains("standby link a – b is dialed from both ends"));
-        let selfish = BTreeMap::from([("a".to_string(), a(&[], &["a"]))]);
+        let selfish = BTreeMap::from([("a".into(), a(&[], &["a"]))]);
         assert!(first_violation(&selfish, 2).unwrap().contains("names itself"));
-        let fine = BTreeMap::from([("a".to_string(), a(&[], &["b"])), ("b".to_string(), a(&[], &[]))]);
+        let fine = BTreeMap::from([("a".into(), a(&[], &["b"])), ("b".into(), a(&[], &[]))]);
         assert_eq!(first_violation(&fine, 2), None);
     }
 
     #[test]
     fn garbage_counts_as_none_and_a_missing_policy_as_no_assignment() {
-        let ann = BTreeMap::from([(POLICY.to_string(), "p".to_string()), (PEERS.to_string(), "{oops".to_string())]);
+        let ann = BTreeMap::from([(POLICY.to_string(), "p".into()), (PEERS.to_string(), "{oops".to_string())]);
         assert_eq!(Assignment::from_annotations(&ann).unwrap().peers, vec![]);
         let stray = BTreeMap::from([(PEERS.to_string(), "[]".to_string())]);
         assert_eq!(Assignment::from_annotations(&stray), None);

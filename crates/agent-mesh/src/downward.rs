@@ -134,7 +134,7 @@ mod tests {
         let peer = &a.peers[0];
         assert_eq!(peer.node_id, "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
         assert_eq!(peer.url, "wss://10.0.3.7:3001/crdt-sync");
-        let accepts: Vec<&str> = a.accepts.iter().map(String::as_str).collect();
+        let accepts: Vec<&str> = a.accepts.iter().map(|id| id.as_str()).collect();
         assert_eq!(accepts, ["3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"]);
         assert_eq!((a.links(), a.policy.as_str(), a.max_peers), (2, "build-agents", Some(4)));
     }

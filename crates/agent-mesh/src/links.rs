@@ -75,20 +75,20 @@ impl Wanted {
         match a {
             None => Self::nothing(),
             Some(a) => Wanted::Planned {
-                dial: a.peers.iter().map(|p| (p.node_id.clone(), p.url.clone())).collect(),
-                accept: a.accepts.iter().cloned().collect(),
+                dial: a.peers.iter().map(|p| (p.node_id.to_string(), p.url.to_string())).collect(),
+                accept: a.accepts.iter().map(|id| id.to_string()).collect(),
                 cap: a.max_peers,
                 standby: a
                     .standbys
                     .iter()
                     .map(|s| Standby {
-                        id: s.node_id.clone(),
-                        url: s.url.clone(),
-                        stands_for: s.stands_for.clone(),
+                        id: s.node_id.to_string(),
+                        url: s.url.to_string(),
+                        stands_for: s.stands_for.to_string(),
                         rank: s.rank,
                     })
                     .collect(),
-                standby_accept: a.standby_accepts.iter().cloned().collect(),
+                standby_accept: a.standby_accepts.iter().map(|id| id.to_string()).collect(),
             },
         }
     }

@@ -239,8 +239,9 @@ impl Mesh {
         let planned =
             r.assignment.as_ref().map_or_else(Vec::new, |a| a.linked_ids().into_iter().map(str::to_string).collect());
         let standbys = r.assignment.as_ref().map_or_else(Vec::new, |a| {
-            let ids = a.standbys.iter().map(|s| &s.node_id).chain(&a.standby_accepts);
-            ids.cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+            let ids =
+                a.standbys.iter().map(|s| s.node_id.as_str()).chain(a.standby_accepts.iter().map(|id| id.as_str()));
+            ids.collect::<std::collections::BTreeSet<_>>().into_iter().map(str::to_string).collect()
         });
         (self.planned, self.standbys) = (Some(planned.clone()), standbys);
         *applied = Some(r.assignment);

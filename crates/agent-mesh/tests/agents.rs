@@ -34,8 +34,8 @@ fn id(n: &Node) -> String {
 
 /// Writes `n`'s assignment file: dial `dial`, accept `accept`.
 fn assign(n: &Node, dial: &[&Node], accept: &[&Node]) {
-    let peers = dial.iter().map(|d| Peer { node_id: id(d), url: d.url.clone() }).collect();
-    let a = Assignment::new(peers, accept.iter().map(|a| id(a)), "p".into());
+    let peers = dial.iter().map(|d| Peer { node_id: id(d).into(), url: d.url.clone().into() }).collect();
+    let a = Assignment::new(peers, accept.iter().map(|a| id(a).into()), "p".into());
     let map = a.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     std::fs::write(&n.file, downward::render(&map)).unwrap();
 }

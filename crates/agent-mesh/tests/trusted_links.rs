@@ -58,8 +58,9 @@ async fn seed(dir: &Path, name: &str) -> Node {
 
 /// Writes `n`'s assignment: dial each (node id, url), accept `accept`.
 fn assign(n: &Node, dial: &[(String, String)], accept: &[String]) {
-    let peers = dial.iter().map(|(node_id, url)| Peer { node_id: node_id.clone(), url: url.clone() }).collect();
-    let a = Assignment::new(peers, accept.iter().cloned(), "p".into());
+    let peers =
+        dial.iter().map(|(node_id, url)| Peer { node_id: node_id.clone().into(), url: url.clone().into() }).collect();
+    let a = Assignment::new(peers, accept.iter().map(|id| id.into()), "p".into());
     let map = a.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     std::fs::write(&n.file, downward::render(&map)).unwrap();
 }

@@ -44,7 +44,11 @@ fn plan_ring(ring: &[&Node], gone: &[&Node]) {
     for (i, n) in ring.iter().enumerate() {
         let next = ring[(i + 1) % ring.len()];
         let prev = ring[(i + ring.len() - 1) % ring.len()];
-        let a = Assignment::new(vec![Peer { node_id: next.id(), url: next.url.clone() }], [prev.id()], "p".into());
+        let a = Assignment::new(
+            vec![Peer { node_id: next.id().into(), url: next.url.clone().into() }],
+            [prev.id().into()],
+            "p".into(),
+        );
         let map = a.to_annotations().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         std::fs::write(&n.file, downward::render(&map)).unwrap();
     }

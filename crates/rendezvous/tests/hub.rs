@@ -196,8 +196,8 @@ async fn a_planned_peer_that_cannot_be_reached_is_reported_in_presence() {
     })
     .await;
     let peers = vec![
-        Peer { node_id: dead.clone(), url: dead_url },
-        Peer { node_id: refusing.identity.node_id(), url: refusing_advertise(&state, &refusing) },
+        Peer { node_id: dead.clone().into(), url: dead_url.into() },
+        Peer { node_id: refusing.identity.node_id().into(), url: refusing_advertise(&state, &refusing).into() },
     ];
     tx.send_replace(Reading { assignment: Some(Assignment::new(peers, [], "p".into())), error: None });
     wait_until("the dead peer in a's presence", async || {
