@@ -226,11 +226,11 @@ pub fn waves(
         let from = pod.carried(policy, true);
         let write = |to: Option<Arc<Assignment>>| Write {
             pod: name.clone(),
-            uid: pod.uid.clone(),
-            resource_version: pod.resource_version.clone(),
+            uid: pod.uid.as_deref().map(str::to_owned),
+            resource_version: pod.resource_version.as_deref().map(str::to_owned),
             to,
             from: from.clone(),
-            node_id: node_of(name).or_else(|| pod.node_id.clone()),
+            node_id: node_of(name).or_else(|| pod.node_id.as_deref().map(str::to_owned)),
         };
         let now = from.as_deref();
         match target {
@@ -368,7 +368,7 @@ mod tests {
 
     fn state(a: Option<&Assignment>, v: u8) -> PodState {
         let keys = a.map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
-        PodState { node_id: Some(id(v)), ..PodState::with_keys(keys.unwrap_or_default()) }
+        PodState { node_id: Some(id(v).into()), ..PodState::with_keys(keys.unwrap_or_default()) }
     }
 
     /// What the Pods publish: each agent's assignment, read back from its annotations.

@@ -173,7 +173,7 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
     PodState {
         uid: pods::nonempty(&pod.uid),
         resource_version: pods::nonempty(&pod.resource_version),
-        node_id: pod.annotation(node_id_annotation).map(str::to_owned),
+        node_id: pod.annotation(node_id_annotation).cloned(),
         keys: pod.keys.clone(),
     }
 }
@@ -183,7 +183,8 @@ fn pod_state(pod: &CachedPod, node_id_annotation: &str) -> PodState {
 pub fn caught_up(ctx: &Context, ns: &str) -> bool {
     ctx.expectations.caught_up(ns, &|pod| {
         let cached = ctx.pods.get(ns, pod)?;
-        Some((pods::nonempty(&cached.uid), pods::nonempty(&cached.resource_version)))
+        let owned = |s: &Arc<str>| pods::nonempty(s).map(|s| s.to_string());
+        Some((owned(&cached.uid), owned(&cached.resource_version)))
     })
 }
 

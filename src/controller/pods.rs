@@ -23,8 +23,9 @@ pub struct CachedPod {
     pub name: Box<str>,
     /// Shared by the Pods of a namespace (see [`Sharing`]).
     pub namespace: Arc<str>,
-    pub uid: Box<str>,
-    pub resource_version: Box<str>,
+    /// Shared with the decision's view of it ([`PodState`]).
+    pub uid: Arc<str>,
+    pub resource_version: Arc<str>,
     pub terminating: bool,
     pub node_name: Option<Box<str>>,
     pub pod_ip: Option<Box<str>>,
@@ -79,8 +80,8 @@ impl CachedPod {
     }
 
     /// The value of a kept annotation (see [`CachedPod::annotations`]).
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+    pub fn annotation(&self, key: &str) -> Option<&Arc<str>> {
+        self.annotations.iter().find(|(k, _)| &**k == key).map(|(_, v)| v)
     }
 
     /// Every annotation and label kept (for Pods read from the API rather than the cache).
@@ -90,8 +91,8 @@ impl CachedPod {
 }
 
 /// A kept string as the API's optional field: `None` when empty.
-pub fn nonempty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
+pub fn nonempty(s: &Arc<str>) -> Option<Arc<str>> {
+    (!s.is_empty()).then(|| s.clone())
 }
 
 /// Whether the annotation key is one of ours.
@@ -371,10 +372,11 @@ impl Relists {
 /// One Pod as the decision sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodState {
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
+    /// These three shared with the Pod cache.
+    pub uid: Option<Arc<str>>,
+    pub resource_version: Option<Arc<str>>,
     /// Its agent's node id, when known.
-    pub node_id: Option<String>,
+    pub node_id: Option<Arc<str>>,
     /// The `agentmesh.dev/*` annotations it carries, shared with the Pod cache.
     pub keys: Keys,
 }

@@ -491,7 +491,7 @@ fn newly_unmatched(ctx: &Context, policy: &ValidPolicy, snap: &Snapshot, waiting
     }
     // Pods matched by hostname or IP instead are left to the prompt reads.
     let mut unmatched: HashSet<&str> =
-        candidates.iter().filter_map(|p| p.annotation(&policy.node_id_annotation)).collect();
+        candidates.iter().filter_map(|p| p.annotation(&policy.node_id_annotation).map(|id| &**id)).collect();
     for node in snap.nodes.iter() {
         unmatched.remove(&*node.node_id);
     }
