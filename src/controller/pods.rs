@@ -540,6 +540,35 @@ mod tests {
         assert_eq!((p.pod_ip.as_deref(), p.node_name.as_deref(), p.ready), (Some("10.0.0.1"), Some("n1"), true));
     }
 
+    /// Each node id and URL is kept once however many assignments name it: with standbys, copies were
+    /// more than half of the cache.
+    #[test]
+    fn names_are_kept_once_across_pods() {
+        let interest = Interest::of(&[policy("a", json!({"matchLabels": {"app": "agent"}}), "agentmesh.dev/node-id")]);
+        let peer = |id: &str| assignment::Peer { node_id: id.into(), url: format!("ws://{id}/").into() };
+        let standby =
+            assignment::Standby { node_id: "n3".into(), url: "ws://n3/".into(), stands_for: "n2".into(), rank: 1 };
+        let mut shared = Shared::default();
+        let mut cached = |node_id: &str, peers: Vec<assignment::Peer>, standbys: Vec<assignment::Standby>| {
+            let a = Assignment::new(peers, [], "m".into()).with_max_peers(4).with_standbys(standbys, []);
+            let mut annotations: serde_json::Map<String, serde_json::Value> =
+                a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+            annotations.insert(assignment::NODE_ID.into(), node_id.into());
+            let p = pod("a", json!({"app": "agent"}), annotations.into());
+            CachedPod::new(p, &|k| interest.keeps(k), &|k| interest.keeps_label(k), &mut shared)
+        };
+        let one = cached("n1", vec![peer("n2")], vec![standby.clone()]);
+        let two = cached("n4", vec![peer("n2"), peer("n3")], vec![]);
+        let three = cached("n3", vec![], vec![]);
+        let (a, b) = (one.keys.exact().unwrap(), two.keys.exact().unwrap());
+        assert!(a.peers[0].node_id.is_shared_with(&b.peers[0].node_id), "a peer's node id");
+        assert!(a.peers[0].url.is_shared_with(&b.peers[0].url), "a peer's URL");
+        assert!(a.standbys[0].node_id.is_shared_with(&b.peers[1].node_id), "a standby and a peer");
+        assert!(a.standbys[0].stands_for.is_shared_with(&a.peers[0].node_id), "whom a standby stands for");
+        let own = three.annotation(assignment::NODE_ID).unwrap();
+        assert!(Arc::ptr_eq(own, &Arc::from(b.peers[1].node_id.clone())), "a Pod's own node id and those naming it");
+    }
+
     /// Pods with ever new label values (a kept key under churn, or a hostile creator) cannot grow the
     /// shared label table without bound: sets no Pod holds are swept.
     #[test]
