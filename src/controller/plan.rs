@@ -215,6 +215,9 @@ struct Pass<'a> {
     new_of: Vec<Option<u32>>,
     /// Node id → new agent index, built only by a pass that looks one up.
     by_id: OnceCell<foldhash::HashMap<&'a str, u32>>,
+    /// The node ids of kept agents not matched (gone, held, or judged anew): a settled Pod whose standbys
+    /// name one is judged again.
+    departed: Vec<&'a str>,
 }
 
 impl<'a> Pass<'a> {
@@ -233,7 +236,8 @@ impl<'a> Pass<'a> {
                 j += 1;
             }
         }
-        Self { old, agents, old_of, new_of, by_id: OnceCell::new() }
+        let departed = old.agents.iter().zip(&new_of).filter(|(_, n)| n.is_none()).map(|(a, _)| &*a.agent.node_id);
+        Self { old, agents, departed: departed.collect(), old_of, new_of, by_id: OnceCell::new() }
     }
 
     fn id_of(&self, id: &str) -> Option<u32> {
@@ -242,12 +246,22 @@ impl<'a> Pass<'a> {
         map.get(id).copied()
     }
 
-    /// Whether every standby and standby accept `a` carries is an agent of this plan. One naming an agent
-    /// that left is rewritten; one that merely differs from the plan's pairing rides along (rewriting
-    /// those too nearly tripled the Pod writes of a join: the rings around every changed link shift).
-    fn standbys_are_agents(&self, a: &Assignment) -> bool {
-        let named = a.standbys.iter().map(|s| &s.node_id).chain(&a.standby_accepts);
-        named.into_iter().all(|id| self.id_of(id).is_some())
+    /// Whether every standby and standby accept agent `j`'s Pod carries in `a` is another agent of this
+    /// plan. One naming an agent that left is rewritten; one that merely differs from the plan's pairing
+    /// rides along (rewriting those too nearly tripled the Pod writes of a join: the rings around every
+    /// changed link shift, and a standby can drift any distance from its peer).
+    fn standbys_are_agents(&self, a: &Assignment, j: usize) -> bool {
+        standby_names(a).all(|id| self.id_of(id).is_some_and(|v| v as usize != j))
+    }
+
+    /// Whether the standbys in `a`, which named only agents when agent `j`'s Pod was last judged, still do:
+    /// only a departed agent can have left the plan. Most passes have none or a few departed.
+    fn standbys_still_agents(&self, a: &Assignment, j: usize) -> bool {
+        match self.departed.len() {
+            0 => true,
+            1..=8 => !standby_names(a).any(|id| self.departed.contains(&id)),
+            _ => self.standbys_are_agents(a, j),
+        }
     }
 
     /// `unusable` in agent indices: pairs naming no agent are dropped.
@@ -338,21 +352,24 @@ impl<'a> Pass<'a> {
         let span = kept.span;
         let links = span.links(&fresh.indices);
         let was = self.was(j).filter(|w| near && same(&w.exact, &kept.exact));
-        if let Some(w) = was.filter(|w| w.settled) {
+        // Still settled unless a standby it carries has departed since.
+        let still = |w: &&KeptAgent| w.settled && kept.exact.as_ref().is_some_and(|e| self.standbys_still_agents(e, j));
+        if let Some(w) = was.filter(still) {
             (kept.settled, kept.hash) = (true, w.hash);
             return (None, w.hash);
         }
         let t = target(self.agents, (g, avoid), j as u32, (links, span.dials as usize), cap);
         fresh.built += 1;
-        (kept.settled, kept.hash) = match was {
-            Some(w) => (false, w.hash),
-            None => {
-                let settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy) && self.standbys_are_agents(e));
-                (settled, pod_hash(&self.agents[j].pod, Some(&t), policy))
-            }
-        };
+        // Judged anew even when the target is the kept one: an agent its standbys name may have come back.
+        kept.settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy) && self.standbys_are_agents(e, j));
+        kept.hash = was.map_or_else(|| pod_hash(&self.agents[j].pod, Some(&t), policy), |w| w.hash);
         ((!kept.settled).then(|| Arc::new(t.to_assignment(policy))), kept.hash)
     }
+}
+
+/// The node ids `a` names as standbys and standby accepts.
+fn standby_names(a: &Assignment) -> impl Iterator<Item = &str> {
+    a.standbys.iter().map(|s| s.node_id.as_str()).chain(a.standby_accepts.iter().map(Name::as_str))
 }
 
 /// The first difference between two plans, for `--check-incremental`.
@@ -596,13 +613,51 @@ mod tests {
         }
     }
 
+    /// Standbys ride along with link changes only, so joins leave some far from the peer they stand for.
+    /// Still, when an agent leaves or is held, every Pod naming it is rewritten, and the kept plan agrees
+    /// with one made from scratch.
+    #[test]
+    fn a_departure_rewrites_every_pod_naming_it_however_far() {
+        let mut world = World { cap: 4, ..Default::default() };
+        let settle = |world: &mut World| {
+            for _ in 0..4 {
+                let written = world.plan(&mut Kept::default()).unwrap().0;
+                world.event((4, 0, 0), &written);
+            }
+        };
+        for i in 0..24 {
+            world.event((0, i, 1), &Targets::new());
+        }
+        settle(&mut world);
+        for joiner in 24..30 {
+            world.event((0, joiner, 1), &Targets::new());
+            settle(&mut world);
+        }
+        for x in 0..30 {
+            for departure in [2, 3] {
+                let mut kept = Kept::default();
+                world.plan(&mut kept).unwrap();
+                let mut after = world.clone();
+                after.event((departure, x, 0), &Targets::new());
+                let (incremental, fresh) = (after.plan(&mut kept).unwrap(), after.plan(&mut Kept::default()).unwrap());
+                assert_eq!(incremental, fresh, "agent {x} departed ({departure})");
+                let id = format!("n{x:02}");
+                for (pod, carried) in &after.carried {
+                    let now = incremental.0.get(pod).map_or(Some(carried), Option::as_ref);
+                    let names = now.is_some_and(|a| standby_names(a).any(|n| n == id));
+                    assert!(!names || *pod == format!("p{x:02}"), "{pod} still names {id} (departure {departure})");
+                }
+            }
+        }
+    }
+
     /// What a test compares of two plans: everything but the memory.
     fn seen(out: PlanOutcome) -> (Targets, [u32; 5], String) {
         (out.targets, [out.settled, out.links, out.max_degree, out.min_degree, out.components], out.hash)
     }
 
     /// A fleet of up to 24 agents the property test below changes one event at a time.
-    #[derive(Default)]
+    #[derive(Clone, Default)]
     struct World {
         agents: BTreeMap<String, Arc<Agent>>,
         held: BTreeSet<String>,
