@@ -254,14 +254,17 @@ impl<'a> Pass<'a> {
         standby_names(a).all(|id| self.id_of(id).is_some_and(|v| v as usize != j))
     }
 
-    /// Whether the standbys in `a`, which named only agents when agent `j`'s Pod was last judged, still do:
-    /// only a departed agent can have left the plan. Most passes have none or a few departed.
-    fn standbys_still_agents(&self, a: &Assignment, j: usize) -> bool {
-        match self.departed.len() {
+    /// [`Pass::standbys_are_agents`], known at less cost when agent `j`'s Pod carried `a` and was settled in
+    /// the last plan (`was_settled`): then `a` named only agents, and only a departed one can fail it. Most
+    /// passes have none or a few departed, and a lookup table of every node id costs a millisecond at
+    /// 10,000 agents.
+    fn standbys_hold(&self, a: &Assignment, j: usize, was_settled: bool) -> bool {
+        let none_departed = || match self.departed.len() {
             0 => true,
             1..=8 => !standby_names(a).any(|id| self.departed.contains(&id)),
-            _ => self.standbys_are_agents(a, j),
-        }
+            _ => false,
+        };
+        (was_settled && none_departed()) || self.standbys_are_agents(a, j)
     }
 
     /// `unusable` in agent indices: pairs naming no agent are dropped.
@@ -351,9 +354,11 @@ impl<'a> Pass<'a> {
         let kept = &mut fresh.agents[j];
         let span = kept.span;
         let links = span.links(&fresh.indices);
-        let was = self.was(j).filter(|w| near && same(&w.exact, &kept.exact));
+        let matched = self.was(j).filter(|w| same(&w.exact, &kept.exact));
+        let was_settled = matched.is_some_and(|w| w.settled);
+        let was = matched.filter(|_| near);
         // Still settled unless a standby it carries has departed since.
-        let still = |w: &&KeptAgent| w.settled && kept.exact.as_ref().is_some_and(|e| self.standbys_still_agents(e, j));
+        let still = |w: &&KeptAgent| w.settled && kept.exact.as_ref().is_some_and(|e| self.standbys_hold(e, j, true));
         if let Some(w) = was.filter(still) {
             (kept.settled, kept.hash) = (true, w.hash);
             return (None, w.hash);
@@ -361,7 +366,7 @@ impl<'a> Pass<'a> {
         let t = target(self.agents, (g, avoid), j as u32, (links, span.dials as usize), cap);
         fresh.built += 1;
         // Judged anew even when the target is the kept one: an agent its standbys name may have come back.
-        kept.settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy) && self.standbys_are_agents(e, j));
+        kept.settled = kept.exact.as_ref().is_some_and(|e| t.is(e, policy) && self.standbys_hold(e, j, was_settled));
         kept.hash = was.map_or_else(|| pod_hash(&self.agents[j].pod, Some(&t), policy), |w| w.hash);
         ((!kept.settled).then(|| Arc::new(t.to_assignment(policy))), kept.hash)
     }
