@@ -247,15 +247,19 @@ impl<'a> Pass<'a> {
     }
 
     /// Whether every standby and standby accept agent `j`'s Pod carries in `a` is another agent of this
-    /// plan. One naming an agent that left is rewritten; one that merely differs from the plan's pairing
-    /// rides along (rewriting those too nearly tripled the Pod writes of a join: the rings around every
-    /// changed link shift, and a standby can drift any distance from its peer).
+    /// plan, each standby at the URL it names. One naming an agent that left or moved is rewritten; one
+    /// that merely differs from the plan's pairing rides along (rewriting those too nearly tripled the Pod
+    /// writes of a join: the rings around every changed link shift, and a standby can drift any distance
+    /// from its peer).
     fn standbys_are_agents(&self, a: &Assignment, j: usize) -> bool {
-        standby_names(a).all(|id| self.id_of(id).is_some_and(|v| v as usize != j))
+        let agent = |id: &str| self.id_of(id).filter(|&v| v as usize != j).map(|v| self.agents[v as usize]);
+        a.standbys.iter().all(|s| agent(&s.node_id).is_some_and(|v| v.url == s.url))
+            && a.standby_accepts.iter().all(|id| agent(id).is_some())
     }
 
     /// [`Pass::standbys_are_agents`], known at less cost when agent `j`'s Pod carried `a` and was settled in
-    /// the last plan (`was_settled`): then `a` named only agents, and only a departed one can fail it. Most
+    /// the last plan (`was_settled`): then `a` named only agents, and only a departed one (gone, held, or
+    /// judged anew, as a moved agent is) can fail it. Most
     /// passes have none or a few departed, and a lookup table of every node id costs a millisecond at
     /// 10,000 agents.
     fn standbys_hold(&self, a: &Assignment, j: usize, was_settled: bool) -> bool {
@@ -619,8 +623,8 @@ mod tests {
     }
 
     /// Standbys ride along with link changes only, so joins leave some far from the peer they stand for.
-    /// Still, when an agent leaves or is held, every Pod naming it is rewritten, and the kept plan agrees
-    /// with one made from scratch.
+    /// Still, when an agent leaves, is held or moves, every Pod naming it (at its old URL) is rewritten,
+    /// and the kept plan agrees with one made from scratch.
     #[test]
     fn a_departure_rewrites_every_pod_naming_it_however_far() {
         let mut world = World { cap: 4, ..Default::default() };
@@ -639,18 +643,23 @@ mod tests {
             settle(&mut world);
         }
         for x in 0..30 {
-            for departure in [2, 3] {
+            // A leave, a hold, and a move (the same node id at another URL).
+            for departure in [(2, 0), (3, 0), (1, 2)] {
                 let mut kept = Kept::default();
                 world.plan(&mut kept).unwrap();
                 let mut after = world.clone();
-                after.event((departure, x, 0), &Targets::new());
+                after.event((departure.0, x, departure.1), &Targets::new());
                 let (incremental, fresh) = (after.plan(&mut kept).unwrap(), after.plan(&mut Kept::default()).unwrap());
-                assert_eq!(incremental, fresh, "agent {x} departed ({departure})");
-                let id = format!("n{x:02}");
+                assert_eq!(incremental, fresh, "agent {x} departed ({departure:?})");
+                let (id, url) = (format!("n{x:02}"), after.agents.get(&format!("p{x:02}")).map(|a| a.url.clone()));
                 for (pod, carried) in &after.carried {
                     let now = incremental.0.get(pod).map_or(Some(carried), Option::as_ref);
-                    let names = now.is_some_and(|a| standby_names(a).any(|n| n == id));
-                    assert!(!names || *pod == format!("p{x:02}"), "{pod} still names {id} (departure {departure})");
+                    let stale = |a: &Assignment| {
+                        let standbys = a.standbys.iter().any(|s| s.node_id == id && Some(&s.url) != url.as_ref());
+                        standbys || (url.is_none() && a.standby_accepts.iter().any(|n| *n == id))
+                    };
+                    let names = now.is_some_and(|a| stale(a));
+                    assert!(!names || *pod == format!("p{x:02}"), "{pod} still names {id} (departure {departure:?})");
                 }
             }
         }
