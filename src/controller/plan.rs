@@ -259,9 +259,8 @@ impl<'a> Pass<'a> {
 
     /// [`Pass::standbys_are_agents`], known at less cost when agent `j`'s Pod carried `a` and was settled in
     /// the last plan (`was_settled`): then `a` named only agents, and only a departed one (gone, held, or
-    /// judged anew, as a moved agent is) can fail it. Most
-    /// passes have none or a few departed, and a lookup table of every node id costs a millisecond at
-    /// 10,000 agents.
+    /// judged anew, as a moved agent is) can fail it. Most passes have none or a few departed, and a table
+    /// of every node id costs a millisecond at 10,000 agents.
     fn standbys_hold(&self, a: &Assignment, j: usize, was_settled: bool) -> bool {
         let none_departed = || match self.departed.len() {
             0 => true,
@@ -362,7 +361,7 @@ impl<'a> Pass<'a> {
         let was_settled = matched.is_some_and(|w| w.settled);
         let was = matched.filter(|_| near);
         // Still settled unless a standby it carries has departed since.
-        let still = |w: &&KeptAgent| w.settled && kept.exact.as_ref().is_some_and(|e| self.standbys_hold(e, j, true));
+        let still = |_: &&KeptAgent| was_settled && kept.exact.as_ref().is_some_and(|e| self.standbys_hold(e, j, true));
         if let Some(w) = was.filter(still) {
             (kept.settled, kept.hash) = (true, w.hash);
             return (None, w.hash);

@@ -13,7 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
 use crate::api::MeshPolicy;
-use crate::assignment::{self, Assignment, Name};
+use crate::assignment::{self, Assignment};
 
 /// A Pod as the cache keeps it: its identity, the labels and annotations the controller reads, and the
 /// three status facts membership needs. No `ObjectMeta`: its sixteen optional fields would weigh more
@@ -161,28 +161,15 @@ impl<T: ?Sized + Eq + std::hash::Hash> Sharing<T> {
         if let Some(shared) = self.values.get(value.borrow()) {
             return shared.clone();
         }
-        self.insert(Arc::from(value))
-    }
-
-    fn insert(&mut self, shared: Arc<T>) -> Arc<T> {
         // Values no Pod holds any more are swept once the table doubles past the live ones: Pods with
         // ever new label values (or namespaces, or node ids) cannot grow it without bound.
         if self.values.len() >= 2 * self.live + 1024 {
             self.values.retain(|v| Arc::strong_count(v) > 1);
             self.live = self.values.len();
         }
+        let shared: Arc<T> = Arc::from(value);
         self.values.insert(shared.clone());
         shared
-    }
-}
-
-impl Sharing<str> {
-    /// The shared copy of `name`.
-    fn share_name(&mut self, name: &Name) -> Name {
-        match self.values.get(name.as_str()) {
-            Some(shared) => Name::from(shared.clone()),
-            None => Name::from(self.insert(name.clone().into())),
-        }
     }
 }
 
@@ -469,7 +456,7 @@ impl Keys {
         if let Keys::Exact(a) = &mut self {
             let a = Arc::get_mut(a).expect("parsed just now");
             for name in a.names_mut() {
-                *name = names.share_name(name);
+                *name = names.share(name.clone()).into();
             }
         }
         self

@@ -108,12 +108,6 @@ impl std::borrow::Borrow<str> for Name {
     }
 }
 
-impl AsRef<str> for Name {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
 impl From<&str> for Name {
     fn from(s: &str) -> Self {
         Name(s.into())
@@ -141,12 +135,6 @@ impl From<Arc<str>> for Name {
 impl From<Name> for Arc<str> {
     fn from(n: Name) -> Self {
         n.0
-    }
-}
-
-impl From<Name> for String {
-    fn from(n: Name) -> Self {
-        n.0.to_string()
     }
 }
 
