@@ -238,8 +238,9 @@ fn decide(c: &mut Criterion) {
 
 /// What the controller does per event: the policy's view kept between reconciles takes in the changed
 /// Pods alone. `kept_view_join`: one agent joins and the view takes it in (observe and membership);
-/// `kept_join`: the same, then the decide step; `kept_settled`: a reconcile with nothing changed. The
-/// join is undone, untimed, after each.
+/// `kept_join`: the same, then the decide step; `kept_landed`: the reconcile after the join's writes land
+/// (the Pods they change come back with new keys); `kept_leave`: the reconcile after it leaves again (no
+/// Pod took the join's writes, so none needs one); `kept_settled`: a reconcile with nothing changed.
 fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>, policy: &ValidPolicy, n: usize) {
     let (pods, snapshot) = fleet(policy, n, 1);
     let (joining, settled) = pods.split_last().unwrap();
@@ -247,26 +248,54 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     let mut memory = Memory::default();
     let d = view.reconcile(&mut memory);
     assert!(d.waves.is_empty(), "settled at {n}");
-    let join = |view: &View, memory: &mut Memory, decide: bool| {
+    let index = |pod: &str| pod.strip_prefix("agent-").and_then(|i| i.parse::<usize>().ok()).unwrap();
+    let join = |view: &View, memory: &mut Memory, timed: Timed| {
         view.apply(watcher::Event::Apply(Arc::new(CachedPod::clone(joining))));
-        let timed = Instant::now();
-        if decide {
-            let d = view.reconcile(memory);
-            assert!(!d.waves.is_empty(), "the join is written at {n}");
-        } else {
-            view.take_in();
+        let start = Instant::now();
+        let wanted = match timed {
+            Timed::View => {
+                view.take_in();
+                Targets::new()
+            }
+            _ => view.reconcile(memory).wanted,
+        };
+        let join = start.elapsed();
+        if timed != Timed::View {
+            assert!(!wanted.is_empty(), "the join is written at {n}");
         }
-        let took = timed.elapsed();
+        let landed = (timed == Timed::Landed).then(|| {
+            for (pod, to) in &wanted {
+                view.apply(watcher::Event::Apply(Arc::new(agent_pod(index(pod), to.as_deref()))));
+            }
+            let start = Instant::now();
+            let d = view.reconcile(memory);
+            assert!(d.waves.is_empty(), "the join's writes settle the plan at {n}");
+            let took = start.elapsed();
+            for pod in wanted.keys().filter(|p| index(p) < settled.len()) {
+                view.apply(watcher::Event::Apply(Arc::clone(&settled[index(pod)])));
+            }
+            took
+        });
         view.apply(watcher::Event::Delete(Arc::new(CachedPod::clone(joining))));
+        let start = Instant::now();
         view.reconcile(memory);
-        took
+        match timed {
+            Timed::Leave => start.elapsed(),
+            Timed::Landed => landed.unwrap(),
+            _ => join,
+        }
     };
-    group.bench_function(BenchmarkId::new("kept_view_join", n), |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut memory, false)).sum())
-    });
-    group.bench_function(BenchmarkId::new("kept_join", n), |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut memory, true)).sum())
-    });
+    let cases = [
+        ("kept_view_join", Timed::View),
+        ("kept_join", Timed::Join),
+        ("kept_landed", Timed::Landed),
+        ("kept_leave", Timed::Leave),
+    ];
+    for (case, timed) in cases {
+        group.bench_function(BenchmarkId::new(case, n), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| join(&view, &mut memory, timed)).sum())
+        });
+    }
     group.bench_function(BenchmarkId::new("kept_settled", n), |b| b.iter(|| view.reconcile(&mut memory)));
     // A changed presence read judges every Pod again (here: the same entries in a new snapshot).
     group.bench_function(BenchmarkId::new("kept_view_presence", n), |b| {
@@ -276,6 +305,16 @@ fn kept(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
             view.take_in()
         })
     });
+}
+
+/// What [`kept`] times of a join: the view taking it in, the reconcile, the reconcile after its writes
+/// land, or the reconcile after it leaves again.
+#[derive(Clone, Copy, PartialEq)]
+enum Timed {
+    View,
+    Join,
+    Landed,
+    Leave,
 }
 
 /// A policy's view as the controller keeps it, over a Pod cache written through its changelog.
