@@ -1,7 +1,8 @@
 //! A full plan (no previous plan) for N ∈ {1k, 10k, 20k} × k ∈ {4, 8, 16}, the same over three zones at
-//! N = 10k, and a replan after one join.
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use mesh_operator::planner::{self, Dials, Member};
+//! N = 10k, and a replan after one join: from scratch, and with the last plan's memo (what the
+//! controller's kept plan does).
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mesh_operator::planner::{self, Dials, Indexed, Member};
 
 fn members(n: usize, zones: usize) -> Vec<Member> {
     (0..n)
@@ -44,6 +45,21 @@ fn replan_after_join(c: &mut Criterion) {
     let mut joined = m.clone();
     joined.push(Member { node_id: "f".repeat(64), domain: None });
     c.bench_function("replan_join/k8/10000", |b| b.iter(|| planner::plan(&joined, 8, "bench", &previous).unwrap()));
+    for k in [4u32, 8] {
+        let mut memo = planner::Memo::default();
+        planner::graph_kept(&m, k, "bench", Indexed::default(), vec![], (&mut memo, &[])).unwrap();
+        let was: Vec<Option<u32>> = (0..m.len() as u32).map(Some).chain([None]).collect();
+        c.bench_function(&format!("graph_join/k{k}/10000"), |b| {
+            b.iter(|| planner::graph(&joined, k, "bench", Indexed::default(), vec![]).unwrap())
+        });
+        c.bench_function(&format!("graph_join_memo/k{k}/10000"), |b| {
+            b.iter_batched_ref(
+                || memo.clone(),
+                |memo| planner::graph_kept(&joined, k, "bench", Indexed::default(), vec![], (memo, &was)).unwrap(),
+                BatchSize::LargeInput,
+            )
+        });
+    }
 }
 
 criterion_group!(benches, full_plan, full_plan_three_zones, replan_after_join);

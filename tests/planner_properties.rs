@@ -1,7 +1,7 @@
 //! Property tests of the planner: one per row of the table in docs/design.md §4.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use mesh_operator::planner::{self, Dials, Member, Plan, Unusable, analysis};
+use mesh_operator::planner::{self, Dials, Indexed, Member, Plan, Unusable, analysis};
 use proptest::prelude::*;
 
 fn members(n: usize, zones: usize, salt: u64) -> Vec<Member> {
@@ -298,6 +298,34 @@ proptest! {
         let before = plan(&m, k, "uid").dials();
         let again = planner::plan(&m, k, "uid", &before).unwrap().dials();
         prop_assert_eq!(analysis::churn(&before, &again), analysis::Churn { links_changed: 0, dial_lists_changed: 0 });
+    }
+
+    /// The memo a plan keeps only saves sorting: each plan made with it, through joins, leaves and a new
+    /// seed at random places, is the plan made without it.
+    #[test]
+    fn the_memo_changes_no_plan(
+        n in 2usize..300, k in 0u32..=9, zones in 0usize..4, salt: u64,
+        steps in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>(), any::<bool>()), 1..8),
+    ) {
+        let (mut m, mut memo, mut seed) = (members(n, zones, salt), planner::Memo::default(), "uid");
+        let mut was: Vec<Option<u32>> = vec![None; n];
+        for (i, (join, at, reseed)) in steps.into_iter().enumerate() {
+            let without = planner::graph(&m, k, seed, Indexed::default(), vec![]).unwrap();
+            let with = planner::graph_kept(&m, k, seed, Indexed::default(), vec![], (&mut memo, &was)).unwrap();
+            prop_assert_eq!(with, without, "step {}", i);
+            if reseed {
+                seed = if seed == "uid" { "other" } else { "uid" };
+            }
+            let at = at.index(m.len());
+            if join || m.len() < 3 {
+                let domain = (zones > 0).then(|| format!("zone-{}", i % zones));
+                m.insert(at, Member { node_id: format!("joiner-{salt:x}-{i}"), domain });
+                was = (0..m.len() as u32).map(|j| (j as usize != at).then(|| j - (j as usize > at) as u32)).collect();
+            } else {
+                m.remove(at);
+                was = (0..m.len() as u32).map(|j| Some(j + (j as usize >= at) as u32)).collect();
+            }
+        }
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Kept {
     /// Each agent's node id → its index in `agents`: kept, so that a pass hashes only the node ids of the
     /// agents that changed (building it afresh cost 1–1.5 ms at 10,000 agents).
     by_id: foldhash::HashMap<Name, u32>,
+    /// What the planner sorted for it.
+    memo: planner::Memo,
 }
 
 impl Kept {
@@ -170,7 +172,7 @@ pub fn targets(
     let old_graph = old.graph.take();
     // Sorted by Pod name, as the map is.
     let agents: Vec<&Arc<Agent>> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| a).collect();
-    let by_id = std::mem::take(&mut old.by_id);
+    let (by_id, mut memo) = (std::mem::take(&mut old.by_id), std::mem::take(&mut old.memo));
     let pass = Pass::new(&old, &agents, by_id);
     let (mut fresh, previous) = pass.previous(pod_keys(&agents, carried, pods));
     // The planner's inputs are the agents (their node ids and domains) and what their Pods carry: when
@@ -181,7 +183,7 @@ pub fn targets(
         && old.unusable == *unusable;
     let g = match old_graph.filter(|_| unchanged) {
         Some(g) => g,
-        None => planner::graph(&agents, cap, seed, previous, pass.indexed(unusable))?,
+        None => planner::graph_kept(&agents, cap, seed, previous, pass.indexed(unusable), (&mut memo, &pass.old_of))?,
     };
     let mut out = PlanOutcome {
         targets: Targets::new(),
@@ -212,7 +214,7 @@ pub fn targets(
         out.targets.insert(pod.clone(), None);
     }
     out.hash = format!("{digest:016x}");
-    *kept = Kept { made_for, graph: Some(g), unusable: unusable.clone(), by_id: pass.by_id, ..fresh };
+    *kept = Kept { made_for, graph: Some(g), unusable: unusable.clone(), by_id: pass.by_id, memo, ..fresh };
     Ok(out)
 }
 

@@ -15,6 +15,7 @@ mod rings;
 pub mod standby;
 
 pub use graph::Graph;
+pub use rings::Memo;
 
 /// The largest cap the planner takes: beyond it an agent's sync fan-out stops being "a few supplementary
 /// links", and its annotations would outgrow what a Pod should carry.
@@ -189,14 +190,27 @@ pub fn graph<M: Node>(
     members: &[M],
     cap: u32,
     seed: &str,
+    previous: Indexed,
+    unusable: Vec<(u32, u32)>,
+) -> Result<Graph, PlanError> {
+    graph_kept(members, cap, seed, previous, unusable, (&mut Memo::default(), &[]))
+}
+
+/// [`graph`] with the last plan's [`Memo`], brought up to date: `was[j]` is member `j`'s index in the
+/// last plan if it was in it with the same node id.
+pub fn graph_kept<M: Node>(
+    members: &[M],
+    cap: u32,
+    seed: &str,
     mut previous: Indexed,
     mut unusable: Vec<(u32, u32)>,
+    (memo, was): (&mut Memo, &[Option<u32>]),
 ) -> Result<Graph, PlanError> {
     if cap > MAX_CAP {
         return Err(PlanError::CapOutOfRange(cap));
     }
-    let hash = rings::hashes(members, seed);
-    let rank = ranks(members, &hash).ok_or_else(|| first_bad_id(members))?;
+    let Memo { seed, hash, ranked, mut orders } = memo.take(members, seed, was);
+    let (rank, ranked) = ranks(members, &hash, &ranked).ok_or_else(|| first_bad_id(members))?;
     let n = members.len() as u32;
     previous.links.retain(|&(a, b)| a != b && a < n && b < n);
     previous.known.resize(members.len(), false);
@@ -210,17 +224,19 @@ pub fn graph<M: Node>(
     unusable.retain(|&(a, b)| a != b && b < n);
     unusable.sort_unstable();
     unusable.dedup();
-    Ok(rings::build(members, hash, cap as usize, &previous, unusable))
+    let g = rings::build(members, hash.clone(), cap as usize, &previous, unusable, &mut orders);
+    *memo = Memo { seed, hash, ranked, orders };
+    Ok(g)
 }
 
-/// Each member's position in the order of its keyed hash (`hash`), then node id; `None` when a node id is
-/// empty or appears twice.
-fn ranks<M: Node>(members: &[M], hash: &[u64]) -> Option<Vec<u32>> {
+/// Each member's position in the order of its keyed hash (`hash`), then node id, and the members in that
+/// order (`hint`: probably it, see [`rings::sort_keyed`]); `None` when a node id is empty or appears
+/// twice.
+fn ranks<M: Node>(members: &[M], hash: &[u64], hint: &[u32]) -> Option<(Vec<u32>, Vec<u32>)> {
     if members.iter().any(|m| m.node_id().is_empty()) {
         return None;
     }
-    let mut keyed: Vec<(u64, u32)> = hash.iter().enumerate().map(|(i, &h)| (h, i as u32)).collect();
-    rings::sort_keyed(members, &mut keyed);
+    let keyed = rings::sort_keyed(members, |i| hash[i as usize], hint);
     let id = |i: u32| members[i as usize].node_id();
     if keyed.windows(2).any(|w| w[0].0 == w[1].0 && id(w[0].1) == id(w[1].1)) {
         return None;
@@ -229,7 +245,7 @@ fn ranks<M: Node>(members: &[M], hash: &[u64]) -> Option<Vec<u32>> {
     for (r, &(_, i)) in keyed.iter().enumerate() {
         rank[i as usize] = r as u32;
     }
-    Some(rank)
+    Some((rank, keyed.into_iter().map(|(_, i)| i).collect()))
 }
 
 /// The first member, in input order, whose node id is empty or was seen before (given there is one).

@@ -38,20 +38,29 @@ const NO_MATE: u32 = u32::MAX;
 const AUX: u64 = 0xA0A0;
 
 /// The graph over `members`, whose keyed hashes ([`hashes`]) are `hash`, without the pairs in `unusable`
-/// (each `(a, b)` with `a < b`, sorted).
+/// (each `(a, b)` with `a < b`, sorted). `hints` are the last plan's orders in these members' indices
+/// (see [`Memo`]); the orders this plan sorted are left in their place.
 pub fn build<M: Node>(
     members: &[M],
     hash: Vec<u64>,
     k: usize,
     previous: &Previous,
     unusable: Vec<(u32, u32)>,
+    hints: &mut Vec<(u64, Vec<u32>)>,
 ) -> Graph {
     let n = members.len();
     let g = Graph::new(n, k);
     if k == 0 || n < 2 {
         return g;
     }
-    let ctx = Ctx::new(members, hash);
+    let mut ctx = Ctx::new(members, hash, std::mem::take(hints));
+    let build = build_with(&mut ctx, g, k, previous, unusable);
+    *hints = ctx.sorted;
+    build
+}
+
+fn build_with<M: Node>(ctx: &mut Ctx<M>, g: Graph, k: usize, previous: &Previous, unusable: Vec<(u32, u32)>) -> Graph {
+    let n = ctx.members.len();
     let backbone = ctx.order(0, true);
     let pos0 = positions(&backbone);
     let aux = ctx.order(AUX, false);
@@ -104,47 +113,92 @@ pub fn build<M: Node>(
     b.g
 }
 
-/// Per-member hashes and domain ranks: everything the orders are computed from.
+/// Per-member hashes and domain ranks: everything the orders are computed from; the last plan's orders
+/// as hints, and the orders this plan sorted.
 struct Ctx<'a, M> {
     members: &'a [M],
     hash: Vec<u64>,
     dom: Vec<u32>,
     domains: u32,
+    hints: Vec<(u64, Vec<u32>)>,
+    sorted: Vec<(u64, Vec<u32>)>,
 }
 
-/// Each member's node id hashed with `seed`: the key every order starts from.
-pub fn hashes<M: Node>(members: &[M], seed: &str) -> Vec<u64> {
-    let seed = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
-    members.iter().map(|m| xxh3_64_with_seed(m.node_id().as_bytes(), seed)).collect()
+/// What one plan sorted, kept so that the next plan over mostly the same members sorts little: each
+/// member's keyed hash, and each order (ring key → members). Sorting 10,000 keys costs about as much as
+/// the rest of a ring; a plan that keeps most members lists them in their old order, already sorted,
+/// and a stable sort only merges the new ones in. Orders come out the same with or without the memo: it
+/// only hints what is probably sorted. Hashes are copied, so a member kept must have its old node id.
+#[derive(Clone, Default)]
+pub struct Memo {
+    pub(super) seed: String,
+    pub(super) hash: Vec<u64>,
+    /// Members by hash, then node id (see `super::ranks`), and by each ring's key.
+    pub(super) ranked: Vec<u32>,
+    pub(super) orders: Vec<(u64, Vec<u32>)>,
 }
 
-/// Sorts `keyed` (key, member) by key, members of equal keys (a 64-bit collision) by node id, so the
-/// order never depends on input order. Sorting the keys alone is what keeps this fast.
-pub fn sort_keyed<K: Ord + Copy, M: Node>(members: &[M], keyed: &mut [(K, u32)]) {
-    keyed.sort_unstable();
+impl Memo {
+    /// This plan's memo, for `members` keyed with `seed`, where `was[j]` is member `j`'s index in the
+    /// last plan if it was in it with the same node id: each member's hash (a kept one's copied), and as
+    /// hints the last plan's orders, in these members' indices.
+    pub fn take<M: Node>(&mut self, members: &[M], seed: &str, was: &[Option<u32>]) -> Memo {
+        let Memo { seed: kept_seed, hash: old, ranked, orders } = std::mem::take(self);
+        let (old, ranked, orders) = if kept_seed == seed { (old, ranked, orders) } else { Default::default() };
+        let mut now = vec![u32::MAX; old.len()];
+        for (j, w) in was.iter().enumerate().take(members.len()) {
+            if let Some(w) = w.filter(|&w| (w as usize) < old.len()) {
+                now[w as usize] = j as u32;
+            }
+        }
+        let key = xxh3_64_with_seed(seed.as_bytes(), 0x6d65_7368);
+        let hash = members.iter().enumerate().map(|(j, m)| {
+            let kept = was.get(j).copied().flatten().and_then(|w| old.get(w as usize));
+            kept.copied().unwrap_or_else(|| xxh3_64_with_seed(m.node_id().as_bytes(), key))
+        });
+        let map = |order: Vec<u32>| order.into_iter().map(|o| now[o as usize]).filter(|&j| j != u32::MAX).collect();
+        let orders = orders.into_iter().map(|(c, order)| (c, map(order))).collect();
+        Memo { seed: seed.to_owned(), hash: hash.collect(), ranked: map(ranked), orders }
+    }
+}
+
+/// The members sorted by `key`, members of equal keys (a 64-bit collision) by node id, so the order never
+/// depends on input order. `hint` lists members in an order that is probably sorted (the last plan's):
+/// they go first, the rest after, and a stable sort merges the two runs. Sorting the keys alone is what
+/// keeps this fast.
+pub fn sort_keyed<K: Ord + Copy, M: Node>(members: &[M], key: impl Fn(u32) -> K, hint: &[u32]) -> Vec<(K, u32)> {
+    let mut listed = vec![false; members.len()];
+    let mut keyed = Vec::with_capacity(members.len());
+    for &i in hint {
+        if !std::mem::replace(&mut listed[i as usize], true) {
+            keyed.push((key(i), i));
+        }
+    }
+    keyed.extend((0..members.len() as u32).filter(|&i| !listed[i as usize]).map(|i| (key(i), i)));
+    keyed.sort();
     let id = |i: u32| members[i as usize].node_id();
     for run in keyed.chunk_by_mut(|a, b| a.0 == b.0).filter(|run| run.len() > 1) {
         run.sort_unstable_by(|a, b| id(a.1).cmp(id(b.1)));
     }
+    keyed
 }
 
 impl<'a, M: Node> Ctx<'a, M> {
-    fn new(members: &'a [M], hash: Vec<u64>) -> Self {
-        let mut names: Vec<Option<&str>> = members.iter().map(|m| m.domain()).collect();
-        names.sort_unstable();
-        names.dedup();
+    fn new(members: &'a [M], hash: Vec<u64>, hints: Vec<(u64, Vec<u32>)>) -> Self {
+        let names: std::collections::BTreeSet<Option<&str>> = members.iter().map(|m| m.domain()).collect();
+        let names: Vec<Option<&str>> = names.into_iter().collect();
         let dom = members.iter().map(|m| names.binary_search(&m.domain()).unwrap() as u32).collect();
-        Self { members, hash, dom, domains: names.len() as u32 }
+        Self { members, hash, dom, domains: names.len() as u32, hints, sorted: Vec::new() }
     }
 
     /// Members sorted by ring `c`'s key (within domain arcs when `by_domain`); ties, which need a 64-bit
     /// collision, fall back to the node id so the order never depends on input order.
-    fn order(&self, c: u64, by_domain: bool) -> Vec<u32> {
-        let mut keyed: Vec<((u32, u64), u32)> = (0..self.hash.len())
-            .map(|i| ((if by_domain { self.dom[i] } else { 0 }, mix(self.hash[i], c)), i as u32))
-            .collect();
-        sort_keyed(self.members, &mut keyed);
-        keyed.into_iter().map(|(_, i)| i).collect()
+    fn order(&mut self, c: u64, by_domain: bool) -> Vec<u32> {
+        let hint = self.hints.iter().find(|(h, _)| *h == c).map_or(&[][..], |(_, order)| order);
+        let key = |i: u32| (if by_domain { self.dom[i as usize] } else { 0 }, mix(self.hash[i as usize], c));
+        let order: Vec<u32> = sort_keyed(self.members, key, hint).into_iter().map(|(_, i)| i).collect();
+        self.sorted.push((c, order.clone()));
+        order
     }
 }
 
