@@ -183,7 +183,8 @@ pub fn targets(
     let agents: Vec<&Arc<Agent>> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| a).collect();
     let (by_id, mut memo, held) = (take(&mut old.by_id), take(&mut old.memo), take(&mut old.held));
     let mut pass = Pass::new(&old, &held, &agents, by_id);
-    let (mut fresh, previous) = pass.previous(pod_keys(&agents, carried, pods), held);
+    let (now, gone) = pod_keys(&agents, carried, pods);
+    let (mut fresh, previous) = pass.previous(now, held);
     // The planner's inputs are the agents (their node ids and domains) and what their Pods carry: when
     // every one is the very one planned last time, so is the graph.
     let unchanged = old.agents.len() == agents.len()
@@ -218,7 +219,7 @@ pub fn targets(
         }
         digest = digest.wrapping_add(hash);
     }
-    for pod in gone(carried, &agents) {
+    for pod in gone {
         digest = digest.wrapping_add(pod_hash(pod, None, policy));
         out.targets.insert(pod.clone(), None);
     }
@@ -485,25 +486,30 @@ struct Now<'a> {
     exact: Option<&'a Arc<Assignment>>,
 }
 
-/// Each agent's [`Now`], read along the sorted maps rather than looked up in them.
+/// Each agent's [`Now`], read along the sorted maps rather than looked up in them; and the Pods carrying
+/// the policy's assignment that are not agents in the plan.
 fn pod_keys<'a>(
     agents: &[&Arc<Agent>],
     carried: &'a BTreeMap<String, Arc<Assignment>>,
     pods: &'a BTreeMap<String, PodState>,
-) -> Vec<Now<'a>> {
-    let (mut carried, mut pods) = (carried.iter().peekable(), pods.iter().peekable());
-    agents
+) -> (Vec<Now<'a>>, Vec<&'a String>) {
+    let (mut carried, mut pods, mut gone) = (carried.iter().peekable(), pods.iter().peekable(), Vec::new());
+    let now = agents
         .iter()
         .map(|a| {
             let pod = a.pod.as_str();
-            while carried.next_if(|(p, _)| p.as_str() < pod).is_some() {}
+            while let Some((p, _)) = carried.next_if(|(p, _)| p.as_str() < pod) {
+                gone.push(p);
+            }
             while pods.next_if(|(p, _)| p.as_str() < pod).is_some() {}
             Now {
                 carried: carried.next_if(|(p, _)| p.as_str() == pod).map(|(_, c)| c),
                 exact: pods.next_if(|(p, _)| p.as_str() == pod).and_then(|(_, s)| s.keys.exact()),
             }
         })
-        .collect()
+        .collect();
+    gone.extend(carried.map(|(p, _)| p));
+    (now, gone)
 }
 
 /// Agent `x`'s target in `g`: the first `dials` of `links` are whom it dials, the rest who dial it. Its
@@ -532,18 +538,6 @@ fn target<'a>(
     standby_accepts.sort_unstable();
     standby_accepts.dedup();
     Target { peers, accepts, cap, standbys, standby_accepts }
-}
-
-/// The Pods carrying the policy's assignment that are not agents in the plan.
-fn gone<'a>(
-    carried: &'a BTreeMap<String, Arc<Assignment>>,
-    agents: &'a [&Arc<Agent>],
-) -> impl Iterator<Item = &'a String> + 'a {
-    let mut agents = agents.iter().peekable();
-    carried.keys().filter(move |pod| {
-        while agents.next_if(|a| a.pod < **pod).is_some() {}
-        agents.peek().is_none_or(|a| a.pod != **pod)
-    })
 }
 
 /// With no presence: each Pod in `staying` keeps what it carries, without the peers that are gone, under
