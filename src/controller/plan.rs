@@ -830,6 +830,29 @@ mod tests {
         }
     }
 
+    /// Whether the kept memory's tables say what they stand for: the node-id table its agents' ids, and
+    /// each settled Pod's run of named agents the agents its standbys name. A wrong one can hide until a
+    /// later event reads it.
+    fn tables_hold(kept: &Kept) -> Result<(), String> {
+        let ids: foldhash::HashMap<Name, u32> =
+            kept.held.iter().enumerate().map(|(j, h)| (h.agent.node_id.clone(), j as u32)).collect();
+        if ids != kept.by_id {
+            return Err(format!("node-id table {:?}, agents {ids:?}", kept.by_id));
+        }
+        for (j, (a, h)) in kept.agents.iter().zip(&kept.held).enumerate().filter(|(_, (a, _))| a.settled) {
+            let e = h.exact.as_deref().ok_or(format!("agent {j} settled without keys"))?;
+            let names = e.standbys.iter().map(|s| &s.node_id).chain(&e.standby_accepts);
+            let mut want: Vec<Option<u32>> = names.map(|id| ids.get(id.as_str()).copied()).collect();
+            let mut got: Vec<Option<u32>> = a.span.named(&kept.indices).iter().map(|&v| Some(v)).collect();
+            want.sort();
+            got.sort();
+            if want != got {
+                return Err(format!("agent {j} names {want:?}, its run holds {got:?}"));
+            }
+        }
+        Ok(())
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
         /// The plan made with the last plan's memory equals the plan made without, after every event:
@@ -846,6 +869,7 @@ mod tests {
                 let fresh = world.plan(&mut Kept::default());
                 let incremental = world.plan(&mut kept);
                 proptest::prop_assert_eq!(&incremental, &fresh, "after {:?}", e);
+                proptest::prop_assert_eq!(tables_hold(&kept), Ok(()), "after {:?}", e);
                 last = fresh.map(|f| f.0).unwrap_or_default();
             }
         }
