@@ -224,7 +224,7 @@ pub fn graph_kept<M: Node>(
     unusable.retain(|&(a, b)| a != b && b < n);
     unusable.sort_unstable();
     unusable.dedup();
-    let g = rings::build(members, hash.clone(), cap as usize, &previous, unusable, &mut orders);
+    let g = rings::build(members, &hash, cap as usize, &previous, unusable, &mut orders);
     *memo = Memo { seed, hash, ranked, orders };
     Ok(g)
 }

@@ -37,12 +37,12 @@ const NO_MATE: u32 = u32::MAX;
 /// Ring index of the auxiliary order used by the odd-k matching and by repair searches.
 const AUX: u64 = 0xA0A0;
 
-/// The graph over `members`, whose keyed hashes ([`hashes`]) are `hash`, without the pairs in `unusable`
+/// The graph over `members`, whose keyed hashes (see [`Memo`]) are `hash`, without the pairs in `unusable`
 /// (each `(a, b)` with `a < b`, sorted). `hints` are the last plan's orders in these members' indices
 /// (see [`Memo`]); the orders this plan sorted are left in their place.
 pub fn build<M: Node>(
     members: &[M],
-    hash: Vec<u64>,
+    hash: &[u64],
     k: usize,
     previous: &Previous,
     unusable: Vec<(u32, u32)>,
@@ -117,7 +117,7 @@ fn build_with<M: Node>(ctx: &mut Ctx<M>, g: Graph, k: usize, previous: &Previous
 /// as hints, and the orders this plan sorted.
 struct Ctx<'a, M> {
     members: &'a [M],
-    hash: Vec<u64>,
+    hash: &'a [u64],
     dom: Vec<u32>,
     domains: u32,
     hints: Vec<(u64, Vec<u32>)>,
@@ -184,7 +184,7 @@ pub fn sort_keyed<K: Ord + Copy, M: Node>(members: &[M], key: impl Fn(u32) -> K,
 }
 
 impl<'a, M: Node> Ctx<'a, M> {
-    fn new(members: &'a [M], hash: Vec<u64>, hints: Vec<(u64, Vec<u32>)>) -> Self {
+    fn new(members: &'a [M], hash: &'a [u64], hints: Vec<(u64, Vec<u32>)>) -> Self {
         let names: std::collections::BTreeSet<Option<&str>> = members.iter().map(|m| m.domain()).collect();
         let names: Vec<Option<&str>> = names.into_iter().collect();
         let dom = members.iter().map(|m| names.binary_search(&m.domain()).unwrap() as u32).collect();
