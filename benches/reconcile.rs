@@ -203,7 +203,7 @@ fn fleet(policy: &ValidPolicy, n: usize, extra: usize) -> (Vec<Arc<CachedPod>>, 
     assert!(pass(policy, &bare, &snapshot, &mut memory, now).wanted.is_empty(), "a burst waits");
     let later = now + 2 * mesh_operator::controller::admission::QUIET;
     let decision = pass(policy, &bare, &snapshot, &mut memory, later);
-    let settled = (0..n).map(|i| agent_pod(i, decision.wanted[&format!("agent-{i}")].as_deref()));
+    let settled = (0..n).map(|i| agent_pod(i, decision.wanted[format!("agent-{i}").as_str()].as_deref()));
     let joining = (n..n + extra).map(|i| agent_pod(i, None));
     (settled.chain(joining).map(Arc::new).collect(), presence_of(n + extra))
 }

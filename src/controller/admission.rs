@@ -8,8 +8,10 @@
 //! at its second agent), its newcomers wait until arrivals pause for [`QUIET`] (or the oldest has waited
 //! [`MAX_HOLD`]) and join in one plan. A lone join, or a fleet growing steadily, is never held. Pure: the
 //! clock is an argument.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+
+use crate::assignment::Name;
 
 /// Arrivals this close together make a burst; a pause this long ends it.
 pub const QUIET: Duration = Duration::from_secs(1);
@@ -22,10 +24,10 @@ pub const BURST_SHARE: f64 = 0.25;
 #[derive(Debug, Default)]
 pub struct Admission {
     /// Newcomers held back, with when each was first seen eligible.
-    waiting: HashMap<String, Instant>,
-    /// Agents in the last plan: not newcomers any more. Looked up for every agent on every pass, so hashed
-    /// with foldhash rather than the default SipHash.
-    planned: foldhash::HashSet<String>,
+    waiting: BTreeMap<Name, Instant>,
+    /// Agents in the last plan, sorted: not newcomers any more. Merged with every pass's agents, and the
+    /// names are the Pod cache's, so the merge compares pointers rather than reading names.
+    planned: Vec<Name>,
     /// The current burst: when its last newcomer arrived, how many have, and the fleet it began in.
     last_arrival: Option<Instant>,
     arrivals: usize,
@@ -42,18 +44,19 @@ impl Admission {
         self.blind_until = t;
     }
 
-    /// Of `eligible` (Pod names), the newcomers to hold back now, given which already carry an
+    /// Of `eligible` (Pod names, sorted), the newcomers to hold back now, given which already carry an
     /// assignment (`carried`); and when to look again if any are held.
     pub fn hold(
         &mut self,
-        eligible: &[&str],
+        eligible: &[&Name],
         carried: &dyn Fn(&str) -> bool,
         now: Instant,
-    ) -> (HashSet<String>, Option<Duration>) {
-        // One lookup per agent: those not in the plan, and of them the newcomers (not carrying one either).
-        let unplanned: Vec<&str> = eligible.iter().copied().filter(|p| !self.planned.contains(*p)).collect();
-        let newcomers: HashSet<&str> = unplanned.iter().copied().filter(|p| !carried(p)).collect();
-        self.waiting.retain(|p, _| newcomers.contains(p.as_str()));
+    ) -> (BTreeSet<Name>, Option<Duration>) {
+        debug_assert!(eligible.is_sorted(), "eligible agents in name order");
+        // Those not in the plan, and of them the newcomers (not carrying one either).
+        let unplanned = missing(eligible, &self.planned);
+        let newcomers: BTreeSet<&Name> = unplanned.iter().copied().filter(|p| !carried(p)).collect();
+        self.waiting.retain(|p, _| newcomers.contains(p));
         let arrived = newcomers.iter().filter(|p| !self.waiting.contains_key(**p)).count();
         if arrived > 0 {
             // The fleet a burst joins: the agents already in the plan or carrying an assignment (after a
@@ -64,8 +67,8 @@ impl Admission {
             self.arrivals += arrived;
             self.last_arrival = Some(now);
         }
-        for p in &newcomers {
-            self.waiting.entry((*p).to_owned()).or_insert(now);
+        for p in newcomers {
+            self.waiting.entry(p.clone()).or_insert(now);
         }
         let (Some(newest), Some(oldest)) = (self.waiting.values().max().copied(), self.waiting.values().min().copied())
         else {
@@ -79,22 +82,32 @@ impl Admission {
             return self.admit(eligible, &unplanned);
         }
         let again = (heard + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
-        let held: HashSet<String> = self.waiting.keys().cloned().collect();
-        self.planned = eligible.iter().filter(|p| !held.contains(**p)).map(|p| (*p).to_owned()).collect();
+        let held: BTreeSet<Name> = self.waiting.keys().cloned().collect();
+        self.planned = eligible.iter().filter(|p| !held.contains(**p)).map(|p| (*p).clone()).collect();
         (held, Some(again))
     }
 
     /// Plans every agent of `eligible`, of which `unplanned` are not in the plan yet.
-    fn admit(&mut self, eligible: &[&str], unplanned: &[&str]) -> (HashSet<String>, Option<Duration>) {
+    fn admit(&mut self, eligible: &[&Name], unplanned: &[&Name]) -> (BTreeSet<Name>, Option<Duration>) {
         self.waiting.clear();
-        // Brought up to date rather than built again: a join or leave costs a lookup per agent, not a copy.
-        self.planned.extend(unplanned.iter().map(|p| (*p).to_owned()));
-        if self.planned.len() > eligible.len() {
-            let eligible: foldhash::HashSet<&str> = eligible.iter().copied().collect();
-            self.planned.retain(|p| eligible.contains(p.as_str()));
+        // Every eligible agent is in the plan: the same list unless one joined or left.
+        if !unplanned.is_empty() || self.planned.len() != eligible.len() {
+            self.planned = eligible.iter().map(|p| (*p).clone()).collect();
         }
-        (HashSet::new(), None)
+        (BTreeSet::new(), None)
     }
+}
+
+/// The names of `eligible` not in `planned` (both sorted), in one merge.
+fn missing<'a>(eligible: &[&'a Name], planned: &[Name]) -> Vec<&'a Name> {
+    let (mut out, mut planned) = (Vec::new(), planned.iter().peekable());
+    for &p in eligible {
+        while planned.next_if(|q| *q < p).is_some() {}
+        if planned.next_if(|q| *q == p).is_none() {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -103,18 +116,28 @@ mod tests {
 
     const NONE: &dyn Fn(&str) -> bool = &|_| false;
 
-    fn names(v: &HashSet<String>) -> Vec<&str> {
-        let mut v: Vec<&str> = v.iter().map(String::as_str).collect();
-        v.sort();
-        v
+    fn names(v: &BTreeSet<Name>) -> Vec<&str> {
+        v.iter().map(Name::as_str).collect()
+    }
+
+    /// [`Admission::hold`] of `eligible` in any order, as the tests list them.
+    fn hold(
+        a: &mut Admission,
+        eligible: &[&str],
+        carried: &dyn Fn(&str) -> bool,
+        now: Instant,
+    ) -> (BTreeSet<Name>, Option<Duration>) {
+        let mut eligible: Vec<Name> = eligible.iter().map(|&p| p.into()).collect();
+        eligible.sort();
+        a.hold(&eligible.iter().collect::<Vec<_>>(), carried, now)
     }
 
     #[test]
     fn a_lone_join_is_admitted_at_once() {
         let t0 = Instant::now();
         let mut a = Admission::default();
-        assert_eq!(a.hold(&["a", "b"], &|p| p == "a" || p == "b", t0).0.len(), 0, "the settled fleet");
-        let (held, again) = a.hold(&["a", "b", "c"], &|p| p != "c", t0 + Duration::from_secs(60));
+        assert_eq!(hold(&mut a, &["a", "b"], &|p| p == "a" || p == "b", t0).0.len(), 0, "the settled fleet");
+        let (held, again) = hold(&mut a, &["a", "b", "c"], &|p| p != "c", t0 + Duration::from_secs(60));
         assert!(held.is_empty() && again.is_none());
     }
 
@@ -123,16 +146,16 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut a = Admission::default();
-        assert!(a.hold(&["a"], NONE, ms(0)).0.is_empty(), "the first arrival goes alone");
-        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(10));
+        assert!(hold(&mut a, &["a"], NONE, ms(0)).0.is_empty(), "the first arrival goes alone");
+        let (held, again) = hold(&mut a, &["a", "b"], &|p| p == "a", ms(10));
         assert_eq!((names(&held), again), (vec!["b"], Some(QUIET)), "b came right after a");
-        let (held, _) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(500));
+        let (held, _) = hold(&mut a, &["a", "b", "c"], &|p| p == "a", ms(500));
         assert_eq!(names(&held), ["b", "c"]);
-        let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1200));
+        let (held, again) = hold(&mut a, &["a", "b", "c"], &|p| p == "a", ms(1200));
         assert_eq!((names(&held), again), (vec!["b", "c"], Some(Duration::from_millis(300))), "c came at 500");
-        let (held, again) = a.hold(&["a", "b", "c"], &|p| p == "a", ms(1500));
+        let (held, again) = hold(&mut a, &["a", "b", "c"], &|p| p == "a", ms(1500));
         assert!(held.is_empty() && again.is_none(), "a pause: b and c join together");
-        assert!(a.hold(&["a", "b", "c"], &|p| p == "a", ms(1600)).0.is_empty(), "admitted stay admitted");
+        assert!(hold(&mut a, &["a", "b", "c"], &|p| p == "a", ms(1600)).0.is_empty(), "admitted stay admitted");
     }
 
     #[test]
@@ -140,14 +163,14 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut a = Admission::default();
-        a.hold(&["a"], NONE, ms(0));
-        assert_eq!(names(&a.hold(&["a", "b"], &|p| p == "a", ms(10)).0), ["b"]);
+        hold(&mut a, &["a"], NONE, ms(0));
+        assert_eq!(names(&hold(&mut a, &["a", "b"], &|p| p == "a", ms(10)).0), ["b"]);
         a.cache_blind_until(Some(ms(1500)));
-        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(1500));
+        let (held, again) = hold(&mut a, &["a", "b"], &|p| p == "a", ms(1500));
         assert_eq!((names(&held), again), (vec!["b"], Some(QUIET)), "listing until now: no pause yet");
-        let (held, again) = a.hold(&["a", "b"], &|p| p == "a", ms(2000));
+        let (held, again) = hold(&mut a, &["a", "b"], &|p| p == "a", ms(2000));
         assert_eq!((names(&held), again), (vec!["b"], Some(Duration::from_millis(500))), "listed at 1500");
-        assert!(a.hold(&["a", "b"], &|p| p == "a", ms(2500)).0.is_empty(), "a pause after the list: b joins");
+        assert!(hold(&mut a, &["a", "b"], &|p| p == "a", ms(2500)).0.is_empty(), "a pause after the list: b joins");
     }
 
     #[test]
@@ -157,12 +180,12 @@ mod tests {
         let mut eligible: Vec<String> = fleet.clone();
         let mut a = Admission::default();
         let old = |p: &str| p.starts_with("old");
-        assert!(a.hold(&eligible.iter().map(String::as_str).collect::<Vec<_>>(), &old, t0).0.is_empty());
+        assert!(hold(&mut a, &eligible.iter().map(String::as_str).collect::<Vec<_>>(), &old, t0).0.is_empty());
         let mut held_from = None;
         for i in 0..40u64 {
             eligible.push(format!("new{i}"));
             let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
-            let (held, _) = a.hold(&refs, &old, t0 + Duration::from_millis(10 * (i + 1)));
+            let (held, _) = hold(&mut a, &refs, &old, t0 + Duration::from_millis(10 * (i + 1)));
             if !held.is_empty() && held_from.is_none() {
                 held_from = Some(i);
             }
@@ -180,7 +203,7 @@ mod tests {
             let now = t0 + Duration::from_millis(500 * i);
             eligible.push(format!("p{i}"));
             let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
-            let (held, again) = a.hold(&refs, NONE, now);
+            let (held, again) = hold(&mut a, &refs, NONE, now);
             assert!(again.is_none_or(|d| d <= MAX_HOLD));
             if held.is_empty() {
                 admitted_at.push(i);
@@ -199,7 +222,7 @@ mod tests {
         for i in 0..10u64 {
             eligible.push(format!("new{i}"));
             let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
-            let (held, _) = a.hold(&refs, &|p| p.starts_with("old"), t0 + Duration::from_millis(300 * i));
+            let (held, _) = hold(&mut a, &refs, &|p| p.starts_with("old"), t0 + Duration::from_millis(300 * i));
             assert!(held.is_empty(), "a rolling update into 100 agents is not a burst, restart or not");
         }
     }
@@ -208,9 +231,9 @@ mod tests {
     fn an_agent_that_left_and_came_back_waits_like_any_newcomer() {
         let t0 = Instant::now();
         let mut a = Admission::default();
-        a.hold(&["a", "b"], NONE, t0);
-        assert!(a.hold(&["a"], &|_| true, t0 + Duration::from_secs(5)).0.is_empty());
-        let (held, _) = a.hold(&["a", "b", "c"], &|p| p == "a", t0 + Duration::from_secs(10));
+        hold(&mut a, &["a", "b"], NONE, t0);
+        assert!(hold(&mut a, &["a"], &|_| true, t0 + Duration::from_secs(5)).0.is_empty());
+        let (held, _) = hold(&mut a, &["a", "b", "c"], &|p| p == "a", t0 + Duration::from_secs(10));
         assert_eq!(names(&held), ["b", "c"]);
     }
 }

@@ -25,14 +25,14 @@ use super::observe::Observed;
 use super::plan::{self, PlanOutcome, Targets};
 use super::pods::PodState;
 use super::policy::ValidPolicy;
-use crate::assignment::Assignment;
+use crate::assignment::{Assignment, Name};
 
 /// What one reconcile decides, before any write.
 pub struct Decision<'m> {
     /// The membership presence gives (the policy's view's), `None` without presence.
     pub members: Option<&'m Membership>,
     /// Agents admission holds back for now (see [`super::admission`]): not in the plan yet.
-    pub held: BTreeSet<String>,
+    pub held: BTreeSet<Name>,
     pub plan: Option<PlanOutcome>,
     pub plan_error: Option<String>,
     /// The targets of the Pods not carrying theirs: the plan's, or without one what the Pods carry (see
@@ -108,15 +108,9 @@ pub fn made_for(policy: &ValidPolicy) -> (u32, &str, &str) {
 }
 
 /// The newcomers of a burst to hold back (see [`super::admission`]); when to look again.
-fn admit(
-    m: &Membership,
-    o: &Observed,
-    admission: &mut Admission,
-    now: Instant,
-) -> (BTreeSet<String>, Option<Duration>) {
-    let eligible: Vec<&str> = m.agents.keys().map(String::as_str).collect();
-    let (held, recheck) = admission.hold(&eligible, &|pod| o.carried.contains_key(pod), now);
-    (held.into_iter().collect(), recheck)
+fn admit(m: &Membership, o: &Observed, admission: &mut Admission, now: Instant) -> (BTreeSet<Name>, Option<Duration>) {
+    let eligible: Vec<&Name> = m.agents.keys().collect();
+    admission.hold(&eligible, &|pod| o.carried.contains_key(pod), now)
 }
 
 /// With no presence, what the Pods already carry stays, minus what is gone; with presence but no plan (the
@@ -125,7 +119,7 @@ fn adopted(o: &Observed, has_presence: bool, cap: u32) -> Targets {
     if has_presence {
         return Targets::new();
     }
-    let staying: HashSet<String> = o.selected.iter().filter(|(_, p)| !p.terminating).map(|(n, _)| n.clone()).collect();
+    let staying: HashSet<&str> = o.selected.iter().filter(|(_, p)| !p.terminating).map(|(n, _)| n.as_str()).collect();
     let live_ips: HashSet<String> = o
         .namespace_pods
         .values()
@@ -208,7 +202,7 @@ impl Waves {
 /// [`PodState::carried`]) to its target; Pods already there get no write. `node_of` gives an agent's
 /// node id where membership matched it (else the Pod's node-id annotation stands).
 pub fn waves(
-    pods: &BTreeMap<String, PodState>,
+    pods: &BTreeMap<Name, PodState>,
     targets: &Targets,
     policy: &str,
     node_of: &dyn Fn(&str) -> Option<String>,
@@ -225,7 +219,7 @@ pub fn waves(
         }
         let from = pod.carried(policy, true);
         let write = |to: Option<Arc<Assignment>>| Write {
-            pod: name.clone(),
+            pod: name.to_string(),
             uid: pod.uid.as_deref().map(str::to_owned),
             resource_version: pod.resource_version.as_deref().map(str::to_owned),
             to,
@@ -275,7 +269,7 @@ mod tests {
     /// What a test reads of a [`Decision`], without the membership it borrows.
     struct Seen {
         members: bool,
-        held: BTreeSet<String>,
+        held: BTreeSet<Name>,
         plan: Option<PlanOutcome>,
         wanted: Targets,
         waves: Waves,
@@ -322,7 +316,7 @@ mod tests {
         assert!(planned.wanted.values().flatten().all(|a| a.links() <= 2), "within the cap");
 
         let carrying: Vec<_> =
-            (0..6).map(|i| fixtures::agent(i, planned.wanted[&format!("agent-{i}")].as_deref())).collect();
+            (0..6).map(|i| fixtures::agent(i, planned.wanted[format!("agent-{i}").as_str()].as_deref())).collect();
         let settled = run(&carrying, Some(&snap), &mut memory, t0 + 3 * QUIET);
         assert!(settled.waves.is_empty() && settled.wanted.is_empty(), "a settled fleet writes nothing");
         assert_eq!(settled.plan.as_ref().map(|p| p.settled), Some(6));
@@ -372,12 +366,12 @@ mod tests {
     }
 
     /// What the Pods publish: each agent's assignment, read back from its annotations.
-    fn published(pods: &BTreeMap<String, PodState>) -> BTreeMap<String, Assignment> {
-        pods.iter().filter_map(|(name, p)| Some((name.clone(), p.carried("p", false)?.as_ref().clone()))).collect()
+    fn published(pods: &BTreeMap<Name, PodState>) -> BTreeMap<String, Assignment> {
+        pods.iter().filter_map(|(name, p)| Some((name.to_string(), p.carried("p", false)?.as_ref().clone()))).collect()
     }
 
-    fn write(pods: &mut BTreeMap<String, PodState>, w: &Write) {
-        let pod = pods.get_mut(&w.pod).unwrap();
+    fn write(pods: &mut BTreeMap<Name, PodState>, w: &Write) {
+        let pod = pods.get_mut(w.pod.as_str()).unwrap();
         let keys =
             w.to.as_ref()
                 .map(|a| a.to_annotations().into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
@@ -407,8 +401,8 @@ mod tests {
             let after = if after_members.is_empty() { BTreeMap::new() } else { graph(&after_members, &after_edges, cap_after) };
             // The agents' own cap (`--max-peers`) is above both: the carried caps are what is judged.
             let cap = 4;
-            let mut pods: BTreeMap<String, PodState> = (0..n).map(|v| (id(v), state(before.get(&id(v)), v))).collect();
-            let targets: Targets = (0..n).map(|v| (id(v), after.get(&id(v)).cloned().map(Arc::new))).collect();
+            let mut pods: BTreeMap<Name, PodState> = (0..n).map(|v| (id(v).into(), state(before.get(&id(v)), v))).collect();
+            let targets: Targets = (0..n).map(|v| (id(v).into(), after.get(&id(v)).cloned().map(Arc::new))).collect();
             let waves = waves(&pods, &targets, "p", &|_| None);
             prop_assert_eq!(first_violation(&published(&pods), cap), None);
 
@@ -441,8 +435,8 @@ mod tests {
     fn a_pod_that_swaps_a_peer_shrinks_first_then_grows() {
         let now = Assignment::new(vec![peer(1), peer(2)], [], "p".into());
         let want = Assignment::new(vec![peer(1), peer(3)], [], "p".into());
-        let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p", &|_| None);
+        let pods = BTreeMap::from([(Name::from(id(0)), state(Some(&now), 0))]);
+        let w = waves(&pods, &BTreeMap::from([(Name::from(id(0)), Some(Arc::new(want.clone())))]), "p", &|_| None);
         assert_eq!(w.shrink.len(), 1, "the old code wrote the whole new list in the removal wave");
         assert_eq!(w.shrink[0].to.as_ref().unwrap().peers, vec![peer(1)]);
         assert_eq!(w.grow[0].to.as_deref(), Some(&want));
@@ -454,13 +448,13 @@ mod tests {
     fn a_lowered_cap_is_written_before_anything_grows() {
         let now = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(4);
         let want = Assignment::new(vec![peer(1), peer(2)], [], "p".into()).with_max_peers(2);
-        let pods = BTreeMap::from([(id(0), state(Some(&now), 0))]);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(want.clone())))]), "p", &|_| None);
+        let pods = BTreeMap::from([(Name::from(id(0)), state(Some(&now), 0))]);
+        let w = waves(&pods, &BTreeMap::from([(Name::from(id(0)), Some(Arc::new(want.clone())))]), "p", &|_| None);
         assert_eq!(w.shrink.len(), 1, "the cap drops in the shrink wave, though no link does");
         assert_eq!(w.shrink[0].to.as_deref(), Some(&Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2)));
         assert_eq!(w.grow[0].to.as_deref(), Some(&want));
         let same_links = Assignment::new(vec![peer(1)], [], "p".into()).with_max_peers(2);
-        let w = waves(&pods, &BTreeMap::from([(id(0), Some(Arc::new(same_links)))]), "p", &|_| None);
+        let w = waves(&pods, &BTreeMap::from([(Name::from(id(0)), Some(Arc::new(same_links)))]), "p", &|_| None);
         assert_eq!((w.shrink.len(), w.grow.len()), (1, 0), "one write lowers the cap alone");
     }
 
@@ -468,9 +462,9 @@ mod tests {
     fn stray_keys_are_removed_and_other_policies_left_alone() {
         let stray = PodState::with_keys(BTreeMap::from([(assignment::PEERS.into(), "[]".into())]));
         let theirs = state(Some(&Assignment::new(vec![], [], "q".into())), 1);
-        let pods = BTreeMap::from([("stray".to_string(), stray), ("theirs".to_string(), theirs)]);
+        let pods = BTreeMap::from([("stray".into(), stray), ("theirs".into(), theirs)]);
         let mine = Assignment::new(vec![peer(2)], [], "p".into());
-        let targets = BTreeMap::from([("stray".to_string(), None), ("theirs".to_string(), Some(Arc::new(mine)))]);
+        let targets = BTreeMap::from([("stray".into(), None), ("theirs".into(), Some(Arc::new(mine)))]);
         let w = waves(&pods, &targets, "p", &|_| None);
         assert_eq!(w.shrink.iter().map(|w| w.pod.as_str()).collect::<Vec<_>>(), vec!["stray"]);
     }

@@ -166,10 +166,10 @@ fn zone_of(basis: &Option<Basis>) -> impl Fn(&str) -> Option<String> + '_ {
 }
 
 /// The first key at which `kept` and `fresh` differ, as an error naming `what`.
-fn differ<V: PartialEq + Debug>(
+fn differ<K: Ord + Debug, V: PartialEq + Debug>(
     what: &str,
-    kept: &BTreeMap<String, V>,
-    fresh: &BTreeMap<String, V>,
+    kept: &BTreeMap<K, V>,
+    fresh: &BTreeMap<K, V>,
 ) -> Result<(), String> {
     match kept.keys().chain(fresh.keys()).find(|k| kept.get(*k) != fresh.get(*k)) {
         None => Ok(()),

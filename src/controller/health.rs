@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::membership::Membership;
 use crate::api::UnusableLink;
-use crate::assignment::Assignment;
+use crate::assignment::{Assignment, Name};
 use crate::planner::{self, Unusable};
 
 /// How many avoided pairs the status lists.
@@ -76,7 +76,7 @@ impl LinkHealth {
     pub fn update(
         &mut self,
         m: &Membership,
-        carried: &BTreeMap<String, Arc<Assignment>>,
+        carried: &BTreeMap<Name, Arc<Assignment>>,
         rules: &Rules,
         (now, wall): (Instant, &Time),
     ) -> Health {
@@ -160,7 +160,7 @@ struct Reports {
     counted: Vec<Report>,
 }
 
-fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Reports {
+fn reports(m: &Membership, carried: &BTreeMap<Name, Arc<Assignment>>) -> Reports {
     let reporters: Vec<_> = m.agents.values().filter(|a| !a.unreachable.is_empty()).collect();
     if reporters.is_empty() {
         return Reports::default();
@@ -174,7 +174,7 @@ fn reports(m: &Membership, carried: &BTreeMap<String, Arc<Assignment>>) -> Repor
             let key = planner::unusable_pair(&a.node_id, id);
             out.listed.insert(key.clone());
             if dials(id) && counted.insert(key.clone()) {
-                out.counted.push(Report { key, by: a.pod.clone(), peer: peer.to_string() });
+                out.counted.push(Report { key, by: a.pod.to_string(), peer: peer.to_string() });
             }
         }
     }
@@ -195,7 +195,7 @@ mod tests {
         for i in 0..4 {
             let unreachable = reports.iter().filter(|(a, _)| *a == i).map(|(_, b)| format!("n{b}")).collect::<Vec<_>>();
             let unreachable = unreachable.iter().map(String::as_str).collect();
-            let (pod, node_id, url) = (format!("p{i}"), format!("n{i}"), format!("ws://10.0.0.{i}:1/"));
+            let (pod, node_id, url) = (Name::from(format!("p{i}")), format!("n{i}"), format!("ws://10.0.0.{i}:1/"));
             m.agents.insert(
                 pod.clone(),
                 Arc::new(Agent { pod, node_id: node_id.into(), url: url.into(), domain: None, unreachable }),
@@ -205,11 +205,11 @@ mod tests {
     }
 
     /// Each Pod dials the next two (mod 4).
-    fn carried() -> BTreeMap<String, Arc<Assignment>> {
+    fn carried() -> BTreeMap<Name, Arc<Assignment>> {
         (0..4)
             .map(|i| {
                 let peer = |j: usize| Peer { node_id: format!("n{}", (i + j) % 4).into(), url: Name::default() };
-                (format!("p{i}"), Arc::new(Assignment::new(vec![peer(1), peer(2)], [], "mesh".into())))
+                (format!("p{i}").into(), Arc::new(Assignment::new(vec![peer(1), peer(2)], [], "mesh".into())))
             })
             .collect()
     }

@@ -25,7 +25,8 @@ pub const MAX_ADDRESS_BYTES: usize = 2048;
 /// An eligible agent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Agent {
-    pub pod: String,
+    /// Shared with the Pod cache and the view's maps.
+    pub pod: Name,
     /// Its node id and URL, shared by the targets that name it.
     pub node_id: Name,
     /// Where peers dial this agent: the advertised URL with an unspecified host replaced by the Pod IP.
@@ -103,9 +104,9 @@ impl std::fmt::Display for Exclusion {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Membership {
     /// Eligible agents by Pod name (shared with their verdicts).
-    pub agents: BTreeMap<String, Arc<Agent>>,
+    pub agents: BTreeMap<Name, Arc<Agent>>,
     /// Every selected Pod that is not an agent, with the reason.
-    pub excluded: BTreeMap<String, Exclusion>,
+    pub excluded: BTreeMap<Name, Exclusion>,
 }
 
 impl Membership {
@@ -151,7 +152,7 @@ pub fn of_policy(
 /// node ids another policy's Pods began or stopped linking.
 #[derive(Debug, Default)]
 pub struct Dirty {
-    pub pods: BTreeSet<String>,
+    pub pods: BTreeSet<Name>,
     pub ids: BTreeSet<String>,
 }
 
@@ -166,10 +167,10 @@ pub struct Dirty {
 pub struct Verdicts {
     index: Option<Index>,
     clock: f64,
-    judged: BTreeMap<String, Result<Arc<Agent>, Exclusion>>,
+    judged: BTreeMap<Name, Result<Arc<Agent>, Exclusion>>,
     /// (node id, Pod) for every Pod whose own verdict made it that id's agent: one tree, since most ids
     /// have one claimant.
-    claims: BTreeSet<(Name, String)>,
+    claims: BTreeSet<(Name, Name)>,
     members: Membership,
 }
 
@@ -188,8 +189,8 @@ impl Verdicts {
             && self.clock.to_bits() == rules.fallback_now_ms.to_bits();
         // A Pod filed again is settled again even if its verdict stands: whether another policy holds it
         // may have changed.
-        let mut touched: BTreeSet<String> = dirty.pods.clone();
-        let judge: BTreeSet<String> = if same {
+        let mut touched: BTreeSet<Name> = dirty.pods.clone();
+        let judge: BTreeSet<Name> = if same {
             dirty.pods.clone()
         } else {
             (self.index, self.clock) = (Some(Index::new(snap.clone())), rules.fallback_now_ms);
@@ -199,7 +200,7 @@ impl Verdicts {
             self.judge(pod, o, rules, node_domain, &mut touched);
         }
         for id in &dirty.ids {
-            touched.extend(self.claimants(id).map(str::to_owned));
+            touched.extend(self.claimants(id).cloned());
         }
         for pod in &touched {
             self.settle(pod, &o.foreign);
@@ -210,11 +211,11 @@ impl Verdicts {
     /// took go into `touched`.
     fn judge(
         &mut self,
-        pod: String,
+        pod: Name,
         o: &Observed,
         rules: &Rules,
         node_domain: &dyn Fn(&str) -> Option<String>,
-        touched: &mut BTreeSet<String>,
+        touched: &mut BTreeSet<Name>,
     ) {
         let verdict = match (o.selected.get(&pod), self.index.as_ref()) {
             (Some(cached), Some(index)) => Some(candidate(cached, index, rules, node_domain).map(Arc::new)),
@@ -225,12 +226,12 @@ impl Verdicts {
         }
         if let Some(Ok(old)) = self.judged.remove(&pod) {
             self.claims.remove(&(old.node_id.clone(), pod.clone()));
-            touched.extend(self.claimants(&old.node_id).map(str::to_owned));
+            touched.extend(self.claimants(&old.node_id).cloned());
         }
         touched.insert(pod.clone());
         if let Some(Ok(agent)) = &verdict {
             self.claims.insert((agent.node_id.clone(), pod.clone()));
-            touched.extend(self.claimants(&agent.node_id).map(str::to_owned));
+            touched.extend(self.claimants(&agent.node_id).cloned());
         }
         if let Some(verdict) = verdict {
             self.judged.insert(pod, verdict);
@@ -238,14 +239,14 @@ impl Verdicts {
     }
 
     /// The Pods claiming node id `id`, in name order.
-    fn claimants<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a str> {
-        let from = (Name::from(id), String::new());
-        self.claims.range(from..).take_while(move |(claimed, _)| claimed == id).map(|(_, pod)| pod.as_str())
+    fn claimants<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Name> {
+        let from = (Name::from(id), Name::default());
+        self.claims.range(from..).take_while(move |(claimed, _)| claimed == id).map(|(_, pod)| pod)
     }
 
     /// Pod `pod`'s place in the membership, from its own verdict, the other claims on its node id, and
     /// `foreign`.
-    fn settle(&mut self, pod: &str, foreign: &Foreign) {
+    fn settle(&mut self, pod: &Name, foreign: &Foreign) {
         self.members.agents.remove(pod);
         self.members.excluded.remove(pod);
         let why = match self.judged.get(pod) {
@@ -253,17 +254,17 @@ impl Verdicts {
             Some(Err(why)) => why.clone(),
             Some(Ok(agent)) => {
                 if self.claimants(&agent.node_id).nth(1).is_some() {
-                    let pods = self.claimants(&agent.node_id).map(str::to_owned).collect();
+                    let pods = self.claimants(&agent.node_id).map(Name::to_string).collect();
                     Exclusion::DuplicateNodeId { node_id: agent.node_id.to_string(), pods }
                 } else if let Some(owner) = foreign.pod(pod).or_else(|| foreign.id(&agent.node_id)) {
                     Exclusion::OtherPolicy(owner.to_owned())
                 } else {
-                    self.members.agents.insert(pod.to_owned(), agent.clone());
+                    self.members.agents.insert(pod.clone(), agent.clone());
                     return;
                 }
             }
         };
-        self.members.excluded.insert(pod.to_owned(), why);
+        self.members.excluded.insert(pod.clone(), why);
     }
 
     pub fn membership(&self) -> &Membership {
@@ -403,7 +404,7 @@ fn candidate(
         return Err(Exclusion::NotReady);
     }
     let ip = pod.pod_ip.as_deref().ok_or(Exclusion::NoPodIp)?;
-    let name = &*pod.name;
+    let name = &pod.name;
     let found = match pod.annotation(rules.node_id_annotation) {
         Some(id) => index.by_id(id).map(|e| ("node id", e)),
         None => index.by_host(name).map(|e| ("hostname", e)).or_else(|| index.by_ip(ip).map(|e| ("IP", e))),
@@ -443,7 +444,7 @@ fn candidate(
         .topology_key
         .and_then(|key| pod.labels().get(key).cloned().or_else(|| pod.node_name.as_deref().and_then(node_domain)));
     let (node_id, url, unreachable) = (Name::from(&*node.node_id), Name::from(url), node.unreachable.clone());
-    Ok(Agent { pod: name.to_owned(), node_id, url, domain, unreachable })
+    Ok(Agent { pod: name.clone(), node_id, url, domain, unreachable })
 }
 
 /// The advertised URL with an unspecified host (`0.0.0.0`, `::`, `localhost`, empty) replaced by the Pod IP;
@@ -513,7 +514,7 @@ mod tests {
         rules: &Rules,
         node_domain: &dyn Fn(&str) -> Option<String>,
     ) -> Membership {
-        let selected = pods.iter().map(|p| (p.name.to_string(), Arc::new((*p).clone()))).collect();
+        let selected = pods.iter().map(|p| (p.name.clone(), Arc::new((*p).clone()))).collect();
         let o = Observed { selected, ..Default::default() };
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &Arc::new(snap.clone()), rules, node_domain, &Dirty::default());
@@ -690,7 +691,7 @@ mod tests {
         let mut verdicts = Verdicts::default();
         verdicts.update(&o, &snap, &rules(), &|_| None, &Dirty::default());
         let m = verdicts.membership();
-        assert_eq!(m.agents.keys().map(String::as_str).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(m.agents.keys().map(Name::as_str).collect::<Vec<_>>(), ["c"]);
         assert_eq!(m.excluded["a"], Exclusion::OtherPolicy("other".into()));
         assert_eq!(m.excluded["b"], Exclusion::OtherPolicy("third".into()));
     }

@@ -12,23 +12,23 @@ use super::pods::CachedPod;
 use super::pods::{self, PodState};
 use super::policy::ValidPolicy;
 use crate::api::MeshPolicy;
-use crate::assignment::Assignment;
+use crate::assignment::{Assignment, Name};
 
 /// What the caches say about one policy's namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     /// Pods the policy selects and owns (no older policy selects them).
-    pub selected: BTreeMap<String, Arc<CachedPod>>,
+    pub selected: BTreeMap<Name, Arc<CachedPod>>,
     /// Pods it selects that an older policy owns.
-    pub conflicted: BTreeSet<String>,
+    pub conflicted: BTreeSet<Name>,
     /// Every Pod of the namespace that is selected or carries any `agentmesh.dev/*` key.
-    pub pods: BTreeMap<String, PodState>,
+    pub pods: BTreeMap<Name, PodState>,
     /// What each Pod carries as this policy's.
-    pub carried: BTreeMap<String, Arc<Assignment>>,
+    pub carried: BTreeMap<Name, Arc<Assignment>>,
     /// Pods carrying another policy's assignment, and the node ids those link.
     pub foreign: Foreign,
     /// Every cached Pod of the namespace (for the IPs of those not terminating, read only without presence).
-    pub namespace_pods: BTreeMap<String, Arc<CachedPod>>,
+    pub namespace_pods: BTreeMap<Name, Arc<CachedPod>>,
 }
 
 /// Pods carrying another policy's assignment (Pod → that policy), and the node ids they dial or accept.
@@ -116,7 +116,7 @@ impl Observed {
     /// Files `pod` where the ownership rules put it; the node ids it makes another policy's. Any earlier
     /// filing of a Pod of that name must be undone first ([`Observed::unfile`]).
     pub fn file(&mut self, f: &Filing, pod: &Arc<CachedPod>) -> Vec<String> {
-        let (policy, name) = (f.policy, pod.name.to_string());
+        let (policy, name) = (f.policy, pod.name.clone());
         self.namespace_pods.insert(name.clone(), pod.clone());
         let selected = policy.selects(pod.labels());
         if selected {
@@ -163,8 +163,8 @@ pub fn naming(ctx: &Context, policy: &MeshPolicy) -> Observed {
     let mut o = Observed::default();
     for pod in ctx.pods.namespace(&ns).iter().filter(|p| p.keys.policy() == Some(name.as_str())) {
         let state = pod_state(pod, crate::assignment::NODE_ID);
-        o.carried.extend(state.carried(&name, false).map(|a| (pod.name.to_string(), a)));
-        o.pods.insert(pod.name.to_string(), state);
+        o.carried.extend(state.carried(&name, false).map(|a| (pod.name.clone(), a)));
+        o.pods.insert(pod.name.clone(), state);
     }
     o
 }

@@ -12,7 +12,7 @@ use crate::assignment::{self, Assignment, Name, Peer};
 use crate::planner::{self, PlanError};
 
 /// Pod → its target (an assignment, or `None` to remove ours), for the Pods that do not carry it yet.
-pub type Targets = BTreeMap<String, Option<Arc<Assignment>>>;
+pub type Targets = BTreeMap<Name, Option<Arc<Assignment>>>;
 
 /// A plan in the form the controller publishes.
 #[derive(Clone, Debug, PartialEq)]
@@ -170,9 +170,9 @@ impl Span {
 /// built. `kept` is the last plan's memory (see [`Kept`]); it is brought up to date.
 pub fn targets(
     m: &Membership,
-    held: &BTreeSet<String>,
+    held: &BTreeSet<Name>,
     (cap, seed, policy): (u32, &str, &str),
-    (carried, pods): (&BTreeMap<String, Arc<Assignment>>, &BTreeMap<String, PodState>),
+    (carried, pods): (&BTreeMap<Name, Arc<Assignment>>, &BTreeMap<Name, PodState>),
     unusable: &planner::Unusable,
     kept: &mut Kept,
 ) -> Result<PlanOutcome, PlanError> {
@@ -180,10 +180,11 @@ pub fn targets(
     let mut old = if kept.made_for == made_for { std::mem::take(kept) } else { Kept::default() };
     let old_graph = old.graph.take();
     // Sorted by Pod name, as the map is.
-    let agents: Vec<&Arc<Agent>> = m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).map(|(_, a)| a).collect();
+    let (names, agents): (Vec<&Name>, Vec<&Arc<Agent>>) =
+        m.agents.iter().filter(|(pod, _)| !held.contains(*pod)).unzip();
     let (by_id, mut memo, held) = (take(&mut old.by_id), take(&mut old.memo), take(&mut old.held));
     let mut pass = Pass::new(&old, &held, &agents, by_id);
-    let (now, gone) = pod_keys(&agents, carried, pods);
+    let (now, gone) = pod_keys(&names, carried, pods);
     let (mut fresh, previous) = pass.previous(now, held);
     // The planner's inputs are the agents (their node ids and domains) and what their Pods carry: when
     // every one is the very one planned last time, so is the graph.
@@ -486,25 +487,25 @@ struct Now<'a> {
     exact: Option<&'a Arc<Assignment>>,
 }
 
-/// Each agent's [`Now`], read along the sorted maps rather than looked up in them; and the Pods carrying
-/// the policy's assignment that are not agents in the plan.
+/// Each agent's [`Now`] (given by the agents' Pod names, in order), read along the sorted maps rather than
+/// looked up in them; and the Pods carrying the policy's assignment that are not agents in the plan. The
+/// names are the Pod cache's, so each step compares two pointers and reads neither name nor agent.
 fn pod_keys<'a>(
-    agents: &[&Arc<Agent>],
-    carried: &'a BTreeMap<String, Arc<Assignment>>,
-    pods: &'a BTreeMap<String, PodState>,
-) -> (Vec<Now<'a>>, Vec<&'a String>) {
+    agents: &[&Name],
+    carried: &'a BTreeMap<Name, Arc<Assignment>>,
+    pods: &'a BTreeMap<Name, PodState>,
+) -> (Vec<Now<'a>>, Vec<&'a Name>) {
     let (mut carried, mut pods, mut gone) = (carried.iter().peekable(), pods.iter().peekable(), Vec::new());
     let now = agents
         .iter()
-        .map(|a| {
-            let pod = a.pod.as_str();
-            while let Some((p, _)) = carried.next_if(|(p, _)| p.as_str() < pod) {
+        .map(|&pod| {
+            while let Some((p, _)) = carried.next_if(|(p, _)| *p < pod) {
                 gone.push(p);
             }
-            while pods.next_if(|(p, _)| p.as_str() < pod).is_some() {}
+            while pods.next_if(|(p, _)| *p < pod).is_some() {}
             Now {
-                carried: carried.next_if(|(p, _)| p.as_str() == pod).map(|(_, c)| c),
-                exact: pods.next_if(|(p, _)| p.as_str() == pod).and_then(|(_, s)| s.keys.exact()),
+                carried: carried.next_if(|(p, _)| *p == pod).map(|(_, c)| c),
+                exact: pods.next_if(|(p, _)| *p == pod).and_then(|(_, s)| s.keys.exact()),
             }
         })
         .collect();
@@ -545,9 +546,9 @@ fn target<'a>(
 /// planned them) or that carries more than `cap` links. A peer is gone when its node id is that of a Pod that does not stay
 /// (its node-id annotation), or when its URL names an IP that no Pod of `live_ips` has.
 pub fn adopt(
-    carried: &BTreeMap<String, Arc<Assignment>>,
-    pods: &BTreeMap<String, PodState>,
-    staying: &HashSet<String>,
+    carried: &BTreeMap<Name, Arc<Assignment>>,
+    pods: &BTreeMap<Name, PodState>,
+    staying: &HashSet<&str>,
     live_ips: &HashSet<String>,
     cap: u32,
 ) -> Targets {
@@ -635,16 +636,22 @@ mod tests {
 
     fn agent(i: usize) -> Agent {
         let (url, unreachable) = (format!("ws://10.0.0.{i}:1/"), Default::default());
-        Agent { pod: format!("p{i}"), node_id: format!("n{i}").into(), url: url.into(), domain: None, unreachable }
+        Agent {
+            pod: format!("p{i}").into(),
+            node_id: format!("n{i}").into(),
+            url: url.into(),
+            domain: None,
+            unreachable,
+        }
     }
 
     #[test]
     fn every_link_is_on_one_dialer_and_the_other_end_accepts_it() {
         let m = Membership {
-            agents: (0..9).map(|i| (format!("p{i}"), Arc::new(agent(i)))).collect(),
+            agents: (0..9).map(|i| (format!("p{i}").into(), Arc::new(agent(i)))).collect(),
             ..Default::default()
         };
-        let carried = BTreeMap::from([("gone".to_string(), Arc::new(Assignment::default()))]);
+        let carried = BTreeMap::from([("gone".into(), Arc::new(Assignment::default()))]);
         let (none, pods) = (planner::Unusable::new(), BTreeMap::new());
         let out = targets(&m, &BTreeSet::new(), (4, "seed", "p"), (&carried, &pods), &none, &mut Kept::default());
         let out = out.unwrap();
@@ -722,7 +729,8 @@ mod tests {
                 after.event((departure.0, x, departure.1), &Targets::new());
                 let (incremental, fresh) = (after.plan(&mut kept).unwrap(), after.plan(&mut Kept::default()).unwrap());
                 assert_eq!(incremental, fresh, "agent {x} departed ({departure:?})");
-                let (id, url) = (format!("n{x:02}"), after.agents.get(&format!("p{x:02}")).map(|a| a.url.clone()));
+                let (id, url) =
+                    (format!("n{x:02}"), after.agents.get(format!("p{x:02}").as_str()).map(|a| a.url.clone()));
                 for (pod, carried) in &after.carried {
                     let now = incremental.0.get(pod).map_or(Some(carried), Option::as_ref);
                     let stale = |a: &Assignment| {
@@ -744,10 +752,10 @@ mod tests {
     /// A fleet of up to 24 agents the property test below changes one event at a time.
     #[derive(Clone, Default)]
     struct World {
-        agents: BTreeMap<String, Arc<Agent>>,
-        held: BTreeSet<String>,
-        carried: BTreeMap<String, Arc<Assignment>>,
-        pods: BTreeMap<String, PodState>,
+        agents: BTreeMap<Name, Arc<Agent>>,
+        held: BTreeSet<Name>,
+        carried: BTreeMap<Name, Arc<Assignment>>,
+        pods: BTreeMap<Name, PodState>,
         unusable: planner::Unusable,
         cap: u32,
     }
@@ -756,14 +764,14 @@ mod tests {
         /// The Pod carries `keys`, as a write or a user would leave them (read as the Pod cache would).
         fn carry(&mut self, pod: &str, keys: Keys) {
             match keys.lenient() {
-                Some(a) => self.carried.insert(pod.to_owned(), a),
+                Some(a) => self.carried.insert(pod.into(), a),
                 None => self.carried.remove(pod),
             };
-            self.pods.insert(pod.to_owned(), PodState { keys, ..Default::default() });
+            self.pods.insert(pod.into(), PodState { keys, ..Default::default() });
         }
 
         fn event(&mut self, (kind, i, j): (u8, usize, usize), last: &Targets) {
-            let pod = format!("p{i:02}");
+            let pod = Name::from(format!("p{i:02}"));
             match kind % 9 {
                 0 | 1 => {
                     let url = format!("ws://10.0.0.{}:1/", i + 24 * (j % 2));
@@ -884,9 +892,9 @@ mod tests {
             Assignment::new(peers.collect(), accepts.iter().map(|&s| s.into()), "p".into()).with_max_peers(4)
         };
         let carried = BTreeMap::from([
-            ("x".to_string(), Arc::new(a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"]))),
-            ("y".to_string(), Arc::new(a(&[], &["nx"]))),
-            ("z".to_string(), Arc::new(a(&[], &["nx"]))),
+            ("x".into(), Arc::new(a(&[("ny", "10.0.0.2"), ("nz", "10.0.0.3")], &["nw"]))),
+            ("y".into(), Arc::new(a(&[], &["nx"]))),
+            ("z".into(), Arc::new(a(&[], &["nx"]))),
         ]);
         let state = |id: &str| PodState {
             node_id: Some(id.into()),
@@ -897,7 +905,7 @@ mod tests {
             ..Default::default()
         };
         let pods = BTreeMap::from([("x".into(), state("nx")), ("y".into(), state("ny")), ("z".into(), state("nz"))]);
-        let staying = HashSet::from(["x".to_string(), "y".to_string()]);
+        let staying = HashSet::from(["x", "y"]);
         let live_ips = HashSet::from(["10.0.0.1".to_string(), "10.0.0.2".to_string(), "10.0.0.3".to_string()]);
         let t = adopt(&carried, &pods, &staying, &live_ips, 4);
         assert_eq!(t["x"].as_deref(), Some(&a(&[("ny", "10.0.0.2")], &["nw"])), "z is gone; nw may only be unknown");

@@ -13,14 +13,15 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
 use crate::api::MeshPolicy;
-use crate::assignment::{self, Assignment};
+use crate::assignment::{self, Assignment, Name};
 
 /// A Pod as the cache keeps it: its identity, the labels and annotations the controller reads, and the
 /// three status facts membership needs. No `ObjectMeta`: its sixteen optional fields would weigh more
 /// than the five kept.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedPod {
-    pub name: Box<str>,
+    /// Shared by every later step that names the Pod: the maps keyed by it compare pointers.
+    pub name: Name,
     /// Shared by the Pods of a namespace (see [`Sharing`]).
     pub namespace: Arc<str>,
     /// Shared with the decision's view of it ([`PodState`]).
@@ -60,7 +61,7 @@ impl CachedPod {
         let status = pod.status.unwrap_or_default();
         let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
         Self {
-            name: m.name.unwrap_or_default().into(),
+            name: shared.names.share(m.name.unwrap_or_default()).into(),
             namespace: shared.namespaces.share(m.namespace.as_deref().unwrap_or_default()),
             uid: m.uid.unwrap_or_default().into(),
             resource_version: m.resource_version.unwrap_or_default().into(),

@@ -20,6 +20,7 @@ use super::Context;
 use super::fleet::Fleet;
 use super::membership::{self, Membership};
 use super::policy::{Ca, ValidPolicy};
+use crate::assignment::Name;
 use crate::presence::{FetchError, Fetched, Request, Snapshot, unix_ms};
 use crate::telemetry;
 
@@ -439,12 +440,12 @@ pub async fn take(ctx: &Context, policy: &ValidPolicy, fleet: &mut Fleet, attemp
     if let Some(attempt) = attempt {
         let assigned: BTreeSet<String> = {
             let o = &fleet.borrow().observed;
-            o.selected.keys().filter(|p| o.carried.contains_key(*p)).cloned().collect()
+            o.selected.keys().filter(|p| o.carried.contains_key(*p)).map(Name::to_string).collect()
         };
         let eligible = |snap: &Arc<Snapshot>, clock: f64| -> BTreeMap<String, String> {
             judge(snap, clock);
             let fleet = fleet.borrow();
-            fleet.membership().agents.iter().map(|(pod, a)| (pod.clone(), a.node_id.to_string())).collect()
+            fleet.membership().agents.iter().map(|(pod, a)| (pod.to_string(), a.node_id.to_string())).collect()
         };
         state.take(attempt, &eligible, &assigned);
     }
@@ -461,7 +462,7 @@ pub fn awaiting(ctx: &Context, policy: &ValidPolicy, m: &Membership) -> bool {
         .excluded
         .iter()
         .filter(|(_, e)| **e == membership::Exclusion::NoPresence)
-        .map(|(pod, _)| pod.clone())
+        .map(|(pod, _)| pod.to_string())
         .collect();
     match ctx.policy_state(&policy.uid).presence.try_lock() {
         // A long poll in flight wakes the policy when it is answered.

@@ -32,6 +32,7 @@ use super::report::{self, Reconciled};
 use super::status::Findings;
 use super::{Context, Error, FINALIZER};
 use crate::api::{MeshPolicy, Mode};
+use crate::assignment::Name;
 use crate::telemetry;
 
 /// How soon a reconcile that found the caches behind (not synced yet, or older than our own writes) runs
@@ -271,10 +272,7 @@ async fn write(ctx: &Context, ns: &str, waves: &Waves) -> Outcome {
 
 /// The Pods a deleted policy must release, each with the target "nothing": those carrying its assignment
 /// (see [`observe::observe`]), or, when its spec can no longer be read, those naming it.
-fn released(
-    ctx: &Context,
-    object: &MeshPolicy,
-) -> (std::collections::BTreeMap<String, super::pods::PodState>, Targets) {
+fn released(ctx: &Context, object: &MeshPolicy) -> (std::collections::BTreeMap<Name, super::pods::PodState>, Targets) {
     let mut observed = match ValidPolicy::new(object) {
         Ok(policy) => observe::gather(ctx, &policy),
         Err(_) => observe::naming(ctx, object),

@@ -12,6 +12,7 @@ use super::observe::Observed;
 use super::policy::ValidPolicy;
 use super::presence::Read;
 use crate::api::{ExcludedPod, MeshPolicyStatus, Mode};
+use crate::assignment::Name;
 
 pub const READY: &str = "Ready";
 pub const RENDEZVOUS_REACHABLE: &str = "RendezvousReachable";
@@ -98,7 +99,7 @@ impl Findings {
             has_presence: read.snapshot.is_some(),
             unreachable: read.failure.clone(),
             suspect: read.suspect.clone(),
-            conflicted: o.conflicted.iter().cloned().collect(),
+            conflicted: o.conflicted.iter().map(Name::to_string).collect(),
             plan_error: d.plan_error.clone(),
             // A write refused because its Pod changed since the decision is decided again at once; one
             // refused by the leader fence belongs to the leader.
@@ -239,7 +240,7 @@ fn duplicate_ids(m: &Membership) -> Vec<String> {
 /// it carries its target: already (see [`super::plan::targets`]), or once its write reached it.
 pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Outcome, now: &Time) -> MeshPolicyStatus {
     let mut new = MeshPolicyStatus { selected: o.selected.len() as u32, ..prev.clone() };
-    let carries = |pod: &String, a: &crate::assignment::Assignment| o.pods.get(pod).is_some_and(|s| s.carries(a));
+    let carries = |pod: &Name, a: &crate::assignment::Assignment| o.pods.get(pod).is_some_and(|s| s.carries(a));
     let reached =
         d.wanted.iter().filter(|(pod, t)| t.as_ref().is_some_and(|a| carries(pod, a) || outcome.reached(pod)));
     new.assigned = d.plan.as_ref().map_or(0, |p| p.settled) + reached.count() as u32;
@@ -253,12 +254,12 @@ pub fn counts(prev: &MeshPolicyStatus, o: &Observed, d: &Decision, outcome: &Out
     new.excluded_total = (m.excluded.len() + d.held.len()) as u32;
     // The first 100 by name, the agents admission holds among them.
     let arriving = d.held.iter().take(100).map(|pod| (pod, Exclusion::Arriving));
-    let excluded: BTreeMap<&String, Exclusion> =
+    let excluded: BTreeMap<&Name, Exclusion> =
         m.excluded.iter().take(100).map(|(pod, why)| (pod, why.clone())).chain(arriving).collect();
     new.excluded = excluded
         .into_iter()
         .take(100)
-        .map(|(pod, why)| ExcludedPod { pod: pod.clone(), reason: truncate(&why.to_string(), 256) })
+        .map(|(pod, why)| ExcludedPod { pod: pod.to_string(), reason: truncate(&why.to_string(), 256) })
         .collect();
     new.unusable_links = d.health.listed.clone();
     new.unusable_links_total = d.health.total as u32;
@@ -337,7 +338,8 @@ mod tests {
         written.failed.insert("agent-1".into(), super::super::apply::WriteError::TimedOut);
         assert_eq!(counts(&before, &o, &d, &written, &now).assigned, 1, "a failed write does not count");
 
-        let carrying: Vec<_> = (0..4).map(|i| fixtures::agent(i, d.wanted[&format!("agent-{i}")].as_deref())).collect();
+        let carrying: Vec<_> =
+            (0..4).map(|i| fixtures::agent(i, d.wanted[format!("agent-{i}").as_str()].as_deref())).collect();
         let (o, m) = judge(&carrying);
         let settled = decide::decide(&policy, &o, Some(&m), &mut memory, t0 + 3 * QUIET);
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());

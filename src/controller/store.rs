@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use kube::runtime::watcher;
 
 use super::pods::CachedPod;
+use crate::assignment::Name;
 
 /// The records kept: a reader further behind than this starts over. A burst of 10,000 Pods fits.
 const LOG_LIMIT: usize = 1 << 16;
@@ -29,7 +30,7 @@ pub enum Since {
     /// The store was replaced (or the reader fell behind): every Pod of the namespace, as cached now.
     Everything(Vec<Arc<CachedPod>>),
     /// The Pods that changed, each as cached now (`None`: gone).
-    Pods(Vec<(String, Option<Arc<CachedPod>>)>),
+    Pods(Vec<(Name, Option<Arc<CachedPod>>)>),
 }
 
 /// One read: what changed, the cursor to read from next, and (when asked for, to check an incremental
@@ -41,7 +42,7 @@ pub struct Batch {
 }
 
 /// Pods by namespace, then name.
-type Namespaces = HashMap<Arc<str>, BTreeMap<Box<str>, Arc<CachedPod>>>;
+type Namespaces = HashMap<Arc<str>, BTreeMap<Name, Arc<CachedPod>>>;
 
 pub struct PodStore {
     inner: Mutex<Inner>,
@@ -70,7 +71,7 @@ struct Log {
     /// The sequence number of the next record.
     seq: u64,
     /// The last [`LOG_LIMIT`] records: (namespace, Pod name), the oldest at `seq - records.len()`.
-    records: VecDeque<(Arc<str>, Box<str>)>,
+    records: VecDeque<(Arc<str>, Name)>,
 }
 
 /// Puts `pod` into `pods` when `keep`, else takes out the entry of its name.
@@ -122,10 +123,10 @@ impl PodStore {
         let since = match cursor {
             Some(c) if c.epoch == log.epoch && c.seq >= oldest => {
                 let skip = (c.seq - oldest) as usize;
-                let names: BTreeSet<&str> =
-                    log.records.iter().skip(skip).filter(|(n, _)| **n == *ns).map(|(_, name)| &**name).collect();
-                let get = |name: &str| inner.pods.get(ns)?.get(name).cloned();
-                Since::Pods(names.into_iter().map(|name| (name.to_owned(), get(name))).collect())
+                let names: BTreeSet<&Name> =
+                    log.records.iter().skip(skip).filter(|(n, _)| **n == *ns).map(|(_, name)| name).collect();
+                let get = |name: &Name| inner.pods.get(ns)?.get(name).cloned();
+                Since::Pods(names.into_iter().map(|name| (name.clone(), get(name))).collect())
             }
             _ => Since::Everything(everything()),
         };
@@ -184,7 +185,7 @@ mod tests {
                 v.sort();
                 v
             }
-            Since::Pods(pods) => pods.iter().map(|(n, p)| (n.clone(), p.as_deref().map(|p| id(p).1))).collect(),
+            Since::Pods(pods) => pods.iter().map(|(n, p)| (n.to_string(), p.as_deref().map(|p| id(p).1))).collect(),
         }
     }
 
@@ -256,8 +257,8 @@ mod tests {
                 Since::Pods(changed) => {
                     for (name, pod) in changed {
                         match pod {
-                            Some(p) => self.pods.insert(name, id(&p).1),
-                            None => self.pods.remove(&name),
+                            Some(p) => self.pods.insert(name.to_string(), id(&p).1),
+                            None => self.pods.remove(name.as_str()),
                         };
                     }
                 }

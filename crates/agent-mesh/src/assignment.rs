@@ -33,9 +33,10 @@ const REQUIRED: [&str; 4] = [PEERS, ACCEPTS, LINKS, POLICY];
 /// No policy may allow more (the CRD's bound on `maxPeers`); a larger value is malformed.
 pub const MAX_PEERS_LIMIT: usize = 64;
 
-/// A node id or URL in an assignment. Cheap to clone, and shareable: the operator keeps one copy of each
-/// across the thousands of cached assignments that name it (see [`Assignment::names_mut`]).
-#[derive(Clone, Default, PartialOrd, Ord, Serialize, Deserialize)]
+/// A node id or URL in an assignment (the operator also names Pods with it). Cheap to clone, and
+/// shareable: the operator keeps one copy of each across the thousands of cached assignments that name it
+/// (see [`Assignment::names_mut`]), and two shared copies compare without reading their bytes.
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Name(Arc<str>);
 
@@ -57,6 +58,18 @@ impl PartialEq for Name {
 }
 
 impl Eq for Name {}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Name) -> std::cmp::Ordering {
+        if self.is_shared_with(other) { std::cmp::Ordering::Equal } else { self.0.cmp(&other.0) }
+    }
+}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Name) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 // By content, as `Eq` compares, and as `str` hashes (so a map keyed by names is searched by `&str`).
 impl std::hash::Hash for Name {
@@ -444,6 +457,20 @@ mod tests {
 
     fn peer(id: &str) -> Peer {
         Peer { node_id: id.into(), url: format!("ws://{id}:1/").into() }
+    }
+
+    #[test]
+    fn names_order_as_their_text_whether_shared_or_not() {
+        let words = ["", "a", "ab", "b", "agent-10", "agent-9"];
+        for x in words {
+            for y in words {
+                let (a, b) = (Name::from(x), Name::from(y));
+                assert_eq!(a.cmp(&b), x.cmp(y), "{x:?} vs {y:?}");
+                assert_eq!(a == b, x == y);
+            }
+            let shared = Name::from(x);
+            assert_eq!(shared.cmp(&shared.clone()), std::cmp::Ordering::Equal);
+        }
     }
 
     #[test]
