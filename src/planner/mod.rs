@@ -217,7 +217,7 @@ pub fn graph_kept<M: Node>(
     // A link both ends claim to dial keeps the dialer of the later claim: "later" must not depend on the
     // order `previous` lists its links in (a hash map's, say), or on the order of `members`. Links sort by
     // their ends' ranks.
-    previous.links.sort_unstable_by_key(|&(a, b)| (rank[a as usize], rank[b as usize]));
+    sort_by_ranks(&mut previous.links, &rank);
     for pair in &mut unusable {
         *pair = (pair.0.min(pair.1), pair.0.max(pair.1));
     }
@@ -248,6 +248,32 @@ fn ranks<M: Node>(members: &[M], hash: &[u64], hint: &[u32]) -> Option<(Vec<u32>
     Some((rank, keyed.into_iter().map(|(_, i)| i).collect()))
 }
 
+/// `links` (ends below `rank.len()`) sorted by their ends' ranks: counted into place by the first end's,
+/// then each member's few links sorted by the other's. A comparison sort that looks both ranks up at each
+/// step took a third of a replan at 10,000 members.
+fn sort_by_ranks(links: &mut Vec<(u32, u32)>, rank: &[u32]) {
+    let mut end = vec![0usize; rank.len() + 1];
+    for &(a, _) in links.iter() {
+        end[rank[a as usize] as usize + 1] += 1;
+    }
+    for r in 1..end.len() {
+        end[r] += end[r - 1];
+    }
+    let mut sorted = vec![(0, 0); links.len()];
+    for &(a, b) in links.iter() {
+        let at = &mut end[rank[a as usize] as usize];
+        sorted[*at] = (a, b);
+        *at += 1;
+    }
+    // Each slot now holds where its run ends, which is where the next one starts.
+    let mut start = 0;
+    for &stop in &end[..rank.len()] {
+        sorted[start..stop].sort_unstable_by_key(|&(_, b)| rank[b as usize]);
+        start = stop;
+    }
+    *links = sorted;
+}
+
 /// The first member, in input order, whose node id is empty or was seen before (given there is one).
 fn first_bad_id<M: Node>(members: &[M]) -> PlanError {
     let mut seen = std::collections::HashSet::new();
@@ -260,4 +286,24 @@ fn first_bad_id<M: Node>(members: &[M]) -> PlanError {
         }
     }
     unreachable!("ranks refuses only an empty or repeated node id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn links_sort_by_ranks_as_a_comparison_sort_would(
+            order in Just((0..40u32).collect::<Vec<_>>()).prop_shuffle(),
+            links in prop::collection::vec((0..40u32, 0..40u32), 0..200),
+        ) {
+            let mut counted = links.clone();
+            sort_by_ranks(&mut counted, &order);
+            let mut compared = links;
+            compared.sort_by_key(|&(a, b)| (order[a as usize], order[b as usize]));
+            prop_assert_eq!(counted, compared);
+        }
+    }
 }
