@@ -83,7 +83,8 @@ impl Admission {
         }
         let again = (heard + QUIET).min(oldest + MAX_HOLD).saturating_duration_since(now);
         let held: BTreeSet<Name> = self.waiting.keys().cloned().collect();
-        self.planned = eligible.iter().filter(|p| !held.contains(**p)).map(|p| (*p).clone()).collect();
+        let planned: Vec<&Name> = eligible.iter().copied().filter(|p| !held.contains(*p)).collect();
+        self.planned = owned(&planned, std::mem::take(&mut self.planned));
         (held, Some(again))
     }
 
@@ -92,10 +93,21 @@ impl Admission {
         self.waiting.clear();
         // Every eligible agent is in the plan: the same list unless one joined or left.
         if !unplanned.is_empty() || self.planned.len() != eligible.len() {
-            self.planned = eligible.iter().map(|p| (*p).clone()).collect();
+            self.planned = owned(eligible, std::mem::take(&mut self.planned));
         }
         (BTreeSet::new(), None)
     }
+}
+
+/// `eligible` (sorted) as owned names, moving over those `planned` (sorted) holds: a join or leave then
+/// touches the names that changed rather than every name's count.
+fn owned(eligible: &[&Name], planned: Vec<Name>) -> Vec<Name> {
+    let (mut out, mut planned) = (Vec::with_capacity(eligible.len()), planned.into_iter().peekable());
+    for &p in eligible {
+        while planned.next_if(|q| q < p).is_some() {}
+        out.push(planned.next_if(|q| q == p).unwrap_or_else(|| p.clone()));
+    }
+    out
 }
 
 /// The names of `eligible` not in `planned` (both sorted), in one merge.
