@@ -555,6 +555,8 @@ mod tests {
         assert!(a.standbys[0].stands_for.is_shared_with(&a.peers[0].node_id), "whom a standby stands for");
         let own = three.annotation(assignment::NODE_ID).unwrap();
         assert!(Arc::ptr_eq(own, &Arc::from(b.peers[1].node_id.clone())), "a Pod's own node id and those naming it");
+        // Each version of one Pod: the view's maps merge by this name, comparing pointers.
+        assert!(one.name.is_shared_with(&two.name), "a Pod's name");
     }
 
     /// Pods with ever new label values (a kept key under churn, or a hostile creator) cannot grow the

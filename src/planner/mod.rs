@@ -248,9 +248,10 @@ fn ranks<M: Node>(members: &[M], hash: &[u64], hint: &[u32]) -> Option<(Vec<u32>
     Some((rank, keyed.into_iter().map(|(_, i)| i).collect()))
 }
 
-/// `links` (ends below `rank.len()`) sorted by their ends' ranks: counted into place by the first end's,
-/// then each member's few links sorted by the other's. A comparison sort that looks both ranks up at each
-/// step took a third of a replan at 10,000 members.
+/// `links` sorted by their ends' ranks (`rank` is a permutation of `0..rank.len()`, and every end is
+/// below that): counted into place by the first end's, then each member's few links sorted by the
+/// other's. A comparison sort that looks both ranks up at each step took a third of a replan at 10,000
+/// members.
 fn sort_by_ranks(links: &mut Vec<(u32, u32)>, rank: &[u32]) {
     let mut end = vec![0usize; rank.len() + 1];
     for &(a, _) in links.iter() {
