@@ -8,6 +8,7 @@
 //! at its second agent), its newcomers wait until arrivals pause for [`QUIET`] (or the oldest has waited
 //! [`MAX_HOLD`]) and join in one plan. A lone join, or a fleet growing steadily, is never held. Pure: the
 //! clock is an argument.
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -102,24 +103,24 @@ impl Admission {
 /// `eligible` (sorted) as owned names, moving over those `planned` (sorted) holds: a join or leave then
 /// touches the names that changed rather than every name's count.
 fn owned(eligible: &[&Name], planned: Vec<Name>) -> Vec<Name> {
-    let (mut out, mut planned) = (Vec::with_capacity(eligible.len()), planned.into_iter().peekable());
-    for &p in eligible {
-        while planned.next_if(|q| q < p).is_some() {}
-        out.push(planned.next_if(|q| q == p).unwrap_or_else(|| p.clone()));
-    }
-    out
+    along(eligible, planned).map(|(p, q)| q.unwrap_or_else(|| p.clone())).collect()
 }
 
-/// The names of `eligible` not in `planned` (both sorted), in one merge.
+/// The names of `eligible` not in `planned` (both sorted).
 fn missing<'a>(eligible: &[&'a Name], planned: &[Name]) -> Vec<&'a Name> {
-    let (mut out, mut planned) = (Vec::new(), planned.iter().peekable());
-    for &p in eligible {
-        while planned.next_if(|q| *q < p).is_some() {}
-        if planned.next_if(|q| *q == p).is_none() {
-            out.push(p);
-        }
-    }
-    out
+    along(eligible, planned).filter(|(_, q)| q.is_none()).map(|(p, _)| p).collect()
+}
+
+/// Each name of `eligible` with the entry of `planned` equal to it, if any (both sorted), in one merge.
+fn along<'a, Q: Borrow<Name>>(
+    eligible: &[&'a Name],
+    planned: impl IntoIterator<Item = Q>,
+) -> impl Iterator<Item = (&'a Name, Option<Q>)> {
+    let mut planned = planned.into_iter().peekable();
+    eligible.iter().map(move |&p| {
+        while planned.next_if(|q| q.borrow() < p).is_some() {}
+        (p, planned.next_if(|q| q.borrow() == p))
+    })
 }
 
 #[cfg(test)]
